@@ -1,0 +1,19 @@
+"""Single-device model code: the shared diffusion transformer, LLaDA/Dream checkpoint formats,
+loading, and autoregressive models for baselines."""
+
+from paradec.models.attention import AttentionSpec
+from paradec.models.loading import DiffusionModel, build, load, reference_config
+from paradec.models.spec import ModelSpec
+from paradec.models.transformer import PromptCache, TransformerConfig, count_parameters
+
+__all__ = [
+    "AttentionSpec",
+    "DiffusionModel",
+    "ModelSpec",
+    "PromptCache",
+    "TransformerConfig",
+    "build",
+    "count_parameters",
+    "load",
+    "reference_config",
+]

@@ -1,0 +1,103 @@
+"""Autoregressive models for the baselines and the NAR→AR answerer.
+
+Any transformers causal LM in a local directory, decoded with its KV cache: one prefill, then one
+token per forward. Greedy at temperature 0, otherwise sampled from a seeded generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from paradec.errors import CheckpointError, InputError
+
+
+@dataclass
+class ARResult:
+    token_ids: list[int]  # the new tokens only, the stop token included when one ended the run
+    stopped: bool  # True when a stop id ended the run, False when max_new_tokens did
+
+
+class ARModel:
+    """A causal LM with its tokenizer."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.stop_ids = _stop_ids(model, tokenizer)
+        self.max_length = getattr(model.config, "max_position_embeddings", None)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> ARModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        root = Path(path)
+        if not (root / "config.json").exists():
+            raise CheckpointError(f"{root}: no config.json, so not a transformers checkpoint directory")
+        device = torch.device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        try:
+            model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
+        except (ValueError, OSError, KeyError) as err:
+            raise CheckpointError(f"{root}: not loadable as a causal LM with its tokenizer ({err})") from err
+        return cls(model.to(device), tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: list[int] | torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        stop_ids: tuple[int, ...] | None = None,
+    ) -> ARResult:
+        """Decode up to ``max_new_tokens`` after ``input_ids`` ([T] ids of one sequence)."""
+        from transformers import DynamicCache
+
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).reshape(1, -1)  # [1, T]
+        if ids.shape[1] == 0:
+            raise InputError("input_ids is empty")
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise InputError(f"temperature must be >= 0, got {temperature}")
+        if self.max_length is not None and ids.shape[1] + max_new_tokens > self.max_length:
+            raise InputError(
+                f"{ids.shape[1]} prompt tokens + max_new_tokens {max_new_tokens} exceed the model's "
+                f"maximum length {self.max_length}"
+            )
+        stops = set(self.stop_ids if stop_ids is None else stop_ids)
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
+        cache = DynamicCache()
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            logits = out.logits[0, -1].float()  # [V]
+            if generator is None:
+                token = int(logits.argmax())
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                token = int(torch.multinomial(probs, 1, generator=generator))
+            new.append(token)
+            if token in stops:
+                return ARResult(new, stopped=True)
+            step = torch.tensor([[token]], device=self.device)
+            out = self.model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
+        return ARResult(new, stopped=False)
+
+
+def _stop_ids(model, tokenizer) -> tuple[int, ...]:
+    ids = []
+    for eos in (model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer.eos_token_id):
+        ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return tuple(dict.fromkeys(int(i) for i in ids))

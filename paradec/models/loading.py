@@ -1,0 +1,281 @@
+"""Loading diffusion LMs from Hugging Face checkpoint directories, without remote code.
+
+A directory holds ``config.json``, the weights as one ``model.safetensors`` or several shards
+with ``model.safetensors.index.json``, and tokenizer files. The checkpoint's own parameter names
+are mapped onto paradec's modules; a missing, extra or mis-shaped weight is an error, never a
+silent drop or a random initialisation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from safetensors import safe_open
+
+from paradec.errors import CheckpointError, ConfigError, InputError
+from paradec.models import dream, llada
+from paradec.models.spec import DEFAULT_SUMMARY_HEADER, DEFAULT_THINK_HEADER, ModelSpec
+from paradec.models.transformer import DiffusionTransformer, PromptCache, TransformerConfig
+
+FAMILIES: dict[str, ModuleType] = {t: fam for fam in (llada, dream) for t in fam.MODEL_TYPES}
+CONFIGS_DIR = Path(__file__).parent / "configs"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|endoftext|>")
+
+
+@dataclass
+class DiffusionModel:
+    """A loaded masked-diffusion LM: the native module, its tokenizer and its spec."""
+
+    module: DiffusionTransformer
+    spec: ModelSpec
+    tokenizer: object | None = None  # a transformers tokenizer; None for shape-only models
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.module.embed.weight.dtype
+
+    def prefill(self, prompt_ids: torch.Tensor, lengths: torch.Tensor, check_inputs: bool = True) -> PromptCache:
+        return self.module.prefill(prompt_ids, lengths, check_inputs)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.module(*args, **kwargs)
+
+    __call__ = forward
+
+    def think_header_ids(self, i: int) -> list[int]:
+        """Token ids of think block i's header (i counted from 1)."""
+        return self._header_ids(self.spec.think_header.format(i=i))
+
+    def summary_header_ids(self) -> list[int]:
+        return self._header_ids(self.spec.summary_header)
+
+    def _header_ids(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InputError("this model was built without a tokenizer, so it has no header tokens")
+        vocab = self.tokenizer.get_vocab()
+        if text in vocab:
+            return [vocab[text]]
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+def reference_config(name: str) -> dict:
+    """The published config.json of a reference checkpoint shipped with paradec
+    (``llada-8b-instruct``, ``dream-v0-instruct-7b``), for models of exact shape."""
+    path = CONFIGS_DIR / f"{name}.json"
+    if not path.exists():
+        known = sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
+        raise ConfigError(f"unknown reference config {name!r}; known: {known}")
+    return json.loads(path.read_text())
+
+
+def family_of(config: dict, source: str) -> ModuleType:
+    model_type = str(config.get("model_type", "")).lower()
+    if model_type not in FAMILIES:
+        raise CheckpointError(
+            f"{source}: unknown model_type {config.get('model_type')!r}; paradec reads {sorted(FAMILIES)}"
+        )
+    return FAMILIES[model_type]
+
+
+def build(
+    config: dict,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int | None = 0,
+    tokenizer=None,
+    source: str = "config",
+) -> DiffusionModel:
+    """A model of the config's exact shape with random weights (or none, on ``meta``)."""
+    family = family_of(config, source)
+    cfg = family.transformer_config(config, source)
+    device = torch.device(device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device(device):
+        module = DiffusionTransformer(cfg, family.SHIFT_LOGITS)
+    if device.type != "meta":
+        _init_random(module)
+    module.to(dtype=dtype).eval()
+    spec = _spec(config, cfg, family, tokenizer, source)
+    return DiffusionModel(module=module, spec=spec, tokenizer=tokenizer)
+
+
+def _init_random(module: DiffusionTransformer) -> None:
+    for name, param in module.named_parameters():
+        if name.endswith("norm.weight"):
+            torch.nn.init.ones_(param)
+        else:
+            torch.nn.init.normal_(param, std=0.02)
+
+
+def load(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> DiffusionModel:
+    """Load a LLaDA- or Dream-format checkpoint directory.
+
+    dtype: the parameters' dtype; default bf16 on CUDA and fp32 on CPU.
+    """
+    root = Path(path)
+    config_path = root / "config.json"
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a checkpoint directory")
+    if not config_path.exists():
+        raise CheckpointError(f"{config_path}: missing (a checkpoint directory needs config.json)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_path}: not valid JSON ({err})") from err
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    source = str(config_path)
+    family = family_of(config, source)
+    cfg = family.transformer_config(config, source)
+    tokenizer = load_tokenizer(root)
+
+    with torch.device("meta"):
+        module = DiffusionTransformer(cfg, family.SHIFT_LOGITS)
+    state = _read_weights(root, family.checkpoint_names(cfg), module, device, dtype)
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    module.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        module.lm_head.weight = module.embed.weight
+    module.rope.reset(device)
+    module.eval()
+    spec = _spec(config, cfg, family, tokenizer, source)
+    return DiffusionModel(module=module, spec=spec, tokenizer=tokenizer)
+
+
+def load_tokenizer(root: Path):
+    """transformers' AutoTokenizer from the checkpoint directory, local files only."""
+    from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
+
+    if not any((root / name).exists() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{root}: no tokenizer files (expected one of {list(TOKENIZER_FILES)})")
+    try:
+        # An empty config keeps AutoTokenizer from reading config.json as a transformers model.
+        return AutoTokenizer.from_pretrained(root, local_files_only=True, config=PretrainedConfig())
+    except (ValueError, OSError) as err:
+        # A tokenizer class that lives in remote code: its tokenizer.json still loads.
+        if (root / "tokenizer.json").exists():
+            return PreTrainedTokenizerFast.from_pretrained(root, local_files_only=True)
+        raise CheckpointError(f"{root}: the tokenizer does not load without remote code ({err})") from err
+
+
+def _shard_files(root: Path) -> dict[str, Path]:
+    """Checkpoint name -> the shard file that holds it, as the index (or single file) says."""
+    index_path = root / INDEX_FILE
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index_path}: not a safetensors index with a 'weight_map' ({err})") from err
+        files = {name: root / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.exists():
+                raise CheckpointError(f"{index_path}: names shard {shard.name}, which is missing")
+        return files
+    single = root / SINGLE_FILE
+    if single.exists():
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+    others = sorted(p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+    hint = f"; found {others}, which paradec does not read (convert to safetensors)" if others else ""
+    raise CheckpointError(f"{root}: no {SINGLE_FILE} and no {INDEX_FILE}{hint}")
+
+
+def _read_weights(
+    root: Path,
+    names: dict[str, str],
+    module: DiffusionTransformer,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    files = _shard_files(root)
+    missing = sorted(set(names) - set(files))
+    extra = sorted(set(files) - set(names))
+    if missing:
+        raise CheckpointError(f"{root}: {len(missing)} weights missing, e.g. {_some(missing)}")
+    if extra:
+        raise CheckpointError(
+            f"{root}: {len(extra)} weights this model has no place for, e.g. "
+            f"{_some([f'{n} ({files[n].name})' for n in extra])}"
+        )
+    targets = dict(module.named_parameters(remove_duplicate=False))
+    state = {}
+    for shard in sorted(set(files.values())):
+        with safe_open(shard, framework="pt", device="cpu") as f:
+            stored = set(f.keys())
+            for name in (n for n in names if files[n] == shard):
+                if name not in stored:
+                    raise CheckpointError(f"{shard}: the index places {name} here, but the file lacks it")
+                shape = tuple(f.get_slice(name).get_shape())
+                expected = tuple(targets[names[name]].shape)
+                if shape != expected:
+                    raise CheckpointError(f"{shard.name}: {name} has shape {shape}, the config implies {expected}")
+                state[names[name]] = f.get_tensor(name).to(device=device, dtype=dtype)
+    return state
+
+
+def _some(items: Sequence[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" … (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def _spec(config: dict, cfg: TransformerConfig, family: ModuleType, tokenizer, source: str) -> ModelSpec:
+    mask_id = config.get("mask_token_id")
+    if mask_id is None and tokenizer is not None:
+        mask_id = tokenizer.mask_token_id
+    if mask_id is None:
+        raise CheckpointError(f"{source}: no mask_token_id in config.json and no mask token in the tokenizer")
+    stop_ids = _stop_ids(config, tokenizer)
+    if not stop_ids:
+        raise CheckpointError(f"{source}: no eos_token_id in config.json and no EOS token in the tokenizer")
+    pad_id = config.get("pad_token_id")
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        pad_id = tokenizer.pad_token_id
+    if pad_id == mask_id:
+        raise CheckpointError(
+            f"{source}: the pad id equals the mask id ({mask_id}); padding would read as masked positions"
+        )
+    if mask_id in stop_ids:
+        raise CheckpointError(f"{source}: the mask id {mask_id} is also an EOS/EOT id")
+    headers = config.get("paradec", {})
+    return ModelSpec(
+        family=family.__name__.rsplit(".", 1)[-1],
+        vocab_size=cfg.vocab_size,
+        mask_id=int(mask_id),
+        stop_ids=stop_ids,
+        pad_id=None if pad_id is None else int(pad_id),
+        shift_logits=family.SHIFT_LOGITS,
+        max_length=cfg.max_length,
+        think_header=headers.get("think_header", DEFAULT_THINK_HEADER),
+        summary_header=headers.get("summary_header", DEFAULT_SUMMARY_HEADER),
+    )
+
+
+def _stop_ids(config: dict, tokenizer) -> tuple[int, ...]:
+    """EOS ids from config.json, then the tokenizer's EOS and end-of-turn tokens it defines."""
+    ids: list[int] = []
+    eos = config.get("eos_token_id")
+    ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if tokenizer is not None:
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        vocab = tokenizer.get_vocab()
+        ids += [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
+    return tuple(dict.fromkeys(int(i) for i in ids))

@@ -1,0 +1,291 @@
+"""The bidirectional transformer that LLaDA and Dream share.
+
+Both are pre-norm decoder stacks with RMSNorm, rotary position embeddings (half-split
+rotation), a SwiGLU MLP and no causal mask; they differ in grouped-query attention, q/k/v bias,
+tied heads and whether logits are shifted by one position. Checkpoint names are mapped onto
+these modules by ``llada.py`` and ``dream.py``. Single-device: no process groups here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from paradec.errors import InputError
+from paradec.models.attention import PAD, PROMPT, attention_mask, check_mode
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int  # rows of the embedding and the output head
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_length: int
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    logit_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise InputError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise InputError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, scale in the model dtype (as both published models do).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.register_buffer("inv_freq", self._inv_freq(torch.device("cpu")), persistent=False)
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim
+        return 1.0 / (self.theta**exponents)
+
+    def reset(self, device: torch.device) -> None:
+        """Recompute the frequencies on ``device`` (after building on the meta device)."""
+        self.inv_freq = self._inv_freq(device)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [B, T] -> cos, sin: [B, 1, T, head_dim] in fp32."""
+        freqs = positions.clamp(min=0).float()[..., None] * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, D]; rotation of the two halves of D, computed in fp32."""
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x: [B, T, d]; past k/v: [B, Hkv, P, D]; mask: [B, 1, T, P + T].
+        Returns the output [B, T, d] and this call's own k/v [B, Hkv, T, D]."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        keys, values = k, v
+        if past is not None:
+            keys, values = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, mask, past):
+        attn_out, kv = self.attn(self.attn_norm(x), cos, sin, mask, past)
+        x = x + attn_out
+        return x + self.mlp(self.mlp_norm(x)), kv
+
+
+@dataclass
+class PromptCache:
+    """The prompt's KV, computed once under prompt-only attention and reused by every step.
+
+    kv: [L, 2, B, Hkv, P, D] (one tensor, so it moves between ranks in one message);
+    segments: [B, P], PROMPT or PAD (prompts are right-padded); lengths: [B];
+    last_hidden: [B, d], the final-layer hidden state (before the final norm) of each prompt's
+    last token, which a shifted model (Dream) needs to predict the first position after it.
+    """
+
+    kv: torch.Tensor
+    segments: torch.Tensor
+    lengths: torch.Tensor
+    last_hidden: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv.shape[2]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.kv.shape[4]
+
+
+class DiffusionTransformer(nn.Module):
+    """A masked-diffusion transformer with one forward for every decoding mode."""
+
+    def __init__(self, cfg: TransformerConfig, shift_logits: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.shift_logits = shift_logits
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def _check(self, input_ids: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor) -> None:
+        if input_ids.dim() != 2 or positions.shape != input_ids.shape or segments.shape != input_ids.shape:
+            raise InputError(
+                "input_ids, positions and segments must all be [B, T]; got "
+                f"{tuple(input_ids.shape)}, {tuple(positions.shape)}, {tuple(segments.shape)}"
+            )
+        if input_ids.numel() == 0:
+            return
+        top = int(positions.max())
+        if top >= self.cfg.max_length:
+            raise InputError(f"position {top} is beyond the model's maximum length {self.cfg.max_length}")
+        real = segments != PAD
+        ids = input_ids[real]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
+            raise InputError(f"input_ids must lie in [0, {self.cfg.vocab_size}); got [{int(ids.min())}, {int(ids.max())}]")
+
+    def _layers(self, x, positions, mask, cache: PromptCache | None):
+        """Runs every layer; returns hidden [B, T, d] and per-layer new k/v."""
+        cos, sin = self.rope(positions)
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            past = None if cache is None else (cache.kv[i, 0], cache.kv[i, 1])
+            x, kv = layer(x, cos, sin, mask, past)
+            new_kv.append(kv)
+        return x, new_kv
+
+    @torch.no_grad()
+    def prefill(self, prompt_ids: torch.Tensor, lengths: torch.Tensor, check_inputs: bool = True) -> PromptCache:
+        """prompt_ids: [B, P] right-padded; lengths: [B] -> the prompts' KV cache."""
+        b, p = prompt_ids.shape
+        lengths = lengths.to(prompt_ids.device)
+        if check_inputs and (lengths.numel() != b or int(lengths.min()) < 1 or int(lengths.max()) > p):
+            raise InputError(f"lengths must be [B] = [{b}] values in [1, {p}], got {lengths.tolist()}")
+        positions = torch.arange(p, device=prompt_ids.device).expand(b, p)
+        segments = torch.where(positions < lengths[:, None], PROMPT, PAD)
+        positions = torch.where(segments == PAD, -1, positions)
+        if check_inputs:
+            self._check(prompt_ids, positions, segments)
+        mask = attention_mask(segments, segments, "isolated")
+        hidden, kv = self._layers(self.embed(prompt_ids.clamp(min=0)), positions, mask, None)
+        kv = torch.stack([torch.stack(pair) for pair in kv])  # [L, 2, B, Hkv, P, D]
+        last = hidden[torch.arange(b, device=hidden.device), lengths - 1]  # [B, d]
+        return PromptCache(kv=kv, segments=segments, lengths=lengths, last_hidden=last)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        segments: torch.Tensor,
+        mode: str,
+        cache: PromptCache | None = None,
+        logits_at: torch.Tensor | None = None,
+        check_inputs: bool = True,
+    ) -> torch.Tensor:
+        """Logits for the positions asked for, and only those.
+
+        input_ids, positions, segments: [B, T] (segments from ``AttentionSpec.segment_ids``;
+        PAD marks padding); cache: the prompt KV of the same B sequences, or None when the prompt
+        is part of the input; logits_at: [B, N] absolute positions whose token distribution is
+        wanted (default: every input position). Returns [B, N, V] in the model dtype.
+
+        A shifted model (Dream) predicts position p from the hidden state at p - 1, which must be
+        in the input or be the last prompt token of ``cache``.
+        """
+        check_mode(mode)
+        if check_inputs:
+            self._check(input_ids, positions, segments)
+        key_segments = segments if cache is None else torch.cat((cache.segments, segments), dim=1)
+        mask = attention_mask(segments, key_segments, mode)
+        hidden, _ = self._layers(self.embed(input_ids.clamp(min=0)), positions, mask, cache)
+        if logits_at is None:
+            logits_at = positions
+        rows = self._gather_rows(hidden, positions, segments, logits_at, cache, check_inputs)
+        logits = self.lm_head(self.norm(rows))
+        return logits * self.cfg.logit_scale if self.cfg.logit_scale != 1.0 else logits
+
+    def _gather_rows(self, hidden, positions, segments, logits_at, cache, check_inputs):
+        """Hidden states that predict ``logits_at``: [B, N, d]."""
+        source = logits_at - int(self.shift_logits)
+        if self.shift_logits:
+            # Dream's convention: position 0 has no predecessor and is read from itself.
+            source = torch.where(logits_at == 0, 0, source)
+        real = segments != PAD
+        match = (positions[:, None, :] == source[:, :, None]) & real[:, None, :]  # [B, N, T]
+        found = match.any(-1)
+        rows = hidden.gather(1, match.float().argmax(-1, keepdim=True).expand(-1, -1, hidden.shape[-1]))
+        missing = ~found & (logits_at >= 0)
+        if cache is not None and self.shift_logits:
+            from_cache = missing & (source == (cache.lengths - 1)[:, None])
+            rows = torch.where(from_cache[..., None], cache.last_hidden[:, None, :], rows)
+            missing = missing & ~from_cache
+        if check_inputs and bool(missing.any()):
+            b, n = missing.nonzero()[0].tolist()
+            raise InputError(
+                f"logits_at[{b}, {n}] = {int(logits_at[b, n])} needs the hidden state at position "
+                f"{int(source[b, n])}, which is neither in the input nor the cached prompt's last token"
+            )
+        return rows
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Distinct parameters (a tied head counts once)."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())

@@ -1,0 +1,230 @@
+"""The native model layer against a float64 reference, and its caching/isolation contracts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import paradec
+from paradec.models import AttentionSpec, build, count_parameters, reference_config
+from paradec.models.attention import PAD
+
+from reference import isolated_allowed, reference_logits
+from tiny import tiny_checkpoint
+
+FAMILIES = ["llada", "dream"]
+# fp32 against fp64 over two tiny layers: differences are ~1e-6; 1e-4 leaves room for
+# summation order while catching any real mistake (a wrong rotation or mask moves logits by ~1e-1).
+FP32 = dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request, tmp_path_factory):
+    root, config, weights = tiny_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=1)
+    return request.param, paradec.load(root), config, weights
+
+
+def _shifted(family: str, logits: torch.Tensor) -> torch.Tensor:
+    """What each position's prediction is under the family's convention ([T, V])."""
+    if family == "dream":
+        return torch.cat([logits[:1], logits[:-1]], dim=0)
+    return logits
+
+
+def _layout(prompt_len: int, block_lens: list[int], summary_len: int, mode: str = "isolated"):
+    spec = AttentionSpec.from_lengths(mode, prompt_len, block_lens, summary_len)
+    positions = torch.arange(spec.total_len)
+    return spec, positions, spec.segment_ids(positions)
+
+
+@pytest.mark.parametrize("mode", ["canvas", "isolated"])
+def test_forward_matches_float64_reference(tiny, mode):
+    family, model, config, weights = tiny
+    spec, positions, segments = _layout(5, [4, 3, 4], 3, mode)
+    ids = torch.randint(5, config["vocab_size"], (spec.total_len,), generator=torch.Generator().manual_seed(2))
+    allowed = torch.ones(len(ids), len(ids), dtype=torch.bool) if mode == "canvas" else isolated_allowed(segments)
+    expected = _shifted(family, reference_logits(family, config, weights, ids, positions, allowed))
+    got = model(ids[None], positions[None], segments[None], mode)[0]
+    torch.testing.assert_close(got.double(), expected, **FP32)
+
+
+def test_logits_only_for_positions_asked(tiny):
+    family, model, config, _ = tiny
+    spec, positions, segments = _layout(6, [5, 5], 4)
+    ids = torch.randint(5, config["vocab_size"], (spec.total_len,))
+    full = model(ids[None], positions[None], segments[None], "isolated")[0]
+    wanted = torch.tensor([[7, 12, 16, 19]])
+    part = model(ids[None], positions[None], segments[None], "isolated", logits_at=wanted)
+    assert part.shape == (1, 4, config["vocab_size"])
+    torch.testing.assert_close(part[0], full[wanted[0]], **FP32)
+
+
+def _batch(model, config, prompt_lens, block_lens, summary_len, seed=0):
+    """Right-padded prompts and canvases for a batch of different prompt lengths."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(5, config["vocab_size"], (p,), generator=g) for p in prompt_lens]
+    canvas_len = sum(block_lens) + summary_len
+    canvases = torch.randint(5, config["vocab_size"], (len(prompt_lens), canvas_len), generator=g)
+    return prompts, canvases
+
+
+@pytest.mark.parametrize("prompt_lens", [[7], [4, 9, 6]])
+def test_cached_prompt_equals_uncached_under_isolated(tiny, prompt_lens):
+    family, model, config, _ = tiny
+    block_lens, summary_len = [4, 5], 3
+    prompts, canvases = _batch(model, config, prompt_lens, block_lens, summary_len)
+    b, p_max = len(prompts), max(prompt_lens)
+    prompt_ids = torch.zeros(b, p_max, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        prompt_ids[i, : len(p)] = p
+    cache = model.prefill(prompt_ids, torch.tensor(prompt_lens))
+    assert cache.num_tokens == p_max and cache.batch_size == b
+
+    canvas_len = canvases.shape[1]
+    positions = torch.stack([torch.arange(p, p + canvas_len) for p in prompt_lens])
+    segments = torch.stack(
+        [AttentionSpec.from_lengths("isolated", p, block_lens, summary_len).segment_ids(positions[i])
+         for i, p in enumerate(prompt_lens)]
+    )
+    cached = model(canvases, positions, segments, "isolated", cache=cache)  # [B, C, V]
+
+    for i, p in enumerate(prompt_lens):
+        spec = AttentionSpec.from_lengths("isolated", p, block_lens, summary_len)
+        full_pos = torch.arange(spec.total_len)
+        ids = torch.cat([prompts[i], canvases[i]])
+        full = model(ids[None], full_pos[None], spec.segment_ids(full_pos)[None], "isolated")[0]
+        # Every canvas position, including the first one after the prompt: a shifted model
+        # reads that one from the cached prompt's last hidden state.
+        torch.testing.assert_close(cached[i], full[p:], **FP32)
+
+
+def test_isolated_blocks_equal_separate_forwards(tiny):
+    family, model, config, _ = tiny
+    prompt_len, block_lens = 6, [5, 3, 4]
+    spec, positions, segments = _layout(prompt_len, block_lens, 0)
+    ids = torch.randint(5, config["vocab_size"], (spec.total_len,))
+    together = model(ids[None], positions[None], segments[None], "isolated")[0]
+    for j, (start, end) in enumerate(spec.blocks):
+        # Prompt + block j alone, at the block's own absolute positions.
+        # A shifted model predicts a block's first position from the previous block's last
+        # token, so it is asked from the second position on (the first is a header in practice).
+        first = start + 1 if model.spec.shift_logits else start
+        keep = torch.cat([torch.arange(prompt_len), torch.arange(start, end)])
+        alone = model(ids[keep][None], positions[keep][None], segments[keep][None], "isolated",
+                      logits_at=torch.arange(first, end)[None])[0]
+        torch.testing.assert_close(alone, together[first:end], **FP32)
+
+
+def test_dream_shift_reads_previous_position(tmp_path):
+    root, config, weights = tiny_checkpoint(tmp_path, "dream", seed=3)
+    model = paradec.load(root)
+    assert model.spec.shift_logits
+    spec, positions, segments = _layout(4, [6], 0, "canvas")
+    ids = torch.randint(5, config["vocab_size"], (spec.total_len,))
+    logits = model(ids[None], positions[None], segments[None], "canvas")[0]
+    raw = reference_logits("dream", config, weights, ids, positions, torch.ones(10, 10, dtype=torch.bool))
+    torch.testing.assert_close(logits[5].double(), raw[4], **FP32)
+    torch.testing.assert_close(logits[0].double(), raw[0], **FP32)
+
+
+def test_llada_does_not_shift(tmp_path):
+    root, config, weights = tiny_checkpoint(tmp_path, "llada", seed=3)
+    model = paradec.load(root)
+    assert not model.spec.shift_logits
+    spec, positions, segments = _layout(4, [6], 0, "canvas")
+    ids = torch.randint(5, config["vocab_size"], (spec.total_len,))
+    logits = model(ids[None], positions[None], segments[None], "canvas")[0]
+    raw = reference_logits("llada", config, weights, ids, positions, torch.ones(10, 10, dtype=torch.bool))
+    torch.testing.assert_close(logits[5].double(), raw[5], **FP32)
+
+
+def test_grouped_query_attention_equals_expanded_heads(tmp_path):
+    """A GQA model equals the MHA model whose k/v heads are the GQA heads repeated per group."""
+    root, config, weights = tiny_checkpoint(tmp_path / "gqa", "dream", seed=4)
+    assert config["num_key_value_heads"] < config["num_attention_heads"]
+    group = config["num_attention_heads"] // config["num_key_value_heads"]
+    hd = config["hidden_size"] // config["num_attention_heads"]
+    expanded = dict(weights)
+    for name, tensor in weights.items():
+        if ".k_proj." in name or ".v_proj." in name:
+            heads = tensor.reshape(config["num_key_value_heads"], hd, *tensor.shape[1:])
+            expanded[name] = heads.repeat_interleave(group, dim=0).reshape(-1, *tensor.shape[1:])
+    from tiny import write_checkpoint
+
+    mha_config = config | {"num_key_value_heads": config["num_attention_heads"]}
+    mha_root = write_checkpoint(tmp_path / "mha", mha_config, expanded)
+    gqa, mha = paradec.load(root), paradec.load(mha_root)
+    spec, positions, segments = _layout(5, [4, 4], 2)
+    ids = torch.randint(5, config["vocab_size"], (spec.total_len,))
+    args = (ids[None], positions[None], segments[None], "isolated")
+    torch.testing.assert_close(gqa(*args), mha(*args), **FP32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sharded_checkpoint_with_index_loads_the_same(tmp_path, family):
+    one, config, _ = tiny_checkpoint(tmp_path / "one", family, seed=5)
+    three, _, _ = tiny_checkpoint(tmp_path / "three", family, seed=5, shards=3)
+    assert (three / "model.safetensors.index.json").exists()
+    a, b = paradec.load(one), paradec.load(three)
+    for (name, pa), (_, pb) in zip(a.module.named_parameters(), b.module.named_parameters()):
+        assert torch.equal(pa, pb), name
+
+
+def test_tied_head_shares_the_embedding(tmp_path):
+    root, config, weights = tiny_checkpoint(tmp_path, "llada", seed=6, weight_tying=True)
+    assert "model.transformer.ff_out.weight" not in weights
+    model = paradec.load(root)
+    assert model.module.lm_head.weight is model.module.embed.weight
+    spec, positions, segments = _layout(4, [4], 0, "canvas")
+    ids = torch.randint(5, config["vocab_size"], (spec.total_len,))
+    raw = reference_logits("llada", config, weights, ids, positions, torch.ones(8, 8, dtype=torch.bool))
+    torch.testing.assert_close(model(ids[None], positions[None], segments[None], "canvas")[0].double(), raw, **FP32)
+
+
+def test_bf16_forward_close_to_fp32(tmp_path):
+    root, config, _ = tiny_checkpoint(tmp_path, "llada", seed=7)
+    fp32, bf16 = paradec.load(root, dtype=torch.float32), paradec.load(root, dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+    spec, positions, segments = _layout(6, [5, 5], 3)
+    ids = torch.randint(5, config["vocab_size"], (spec.total_len,))
+    args = (ids[None], positions[None], segments[None], "isolated")
+    ref, low = fp32(*args).double(), bf16(*args).double()
+    # bf16 keeps 8 bits of mantissa: relative error of a few 1e-3 per op, ~1e-2 through the stack.
+    assert ((low - ref).norm() / ref.norm()).item() < 3e-2
+
+
+def test_spec_facts_come_from_the_checkpoint(tiny):
+    family, model, config, _ = tiny
+    vocab = model.tokenizer.get_vocab()
+    assert model.spec.mask_id == config["mask_token_id"] == vocab["<|mask|>"]
+    assert model.spec.eos_id == config["eos_token_id"]
+    assert vocab["<|eot_id|>"] in model.spec.stop_ids
+    assert model.spec.max_length == 256
+    assert model.spec.shift_logits == (family == "dream")
+    # <summary> is a token of this tokenizer, "<think #2>" is not: plain-text header.
+    assert model.summary_header_ids() == [vocab["<summary>"]]
+    header = model.think_header_ids(2)
+    assert len(header) > 1 and model.spec.mask_id not in header
+
+
+@pytest.mark.parametrize(
+    "name, billions", [("llada-8b-instruct", 8.02), ("dream-v0-instruct-7b", 7.62)]
+)
+def test_meta_models_have_published_parameter_counts(name, billions):
+    model = build(reference_config(name), device="meta", dtype=torch.bfloat16)
+    assert model.module.embed.weight.is_meta
+    assert abs(count_parameters(model.module) / 1e9 - billions) < 0.01
+
+
+def test_padding_rows_do_not_change_real_rows(tiny):
+    """A padded row in a batch sees only real keys; padding never leaks into results."""
+    family, model, config, _ = tiny
+    spec, positions, segments = _layout(5, [4], 0)
+    ids = torch.randint(5, config["vocab_size"], (spec.total_len,))
+    alone = model(ids[None], positions[None], segments[None], "isolated")[0]
+    padded_ids = torch.cat([ids, torch.zeros(3, dtype=torch.long)])
+    padded_pos = torch.cat([positions, torch.full((3,), -1)])
+    padded_seg = torch.cat([segments, torch.full((3,), PAD)])
+    got = model(padded_ids[None], padded_pos[None], padded_seg[None], "isolated",
+                logits_at=positions[None])[0]
+    torch.testing.assert_close(got, alone, **FP32)
