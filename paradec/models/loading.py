@@ -103,11 +103,16 @@ def build(
     device = torch.device(device)
     if seed is not None:
         torch.manual_seed(seed)
-    with torch.device(device):
-        module = DiffusionTransformer(cfg, family.SHIFT_LOGITS)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are born in their dtype: no fp32 copy of 8B weights
+    try:
+        with torch.device(device):
+            module = DiffusionTransformer(cfg, family.SHIFT_LOGITS)
+    finally:
+        torch.set_default_dtype(default_dtype)
     if device.type != "meta":
         _init_random(module)
-    module.to(dtype=dtype).eval()
+    module.eval()
     spec = _spec(config, cfg, family, tokenizer, source)
     return DiffusionModel(module=module, spec=spec, tokenizer=tokenizer)
 

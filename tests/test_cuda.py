@@ -1,0 +1,69 @@
+"""The model layer on a GPU: same function as on the CPU, and capturable in a CUDA graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import paradec
+from paradec.models import AttentionSpec
+
+from tiny import tiny_checkpoint
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _inputs(model, prompt_len, block_lens, summary_len, device, seed=0):
+    spec = AttentionSpec.from_lengths("isolated", prompt_len, block_lens, summary_len)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, model.spec.vocab_size, (1, spec.total_len), generator=g).to(device)
+    positions = torch.arange(spec.total_len, device=device)[None]
+    return ids, positions, spec.segment_ids(positions[0])[None]
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_cuda_matches_cpu(tmp_path, family):
+    root, _, _ = tiny_checkpoint(tmp_path, family, seed=1)
+    cpu = paradec.load(root)
+    gpu32 = paradec.load(root, device="cuda", dtype=torch.float32)
+    gpu16 = paradec.load(root, device="cuda")
+    assert gpu16.dtype == torch.bfloat16
+    ids, positions, segments = _inputs(cpu, 6, [5, 5], 3, "cpu")
+    ref = cpu(ids, positions, segments, "isolated").double()
+    got32 = gpu32(ids.cuda(), positions.cuda(), segments.cuda(), "isolated").cpu().double()
+    got16 = gpu16(ids.cuda(), positions.cuda(), segments.cuda(), "isolated").cpu().double()
+    # fp32 on the GPU may use other kernels (and TF32 where enabled): ~1e-3 relative at most.
+    assert ((got32 - ref).norm() / ref.norm()).item() < 2e-3
+    # bf16: 8 mantissa bits, ~1e-2 through the stack.
+    assert ((got16 - ref).norm() / ref.norm()).item() < 3e-2
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_cached_forward_in_a_cuda_graph(tmp_path, family):
+    root, _, _ = tiny_checkpoint(tmp_path, family, seed=2)
+    model = paradec.load(root, device="cuda", dtype=torch.float32)
+    prompt_len = 7
+    ids, positions, segments = _inputs(model, prompt_len, [6, 6], 0, "cuda")
+    cache = model.prefill(ids[:, :prompt_len], torch.tensor([prompt_len], device="cuda"))
+    canvas, pos, seg = ids[:, prompt_len:].clone(), positions[:, prompt_len:], segments[:, prompt_len:]
+    uncached = model(ids, positions, segments, "isolated")[:, prompt_len:]
+
+    def step():
+        return model(canvas, pos, seg, "isolated", cache=cache, logits_at=pos, check_inputs=False)
+
+    eager = step()
+    torch.testing.assert_close(eager, uncached, rtol=2e-3, atol=2e-3)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    canvas.copy_(torch.randint(5, model.spec.vocab_size, canvas.shape, device="cuda"))  # new inputs
+    graph.replay()
+    torch.testing.assert_close(out, step(), rtol=0, atol=0)
