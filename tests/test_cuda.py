@@ -67,3 +67,15 @@ def test_cached_forward_in_a_cuda_graph(tmp_path, family):
     canvas.copy_(torch.randint(5, model.spec.vocab_size, canvas.shape, device="cuda"))  # new inputs
     graph.replay()
     torch.testing.assert_close(out, step(), rtol=0, atol=0)
+
+
+def test_random_model_built_on_the_gpu_runs_there(tmp_path):
+    from paradec.models import build
+
+    from tiny import llada_config, write_tokenizer
+
+    config = llada_config(write_tokenizer(tmp_path))
+    model = build(config, device="cuda", dtype=torch.bfloat16)
+    assert all(t.is_cuda for t in list(model.module.parameters()) + list(model.module.buffers()))
+    ids, positions, segments = _inputs(model, 5, [4], 0, "cuda")
+    assert model(ids, positions, segments, "isolated").isfinite().all()

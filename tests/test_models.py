@@ -69,7 +69,8 @@ def _batch(model, config, prompt_lens, block_lens, summary_len, seed=0):
 
 
 @pytest.mark.parametrize("prompt_lens", [[7], [4, 9, 6]])
-def test_cached_prompt_equals_uncached_under_isolated(tiny, prompt_lens):
+@pytest.mark.parametrize("reserve", [0, 5, 64])  # concatenated; too small, so concatenated; in place
+def test_cached_prompt_equals_uncached_under_isolated(tiny, prompt_lens, reserve):
     family, model, config, _ = tiny
     block_lens, summary_len = [4, 5], 3
     prompts, canvases = _batch(model, config, prompt_lens, block_lens, summary_len)
@@ -77,8 +78,9 @@ def test_cached_prompt_equals_uncached_under_isolated(tiny, prompt_lens):
     prompt_ids = torch.zeros(b, p_max, dtype=torch.long)
     for i, p in enumerate(prompts):
         prompt_ids[i, : len(p)] = p
-    cache = model.prefill(prompt_ids, torch.tensor(prompt_lens))
-    assert cache.num_tokens == p_max and cache.batch_size == b
+    cache = model.prefill(prompt_ids, torch.tensor(prompt_lens), reserve=reserve)
+    assert cache.num_tokens == p_max and cache.batch_size == b and cache.capacity == p_max + reserve
+    prompt_kv = cache.kv[..., :p_max, :].clone()
 
     canvas_len = canvases.shape[1]
     positions = torch.stack([torch.arange(p, p + canvas_len) for p in prompt_lens])
@@ -87,6 +89,8 @@ def test_cached_prompt_equals_uncached_under_isolated(tiny, prompt_lens):
          for i, p in enumerate(prompt_lens)]
     )
     cached = model(canvases, positions, segments, "isolated", cache=cache)  # [B, C, V]
+    again = model(canvases, positions, segments, "isolated", cache=cache)
+    assert torch.equal(cached, again) and torch.equal(cache.kv[..., :p_max, :], prompt_kv)
 
     for i, p in enumerate(prompt_lens):
         spec = AttentionSpec.from_lengths("isolated", p, block_lens, summary_len)

@@ -37,22 +37,23 @@ def transformer_config(config: dict, source: str) -> TransformerConfig:
     )
 
 
-def checkpoint_names(cfg: TransformerConfig) -> dict[str, str]:
-    """Checkpoint parameter name -> paradec parameter name."""
-    names = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
+def checkpoint_names(cfg: TransformerConfig) -> dict[str, tuple[str, int]]:
+    """Checkpoint parameter name -> (paradec parameter, part); q/k/v are parts 0/1/2 of the
+    fused qkv_proj, gate/up parts 0/1 of gate_up_proj; other parameters are whole (part 0)."""
+    names = {"model.embed_tokens.weight": ("embed.weight", 0), "model.norm.weight": ("norm.weight", 0)}
     if not cfg.tie_embeddings:
-        names["lm_head.weight"] = "lm_head.weight"
+        names["lm_head.weight"] = ("lm_head.weight", 0)
     for i in range(cfg.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         names |= {
-            src + "input_layernorm.weight": dst + "attn_norm.weight",
-            src + "post_attention_layernorm.weight": dst + "mlp_norm.weight",
-            src + "self_attn.o_proj.weight": dst + "attn.o_proj.weight",
+            src + "input_layernorm.weight": (dst + "attn_norm.weight", 0),
+            src + "post_attention_layernorm.weight": (dst + "mlp_norm.weight", 0),
+            src + "self_attn.o_proj.weight": (dst + "attn.o_proj.weight", 0),
+            src + "mlp.gate_proj.weight": (dst + "mlp.gate_up_proj.weight", 0),
+            src + "mlp.up_proj.weight": (dst + "mlp.gate_up_proj.weight", 1),
+            src + "mlp.down_proj.weight": (dst + "mlp.down_proj.weight", 0),
         }
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            names[src + f"self_attn.{proj}.weight"] = dst + f"attn.{proj}.weight"
-            names[src + f"self_attn.{proj}.bias"] = dst + f"attn.{proj}.bias"
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            names[src + f"mlp.{proj}.weight"] = dst + f"mlp.{proj}.weight"
+        for part, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            names[src + f"self_attn.{proj}.weight"] = (dst + "attn.qkv_proj.weight", part)
+            names[src + f"self_attn.{proj}.bias"] = (dst + "attn.qkv_proj.bias", part)
     return names
-

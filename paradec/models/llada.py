@@ -52,27 +52,27 @@ def transformer_config(config: dict, source: str) -> TransformerConfig:
     )
 
 
-def checkpoint_names(cfg: TransformerConfig) -> dict[str, str]:
-    """Checkpoint parameter name -> paradec parameter name."""
+def checkpoint_names(cfg: TransformerConfig) -> dict[str, tuple[str, int]]:
+    """Checkpoint parameter name -> (paradec parameter, part); q/k/v are parts 0/1/2 of the
+    fused qkv_proj, gate/up parts 0/1 of gate_up_proj; other parameters are whole (part 0)."""
     names = {
-        "model.transformer.wte.weight": "embed.weight",
-        "model.transformer.ln_f.weight": "norm.weight",
+        "model.transformer.wte.weight": ("embed.weight", 0),
+        "model.transformer.ln_f.weight": ("norm.weight", 0),
     }
     if not cfg.tie_embeddings:
-        names["model.transformer.ff_out.weight"] = "lm_head.weight"
+        names["model.transformer.ff_out.weight"] = ("lm_head.weight", 0)
     for i in range(cfg.num_layers):
         src, dst = f"model.transformer.blocks.{i}.", f"layers.{i}."
         names |= {
-            src + "attn_norm.weight": dst + "attn_norm.weight",
-            src + "ff_norm.weight": dst + "mlp_norm.weight",
-            src + "attn_out.weight": dst + "attn.o_proj.weight",
-            src + "ff_proj.weight": dst + "mlp.gate_proj.weight",
-            src + "up_proj.weight": dst + "mlp.up_proj.weight",
-            src + "ff_out.weight": dst + "mlp.down_proj.weight",
+            src + "attn_norm.weight": (dst + "attn_norm.weight", 0),
+            src + "ff_norm.weight": (dst + "mlp_norm.weight", 0),
+            src + "attn_out.weight": (dst + "attn.o_proj.weight", 0),
+            src + "ff_proj.weight": (dst + "mlp.gate_up_proj.weight", 0),
+            src + "up_proj.weight": (dst + "mlp.gate_up_proj.weight", 1),
+            src + "ff_out.weight": (dst + "mlp.down_proj.weight", 0),
         }
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            names[src + f"{proj}.weight"] = dst + f"attn.{proj}.weight"
+        for part, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            names[src + f"{proj}.weight"] = (dst + "attn.qkv_proj.weight", part)
             if cfg.qkv_bias:
-                names[src + f"{proj}.bias"] = dst + f"attn.{proj}.bias"
+                names[src + f"{proj}.bias"] = (dst + "attn.qkv_proj.bias", part)
     return names
-

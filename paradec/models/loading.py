@@ -46,8 +46,10 @@ class DiffusionModel:
     def dtype(self) -> torch.dtype:
         return self.module.embed.weight.dtype
 
-    def prefill(self, prompt_ids: torch.Tensor, lengths: torch.Tensor, check_inputs: bool = True) -> PromptCache:
-        return self.module.prefill(prompt_ids, lengths, check_inputs)
+    def prefill(
+        self, prompt_ids: torch.Tensor, lengths: torch.Tensor, reserve: int = 0, check_inputs: bool = True
+    ) -> PromptCache:
+        return self.module.prefill(prompt_ids, lengths, reserve, check_inputs)
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         return self.module(*args, **kwargs)
@@ -206,11 +208,12 @@ def _shard_files(root: Path) -> dict[str, Path]:
 
 def _read_weights(
     root: Path,
-    names: dict[str, str],
+    names: dict[str, tuple[str, int]],
     module: DiffusionTransformer,
     device: torch.device,
     dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
+    """paradec parameter -> tensor, checkpoint tensors concatenated where paradec fuses them."""
     files = _shard_files(root)
     missing = sorted(set(names) - set(files))
     extra = sorted(set(files) - set(names))
@@ -222,19 +225,23 @@ def _read_weights(
             f"{_some([f'{n} ({files[n].name})' for n in extra])}"
         )
     targets = dict(module.named_parameters(remove_duplicate=False))
-    state = {}
+    parts: dict[str, dict[int, torch.Tensor]] = {}
     for shard in sorted(set(files.values())):
         with safe_open(shard, framework="pt", device="cpu") as f:
             stored = set(f.keys())
             for name in (n for n in names if files[n] == shard):
                 if name not in stored:
                     raise CheckpointError(f"{shard}: the index places {name} here, but the file lacks it")
+                target, part = names[name]
+                expected = tuple(targets[target].shape)
+                sizes = module.cfg.fused_parts(target)
+                if sizes is not None:
+                    expected = (sizes[part], *expected[1:])
                 shape = tuple(f.get_slice(name).get_shape())
-                expected = tuple(targets[names[name]].shape)
                 if shape != expected:
                     raise CheckpointError(f"{shard.name}: {name} has shape {shape}, the config implies {expected}")
-                state[names[name]] = f.get_tensor(name).to(device=device, dtype=dtype)
-    return state
+                parts.setdefault(target, {})[part] = f.get_tensor(name).to(device=device, dtype=dtype)
+    return {target: torch.cat([p[i] for i in sorted(p)]) if len(p) > 1 else p[0] for target, p in parts.items()}
 
 
 def _some(items: Sequence[str], n: int = 5) -> str:

@@ -43,6 +43,19 @@ class TransformerConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def qkv_sizes(self) -> tuple[int, int, int]:
+        kv = self.num_kv_heads * self.head_dim
+        return (self.hidden_size, kv, kv)
+
+    def fused_parts(self, name: str) -> tuple[int, ...] | None:
+        """Row sizes of the checkpoint tensors fused into parameter ``name``, or None."""
+        if name.endswith("attn.qkv_proj.weight") or name.endswith("attn.qkv_proj.bias"):
+            return self.qkv_sizes
+        if name.endswith("mlp.gate_up_proj.weight"):
+            return (self.intermediate_size, self.intermediate_size)
+        return None
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
@@ -51,10 +64,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, scale in the model dtype (as both published models do).
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # One fused kernel; it accumulates in fp32 for bf16 inputs, as both published models do.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -62,9 +73,10 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
-        self.register_buffer("inv_freq", self._inv_freq(torch.device("cpu")), persistent=False)
+        self.register_buffer("inv_freq", self._inv_freq(None), persistent=False)
 
-    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+    def _inv_freq(self, device: torch.device | None) -> torch.Tensor:
+        """Frequencies on ``device`` (None: the default device, e.g. of a ``torch.device`` context)."""
         exponents = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim
         return 1.0 / (self.theta**exponents)
 
@@ -88,13 +100,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
+    """Multi-head or grouped-query attention with one fused q/k/v projection."""
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.qkv_bias)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(cfg.qkv_sizes), bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
     def forward(
@@ -104,17 +115,26 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         past: tuple[torch.Tensor, torch.Tensor] | None,
+        past_len: int,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x: [B, T, d]; past k/v: [B, Hkv, P, D]; mask: [B, 1, T, P + T].
+        """x: [B, T, d]; past k/v: [B, Hkv, C, D] buffers whose first ``past_len`` tokens are
+        cached; when C >= past_len + T this call's k/v are written in place after them (no copy
+        of the cache), else concatenated. mask: [B, 1, T, past_len + T].
         Returns the output [B, T, d] and this call's own k/v [B, Hkv, T, D]."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        heads = self.qkv_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H + 2 Hkv, T, D]
+        rotated = apply_rotary(heads[:, : self.num_heads + self.num_kv_heads], cos, sin)  # q and k at once
+        q, k = rotated.split((self.num_heads, self.num_kv_heads), dim=1)
+        v = heads[:, self.num_heads + self.num_kv_heads :]
         keys, values = k, v
-        if past is not None:
-            keys, values = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        if past is not None and past[0].shape[2] >= past_len + t:
+            end = past_len + t
+            past[0][:, :, past_len:end].copy_(k)
+            past[1][:, :, past_len:end].copy_(v)
+            keys, values = past[0][:, :, :end], past[1][:, :, :end]
+        elif past is not None:
+            keys = torch.cat((past[0][:, :, :past_len], k), dim=2)
+            values = torch.cat((past[1][:, :, :past_len], v), dim=2)
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
         )
@@ -122,14 +142,16 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), gate and up in one fused projection."""
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Layer(nn.Module):
@@ -140,8 +162,8 @@ class Layer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, mask, past):
-        attn_out, kv = self.attn(self.attn_norm(x), cos, sin, mask, past)
+    def forward(self, x, cos, sin, mask, past, past_len):
+        attn_out, kv = self.attn(self.attn_norm(x), cos, sin, mask, past, past_len)
         x = x + attn_out
         return x + self.mlp(self.mlp_norm(x)), kv
 
@@ -150,7 +172,9 @@ class Layer(nn.Module):
 class PromptCache:
     """The prompt's KV, computed once under prompt-only attention and reused by every step.
 
-    kv: [L, 2, B, Hkv, P, D] (one tensor, so it moves between ranks in one message);
+    kv: [L, 2, B, Hkv, C, D], one tensor (so it moves between ranks in one message) whose first
+    P tokens are the prompt's; the C - P tokens after them are scratch room ("reserve") where a
+    forward of up to C - P tokens writes its own k/v in place instead of copying the cache;
     segments: [B, P], PROMPT or PAD (prompts are right-padded); lengths: [B];
     last_hidden: [B, d], the final-layer hidden state (before the final norm) of each prompt's
     last token, which a shifted model (Dream) needs to predict the first position after it.
@@ -167,6 +191,10 @@ class PromptCache:
 
     @property
     def num_tokens(self) -> int:
+        return self.segments.shape[1]
+
+    @property
+    def capacity(self) -> int:
         return self.kv.shape[4]
 
 
@@ -207,13 +235,16 @@ class DiffusionTransformer(nn.Module):
         new_kv = []
         for i, layer in enumerate(self.layers):
             past = None if cache is None else (cache.kv[i, 0], cache.kv[i, 1])
-            x, kv = layer(x, cos, sin, mask, past)
+            x, kv = layer(x, cos, sin, mask, past, 0 if cache is None else cache.num_tokens)
             new_kv.append(kv)
         return x, new_kv
 
     @torch.no_grad()
-    def prefill(self, prompt_ids: torch.Tensor, lengths: torch.Tensor, check_inputs: bool = True) -> PromptCache:
-        """prompt_ids: [B, P] right-padded; lengths: [B] -> the prompts' KV cache."""
+    def prefill(
+        self, prompt_ids: torch.Tensor, lengths: torch.Tensor, reserve: int = 0, check_inputs: bool = True
+    ) -> PromptCache:
+        """prompt_ids: [B, P] right-padded; lengths: [B] -> the prompts' KV cache, with room for
+        ``reserve`` more tokens (the largest forward that will use it, to avoid a copy per step)."""
         b, p = prompt_ids.shape
         lengths = lengths.to(prompt_ids.device)
         if check_inputs and (lengths.numel() != b or int(lengths.min()) < 1 or int(lengths.max()) > p):
@@ -225,7 +256,11 @@ class DiffusionTransformer(nn.Module):
             self._check(prompt_ids, positions, segments)
         mask = attention_mask(segments, segments, "isolated")
         hidden, kv = self._layers(self.embed(prompt_ids.clamp(min=0)), positions, mask, None)
-        kv = torch.stack([torch.stack(pair) for pair in kv])  # [L, 2, B, Hkv, P, D]
+        k0 = kv[0][0]
+        buffer = k0.new_empty(len(kv), 2, b, k0.shape[1], p + reserve, k0.shape[3])  # [L, 2, B, Hkv, C, D]
+        for i, (k, v) in enumerate(kv):
+            buffer[i, 0, :, :, :p], buffer[i, 1, :, :, :p] = k, v
+        kv = buffer
         last = hidden[torch.arange(b, device=hidden.device), lengths - 1]  # [B, d]
         return PromptCache(kv=kv, segments=segments, lengths=lengths, last_hidden=last)
 
