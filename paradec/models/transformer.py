@@ -256,13 +256,30 @@ class DiffusionTransformer(nn.Module):
             self._check(prompt_ids, positions, segments)
         mask = attention_mask(segments, segments, "isolated")
         hidden, kv = self._layers(self.embed(prompt_ids.clamp(min=0)), positions, mask, None)
-        k0 = kv[0][0]
-        buffer = k0.new_empty(len(kv), 2, b, k0.shape[1], p + reserve, k0.shape[3])  # [L, 2, B, Hkv, C, D]
-        for i, (k, v) in enumerate(kv):
-            buffer[i, 0, :, :, :p], buffer[i, 1, :, :, :p] = k, v
-        kv = buffer
+        kv = _kv_buffer(None, kv, reserve)
         last = hidden[torch.arange(b, device=hidden.device), lengths - 1]  # [B, d]
         return PromptCache(kv=kv, segments=segments, lengths=lengths, last_hidden=last)
+
+    @torch.no_grad()
+    def extend(
+        self,
+        cache: PromptCache,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        segments: torch.Tensor,
+        mode: str,
+        reserve: int = 0,
+    ) -> PromptCache:
+        """A new cache holding ``cache`` plus these tokens' KV (finished think blocks, say,
+        before the summary decodes). Exact under ``isolated`` when nothing cached attends to
+        tokens that come later. input_ids, positions, segments: [B, T]."""
+        check_mode(mode)
+        self._check(input_ids, positions, segments)
+        key_segments = torch.cat((cache.segments, segments), dim=1)
+        mask = attention_mask(segments, key_segments, mode)
+        _, kv = self._layers(self.embed(input_ids.clamp(min=0)), positions, mask, cache)
+        buffer = _kv_buffer(cache.kv[..., : cache.num_tokens, :], kv, reserve)
+        return PromptCache(kv=buffer, segments=key_segments, lengths=cache.lengths, last_hidden=cache.last_hidden)
 
     @torch.no_grad()
     def forward(
@@ -319,6 +336,20 @@ class DiffusionTransformer(nn.Module):
                 f"{int(source[b, n])}, which is neither in the input nor the cached prompt's last token"
             )
         return rows
+
+
+def _kv_buffer(prefix: torch.Tensor | None, kv: list[tuple[torch.Tensor, torch.Tensor]], reserve: int) -> torch.Tensor:
+    """One [L, 2, B, Hkv, C, D] buffer: ``prefix`` ([L, 2, B, Hkv, P, D] or None), then each
+    layer's new k/v ([B, Hkv, T, D]), then ``reserve`` tokens of scratch room."""
+    k0 = kv[0][0]
+    p = 0 if prefix is None else prefix.shape[4]
+    t = k0.shape[2]
+    buffer = k0.new_empty(len(kv), 2, k0.shape[0], k0.shape[1], p + t + reserve, k0.shape[3])
+    if prefix is not None:
+        buffer[..., :p, :] = prefix
+    for i, (k, v) in enumerate(kv):
+        buffer[i, 0, :, :, p : p + t], buffer[i, 1, :, :, p : p + t] = k, v
+    return buffer
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -1,0 +1,163 @@
+"""paradec.generate(): validate, lay out the canvas, run, return results."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from paradec.answers import extract_answer
+from paradec.canvas import CanvasLayout, canvas_layout
+from paradec.config import GenerationConfig
+from paradec.decoding.runner import Runner
+from paradec.errors import ConfigError, InputError
+from paradec.models.loading import DiffusionModel
+
+_PLACEHOLDER = "\u2063PARADEC_USER_TEXT\u2063"
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class GenerationResult:
+    """One request's output.
+
+    blocks: the think blocks' text (empty outside ``nap``); summary: the summary's text (the
+    answer region's text outside ``nap``); answer: extracted from the summary (``#### N`` or
+    ``\\boxed{}``), None when absent; token_ids: every position after the prompt; trace: for each
+    of those positions the step that committed it, -1 for headers; nfe: model forwards;
+    timings: seconds per phase (prefill, forward, unmask, bookkeeping, think, summary, total).
+    """
+
+    blocks: list[str]
+    summary: str
+    answer: str | None
+    token_ids: list[int]
+    trace: list[int]
+    nfe: int
+    steps: int
+    timings: dict[str, float]
+    prompt_ids: list[int]
+    block_token_ids: list[list[int]] = field(default_factory=list)
+    summary_token_ids: list[int] = field(default_factory=list)
+
+
+def generate(
+    model: DiffusionModel,
+    prompts: Prompt | Sequence[Prompt],
+    config: GenerationConfig | None = None,
+    **overrides,
+) -> GenerationResult | list[GenerationResult]:
+    """Decode one prompt or a batch (strings, or token id lists) with ``config`` and overrides.
+
+    A single prompt gives a single result; a list of prompts gives a list.
+    """
+    config = GenerationConfig.build(config, **overrides)
+    single = isinstance(prompts, str) or (
+        isinstance(prompts, Sequence) and len(prompts) > 0 and all(isinstance(t, int) for t in prompts)
+    )
+    batch = [prompts] if single else list(prompts)
+    if not batch:
+        raise InputError("prompts is empty")
+    layout = build_layout(model, config)
+    encoded = [encode_prompt(model, p, config, layout) for p in batch]
+    longest = max(map(len, encoded))
+    if longest + layout.length > model.spec.max_length:
+        raise ConfigError(
+            f"prompt ({longest} tokens) + canvas ({layout.length} tokens) exceeds the model's maximum "
+            f"length {model.spec.max_length}; shorten blocks/block_len/summary_len/answer_len"
+        )
+    output = Runner(model, config, layout, encoded).run()
+    results = [
+        _result(model, layout, encoded[r], output.canvas[r].tolist(), output.trace[r].tolist(), output)
+        for r in range(len(batch))
+    ]
+    return results[0] if single else results
+
+
+def build_layout(model: DiffusionModel, config: GenerationConfig) -> CanvasLayout:
+    headers = None
+    if config.canvas:
+        headers = [model.think_header_ids(i + 1) for i in range(config.blocks)] + [model.summary_header_ids()]
+    return canvas_layout(config, model.spec.mask_id, headers)
+
+
+def encode_prompt(model: DiffusionModel, prompt: Prompt, config: GenerationConfig, layout: CanvasLayout) -> list[int]:
+    """Token ids of one prompt. Text goes through the chat template when the tokenizer has one
+    (and ``config.chat_template``); user text is never tokenised into special tokens."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise InputError("a prompt is empty")
+        ids = _encode_text(model, prompt, config.chat_template)
+    else:
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise InputError("a prompt is empty")
+        bad = [t for t in ids if not 0 <= t < model.spec.vocab_size]
+        if bad:
+            raise InputError(f"prompt token ids must lie in [0, {model.spec.vocab_size}); got {bad[:5]}")
+    structure = {model.spec.mask_id} | _single_token_headers(layout)
+    found = sorted(structure & set(ids))
+    if found:
+        raise InputError(
+            f"the prompt holds the mask id or a canvas structure token {found}; user input may not contain them"
+        )
+    return ids
+
+
+def _encode_text(model: DiffusionModel, text: str, chat_template: bool) -> list[int]:
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise InputError("this model has no tokenizer; pass prompts as token ids")
+
+    def user(t: str) -> list[int]:
+        return tokenizer(t, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    if not (chat_template and getattr(tokenizer, "chat_template", None)):
+        return user(text)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _PLACEHOLDER}], tokenize=False, add_generation_prompt=True
+    )
+    before, after = rendered.split(_PLACEHOLDER)
+    encode = lambda t: tokenizer.encode(t, add_special_tokens=False) if t else []  # noqa: E731
+    return encode(before) + user(text) + encode(after)
+
+
+def _single_token_headers(layout: CanvasLayout) -> set[int]:
+    """Header ids that are whole headers on their own (special tokens such as ``<summary>``)."""
+    ids = set()
+    for g in range(layout.num_groups):
+        start, body = layout.blocks[g][0], layout.bodies[g][0]
+        if body - start == 1:
+            ids.add(int(layout.template[start]))
+    return ids
+
+
+def _result(model, layout: CanvasLayout, prompt_ids, canvas: list[int], trace: list[int], output) -> GenerationResult:
+    stops = set(model.spec.stop_ids)
+
+    def body(g: int) -> list[int]:
+        start, end = layout.bodies[g]
+        tokens = canvas[start:end]
+        cut = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
+        return tokens[:cut]
+
+    decode = (lambda ids: model.tokenizer.decode(ids, skip_special_tokens=True)) if model.tokenizer else str
+    m = layout.num_think_blocks
+    block_ids = [body(g) for g in range(m)]
+    summary_ids = body(m if m else 0)
+    summary = decode(summary_ids)
+    return GenerationResult(
+        blocks=[decode(ids) for ids in block_ids],
+        summary=summary,
+        answer=extract_answer(summary),
+        token_ids=canvas,
+        trace=trace,
+        nfe=output.nfe,
+        steps=output.steps,
+        timings=output.timings,
+        prompt_ids=list(prompt_ids),
+        block_token_ids=block_ids,
+        summary_token_ids=summary_ids,
+    )

@@ -1,0 +1,301 @@
+"""The step loop. It owns the canvas, the prompt cache, budgets, EOS and the trace; a policy
+only decides which masked positions a step commits (DESIGN.md contract 5).
+
+A step forwards the unfinished groups of the current phase, scores their masked positions and
+commits, in every unfinished group, at least one token. Phases: for ``nap`` the think blocks,
+then the summary (or both at once with ``summary="concurrent"``); for the other modes the one
+answer region. Under ``isolated`` attention the prompt KV is computed once and, before the
+summary decodes, the finished blocks' KV is appended to it once, so a summary step forwards the
+summary alone. Under ``canvas`` every step forwards the prompt and the whole canvas.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from paradec.canvas import CanvasLayout
+from paradec.config import GenerationConfig
+from paradec.decoding import ar_order, confidence, factor, random_order, threshold
+from paradec.decoding.schedule import group_schedule
+from paradec.decoding.scoring import score_logits
+from paradec.decoding.selection import Candidates
+from paradec.models.attention import PAD, PROMPT
+from paradec.models.loading import DiffusionModel
+
+
+@dataclass
+class DecodeOutput:
+    canvas: torch.Tensor  # [B, C] final tokens after each prompt
+    trace: torch.Tensor  # [B, C] global step that committed each position; -1 for headers
+    nfe: int  # model forwards made by the steps (prefill and cache extension not counted)
+    steps: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def stream_seed(seed: int, group: int, step: int, salt: int = 0) -> int:
+    """A 63-bit generator seed for one (request seed, group, step) stream."""
+    value = seed
+    for part in (group, step, salt):
+        value = (value * 0x9E3779B97F4A7C15 + part + 1) % (1 << 63)
+    return value
+
+
+class Runner:
+    """Decodes a batch of prompts (token ids) on one layout with one config.
+
+    think_blocks: the think blocks this runner decodes (default all); when it is a strict
+    subset, the other blocks stay masked and the summary is not decoded — what one rank does
+    when the blocks are spread over several.
+    """
+
+    def __init__(
+        self,
+        model: DiffusionModel,
+        config: GenerationConfig,
+        layout: CanvasLayout,
+        prompts: list[list[int]],
+        think_blocks: list[int] | None = None,
+    ):
+        self.model, self.config, self.layout = model, config, layout
+        self.device = model.device
+        self.seeds = [config.seed + r for r in range(len(prompts))]
+        m = layout.num_think_blocks
+        groups = list(range(m)) if think_blocks is None else sorted(think_blocks)
+        with_summary = m > 0 and len(groups) == m
+        if m == 0:
+            self.phases = [[0]]
+        elif not with_summary:
+            self.phases = [groups]
+        elif config.summary == "concurrent":
+            self.phases = [groups + [m]]
+        else:
+            self.phases = [groups, [m]]
+        self.prompt_lens = torch.tensor([len(p) for p in prompts], device=self.device)
+        pad = model.spec.pad_id if model.spec.pad_id is not None else 0
+        self.prompt_ids = torch.full((len(prompts), max(map(len, prompts))), pad, device=self.device)
+        for r, p in enumerate(prompts):
+            self.prompt_ids[r, : len(p)] = torch.tensor(p, device=self.device)
+        b, c = len(prompts), layout.length
+        self.canvas = layout.template.to(self.device).repeat(b, 1)  # [B, C]
+        self.positions = self.prompt_lens[:, None] + torch.arange(c, device=self.device)  # [B, C]
+        self.segments = layout.segments.to(self.device).repeat(b, 1)  # [B, C]
+        self.groups = layout.groups.to(self.device)  # [C]
+        self.editable = layout.editable.to(self.device)  # [C]
+        self.trace = torch.full((b, c), -1, device=self.device)
+        self.group_steps = torch.zeros(b, layout.num_groups, dtype=torch.long)  # steps each group has run
+        self.schedules = self._schedules()
+        self.timings = {"prefill": 0.0, "forward": 0.0, "unmask": 0.0, "bookkeeping": 0.0}
+
+    # --- budgets -----------------------------------------------------------------------------
+    def _schedules(self) -> dict[int, list[int]]:
+        cfg, layout = self.config, self.layout
+        schedules = {}
+        for phase, (_, _, steps) in zip(self.phases, cfg.phase_budgets()):
+            for g in phase:
+                start, end = layout.bodies[g]
+                schedules[g] = group_schedule(end - start, steps, cfg.tokens_per_step, cfg.schedule)
+        return schedules
+
+    # --- the loop ----------------------------------------------------------------------------
+    def run(self) -> DecodeOutput:
+        t_start = self._clock()
+        cache = None
+        if self.config.attention == "isolated":
+            cache = self.model.prefill(self.prompt_ids, self.prompt_lens, reserve=self.layout.length)
+        self.timings["prefill"] = self._clock() - t_start
+        step = nfe = 0
+        for phase_index, phase in enumerate(self.phases):
+            t_phase = self._clock()
+            if phase_index > 0 and cache is not None:
+                cache = self._extend_with_blocks(cache)
+            while True:
+                active = self._active(phase)  # [B, G] host bool
+                if not active.any():
+                    break
+                self._step(active, phase, cache, step)
+                step += 1
+                nfe += 1
+            name = "summary" if phase == [self.layout.summary_group] else "think"
+            self.timings[name] = self.timings.get(name, 0.0) + self._clock() - t_phase
+        self.timings["total"] = self._clock() - t_start
+        return DecodeOutput(self.canvas, self.trace, nfe, step, dict(self.timings))
+
+    def _active(self, phase: list[int]) -> torch.Tensor:
+        """[B, G] bool on the host: groups of this phase that still have masked positions."""
+        masked = self._masked()  # [B, C]
+        per_group = torch.zeros(masked.shape[0], self.layout.num_groups, dtype=torch.long, device=self.device)
+        per_group.index_add_(1, self.groups, masked.long())
+        in_phase = torch.zeros(self.layout.num_groups, dtype=torch.bool)
+        in_phase[phase] = True
+        return (per_group.cpu() > 0) & in_phase
+
+    def _masked(self) -> torch.Tensor:
+        return (self.canvas == self.model.spec.mask_id) & self.editable
+
+    def _step(self, active: torch.Tensor, phase: list[int], cache, step: int) -> None:
+        cfg, spec = self.config, self.model.spec
+        t0 = self._clock()
+        ids, positions, segments, columns = self._inputs(active, phase)
+        wanted = self._masked() & active.to(self.device)[:, self.groups]  # [B, C]
+        logits_at, rows, cols = self._wanted_positions(wanted)  # [B, N]; flat (row, column) pairs
+        t1 = self._clock()
+        logits = self.model(ids, positions, segments, cfg.attention, cache=cache, logits_at=logits_at,
+                            check_inputs=False)  # [B, N, V]
+        t2 = self._clock()
+        logits = logits[logits_at >= 0]  # [M, V], row-major like rows/cols
+        group = self.groups[cols]  # [M]
+        offset = cols - torch.tensor([s for s, _ in self.layout.bodies], device=self.device)[group]
+        bar = self._barred(group, offset)
+        noise = None
+        if cfg.temperature > 0:
+            noise = self._draw(rows, group, offset, 0, logits.shape[-1], torch.float64)
+            noise.clamp_(min=torch.finfo(torch.float64).tiny)  # log(0) never
+        scores = score_logits(logits, spec.mask_id, spec.stop_ids, bar, cfg.temperature, noise)
+        candidates = self._candidates(rows, cols, group, offset, scores)
+        commit = self._select(candidates)  # [M] bool
+        t3 = self._clock()
+        r, c = rows[commit], cols[commit]
+        self.canvas[r, c] = scores.tokens[commit]
+        self.trace[r, c] = step
+        self.group_steps += active.long()
+        if cfg.canvas and cfg.eos_closes_block:
+            self._fill_after_eos(step)
+        t4 = self._clock()
+        self.timings["bookkeeping"] += (t1 - t0) + (t4 - t3)
+        self.timings["forward"] += t2 - t1
+        self.timings["unmask"] += t3 - t2
+
+    # --- inputs ------------------------------------------------------------------------------
+    def _inputs(self, active: torch.Tensor, phase: list[int]):
+        """The tokens a step forwards: [B, T] ids, positions, segments, and canvas columns."""
+        b = active.shape[0]
+        if self.config.attention == "canvas":
+            p = self.prompt_ids.shape[1]
+            prompt_pos = torch.arange(p, device=self.device).expand(b, p)
+            prompt_seg = torch.where(prompt_pos < self.prompt_lens[:, None], PROMPT, PAD)
+            ids = torch.cat((self.prompt_ids, self.canvas), dim=1)
+            positions = torch.cat((torch.where(prompt_seg == PAD, -1, prompt_pos), self.positions), dim=1)
+            return ids, positions, torch.cat((prompt_seg, self.segments), dim=1), None
+        needed = active.clone()
+        summary = self.layout.summary_group
+        if summary is not None and summary in phase and len(phase) > 1:
+            # A concurrent summary attends to every think block: forward them all while it runs.
+            needed[needed[:, summary]] = True
+        columns = [
+            torch.cat([torch.arange(*self.layout.blocks[g]) for g in range(self.layout.num_groups) if needed[r, g]])
+            for r in range(b)
+        ]
+        width = max(len(c) for c in columns)
+        cols = torch.zeros(b, width, dtype=torch.long)
+        valid = torch.zeros(b, width, dtype=torch.bool)
+        for r, c in enumerate(columns):
+            cols[r, : len(c)], valid[r, : len(c)] = c, True
+        cols, valid = cols.to(self.device), valid.to(self.device)
+        ids = torch.where(valid, self.canvas.gather(1, cols), 0)
+        positions = torch.where(valid, self.positions.gather(1, cols), -1)
+        segments = torch.where(valid, self.segments.gather(1, cols), PAD)
+        return ids, positions, segments, cols
+
+    def _wanted_positions(self, wanted: torch.Tensor):
+        """wanted: [B, C] -> logits_at [B, N] (absolute positions, -1 padding), and the flat
+        (row, column) pairs of the wanted positions in row-major order."""
+        rows, cols = wanted.nonzero(as_tuple=True)
+        counts = wanted.sum(1)
+        n = int(counts.max())
+        slot = torch.arange(len(rows), device=self.device) - (torch.cumsum(counts, 0) - counts)[rows]
+        logits_at = torch.full((wanted.shape[0], n), -1, device=self.device)
+        logits_at[rows, slot] = self.positions[rows, cols]
+        return logits_at, rows, cols
+
+    def _extend_with_blocks(self, cache):
+        """Appends the finished think blocks' KV to the cache (exact under ``isolated``)."""
+        end = self.layout.blocks[self.layout.num_think_blocks - 1][1]
+        ids, positions, segments = self.canvas[:, :end], self.positions[:, :end], self.segments[:, :end]
+        return self.model.module.extend(cache, ids, positions, segments, "isolated", reserve=self.layout.length - end)
+
+    # --- scoring and selection ---------------------------------------------------------------
+    def _barred(self, group: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """[M] bool: rows where EOS/EOT may not be chosen."""
+        cfg, summary = self.config, self.layout.summary_group
+        bar = torch.zeros_like(group, dtype=torch.bool)
+        if summary is None:
+            return bar
+        if cfg.bar_eos_in_blocks:
+            bar |= group != summary
+        return bar | ((group == summary) & (offset < cfg.summary_min_tokens))
+
+    def _draw(self, rows, group, offset, salt: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """[M, width] uniform numbers. Each (request, group) draws one [body, width] table per
+        step from its own stream (seed, group, step), and each row takes its body offset's line,
+        so a position's numbers do not depend on what else is decoded or where."""
+        out = torch.empty(len(rows), width, dtype=dtype, device=self.device)
+        for r, g in torch.unique(torch.stack((rows, group), 1), dim=0).tolist():
+            start, end = self.layout.bodies[g]
+            seed = stream_seed(self.seeds[r], g, int(self.group_steps[r, g]), salt)
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            table = torch.rand(end - start, width, dtype=dtype, device=self.device, generator=generator)
+            here = (rows == r) & (group == g)
+            out[here] = table[offset[here]]
+        return out
+
+    def _candidates(self, rows, cols, group, offset, scores) -> Candidates:
+        g_count = self.layout.num_groups
+        key = rows * g_count + group
+        masked_left = self._masked().long()
+        per_group = torch.zeros(len(self.seeds), g_count, dtype=torch.long, device=self.device)
+        per_group.index_add_(1, self.groups, masked_left)  # [B, G] masked positions left
+        quota = torch.zeros(len(self.seeds), g_count, dtype=torch.long)
+        floor = torch.ones(len(self.seeds), g_count, dtype=torch.long)
+        left = per_group.cpu()
+        for g, schedule in self.schedules.items():
+            for r in range(len(self.seeds)):
+                s = int(self.group_steps[r, g])
+                if s < len(schedule):
+                    quota[r, g] = min(schedule[s], int(left[r, g]))
+                    if self.config.steps is not None:
+                        floor[r, g] = -(-int(left[r, g]) // (len(schedule) - s))
+                else:  # EOS filling can never leave a group past its schedule; stay safe anyway
+                    quota[r, g] = int(left[r, g])
+                    floor[r, g] = int(left[r, g])
+        quota = quota.clamp(min=1).to(self.device)[rows, group]
+        floor = floor.clamp(min=1).to(self.device)[rows, group]
+        priority = None
+        if self.config.mode == "random":
+            priority = self._draw(rows, group, offset, 1, 1, torch.float32)[:, 0]
+        return Candidates(key=key, position=self.positions[rows, cols], scores=scores, quota=quota, floor=floor,
+                          priority=priority)
+
+    def _select(self, candidates: Candidates) -> torch.Tensor:
+        cfg = self.config
+        if cfg.mode == "ar_order":
+            return ar_order.select(candidates)
+        if cfg.mode == "random":
+            return random_order.select(candidates)
+        if cfg.policy == "threshold":
+            return threshold.select(candidates, cfg.threshold)
+        if cfg.policy == "factor":
+            return factor.select(candidates, cfg.factor)
+        return confidence.select(candidates, cfg.policy)
+
+    # --- EOS ---------------------------------------------------------------------------------
+    def _fill_after_eos(self, step: int) -> None:
+        """An EOS committed at body position p means the text ends there: every masked
+        position after p in that group becomes EOS, committed at this step."""
+        spec = self.model.spec
+        stops = torch.tensor(spec.stop_ids, device=self.device)
+        c = self.canvas.shape[1]
+        column = torch.arange(c, device=self.device).expand_as(self.canvas)
+        is_stop = torch.isin(self.canvas, stops) & self.editable & (self.trace >= 0)
+        first = torch.full((self.canvas.shape[0], self.layout.num_groups), c, device=self.device)
+        first.scatter_reduce_(1, self.groups.expand_as(self.canvas), torch.where(is_stop, column, c), "amin")
+        fill = self._masked() & (column > first.gather(1, self.groups.expand_as(self.canvas)))
+        self.canvas[fill] = spec.eos_id
+        self.trace[fill] = step
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
