@@ -1,5 +1,7 @@
 """paradec: fast, multi-GPU decoding of masked diffusion language models."""
 
+from paradec.api import GenerationResult, generate
+from paradec.config import GenerationConfig
 from paradec.errors import CheckpointError, ConfigError, InputError, ParadecError
 from paradec.models import AttentionSpec, DiffusionModel, ModelSpec, PromptCache, load
 
@@ -10,9 +12,12 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DiffusionModel",
+    "GenerationConfig",
+    "GenerationResult",
     "InputError",
     "ModelSpec",
     "ParadecError",
     "PromptCache",
+    "generate",
     "load",
 ]

@@ -22,6 +22,7 @@ from paradec.decoding import ar_order, confidence, factor, random_order, thresho
 from paradec.decoding.schedule import group_schedule
 from paradec.decoding.scoring import score_logits
 from paradec.decoding.selection import Candidates
+from paradec.errors import ConfigError
 from paradec.models.attention import PAD, PROMPT
 from paradec.models.loading import DiffusionModel
 
@@ -64,6 +65,13 @@ class Runner:
         self.seeds = [config.seed + r for r in range(len(prompts))]
         m = layout.num_think_blocks
         groups = list(range(m)) if think_blocks is None else sorted(think_blocks)
+        if len(groups) < m and config.attention == "canvas":
+            raise ConfigError(
+                "attention='canvas' needs every think block on one device (each block attends to all "
+                "the others); decoding a subset of the blocks needs attention='isolated'"
+            )
+        if not set(groups) <= set(range(m)) or (m == 0 and think_blocks):
+            raise ConfigError(f"think_blocks must be a subset of range({m}), got {think_blocks}")
         with_summary = m > 0 and len(groups) == m
         if m == 0:
             self.phases = [[0]]
@@ -183,7 +191,7 @@ class Runner:
         summary = self.layout.summary_group
         if summary is not None and summary in phase and len(phase) > 1:
             # A concurrent summary attends to every think block: forward them all while it runs.
-            needed[needed[:, summary]] = True
+            needed[active[:, summary]] = True
         columns = [
             torch.cat([torch.arange(*self.layout.blocks[g]) for g in range(self.layout.num_groups) if needed[r, g]])
             for r in range(b)
