@@ -89,8 +89,9 @@ class GenerationConfig:
                 f"tokens_per_step applies to the top-k policies (confidence, margin, entropy); "
                 f"policy={self.policy!r} commits by its rule (give steps to bound the steps)"
             )
+        budgets = self.phase_budgets()
         if self.steps is not None and self.tokens_per_step is not None:
-            for name, length, steps in self.phase_budgets():
+            for name, length, steps in budgets:
                 needed = -(-length // self.tokens_per_step)
                 if steps < needed:
                     raise ConfigError(

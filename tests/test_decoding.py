@@ -75,15 +75,14 @@ def test_nap_keeps_the_unmasking_invariants(model, blocks, block_len, summary_le
     steps, per_step = budget
     if policy in ("threshold", "factor"):
         per_step = None
-    config = GenerationConfig(
-        blocks=blocks, block_len=block_len, summary_len=summary_len, policy=policy, steps=steps,
-        tokens_per_step=per_step, schedule=schedule, temperature=temperature, seed=seed,
-        attention=attention, summary=summary, eos_closes_block=eos_closes_block, threshold=0.5,
-    )
     try:
-        config.phase_budgets()
+        config = GenerationConfig(
+            blocks=blocks, block_len=block_len, summary_len=summary_len, policy=policy, steps=steps,
+            tokens_per_step=per_step, schedule=schedule, temperature=temperature, seed=seed,
+            attention=attention, summary=summary, eos_closes_block=eos_closes_block, threshold=0.5,
+        )
     except paradec.ConfigError:
-        return  # a budget the config itself refuses (tested below)
+        return  # a budget the config itself refuses (test_generate_errors.py)
     result = paradec.generate(model, PROMPTS[seed % 3], config)
     check_contract_5(model, config, result)
     if summary == "after":
