@@ -126,7 +126,10 @@ class Runner:
                 self._step(active, phase, cache, step)
                 step += 1
                 nfe += 1
-            name = "summary" if phase == [self.layout.summary_group] else "think"
+            if self.layout.num_think_blocks == 0:
+                name = "answer"
+            else:
+                name = "summary" if phase == [self.layout.summary_group] else "think"
             self.timings[name] = self.timings.get(name, 0.0) + self._clock() - t_phase
         self.timings["total"] = self._clock() - t_start
         return DecodeOutput(self.canvas, self.trace, nfe, step, dict(self.timings))
