@@ -79,3 +79,14 @@ def test_random_model_built_on_the_gpu_runs_there(tmp_path):
     assert all(t.is_cuda for t in list(model.module.parameters()) + list(model.module.buffers()))
     ids, positions, segments = _inputs(model, 5, [4], 0, "cuda")
     assert model(ids, positions, segments, "isolated").isfinite().all()
+
+
+def test_generate_on_cuda_matches_cpu(tmp_path):
+    root, _, _ = tiny_checkpoint(tmp_path, "llada", seed=9)
+    cpu = paradec.load(root)
+    gpu = paradec.load(root, device="cuda", dtype=torch.float32)
+    config = paradec.GenerationConfig(blocks=3, block_len=8, summary_len=4, tokens_per_step=2)
+    a = paradec.generate(cpu, ["a b c", "1 2 3 4 5"], config)
+    b = paradec.generate(gpu, ["a b c", "1 2 3 4 5"], config)
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids and x.trace == y.trace
