@@ -254,3 +254,23 @@ def test_chat_template_wraps_user_text(tmp_path):
     assert ids[1:-2].count(eot) == 0  # the user's "<|eot_id|>" is plain text
     raw = encode_prompt(model, "a b", GenerationConfig(chat_template=False), layout)
     assert raw == [vocab["a"], vocab["b"]]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_blocks_apart_then_summary_equals_one_run(model, temperature):
+    """What the distributed runner does, in one process: each block decoded alone, the tokens
+    merged, the summary decoded from them — equal to decoding everything together."""
+    config = GenerationConfig(blocks=3, block_len=6, summary_len=4, tokens_per_step=2,
+                              temperature=temperature, seed=8)
+    layout = build_layout(model, config)
+    prompts = [encode_prompt(model, p, config, layout) for p in PROMPTS[:2]]
+    together = Runner(model, config, layout, prompts).run()
+    canvas = layout.template.repeat(2, 1)
+    trace = torch.full_like(canvas, -1)
+    for j in range(3):
+        part = Runner(model, config, layout, prompts, think_blocks=[j]).run()
+        start, end = layout.bodies[j]
+        canvas[:, start:end], trace[:, start:end] = part.canvas[:, start:end], part.trace[:, start:end]
+    summary = Runner(model, config, layout, prompts, think_blocks=[], summary=True)
+    merged = summary.run(start=(canvas, trace, int(trace.max()) + 1))
+    assert torch.equal(merged.canvas, together.canvas) and torch.equal(merged.trace, together.trace)

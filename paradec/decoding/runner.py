@@ -47,9 +47,10 @@ def stream_seed(seed: int, group: int, step: int, salt: int = 0) -> int:
 class Runner:
     """Decodes a batch of prompts (token ids) on one layout with one config.
 
-    think_blocks: the think blocks this runner decodes (default all); when it is a strict
-    subset, the other blocks stay masked and the summary is not decoded — what one rank does
-    when the blocks are spread over several.
+    think_blocks: the think blocks this runner decodes (default all). summary: whether it
+    decodes the summary (default: when it decodes every think block). A rank of a distributed
+    run decodes its own blocks and no summary; the summary owner then decodes the summary alone
+    from the gathered blocks.
     """
 
     def __init__(
@@ -59,24 +60,27 @@ class Runner:
         layout: CanvasLayout,
         prompts: list[list[int]],
         think_blocks: list[int] | None = None,
+        summary: bool | None = None,
     ):
         self.model, self.config, self.layout = model, config, layout
         self.device = model.device
         self.seeds = [config.seed + r for r in range(len(prompts))]
         m = layout.num_think_blocks
         groups = list(range(m)) if think_blocks is None else sorted(think_blocks)
-        if len(groups) < m and config.attention == "canvas":
-            raise ConfigError(
-                "attention='canvas' needs every think block on one device (each block attends to all "
-                "the others); decoding a subset of the blocks needs attention='isolated'"
-            )
         if not set(groups) <= set(range(m)) or (m == 0 and think_blocks):
             raise ConfigError(f"think_blocks must be a subset of range({m}), got {think_blocks}")
-        with_summary = m > 0 and len(groups) == m
+        if (len(groups) < m or summary is not None) and config.attention == "canvas":
+            raise ConfigError(
+                "attention='canvas' needs every think block on one device (each block attends to all "
+                "the others); decoding blocks apart needs attention='isolated'"
+            )
+        with_summary = m > 0 and (len(groups) == m if summary is None else summary)
         if m == 0:
             self.phases = [[0]]
         elif not with_summary:
             self.phases = [groups]
+        elif not groups:
+            self.phases = [[m]]
         elif config.summary == "concurrent":
             self.phases = [groups + [m]]
         else:
@@ -99,30 +103,47 @@ class Runner:
 
     # --- budgets -----------------------------------------------------------------------------
     def _schedules(self) -> dict[int, list[int]]:
+        """Each group's quotas: think blocks (or the answer region) take the first phase's step
+        budget, the summary the last phase's (the same one when they decode together)."""
         cfg, layout = self.config, self.layout
+        budgets = cfg.phase_budgets()
         schedules = {}
-        for phase, (_, _, steps) in zip(self.phases, cfg.phase_budgets()):
-            for g in phase:
-                start, end = layout.bodies[g]
-                schedules[g] = group_schedule(end - start, steps, cfg.tokens_per_step, cfg.schedule)
+        for g, (start, end) in enumerate(layout.bodies):
+            steps = budgets[-1][2] if g == layout.summary_group else budgets[0][2]
+            schedules[g] = group_schedule(end - start, steps, cfg.tokens_per_step, cfg.schedule)
         return schedules
 
     # --- the loop ----------------------------------------------------------------------------
-    def run(self) -> DecodeOutput:
+    def run(self, cache=None, start: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+            should_abort=None) -> DecodeOutput:
+        """Decode this runner's phases.
+
+        cache: a prompt cache made elsewhere (received from another rank), else one is made here
+        under ``isolated``; it may already hold the think blocks' KV (then the summary uses it as
+        is). start: (canvas [B, C], trace [B, C], first step) to continue from, such as the
+        gathered think blocks. should_abort: called between steps; it raises to stop the run
+        (another rank failed).
+        """
         t_start = self._clock()
-        cache = None
-        if self.config.attention == "isolated":
+        if cache is None and self.config.attention == "isolated":
             cache = self.model.prefill(self.prompt_ids, self.prompt_lens, reserve=self.layout.length)
         self.timings["prefill"] = self._clock() - t_start
-        step = nfe = 0
-        for phase_index, phase in enumerate(self.phases):
+        step, nfe = 0, 0
+        if start is not None:
+            canvas, trace, step = start
+            self.canvas.copy_(canvas)
+            self.trace.copy_(trace)
+        for phase in self.phases:
             t_phase = self._clock()
-            if phase_index > 0 and cache is not None:
+            blocks_cached = cache is not None and cache.num_tokens > self.prompt_ids.shape[1]
+            if phase == [self.layout.summary_group] and cache is not None and not blocks_cached:
                 cache = self._extend_with_blocks(cache)
             while True:
                 active = self._active(phase)  # [B, G] host bool
                 if not active.any():
                     break
+                if should_abort is not None:
+                    should_abort()
                 self._step(active, phase, cache, step)
                 step += 1
                 nfe += 1
