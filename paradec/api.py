@@ -11,6 +11,8 @@ from paradec.answers import extract_answer
 from paradec.canvas import CanvasLayout, canvas_layout
 from paradec.config import GenerationConfig
 from paradec.decoding.runner import Runner
+from paradec.distributed import canvas as distributed_canvas
+from paradec.distributed.env import current_env
 from paradec.errors import ConfigError, InputError
 from paradec.models.loading import DiffusionModel
 
@@ -41,6 +43,8 @@ class GenerationResult:
     prompt_ids: list[int]
     block_token_ids: list[list[int]] = field(default_factory=list)
     summary_token_ids: list[int] = field(default_factory=list)
+    placement: dict | None = None  # under torchrun: blocks of each rank, idle ranks, prompt-KV and gather choices
+    rank_timings: list[dict] | None = None  # under torchrun: per rank, seconds per phase and forwards
 
 
 def generate(
@@ -51,7 +55,10 @@ def generate(
 ) -> GenerationResult | list[GenerationResult]:
     """Decode one prompt or a batch (strings, or token id lists) with ``config`` and overrides.
 
-    A single prompt gives a single result; a list of prompts gives a list.
+    A single prompt gives a single result; a list of prompts gives a list. Inside a torchrun job
+    of several ranks every rank calls this with the same arguments; the think blocks are spread
+    over the ranks and the result is returned on rank 0 (None elsewhere, unless
+    ``results_on="all"``).
     """
     config = GenerationConfig.build(config, **overrides)
     single = isinstance(prompts, str) or (
@@ -68,11 +75,21 @@ def generate(
             f"prompt ({longest} tokens) + canvas ({layout.length} tokens) exceeds the model's maximum "
             f"length {model.spec.max_length}; shorten blocks/block_len/summary_len/answer_len"
         )
-    output = Runner(model, config, layout, encoded).run()
+    env = current_env()
+    placement = rank_timings = None
+    if env.distributed:
+        spread = distributed_canvas.decode(model, config, layout, encoded, env)
+        if spread is None:
+            return None  # results live on rank 0 (results_on="all" sends them everywhere)
+        output, placement, rank_timings = spread.output, spread.placement, spread.rank_timings
+    else:
+        output = Runner(model, config, layout, encoded).run()
     results = [
         _result(model, layout, encoded[r], output.canvas[r].tolist(), output.trace[r].tolist(), output)
         for r in range(len(batch))
     ]
+    for result in results:
+        result.placement, result.rank_timings = placement, rank_timings
     return results[0] if single else results
 
 

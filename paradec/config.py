@@ -13,6 +13,9 @@ RULE_POLICIES = ("threshold", "factor")  # commit by a rule, not a fixed count
 ATTENTIONS = ("isolated", "canvas")
 SCHEDULES = ("uniform", "linspace")
 SUMMARY_ORDERS = ("after", "concurrent")
+PROMPT_KV = ("auto", "broadcast", "recompute")
+GATHERS = ("tokens", "kv")
+RESULTS_ON = ("rank0", "all")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,13 @@ class GenerationConfig:
     the block closes once nothing before it is masked. bar_eos_in_blocks: EOS is never chosen in
     think blocks; summary_min_tokens: EOS is never chosen in the summary's first n positions.
     chat_template: apply the tokenizer's chat template to string prompts.
+
+    Under torchrun (several ranks; ``isolated`` only) the think blocks are spread over the ranks.
+    prompt_kv: how each rank gets the prompt KV (``auto`` picks by a cost model, see
+    ``paradec.distributed.prompt_kv``); gather: what the summary owner (rank 0) collects at
+    summary time, the blocks' ``tokens`` (it recomputes their KV) or their ``kv``; results_on:
+    ``rank0`` (other ranks get None) or ``all``; rank_timeout_s: how long a rank waits for one
+    that stopped responding before failing with its name.
     """
 
     mode: str = "nap"
@@ -62,6 +72,10 @@ class GenerationConfig:
     bar_eos_in_blocks: bool = False
     summary_min_tokens: int = 0
     chat_template: bool = True
+    prompt_kv: str = "auto"
+    gather: str = "tokens"
+    results_on: str = "rank0"
+    rank_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
@@ -69,6 +83,11 @@ class GenerationConfig:
         _choice("attention", self.attention, ATTENTIONS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("summary", self.summary, SUMMARY_ORDERS)
+        _choice("prompt_kv", self.prompt_kv, PROMPT_KV)
+        _choice("gather", self.gather, GATHERS)
+        _choice("results_on", self.results_on, RESULTS_ON)
+        if not (self.rank_timeout_s > 0):
+            raise ConfigError(f"rank_timeout_s must be > 0, got {self.rank_timeout_s}")
         for name in ("blocks", "block_len", "summary_len", "answer_len"):
             _positive(name, getattr(self, name))
         for name in ("steps", "tokens_per_step"):

@@ -274,3 +274,17 @@ def test_blocks_apart_then_summary_equals_one_run(model, temperature):
     summary = Runner(model, config, layout, prompts, think_blocks=[], summary=True)
     merged = summary.run(start=(canvas, trace, int(trace.max()) + 1))
     assert torch.equal(merged.canvas, together.canvas) and torch.equal(merged.trace, together.trace)
+
+
+def test_a_request_that_finishes_early_waits_in_padding(model):
+    """Requests of one batch finish at different steps; the finished one forwards padding."""
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    config = GenerationConfig(blocks=2, block_len=6, summary_len=3, temperature=1.0, seed=60)
+    layout = build_layout(model, config)
+    encoded = [encode_prompt(model, p, config, layout) for p in prompts]
+    runner = Runner(model, config, layout, encoded)
+    runner.canvas[0, layout.bodies[0][0]:layout.bodies[1][1]] = 7  # request 0's blocks are already written
+    runner.trace[0, layout.bodies[0][0]:layout.bodies[1][1]] = 0
+    out = runner.run()
+    alone = paradec.generate(model, prompts[1], config, seed=61)
+    assert out.canvas[1].tolist() == alone.token_ids

@@ -216,11 +216,13 @@ class Runner:
         if summary is not None and summary in phase and len(phase) > 1:
             # A concurrent summary attends to every think block: forward them all while it runs.
             needed[active[:, summary]] = True
+        # A request whose groups are all done this phase forwards padding only.
         columns = [
-            torch.cat([torch.arange(*self.layout.blocks[g]) for g in range(self.layout.num_groups) if needed[r, g]])
+            torch.cat([torch.arange(*self.layout.blocks[g]) for g in range(self.layout.num_groups) if needed[r, g]]
+                      or [torch.zeros(0, dtype=torch.long)])
             for r in range(b)
         ]
-        width = max(len(c) for c in columns)
+        width = max(1, max(len(c) for c in columns))
         cols = torch.zeros(b, width, dtype=torch.long)
         valid = torch.zeros(b, width, dtype=torch.bool)
         for r, c in enumerate(columns):

@@ -1,0 +1,235 @@
+"""Canvas decoding across ranks (DESIGN.md contracts 3 and 4).
+
+Each rank decodes its own think blocks with a copy of the prompt KV; ranks do not talk while
+thinking. At summary time rank 0 gathers the blocks' tokens (and, with ``gather="kv"``, their
+KV), decodes the summary over prompt + all blocks, and holds the result. Under ``isolated``
+attention a block's tokens do not depend on where it was decoded, so the output equals the
+one-process run token for token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from paradec.canvas import CanvasLayout
+from paradec.config import GenerationConfig
+from paradec.decoding.runner import DecodeOutput, Runner
+from paradec.distributed import prompt_kv
+from paradec.distributed.env import DistEnv
+from paradec.distributed.guard import Guard
+from paradec.distributed.placement import SUMMARY_RANK, Placement
+from paradec.errors import ConfigError
+from paradec.models.loading import DiffusionModel
+from paradec.models.transformer import PromptCache
+
+_GUARD: Guard | None = None
+
+
+@dataclass
+class DistributedOutput:
+    output: DecodeOutput
+    placement: dict
+    rank_timings: list[dict]
+
+
+def guard_for(env: DistEnv, timeout_s: float) -> Guard:
+    """This process's guard (one per process, kept across calls)."""
+    global _GUARD
+    if _GUARD is None:
+        _GUARD = Guard(env.rank, env.world_size, timeout_s)
+    _GUARD.timeout_s = timeout_s
+    return _GUARD
+
+
+def close_guard() -> None:
+    global _GUARD
+    if _GUARD is not None:
+        _GUARD.close()
+        _GUARD = None
+
+
+def decode(model: DiffusionModel, config: GenerationConfig, layout: CanvasLayout, prompts: list[list[int]],
+           env: DistEnv) -> DistributedOutput | None:
+    """Decodes on every rank; returns the output on rank 0 (every rank with
+    ``results_on="all"``), None elsewhere."""
+    if config.attention != "isolated":
+        raise ConfigError(
+            f"attention={config.attention!r} cannot be spread over {env.world_size} ranks: every block "
+            "attends to every other, so all blocks must sit on one device; use attention='isolated' "
+            "or run one process"
+        )
+    if not config.canvas:
+        raise ConfigError(f"mode={config.mode!r} has no think blocks to spread; run it in one process")
+    if config.summary == "concurrent":
+        raise ConfigError(
+            "summary='concurrent' attends to every think block at every step, so it cannot be spread "
+            "over ranks; use summary='after' or run one process"
+        )
+    guard = guard_for(env, config.rank_timeout_s)
+    guard.new_run()
+    try:
+        return _decode(model, config, layout, prompts, env, guard)
+    except BaseException as error:
+        guard.report(error)
+        raise
+
+
+def _decode(model, config, layout, prompts, env: DistEnv, guard: Guard) -> DistributedOutput | None:
+    clock = _Clock(env)
+    guard.meet("start")
+    _check_agreement(model, config, prompts, env)
+    placement = Placement.plan(layout.num_think_blocks, env.world_size)
+    mine = list(placement.blocks_of_rank[env.rank])
+    local = Runner(model, config, layout, prompts, think_blocks=mine, summary=False)
+    timings = {"rank": env.rank, "blocks": mine}
+
+    how = config.prompt_kv
+    if how == "auto":
+        guard.meet("measure")
+        costs = prompt_kv.estimate(model, env, local.prompt_ids.shape[1])
+        how = costs.choice
+        timings |= {"predicted_broadcast_s": costs.broadcast_s, "predicted_recompute_s": costs.recompute_s}
+    if how == "broadcast":
+        guard.meet("prompt-kv")
+    clock.start()
+    cache = prompt_kv.share(model, env, local.prompt_ids, local.prompt_lens, how, reserve=layout.length)
+    timings[how] = clock.lap()
+
+    forwards = 0
+    if mine:
+        out = local.run(cache=cache, should_abort=guard.check)
+        forwards = out.nfe
+    timings |= {"think": clock.lap(), "forwards": forwards}
+
+    guard.meet("gather")
+    canvas, trace = _gather_tokens(local, env)
+    blocks_kv = _gather_kv(model, local, cache, placement, env, layout) if config.gather == "kv" else None
+    timings["gather"] = clock.lap()
+
+    output = None
+    if env.rank == SUMMARY_RANK:
+        summary = Runner(model, config, layout, prompts, think_blocks=[], summary=True)
+        first_step = int(trace.max()) + 1
+        cache_for_summary = cache if blocks_kv is None else blocks_kv
+        output = summary.run(cache=cache_for_summary, start=(canvas, trace, first_step))
+        output.nfe = first_step + output.nfe
+        timings["summary"] = clock.lap()
+        timings["forwards"] += output.nfe - first_step
+
+    guard.meet("done")
+    rank_timings = [None] * env.world_size if env.rank == SUMMARY_RANK else None
+    dist.gather_object(timings, rank_timings, dst=SUMMARY_RANK)
+    result = None
+    if output is not None:
+        output.canvas, output.trace = output.canvas.cpu(), output.trace.cpu()  # travels as an object
+        result = DistributedOutput(output, placement.as_dict() | {"prompt_kv": how, "gather": config.gather},
+                                   rank_timings)
+    if config.results_on == "all":
+        box = [result]
+        dist.broadcast_object_list(box, src=SUMMARY_RANK)
+        result = box[0]
+    return result
+
+
+def _gather_tokens(local: Runner, env: DistEnv) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank 0 merges every rank's blocks: each position is taken from the rank that committed it."""
+    both = torch.stack((local.canvas, local.trace))  # [2, B, C]
+    parts = [torch.empty_like(both) for _ in range(env.world_size)] if env.rank == SUMMARY_RANK else None
+    dist.gather(both, parts, dst=SUMMARY_RANK)
+    if env.rank != SUMMARY_RANK:
+        return local.canvas, local.trace
+    canvas, trace = local.canvas.clone(), local.trace.clone()
+    for part in parts:
+        decoded = part[1] >= 0
+        canvas[decoded], trace[decoded] = part[0][decoded], part[1][decoded]
+    return canvas, trace
+
+
+def _gather_kv(model: DiffusionModel, local: Runner, cache: PromptCache, placement: Placement, env: DistEnv,
+               layout: CanvasLayout) -> PromptCache | None:
+    """Each rank computes its blocks' KV (exact under ``isolated``: a block sees the prompt and
+    itself) and sends it to rank 0, which lays the prompt KV and all blocks' KV end to end."""
+    p = cache.num_tokens
+    spans = [(layout.blocks[b[0]][0], layout.blocks[b[-1]][1]) if b else None for b in placement.blocks_of_rank]
+    mine = spans[env.rank]
+    tail = None
+    if mine is not None:
+        cols = slice(*mine)
+        extended = model.module.extend(cache, local.canvas[:, cols], local.positions[:, cols],
+                                       local.segments[:, cols], "isolated")
+        tail = extended.kv[..., p:, :].contiguous()  # [L, 2, B, Hkv, T_rank, D]
+    if env.rank != SUMMARY_RANK:
+        if tail is not None:
+            dist.send(tail, dst=SUMMARY_RANK)
+        return None
+    tails = []
+    for rank, span in enumerate(spans):
+        if span is None:
+            continue
+        if rank == SUMMARY_RANK:
+            tails.append(tail)
+            continue
+        shape = list(cache.kv.shape)
+        shape[4] = span[1] - span[0]
+        received = cache.kv.new_empty(shape)
+        dist.recv(received, src=rank)
+        tails.append(received)
+    end = layout.blocks[layout.num_think_blocks - 1][1]
+    reserve = layout.length - end
+    kv = cache.kv.new_empty(*cache.kv.shape[:4], p + end + reserve, cache.kv.shape[5])
+    kv[..., :p, :] = cache.kv[..., :p, :]
+    kv[..., p : p + end, :] = torch.cat(tails, dim=4)
+    segments = torch.cat((cache.segments, local.segments[:, :end]), dim=1)
+    return PromptCache(kv=kv, segments=segments, lengths=cache.lengths, last_hidden=cache.last_hidden)
+
+
+def _check_agreement(model: DiffusionModel, config: GenerationConfig, prompts: list[list[int]], env: DistEnv) -> None:
+    """Every rank must hold the same model, config and prompts: compare cheap fingerprints."""
+    mine = _fingerprints(model, config, prompts)
+    every = [None] * env.world_size
+    dist.all_gather_object(every, mine)
+    for part in ("model", "config", "prompts"):
+        odd = [r for r, fp in enumerate(every) if fp[part] != every[SUMMARY_RANK][part]]
+        if odd:
+            raise ConfigError(
+                f"ranks {odd} disagree with rank {SUMMARY_RANK} on the {part} (fingerprints differ); every "
+                "rank must load the same checkpoint and pass the same config and prompts"
+            )
+
+
+def _fingerprints(model: DiffusionModel, config: GenerationConfig, prompts: list[list[int]]) -> dict[str, str]:
+    probe = []
+    for name, param in model.module.named_parameters():
+        flat = param.detach().reshape(-1)
+        probe.append(f"{name}:{tuple(param.shape)}:{float(flat[:4096].double().sum()):.10e}")
+    digest = lambda text: hashlib.sha256(text.encode()).hexdigest()  # noqa: E731
+    return {
+        "model": digest(repr(model.spec) + repr(model.module.cfg) + "|".join(probe)),
+        "config": digest(json.dumps(asdict(config), sort_keys=True)),
+        "prompts": digest(json.dumps(prompts)),
+    }
+
+
+class _Clock:
+    def __init__(self, env: DistEnv):
+        self.env = env
+        self.last = time.perf_counter()
+
+    def _now(self) -> float:
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize(self.env.device)
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.last = self._now()
+
+    def lap(self) -> float:
+        now = self._now()
+        elapsed, self.last = now - self.last, now
+        return elapsed

@@ -1,0 +1,116 @@
+"""Code that runs inside the processes the distributed tests launch (gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world_size: int, target, args: tuple, timeout_s: float = 120.0) -> list[int]:
+    """Runs ``target(rank, world_size, *args)`` in ``world_size`` processes wired as a torchrun
+    job would be; returns their exit codes (None if one had to be killed)."""
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_entry, args=(rank, world_size, port, target, args)) for rank in range(world_size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout_s)
+    codes = []
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+            codes.append(None)
+        else:
+            codes.append(p.exitcode)
+    return codes
+
+
+def _entry(rank, world_size, port, target, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
+    import torch
+
+    torch.set_num_threads(1)
+    from paradec.distributed import init_distributed, teardown
+
+    init_distributed(device="cpu", timeout_s=60)
+    try:
+        target(rank, world_size, *args)
+    finally:
+        teardown()
+
+
+def run_scenarios(rank, world_size, model_dir, scenarios, out_dir):
+    """Each scenario: {"prompts": [...], "config": {...}}; rank 0 writes the results."""
+    import paradec
+
+    model = paradec.load(model_dir)
+    results = []
+    for scenario in scenarios:
+        out = paradec.generate(model, scenario["prompts"], **scenario["config"])
+        if out is not None:
+            results.append([{"token_ids": r.token_ids, "trace": r.trace, "nfe": r.nfe, "steps": r.steps,
+                             "placement": r.placement, "rank_timings": r.rank_timings} for r in out])
+        else:
+            results.append(None)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+def run_expecting_errors(rank, world_size, model_dir, scenarios, out_dir):
+    """Each scenario is expected to fail; every rank writes the error it got."""
+    import paradec
+
+    model = paradec.load(model_dir)
+    errors = []
+    for scenario in scenarios:
+        prompts = scenario.get(f"prompts_rank{rank}", scenario["prompts"])
+        try:
+            paradec.generate(model, prompts, **scenario["config"])
+            errors.append(None)
+        except Exception as error:  # noqa: BLE001 - recorded for the test to read
+            errors.append(f"{type(error).__name__}: {error}")
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(errors, f)
+
+
+def run_with_fault(rank, world_size, model_dir, config, fault_rank, fault, out_dir):
+    """``fault_rank`` dies (``kill``) or raises (``raise``) at its second think step."""
+    import time
+
+    import paradec
+    from paradec.decoding.runner import Runner
+
+    model = paradec.load(model_dir)
+    if rank == fault_rank:
+        original = Runner._step
+
+        def faulty(self, active, phase, cache, step):
+            if step == 1:
+                if fault == "kill":
+                    os._exit(9)
+                raise ValueError("planted failure")
+            return original(self, active, phase, cache, step)
+
+        Runner._step = faulty
+    start = time.monotonic()
+    try:
+        paradec.generate(model, "a b c", **config)
+        message = None
+    except Exception as error:  # noqa: BLE001
+        message = f"{type(error).__name__}: {error}"
+        traceback.print_exc()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"error": message, "seconds": time.monotonic() - start}, f)
