@@ -82,6 +82,7 @@ def decode(model: DiffusionModel, config: GenerationConfig, layout: CanvasLayout
 
 def _decode(model, config, layout, prompts, env: DistEnv, guard: Guard) -> DistributedOutput | None:
     clock = _Clock(env)
+    started = clock.last
     guard.meet("start")
     _check_agreement(model, config, prompts, env)
     placement = Placement.plan(layout.num_think_blocks, env.world_size)
@@ -128,6 +129,14 @@ def _decode(model, config, layout, prompts, env: DistEnv, guard: Guard) -> Distr
     result = None
     if output is not None:
         output.canvas, output.trace = output.canvas.cpu(), output.trace.cpu()  # travels as an object
+        # The critical path: the slowest rank's thinking, then rank 0's gather and summary.
+        output.timings = {
+            "prompt_kv": rank_timings[SUMMARY_RANK][how],
+            "think": max(t["think"] for t in rank_timings),
+            "gather": rank_timings[SUMMARY_RANK]["gather"],
+            "summary": rank_timings[SUMMARY_RANK]["summary"],
+            "total": clock.since(started),
+        }
         result = DistributedOutput(output, placement.as_dict() | {"prompt_kv": how, "gather": config.gather},
                                    rank_timings)
     if config.results_on == "all":
@@ -228,6 +237,9 @@ class _Clock:
 
     def start(self) -> None:
         self.last = self._now()
+
+    def since(self, start: float) -> float:
+        return self._now() - start
 
     def lap(self) -> float:
         now = self._now()

@@ -1,0 +1,114 @@
+"""Decode one canvas (or a batch) with paradec, on one process or spread over torchrun ranks.
+
+    python examples/decode.py --model PATH --prompt "..."                       # one process
+    torchrun --nproc-per-node 4 examples/decode.py --model PATH --gsm8k-index 0   # 4 ranks
+
+Each think block goes to a rank (several per rank when there are more blocks than ranks); the
+ranks share the prompt KV and meet only when the summary starts. Rank 0 prints the blocks, the
+summary, the extracted answer, per-phase and per-rank timings and ARness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import paradec
+from paradec.answers import extract_gsm8k
+from paradec.api import build_layout
+from paradec.distributed import init_distributed, print0, teardown
+from paradec.metrics import global_arness, local_arness
+from paradec.plots import decode_order_png
+
+DEFAULT_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="checkpoint directory (LLaDA or Dream format)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompt", help="the question to decode")
+    source.add_argument("--gsm8k-index", type=int, help="decode this GSM8K test question")
+    p.add_argument("--gsm8k-file", type=Path, default=DEFAULT_GSM8K)
+    p.add_argument("--blocks", type=int, default=4)
+    p.add_argument("--block-len", type=int, default=64)
+    p.add_argument("--summary-len", type=int, default=64)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--tokens-per-step", type=int)
+    p.add_argument("--schedule", default="uniform", choices=["uniform", "linspace"])
+    p.add_argument("--policy", default="confidence")
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--factor", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--attention", default="isolated", choices=["isolated", "canvas"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-kv", default="auto", choices=["auto", "broadcast", "recompute"])
+    p.add_argument("--gather", default="tokens", choices=["tokens", "kv"])
+    p.add_argument("--rank-timeout-s", type=float, default=60.0)
+    p.add_argument("--no-chat-template", action="store_true")
+    p.add_argument("--device", help="default: this rank's GPU, else the CPU")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--plot", type=Path, help="write the decode-order PNG here")
+    return p.parse_args()
+
+
+def question(args) -> tuple[str, str | None]:
+    if args.gsm8k_index is None:
+        return args.prompt or "What is 12 + 30? Answer with #### N.", None
+    lines = args.gsm8k_file.read_text().splitlines()
+    if not 0 <= args.gsm8k_index < len(lines):
+        raise SystemExit(f"--gsm8k-index must lie in [0, {len(lines)}), got {args.gsm8k_index}")
+    row = json.loads(lines[args.gsm8k_index])
+    return row["question"], extract_gsm8k(row["answer"])
+
+
+def main() -> None:
+    args = parse_args()
+    env = init_distributed(args.device, timeout_s=max(120.0, 2 * args.rank_timeout_s))
+    try:
+        model = paradec.load(args.model, device=env.device, dtype=DTYPES.get(args.dtype))
+        prompt, gold = question(args)
+        config = paradec.GenerationConfig(
+            blocks=args.blocks, block_len=args.block_len, summary_len=args.summary_len, steps=args.steps,
+            tokens_per_step=args.tokens_per_step, schedule=args.schedule, policy=args.policy,
+            threshold=args.threshold, factor=args.factor, temperature=args.temperature, seed=args.seed,
+            attention=args.attention, prompt_kv=args.prompt_kv, gather=args.gather,
+            rank_timeout_s=args.rank_timeout_s, chat_template=not args.no_chat_template,
+        )
+        result = paradec.generate(model, prompt, config)
+        if result is not None:
+            report(model, config, prompt, gold, result, args.plot)
+    finally:
+        teardown()
+
+
+def report(model, config, prompt, gold, result, plot) -> None:
+    print0(f"question: {prompt}")
+    if result.placement:
+        p = result.placement
+        print0(f"placement: {p['world_size']} ranks, blocks per rank {p['blocks_of_rank']}, idle {p['idle_ranks']}, "
+               f"prompt KV by {p['prompt_kv']}, summary gathers {p['gather']}")
+    for i, text in enumerate(result.blocks, 1):
+        print0(f"--- think {i}\n{text}")
+    print0(f"--- summary\n{result.summary}")
+    verdict = "" if gold is None else f" (gold {gold}: {'right' if result.answer == gold else 'wrong'})"
+    print0(f"answer: {result.answer}{verdict}")
+    t = result.timings
+    print0(f"steps {result.steps}, NFE {result.nfe}; seconds: " +
+           ", ".join(f"{k} {t[k]:.3f}" for k in ("prefill", "prompt_kv", "think", "gather", "summary", "total") if k in t))
+    for r in result.rank_timings or []:
+        phases = ", ".join(f"{k} {r[k]:.3f}" for k in ("broadcast", "recompute", "think", "gather", "summary") if k in r)
+        print0(f"  rank {r['rank']} blocks {r['blocks']} forwards {r['forwards']}: {phases}")
+    print0(f"Global ARness@1 {global_arness(result.trace):.3f}, Local ARness@1 {local_arness(result.trace):.3f}")
+    if plot:
+        layout = build_layout(model, config)
+        decode_order_png(result.trace, layout.groups.tolist(), plot, "decode order", layout.summary_group)
+        print0(f"decode order written to {plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Two GPUs under torchrun (NCCL): the spread canvas equals the one-GPU run token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_example import EXAMPLE, _run
+from tiny import tiny_checkpoint
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices"),
+]
+
+ARGS = ["--prompt", "a b c d", "--blocks", "4", "--block-len", "8", "--summary-len", "4", "--tokens-per-step", "2",
+        "--temperature", "0.8", "--seed", "3", "--dtype", "fp32"]
+
+
+@pytest.mark.parametrize("prompt_kv, gather", [("broadcast", "kv"), ("recompute", "tokens"), ("auto", "kv")])
+def test_two_gpus_equal_one(tmp_path, prompt_kv, gather):
+    import sys
+
+    root, _, _ = tiny_checkpoint(tmp_path / "model", "llada", seed=81)
+    common = ["--model", str(root), *ARGS, "--prompt-kv", prompt_kv, "--gather", gather]
+    spread = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   str(EXAMPLE), *common], tmp_path)
+    single = _run([sys.executable, str(EXAMPLE), *common], tmp_path)
+    assert "placement: 2 ranks, blocks per rank [[0, 1], [2, 3]]" in spread
+    between = lambda text: text[text.index("--- think 1"):text.index("answer:")]  # noqa: E731
+    assert between(spread) == between(single)
