@@ -29,3 +29,5 @@ def test_two_gpus_equal_one(tmp_path, prompt_kv, gather):
     assert "placement: 2 ranks, blocks per rank [[0, 1], [2, 3]]" in spread
     between = lambda text: text[text.index("--- think 1"):text.index("answer:")]  # noqa: E731
     assert between(spread) == between(single)
+    arness = lambda text: [line for line in text.splitlines() if line.startswith("Global ARness")]  # noqa: E731
+    assert arness(spread) == arness(single)  # the same decode order
