@@ -9,10 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paradec.decoding import confidence, factor, threshold
+import numpy as np
+
+from paradec import ops
 from paradec.decoding.schedule import group_schedule
-from paradec.decoding.scoring import Scores, score_logits
-from paradec.decoding.selection import Candidates, rank_in_groups
+from paradec.decoding.scoring import score_logits
+from paradec.decoding.selection import FACTOR, THRESHOLD, TOPK, rank_in_groups
 
 
 @given(length=st.integers(1, 300), steps=st.integers(1, 400), kind=st.sampled_from(["uniform", "linspace"]))
@@ -66,31 +68,41 @@ def test_rank_in_groups_breaks_ties_by_lowest_position(data):
     assert got == _python_rank(keys, scores, positions)
 
 
-def _candidates(keys, scores, positions, quota, floor):
-    conf = torch.tensor(scores)
-    s = Scores(tokens=torch.zeros(len(keys), dtype=torch.long), confidence=conf, margin=conf, neg_entropy=conf)
-    return Candidates(key=torch.tensor(keys), position=torch.tensor(positions), scores=s,
-                      quota=torch.tensor([quota] * len(keys)), floor=torch.tensor([floor] * len(keys)))
+def _commit(impl, keys, scores, positions, quota, floor, rule, param):
+    """Runs a select_commit implementation on one canvas row holding every candidate."""
+    n = len(keys)
+    canvas = torch.zeros(1, max(positions) + 1, dtype=torch.long)
+    trace = torch.full_like(canvas, -1)
+    conf = torch.tensor(scores, dtype=torch.float32)
+    committed = impl(canvas, trace, torch.zeros(n, dtype=torch.long), torch.tensor(positions), torch.tensor(keys),
+                     conf, conf, torch.full((n,), quota), torch.full((n,), floor), torch.arange(n) + 10, rule, param, 7)
+    written = [canvas[0, p].item() == 10 + i and trace[0, p].item() == 7 for i, p in enumerate(positions)]
+    assert committed.tolist() == written  # committed exactly where the canvas and trace were written
+    return committed.tolist()
+
+
+IMPLS = [ops.select_commit_twin] + ([torch.ops.paradec.select_commit] if ops.NATIVE else [])
 
 
 @settings(max_examples=200)
 @given(candidates_strategy, st.integers(1, 5), st.floats(0.05, 1.0), st.floats(0.1, 3.0), st.integers(1, 3))
-def test_policies_match_python_references(data, quota, tau, f, floor):
+def test_commit_rules_match_python_references(data, quota, tau, f, floor):
     keys, scores, positions = data
     ranks = _python_rank(keys, scores, positions)
-    c = _candidates(keys, scores, positions, quota, floor)
-    assert confidence.select(c, "confidence").tolist() == [r < quota for r in ranks]
-    assert threshold.select(c, tau).tolist() == [s >= tau or r < floor for s, r in zip(scores, ranks)]
-    expected = [s >= 1 - f / (r + 2) or r < floor for s, r in zip(scores, ranks)]
-    assert factor.select(c, f).tolist() == expected
-    # factor's accepted set is a prefix of each group's ranking
+    f32 = lambda x: float(np.float32(x))  # noqa: E731 - the rules compare in float32
+    expected = {
+        TOPK: [r < quota for r in ranks],
+        THRESHOLD: [f32(s) >= f32(tau) or r < floor for s, r in zip(scores, ranks)],
+        FACTOR: [f32(s) >= np.float32(1) - np.float32(f) / np.float32(r + 2) or r < floor for s, r in zip(scores, ranks)],
+    }
+    for impl in IMPLS:
+        assert _commit(impl, keys, scores, positions, quota, floor, TOPK, 0.0) == expected[TOPK]
+        assert _commit(impl, keys, scores, positions, quota, floor, THRESHOLD, tau) == expected[THRESHOLD]
+        assert _commit(impl, keys, scores, positions, quota, floor, FACTOR, f) == expected[FACTOR]
+    # factor's accepted set is a prefix of each group's ranking, and every group keeps its top-1
     for key in set(keys):
-        chosen = sorted(r for k, r, e in zip(keys, ranks, expected) if k == key and e)
-        assert chosen == list(range(len(chosen)))
-    # every group commits its top-1 under every policy
-    for key in set(keys):
-        top = [i for i in range(len(keys)) if keys[i] == key and ranks[i] == 0][0]
-        assert threshold.select(c, tau)[top] and factor.select(c, f)[top]
+        chosen = sorted(r for k, r, e in zip(keys, ranks, expected[FACTOR]) if k == key and e)
+        assert chosen == list(range(len(chosen))) and chosen[:1] == [0]
 
 
 def test_scores_against_softmax_reference():

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from paradec.decoding.selection import Candidates, rank_in_groups
+from paradec.decoding.selection import TOPK, Candidates
 
 
-def select(candidates: Candidates) -> torch.Tensor:
-    leftmost_first = -candidates.position.float()
-    return rank_in_groups(candidates.key, leftmost_first, candidates.position) < candidates.quota
+def plan(candidates: Candidates) -> tuple[int, torch.Tensor, float]:
+    return TOPK, -candidates.position.float(), 0.0

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from paradec.decoding.selection import Candidates, rank_in_groups
+from paradec.decoding.selection import TOPK, Candidates
 
 
-def select(candidates: Candidates, score_name: str) -> torch.Tensor:
-    """-> [N] bool, the positions to commit."""
-    score = candidates.scores.by_name(score_name)
-    return rank_in_groups(candidates.key, score, candidates.position) < candidates.quota
+def plan(candidates: Candidates, score_name: str) -> tuple[int, torch.Tensor, float]:
+    """-> (rule, ranking score [N], rule parameter)."""
+    return TOPK, candidates.scores.by_name(score_name), 0.0

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from paradec.decoding.selection import Candidates, rank_in_groups
+from paradec.decoding.selection import FACTOR, Candidates
 
 
-def select(candidates: Candidates, factor: float) -> torch.Tensor:
-    confidence = candidates.scores.confidence
-    rank = rank_in_groups(candidates.key, confidence, candidates.position)
-    n = (rank + 1).to(confidence.dtype)
-    return (confidence >= 1.0 - factor / (n + 1.0)) | (rank < candidates.floor)
+def plan(candidates: Candidates, factor: float) -> tuple[int, torch.Tensor, float]:
+    return FACTOR, candidates.scores.confidence, factor

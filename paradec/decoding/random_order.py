@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from paradec.decoding.selection import Candidates, rank_in_groups
+from paradec.decoding.selection import TOPK, Candidates
 
 
-def select(candidates: Candidates) -> torch.Tensor:
-    return rank_in_groups(candidates.key, candidates.priority, candidates.position) < candidates.quota
+def plan(candidates: Candidates) -> tuple[int, torch.Tensor, float]:
+    return TOPK, candidates.priority, 0.0

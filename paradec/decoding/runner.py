@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from paradec import ops
 from paradec.canvas import CanvasLayout
 from paradec.config import GenerationConfig
 from paradec.decoding import ar_order, confidence, factor, random_order, threshold
 from paradec.decoding.schedule import group_schedule
-from paradec.decoding.scoring import score_logits
 from paradec.decoding.selection import Candidates
 from paradec.errors import ConfigError
 from paradec.models.attention import PAD, PROMPT
@@ -97,6 +97,8 @@ class Runner:
         self.groups = layout.groups.to(self.device)  # [C]
         self.editable = layout.editable.to(self.device)  # [C]
         self.trace = torch.full((b, c), -1, device=self.device)
+        self.body_starts = torch.tensor([s for s, _ in layout.bodies], device=self.device)  # [G]
+        self.stop_ids = torch.tensor(model.spec.stop_ids, dtype=torch.long, device=self.device)
         self.group_steps = torch.zeros(b, layout.num_groups, dtype=torch.long)  # steps each group has run
         self.schedules = self._schedules()
         self.timings = {"prefill": 0.0, "forward": 0.0, "unmask": 0.0, "bookkeeping": 0.0}
@@ -177,21 +179,22 @@ class Runner:
         logits = self.model(ids, positions, segments, cfg.attention, cache=cache, logits_at=logits_at,
                             check_inputs=False)  # [B, N, V]
         t2 = self._clock()
-        logits = logits[logits_at >= 0]  # [M, V], row-major like rows/cols
+        vocab = logits.shape[-1]
+        flat_rows = (logits_at.reshape(-1) >= 0).nonzero()[:, 0]  # [M] rows of the [B * N, V] logits
         group = self.groups[cols]  # [M]
-        offset = cols - torch.tensor([s for s, _ in self.layout.bodies], device=self.device)[group]
+        offset = cols - self.body_starts[group]
         bar = self._barred(group, offset)
         noise = None
         if cfg.temperature > 0:
-            noise = self._draw(rows, group, offset, 0, logits.shape[-1], torch.float64)
+            noise = self._draw(rows, group, offset, 0, vocab, torch.float64)
             noise.clamp_(min=torch.finfo(torch.float64).tiny)  # log(0) never
-        scores = score_logits(logits, spec.mask_id, spec.stop_ids, bar, cfg.temperature, noise)
+        scores = ops.score(logits.view(-1, vocab), flat_rows, spec.mask_id, self.stop_ids, bar, cfg.temperature,
+                           noise)
         candidates = self._candidates(rows, cols, group, offset, scores)
-        commit = self._select(candidates)  # [M] bool
+        rule, ranking, param = self._plan(candidates)
+        ops.select_commit(self.canvas, self.trace, rows, cols, candidates.key, ranking.float(), scores.confidence,
+                          candidates.quota, candidates.floor, scores.tokens, rule, param, step)
         t3 = self._clock()
-        r, c = rows[commit], cols[commit]
-        self.canvas[r, c] = scores.tokens[commit]
-        self.trace[r, c] = step
         self.group_steps += active.long()
         if cfg.canvas and cfg.eos_closes_block:
             self._fill_after_eos(step)
@@ -302,17 +305,18 @@ class Runner:
         return Candidates(key=key, position=self.positions[rows, cols], scores=scores, quota=quota, floor=floor,
                           priority=priority)
 
-    def _select(self, candidates: Candidates) -> torch.Tensor:
+    def _plan(self, candidates: Candidates) -> tuple[int, torch.Tensor, float]:
+        """The decoding rule's choice: (commit rule, ranking score [M], rule parameter)."""
         cfg = self.config
         if cfg.mode == "ar_order":
-            return ar_order.select(candidates)
+            return ar_order.plan(candidates)
         if cfg.mode == "random":
-            return random_order.select(candidates)
+            return random_order.plan(candidates)
         if cfg.policy == "threshold":
-            return threshold.select(candidates, cfg.threshold)
+            return threshold.plan(candidates, cfg.threshold)
         if cfg.policy == "factor":
-            return factor.select(candidates, cfg.factor)
-        return confidence.select(candidates, cfg.policy)
+            return factor.plan(candidates, cfg.factor)
+        return confidence.plan(candidates, cfg.policy)
 
     # --- EOS ---------------------------------------------------------------------------------
     def _fill_after_eos(self, step: int) -> None:

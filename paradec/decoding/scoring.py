@@ -34,24 +34,35 @@ def score_logits(
     uniform_noise: torch.Tensor | None = None,
 ) -> Scores:
     """logits: [N, V]; bar_stop: [N] bool, rows where stop ids are barred;
-    uniform_noise: [N, V] float64 in (0, 1), needed when temperature > 0."""
+    uniform_noise: [N, V] float64 in (0, 1), needed when temperature > 0.
+
+    Edge rows: a row with +inf logits is scored as the softmax's limit, uniform over them (the
+    first one is chosen); a row with no allowed finite logit chooses -1 with zero scores.
+    """
     logits = logits.float()
     logits[:, mask_id] = float("-inf")
     if stop_ids:
         stops = torch.tensor(stop_ids, device=logits.device)
         logits[:, stops] = torch.where(bar_stop[:, None], float("-inf"), logits[:, stops])
-    log_probs = torch.log_softmax(logits, dim=-1)  # [N, V]
+    positive_inf = torch.isposinf(logits)
+    has_inf = positive_inf.any(-1, keepdim=True)
+    finite = torch.where(has_inf, torch.where(positive_inf, 0.0, float("-inf")), logits)
+    empty = ~(finite > float("-inf")).any(-1)  # [N] nothing allowed
+    log_probs = torch.log_softmax(torch.where(empty[:, None], 0.0, finite), dim=-1)  # [N, V]
     probs = log_probs.exp()
     if temperature > 0:
         gumbel = -torch.log(-torch.log(uniform_noise))
         tokens = (logits.double() / temperature + gumbel).argmax(-1)
     else:
         tokens = logits.argmax(-1)
-    top2 = probs.topk(2, dim=-1).values  # [N, 2]
+    top2 = probs.topk(min(2, probs.shape[-1]), dim=-1).values  # [N, 2]
+    second = top2[:, 1] if top2.shape[-1] > 1 else torch.zeros_like(top2[:, 0])
     neg_entropy = torch.where(probs > 0, probs * log_probs, 0.0).sum(-1)
+    confidence = probs.gather(1, tokens[:, None])[:, 0]
+    zero = torch.zeros_like(confidence)
     return Scores(
-        tokens=tokens,
-        confidence=probs.gather(1, tokens[:, None])[:, 0],
-        margin=top2[:, 0] - top2[:, 1],
-        neg_entropy=neg_entropy,
+        tokens=torch.where(empty, -1, tokens),
+        confidence=torch.where(empty, zero, confidence),
+        margin=torch.where(empty, zero, top2[:, 0] - second),
+        neg_entropy=torch.where(empty, zero, neg_entropy),
     )

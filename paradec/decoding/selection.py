@@ -9,6 +9,11 @@ import torch
 
 from paradec.decoding.scoring import Scores
 
+# Commit rules (the ``rule`` argument of ``paradec.ops.select_commit``): exactly the quota, best
+# first; every position with confidence >= tau; Fast-dLLM's factor rule. The last two always
+# commit at least the group's floor (its top-1, or more to meet a step budget).
+TOPK, THRESHOLD, FACTOR = 0, 1, 2
+
 
 @dataclass
 class Candidates:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from paradec.decoding.selection import Candidates, rank_in_groups
+from paradec.decoding.selection import THRESHOLD, Candidates
 
 
-def select(candidates: Candidates, threshold: float) -> torch.Tensor:
-    confidence = candidates.scores.confidence
-    rank = rank_in_groups(candidates.key, confidence, candidates.position)
-    return (confidence >= threshold) | (rank < candidates.floor)
+def plan(candidates: Candidates, threshold: float) -> tuple[int, torch.Tensor, float]:
+    return THRESHOLD, candidates.scores.confidence, threshold

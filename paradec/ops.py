@@ -1,0 +1,107 @@
+"""paradec's kernels (``paradec._C``, built from ``csrc/``), their plain-torch twins and fake
+kernels. Which one runs is chosen once, at import, and said in one log line; the tests compare
+the two on fresh random inputs.
+
+- ``score``: per masked row, the chosen token, its probability, the top-1 minus top-2
+  probability and the negative entropy; rows are addressed by index (Dream's shift needs no
+  copy); twin: ``paradec.decoding.scoring.score_logits``.
+- ``select_commit``: per segment, commit by rule (top-k quota, threshold, factor, each with a
+  floor), ties to the lowest position, writing tokens and step into the canvas and trace in
+  place; twin: ``paradec.decoding.selection`` ranking and the same rules.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from paradec.decoding.scoring import Scores, score_logits
+from paradec.decoding.selection import FACTOR, THRESHOLD, TOPK, rank_in_groups
+
+log = logging.getLogger("paradec")
+
+
+def _load() -> tuple[bool, str]:
+    if os.environ.get("PARADEC_DISABLE_KERNELS") == "1":
+        return False, "PARADEC_DISABLE_KERNELS=1"
+    try:
+        import paradec._C  # noqa: F401 - registers torch.ops.paradec.*
+    except ImportError as err:
+        return False, f"paradec._C is not built ({err}); reinstall with `pip install --no-build-isolation -e .`"
+    return True, "paradec._C loaded"
+
+
+NATIVE, WHY = _load()
+log.info("paradec ops: %s (%s)", "native kernels" if NATIVE else "plain-torch twins", WHY)
+
+if NATIVE:
+
+    @torch.library.register_fake("paradec::score")
+    def _score_fake(logits, rows, mask_id, stop_ids, bar_stop, temperature, noise):
+        n = rows.shape[0]
+        real = logits.new_empty(n, dtype=torch.float32)
+        return rows.new_empty(n), real, torch.empty_like(real), torch.empty_like(real)
+
+    @torch.library.register_fake("paradec::select_commit")
+    def _select_fake(canvas, trace, batch_index, column, key, score, confidence, quota, floor, tokens, rule, param,
+                     step):
+        return score.new_empty(score.shape[0], dtype=torch.bool)
+
+
+def native_on(device: torch.device) -> bool:
+    """Whether the kernels serve tensors on ``device`` (CPU always when built; CUDA when the
+    extension was built with CUDA)."""
+    if not NATIVE:
+        return False
+    if device.type == "cpu":
+        return True
+    return torch._C._dispatch_has_kernel_for_dispatch_key("paradec::score", "CUDA")
+
+
+def score(logits: torch.Tensor, rows: torch.Tensor, mask_id: int, stop_ids: torch.Tensor, bar_stop: torch.Tensor,
+          temperature: float = 0.0, noise: torch.Tensor | None = None) -> Scores:
+    """logits: [R, V]; rows: [N] rows of ``logits`` to score; stop_ids: [S]; bar_stop: [N]."""
+    if native_on(logits.device):
+        tokens, confidence, margin, neg_entropy = torch.ops.paradec.score(
+            logits, rows, mask_id, stop_ids, bar_stop, temperature, noise
+        )
+        return Scores(tokens, confidence, margin, neg_entropy)
+    return score_twin(logits, rows, mask_id, stop_ids, bar_stop, temperature, noise)
+
+
+def score_twin(logits, rows, mask_id, stop_ids, bar_stop, temperature=0.0, noise=None) -> Scores:
+    return score_logits(logits[rows], mask_id, tuple(stop_ids.tolist()), bar_stop, temperature, noise)
+
+
+def select_commit(canvas, trace, batch_index, column, key, score, confidence, quota, floor, tokens, rule: int,
+                  param: float, step: int) -> torch.Tensor:
+    """Commits in place; returns [N] bool, the candidates committed."""
+    if native_on(canvas.device):
+        return torch.ops.paradec.select_commit(canvas, trace, batch_index, column, key, score, confidence, quota,
+                                               floor, tokens, rule, param, step)
+    return select_commit_twin(canvas, trace, batch_index, column, key, score, confidence, quota, floor, tokens,
+                              rule, param, step)
+
+
+def select_commit_twin(canvas, trace, batch_index, column, key, score, confidence, quota, floor, tokens, rule,
+                       param, step) -> torch.Tensor:
+    rank = rank_in_groups(key, score, column)
+    if rule == TOPK:
+        size = torch.bincount(key)[key]  # [N] candidates in each one's segment
+        if bool((quota > size).any()):
+            i = int((quota > size).nonzero()[0, 0])
+            raise ValueError(f"select_commit: quota {int(quota[i])} of segment key {int(key[i])} is larger than "
+                             f"its {int(size[i])} candidates")
+        committed = rank < quota
+    elif rule == THRESHOLD:
+        committed = (confidence >= param) | (rank < floor)  # in float32, as the kernel compares
+    elif rule == FACTOR:
+        committed = (confidence >= 1.0 - param / (rank + 2).float()) | (rank < floor)
+    else:
+        raise ValueError(f"rule must be {TOPK} (top-k), {THRESHOLD} (threshold) or {FACTOR} (factor), got {rule}")
+    b, c = batch_index[committed], column[committed]
+    canvas[b, c] = tokens[committed]
+    trace[b, c] = step
+    return committed

@@ -1,0 +1,117 @@
+"""Kernels against their plain-torch twins on fresh random inputs (CPU here; the same tests run
+on CUDA when a GPU is there)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from paradec import ops
+
+pytestmark = pytest.mark.skipif(not ops.NATIVE, reason=f"paradec._C not built: {ops.WHY}")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and ops.native_on(torch.device("cuda")) else [])
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _case(n, v, dtype, device, seed, temperature=0.0, spread=4.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n + 3, v, generator=g) * spread).to(dtype)
+    rows = torch.randint(0, n + 3, (n,), generator=g)  # addressed rows, repeats allowed
+    stops = torch.tensor([1, v - 1])
+    bar = torch.rand(n, generator=g) < 0.5
+    noise = torch.rand(n, v, generator=g, dtype=torch.float64).clamp_(min=1e-300) if temperature > 0 else None
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return move(logits), move(rows), 0, move(stops), move(bar), temperature, move(noise)
+
+
+def _compare(args):
+    native = torch.ops.paradec.score(*args)
+    twin = ops.score_twin(*args)
+    assert native[0].tolist() == twin.tokens.tolist()
+    # fp32 accumulation in another order over up to 152k terms, and an exp within 2e-7 relative:
+    # relative differences stay near 1e-6; 1e-4 leaves room while catching any wrong formula.
+    for got, want in zip(native[1:], (twin.confidence, twin.margin, twin.neg_entropy)):
+        torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, v", [(1, 5), (7, 1000), (64, 32000), (3, 152064)])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_score_matches_twin(device, dtype, n, v, temperature):
+    for seed in range(2):
+        _compare(_case(n, v, dtype, device, seed, temperature))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_score_many_rows(device):
+    _compare(_case(4096, 512, torch.bfloat16, device, 5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_score_ties_equal_rows_and_infinities(device, temperature):
+    v = 3000
+    logits = torch.randn(6, v)
+    logits[0, [5, 17, 2500]] = 50.0  # planted tie at the top: the lowest index wins
+    logits[1] = 0.25  # all equal
+    logits[2, :] = float("-inf")
+    logits[2, [9, 400]] = 1.0  # only two finite entries
+    logits[3, [100, 2000]] = float("inf")  # two +inf
+    logits[4, 7] = float("inf")
+    logits[4, 0] = float("inf")  # +inf on the barred mask id does not count
+    logits[5, :] = float("-inf")  # nothing allowed
+    rows = torch.arange(6)
+    noise = torch.rand(6, v, dtype=torch.float64) if temperature > 0 else None
+    args = [logits, rows, 0, torch.tensor([9]), torch.tensor([False, False, True, False, False, False]),
+            temperature, noise]
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    _compare(tuple(args))
+    tokens, conf, margin, _ = torch.ops.paradec.score(*args)
+    if temperature == 0:
+        assert tokens[0] == 5 and tokens[1] == 1  # id 0 is the mask id: barred
+    assert tokens[2] == 400  # id 9 is a barred stop id on this row
+    assert tokens[3] == 100 and conf[3] == 0.5 and margin[3] == 0.0
+    assert tokens[4] == 7 and conf[4] == 1.0
+    assert tokens[5] == -1 and conf[5] == 0.0
+
+
+def test_opcheck():
+    args = _case(5, 300, torch.bfloat16, "cpu", 1, 0.7)
+    torch.library.opcheck(torch.ops.paradec.score.default, args)
+    n = 6
+    canvas, trace = torch.zeros(2, 8, dtype=torch.long), torch.full((2, 8), -1)
+    select_args = (canvas, trace, torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([1, 2, 3, 4, 5, 6]),
+                   torch.tensor([0, 0, 0, 1, 1, 1]), torch.rand(n), torch.rand(n), torch.full((n,), 2),
+                   torch.ones(n, dtype=torch.long), torch.arange(n), 0, 0.0, 3)
+    torch.library.opcheck(torch.ops.paradec.select_commit.default, select_args)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({0: torch.zeros(3, 10, dtype=torch.long)}, "logits must be float32, bfloat16 or float16"),
+        ({0: torch.zeros(10)}, r"logits must be \[R, V\]"),
+        ({1: torch.zeros(2)}, r"rows must be \[N\] int64"),
+        ({1: torch.tensor([0, 7])}, r"rows\[1\] = 7 is outside \[0, 3\)"),
+        ({4: torch.zeros(3, dtype=torch.bool)}, r"bar_stop must be \[N\] bool with N = rows.size\(0\) = 2"),
+        ({5: 0.5}, "noise is required when temperature > 0"),
+        ({5: -1.0}, "temperature must be >= 0"),
+    ],
+)
+def test_score_bad_input_names_the_argument(change, message):
+    args = [torch.randn(3, 10), torch.tensor([0, 2]), 0, torch.tensor([1]), torch.zeros(2, dtype=torch.bool), 0.0, None]
+    for index, value in change.items():
+        args[index] = value
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.paradec.score(*args)
+
+
+def test_select_quota_larger_than_segment_is_refused():
+    canvas, trace = torch.zeros(1, 4, dtype=torch.long), torch.full((1, 4), -1)
+    args = (canvas, trace, torch.zeros(2, dtype=torch.long), torch.tensor([0, 1]), torch.tensor([0, 0]), torch.rand(2),
+            torch.rand(2), torch.tensor([3, 3]), torch.ones(2, dtype=torch.long), torch.tensor([5, 6]), 0, 0.0, 0)
+    for impl, error in ((torch.ops.paradec.select_commit, RuntimeError), (ops.select_commit_twin, ValueError)):
+        with pytest.raises(error, match="quota 3 of segment key 0 is larger than its 2 candidates"):
+            impl(*args)
