@@ -74,8 +74,9 @@ def _commit(impl, keys, scores, positions, quota, floor, rule, param):
     canvas = torch.zeros(1, max(positions) + 1, dtype=torch.long)
     trace = torch.full_like(canvas, -1)
     conf = torch.tensor(scores, dtype=torch.float32)
+    quotas = torch.tensor([min(quota, keys.count(k)) for k in keys])  # a quota never exceeds its segment
     committed = impl(canvas, trace, torch.zeros(n, dtype=torch.long), torch.tensor(positions), torch.tensor(keys),
-                     conf, conf, torch.full((n,), quota), torch.full((n,), floor), torch.arange(n) + 10, rule, param, 7)
+                     conf, conf, quotas, torch.full((n,), floor), torch.arange(n) + 10, rule, param, 7)
     written = [canvas[0, p].item() == 10 + i and trace[0, p].item() == 7 for i, p in enumerate(positions)]
     assert committed.tolist() == written  # committed exactly where the canvas and trace were written
     return committed.tolist()
