@@ -18,6 +18,7 @@
 #include <cstring>
 #include <vector>
 
+#include "rules.h"
 #include "score_state.h"
 
 extern "C" PyObject* PyInit__C(void) {
@@ -32,7 +33,7 @@ using at::Tensor;
 // exp(x) for x <= 0 by range reduction and Cephes' polynomial (max relative error ~2e-7);
 // written without branches or libm calls so the compiler vectorises the loop around it.
 static inline float exp_nonpositive(float x) {
-  const float clamped = x < -87.0f ? -87.0f : x;
+  const float clamped = std::max(x, -87.0f);
   const float k = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
   float r = clamped - k * 0.693145751953125f;
   r = r - k * 1.428606765330187045e-06f;
@@ -46,10 +47,54 @@ static inline float exp_nonpositive(float x) {
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : y * scale;
+  return y * scale * static_cast<float>(x >= -87.0f);  // 0 below (and for -inf)
 }
 
 constexpr int64_t kChunk = 2048;
+constexpr int kLanes = 16;  // independent accumulators: lets the compiler vectorise without reassociating
+
+// Largest value of x[0:n] and how many entries are +inf.
+static inline void lane_max(const float* x, int64_t n, float& top, int64_t& n_inf) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const float pinf = std::numeric_limits<float>::infinity();
+  float acc[kLanes];
+  int32_t inf[kLanes];
+  for (int l = 0; l < kLanes; ++l) { acc[l] = ninf; inf[l] = 0; }
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float v = x[j + l];
+      acc[l] = std::max(acc[l], v);
+      inf[l] += static_cast<int32_t>(v == pinf);
+    }
+  }
+  top = ninf;
+  n_inf = 0;
+  for (; j < n; ++j) { top = x[j] > top ? x[j] : top; n_inf += x[j] == pinf; }
+  for (int l = 0; l < kLanes; ++l) { top = acc[l] > top ? acc[l] : top; n_inf += inf[l]; }
+}
+
+// sum exp(x - m) and sum exp(x - m) * (x - m) over x[0:n] (all x finite or -inf, m = max);
+// e is scratch for n values.
+static inline void exp_sums(const float* x, float* e, int64_t n, float m, float& s, float& t) {
+  for (int64_t j = 0; j < n; ++j) e[j] = exp_nonpositive(x[j] - m);
+  float sa[kLanes], ta[kLanes];
+  for (int l = 0; l < kLanes; ++l) { sa[l] = 0.f; ta[l] = 0.f; }
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      sa[l] += e[j + l];
+      ta[l] += e[j + l] * std::max(x[j + l] - m, -100.f);  // exp is 0 below: keeps 0 * -inf out
+    }
+  }
+  s = 0.f;
+  t = 0.f;
+  for (; j < n; ++j) {
+    s += e[j];
+    t += e[j] * std::max(x[j] - m, -100.f);
+  }
+  for (int l = 0; l < kLanes; ++l) { s += sa[l]; t += ta[l]; }
+}
 
 template <typename scalar_t>
 static void score_row(const scalar_t* src, int64_t V, const std::vector<int64_t>& barred, double temperature,
@@ -59,7 +104,7 @@ static void score_row(const scalar_t* src, int64_t V, const std::vector<int64_t>
   ScoreState st;
   st.init();
   float buf[kChunk];
-  float ebuf[kChunk];
+  float scratch[kChunk];
   size_t next_barred = 0;
   for (int64_t start = 0; start < V; start += kChunk) {
     const int64_t n = std::min(kChunk, V - start);
@@ -68,31 +113,28 @@ static void score_row(const scalar_t* src, int64_t V, const std::vector<int64_t>
       if (barred[next_barred] >= start) buf[barred[next_barred] - start] = ninf;
       ++next_barred;
     }
-    // Compares only: top-2 with index, +inf count, the chunk's finite max.
     ScoreState chunk;
     chunk.init();
-    float cm = ninf;
-    for (int64_t j = 0; j < n; ++j) {
-      const float x = buf[j];
-      if (x > chunk.b1) { chunk.b2 = chunk.b1; chunk.b1 = x; chunk.i1 = start + j; }
-      else if (x > chunk.b2) { chunk.b2 = x; }
-      if (x == pinf) {
-        if (chunk.n_inf == 0) chunk.first_inf = start + j;
-        chunk.n_inf += 1;
-      } else if (x > cm) {
-        cm = x;
-      }
+    float top;
+    lane_max(buf, n, top, chunk.n_inf);
+    if (top > ninf) {
+      // the first index of the maximum, then the largest value elsewhere (equal to it on ties)
+      int64_t i1 = 0;
+      while (buf[i1] != top) ++i1;
+      buf[i1] = ninf;
+      int64_t unused;
+      lane_max(buf, n, chunk.b2, unused);
+      buf[i1] = top;
+      chunk.b1 = top;
+      chunk.i1 = start + i1;
     }
-    // Sums of exp(x - cm) and exp(x - cm) * (x - cm) over the chunk, vectorisable.
-    if (cm > ninf && st.n_inf == 0 && chunk.n_inf == 0) {
-      for (int64_t j = 0; j < n; ++j) ebuf[j] = exp_nonpositive(buf[j] - cm);
-      float s = 0.f, t = 0.f;
-      for (int64_t j = 0; j < n; ++j) {
-        const float d = buf[j] - cm;
-        s += ebuf[j];
-        t += ebuf[j] * (d < -100.f ? -100.f : d);  // exp(d) is 0 there: keeps 0 * -inf out
-      }
-      chunk.m = cm; chunk.s = s; chunk.t = t;
+    if (chunk.n_inf > 0) {
+      int64_t j = 0;
+      while (buf[j] != pinf) ++j;
+      chunk.first_inf = start + j;
+    } else if (top > ninf && st.n_inf == 0) {
+      chunk.m = top;
+      exp_sums(buf, scratch, n, top, chunk.s, chunk.t);
     }
     if (noise != nullptr) {
       for (int64_t j = 0; j < n; ++j) {
@@ -176,8 +218,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> score_cpu(const Tensor& logits, const
 
 // ---- selection -------------------------------------------------------------------------------
 
-enum Rule : int64_t { kTopK = 0, kThreshold = 1, kFactor = 2 };
-
 void check_select_args(const Tensor& canvas, const Tensor& trace, const std::vector<const Tensor*>& flat,
                        const Tensor& score, const Tensor& confidence, int64_t rule) {
   TORCH_CHECK(canvas.dim() == 2 && canvas.scalar_type() == at::kLong, "paradec::select_commit: canvas must be [B, C] int64");
@@ -199,15 +239,6 @@ void check_select_args(const Tensor& canvas, const Tensor& trace, const std::vec
   TORCH_CHECK(score.device() == canvas.device() && confidence.device() == canvas.device(),
               "paradec::select_commit: score and confidence must be on ", canvas.device());
   TORCH_CHECK(rule >= kTopK && rule <= kFactor, "paradec::select_commit: rule must be 0 (top-k), 1 (threshold) or 2 (factor), got ", rule);
-}
-
-// Whether candidate i (rank r inside its segment) is committed.
-static inline bool accepted(int64_t rule, double param, int64_t rank, float conf, int64_t quota, int64_t floor) {
-  if (rule == kTopK) return rank < quota;
-  if (rank < floor) return true;
-  // float32 arithmetic, as the torch twin compares
-  if (rule == kThreshold) return conf >= static_cast<float>(param);
-  return conf >= 1.0f - static_cast<float>(param) / static_cast<float>(rank + 2);
 }
 
 Tensor select_commit_cpu(Tensor& canvas, Tensor& trace, const Tensor& batch_index, const Tensor& column,
@@ -251,7 +282,7 @@ Tensor select_commit_cpu(Tensor& canvas, Tensor& trace, const Tensor& batch_inde
   for (int64_t n = 0; n < N; ++n) {
     const int64_t i = order[n];
     rank = (n > 0 && pk[order[n - 1]] == pk[i]) ? rank + 1 : 0;
-    if (accepted(rule, param, rank, pcf[i], pq[i], pf[i])) {
+    if (accepted(rule, static_cast<float>(param), rank, pcf[i], pq[i], pf[i])) {
       out[i] = true;
       pcanvas[pb[i] * C + pc[i]] = pt[i];
       ptrace[pb[i] * C + pc[i]] = step;

@@ -64,6 +64,8 @@ def score(logits: torch.Tensor, rows: torch.Tensor, mask_id: int, stop_ids: torc
           temperature: float = 0.0, noise: torch.Tensor | None = None) -> Scores:
     """logits: [R, V]; rows: [N] rows of ``logits`` to score; stop_ids: [S]; bar_stop: [N]."""
     if native_on(logits.device):
+        if logits.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            _check_rows(rows, logits.shape[0])  # the CUDA kernel cannot check without a host sync
         tokens, confidence, margin, neg_entropy = torch.ops.paradec.score(
             logits, rows, mask_id, stop_ids, bar_stop, temperature, noise
         )
@@ -79,6 +81,8 @@ def select_commit(canvas, trace, batch_index, column, key, score, confidence, qu
                   param: float, step: int) -> torch.Tensor:
     """Commits in place; returns [N] bool, the candidates committed."""
     if native_on(canvas.device):
+        if canvas.device.type == "cuda" and not torch.cuda.is_current_stream_capturing() and rule == TOPK:
+            _check_quota(key, quota)  # the CUDA kernel cannot check without a host sync
         return torch.ops.paradec.select_commit(canvas, trace, batch_index, column, key, score, confidence, quota,
                                                floor, tokens, rule, param, step)
     return select_commit_twin(canvas, trace, batch_index, column, key, score, confidence, quota, floor, tokens,
@@ -89,11 +93,7 @@ def select_commit_twin(canvas, trace, batch_index, column, key, score, confidenc
                        param, step) -> torch.Tensor:
     rank = rank_in_groups(key, score, column)
     if rule == TOPK:
-        size = torch.bincount(key)[key]  # [N] candidates in each one's segment
-        if bool((quota > size).any()):
-            i = int((quota > size).nonzero()[0, 0])
-            raise ValueError(f"select_commit: quota {int(quota[i])} of segment key {int(key[i])} is larger than "
-                             f"its {int(size[i])} candidates")
+        _check_quota(key, quota)
         committed = rank < quota
     elif rule == THRESHOLD:
         committed = (confidence >= param) | (rank < floor)  # in float32, as the kernel compares
@@ -105,3 +105,18 @@ def select_commit_twin(canvas, trace, batch_index, column, key, score, confidenc
     canvas[b, c] = tokens[committed]
     trace[b, c] = step
     return committed
+
+
+def _check_rows(rows: torch.Tensor, num_rows: int) -> None:
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= num_rows):
+        raise ValueError(f"score: rows must lie in [0, {num_rows}), got [{int(rows.min())}, {int(rows.max())}]")
+
+
+def _check_quota(key: torch.Tensor, quota: torch.Tensor) -> None:
+    if not key.numel():
+        return
+    size = torch.bincount(key)[key]  # [N] candidates in each one's segment
+    if bool((quota > size).any()):
+        i = int((quota > size).nonzero()[0, 0])
+        raise ValueError(f"select_commit: quota {int(quota[i])} of segment key {int(key[i])} is larger than "
+                         f"its {int(size[i])} candidates")

@@ -1,0 +1,173 @@
+// CUDA kernels of paradec's ops (schemas and CPU kernels in ops.cpp).
+//
+// score: one block per addressed row; each thread streams a strided slice of the row with
+// 16-byte loads into its own online-softmax state, then the block merges the states in shared
+// memory. The row is read once; probabilities are never written.
+// select_commit: one thread per candidate ranks it inside its segment (ties: lowest column) and
+// commits it in place. No host synchronisation in either, so a CUDA graph can capture a step.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "rules.h"
+#include "score_state.h"
+
+namespace paradec {
+
+using at::Tensor;
+
+void check_score_args(const Tensor& logits, const Tensor& rows, const Tensor& stop_ids, const Tensor& bar_stop,
+                      double temperature, const c10::optional<Tensor>& noise);
+void check_select_args(const Tensor& canvas, const Tensor& trace, const std::vector<const Tensor*>& flat,
+                       const Tensor& score, const Tensor& confidence, int64_t rule);
+
+constexpr int kThreads = 512;
+constexpr int kMaxStops = 16;
+
+template <typename T> __device__ __forceinline__ float to_float(T x) { return static_cast<float>(x); }
+template <> __device__ __forceinline__ float to_float(at::BFloat16 x) { return static_cast<float>(x); }
+template <> __device__ __forceinline__ float to_float(at::Half x) { return static_cast<float>(x); }
+
+template <typename scalar_t>
+__global__ void score_kernel(const scalar_t* __restrict__ logits, int64_t stride, int64_t V,
+                             const int64_t* __restrict__ rows, int64_t mask_id, const int64_t* __restrict__ stops,
+                             int num_stops, const bool* __restrict__ bar_stop, double temperature,
+                             const double* __restrict__ noise, int64_t* __restrict__ tokens,
+                             float* __restrict__ confidence, float* __restrict__ margin,
+                             float* __restrict__ neg_entropy) {
+  __shared__ ScoreState states[kThreads];
+  __shared__ int64_t barred[kMaxStops];
+  const int64_t i = blockIdx.x;
+  const int tid = threadIdx.x;
+  const bool bar = bar_stop[i];
+  if (tid < num_stops) barred[tid] = stops[tid];
+  __syncthreads();
+  const scalar_t* row = logits + rows[i] * stride;
+  const double* nz = noise == nullptr ? nullptr : noise + i * V;
+  ScoreState st;
+  st.init();
+  auto visit = [&](float x, int64_t v) {
+    if (v == mask_id) return;
+    if (bar) {
+      for (int k = 0; k < num_stops; ++k) if (barred[k] == v) return;
+    }
+    st.push(x, v);
+    if (nz != nullptr) st.push_gumbel(static_cast<double>(x) / temperature - log(-log(nz[v])), v);
+  };
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const bool aligned = (reinterpret_cast<uintptr_t>(row) % 16 == 0) && (V % kVec == 0);
+  if (aligned) {
+    const int64_t chunks = V / kVec;
+    for (int64_t c = tid; c < chunks; c += blockDim.x) {
+      const uint4 raw = reinterpret_cast<const uint4*>(row)[c];
+      const scalar_t* vals = reinterpret_cast<const scalar_t*>(&raw);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) visit(to_float(vals[k]), c * kVec + k);
+    }
+  } else {
+    for (int64_t v = tid; v < V; v += blockDim.x) visit(to_float(row[v]), v);
+  }
+  states[tid] = st;
+  __syncthreads();
+  for (int width = blockDim.x / 2; width > 0; width >>= 1) {
+    if (tid < width) states[tid].merge(states[tid + width]);
+    __syncthreads();
+  }
+  if (tid == 0) {
+    const ScoreState& total = states[0];
+    const bool sampled = nz != nullptr;
+    const int64_t chosen = sampled ? total.gi : total.i1;
+    const float chosen_logit = chosen >= 0 ? to_float(row[chosen]) : 0.f;
+    int64_t token;
+    float c, m, e;
+    finish_scores(total, sampled, chosen_logit, token, c, m, e);
+    tokens[i] = token; confidence[i] = c; margin[i] = m; neg_entropy[i] = e;
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, const Tensor& rows, int64_t mask_id,
+                                                      const Tensor& stop_ids, const Tensor& bar_stop,
+                                                      double temperature, const c10::optional<Tensor>& noise) {
+  check_score_args(logits, rows, stop_ids, bar_stop, temperature, noise);
+  TORCH_CHECK(stop_ids.size(0) <= kMaxStops, "paradec::score: at most ", kMaxStops, " stop_ids on CUDA, got ",
+              stop_ids.size(0));
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t N = rows.size(0), V = logits.size(1);
+  auto tokens = at::empty({N}, rows.options());
+  auto conf = at::empty({N}, logits.options().dtype(at::kFloat));
+  auto marg = at::empty_like(conf);
+  auto negent = at::empty_like(conf);
+  if (N == 0) return {tokens, conf, marg, negent};
+  auto rows_c = rows.contiguous();
+  auto stops = stop_ids.contiguous();
+  auto bar = bar_stop.contiguous();
+  Tensor noise_c = temperature > 0 ? noise->contiguous() : Tensor();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "paradec_score_cuda", [&] {
+    score_kernel<scalar_t><<<N, kThreads, 0, stream>>>(
+        logits.data_ptr<scalar_t>(), logits.stride(0), V, rows_c.data_ptr<int64_t>(), mask_id,
+        stops.data_ptr<int64_t>(), static_cast<int>(stops.size(0)), bar.data_ptr<bool>(), temperature,
+        temperature > 0 ? noise_c.data_ptr<double>() : nullptr, tokens.data_ptr<int64_t>(), conf.data_ptr<float>(),
+        marg.data_ptr<float>(), negent.data_ptr<float>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {tokens, conf, marg, negent};
+}
+
+__global__ void select_kernel(int64_t* __restrict__ canvas, int64_t* __restrict__ trace, int64_t C, int64_t N,
+                              const int64_t* __restrict__ b, const int64_t* __restrict__ col,
+                              const int64_t* __restrict__ key, const float* __restrict__ score,
+                              const float* __restrict__ conf, const int64_t* __restrict__ quota,
+                              const int64_t* __restrict__ floor_, const int64_t* __restrict__ tokens, int64_t rule,
+                              float param, int64_t step, bool* __restrict__ committed) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= N) return;
+  const int64_t k = key[i];
+  const float s = score[i];
+  const int64_t c = col[i];
+  int64_t rank = 0;
+  for (int64_t j = 0; j < N; ++j) {
+    if (key[j] != k || j == i) continue;
+    const float sj = score[j];
+    rank += (sj > s) || (sj == s && col[j] < c);
+  }
+  const bool ok = accepted(rule, param, rank, conf[i], quota[i], floor_[i]);
+  committed[i] = ok;
+  if (ok) {
+    canvas[b[i] * C + c] = tokens[i];
+    trace[b[i] * C + c] = step;
+  }
+}
+
+Tensor select_commit_cuda(Tensor& canvas, Tensor& trace, const Tensor& batch_index, const Tensor& column,
+                          const Tensor& key, const Tensor& score, const Tensor& confidence, const Tensor& quota,
+                          const Tensor& floor, const Tensor& tokens, int64_t rule, double param, int64_t step) {
+  check_select_args(canvas, trace, {&batch_index, &column, &key, &quota, &floor, &tokens}, score, confidence, rule);
+  const c10::cuda::CUDAGuard guard(canvas.device());
+  const int64_t N = score.size(0);
+  auto committed = at::empty({N}, score.options().dtype(at::kBool));
+  if (N == 0) return committed;
+  auto b = batch_index.contiguous(), c = column.contiguous(), k = key.contiguous(), q = quota.contiguous(),
+       f = floor.contiguous(), tok = tokens.contiguous(), sc = score.contiguous(), cf = confidence.contiguous();
+  const int threads = 256;
+  const int64_t blocks = (N + threads - 1) / threads;
+  select_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      canvas.data_ptr<int64_t>(), trace.data_ptr<int64_t>(), canvas.size(1), N, b.data_ptr<int64_t>(),
+      c.data_ptr<int64_t>(), k.data_ptr<int64_t>(), sc.data_ptr<float>(), cf.data_ptr<float>(),
+      q.data_ptr<int64_t>(), f.data_ptr<int64_t>(), tok.data_ptr<int64_t>(), rule, static_cast<float>(param), step,
+      committed.data_ptr<bool>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return committed;
+}
+
+TORCH_LIBRARY_IMPL(paradec, CUDA, m) {
+  m.impl("score", &score_cuda);
+  m.impl("select_commit", &select_commit_cuda);
+}
+
+}  // namespace paradec
