@@ -26,68 +26,120 @@ void check_score_args(const Tensor& logits, const Tensor& rows, const Tensor& st
 void check_select_args(const Tensor& canvas, const Tensor& trace, const std::vector<const Tensor*>& flat,
                        const Tensor& score, const Tensor& confidence, int64_t rule);
 
-constexpr int kThreads = 512;
+constexpr int kThreads = 256;
 constexpr int kMaxStops = 16;
 
 template <typename T> __device__ __forceinline__ float to_float(T x) { return static_cast<float>(x); }
 template <> __device__ __forceinline__ float to_float(at::BFloat16 x) { return static_cast<float>(x); }
 template <> __device__ __forceinline__ float to_float(at::Half x) { return static_cast<float>(x); }
 
-template <typename scalar_t>
-__global__ void score_kernel(const scalar_t* __restrict__ logits, int64_t stride, int64_t V,
-                             const int64_t* __restrict__ rows, int64_t mask_id, const int64_t* __restrict__ stops,
-                             int num_stops, const bool* __restrict__ bar_stop, double temperature,
-                             const double* __restrict__ noise, int64_t* __restrict__ tokens,
-                             float* __restrict__ confidence, float* __restrict__ margin,
-                             float* __restrict__ neg_entropy) {
+// The hot loop's state: the fields of ScoreState that every element touches, in 32-bit types.
+template <bool kSampled>
+struct LightState {
+  float m, s, t, b1, b2;
+  int32_t i1, n_inf, first_inf;
+  double g;
+  int32_t gi;
+
+  __device__ __forceinline__ void init() {
+    m = -INFINITY; s = 0.f; t = 0.f; b1 = -INFINITY; b2 = -INFINITY;
+    i1 = -1; n_inf = 0; first_inf = -1; g = -HUGE_VAL; gi = -1;
+  }
+
+  __device__ __forceinline__ void push(float x, int32_t v, const double* noise, double temperature) {
+    if (x > b1) { b2 = b1; b1 = x; i1 = v; } else if (x > b2) { b2 = x; }
+    if (x == INFINITY) {
+      if (n_inf == 0) first_inf = v;
+      ++n_inf;
+    } else if (x > m) {  // -inf never passes: m starts at -inf
+      const float scale = __expf(m - x);  // 0 while s == 0
+      t = s > 0.f ? scale * (t + (m - x) * s) : 0.f;
+      s = s * scale + 1.f;
+      m = x;
+    } else if (x > -INFINITY) {
+      const float e = __expf(x - m);
+      s += e;
+      t += e * (x - m);
+    }
+    if (kSampled && x > -INFINITY) {
+      const double value = static_cast<double>(x) / temperature - log(-log(noise[v]));
+      if (value > g) { g = value; gi = v; }
+    }
+  }
+
+  __device__ __forceinline__ ScoreState widen() const {
+    ScoreState st;
+    st.m = m; st.s = s; st.t = t; st.b1 = b1; st.i1 = i1; st.b2 = b2; st.n_inf = n_inf; st.first_inf = first_inf;
+    st.g = g; st.gi = gi;
+    return st;
+  }
+};
+
+// Stage 1: block (row, split) folds its slice of the row into one state.
+template <typename scalar_t, bool kSampled>
+__global__ void score_partial_kernel(const scalar_t* __restrict__ logits, int64_t stride, int64_t V, int64_t span,
+                                     const int64_t* __restrict__ rows, int64_t mask_id,
+                                     const int64_t* __restrict__ stops, int num_stops,
+                                     const bool* __restrict__ bar_stop, double temperature,
+                                     const double* __restrict__ noise, ScoreState* __restrict__ partial) {
   __shared__ ScoreState states[kThreads];
-  __shared__ int64_t barred[kMaxStops];
+  __shared__ int32_t barred[kMaxStops + 1];
   const int64_t i = blockIdx.x;
+  const int split = blockIdx.y;
   const int tid = threadIdx.x;
   const bool bar = bar_stop[i];
-  if (tid < num_stops) barred[tid] = stops[tid];
+  const int num_barred = 1 + (bar ? num_stops : 0);
+  if (tid == 0) barred[0] = static_cast<int32_t>(mask_id);
+  if (tid < num_stops) barred[tid + 1] = static_cast<int32_t>(stops[tid]);
   __syncthreads();
   const scalar_t* row = logits + rows[i] * stride;
-  const double* nz = noise == nullptr ? nullptr : noise + i * V;
-  ScoreState st;
+  const double* nz = kSampled ? noise + i * V : nullptr;
+  const int64_t begin = split * span, end = min(V, begin + span);
+  LightState<kSampled> st;
   st.init();
-  auto visit = [&](float x, int64_t v) {
-    if (v == mask_id) return;
-    if (bar) {
-      for (int k = 0; k < num_stops; ++k) if (barred[k] == v) return;
-    }
-    st.push(x, v);
-    if (nz != nullptr) st.push_gumbel(static_cast<double>(x) / temperature - log(-log(nz[v])), v);
+  auto visit = [&](float x, int32_t v) {
+    for (int k = 0; k < num_barred; ++k) x = barred[k] == v ? -INFINITY : x;
+    st.push(x, v, nz, temperature);
   };
   constexpr int kVec = 16 / sizeof(scalar_t);
-  const bool aligned = (reinterpret_cast<uintptr_t>(row) % 16 == 0) && (V % kVec == 0);
+  const bool aligned = (reinterpret_cast<uintptr_t>(row + begin) % 16 == 0) && ((end - begin) % kVec == 0);
   if (aligned) {
-    const int64_t chunks = V / kVec;
+    const uint4* vec = reinterpret_cast<const uint4*>(row + begin);
+    const int64_t chunks = (end - begin) / kVec;
     for (int64_t c = tid; c < chunks; c += blockDim.x) {
-      const uint4 raw = reinterpret_cast<const uint4*>(row)[c];
+      const uint4 raw = vec[c];
       const scalar_t* vals = reinterpret_cast<const scalar_t*>(&raw);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) visit(to_float(vals[k]), c * kVec + k);
+      for (int k = 0; k < kVec; ++k) visit(to_float(vals[k]), static_cast<int32_t>(begin + c * kVec + k));
     }
   } else {
-    for (int64_t v = tid; v < V; v += blockDim.x) visit(to_float(row[v]), v);
+    for (int64_t v = begin + tid; v < end; v += blockDim.x) visit(to_float(row[v]), static_cast<int32_t>(v));
   }
-  states[tid] = st;
+  states[tid] = st.widen();
   __syncthreads();
   for (int width = blockDim.x / 2; width > 0; width >>= 1) {
     if (tid < width) states[tid].merge(states[tid + width]);
     __syncthreads();
   }
-  if (tid == 0) {
-    const ScoreState& total = states[0];
-    const bool sampled = nz != nullptr;
-    const int64_t chosen = sampled ? total.gi : total.i1;
-    const float chosen_logit = chosen >= 0 ? to_float(row[chosen]) : 0.f;
-    int64_t token;
-    float c, m, e;
-    finish_scores(total, sampled, chosen_logit, token, c, m, e);
-    tokens[i] = token; confidence[i] = c; margin[i] = m; neg_entropy[i] = e;
-  }
+  if (tid == 0) partial[i * gridDim.y + split] = states[0];
+}
+
+// Stage 2: one thread per row merges its splits and writes the scores.
+template <typename scalar_t>
+__global__ void score_finish_kernel(const scalar_t* __restrict__ logits, int64_t stride, const int64_t* __restrict__ rows,
+                                    const ScoreState* __restrict__ partial, int64_t N, int splits, bool sampled,
+                                    int64_t* __restrict__ tokens, float* __restrict__ confidence,
+                                    float* __restrict__ margin, float* __restrict__ neg_entropy) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= N) return;
+  ScoreState total = partial[i * splits];
+  for (int k = 1; k < splits; ++k) total.merge(partial[i * splits + k]);
+  const int64_t chosen = sampled ? total.gi : total.i1;
+  const float chosen_logit = chosen >= 0 ? to_float(logits[rows[i] * stride + chosen]) : 0.f;
+  int64_t token;
+  float c, m, e;
+  finish_scores(total, sampled, chosen_logit, token, c, m, e);
+  tokens[i] = token; confidence[i] = c; margin[i] = m; neg_entropy[i] = e;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, const Tensor& rows, int64_t mask_id,
@@ -96,6 +148,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, cons
   check_score_args(logits, rows, stop_ids, bar_stop, temperature, noise);
   TORCH_CHECK(stop_ids.size(0) <= kMaxStops, "paradec::score: at most ", kMaxStops, " stop_ids on CUDA, got ",
               stop_ids.size(0));
+  TORCH_CHECK(logits.size(1) < (int64_t(1) << 31), "paradec::score: V must be < 2^31 on CUDA");
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = rows.size(0), V = logits.size(1);
   auto tokens = at::empty({N}, rows.options());
@@ -107,15 +160,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, cons
   auto stops = stop_ids.contiguous();
   auto bar = bar_stop.contiguous();
   Tensor noise_c = temperature > 0 ? noise->contiguous() : Tensor();
+  // Split each row so that the grid fills the GPU (about 4 blocks per SM), slices >= 4096 wide
+  // and a multiple of 16 elements (16-byte loads stay aligned).
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int splits = static_cast<int>(std::min<int64_t>((4 * sms + N - 1) / N, std::max<int64_t>(1, V / 4096)));
+  splits = std::max(1, std::min(splits, 64));
+  const int64_t span = ((V + splits - 1) / splits + 15) / 16 * 16;
+  splits = static_cast<int>((V + span - 1) / span);
+  auto partial = at::empty({N * splits * static_cast<int64_t>(sizeof(ScoreState))}, logits.options().dtype(at::kByte));
+  auto* states = reinterpret_cast<ScoreState*>(partial.data_ptr<uint8_t>());
   auto stream = at::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(splits));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "paradec_score_cuda", [&] {
-    score_kernel<scalar_t><<<N, kThreads, 0, stream>>>(
-        logits.data_ptr<scalar_t>(), logits.stride(0), V, rows_c.data_ptr<int64_t>(), mask_id,
-        stops.data_ptr<int64_t>(), static_cast<int>(stops.size(0)), bar.data_ptr<bool>(), temperature,
-        temperature > 0 ? noise_c.data_ptr<double>() : nullptr, tokens.data_ptr<int64_t>(), conf.data_ptr<float>(),
-        marg.data_ptr<float>(), negent.data_ptr<float>());
+    const scalar_t* base = logits.data_ptr<scalar_t>();
+    if (temperature > 0) {
+      score_partial_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
+          base, logits.stride(0), V, span, rows_c.data_ptr<int64_t>(), mask_id, stops.data_ptr<int64_t>(),
+          static_cast<int>(stops.size(0)), bar.data_ptr<bool>(), temperature, noise_c.data_ptr<double>(), states);
+    } else {
+      score_partial_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
+          base, logits.stride(0), V, span, rows_c.data_ptr<int64_t>(), mask_id, stops.data_ptr<int64_t>(),
+          static_cast<int>(stops.size(0)), bar.data_ptr<bool>(), temperature, nullptr, states);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int threads = 128;
+    score_finish_kernel<scalar_t><<<static_cast<unsigned>((N + threads - 1) / threads), threads, 0, stream>>>(
+        base, logits.stride(0), rows_c.data_ptr<int64_t>(), states, N, splits, temperature > 0,
+        tokens.data_ptr<int64_t>(), conf.data_ptr<float>(), marg.data_ptr<float>(), negent.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {tokens, conf, marg, negent};
 }
 
