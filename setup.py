@@ -22,12 +22,14 @@ def extension_modules():
     with_cuda = bool(cuda_sources) and (
         torch.cuda.is_available() or os.environ.get("PARADEC_FORCE_CUDA") == "1"
     )
-    extra = {"cxx": ["-O3", "-std=c++17"] + _simd_flags()}
+    # -fopenmp: at::parallel_for spreads rows over threads only when OpenMP is compiled in.
+    extra = {"cxx": ["-O3", "-std=c++17", "-fopenmp"] + _simd_flags()}
     if with_cuda:
         extra["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17"]
-        ext = CUDAExtension("paradec._C", cpp_sources + cuda_sources, extra_compile_args=extra)
+        ext = CUDAExtension("paradec._C", cpp_sources + cuda_sources, extra_compile_args=extra,
+                            extra_link_args=["-fopenmp"])
     else:
-        ext = CppExtension("paradec._C", cpp_sources, extra_compile_args=extra)
+        ext = CppExtension("paradec._C", cpp_sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension}
 
 
