@@ -60,7 +60,7 @@ static std::string dims(const Tensor& t) {
   for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + std::to_string(t.size(d));
   return out + "]";
 }
-static std::string device_of(const Tensor& t) { return t.device().str(); }
+static std::string device_text(const Tensor& t) { return t.device().str(); }
 
 constexpr int64_t kChunk = 2048;
 constexpr int kLanes = 16;  // independent accumulators: lets the compiler vectorise without reassociating
@@ -176,8 +176,8 @@ void check_score_args(const Tensor& logits, const Tensor& rows, const Tensor& st
   TORCH_CHECK(bar_stop.dim() == 1 && bar_stop.scalar_type() == at::kBool && bar_stop.size(0) == rows.size(0),
               "paradec::score: bar_stop must be [N] bool with N = rows.size(0) = ", num(rows.size(0)));
   for (const Tensor* t : {&rows, &stop_ids, &bar_stop}) {
-    TORCH_CHECK(t->device() == logits.device(), "paradec::score: every tensor must be on ", device_of(logits),
-                ", got one on ", device_of(*t));
+    TORCH_CHECK(t->device() == logits.device(), "paradec::score: every tensor must be on ", device_text(logits),
+                ", got one on ", device_text(*t));
   }
   TORCH_CHECK(temperature >= 0, "paradec::score: temperature must be >= 0, got ", num(temperature));
   if (temperature > 0) {
@@ -186,7 +186,7 @@ void check_score_args(const Tensor& logits, const Tensor& rows, const Tensor& st
                     noise->size(1) == logits.size(1),
                 "paradec::score: noise must be [N, V] float64 = [", num(rows.size(0)), ", ", num(logits.size(1)),
                 "], got ", dims(*noise), " ", noise->scalar_type());
-    TORCH_CHECK(noise->device() == logits.device(), "paradec::score: noise must be on ", device_of(logits));
+    TORCH_CHECK(noise->device() == logits.device(), "paradec::score: noise must be on ", device_text(logits));
   }
 }
 
@@ -246,10 +246,10 @@ void check_select_args(const Tensor& canvas, const Tensor& trace, const std::vec
                 "paradec::select_commit: ", names[k], " must be [N] int64 with N = ", num(N), ", got ", dims(*flat[k]),
                 " ", flat[k]->scalar_type());
     TORCH_CHECK(flat[k]->device() == canvas.device(), "paradec::select_commit: ", names[k], " must be on ",
-                device_of(canvas));
+                device_text(canvas));
   }
   TORCH_CHECK(score.device() == canvas.device() && confidence.device() == canvas.device(),
-              "paradec::select_commit: score and confidence must be on ", device_of(canvas));
+              "paradec::select_commit: score and confidence must be on ", device_text(canvas));
   TORCH_CHECK(rule >= kTopK && rule <= kFactor, "paradec::select_commit: rule must be 0 (top-k), 1 (threshold) or 2 (factor), got ", num(rule));
 }
 
