@@ -18,6 +18,7 @@
 #include <cstring>
 #include <vector>
 
+#include "check.h"
 #include "rules.h"
 #include "score_state.h"
 
@@ -50,17 +51,12 @@ static inline float exp_nonpositive(float x) {
   return y * scale * static_cast<float>(x >= -87.0f);  // 0 below (and for -inf)
 }
 
-// Numbers go into error messages as strings made here: streaming integers into TORCH_CHECK
-// messages crashed (segfault) the extension built against torch 2.11+cu130 with g++ 13 on the
-// GPU machines, while strings passed through.
-static std::string num(int64_t x) { return std::to_string(x); }
-static std::string num(double x) { return std::to_string(x); }
+// A tensor's shape as text, for error messages.
 static std::string dims(const Tensor& t) {
   std::string out = "[";
   for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + std::to_string(t.size(d));
   return out + "]";
 }
-static std::string device_text(const Tensor& t) { return t.device().str(); }
 
 constexpr int64_t kChunk = 2048;
 constexpr int kLanes = 16;  // independent accumulators: lets the compiler vectorise without reassociating
@@ -165,28 +161,28 @@ static void score_row(const scalar_t* src, int64_t V, const std::vector<int64_t>
 
 void check_score_args(const Tensor& logits, const Tensor& rows, const Tensor& stop_ids, const Tensor& bar_stop,
                       double temperature, const c10::optional<Tensor>& noise) {
-  TORCH_CHECK(logits.dim() == 2, "paradec::score: logits must be [R, V], got ", dims(logits));
-  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16 ||
+  PARADEC_CHECK(logits.dim() == 2, "paradec::score: logits must be [R, V], got ", dims(logits));
+  PARADEC_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16 ||
                   logits.scalar_type() == at::kHalf,
               "paradec::score: logits must be float32, bfloat16 or float16, got ", logits.scalar_type());
-  TORCH_CHECK(logits.stride(1) == 1, "paradec::score: logits rows must be contiguous");
-  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "paradec::score: rows must be [N] int64, got ",
+  PARADEC_CHECK(logits.stride(1) == 1, "paradec::score: logits rows must be contiguous");
+  PARADEC_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "paradec::score: rows must be [N] int64, got ",
               dims(rows), " ", rows.scalar_type());
-  TORCH_CHECK(stop_ids.dim() == 1 && stop_ids.scalar_type() == at::kLong, "paradec::score: stop_ids must be [S] int64");
-  TORCH_CHECK(bar_stop.dim() == 1 && bar_stop.scalar_type() == at::kBool && bar_stop.size(0) == rows.size(0),
-              "paradec::score: bar_stop must be [N] bool with N = rows.size(0) = ", num(rows.size(0)));
+  PARADEC_CHECK(stop_ids.dim() == 1 && stop_ids.scalar_type() == at::kLong, "paradec::score: stop_ids must be [S] int64");
+  PARADEC_CHECK(bar_stop.dim() == 1 && bar_stop.scalar_type() == at::kBool && bar_stop.size(0) == rows.size(0),
+              "paradec::score: bar_stop must be [N] bool with N = rows.size(0) = ", rows.size(0));
   for (const Tensor* t : {&rows, &stop_ids, &bar_stop}) {
-    TORCH_CHECK(t->device() == logits.device(), "paradec::score: every tensor must be on ", device_text(logits),
-                ", got one on ", device_text(*t));
+    PARADEC_CHECK(t->device() == logits.device(), "paradec::score: every tensor must be on ", logits.device(),
+                ", got one on ", t->device());
   }
-  TORCH_CHECK(temperature >= 0, "paradec::score: temperature must be >= 0, got ", num(temperature));
+  PARADEC_CHECK(temperature >= 0, "paradec::score: temperature must be >= 0, got ", temperature);
   if (temperature > 0) {
-    TORCH_CHECK(noise.has_value(), "paradec::score: noise is required when temperature > 0");
-    TORCH_CHECK(noise->scalar_type() == at::kDouble && noise->dim() == 2 && noise->size(0) == rows.size(0) &&
+    PARADEC_CHECK(noise.has_value(), "paradec::score: noise is required when temperature > 0");
+    PARADEC_CHECK(noise->scalar_type() == at::kDouble && noise->dim() == 2 && noise->size(0) == rows.size(0) &&
                     noise->size(1) == logits.size(1),
-                "paradec::score: noise must be [N, V] float64 = [", num(rows.size(0)), ", ", num(logits.size(1)),
+                "paradec::score: noise must be [N, V] float64 = [", rows.size(0), ", ", logits.size(1),
                 "], got ", dims(*noise), " ", noise->scalar_type());
-    TORCH_CHECK(noise->device() == logits.device(), "paradec::score: noise must be on ", device_text(logits));
+    PARADEC_CHECK(noise->device() == logits.device(), "paradec::score: noise must be on ", logits.device());
   }
 }
 
@@ -198,7 +194,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> score_cpu(const Tensor& logits, const
   auto rows_c = rows.contiguous();
   const int64_t* row_idx = rows_c.data_ptr<int64_t>();
   for (int64_t i = 0; i < N; ++i) {
-    TORCH_CHECK(row_idx[i] >= 0 && row_idx[i] < R, "paradec::score: rows[", num(i), "] = ", num(row_idx[i]),
+    PARADEC_CHECK(row_idx[i] >= 0 && row_idx[i] < R, "paradec::score: rows[", i, "] = ", row_idx[i],
                 " is outside [0, ", R, ")");
   }
   auto stops = stop_ids.contiguous();
@@ -232,25 +228,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> score_cpu(const Tensor& logits, const
 
 void check_select_args(const Tensor& canvas, const Tensor& trace, const std::vector<const Tensor*>& flat,
                        const Tensor& score, const Tensor& confidence, int64_t rule) {
-  TORCH_CHECK(canvas.dim() == 2 && canvas.scalar_type() == at::kLong, "paradec::select_commit: canvas must be [B, C] int64");
-  TORCH_CHECK(trace.sizes() == canvas.sizes() && trace.scalar_type() == at::kLong,
+  PARADEC_CHECK(canvas.dim() == 2 && canvas.scalar_type() == at::kLong, "paradec::select_commit: canvas must be [B, C] int64");
+  PARADEC_CHECK(trace.sizes() == canvas.sizes() && trace.scalar_type() == at::kLong,
               "paradec::select_commit: trace must be int64 shaped like canvas ", dims(canvas));
-  TORCH_CHECK(canvas.is_contiguous() && trace.is_contiguous(), "paradec::select_commit: canvas and trace must be contiguous");
+  PARADEC_CHECK(canvas.is_contiguous() && trace.is_contiguous(), "paradec::select_commit: canvas and trace must be contiguous");
   const int64_t N = score.size(0);
-  TORCH_CHECK(score.dim() == 1 && score.scalar_type() == at::kFloat, "paradec::select_commit: score must be [N] float32");
-  TORCH_CHECK(confidence.sizes() == score.sizes() && confidence.scalar_type() == at::kFloat,
+  PARADEC_CHECK(score.dim() == 1 && score.scalar_type() == at::kFloat, "paradec::select_commit: score must be [N] float32");
+  PARADEC_CHECK(confidence.sizes() == score.sizes() && confidence.scalar_type() == at::kFloat,
               "paradec::select_commit: confidence must be [N] float32");
   const char* names[] = {"batch_index", "column", "key", "quota", "floor", "tokens"};
   for (size_t k = 0; k < flat.size(); ++k) {
-    TORCH_CHECK(flat[k]->dim() == 1 && flat[k]->size(0) == N && flat[k]->scalar_type() == at::kLong,
-                "paradec::select_commit: ", names[k], " must be [N] int64 with N = ", num(N), ", got ", dims(*flat[k]),
+    PARADEC_CHECK(flat[k]->dim() == 1 && flat[k]->size(0) == N && flat[k]->scalar_type() == at::kLong,
+                "paradec::select_commit: ", names[k], " must be [N] int64 with N = ", N, ", got ", dims(*flat[k]),
                 " ", flat[k]->scalar_type());
-    TORCH_CHECK(flat[k]->device() == canvas.device(), "paradec::select_commit: ", names[k], " must be on ",
-                device_text(canvas));
+    PARADEC_CHECK(flat[k]->device() == canvas.device(), "paradec::select_commit: ", names[k], " must be on ",
+                canvas.device());
   }
-  TORCH_CHECK(score.device() == canvas.device() && confidence.device() == canvas.device(),
-              "paradec::select_commit: score and confidence must be on ", device_text(canvas));
-  TORCH_CHECK(rule >= kTopK && rule <= kFactor, "paradec::select_commit: rule must be 0 (top-k), 1 (threshold) or 2 (factor), got ", num(rule));
+  PARADEC_CHECK(score.device() == canvas.device() && confidence.device() == canvas.device(),
+              "paradec::select_commit: score and confidence must be on ", canvas.device());
+  PARADEC_CHECK(rule >= kTopK && rule <= kFactor, "paradec::select_commit: rule must be 0 (top-k), 1 (threshold) or 2 (factor), got ", rule);
 }
 
 Tensor select_commit_cpu(Tensor& canvas, Tensor& trace, const Tensor& batch_index, const Tensor& column,
@@ -264,8 +260,8 @@ Tensor select_commit_cpu(Tensor& canvas, Tensor& trace, const Tensor& batch_inde
                 *pq = q.data_ptr<int64_t>(), *pf = f.data_ptr<int64_t>(), *pt = tok.data_ptr<int64_t>();
   const float *ps = sc.data_ptr<float>(), *pcf = cf.data_ptr<float>();
   for (int64_t i = 0; i < N; ++i) {
-    TORCH_CHECK(pb[i] >= 0 && pb[i] < B && pc[i] >= 0 && pc[i] < C, "paradec::select_commit: candidate ", num(i),
-                " at (", num(pb[i]), ", ", num(pc[i]), ") is outside the canvas ", dims(canvas));
+    PARADEC_CHECK(pb[i] >= 0 && pb[i] < B && pc[i] >= 0 && pc[i] < C, "paradec::select_commit: candidate ", i,
+                " at (", pb[i], ", ", pc[i], ") is outside the canvas ", dims(canvas));
   }
   std::vector<int64_t> order(N);
   for (int64_t i = 0; i < N; ++i) order[i] = i;
@@ -284,8 +280,8 @@ Tensor select_commit_cpu(Tensor& canvas, Tensor& trace, const Tensor& batch_inde
     for (int64_t n = 0, start = 0; n <= N; ++n) {
       if (n == N || (n > 0 && pk[order[n]] != pk[order[n - 1]])) {
         const int64_t i = order[start], size = n - start;
-        TORCH_CHECK(pq[i] <= size, "paradec::select_commit: quota ", num(pq[i]), " of segment key ", num(pk[i]),
-                    " is larger than its ", num(size), " candidates");
+        PARADEC_CHECK(pq[i] <= size, "paradec::select_commit: quota ", pq[i], " of segment key ", pk[i],
+                    " is larger than its ", size, " candidates");
         start = n;
       }
     }

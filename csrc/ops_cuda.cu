@@ -14,6 +14,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "check.h"
 #include "rules.h"
 #include "score_state.h"
 
@@ -146,9 +147,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, cons
                                                       const Tensor& stop_ids, const Tensor& bar_stop,
                                                       double temperature, const c10::optional<Tensor>& noise) {
   check_score_args(logits, rows, stop_ids, bar_stop, temperature, noise);
-  TORCH_CHECK(stop_ids.size(0) <= kMaxStops, "paradec::score: at most ", std::to_string(kMaxStops),
-              " stop_ids on CUDA, got ", std::to_string(stop_ids.size(0)));  // numbers as strings: see ops.cpp
-  TORCH_CHECK(logits.size(1) < (int64_t(1) << 31), "paradec::score: V must be < 2^31 on CUDA");
+  PARADEC_CHECK(stop_ids.size(0) <= kMaxStops, "paradec::score: at most ", kMaxStops,
+              " stop_ids on CUDA, got ", stop_ids.size(0));
+  PARADEC_CHECK(logits.size(1) < (int64_t(1) << 31), "paradec::score: V must be < 2^31 on CUDA");
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = rows.size(0), V = logits.size(1);
   auto tokens = at::empty({N}, rows.options());
