@@ -32,31 +32,6 @@ struct ScoreState {
     g = -std::numeric_limits<double>::infinity(); gi = -1;
   }
 
-  // Add one allowed logit x at index v (indices arrive in increasing order within a state).
-  PARADEC_HD void push(float x, int64_t v) {
-    if (x > b1) { b2 = b1; b1 = x; i1 = v; }
-    else if (x > b2) { b2 = x; }
-    if (x == std::numeric_limits<float>::infinity()) {
-      if (n_inf == 0) first_inf = v;
-      n_inf += 1;
-    } else if (x > -std::numeric_limits<float>::infinity()) {
-      if (x > m) {
-        if (s > 0.f) {
-          const float scale = expf(m - x);
-          t = scale * (t + (m - x) * s);
-          s = s * scale + 1.f;
-        } else {
-          s = 1.f; t = 0.f;
-        }
-        m = x;
-      } else {
-        const float e = expf(x - m);
-        s += e;
-        t += e * (x - m);
-      }
-    }
-  }
-
   PARADEC_HD void push_gumbel(double value, int64_t v) {
     if (value > g) { g = value; gi = v; }
   }
