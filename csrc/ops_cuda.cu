@@ -68,6 +68,47 @@ struct LightState {
     }
   }
 
+  // Eight allowed logits from one 16-byte load at indices v0..v0+7: one softmax rescale for the
+  // eight instead of a branch per element; +inf (rare) takes the per-element path.
+  __device__ __forceinline__ void push8(const float (&x)[8], int32_t v0, const double* noise, double temperature) {
+    float top = x[0];
+#pragma unroll
+    for (int k = 1; k < 8; ++k) top = fmaxf(top, x[k]);
+    if (top == INFINITY) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) push(x[k], v0 + k, noise, temperature);
+      return;
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      if (x[k] > b1) { b2 = b1; b1 = x[k]; i1 = v0 + k; } else if (x[k] > b2) { b2 = x[k]; }
+    }
+    if (top > m) {  // a new running max: rescale once
+      const float scale = __expf(m - top);
+      t = s > 0.f ? scale * (t + (m - top) * s) : 0.f;
+      s *= scale;
+      m = top;
+    }
+    if (m > -INFINITY) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float d = x[k] - m;
+        const float e = __expf(d);  // 0 for -inf
+        s += e;
+        t += e * fmaxf(d, -100.f);  // keeps 0 * -inf out
+      }
+    }
+    if (kSampled) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        if (x[k] > -INFINITY) {
+          const double value = static_cast<double>(x[k]) / temperature - log(-log(noise[v0 + k]));
+          if (value > g) { g = value; gi = v0 + k; }
+        }
+      }
+    }
+  }
+
   __device__ __forceinline__ ScoreState widen() const {
     ScoreState st;
     st.m = m; st.s = s; st.t = t; st.b1 = b1; st.i1 = i1; st.b2 = b2; st.n_inf = n_inf; st.first_inf = first_inf;
@@ -104,7 +145,23 @@ __global__ void score_partial_kernel(const scalar_t* __restrict__ logits, int64_
   };
   constexpr int kVec = 16 / sizeof(scalar_t);
   const bool aligned = (reinterpret_cast<uintptr_t>(row + begin) % 16 == 0) && ((end - begin) % kVec == 0);
-  if (aligned) {
+  if (aligned && kVec == 8) {  // bf16 / fp16: eight logits per load
+    const uint4* vec = reinterpret_cast<const uint4*>(row + begin);
+    const int64_t chunks = (end - begin) / kVec;
+    for (int64_t c = tid; c < chunks; c += blockDim.x) {
+      const uint4 raw = vec[c];
+      const scalar_t* vals = reinterpret_cast<const scalar_t*>(&raw);
+      const int32_t v0 = static_cast<int32_t>(begin + c * kVec);
+      float x[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) x[k] = to_float(vals[k]);
+      for (int k = 0; k < num_barred; ++k) {  // a barred id inside these eight?
+        const uint32_t at = static_cast<uint32_t>(barred[k] - v0);
+        if (at < 8u) x[at] = -INFINITY;
+      }
+      st.push8(x, v0, nz, temperature);
+    }
+  } else if (aligned) {
     const uint4* vec = reinterpret_cast<const uint4*>(row + begin);
     const int64_t chunks = (end - begin) / kVec;
     for (int64_t c = tid; c < chunks; c += blockDim.x) {
