@@ -148,7 +148,8 @@ __global__ void score_partial_kernel(const scalar_t* __restrict__ logits, int64_
   if (aligned && kVec == 8) {  // bf16 / fp16: eight logits per load
     const uint4* vec = reinterpret_cast<const uint4*>(row + begin);
     const int64_t chunks = (end - begin) / kVec;
-    auto fold = [&](const uint4& raw, int64_t c) {
+    for (int64_t c = tid; c < chunks; c += blockDim.x) {
+      const uint4 raw = vec[c];
       const scalar_t* vals = reinterpret_cast<const scalar_t*>(&raw);
       const int32_t v0 = static_cast<int32_t>(begin + c * kVec);
       float x[8];
@@ -159,14 +160,7 @@ __global__ void score_partial_kernel(const scalar_t* __restrict__ logits, int64_
         if (at < 8u) x[at] = -INFINITY;
       }
       st.push8(x, v0, nz, temperature);
-    };
-    int64_t c = tid;
-    for (; c + blockDim.x < chunks; c += 2 * blockDim.x) {  // two loads in flight per thread
-      const uint4 a = vec[c], b = vec[c + blockDim.x];
-      fold(a, c);
-      fold(b, c + blockDim.x);
     }
-    if (c < chunks) fold(vec[c], c);
   } else if (aligned) {
     const uint4* vec = reinterpret_cast<const uint4*>(row + begin);
     const int64_t chunks = (end - begin) / kVec;
@@ -224,10 +218,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, cons
   auto stops = stop_ids.contiguous();
   auto bar = bar_stop.contiguous();
   Tensor noise_c = temperature > 0 ? noise->contiguous() : Tensor();
-  // Split each row so that the grid fills the GPU (about 8 blocks per SM), slices >= 2048 wide
+  // Split each row so that the grid fills the GPU (about 4 blocks per SM), slices >= 4096 wide
   // and a multiple of 16 elements (16-byte loads stay aligned).
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int splits = static_cast<int>(std::min<int64_t>((8 * sms + N - 1) / N, std::max<int64_t>(1, V / 2048)));
+  int splits = static_cast<int>(std::min<int64_t>((4 * sms + N - 1) / N, std::max<int64_t>(1, V / 4096)));
   splits = std::max(1, std::min(splits, 64));
   const int64_t span = ((V + splits - 1) / splits + 15) / 16 * 16;
   splits = static_cast<int>((V + span - 1) / span);
