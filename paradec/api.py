@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
 
 from paradec.answers import extract_answer
 from paradec.canvas import CanvasLayout, canvas_layout
