@@ -105,7 +105,9 @@ def encode_prompt(model: DiffusionModel, prompt: Prompt, config: GenerationConfi
     if isinstance(prompt, str):
         if not prompt.strip():
             raise InputError("a prompt is empty")
-        ids = _encode_text(model, prompt, config.chat_template)
+        if model.tokenizer is None:
+            raise InputError("this model has no tokenizer; pass prompts as token ids")
+        ids = encode_text(model.tokenizer, prompt, config.chat_template)
     else:
         ids = [int(t) for t in prompt]
         if not ids:
@@ -122,10 +124,10 @@ def encode_prompt(model: DiffusionModel, prompt: Prompt, config: GenerationConfi
     return ids
 
 
-def _encode_text(model: DiffusionModel, text: str, chat_template: bool) -> list[int]:
-    tokenizer = model.tokenizer
-    if tokenizer is None:
-        raise InputError("this model has no tokenizer; pass prompts as token ids")
+def encode_text(tokenizer, text: str, chat_template: bool = True) -> list[int]:
+    """Token ids of a user's text: through the chat template when the tokenizer has one (and
+    ``chat_template``), never tokenised into special tokens. The trainer encodes prompts with
+    this too, so a model sees the same ids in training and decoding."""
 
     def user(t: str) -> list[int]:
         return tokenizer(t, add_special_tokens=False, split_special_tokens=True)["input_ids"]

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from paradec.errors import CheckpointError, ConfigError, InputError
 from paradec.models import dream, llada
@@ -24,6 +25,7 @@ from paradec.models.transformer import DiffusionTransformer, PromptCache, Transf
 
 FAMILIES: dict[str, ModuleType] = {t: fam for fam in (llada, dream) for t in fam.MODEL_TYPES}
 CONFIGS_DIR = Path(__file__).parent / "configs"
+BUILTIN_DIR = Path(__file__).parent / "builtin"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -66,10 +68,16 @@ class DiffusionModel:
     def _header_ids(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise InputError("this model was built without a tokenizer, so it has no header tokens")
-        vocab = self.tokenizer.get_vocab()
-        if text in vocab:
-            return [vocab[text]]
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return header_ids(self.tokenizer, text)
+
+
+def header_ids(tokenizer, text: str) -> list[int]:
+    """A header's token ids: the one token when the tokenizer holds the header whole (a special
+    token such as ``<summary>``), else the header's plain-text tokens."""
+    vocab = tokenizer.get_vocab()
+    if text in vocab:
+        return [vocab[text]]
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def reference_config(name: str) -> dict:
@@ -134,9 +142,11 @@ def load(
 ) -> DiffusionModel:
     """Load a LLaDA- or Dream-format checkpoint directory.
 
-    dtype: the parameters' dtype; default bf16 on CUDA and fp32 on CPU.
+    path: a checkpoint directory, or the name of a model shipped with paradec
+    (``builtin_models()``, e.g. ``"paradec-tiny"``). dtype: the parameters' dtype; default bf16
+    on CUDA and fp32 on CPU.
     """
-    root = Path(path)
+    root = resolve(path)
     config_path = root / "config.json"
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a checkpoint directory")
@@ -166,6 +176,19 @@ def load(
     module.eval()
     spec = _spec(config, cfg, family, tokenizer, source)
     return DiffusionModel(module=module, spec=spec, tokenizer=tokenizer)
+
+
+def builtin_models() -> list[str]:
+    """Names of the models shipped inside the package."""
+    return sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "config.json").exists()) if BUILTIN_DIR.is_dir() else []
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory: ``path`` itself, or the built-in model of that name."""
+    root = Path(path)
+    if not root.exists() and str(path) in builtin_models():
+        return BUILTIN_DIR / str(path)
+    return root
 
 
 def load_tokenizer(root: Path):
@@ -199,7 +222,7 @@ def _shard_files(root: Path) -> dict[str, Path]:
         return files
     single = root / SINGLE_FILE
     if single.exists():
-        with safe_open(single, framework="pt") as f:
+        with _open_weights(single) as f:
             return {name: single for name in f.keys()}
     others = sorted(p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
     hint = f"; found {others}, which paradec does not read (convert to safetensors)" if others else ""
@@ -227,7 +250,7 @@ def _read_weights(
     targets = dict(module.named_parameters(remove_duplicate=False))
     parts: dict[str, dict[int, torch.Tensor]] = {}
     for shard in sorted(set(files.values())):
-        with safe_open(shard, framework="pt", device="cpu") as f:
+        with _open_weights(shard) as f:
             stored = set(f.keys())
             for name in (n for n in names if files[n] == shard):
                 if name not in stored:
@@ -240,8 +263,23 @@ def _read_weights(
                 shape = tuple(f.get_slice(name).get_shape())
                 if shape != expected:
                     raise CheckpointError(f"{shard.name}: {name} has shape {shape}, the config implies {expected}")
-                parts.setdefault(target, {})[part] = f.get_tensor(name).to(device=device, dtype=dtype)
+                try:
+                    tensor = f.get_tensor(name)
+                except SafetensorError as err:
+                    raise CheckpointError(f"{shard}: {name} cannot be read ({err}); the file is corrupt or partial") from err
+                parts.setdefault(target, {})[part] = tensor.to(device=device, dtype=dtype)
     return {target: torch.cat([p[i] for i in sorted(p)]) if len(p) > 1 else p[0] for target, p in parts.items()}
+
+
+@contextmanager
+def _open_weights(path: Path):
+    """``safe_open`` on the CPU, a corrupt or partial file reported as a CheckpointError."""
+    try:
+        handle = safe_open(path, framework="pt", device="cpu")
+    except SafetensorError as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err}); corrupt or partial?") from err
+    with handle as f:
+        yield f
 
 
 def _some(items: Sequence[str], n: int = 5) -> str:

@@ -314,6 +314,28 @@ class DiffusionTransformer(nn.Module):
         logits = self.lm_head(self.norm(rows))
         return logits * self.cfg.logit_scale if self.cfg.logit_scale != 1.0 else logits
 
+    def training_logits(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor, mode: str,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        """Differentiable logits for training: the whole sequence in one forward (no cache),
+        logits only where ``targets`` is True, the logit shift applied (a shifted model predicts
+        position p from the hidden state at p - 1, which must be in the input).
+
+        input_ids, positions, segments, targets: [B, T] -> [M, V] for the M target positions in
+        row-major order."""
+        check_mode(mode)
+        mask = attention_mask(segments, segments, mode)
+        hidden, _ = self._layers(self.embed(input_ids.clamp(min=0)), positions, mask, None)  # [B, T, d]
+        if self.shift_logits:
+            if bool(targets[:, 0].any()):
+                raise InputError("a shifted model cannot be trained to predict position 0 of a sequence")
+            rows = hidden[:, :-1][targets[:, 1:]]
+        else:
+            rows = hidden[targets]
+        logits = self.lm_head(self.norm(rows))
+        return logits * self.cfg.logit_scale if self.cfg.logit_scale != 1.0 else logits
+
     def _gather_rows(self, hidden, positions, segments, logits_at, cache, check_inputs):
         """Hidden states that predict ``logits_at``: [B, N, d]."""
         source = logits_at - int(self.shift_logits)

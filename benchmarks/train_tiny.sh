@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Trains paradec-tiny (NAP canvas) and paradec-tiny-longcot (the same paths serialised) on the
+# synthetic task, side by side on one GPU, exports both in bf16 into the package, and measures
+# them on the held-out split. The recipe the built-in models' cards quote.
+#
+#   bash benchmarks/train_tiny.sh WORKDIR   # env: PROBLEMS, STEPS, BATCH, LR, WARMUP, MINUTES, DEST, FIT_ARGS
+set -euo pipefail
+work=${1:?usage: train_tiny.sh WORKDIR}
+problems=${PROBLEMS:-150000} steps=${STEPS:-4000} batch=${BATCH:-256} lr=${LR:-1.5e-3} minutes=${MINUTES:-6}
+dest=${DEST:-paradec/models/builtin}
+mkdir -p "$work"
+[ -f "$work/data/longcot.safetensors" ] || python -m paradec.train data --out "$work/data" --problems "$problems"
+pids=()
+for kind in nap longcot; do
+  python -m paradec.train fit --data "$work/data/$kind.safetensors" --tokenizer "$work/data/tokenizer" \
+    --out "$work/$kind" --steps "$steps" --batch-size "$batch" --lr "$lr" --warmup "${WARMUP:-200}" --log-every 50 \
+    --save-every 1000 --max-minutes "$minutes" ${FIT_ARGS:-} > "$work/$kind.log" 2>&1 &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+python -m paradec.train export "$work/nap" "$dest/paradec-tiny" --dtype bf16
+python -m paradec.train export "$work/longcot" "$dest/paradec-tiny-longcot" --dtype bf16
+for kind in nap longcot; do
+  name=paradec-tiny; [ "$kind" = longcot ] && name=paradec-tiny-longcot
+  cp "$work/$kind/loss_log.jsonl" "$work/$kind/train_config.json" "$dest/$name/"
+done

@@ -1,0 +1,56 @@
+"""Accuracy of a model on the synthetic task's held-out split, with the decoding diagnostics
+the NAP paper reports (NFE, Global ARness@1 of the whole canvas and inside each block)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import paradec
+from paradec.metrics import global_arness
+from paradec.train.tasks import arith
+
+
+@dataclass
+class EvalReport:
+    accuracy: float
+    n: int
+    nfe: float  # mean steps (forwards) a problem took
+    global_arness: float  # Global ARness@1 over the generated region (canvas or answer)
+    block_arness: float  # mean Global ARness@1 inside each think block (the answer region outside nap)
+    seconds: float
+    records: list[dict] = field(default_factory=list)
+    first_trace: list[int] = field(default_factory=list)
+
+
+def evaluate(model, problems: list[arith.Problem], batch_size: int = 100, **config) -> EvalReport:
+    """Decodes every problem with ``config`` (GenerationConfig fields) in batches; a problem is
+    right when the answer extracted from the summary (or the answer region) is its answer."""
+    from paradec.api import build_layout
+
+    layout = build_layout(model, paradec.GenerationConfig.build(None, **config))
+    m = layout.num_think_blocks
+    bodies = layout.bodies[:m] if m else layout.bodies  # think bodies, or the answer region
+    records, traces, nfe = [], [], 0
+    start = time.perf_counter()
+    for lo in range(0, len(problems), batch_size):
+        chunk = problems[lo : lo + batch_size]
+        results = paradec.generate(model, [p.question for p in chunk], **config)
+        for p, r in zip(chunk, results):
+            records.append({"question": p.question, "blocks": r.blocks, "summary": r.summary, "answer": r.answer,
+                            "gold": p.answer, "correct": arith.check_answer(r.answer, p)})
+            traces.append((r.trace, [r.trace[s:e] for s, e in bodies]))
+            nfe += max(r.trace) + 1  # this request's own steps (a batch runs until its last one ends)
+    seconds = time.perf_counter() - start
+    n = len(records)
+    inner = [global_arness(t) for _, bodies in traces for t in bodies if any(s >= 0 for s in t)]
+    return EvalReport(
+        accuracy=sum(r["correct"] for r in records) / n,
+        n=n,
+        nfe=nfe / n,
+        global_arness=sum(global_arness(t) for t, _ in traces) / n,
+        block_arness=sum(inner) / max(1, len(inner)),
+        seconds=seconds,
+        records=records,
+        first_trace=traces[0][0],
+    )
