@@ -53,12 +53,16 @@ def generate(
     **overrides,
 ) -> GenerationResult | list[GenerationResult]:
     """Decode one prompt or a batch (strings, or token id lists) with ``config`` and overrides.
+    Without ``config`` the checkpoint's own defaults (``paradec.generation`` in its config.json,
+    e.g. the canvas it was trained on) come first, then paradec's.
 
     A single prompt gives a single result; a list of prompts gives a list. Inside a torchrun job
     of several ranks every rank calls this with the same arguments; the think blocks are spread
     over the ranks and the result is returned on rank 0 (None elsewhere, unless
     ``results_on="all"``).
     """
+    if config is None:
+        config = GenerationConfig.build(None, **model.generation)
     config = GenerationConfig.build(config, **overrides)
     single = isinstance(prompts, str) or (
         isinstance(prompts, Sequence) and len(prompts) > 0 and all(isinstance(t, int) for t in prompts)

@@ -40,8 +40,9 @@ class GenerationConfig:
     seed, block, step), never by rank or batch position. attention: ``isolated`` (prompt KV cached
     exactly, blocks independent) or ``canvas`` (full bidirectional, no cache; one device).
     summary: decoded ``after`` the think blocks or ``concurrent`` with them.
-    eos_closes_block: an EOS committed in a think block fills every position after it with EOS;
-    the block closes once nothing before it is masked. bar_eos_in_blocks: EOS is never chosen in
+    eos_closes_block: an EOS committed in a think block, the summary or the answer region of the
+    other modes fills every position after it in that region with EOS; the region closes once
+    nothing before it is masked. bar_eos_in_blocks: EOS is never chosen in
     think blocks; summary_min_tokens: EOS is never chosen in the summary's first n positions.
     chat_template: apply the tokenizer's chat template to string prompts.
 

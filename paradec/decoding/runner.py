@@ -196,7 +196,7 @@ class Runner:
                           candidates.quota, candidates.floor, scores.tokens, rule, param, step)
         t3 = self._clock()
         self.group_steps += active.long()
-        if cfg.canvas and cfg.eos_closes_block:
+        if cfg.eos_closes_block:
             self._fill_after_eos(step)
         t4 = self._clock()
         self.timings["bookkeeping"] += (t1 - t0) + (t4 - t3)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
@@ -39,6 +39,7 @@ class DiffusionModel:
     module: DiffusionTransformer
     spec: ModelSpec
     tokenizer: object | None = None  # a transformers tokenizer; None for shape-only models
+    generation: dict = field(default_factory=dict)  # the checkpoint's own generation defaults
 
     @property
     def device(self) -> torch.device:
@@ -124,7 +125,7 @@ def build(
         _init_random(module)
     module.eval()
     spec = _spec(config, cfg, family, tokenizer, source)
-    return DiffusionModel(module=module, spec=spec, tokenizer=tokenizer)
+    return DiffusionModel(module=module, spec=spec, tokenizer=tokenizer, generation=_generation(config, source))
 
 
 def _init_random(module: DiffusionTransformer) -> None:
@@ -175,7 +176,7 @@ def load(
     module.rope.reset(device)
     module.eval()
     spec = _spec(config, cfg, family, tokenizer, source)
-    return DiffusionModel(module=module, spec=spec, tokenizer=tokenizer)
+    return DiffusionModel(module=module, spec=spec, tokenizer=tokenizer, generation=_generation(config, source))
 
 
 def builtin_models() -> list[str]:
@@ -316,6 +317,19 @@ def _spec(config: dict, cfg: TransformerConfig, family: ModuleType, tokenizer, s
         think_header=headers.get("think_header", DEFAULT_THINK_HEADER),
         summary_header=headers.get("summary_header", DEFAULT_SUMMARY_HEADER),
     )
+
+
+def _generation(config: dict, source: str) -> dict:
+    """``config.json``'s ``paradec.generation``: GenerationConfig fields the checkpoint was made
+    for (its canvas, say), validated here so a bad value is named with its file."""
+    from paradec.config import GenerationConfig
+
+    defaults = dict(config.get("paradec", {}).get("generation", {}))
+    try:
+        GenerationConfig.build(None, **defaults)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: paradec.generation: {err}") from err
+    return defaults
 
 
 def _stop_ids(config: dict, tokenizer) -> tuple[int, ...]:
