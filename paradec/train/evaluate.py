@@ -15,7 +15,7 @@ from paradec.train.tasks import arith
 class EvalReport:
     accuracy: float
     n: int
-    nfe: float  # mean steps (forwards) a problem took
+    nfe: float  # mean steps in which a problem had tokens committed (its own forwards)
     global_arness: float  # Global ARness@1 over the generated region (canvas or answer)
     block_arness: float  # mean Global ARness@1 inside each think block (the answer region outside nap)
     seconds: float
@@ -40,7 +40,7 @@ def evaluate(model, problems: list[arith.Problem], batch_size: int = 100, **conf
             records.append({"question": p.question, "blocks": r.blocks, "summary": r.summary, "answer": r.answer,
                             "gold": p.answer, "correct": arith.check_answer(r.answer, p)})
             traces.append((r.trace, [r.trace[s:e] for s, e in bodies]))
-            nfe += max(r.trace) + 1  # this request's own steps (a batch runs until its last one ends)
+            nfe += len({t for t in r.trace if t >= 0})  # steps that committed for this request (a batch waits for its slowest)
     seconds = time.perf_counter() - start
     n = len(records)
     inner = [global_arness(t) for _, bodies in traces for t in bodies if any(s >= 0 for s in t)]

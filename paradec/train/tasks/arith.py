@@ -97,7 +97,7 @@ def make_problem(rng: random.Random) -> Problem:
 
 
 def _orders(problem: Problem, rng: random.Random, wanted: int, tries: int = 60) -> list[tuple[int, ...]]:
-    """Up to ``wanted`` distinct event orders whose running totals stay in range."""
+    """Up to ``wanted`` distinct event orders whose running totals stay in range, in random order."""
     found: list[tuple[int, ...]] = []
     n = len(problem.events)
     for _ in range(tries):
@@ -116,16 +116,29 @@ def _orders(problem: Problem, rng: random.Random, wanted: int, tries: int = 60) 
 
 
 def solution_paths(problem: Problem, count: int, rng: random.Random, noisy: int = 0) -> list[Path]:
-    """``count`` paths, distinct where the problem allows (event order x products first or
-    inline; styles that write the same text counted once), ``noisy`` of them with one
-    arithmetic slip, in random order."""
-    styles = [(order, first) for order in _orders(problem, rng, 2 * count) for first in (True, False)]
-    rng.shuffle(styles)
-    distinct = list({_write(problem, _steps(problem, order, first), -1, 0): (order, first)
-                     for order, first in styles}.values())  # keyed by the clean path's text
-    chosen = [distinct[i % len(distinct)] for i in range(count)]
+    """``count`` paths; path j (think block j + 1) takes event ``j mod n`` first where a valid
+    order allows, products first in even rounds over the events and inline in odd ones, so a
+    block's header says how its path starts and greedy decoding of m blocks writes different
+    paths. Where that rule cannot give a path not yet written, another valid one is taken
+    (distinct texts where the problem allows). ``noisy`` random paths make one slip."""
+    n = len(problem.events)
+    orders = _orders(problem, rng, 4 * n)
+    chosen: list[tuple[tuple[int, ...], bool]] = []
+    written: set[str] = set()
+    for j in range(count):
+        first = (j // n) % 2 == 0
+        preferred = [(o, first) for o in orders if o[0] == j % n]
+        others = [(o, f) for o in orders for f in (first, not first)]
+        fresh = [style for style in preferred + others if _clean_text(problem, *style) not in written]
+        order, products_first = (fresh or preferred or others)[0]
+        chosen.append((order, products_first))
+        written.add(_clean_text(problem, order, products_first))
     slips = set(rng.sample(range(count), noisy))
-    return [_path(problem, order, first, rng, slip=i in slips) for i, (order, first) in enumerate(chosen)]
+    return [_path(problem, order, first, rng, slip=j in slips) for j, (order, first) in enumerate(chosen)]
+
+
+def _clean_text(problem: Problem, order: tuple[int, ...], products_first: bool) -> str:
+    return _write(problem, _steps(problem, order, products_first), -1, 0)[0]
 
 
 def _steps(problem: Problem, order: tuple[int, ...], products_first: bool) -> list[tuple[str, int]]:
