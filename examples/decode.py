@@ -1,7 +1,8 @@
-"""Decode one canvas (or a batch) with paradec, on one process or spread over torchrun ranks.
+"""Decode one canvas with paradec, on one process or spread over torchrun ranks.
 
-    python examples/decode.py --model PATH --prompt "..."                       # one process
-    torchrun --nproc-per-node 4 examples/decode.py --model PATH --gsm8k-index 0   # 4 ranks
+    torchrun --nproc-per-node 4 examples/decode.py          # paradec-tiny, a held-out problem, 4 ranks
+    python examples/decode.py --model PATH --prompt "..."   # one process, your checkpoint
+    torchrun --nproc-per-node 4 examples/decode.py --model PATH --gsm8k-index 0
 
 Each think block goes to a rank (several per rank when there are more blocks than ranks); the
 ranks share the prompt KV and meet only when the summary starts. Rank 0 prints the blocks, the
@@ -22,6 +23,7 @@ from paradec.api import build_layout
 from paradec.distributed import init_distributed, print0, teardown
 from paradec.metrics import global_arness, local_arness
 from paradec.plots import decode_order_png
+from paradec.train.tasks import arith
 
 DEFAULT_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -29,14 +31,17 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint directory (LLaDA or Dream format)")
+    p.add_argument("--model", default="paradec-tiny",
+                   help="checkpoint directory (LLaDA or Dream format) or a built-in model's name")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="the question to decode")
     source.add_argument("--gsm8k-index", type=int, help="decode this GSM8K test question")
+    source.add_argument("--task-index", type=int, help="decode this held-out problem of the synthetic task "
+                        "(the default, index 0, when no question is given)")
     p.add_argument("--gsm8k-file", type=Path, default=DEFAULT_GSM8K)
-    p.add_argument("--blocks", type=int, default=4)
-    p.add_argument("--block-len", type=int, default=64)
-    p.add_argument("--summary-len", type=int, default=64)
+    p.add_argument("--blocks", type=int, help="default: the model's own canvas, else 4")
+    p.add_argument("--block-len", type=int, help="default: the model's own canvas, else 64")
+    p.add_argument("--summary-len", type=int, help="default: the model's own canvas, else 64")
     p.add_argument("--steps", type=int)
     p.add_argument("--tokens-per-step", type=int)
     p.add_argument("--schedule", default="uniform", choices=["uniform", "linspace"])
@@ -57,8 +62,15 @@ def parse_args() -> argparse.Namespace:
 
 
 def question(args) -> tuple[str, str | None]:
+    """The prompt and its gold answer (None for a free prompt)."""
+    if args.prompt is not None:
+        return args.prompt, None
     if args.gsm8k_index is None:
-        return args.prompt or "What is 12 + 30? Answer with #### N.", None
+        problems = arith.test_problems()
+        index = args.task_index or 0
+        if not 0 <= index < len(problems):
+            raise SystemExit(f"--task-index must lie in [0, {len(problems)}), got {index}")
+        return problems[index].question, str(problems[index].answer)
     lines = args.gsm8k_file.read_text().splitlines()
     if not 0 <= args.gsm8k_index < len(lines):
         raise SystemExit(f"--gsm8k-index must lie in [0, {len(lines)}), got {args.gsm8k_index}")
@@ -72,9 +84,11 @@ def main() -> None:
     try:
         model = paradec.load(args.model, device=env.device, dtype=DTYPES.get(args.dtype))
         prompt, gold = question(args)
-        config = paradec.GenerationConfig(
-            blocks=args.blocks, block_len=args.block_len, summary_len=args.summary_len, steps=args.steps,
-            tokens_per_step=args.tokens_per_step, schedule=args.schedule, policy=args.policy,
+        given = dict(blocks=args.blocks, block_len=args.block_len, summary_len=args.summary_len)
+        config = paradec.GenerationConfig.build(
+            paradec.GenerationConfig.build(None, **model.generation),
+            **{k: v for k, v in given.items() if v is not None},
+            steps=args.steps, tokens_per_step=args.tokens_per_step, schedule=args.schedule, policy=args.policy,
             threshold=args.threshold, factor=args.factor, temperature=args.temperature, seed=args.seed,
             attention=args.attention, prompt_kv=args.prompt_kv, gather=args.gather,
             rank_timeout_s=args.rank_timeout_s, chat_template=not args.no_chat_template,
