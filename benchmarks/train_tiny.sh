@@ -20,6 +20,9 @@ for kind in nap longcot; do
   pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
+for kind in nap longcot; do  # a run cut short by MINUTES is not the recipe: refuse to ship it
+  python -c "import sys, torch; s = torch.load(sys.argv[1], weights_only=True)['step']; sys.exit(0 if s == $steps else f'$kind stopped at step {s} of $steps (MINUTES ran out)')" "$work/$kind/trainer_state.pt"
+done
 python -m paradec.train export "$work/nap" "$dest/paradec-tiny" --dtype bf16
 python -m paradec.train export "$work/longcot" "$dest/paradec-tiny-longcot" --dtype bf16
 for kind in nap longcot; do

@@ -83,3 +83,9 @@ def test_main_job_on_four_ranks(tmp_path):
     assert f"answer: {problem.answer} (gold {problem.answer}: right)" in out
     assert re.search(r"Global ARness@1 \d\.\d{3}", out) and "seconds:" in out
     assert wall < 60, f"the main job took {wall:.1f} s (the issue asks for under a minute on 2 cores)"
+    # Trained under isolated attention, the model decodes the same on 4 ranks as in one process.
+    single = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr[-3000:]
+    between = lambda text: text[text.index("--- think 1"):text.index("steps ")]  # noqa: E731
+    assert between(single.stdout) == between(out)

@@ -664,8 +664,8 @@ def test_resumed_run_equals_an_uninterrupted_one(trained, tmp_path, monkeypatch)
     config, straight = trained
     save = trainer_module._save
 
-    def save_then_die(cfg, model, optimizer, step, out, env):
-        save(cfg, model, optimizer, step, out, env)
+    def save_then_die(cfg, model, model_config, optimizer, step, out, env):
+        save(cfg, model, model_config, optimizer, step, out, env)
         if step == 2:
             raise _Interrupted
 
@@ -828,3 +828,104 @@ def test_cli_fit_with_few_steps_and_the_default_warmup(task_data, tmp_path):
           "--out", str(tmp_path / "ckpt"), "--layers", "1", "--width", "32", "--heads", "2", "--mlp", "64",
           "--steps", "2", "--batch-size", "2"])
     assert (tmp_path / "ckpt" / "model.safetensors").exists()
+
+
+# --- review fixes: ranks stop together, ids agree, defaults follow the data -------------------
+
+
+def test_max_minutes_stops_every_rank_at_the_same_step(task_data, tmp_path):
+    # Rank 1's clock runs out after its first step; rank 0's never does. Both must stop and save
+    # at the same step instead of one leaving the others in a collective.
+    config = _config(task_data, tmp_path / "ddp", steps=6, save_every=6, max_minutes=1.0)
+    (tmp_path / "config.json").write_text(json.dumps(asdict(config)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(TESTS / "train_worker.py"), str(tmp_path / "config.json")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=ENV | {"PARADEC_TEST_FAST_CLOCK_RANK": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0 done" in done.stdout and "rank 1 done" in done.stdout
+    assert 1 <= _state(tmp_path / "ddp")["step"] < 6
+
+
+def test_generation_defaults_follow_the_data(task_data, trained, tmp_path):
+    _, nap_out = trained
+    assert paradec.load(nap_out).generation == {"blocks": 4, "block_len": FMT.block_len, "summary_len": FMT.summary_len}
+    longcot = train(_config(task_data, tmp_path / "lc", data=str(task_data / "longcot.safetensors"), steps=1))
+    model = paradec.load(longcot)
+    assert model.generation == {"mode": "ao", "answer_len": FMT.longcot_len(4)}
+    assert paradec.generate(model, "Tom has 5 pens . How many pens does Tom have now ?").blocks == []
+
+
+def test_the_built_in_long_cot_model_decodes_one_region_by_default():
+    result = paradec.generate(paradec.load("paradec-tiny-longcot"), arith.test_problems()[1].question, tokens_per_step=8)
+    assert result.blocks == [] and result.summary.startswith("path 1 :")
+
+
+def test_a_mask_id_that_differs_from_the_data_is_refused(task_data, tmp_path):
+    tokenizer = load_tokenizer(task_data / "tokenizer")
+    model = tiny_model_config(tokenizer, **TINY) | {"mask_token_id": 2}
+    with pytest.raises(paradec.ConfigError, match="mask id differs"):
+        train(_config(task_data, tmp_path / "x", model=model))
+
+
+def test_rows_longer_than_the_model_are_refused(task_data, tmp_path):
+    tokenizer = load_tokenizer(task_data / "tokenizer")
+    model = tiny_model_config(tokenizer, **TINY) | {"max_sequence_length": 64}
+    with pytest.raises(paradec.ConfigError, match="maximum length 64"):
+        train(_config(task_data, tmp_path / "x", model=model))
+
+
+def test_fine_tuning_starts_from_the_given_weights(task_data, trained, tmp_path):
+    _, start = trained
+    out = train(_config(task_data, tmp_path / "ft", model={}, init_from=str(start), steps=1, lr=1e-9, warmup=0))
+    a, b = paradec.load(start).module.state_dict(), paradec.load(out).module.state_dict()
+    for k in a:  # one step at lr 1e-9 moves no weight by more than ~1e-9 (Adam's step <= lr)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_a_corrupt_trainer_state_is_a_checkpoint_error(trained, tmp_path):
+    config, out = trained
+    copy = shutil.copytree(out, tmp_path / "copy")
+    (copy / "trainer_state.pt").write_bytes(b"not a zip")
+    with pytest.raises(paradec.CheckpointError, match="corrupt or partial"):
+        train(replace(config, out=str(copy), resume=True, steps=6))
+
+
+def test_train_config_types_are_checked(task_data, tmp_path):
+    for bad in (dict(lr="1e-3"), dict(grad_clip=None), dict(seed=-1), dict(model="config.json")):
+        name = next(iter(bad))
+        with pytest.raises(paradec.ConfigError, match=name):
+            _config(task_data, tmp_path, **bad)
+
+
+def test_bodies_never_go_through_the_chat_template(tmp_path):
+    tok = build_word_tokenizer(arith.vocabulary() + ["user", "assistant", ":"], tmp_path / "tok")
+    tok.chat_template = "{% for m in messages %}user : {{ m['content'] }} . assistant :{% endfor %}"
+    example = _examples(1)[0]
+    instance = nap_instance(tok, example, FMT, tok.eos_token_id, tok.mask_token_id)
+    text = tok.decode(instance.ids, skip_special_tokens=True)
+    assert text.startswith("user : ") and text.count("user") == 1 and text.count("assistant") == 1
+
+
+def test_unknown_words_and_empty_questions_are_rejected_in_every_format(tok):
+    from paradec.train.recipe import _same_examples
+
+    good = _examples(2)
+    unknown = replace(good[0], question=good[0].question.replace("How", "Zebras"))
+    empty = replace(good[0], question="  ")
+    too_long = replace(good[0], paths=(good[0].paths[0] + " 1 + 1 = 2 ." * 8,) + good[0].paths[1:])  # fits long-CoT only
+    examples = [good[0], unknown, empty, too_long, good[1]]
+    built = {k: curate(tok, examples, FMT, k, tok.eos_token_id, tok.mask_token_id) for k in ("nap", "longcot")}
+    same = _same_examples(built, len(examples))
+    for kind, (instances, report) in same.items():
+        assert len(instances) == 2 and [i for i, _ in report.rejected] == [1, 2, 3], kind
+        assert report.counts == {"unknown words": 1, "empty question": 1, "too long": 1}
+
+
+def test_arness_leaves_out_eos_fill():
+    from paradec.train.evaluate import _without_fill
+
+    # body [1, 6): EOS (id 0) decoded at position 2; 3..5 are fill. body [7, 10): EOS at 8.
+    trace = [-1, 0, 1, 2, 2, 2, -1, 3, 4, 4]
+    tokens = [9, 5, 0, 0, 0, 0, 9, 5, 0, 0]
+    assert _without_fill(trace, tokens, [(1, 6), (7, 10)], {0}) == [-1, 0, 1, -1, -1, -1, -1, 3, 4, -1]

@@ -2,7 +2,7 @@
 loading, and autoregressive models for baselines."""
 
 from paradec.models.attention import AttentionSpec
-from paradec.models.loading import DiffusionModel, build, load, reference_config
+from paradec.models.loading import DiffusionModel, build, builtin_models, load, reference_config
 from paradec.models.spec import ModelSpec
 from paradec.models.transformer import PromptCache, TransformerConfig, count_parameters
 
@@ -13,6 +13,7 @@ __all__ = [
     "PromptCache",
     "TransformerConfig",
     "build",
+    "builtin_models",
     "count_parameters",
     "load",
     "reference_config",

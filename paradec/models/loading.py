@@ -144,13 +144,13 @@ def load(
     """Load a LLaDA- or Dream-format checkpoint directory.
 
     path: a checkpoint directory, or the name of a model shipped with paradec
-    (``builtin_models()``, e.g. ``"paradec-tiny"``). dtype: the parameters' dtype; default bf16
+    (``paradec.models.builtin_models()``, e.g. ``"paradec-tiny"``). dtype: the parameters' dtype; default bf16
     on CUDA and fp32 on CPU.
     """
     root = resolve(path)
     config_path = root / "config.json"
     if not root.is_dir():
-        raise CheckpointError(f"{root}: not a checkpoint directory")
+        raise CheckpointError(f"{root}: not a checkpoint directory (nor a built-in model: {builtin_models()})")
     if not config_path.exists():
         raise CheckpointError(f"{config_path}: missing (a checkpoint directory needs config.json)")
     try:

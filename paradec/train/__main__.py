@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--tokenizer", required=True)
     f.add_argument("--out", required=True)
     f.add_argument("--model-config", type=Path, help="a config.json (LLaDA or Dream format); default: paradec-tiny's shape")
+    f.add_argument("--init-from", help="fine-tune this checkpoint (a directory or a built-in name) instead of "
+                   "training from random weights; its config.json is the model's")
     f.add_argument("--layers", type=int, default=6)
     f.add_argument("--width", type=int, default=256)
     f.add_argument("--heads", type=int, default=8)
@@ -35,8 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--batch-size", type=int, default=64)
     f.add_argument("--lr", type=float, default=1e-3)
     f.add_argument("--warmup", type=int, help="warm-up steps (default: min(100, steps))")
-    f.add_argument("--min-lr", type=float, default=0.1)
+    f.add_argument("--min-lr", type=float, default=0.1, help="the final learning rate as a fraction of --lr")
     f.add_argument("--weight-decay", type=float, default=0.1)
+    f.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     f.add_argument("--attention", default="isolated", choices=["isolated", "canvas"])
     f.add_argument("--no-structure-aware", action="store_true", help="let headers be masked too")
     f.add_argument("--no-bf16", action="store_true")
@@ -63,7 +66,11 @@ def main(argv: list[str] | None = None) -> None:
         from paradec.train.recipe import tiny_model_config
         from paradec.train.trainer import TrainConfig, train
 
-        if args.model_config:
+        if args.init_from:
+            model = {}
+        elif args.model_config:
+            if not args.model_config.is_file():
+                raise SystemExit(f"--model-config: {args.model_config} is not a file")
             model = json.loads(args.model_config.read_text())
         else:
             model = tiny_model_config(load_tokenizer(Path(args.tokenizer)), args.layers, args.width, args.heads, args.mlp)
@@ -71,17 +78,17 @@ def main(argv: list[str] | None = None) -> None:
             data=args.data, tokenizer=args.tokenizer, out=args.out, model=model, steps=args.steps,
             batch_size=args.batch_size, lr=args.lr,
             warmup=min(100, args.steps) if args.warmup is None else args.warmup, min_lr=args.min_lr,
-            weight_decay=args.weight_decay, attention=args.attention, structure_aware=not args.no_structure_aware,
+            weight_decay=args.weight_decay, grad_clip=args.grad_clip, attention=args.attention, structure_aware=not args.no_structure_aware,
             bf16=not args.no_bf16, compile=args.compile, seed=args.seed, save_every=args.save_every,
-            log_every=args.log_every, max_minutes=args.max_minutes, resume=args.resume,
+            log_every=args.log_every, max_minutes=args.max_minutes, resume=args.resume, init_from=args.init_from,
         )
         train(config)
     else:
-        from paradec.models.loading import load
+        from paradec.models.loading import load, resolve
         from paradec.models.saving import save_checkpoint
 
         model = load(args.source, dtype=torch.float32)
-        config = json.loads((args.source / "config.json").read_text())
+        config = json.loads((resolve(args.source) / "config.json").read_text())
         save_checkpoint(model.module, config, args.dest, model.tokenizer, dtype=DTYPES[args.dtype])
         print(f"exported {args.source} -> {args.dest} ({args.dtype})")
 

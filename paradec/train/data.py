@@ -6,9 +6,10 @@ Canvas instance: ``prompt [H1 R1] … [Hm Rm] [HS S]`` where each body is the pa
 EOS up to ``block_len`` (the summary up to ``summary_len``), built with the decoder's own
 ``canvas_layout`` and prompt encoding, so training and decoding cannot drift apart. Long-CoT
 instance: ``prompt A`` with ``A = "path 1 : R1 … path m : Rm summary : S"`` then EOS up to the
-canvas's length. Examples that do not fit (a path or the summary too long, a path count the
-format does not allow, no answer in the summary) are reported one by one with a count, never
-truncated into wrong supervision.
+canvas's length plus room for the markers (``CanvasFormat.longcot_len``). Questions are encoded
+as decoding encodes prompts (chat template included); bodies as plain text. Examples that do not fit (a path or the summary too long, a path count the
+format does not allow, no answer in the summary, an empty question, words the tokenizer does not
+know) are reported one by one with a count, never truncated into wrong supervision.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from paradec.answers import extract_answer
 from paradec.api import encode_text
 from paradec.canvas import canvas_layout
 from paradec.config import GenerationConfig
+from paradec.errors import ConfigError
 from paradec.models.attention import PAD, PROMPT
 from paradec.models.loading import header_ids
 from paradec.models.spec import DEFAULT_SUMMARY_HEADER, DEFAULT_THINK_HEADER
@@ -94,8 +96,24 @@ class CurationError(ValueError):
     """An example that does not fit the format; the message starts with a short reason."""
 
 
-def _tokens(tokenizer, text: str) -> list[int]:
-    return encode_text(tokenizer, text, chat_template=True)
+def _prompt(tokenizer, text: str, chat_template: bool) -> list[int]:
+    """The question's ids exactly as ``paradec.generate`` encodes a prompt."""
+    if not text.strip():
+        raise CurationError("empty question: the prompt has no text")
+    return _known(tokenizer, encode_text(tokenizer, text, chat_template), "question")
+
+
+def _tokens(tokenizer, text: str, what: str) -> list[int]:
+    """A body's ids: plain text, never the chat template, never special tokens."""
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return _known(tokenizer, ids, what)
+
+
+def _known(tokenizer, ids: list[int], what: str) -> list[int]:
+    unk = tokenizer.unk_token_id
+    if unk is not None and unk in ids:
+        raise CurationError(f"unknown words: the {what} holds {ids.count(unk)} word(s) the tokenizer does not know")
+    return ids
 
 
 def _check(example: ReasoningExample, fmt: CanvasFormat) -> None:
@@ -108,11 +126,13 @@ def _check(example: ReasoningExample, fmt: CanvasFormat) -> None:
         raise CurationError(f"summary without the answer: the summary states {stated!r}, the answer is {example.answer!r}")
 
 
-def nap_instance(tokenizer, example: ReasoningExample, fmt: CanvasFormat, eos_id: int, mask_id: int) -> Instance:
+def nap_instance(tokenizer, example: ReasoningExample, fmt: CanvasFormat, eos_id: int, mask_id: int,
+                 chat_template: bool = True) -> Instance:
     """The canvas instance of ``example`` (raises CurationError when it does not fit)."""
     _check(example, fmt)
     m = len(example.paths)
-    bodies = [_tokens(tokenizer, p) for p in example.paths] + [_tokens(tokenizer, example.summary_text)]
+    bodies = [_tokens(tokenizer, p, f"path {i + 1}") for i, p in enumerate(example.paths)]
+    bodies.append(_tokens(tokenizer, example.summary_text, "summary"))
     limits = [fmt.block_len] * m + [fmt.summary_len]
     for i, (body, limit) in enumerate(zip(bodies, limits)):
         if len(body) > limit:
@@ -125,7 +145,7 @@ def nap_instance(tokenizer, example: ReasoningExample, fmt: CanvasFormat, eos_id
     for g, body in enumerate(bodies):
         start, end = layout.bodies[g]
         canvas[start:end] = torch.tensor(body + [eos_id] * (end - start - len(body)))
-    prompt = _tokens(tokenizer, example.question)
+    prompt = _prompt(tokenizer, example.question, chat_template)
     roles = torch.where(layout.editable, ROLE_BODY, ROLE_HEADER)
     return Instance(
         ids=prompt + canvas.tolist(),
@@ -146,15 +166,16 @@ def longcot_text(example: ReasoningExample) -> str:
     return " ".join(steps + [f"summary : {example.summary_text}"])
 
 
-def longcot_instance(tokenizer, example: ReasoningExample, fmt: CanvasFormat, eos_id: int, mask_id: int) -> Instance:
+def longcot_instance(tokenizer, example: ReasoningExample, fmt: CanvasFormat, eos_id: int, mask_id: int,
+                     chat_template: bool = True) -> Instance:
     """The same paths as one chain of thought, in one answer region as long as the canvas."""
     _check(example, fmt)
     length = fmt.longcot_len(len(example.paths))
-    answer = _tokens(tokenizer, longcot_text(example))
+    answer = _tokens(tokenizer, longcot_text(example), "chain of thought")
     if len(answer) > length:
         raise CurationError(f"too long: the chain of thought has {len(answer)} tokens, the region holds {length}")
     layout = canvas_layout(GenerationConfig(mode="ao", answer_len=length), mask_id)
-    prompt = _tokens(tokenizer, example.question)
+    prompt = _prompt(tokenizer, example.question, chat_template)
     return Instance(
         ids=prompt + answer + [eos_id] * (length - len(answer)),
         segments=[PROMPT] * len(prompt) + layout.segments.tolist(),
@@ -165,16 +186,18 @@ def longcot_instance(tokenizer, example: ReasoningExample, fmt: CanvasFormat, eo
 BUILDERS = {"nap": nap_instance, "longcot": longcot_instance}
 
 
-def curate(tokenizer, examples, fmt: CanvasFormat, kind: str, eos_id: int, mask_id: int,
+def curate(tokenizer, examples, fmt: CanvasFormat, kind: str, eos_id: int, mask_id: int, chat_template: bool = True,
            ) -> tuple[list[Instance], CurationReport]:
-    """Instances of every example that fits; the report names each one that does not."""
+    """Instances of every example that fits; the report names each one that does not.
+    chat_template: encode questions through the tokenizer's chat template, as decoding does
+    by default (``GenerationConfig.chat_template``)."""
     if kind not in BUILDERS:
-        raise ValueError(f"kind must be one of {list(BUILDERS)}, got {kind!r}")
+        raise ConfigError(f"kind must be one of {list(BUILDERS)}, got {kind!r}")
     build = BUILDERS[kind]
     instances, report = [], CurationReport()
     for i, example in enumerate(examples):
         try:
-            instances.append(build(tokenizer, example, fmt, eos_id, mask_id))
+            instances.append(build(tokenizer, example, fmt, eos_id, mask_id, chat_template))
             report.kept += 1
         except CurationError as err:
             report.rejected.append((i, str(err)))
@@ -184,7 +207,7 @@ def curate(tokenizer, examples, fmt: CanvasFormat, kind: str, eos_id: int, mask_
 def pack(instances: list[Instance], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded tensors: ids, segments, roles [N, T] (PAD segment and role on padding)."""
     if not instances:
-        raise ValueError("no instances to pack")
+        raise ConfigError("no instances to pack (every example was rejected?)")
     width = max(len(x.ids) for x in instances)
     out = {
         "ids": torch.full((len(instances), width), pad_id, dtype=torch.int32),

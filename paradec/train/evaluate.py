@@ -1,5 +1,9 @@
 """Accuracy of a model on the synthetic task's held-out split, with the decoding diagnostics
-the NAP paper reports (NFE, Global ARness@1 of the whole canvas and inside each block)."""
+the NAP paper reports (NFE, Global ARness@1 of the whole canvas and inside each block).
+
+ARness counts decoded text only: the EOS padding that ``eos_closes_block`` writes after a
+committed EOS is left out (the EOS itself counts), so filling a block's tail in one step
+neither helps nor hurts the score."""
 
 from __future__ import annotations
 
@@ -16,11 +20,11 @@ class EvalReport:
     accuracy: float
     n: int
     nfe: float  # mean steps in which a problem had tokens committed (its own forwards)
-    global_arness: float  # Global ARness@1 over the generated region (canvas or answer)
+    global_arness: float  # Global ARness@1 over the generated region (canvas or answer), fill excluded
     block_arness: float  # mean Global ARness@1 inside each think block (the answer region outside nap)
     seconds: float
     records: list[dict] = field(default_factory=list)
-    first_trace: list[int] = field(default_factory=list)
+    first_trace: list[int] = field(default_factory=list)  # the first problem's whole trace, fill included
 
 
 def evaluate(model, problems: list[arith.Problem], batch_size: int = 100, **config) -> EvalReport:
@@ -28,10 +32,15 @@ def evaluate(model, problems: list[arith.Problem], batch_size: int = 100, **conf
     right when the answer extracted from the summary (or the answer region) is its answer."""
     from paradec.api import build_layout
 
-    layout = build_layout(model, paradec.GenerationConfig.build(None, **config))
+    if not problems:
+        raise paradec.ConfigError("problems is empty: nothing to evaluate")
+    # The layout generate() uses: the checkpoint's own defaults, then ``config``.
+    layout = build_layout(model, paradec.GenerationConfig.build(paradec.GenerationConfig.build(None, **model.generation),
+                                                                **config))
+    stops = set(model.spec.stop_ids)
     m = layout.num_think_blocks
     bodies = layout.bodies[:m] if m else layout.bodies  # think bodies, or the answer region
-    records, traces, nfe = [], [], 0
+    records, traces, nfe, first = [], [], 0, None
     start = time.perf_counter()
     for lo in range(0, len(problems), batch_size):
         chunk = problems[lo : lo + batch_size]
@@ -39,8 +48,10 @@ def evaluate(model, problems: list[arith.Problem], batch_size: int = 100, **conf
         for p, r in zip(chunk, results):
             records.append({"question": p.question, "blocks": r.blocks, "summary": r.summary, "answer": r.answer,
                             "gold": p.answer, "correct": arith.check_answer(r.answer, p)})
-            traces.append((r.trace, [r.trace[s:e] for s, e in bodies]))
             nfe += len({t for t in r.trace if t >= 0})  # steps that committed for this request (a batch waits for its slowest)
+            first = r.trace if first is None else first
+            decoded = _without_fill(r.trace, r.token_ids, layout.bodies, stops)
+            traces.append((decoded, [decoded[s:e] for s, e in bodies]))
     seconds = time.perf_counter() - start
     n = len(records)
     inner = [global_arness(t) for _, bodies in traces for t in bodies if any(s >= 0 for s in t)]
@@ -52,5 +63,14 @@ def evaluate(model, problems: list[arith.Problem], batch_size: int = 100, **conf
         block_arness=sum(inner) / max(1, len(inner)),
         seconds=seconds,
         records=records,
-        first_trace=traces[0][0],
+        first_trace=first,
     )
+
+
+def _without_fill(trace: list[int], tokens: list[int], bodies, stops: set[int]) -> list[int]:
+    """The trace with every position after a body's first EOS marked undecoded (-1)."""
+    out = list(trace)
+    for start, end in bodies:
+        cut = next((p for p in range(start, end) if tokens[p] in stops), end)
+        out[cut + 1 : end] = [-1] * max(0, end - cut - 1)
+    return out

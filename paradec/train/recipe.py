@@ -14,6 +14,8 @@ import random
 from pathlib import Path
 
 from safetensors.torch import save_file
+
+from paradec.errors import ConfigError
 from paradec.train import data as curation
 from paradec.train.tasks import arith
 from paradec.train.tokenizer import build_word_tokenizer
@@ -50,7 +52,6 @@ def tiny_model_config(tokenizer, layers: int = 6, width: int = 256, heads: int =
         "mask_token_id": tokenizer.mask_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
-        "paradec": {"generation": {"blocks": 4, "block_len": BLOCK_LEN, "summary_len": SUMMARY_LEN}},
     }
 
 
@@ -80,8 +81,25 @@ def _build_chunk(job):
     tok = load_tokenizer(Path(tokenizer_dir))
     examples = _examples(seed, chunk, size, noise)
     fmt = curation.CanvasFormat(BLOCK_LEN, SUMMARY_LEN, PATH_COUNTS)
-    return {kind: curation.curate(tok, examples, fmt, kind, tok.eos_token_id, tok.mask_token_id)
-            for kind in curation.FORMATS}
+    built = {kind: curation.curate(tok, examples, fmt, kind, tok.eos_token_id, tok.mask_token_id)
+             for kind in curation.FORMATS}
+    return _same_examples(built, len(examples))
+
+
+def _same_examples(built: dict, count: int) -> dict:
+    """Keeps an example in every format or in none, so the formats hold the same traces; an
+    example one format rejects is reported, with that format's reason, under every format."""
+    rejected: dict[int, str] = {}
+    for _, report in built.values():
+        for i, why in report.rejected:
+            rejected.setdefault(i, why)
+    out = {}
+    for kind, (instances, report) in built.items():
+        own = {i for i, _ in report.rejected}
+        by_index = dict(zip((i for i in range(count) if i not in own), instances))
+        kept = [by_index[i] for i in range(count) if i not in rejected]
+        out[kind] = (kept, curation.CurationReport(kept=len(kept), rejected=sorted(rejected.items())))
+    return out
 
 
 def build_task_data(out: str | Path, problems: int, seed: int = 0, noise: float = 0.15,
@@ -90,6 +108,8 @@ def build_task_data(out: str | Path, problems: int, seed: int = 0, noise: float 
     over ``workers`` processes (default: the CPU count, at most 16); returns the curation
     summary. The same examples (problems and sampled paths) feed both formats."""
     out = Path(out)
+    if problems < 1:
+        raise ConfigError(f"problems must be >= 1, got {problems}")
     workers = workers or max(1, min(16, os.cpu_count() or 1))
     tokenizer = build_word_tokenizer(arith.vocabulary(), out / "tokenizer")
     jobs = [(str(out / "tokenizer"), seed, c, min(CHUNK, problems - c * CHUNK), noise)
@@ -112,6 +132,6 @@ def build_task_data(out: str | Path, problems: int, seed: int = 0, noise: float 
                 "eos_id": tokenizer.eos_token_id, "curation": report.summary()}
         save_file(curation.pack(instances, tokenizer.pad_token_id), out / f"{kind}.safetensors",
                   metadata={"paradec": json.dumps(meta)})
-        summary[kind] = {"kept": report.kept, "rejected": report.rejected[:50], "counts": dict(report.counts)}
+        summary[kind] = {"kept": report.kept, "rejected": report.rejected, "counts": dict(report.counts)}
     (out / "curation.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -5,7 +5,7 @@ one device or under torchrun (DDP: NCCL on GPUs, gloo on CPUs).
 - Deterministic: batch b of step s is fixed by (seed, s) — an epoch-keyed permutation of the
   dataset and a step-keyed noise draw over the global batch, each rank taking its slice — so a
   resumed run sees exactly the batches an uninterrupted one would.
-- Checkpoints: ``out`` is always a complete Hugging Face-style directory (config.json,
+- Checkpoints: after each save ``out`` is a complete Hugging Face-style directory (config.json,
   model.safetensors in fp32 with the step in its header, tokenizer) that ``paradec.load`` reads,
   plus ``trainer_state.pt`` (optimizer, step) for ``resume``; ``loss_log.jsonl`` gets a line every
   ``log_every`` steps. DeepSpeed ZeRO is the option for 7-8B fine-tunes (README's training
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,8 +30,9 @@ from safetensors.torch import load_file
 from paradec.distributed.env import init_distributed, teardown
 from paradec.errors import CheckpointError, ConfigError
 from paradec.models.attention import MODES
-from paradec.models.loading import build, load_tokenizer
+from paradec.models.loading import build, load, load_tokenizer, resolve
 from paradec.models.saving import save_checkpoint
+from paradec.train.data import CanvasFormat
 from paradec.train.objective import NoiseDraw, masked_diffusion_loss
 
 STATE_FILE = "trainer_state.pt"
@@ -66,8 +68,15 @@ class TrainConfig:
     log_every: int = 10
     max_minutes: float | None = None
     resume: bool = False
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be an int >= 0, got {self.seed!r}")
         for name in ("steps", "batch_size", "save_every", "log_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -84,8 +93,8 @@ class TrainConfig:
             raise ConfigError(f"attention must be one of {list(MODES)}, got {self.attention!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ConfigError(f"max_minutes must be > 0, got {self.max_minutes}")
-        if not self.model:
-            raise ConfigError("model must be a model config (config.json contents)")
+        if self.init_from is None and not (isinstance(self.model, dict) and self.model):
+            raise ConfigError("model must be a model config (a dict: config.json's contents), or give init_from")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up over ``warmup`` steps, then cosine down to ``min_lr * lr``."""
@@ -149,12 +158,17 @@ def train(config: TrainConfig) -> Path:
 def _train(config: TrainConfig, data: PackedDataset, env) -> Path:
     if config.batch_size % env.world_size:
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by the {env.world_size} ranks")
-    vocab = config.model.get("embedding_size") or config.model.get("vocab_size")
-    if int(data.ids.max()) >= vocab:
-        raise ConfigError(f"data holds token id {int(data.ids.max())}, beyond the model's vocabulary of {vocab}")
     out = Path(config.out)
     tokenizer = load_tokenizer(Path(config.tokenizer))
-    model = build(config.model, device=env.device, dtype=torch.float32, seed=config.seed, tokenizer=tokenizer)
+    if config.init_from:
+        model = load(config.init_from, device=env.device, dtype=torch.float32)
+        model.tokenizer = tokenizer
+        model_config = json.loads((resolve(config.init_from) / "config.json").read_text())
+    else:
+        model = build(config.model, device=env.device, dtype=torch.float32, seed=config.seed, tokenizer=tokenizer)
+        model_config = config.model
+    model_config = _with_generation_defaults(model_config, data.meta)
+    _check_fit(model, tokenizer, data)
     module = model.module
     optimizer = torch.optim.AdamW(_param_groups(module, config.weight_decay), lr=config.lr, betas=(0.9, 0.95),
                                   fused=env.device.type == "cuda")
@@ -173,7 +187,7 @@ def _train(config: TrainConfig, data: PackedDataset, env) -> Path:
     use_bf16 = config.bf16 and env.device.type == "cuda"
     progress = _progress(env.is_rank0, start, config.steps)
     t0, tokens, step = time.perf_counter(), 0, start
-    log = (out / LOG_FILE).open("a") if env.is_rank0 else None
+    log = (out / LOG_FILE).open("a" if config.resume else "w") if env.is_rank0 else None
     try:
         while step < config.steps:
             rows = data.batch_indices(config.seed, step, config.batch_size)[mine]
@@ -205,10 +219,11 @@ def _train(config: TrainConfig, data: PackedDataset, env) -> Path:
                 progress.set_postfix(loss=f"{value:.4f}")
             progress.update(1)
             out_of_time = config.max_minutes is not None and time.perf_counter() - t0 > 60 * config.max_minutes
-            if step % config.save_every == 0 or step == config.steps or _any_rank(out_of_time, env):
-                _save(config, model, optimizer, step, out, env)
-                if out_of_time:
-                    break
+            stop = _any_rank(out_of_time, env)  # every rank every step: all stop at the same step
+            if step % config.save_every == 0 or step == config.steps or stop:
+                _save(config, model, model_config, optimizer, step, out, env)
+            if stop:
+                break
     finally:
         progress.close()
         if log is not None:
@@ -226,6 +241,38 @@ class _TrainingView(torch.nn.Module):
 
     def forward(self, *args):
         return self.module.training_logits(*args)
+
+
+def _with_generation_defaults(model_config: dict, meta: dict) -> dict:
+    """The model config with ``paradec.generation`` set to the layout the data was cut to, so
+    ``paradec.generate(model, prompt)`` decodes the trained model the way it was trained."""
+    if not {"kind", "block_len", "summary_len", "path_counts"} <= set(meta):
+        return model_config
+    fmt = CanvasFormat(meta["block_len"], meta["summary_len"], tuple(meta["path_counts"]))
+    paths = max(fmt.path_counts)
+    if meta["kind"] == "nap":
+        generation = {"blocks": paths, "block_len": fmt.block_len, "summary_len": fmt.summary_len}
+    else:
+        generation = {"mode": "ao", "answer_len": fmt.longcot_len(paths)}
+    extra = dict(model_config.get("paradec", {})) | {"generation": generation}
+    return dict(model_config) | {"paradec": extra}
+
+
+def _check_fit(model, tokenizer, data: PackedDataset) -> None:
+    """The data, the tokenizer and the model must agree on ids and lengths (DESIGN.md contract 6):
+    a model trained to unmask one id and decoded with another would never work."""
+    spec, meta = model.spec, data.meta
+    for name, in_data, in_model, in_tokenizer in (
+        ("mask id", meta.get("mask_id"), spec.mask_id, tokenizer.mask_token_id),
+        ("EOS id", meta.get("eos_id"), spec.eos_id, tokenizer.eos_token_id),
+    ):
+        if not in_data == in_model == in_tokenizer:
+            raise ConfigError(f"the {name} differs: data {in_data}, model config {in_model}, tokenizer {in_tokenizer}")
+    top = int(data.ids.max())
+    if top >= spec.vocab_size:
+        raise ConfigError(f"data holds token id {top}, beyond the model's vocabulary of {spec.vocab_size}")
+    if data.ids.shape[1] > spec.max_length:
+        raise ConfigError(f"data rows hold {data.ids.shape[1]} tokens, beyond the model's maximum length {spec.max_length}")
 
 
 def _param_groups(module, weight_decay: float) -> list[dict]:
@@ -258,12 +305,15 @@ def _any_rank(flag: bool, env) -> bool:
     return bool(t.item())
 
 
-def _save(config: TrainConfig, model, optimizer, step: int, out: Path, env) -> None:
+def _save(config: TrainConfig, model, model_config: dict, optimizer, step: int, out: Path, env) -> None:
     if env.is_rank0:
-        save_checkpoint(model.module, config.model, out, model.tokenizer, dtype=torch.float32,
-                        metadata={"step": str(step)})
+        # The optimizer state (the slow write) goes to a temporary file first; the weights are
+        # then renamed into place and the state right after, so an interruption leaves at most a
+        # mismatched pair, which resume names, never a half-written file.
         state = {"step": step, "optimizer": optimizer.state_dict(), "seed": config.seed}
         torch.save(state, out / (STATE_FILE + ".tmp"))
+        save_checkpoint(model.module, model_config, out, model.tokenizer, dtype=torch.float32,
+                        metadata={"step": str(step)})
         os.replace(out / (STATE_FILE + ".tmp"), out / STATE_FILE)
     if env.distributed:
         dist.barrier()
@@ -274,9 +324,10 @@ def _resume(config: TrainConfig, module, optimizer, out: Path) -> int:
     state_path, weights = out / STATE_FILE, out / "model.safetensors"
     if not state_path.exists() or not weights.exists():
         raise CheckpointError(f"resume: {out} holds no checkpoint ({STATE_FILE} and model.safetensors)")
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
-    from paradec.models.loading import load
-
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"resume: {state_path} cannot be read ({err}); corrupt or partial?") from err
     loaded = load(out, device=next(module.parameters()).device, dtype=torch.float32)
     with safe_open(weights, framework="pt") as f:
         saved_step = (f.metadata() or {}).get("step")
@@ -288,6 +339,13 @@ def _resume(config: TrainConfig, module, optimizer, out: Path) -> int:
             f"resume: {weights} is from step {saved_step} but {STATE_FILE} from step {state['step']}; "
             "the last save was interrupted"
         )
-    module.load_state_dict(loaded.module.state_dict())
-    optimizer.load_state_dict(state["optimizer"])
+    if state.get("seed") != config.seed:
+        raise CheckpointError(f"resume: the run was trained with seed {state.get('seed')}, not {config.seed}")
+    try:
+        module.load_state_dict(loaded.module.state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError) as err:
+        raise CheckpointError(f"resume: {out} does not fit this model or optimizer ({err})") from err
+    for group, wanted in zip(optimizer.param_groups, _param_groups(module, config.weight_decay)):
+        group["weight_decay"] = wanted["weight_decay"]  # this run's setting, not the saved one
     return int(state["step"])

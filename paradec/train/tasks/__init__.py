@@ -1,0 +1,1 @@
+"""Synthetic reasoning tasks for training and evaluating canvas models."""
