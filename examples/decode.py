@@ -19,7 +19,7 @@ import torch
 
 import paradec
 from paradec.answers import extract_gsm8k
-from paradec.api import build_layout
+from paradec.api import build_layout, resolve_config
 from paradec.distributed import init_distributed, print0, teardown
 from paradec.metrics import global_arness, local_arness
 from paradec.plots import decode_order_png
@@ -85,9 +85,8 @@ def main() -> None:
         model = paradec.load(args.model, device=env.device, dtype=DTYPES.get(args.dtype))
         prompt, gold = question(args)
         given = dict(blocks=args.blocks, block_len=args.block_len, summary_len=args.summary_len)
-        config = paradec.GenerationConfig.build(
-            paradec.GenerationConfig.build(None, **model.generation),
-            **{k: v for k, v in given.items() if v is not None},
+        config = resolve_config(
+            model, **{k: v for k, v in given.items() if v is not None},
             steps=args.steps, tokens_per_step=args.tokens_per_step, schedule=args.schedule, policy=args.policy,
             threshold=args.threshold, factor=args.factor, temperature=args.temperature, seed=args.seed,
             attention=args.attention, prompt_kv=args.prompt_kv, gather=args.gather,

@@ -61,9 +61,7 @@ def generate(
     over the ranks and the result is returned on rank 0 (None elsewhere, unless
     ``results_on="all"``).
     """
-    if config is None:
-        config = GenerationConfig.build(None, **model.generation)
-    config = GenerationConfig.build(config, **overrides)
+    config = resolve_config(model, config, **overrides)
     single = isinstance(prompts, str) or (
         isinstance(prompts, Sequence) and len(prompts) > 0 and all(isinstance(t, int) for t in prompts)
     )
@@ -94,6 +92,14 @@ def generate(
     for result in results:
         result.placement, result.rank_timings = placement, rank_timings
     return results[0] if single else results
+
+
+def resolve_config(model: DiffusionModel, config: GenerationConfig | None = None, **overrides) -> GenerationConfig:
+    """``config`` (default: the checkpoint's own ``paradec.generation`` defaults over paradec's)
+    with ``overrides`` applied: the config ``generate`` decodes with."""
+    if config is None:
+        config = GenerationConfig.build(None, **model.generation)
+    return GenerationConfig.build(config, **overrides)
 
 
 def build_layout(model: DiffusionModel, config: GenerationConfig) -> CanvasLayout:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 import paradec
+from paradec.api import build_layout, resolve_config
 from paradec.metrics import global_arness
 from paradec.train.tasks import arith
 
@@ -30,13 +31,10 @@ class EvalReport:
 def evaluate(model, problems: list[arith.Problem], batch_size: int = 100, **config) -> EvalReport:
     """Decodes every problem with ``config`` (GenerationConfig fields) in batches; a problem is
     right when the answer extracted from the summary (or the answer region) is its answer."""
-    from paradec.api import build_layout
-
     if not problems:
         raise paradec.ConfigError("problems is empty: nothing to evaluate")
     # The layout generate() uses: the checkpoint's own defaults, then ``config``.
-    layout = build_layout(model, paradec.GenerationConfig.build(paradec.GenerationConfig.build(None, **model.generation),
-                                                                **config))
+    layout = build_layout(model, resolve_config(model, **config))
     stops = set(model.spec.stop_ids)
     m = layout.num_think_blocks
     bodies = layout.bodies[:m] if m else layout.bodies  # think bodies, or the answer region
