@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields, replace
 
 from paradec.errors import ConfigError
 
-MODES = ("nap", "ao", "ar_order", "random")
+MODES = ("nap", "ao", "ar_order", "random", "block")
 POLICIES = ("confidence", "margin", "entropy", "threshold", "factor")
 RULE_POLICIES = ("threshold", "factor")  # commit by a rule, not a fixed count
 ATTENTIONS = ("isolated", "canvas")
@@ -16,6 +16,7 @@ SUMMARY_ORDERS = ("after", "concurrent")
 PROMPT_KV = ("auto", "broadcast", "recompute")
 GATHERS = ("tokens", "kv")
 RESULTS_ON = ("rank0", "all")
+CACHES = ("none", "prefix", "dual")
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,9 @@ class GenerationConfig:
 
     mode: ``nap`` decodes the canvas ``[H1 R1]…[Hm Rm][HS S]`` (every step commits tokens in
     every unfinished think block); ``ao`` (global order by the policy's score), ``ar_order``
-    (leftmost masked first) and ``random`` decode one plain answer region of ``answer_len``.
+    (leftmost masked first) and ``random`` decode one plain answer region of ``answer_len``;
+    ``block`` decodes that region in semi-autoregressive blocks of ``block_len`` tokens, left to
+    right, each by the policy (LLaDA's semi-AR sampler; Fast-dLLM with a cache).
     blocks, block_len, summary_len: the canvas (m think blocks of ``block_len`` body tokens each,
     headers not counted). Budget: ``tokens_per_step`` commits that many tokens per block per
     step; ``steps`` is the step budget of the whole generation (think and summary phases split it
@@ -45,6 +48,23 @@ class GenerationConfig:
     nothing before it is masked. bar_eos_in_blocks: EOS is never chosen in
     think blocks; summary_min_tokens: EOS is never chosen in the summary's first n positions.
     chat_template: apply the tokenizer's chat template to string prompts.
+
+    Windows. ``block`` mode decodes one window (its block) at a time; ``nap`` does so when
+    ``window`` is set: every think block (and the summary) decodes its first ``window`` body
+    tokens, then the next ``window``, ... all blocks in step (``window=None``: the whole block,
+    the exact mode). Each window's steps get an equal share of the phase's ``steps``.
+    cache: what a windowed step recomputes (default ``dual``): ``none`` forwards what an
+    unwindowed step forwards; ``prefix`` forwards the window and the rest of its block after
+    it, reusing the KV of what precedes; ``dual`` forwards the window only and reuses the KV of
+    everything else. The reused KV is computed by the window's first step, which forwards
+    everything (and again every ``refresh_every`` steps when set). Reusing it is
+    Fast-dLLM's approximation wherever a cached token attends to the window (always under
+    ``canvas`` attention; inside a think block under ``isolated``): the result can differ from
+    ``cache="none"``, which is exact. cuda_graphs: on a CUDA device, replay the steps of a
+    window as CUDA graphs (captured once per shape, no host synchronisation inside a step; the
+    host checks for completion every few steps) where a step has static shapes: greedy
+    (temperature 0), the forward reusing a cache (``isolated`` attention, or a windowed
+    ``prefix``/``dual`` cache), no ``random`` order. Elsewhere steps run eagerly.
 
     Under torchrun (several ranks; ``isolated`` only) the think blocks are spread over the ranks.
     prompt_kv: how each rank gets the prompt KV (``auto`` picks by a cost model, see
@@ -73,6 +93,10 @@ class GenerationConfig:
     bar_eos_in_blocks: bool = False
     summary_min_tokens: int = 0
     chat_template: bool = True
+    window: int | None = None
+    cache: str | None = None
+    refresh_every: int | None = None
+    cuda_graphs: bool = True
     prompt_kv: str = "auto"
     gather: str = "tokens"
     results_on: str = "rank0"
@@ -91,7 +115,7 @@ class GenerationConfig:
             raise ConfigError(f"rank_timeout_s must be > 0, got {self.rank_timeout_s}")
         for name in ("blocks", "block_len", "summary_len", "answer_len"):
             _positive(name, getattr(self, name))
-        for name in ("steps", "tokens_per_step"):
+        for name in ("steps", "tokens_per_step", "window", "refresh_every"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         if not (0.0 < self.threshold <= 1.0):
@@ -109,15 +133,39 @@ class GenerationConfig:
                 f"tokens_per_step applies to the top-k policies (confidence, margin, entropy); "
                 f"policy={self.policy!r} commits by its rule (give steps to bound the steps)"
             )
+        self._check_windows()
         budgets = self.phase_budgets()
-        if self.steps is not None and self.tokens_per_step is not None:
-            for name, length, steps in budgets:
-                needed = -(-length // self.tokens_per_step)
+        for name, length, steps in budgets:
+            windows = window_lengths(length, self.window_len)
+            if steps is not None and steps < len(windows):
+                raise ConfigError(
+                    f"steps={self.steps} is too few for the {name}: its {len(windows)} windows of "
+                    f"{self.window_len} tokens need at least one step each, but the {name} gets {steps}"
+                )
+            if steps is not None and self.tokens_per_step is not None:
+                needed = sum(-(-w // self.tokens_per_step) for w in windows)
                 if steps < needed:
                     raise ConfigError(
                         f"steps={self.steps} cannot commit the canvas at tokens_per_step={self.tokens_per_step}: "
                         f"the {name} ({length} tokens) needs {needed} steps but gets {steps}"
                     )
+
+    def _check_windows(self) -> None:
+        if self.window is not None and self.mode != "nap":
+            hint = " (block mode's window is block_len)" if self.mode == "block" else ""
+            raise ConfigError(f"window applies to mode='nap' only{hint}, got mode={self.mode!r}")
+        if self.window is not None and self.summary == "concurrent":
+            raise ConfigError("window needs summary='after' (a concurrent summary attends to whole blocks)")
+        if self.cache is not None:
+            _choice("cache", self.cache, CACHES)
+            if self.window_len is None:
+                raise ConfigError(
+                    f"cache={self.cache!r} applies to windowed decoding (mode='block', or mode='nap' with window set)"
+                )
+        if self.refresh_every is not None and self.cache_mode in (None, "none"):
+            raise ConfigError("refresh_every applies to a windowed cache (cache='prefix' or 'dual')")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ConfigError(f"cuda_graphs must be a bool, got {self.cuda_graphs!r}")
 
     @classmethod
     def build(cls, config: GenerationConfig | None = None, **overrides) -> GenerationConfig:
@@ -132,6 +180,18 @@ class GenerationConfig:
     def canvas(self) -> bool:
         return self.mode == "nap"
 
+    @property
+    def window_len(self) -> int | None:
+        """Tokens a group decodes at a time; None: its whole body."""
+        return self.block_len if self.mode == "block" else self.window
+
+    @property
+    def cache_mode(self) -> str | None:
+        """The windowed cache in use (``dual`` unless set), None when not windowed."""
+        if self.window_len is None:
+            return None
+        return self.cache or "dual"
+
     def phase_budgets(self) -> list[tuple[str, int, int | None]]:
         """(phase, body tokens per block, steps or None) for each phase, in order."""
         if not self.canvas:
@@ -145,6 +205,14 @@ class GenerationConfig:
         think = round(self.steps * self.block_len / (self.block_len + self.summary_len))
         think = min(max(think, 1), self.steps - 1)
         return [("think blocks", self.block_len, think), ("summary", self.summary_len, self.steps - think)]
+
+
+def window_lengths(length: int, window: int | None) -> list[int]:
+    """The windows a body of ``length`` tokens decodes in, in order (the last may be shorter)."""
+    if window is None or window >= length:
+        return [length]
+    full, rest = divmod(length, window)
+    return [window] * full + ([rest] if rest else [])
 
 
 def _choice(name: str, value, allowed: tuple[str, ...]) -> None:

@@ -97,12 +97,12 @@ def run_with_fault(rank, world_size, model_dir, config, fault_rank, fault, out_d
     if rank == fault_rank:
         original = Runner._step
 
-        def faulty(self, active, phase, cache, step):
+        def faulty(self, active, phase, cache, window_cache, step):
             if step == 1:
                 if fault == "kill":
                     os._exit(9)
                 raise ValueError("planted failure")
-            return original(self, active, phase, cache, step)
+            return original(self, active, phase, cache, window_cache, step)
 
         Runner._step = faulty
     start = time.monotonic()

@@ -7,6 +7,11 @@ then the summary (or both at once with ``summary="concurrent"``); for the other 
 answer region. Under ``isolated`` attention the prompt KV is computed once and, before the
 summary decodes, the finished blocks' KV is appended to it once, so a summary step forwards the
 summary alone. Under ``canvas`` every step forwards the prompt and the whole canvas.
+
+Windows (``block`` mode, ``nap`` with ``window``): each group of a phase decodes its body one
+window at a time, all groups in step; a step commits only inside the current windows. With a
+``prefix``/``dual`` cache the window's first step forwards what an unwindowed step would and
+keeps the KV of everything the later steps of the window do not recompute.
 """
 
 from __future__ import annotations
@@ -18,13 +23,18 @@ import torch
 
 from paradec import ops
 from paradec.canvas import CanvasLayout
-from paradec.config import GenerationConfig
+from paradec.config import RULE_POLICIES, GenerationConfig, window_lengths
 from paradec.decoding import ar_order, confidence, factor, random_order, threshold
+from paradec.decoding.graphs import GraphedSteps, graphs_apply
 from paradec.decoding.schedule import group_schedule
 from paradec.decoding.selection import Candidates
 from paradec.errors import ConfigError
 from paradec.models.attention import PAD, PROMPT
+from paradec.models.transformer import PromptCache
 from paradec.models.loading import DiffusionModel
+
+
+CHECK_EVERY = 4  # graph replays between completion checks when a rule decides how much commits
 
 
 @dataclass
@@ -100,19 +110,27 @@ class Runner:
         self.body_starts = torch.tensor([s for s, _ in layout.bodies], device=self.device)  # [G]
         self.stop_ids = torch.tensor(model.spec.stop_ids, dtype=torch.long, device=self.device)
         self.group_steps = torch.zeros(b, layout.num_groups, dtype=torch.long)  # steps each group has run
+        self.window_steps = torch.zeros(b, layout.num_groups, dtype=torch.long)  # ... in its current window
+        self.windows = {g: _window_ranges(start, end, config.window_len) for g, (start, end) in enumerate(layout.bodies)}
         self.schedules = self._schedules()
+        self.in_window = self.editable.clone()  # [C] the current windows of the phase
+        self.graphs = GraphedSteps(self) if graphs_apply(self) else None
         self.timings = {"prefill": 0.0, "forward": 0.0, "unmask": 0.0, "bookkeeping": 0.0}
 
     # --- budgets -----------------------------------------------------------------------------
-    def _schedules(self) -> dict[int, list[int]]:
-        """Each group's quotas: think blocks (or the answer region) take the first phase's step
-        budget, the summary the last phase's (the same one when they decode together)."""
+    def _schedules(self) -> dict[int, list[list[int]]]:
+        """Each group's quotas, one list per window: think blocks (or the answer region) take
+        the first phase's step budget, the summary the last phase's (the same one when they
+        decode together); a group's windows share its budget equally (the first ones get the
+        remainder)."""
         cfg, layout = self.config, self.layout
         budgets = cfg.phase_budgets()
         schedules = {}
-        for g, (start, end) in enumerate(layout.bodies):
+        for g, windows in self.windows.items():
             steps = budgets[-1][2] if g == layout.summary_group else budgets[0][2]
-            schedules[g] = group_schedule(end - start, steps, cfg.tokens_per_step, cfg.schedule)
+            shares = [None] * len(windows) if steps is None else _split(steps, len(windows))
+            schedules[g] = [group_schedule(end - start, share, cfg.tokens_per_step, cfg.schedule)
+                            for (start, end), share in zip(windows, shares)]
         return schedules
 
     # --- the loop ----------------------------------------------------------------------------
@@ -140,15 +158,29 @@ class Runner:
             blocks_cached = cache is not None and cache.num_tokens > self.prompt_ids.shape[1]
             if phase == [self.layout.summary_group] and cache is not None and not blocks_cached:
                 cache = self._extend_with_blocks(cache)
-            while True:
-                active = self._active(phase)  # [B, G] host bool
-                if not active.any():
-                    break
-                if should_abort is not None:
-                    should_abort()
-                self._step(active, phase, cache, step)
-                step += 1
-                nfe += 1
+            for window in range(max(len(self.windows[g]) for g in phase)):
+                self._enter_window(phase, window)
+                window_cache, window_step = None, 0
+                while True:
+                    active = self._active(phase)  # [B, G] host bool
+                    if not active.any():
+                        break
+                    if should_abort is not None:
+                        should_abort()
+                    every = self.config.refresh_every
+                    if every and window_step % every == 0:
+                        window_cache = None
+                    if self.graphs is None or (self._windowed_cache and window_cache is None):
+                        window_cache = self._step(active, phase, cache, window_cache, step)
+                        step, nfe, window_step = step + 1, nfe + 1, window_step + 1
+                        continue
+                    count = self._replays(active, every - window_step % every if every else None)
+                    t_replay = self._clock()
+                    after = self.graphs.replay(phase, window_cache or cache, count, step)
+                    self.timings["graphs"] = self.timings.get("graphs", 0.0) + self._clock() - t_replay
+                    nfe += count
+                    window_step += after - step
+                    step = after
             if self.layout.num_think_blocks == 0:
                 name = "answer"
             else:
@@ -157,9 +189,54 @@ class Runner:
         self.timings["total"] = self._clock() - t_start
         return DecodeOutput(self.canvas, self.trace, nfe, step, dict(self.timings))
 
+    def _replays(self, active: torch.Tensor, until_refresh: int | None) -> int:
+        """Graph replays before the host looks again: the steps the top-k schedules still
+        need (each commits in every active group), or up to ``CHECK_EVERY`` for rule policies."""
+        if self.config.policy in RULE_POLICIES and self.config.mode not in ("ar_order",):
+            count = CHECK_EVERY
+        else:
+            left = [len(self.schedules[g][self.window_index]) - int(self.window_steps[r, g])
+                    for r, g in active.nonzero().tolist()]
+            count = max(1, max(left))
+        return min(count, until_refresh) if until_refresh else count
+
+    def _enter_window(self, phase: list[int], window: int) -> None:
+        """Makes window ``window`` of each group in ``phase`` the current one."""
+        self.in_window = torch.zeros_like(self.editable)
+        for g in phase:
+            if window < len(self.windows[g]):
+                self.in_window[slice(*self.windows[g][window])] = True
+        self.window_index = window
+        self.window_steps.zero_()
+        self.step_columns = self._step_columns(phase, window) if self._windowed_cache else None
+
+    @property
+    def _windowed_cache(self) -> bool:
+        return self.config.cache_mode in ("prefix", "dual")
+
+    def _step_columns(self, phase: list[int], window: int) -> torch.Tensor:
+        """[S] canvas columns a cached step of this window forwards: each group's window
+        (``dual``) or its window and the rest of its body (``prefix``); its header (a few
+        tokens that attend to the body, so a window spanning the body is exact); and for a
+        shifted model the column before each window (its hidden state predicts the window's
+        first token)."""
+        columns = set()
+        for g in phase:
+            if window >= len(self.windows[g]):
+                continue
+            start, end = self.windows[g][window]
+            if self.config.cache_mode == "prefix":
+                end = self.layout.bodies[g][1]
+            columns.update(range(start, end))
+            columns.update(range(self.layout.blocks[g][0], self.layout.bodies[g][0]))
+            if self.model.module.shift_logits and start > 0:
+                columns.add(start - 1)
+        return torch.tensor(sorted(columns), dtype=torch.long, device=self.device)
+
     def _active(self, phase: list[int]) -> torch.Tensor:
-        """[B, G] bool on the host: groups of this phase that still have masked positions."""
-        masked = self._masked()  # [B, C]
+        """[B, G] bool on the host: groups of this phase that still have masked positions in
+        their current window."""
+        masked = self._masked() & self.in_window  # [B, C]
         per_group = torch.zeros(masked.shape[0], self.layout.num_groups, dtype=torch.long, device=self.device)
         per_group.index_add_(1, self.groups, masked.long())
         in_phase = torch.zeros(self.layout.num_groups, dtype=torch.bool)
@@ -169,15 +246,23 @@ class Runner:
     def _masked(self) -> torch.Tensor:
         return (self.canvas == self.model.spec.mask_id) & self.editable
 
-    def _step(self, active: torch.Tensor, phase: list[int], cache, step: int) -> None:
+    def _step(self, active: torch.Tensor, phase: list[int], cache, window_cache, step: int):
+        """One step; returns the window's cache for the next step (None when not windowed)."""
         cfg, spec = self.config, self.model.spec
         t0 = self._clock()
-        ids, positions, segments, columns = self._inputs(active, phase)
-        wanted = self._masked() & active.to(self.device)[:, self.groups]  # [B, C]
+        wanted = self._masked() & active.to(self.device)[:, self.groups] & self.in_window  # [B, C]
         logits_at, rows, cols = self._wanted_positions(wanted)  # [B, N]; flat (row, column) pairs
         t1 = self._clock()
-        logits = self.model(ids, positions, segments, cfg.attention, cache=cache, logits_at=logits_at,
-                            check_inputs=False)  # [B, N, V]
+        if self._windowed_cache and window_cache is None:
+            logits, window_cache = self._refresh(phase, cache, logits_at)
+        elif self._windowed_cache:
+            columns = self.step_columns
+            logits = self.model(self.canvas[:, columns], self.positions[:, columns], self.segments[:, columns],
+                                cfg.attention, cache=window_cache, logits_at=logits_at, check_inputs=False)
+        else:
+            ids, positions, segments, _ = self._inputs(active, phase)
+            logits = self.model(ids, positions, segments, cfg.attention, cache=cache, logits_at=logits_at,
+                                check_inputs=False)  # [B, N, V]
         t2 = self._clock()
         vocab = logits.shape[-1]
         flat_rows = (logits_at.reshape(-1) >= 0).nonzero()[:, 0]  # [M] rows of the [B * N, V] logits
@@ -196,12 +281,32 @@ class Runner:
                           candidates.quota, candidates.floor, scores.tokens, rule, param, step)
         t3 = self._clock()
         self.group_steps += active.long()
+        self.window_steps += active.long()
         if cfg.eos_closes_block:
             self._fill_after_eos(step)
         t4 = self._clock()
         self.timings["bookkeeping"] += (t1 - t0) + (t4 - t3)
         self.timings["forward"] += t2 - t1
         self.timings["unmask"] += t3 - t2
+        return window_cache
+
+    def _refresh(self, phase: list[int], cache, logits_at: torch.Tensor) -> tuple[torch.Tensor, PromptCache]:
+        """The window's first step: forwards what an unwindowed step forwards (every group of
+        the phase, whole) and keeps the KV of all but the step columns."""
+        b = self.canvas.shape[0]
+        everything = torch.zeros(b, self.layout.num_groups, dtype=torch.bool)
+        everything[:, phase] = True
+        ids, positions, segments, columns = self._inputs(everything, phase)
+        if columns is None:  # canvas attention: the prompt, then the whole canvas
+            p = self.prompt_ids.shape[1]
+            columns = torch.cat((torch.full((p,), -1, device=self.device),
+                                 torch.arange(self.canvas.shape[1], device=self.device)))
+        else:
+            columns = columns[0]  # every row forwards the same groups
+        keep = ~torch.isin(columns, self.step_columns)  # [T]
+        return self.model.module.forward_and_cache(
+            ids, positions, segments, self.config.attention, cache, logits_at, keep,
+            reserve=len(self.step_columns), lengths=self.prompt_lens)
 
     # --- inputs ------------------------------------------------------------------------------
     def _inputs(self, active: torch.Tensor, phase: list[int]):
@@ -281,15 +386,18 @@ class Runner:
     def _candidates(self, rows, cols, group, offset, scores) -> Candidates:
         g_count = self.layout.num_groups
         key = rows * g_count + group
-        masked_left = self._masked().long()
+        masked_left = (self._masked() & self.in_window).long()
         per_group = torch.zeros(len(self.seeds), g_count, dtype=torch.long, device=self.device)
-        per_group.index_add_(1, self.groups, masked_left)  # [B, G] masked positions left
+        per_group.index_add_(1, self.groups, masked_left)  # [B, G] masked positions left in the window
         quota = torch.zeros(len(self.seeds), g_count, dtype=torch.long)
         floor = torch.ones(len(self.seeds), g_count, dtype=torch.long)
         left = per_group.cpu()
-        for g, schedule in self.schedules.items():
+        for g, schedules in self.schedules.items():
+            if self.window_index >= len(schedules):
+                continue
+            schedule = schedules[self.window_index]
             for r in range(len(self.seeds)):
-                s = int(self.group_steps[r, g])
+                s = int(self.window_steps[r, g])
                 if s < len(schedule):
                     quota[r, g] = min(schedule[s], int(left[r, g]))
                     if self.config.steps is not None:
@@ -319,21 +427,36 @@ class Runner:
         return confidence.plan(candidates, cfg.policy)
 
     # --- EOS ---------------------------------------------------------------------------------
-    def _fill_after_eos(self, step: int) -> None:
+    def _fill_after_eos(self, step: int | torch.Tensor) -> None:
         """An EOS committed at body position p means the text ends there: every masked
-        position after p in that group becomes EOS, committed at this step."""
+        position after p in that group becomes EOS, committed at this step (an int, or a 0-d
+        device tensor inside a CUDA graph: nothing here waits for the host)."""
         spec = self.model.spec
-        stops = torch.tensor(spec.stop_ids, device=self.device)
+        stops = self.stop_ids
         c = self.canvas.shape[1]
         column = torch.arange(c, device=self.device).expand_as(self.canvas)
         is_stop = torch.isin(self.canvas, stops) & self.editable & (self.trace >= 0)
         first = torch.full((self.canvas.shape[0], self.layout.num_groups), c, device=self.device)
         first.scatter_reduce_(1, self.groups.expand_as(self.canvas), torch.where(is_stop, column, c), "amin")
         fill = self._masked() & (column > first.gather(1, self.groups.expand_as(self.canvas)))
-        self.canvas[fill] = spec.eos_id
-        self.trace[fill] = step
+        self.canvas.copy_(torch.where(fill, spec.eos_id, self.canvas))
+        self.trace.copy_(torch.where(fill, step, self.trace))
 
     def _clock(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+def _window_ranges(start: int, end: int, window: int | None) -> list[tuple[int, int]]:
+    """[start, end) cut into windows of ``window`` columns (None: one window)."""
+    ranges, cursor = [], start
+    for length in window_lengths(end - start, window):
+        ranges.append((cursor, cursor + length))
+        cursor += length
+    return ranges
+
+
+def _split(steps: int, parts: int) -> list[int]:
+    base, rest = divmod(steps, parts)
+    return [base + 1] * rest + [base] * (parts - rest)

@@ -314,6 +314,47 @@ class DiffusionTransformer(nn.Module):
         logits = self.lm_head(self.norm(rows))
         return logits * self.cfg.logit_scale if self.cfg.logit_scale != 1.0 else logits
 
+    @torch.no_grad()
+    def forward_and_cache(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        segments: torch.Tensor,
+        mode: str,
+        cache: PromptCache | None,
+        logits_at: torch.Tensor,
+        keep: torch.Tensor,
+        reserve: int,
+        lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, PromptCache]:
+        """``forward`` that also returns a cache for the steps that follow (a window's refresh).
+
+        The new cache holds ``cache`` (if any) plus the KV of the input columns where ``keep``
+        ([T] bool, the same for every row) is True, with room for ``reserve`` tokens; the columns
+        left out are the ones later steps recompute. With ``cache=None`` the prompt is part of
+        the input: ``lengths`` ([B]) gives each prompt's length (its tokens are input columns
+        ``0..length-1``), and the last prompt token's hidden state is taken from this forward.
+        Reusing this KV while the recomputed columns change is exact only where nothing kept
+        attends to them (``isolated`` prompt KV); otherwise it is the prefix/dual-cache
+        approximation of Fast-dLLM. Returns logits [B, N, V] and the cache."""
+        check_mode(mode)
+        key_segments = segments if cache is None else torch.cat((cache.segments, segments), dim=1)
+        mask = attention_mask(segments, key_segments, mode)
+        hidden, kv = self._layers(self.embed(input_ids.clamp(min=0)), positions, mask, cache)
+        rows = self._gather_rows(hidden, positions, segments, logits_at, cache, check_inputs=False)
+        logits = self.lm_head(self.norm(rows))
+        if self.cfg.logit_scale != 1.0:
+            logits = logits * self.cfg.logit_scale
+        kept = keep.nonzero()[:, 0]  # [K] input columns whose KV is kept
+        kept_kv = [(k[:, :, kept], v[:, :, kept]) for k, v in kv]
+        if cache is None:
+            b = input_ids.shape[0]
+            last = hidden[torch.arange(b, device=hidden.device), lengths - 1]  # [B, d]
+            return logits, PromptCache(_kv_buffer(None, kept_kv, reserve), segments[:, kept], lengths, last)
+        buffer = _kv_buffer(cache.kv[..., : cache.num_tokens, :], kept_kv, reserve)
+        key_segments = torch.cat((cache.segments, segments[:, kept]), dim=1)
+        return logits, PromptCache(buffer, key_segments, cache.lengths, cache.last_hidden)
+
     def training_logits(
         self, input_ids: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor, mode: str,
         targets: torch.Tensor,

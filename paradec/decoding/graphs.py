@@ -1,0 +1,236 @@
+"""Decoding steps replayed as CUDA graphs.
+
+A step launches hundreds of small kernels; on these GPUs a launch costs ~18 µs from the host, so
+an eager 32-token step of an 8B model spends as long launching as computing (DESIGN.md's
+numbers). A graph replays a whole step — the cached forward, scoring, selection, the in-place
+commit into canvas and trace, EOS filling and the step counters — with one launch and no host
+synchronisation; the host checks for completion every few steps.
+
+Everything a step reads lives in static buffers that the host refills when a window starts:
+the forwarded columns (padded), the window's candidate columns (padded), the quota table of
+the window and a copy of the cache. One graph is captured per phase (think blocks, summary,
+answer region) and replayed across its windows. Shapes are padded to the phase's largest
+window, so padding queries (segment PAD) and stale cache slots (segment PAD) are masked out.
+The steps it replays are the runner's eager steps on a static shape; ``tests/test_cuda.py``
+compares the two on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from paradec import ops
+from paradec.decoding.selection import Candidates
+from paradec.models.attention import PAD
+from paradec.models.transformer import PromptCache
+
+_PENDING = -7  # trace value select_commit writes inside a graph; replaced by the step counter
+
+
+def graphs_apply(runner) -> bool:
+    """Whether ``runner``'s steps can be replayed as graphs (static shapes, no host draws)."""
+    cfg = runner.config
+    return (
+        runner.device.type == "cuda"
+        and cfg.cuda_graphs
+        and cfg.temperature == 0
+        and cfg.mode != "random"
+        and (runner.config.cache_mode in ("prefix", "dual") or cfg.attention == "isolated")
+    )
+
+
+@dataclass
+class _PhaseShape:
+    step_width: int  # S: forwarded columns per step
+    window_width: int  # N: candidate columns per step
+    cached: int  # K: cache tokens before the forwarded ones
+    schedule_len: int  # longest window schedule
+
+
+class GraphedSteps:
+    """The graphs of one runner, one per phase."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.pool = torch.cuda.graph_pool_handle()
+        self.phase_key = None
+        self.graph = None
+        self.window_key = None
+
+    # --- host side ---------------------------------------------------------------------------
+    def replay(self, phase: list[int], cache: PromptCache, count: int, step: int) -> int:
+        """Replays ``count`` steps of the current window from global step ``step`` with
+        ``cache`` (the phase's prompt cache, or the window's); returns the step after them."""
+        r = self.runner
+        if self.phase_key != tuple(phase):
+            self._build_phase(phase, cache)
+        key = (r.window_index, id(cache))
+        if self.window_key != key:
+            self._load_window(phase, cache)
+            self.window_key = key
+        self.step_t.fill_(step)
+        self.window_steps.copy_(r.window_steps)
+        before = r.window_steps.clone()
+        if self.graph is None:
+            self._capture()
+        for _ in range(count):
+            self.graph.replay()
+        r.window_steps.copy_(self.window_steps.cpu())
+        r.group_steps += r.window_steps - before
+        return int(self.step_t)
+
+    def _build_phase(self, phase: list[int], cache: PromptCache) -> None:
+        """Static buffers for every window of ``phase``."""
+        r = self.runner
+        device, b = r.device, r.canvas.shape[0]
+        windows = max(len(r.windows[g]) for g in phase)
+        step_cols = [self._step_columns(phase, k) for k in range(windows)]
+        window_cols = [self._window_columns(phase, k) for k in range(windows)]
+        if r._windowed_cache:
+            # A refresh forwards the same tokens in every window and keeps all but the step
+            # columns, so cache + step columns is the same total in every window.
+            total = cache.num_tokens + len(self._step_columns(phase, r.window_index))
+            cached = total - min(len(c) for c in step_cols)
+        else:
+            cached = cache.num_tokens
+        shape = _PhaseShape(
+            step_width=max(len(c) for c in step_cols),
+            window_width=max(len(c) for c in window_cols),
+            cached=cached,
+            schedule_len=max(len(s) for g in phase for s in r.schedules[g]),
+        )
+        self.shape = shape
+        self.step_cols = torch.zeros(shape.step_width, dtype=torch.long, device=device)
+        self.step_valid = torch.zeros(shape.step_width, dtype=torch.bool, device=device)
+        self.window_cols = torch.zeros(shape.window_width, dtype=torch.long, device=device)
+        self.window_valid = torch.zeros(shape.window_width, dtype=torch.bool, device=device)
+        self.barred = torch.zeros(b, shape.window_width, dtype=torch.bool, device=device)
+        g = r.layout.num_groups
+        self.quotas = torch.zeros(g, shape.schedule_len, dtype=torch.long, device=device)
+        self.schedule_len = torch.zeros(g, dtype=torch.long, device=device)
+        self.window_steps = torch.zeros(b, g, dtype=torch.long, device=device)
+        self.step_t = torch.zeros((), dtype=torch.long, device=device)
+        kv = cache.kv
+        self.cache = PromptCache(
+            kv=kv.new_zeros(*kv.shape[:4], shape.cached + shape.step_width, kv.shape[5]),
+            segments=torch.full((b, shape.cached), PAD, dtype=cache.segments.dtype, device=device),
+            lengths=cache.lengths.clone(),
+            last_hidden=cache.last_hidden.clone(),
+        )
+        n = b * shape.window_width
+        self.rows = torch.arange(n, device=device)
+        self.batch_index = torch.arange(b, device=device).repeat_interleave(shape.window_width)  # [B * N]
+        self.phase_key, self.graph, self.window_key = tuple(phase), None, None
+
+    def _step_columns(self, phase: list[int], window: int) -> torch.Tensor:
+        r = self.runner
+        if r._windowed_cache:
+            return r._step_columns(phase, window)
+        # Every column of the phase's groups, finished or not: a static shape (under
+        # ``isolated`` a finished block changes no other block's logits).
+        return torch.cat([torch.arange(*r.layout.blocks[g], device=r.device) for g in phase])
+
+    def _window_columns(self, phase: list[int], window: int) -> torch.Tensor:
+        r = self.runner
+        ranges = [r.windows[g][window] for g in phase if window < len(r.windows[g])]
+        return torch.cat([torch.arange(*w, device=r.device) for w in ranges])
+
+    def _load_window(self, phase: list[int], cache: PromptCache) -> None:
+        """Refills the static buffers for the runner's current window and copies ``cache``."""
+        r = self.runner
+        k = r.window_index
+        _fill(self.step_cols, self.step_valid, self._step_columns(phase, k))
+        cols = self._window_columns(phase, k)
+        _fill(self.window_cols, self.window_valid, cols)
+        group = r.groups[self.window_cols]
+        offset = self.window_cols - r.body_starts[group]
+        self.barred.copy_(r._barred(group, offset).expand_as(self.barred))
+        self.quotas.zero_()
+        self.schedule_len.zero_()
+        for g in phase:
+            if k < len(r.schedules[g]):
+                schedule = r.schedules[g][k]
+                self.quotas[g, : len(schedule)] = torch.tensor(schedule, device=r.device)
+                self.schedule_len[g] = len(schedule)
+        n = cache.num_tokens
+        self.cache.kv[..., :n, :].copy_(cache.kv[..., :n, :])
+        self.cache.segments[:, :n].copy_(cache.segments)
+        self.cache.segments[:, n:].fill_(PAD)
+        self.cache.lengths.copy_(cache.lengths)
+        self.cache.last_hidden.copy_(cache.last_hidden)
+
+    def _capture(self) -> None:
+        """Captures one step. The warm-up runs really commit, so the state is put back."""
+        r = self.runner
+        saved = [t.clone() for t in (r.canvas, r.trace, self.window_steps, self.step_t)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._step()
+        for tensor, value in zip((r.canvas, r.trace, self.window_steps, self.step_t), saved):
+            tensor.copy_(value)
+        self.graph = graph
+
+    # --- device side: what one replay does ----------------------------------------------------
+    def _step(self) -> None:
+        r, cfg, spec = self.runner, self.runner.config, self.runner.model.spec
+        b, g_count = r.canvas.shape[0], r.layout.num_groups
+        cols, valid = self.step_cols, self.step_valid
+        ids = torch.where(valid, r.canvas[:, cols], 0)  # [B, S]
+        positions = torch.where(valid, r.positions[:, cols], -1)
+        segments = torch.where(valid, r.segments[:, cols], PAD)
+        wcols, wvalid = self.window_cols, self.window_valid
+        logits_at = torch.where(wvalid, r.positions[:, wcols], -1)  # [B, N]
+        logits = r.model(ids, positions, segments, cfg.attention, cache=self.cache, logits_at=logits_at,
+                         check_inputs=False)  # [B, N, V]
+        vocab = logits.shape[-1]
+        scores = ops.score(logits.view(-1, vocab), self.rows, spec.mask_id, r.stop_ids, self.barred.view(-1))
+        masked = ((r.canvas[:, wcols] == spec.mask_id) & wvalid)  # [B, N]
+        group = r.groups[wcols].expand(b, -1)  # [B, N]
+        left = torch.zeros(b, g_count, dtype=torch.long, device=r.device).scatter_add_(1, group, masked.long())
+        done = self.window_steps
+        length = self.schedule_len[None].expand(b, -1)  # [B, G]
+        scheduled = self.quotas[torch.arange(g_count, device=r.device)[None], done.clamp(max=self.shape.schedule_len - 1)]
+        quota = torch.where(done < length, torch.minimum(scheduled, left), left)
+        if cfg.steps is not None:
+            remaining = (length - done).clamp(min=1)
+            floor = torch.where(done < length, (left + remaining - 1) // remaining, left)
+        else:
+            floor = torch.ones_like(left)
+        floor = torch.where(left > 0, floor.clamp(min=1), 0)
+        flat_masked = masked.reshape(-1)
+        key = (torch.arange(b, device=r.device)[:, None] * g_count + group).reshape(-1)
+        candidates = Candidates(
+            key=key,
+            position=logits_at.reshape(-1),
+            scores=scores,
+            quota=quota.gather(1, group).reshape(-1),
+            floor=floor.gather(1, group).reshape(-1),
+        )
+        rule, ranking, param = r._plan(candidates)
+        lowest = torch.finfo(torch.float32).min
+        ranking = torch.where(flat_masked, ranking.float().nan_to_num(nan=lowest, neginf=lowest), -torch.inf)
+        confidence = torch.where(flat_masked, scores.confidence, -torch.inf)
+        column = wcols.repeat(b)
+        ops.select_commit(r.canvas, r.trace, self.batch_index, column, key, ranking, confidence,
+                          candidates.quota, candidates.floor, scores.tokens, rule, param, _PENDING)
+        r.trace.copy_(torch.where(r.trace == _PENDING, self.step_t, r.trace))
+        if cfg.eos_closes_block:
+            r._fill_after_eos(self.step_t)
+        active = left > 0
+        self.window_steps += active.long()
+        self.step_t += active.any().long()
+
+
+def _fill(columns: torch.Tensor, valid: torch.Tensor, values: torch.Tensor) -> None:
+    columns.zero_()
+    valid.zero_()
+    columns[: len(values)] = values
+    valid[: len(values)] = True
