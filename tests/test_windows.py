@@ -1,0 +1,190 @@
+"""Windowed decoding: ``block`` mode (semi-autoregressive blocks) and ``nap`` with ``window``,
+with and without the prefix/dual caches (tiny random models, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import paradec
+from paradec import GenerationConfig
+from paradec.api import build_layout, encode_prompt
+from paradec.decoding.schedule import group_schedule
+from paradec.models.attention import PROMPT
+
+from test_decoding import check_contract_5
+from tiny import tiny_checkpoint
+
+PROMPTS = ["the 3 + 4 is ?", "a b c d e f g h i j k l"]
+
+
+@pytest.fixture(scope="module", params=["llada", "dream"])
+def model(request, tmp_path_factory):
+    root, _, _ = tiny_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=11)
+    return paradec.load(root)
+
+
+def check_windows(model, config: GenerationConfig, result) -> None:
+    """Inside each group, every position of a window is committed before any of the next,
+    except EOS filling (an EOS closes the rest of its region at once)."""
+    layout = build_layout(model, config)
+    trace, tokens = torch.tensor(result.trace), torch.tensor(result.token_ids)
+    stops = torch.tensor(model.spec.stop_ids)
+    for start, end in layout.bodies:
+        windows = [(s, min(s + config.window_len, end)) for s in range(start, end, config.window_len)]
+        for (s0, e0), (s1, e1) in zip(windows, windows[1:]):
+            last = int(trace[s0:e0].max())
+            decoded = ~torch.isin(tokens[s1:e1], stops) | (trace[s1:e1] > last)
+            assert all(t > last for t in trace[s1:e1][decoded].tolist()), (windows, trace.tolist())
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    answer_len=st.integers(1, 20),
+    block_len=st.integers(1, 8),
+    cache=st.sampled_from(["none", "prefix", "dual"]),
+    attention=st.sampled_from(["isolated", "canvas"]),
+    policy=st.sampled_from(["confidence", "margin", "threshold", "factor"]),
+    tokens_per_step=st.sampled_from([None, 1, 3]),
+    temperature=st.sampled_from([0.0, 0.8]),
+    seed=st.integers(0, 100),
+)
+def test_block_mode_keeps_the_invariants(model, answer_len, block_len, cache, attention, policy, tokens_per_step,
+                                         temperature, seed):
+    if policy in ("threshold", "factor"):
+        tokens_per_step = None
+    config = GenerationConfig(mode="block", answer_len=answer_len, block_len=block_len, cache=cache,
+                              attention=attention, policy=policy, tokens_per_step=tokens_per_step,
+                              temperature=temperature, seed=seed)
+    result = paradec.generate(model, PROMPTS[0], config)
+    check_contract_5(model, config, result)
+    check_windows(model, config, result)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    blocks=st.integers(1, 3),
+    block_len=st.integers(2, 9),
+    summary_len=st.integers(1, 6),
+    window=st.integers(1, 5),
+    cache=st.sampled_from(["none", "prefix", "dual"]),
+    refresh_every=st.sampled_from([None, 2]),
+    steps=st.sampled_from([None, 24]),
+)
+def test_windowed_nap_keeps_the_invariants(model, blocks, block_len, summary_len, window, cache, refresh_every, steps):
+    if cache == "none":
+        refresh_every = None
+    config = GenerationConfig(blocks=blocks, block_len=block_len, summary_len=summary_len, window=window,
+                              cache=cache, refresh_every=refresh_every, steps=steps)
+    result = paradec.generate(model, PROMPTS[1], config)
+    check_contract_5(model, config, result)
+    check_windows(model, config, result)
+
+
+def semi_ar_reference(model, prompt: str, answer_len: int, block_len: int, k: int) -> list[int]:
+    """LLaDA's semi-autoregressive sampler, written plainly: every step forwards the prompt and
+    the whole answer under full attention, and commits the k most confident masked positions
+    of the current block (float64 probabilities, ties to the lowest position)."""
+    config = GenerationConfig(mode="block", answer_len=answer_len, block_len=block_len, attention="canvas")
+    layout = build_layout(model, config)
+    prompt_ids = torch.tensor(encode_prompt(model, prompt, config, layout))
+    p, mask_id = len(prompt_ids), model.spec.mask_id
+    answer = torch.full((answer_len,), mask_id)
+    for start in range(0, answer_len, block_len):
+        end = min(start + block_len, answer_len)
+        for quota in group_schedule(end - start, None, k, "uniform"):
+            ids = torch.cat((prompt_ids, answer))[None]
+            positions = torch.arange(len(ids[0]))[None]
+            segments = torch.where(positions < p, PROMPT, 1)
+            logits = model(ids, positions, segments, "canvas", logits_at=positions[:, p + start : p + end])[0]
+            probs = torch.softmax(logits.double(), -1)
+            probs[:, mask_id] = 0
+            confidence, tokens = probs.max(-1)
+            confidence[answer[start:end] != mask_id] = -1
+            order = sorted(range(end - start), key=lambda i: (-float(confidence[i]), i))[:quota]
+            for i in order:
+                answer[start + i] = tokens[i]
+    return answer.tolist()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_uncached_block_mode_is_llada_semi_ar(model, k):
+    result = paradec.generate(model, PROMPTS[0], mode="block", answer_len=14, block_len=5, tokens_per_step=k,
+                              attention="canvas", cache="none", eos_closes_block=False)
+    assert result.token_ids == semi_ar_reference(model, PROMPTS[0], 14, 5, k)
+
+
+@pytest.mark.parametrize("attention", ["canvas", "isolated"])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_one_step_per_block_makes_the_caches_exact(model, attention, cache):
+    """Each block's first step forwards everything, so a block decoded in one step is exact."""
+    settings = dict(mode="block", answer_len=18, block_len=6, tokens_per_step=6, attention=attention)
+    exact = paradec.generate(model, PROMPTS, cache="none", **settings)
+    cached = paradec.generate(model, PROMPTS, cache=cache, **settings)
+    assert [r.token_ids for r in cached] == [r.token_ids for r in exact]
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_a_window_spanning_the_block_is_exact_nap(model, cache):
+    settings = dict(blocks=3, block_len=10, summary_len=6, tokens_per_step=2)
+    exact = paradec.generate(model, PROMPTS, **settings)
+    windowed = paradec.generate(model, PROMPTS, window=10, cache=cache, **settings)
+    assert [r.token_ids for r in windowed] == [r.token_ids for r in exact]
+    assert [r.trace for r in windowed] == [r.trace for r in exact]
+
+
+@pytest.mark.parametrize("attention", ["canvas", "isolated"])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_a_cached_step_reproduces_the_refresh(model, attention, cache):
+    """Right after a refresh nothing has changed, so a step over the cache must give the
+    refresh's logits: the kept KV, its positions, the mask and the shift line up."""
+    from paradec.decoding.runner import Runner
+
+    config = GenerationConfig(mode="block", answer_len=16, block_len=4, attention=attention, cache=cache,
+                              temperature=0.0)
+    layout = build_layout(model, config)
+    prompts = [encode_prompt(model, p, config, layout) for p in PROMPTS]
+    model.module.float()
+    runner = Runner(model, config, layout, prompts)
+    runner.canvas[:, :4] = torch.randint(10, 40, (2, 4))  # the first block is done: test window 1
+    runner._enter_window([0], 1)
+    prompt_cache = None
+    if attention == "isolated":
+        prompt_cache = model.prefill(runner.prompt_ids, runner.prompt_lens, reserve=layout.length)
+    wanted = runner._masked() & runner.in_window
+    logits_at, _, _ = runner._wanted_positions(wanted)
+    refresh_logits, window_cache = runner._refresh([0], prompt_cache, logits_at)
+    columns = runner.step_columns
+    step_logits = model(runner.canvas[:, columns], runner.positions[:, columns], runner.segments[:, columns],
+                        attention, cache=window_cache, logits_at=logits_at)
+    # fp32, the same tokens attending to the same keys in another order: summation-order noise.
+    torch.testing.assert_close(step_logits, refresh_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_window_commits_in_every_block_every_step(model):
+    result = paradec.generate(model, PROMPTS[1], blocks=3, block_len=8, summary_len=4, window=4, tokens_per_step=2)
+    layout = build_layout(model, GenerationConfig(blocks=3, block_len=8, summary_len=4))
+    trace = torch.tensor(result.trace)
+    steps = [set(trace[s:e].tolist()) for s, e in layout.bodies[:3]]
+    assert steps[0] == steps[1] == steps[2] == {0, 1, 2, 3}
+
+
+def test_eos_ends_the_region_across_windows(tmp_path):
+    """An EOS committed in one window fills every later window with EOS at once."""
+    import json
+    from collections import Counter
+
+    settings = dict(mode="block", answer_len=24, block_len=4, tokens_per_step=1)
+    root, config, _ = tiny_checkpoint(tmp_path, "llada", seed=13)
+    probe = paradec.generate(paradec.load(root), PROMPTS[0], eos_closes_block=False, **settings)
+    favourite = Counter(probe.token_ids[:12]).most_common(1)[0][0]  # a token the first windows say
+    (root / "config.json").write_text(json.dumps(config | {"eos_token_id": favourite}))
+    model = paradec.load(root)
+    result = paradec.generate(model, PROMPTS[0], **settings)
+    first = result.token_ids.index(favourite)
+    later_windows = result.token_ids[(first // 4 + 1) * 4 :]
+    assert later_windows and set(later_windows) == {favourite}
+    off = paradec.generate(model, PROMPTS[0], eos_closes_block=False, **settings)
+    assert result.steps < off.steps == 24
