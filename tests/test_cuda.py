@@ -90,3 +90,29 @@ def test_generate_on_cuda_matches_cpu(tmp_path):
     b = paradec.generate(gpu, ["a b c", "1 2 3 4 5"], config)
     for x, y in zip(a, b):
         assert x.token_ids == y.token_ids and x.trace == y.trace
+
+
+GRAPH_CASES = {
+    "block dual": dict(mode="block", answer_len=24, block_len=8, tokens_per_step=2, attention="canvas"),
+    "block prefix": dict(mode="block", answer_len=24, block_len=8, tokens_per_step=2, cache="prefix"),
+    "block threshold": dict(mode="block", answer_len=24, block_len=8, policy="threshold", threshold=0.05),
+    "nap windowed": dict(blocks=3, block_len=12, summary_len=8, window=4, tokens_per_step=1, refresh_every=3),
+    "nap exact": dict(blocks=3, block_len=10, summary_len=6, tokens_per_step=2),
+    "nap budget": dict(blocks=2, block_len=10, summary_len=6, steps=9, policy="factor"),
+    "ao": dict(mode="ao", answer_len=16, steps=8),
+}
+
+
+@pytest.mark.parametrize("case", list(GRAPH_CASES))
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_graph_replayed_steps_equal_eager_steps(tmp_path, family, case):
+    """The graphed step is the eager step on a static shape: same tokens, same trace (fp32)."""
+    root, _, _ = tiny_checkpoint(tmp_path, family, seed=5)
+    model = paradec.load(root, device="cuda", dtype=torch.float32)
+    prompts = ["the 3 + 4 is ?", "a b c d e f g h i j k l"]
+    graphed = paradec.generate(model, prompts, cuda_graphs=True, **GRAPH_CASES[case])
+    eager = paradec.generate(model, prompts, cuda_graphs=False, **GRAPH_CASES[case])
+    assert "graphs" in graphed[0].timings and "graphs" not in eager[0].timings
+    assert [r.token_ids for r in graphed] == [r.token_ids for r in eager]
+    assert [r.trace for r in graphed] == [r.trace for r in eager]
+    assert [r.steps for r in graphed] == [r.steps for r in eager]
