@@ -179,17 +179,24 @@ class GraphedSteps:
         self.graph = graph
 
     # --- device side: what one replay does ----------------------------------------------------
-    def _step(self) -> None:
-        r, cfg, spec = self.runner, self.runner.config, self.runner.model.spec
-        b, g_count = r.canvas.shape[0], r.layout.num_groups
+    def forward(self) -> torch.Tensor:
+        """The model forward of a step alone (what ``benchmarks/latency.py`` compares a whole
+        step against): logits [B, N, V] of the window's columns."""
+        r = self.runner
         cols, valid = self.step_cols, self.step_valid
         ids = torch.where(valid, r.canvas[:, cols], 0)  # [B, S]
         positions = torch.where(valid, r.positions[:, cols], -1)
         segments = torch.where(valid, r.segments[:, cols], PAD)
+        logits_at = torch.where(self.window_valid, r.positions[:, self.window_cols], -1)  # [B, N]
+        return r.model(ids, positions, segments, r.config.attention, cache=self.cache, logits_at=logits_at,
+                       check_inputs=False)
+
+    def _step(self) -> None:
+        r, cfg, spec = self.runner, self.runner.config, self.runner.model.spec
+        b, g_count = r.canvas.shape[0], r.layout.num_groups
         wcols, wvalid = self.window_cols, self.window_valid
         logits_at = torch.where(wvalid, r.positions[:, wcols], -1)  # [B, N]
-        logits = r.model(ids, positions, segments, cfg.attention, cache=self.cache, logits_at=logits_at,
-                         check_inputs=False)  # [B, N, V]
+        logits = self.forward()  # [B, N, V]
         vocab = logits.shape[-1]
         scores = ops.score(logits.view(-1, vocab), self.rows, spec.mask_id, r.stop_ids, self.barred.view(-1))
         masked = ((r.canvas[:, wcols] == spec.mask_id) & wvalid)  # [B, N]

@@ -116,10 +116,13 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         past: tuple[torch.Tensor, torch.Tensor] | None,
         past_len: int,
+        slots: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x: [B, T, d]; past k/v: [B, Hkv, C, D] buffers whose first ``past_len`` tokens are
         cached; when C >= past_len + T this call's k/v are written in place after them (no copy
         of the cache), else concatenated. mask: [B, 1, T, past_len + T].
+        slots: [T] buffer slots (a device tensor) to write this call's k/v into instead; then
+        every slot of the buffer is a key and mask is [B, 1, T, C] (a static cache).
         Returns the output [B, T, d] and this call's own k/v [B, Hkv, T, D]."""
         b, t, _ = x.shape
         heads = self.qkv_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H + 2 Hkv, T, D]
@@ -127,7 +130,11 @@ class Attention(nn.Module):
         q, k = rotated.split((self.num_heads, self.num_kv_heads), dim=1)
         v = heads[:, self.num_heads + self.num_kv_heads :]
         keys, values = k, v
-        if past is not None and past[0].shape[2] >= past_len + t:
+        if slots is not None:
+            past[0].index_copy_(2, slots, k)
+            past[1].index_copy_(2, slots, v)
+            keys, values = past
+        elif past is not None and past[0].shape[2] >= past_len + t:
             end = past_len + t
             past[0][:, :, past_len:end].copy_(k)
             past[1][:, :, past_len:end].copy_(v)
@@ -162,8 +169,8 @@ class Layer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, mask, past, past_len):
-        attn_out, kv = self.attn(self.attn_norm(x), cos, sin, mask, past, past_len)
+    def forward(self, x, cos, sin, mask, past, past_len, slots=None):
+        attn_out, kv = self.attn(self.attn_norm(x), cos, sin, mask, past, past_len, slots)
         x = x + attn_out
         return x + self.mlp(self.mlp_norm(x)), kv
 
@@ -229,13 +236,14 @@ class DiffusionTransformer(nn.Module):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
             raise InputError(f"input_ids must lie in [0, {self.cfg.vocab_size}); got [{int(ids.min())}, {int(ids.max())}]")
 
-    def _layers(self, x, positions, mask, cache: PromptCache | None):
-        """Runs every layer; returns hidden [B, T, d] and per-layer new k/v."""
+    def _layers(self, x, positions, mask, cache: PromptCache | None, slots: torch.Tensor | None = None):
+        """Runs every layer; returns hidden [B, T, d] and per-layer new k/v (written into the
+        cache at ``slots`` when given, see ``Attention.forward``)."""
         cos, sin = self.rope(positions)
         new_kv = []
         for i, layer in enumerate(self.layers):
             past = None if cache is None else (cache.kv[i, 0], cache.kv[i, 1])
-            x, kv = layer(x, cos, sin, mask, past, 0 if cache is None else cache.num_tokens)
+            x, kv = layer(x, cos, sin, mask, past, 0 if cache is None else cache.num_tokens, slots)
             new_kv.append(kv)
         return x, new_kv
 
