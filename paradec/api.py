@@ -84,7 +84,7 @@ def generate(
             return None  # results live on rank 0 (results_on="all" sends them everywhere)
         output, placement, rank_timings = spread.output, spread.placement, spread.rank_timings
     else:
-        output = Runner(model, config, layout, encoded).run()
+        output = _local_runner(model, config, layout, encoded).run()
     results = [
         _result(model, layout, encoded[r], output.canvas[r].tolist(), output.trace[r].tolist(), output)
         for r in range(len(batch))
@@ -92,6 +92,21 @@ def generate(
     for result in results:
         result.placement, result.rank_timings = placement, rank_timings
     return results[0] if single else results
+
+
+def _local_runner(model: DiffusionModel, config: GenerationConfig, layout: CanvasLayout,
+                  prompts: list[list[int]]) -> Runner:
+    """A new runner; or, where steps replay as CUDA graphs, the last one made for this model,
+    config and batch shape, reset in place so that its graphs are not captured again."""
+    key = (config, len(prompts), max(map(len, prompts)))
+    kept = getattr(model, "_graphed_runner", None)
+    if kept is not None and kept[0] == key:
+        kept[1].reset(prompts)
+        return kept[1]
+    runner = Runner(model, config, layout, prompts)
+    if runner.graphs is not None:
+        model._graphed_runner = (key, runner)  # one at a time: its buffers hold a KV cache
+    return runner
 
 
 def resolve_config(model: DiffusionModel, config: GenerationConfig | None = None, **overrides) -> GenerationConfig:

@@ -50,26 +50,22 @@ class _PhaseShape:
 
 
 class GraphedSteps:
-    """The graphs of one runner, one per phase."""
+    """The step graph of one phase of one runner: its static buffers and the captured graph.
+    The runner keeps one per phase and reuses them across its windows and its ``reset``s."""
 
-    def __init__(self, runner):
-        self.runner = runner
-        self.pool = torch.cuda.graph_pool_handle()
-        self.phase_key = None
+    def __init__(self, runner, phase: list[int], cache: PromptCache, pool):
+        self.runner, self.phase, self.pool = runner, phase, pool
         self.graph = None
-        self.window_key = None
+        self._build(cache)
 
     # --- host side ---------------------------------------------------------------------------
-    def replay(self, phase: list[int], cache: PromptCache, count: int, step: int) -> int:
-        """Replays ``count`` steps of the current window from global step ``step`` with
-        ``cache`` (the phase's prompt cache, or the window's); returns the step after them."""
+    def replay(self, cache: PromptCache, count: int, step: int, load: bool) -> int:
+        """Replays ``count`` steps of the current window from global step ``step``; ``load``:
+        refill the window's buffers and copy ``cache`` (the phase's prompt cache, or the
+        window's) first. Returns the step after them."""
         r = self.runner
-        if self.phase_key != tuple(phase):
-            self._build_phase(phase, cache)
-        key = (r.window_index, id(cache))
-        if self.window_key != key:
-            self._load_window(phase, cache)
-            self.window_key = key
+        if load:
+            self._load_window(cache)
         self.step_t.fill_(step)
         self.window_steps.copy_(r.window_steps)
         before = r.window_steps.clone()
@@ -81,17 +77,17 @@ class GraphedSteps:
         r.group_steps += r.window_steps - before
         return int(self.step_t)
 
-    def _build_phase(self, phase: list[int], cache: PromptCache) -> None:
-        """Static buffers for every window of ``phase``."""
-        r = self.runner
+    def _build(self, cache: PromptCache) -> None:
+        """Static buffers large enough for every window of the phase."""
+        r, phase = self.runner, self.phase
         device, b = r.device, r.canvas.shape[0]
         windows = max(len(r.windows[g]) for g in phase)
-        step_cols = [self._step_columns(phase, k) for k in range(windows)]
-        window_cols = [self._window_columns(phase, k) for k in range(windows)]
+        step_cols = [self._step_columns(k) for k in range(windows)]
+        window_cols = [self._window_columns(k) for k in range(windows)]
         if r._windowed_cache:
             # A refresh forwards the same tokens in every window and keeps all but the step
             # columns, so cache + step columns is the same total in every window.
-            total = cache.num_tokens + len(self._step_columns(phase, r.window_index))
+            total = cache.num_tokens + len(self._step_columns(r.window_index))
             cached = total - min(len(c) for c in step_cols)
         else:
             cached = cache.num_tokens
@@ -119,37 +115,34 @@ class GraphedSteps:
             lengths=cache.lengths.clone(),
             last_hidden=cache.last_hidden.clone(),
         )
-        n = b * shape.window_width
-        self.rows = torch.arange(n, device=device)
+        self.rows = torch.arange(b * shape.window_width, device=device)
         self.batch_index = torch.arange(b, device=device).repeat_interleave(shape.window_width)  # [B * N]
-        self.phase_key, self.graph, self.window_key = tuple(phase), None, None
 
-    def _step_columns(self, phase: list[int], window: int) -> torch.Tensor:
+    def _step_columns(self, window: int) -> torch.Tensor:
         r = self.runner
         if r._windowed_cache:
-            return r._step_columns(phase, window)
+            return r._step_columns(self.phase, window)
         # Every column of the phase's groups, finished or not: a static shape (under
         # ``isolated`` a finished block changes no other block's logits).
-        return torch.cat([torch.arange(*r.layout.blocks[g], device=r.device) for g in phase])
+        return torch.cat([torch.arange(*r.layout.blocks[g], device=r.device) for g in self.phase])
 
-    def _window_columns(self, phase: list[int], window: int) -> torch.Tensor:
+    def _window_columns(self, window: int) -> torch.Tensor:
         r = self.runner
-        ranges = [r.windows[g][window] for g in phase if window < len(r.windows[g])]
+        ranges = [r.windows[g][window] for g in self.phase if window < len(r.windows[g])]
         return torch.cat([torch.arange(*w, device=r.device) for w in ranges])
 
-    def _load_window(self, phase: list[int], cache: PromptCache) -> None:
+    def _load_window(self, cache: PromptCache) -> None:
         """Refills the static buffers for the runner's current window and copies ``cache``."""
         r = self.runner
         k = r.window_index
-        _fill(self.step_cols, self.step_valid, self._step_columns(phase, k))
-        cols = self._window_columns(phase, k)
-        _fill(self.window_cols, self.window_valid, cols)
+        _fill(self.step_cols, self.step_valid, self._step_columns(k))
+        _fill(self.window_cols, self.window_valid, self._window_columns(k))
         group = r.groups[self.window_cols]
         offset = self.window_cols - r.body_starts[group]
         self.barred.copy_(r._barred(group, offset).expand_as(self.barred))
         self.quotas.zero_()
         self.schedule_len.zero_()
-        for g in phase:
+        for g in self.phase:
             if k < len(r.schedules[g]):
                 schedule = r.schedules[g][k]
                 self.quotas[g, : len(schedule)] = torch.tensor(schedule, device=r.device)

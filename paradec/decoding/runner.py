@@ -95,18 +95,15 @@ class Runner:
             self.phases = [groups + [m]]
         else:
             self.phases = [groups, [m]]
-        self.prompt_lens = torch.tensor([len(p) for p in prompts], device=self.device)
-        pad = model.spec.pad_id if model.spec.pad_id is not None else 0
-        self.prompt_ids = torch.full((len(prompts), max(map(len, prompts))), pad, device=self.device)
-        for r, p in enumerate(prompts):
-            self.prompt_ids[r, : len(p)] = torch.tensor(p, device=self.device)
         b, c = len(prompts), layout.length
-        self.canvas = layout.template.to(self.device).repeat(b, 1)  # [B, C]
-        self.positions = self.prompt_lens[:, None] + torch.arange(c, device=self.device)  # [B, C]
+        self.prompt_lens = torch.zeros(b, dtype=torch.long, device=self.device)
+        self.prompt_ids = torch.zeros(b, max(map(len, prompts)), dtype=torch.long, device=self.device)
+        self.canvas = torch.empty(b, c, dtype=torch.long, device=self.device)  # [B, C]
+        self.positions = torch.empty(b, c, dtype=torch.long, device=self.device)  # [B, C]
+        self.trace = torch.empty(b, c, dtype=torch.long, device=self.device)
         self.segments = layout.segments.to(self.device).repeat(b, 1)  # [B, C]
         self.groups = layout.groups.to(self.device)  # [C]
         self.editable = layout.editable.to(self.device)  # [C]
-        self.trace = torch.full((b, c), -1, device=self.device)
         self.body_starts = torch.tensor([s for s, _ in layout.bodies], device=self.device)  # [G]
         self.stop_ids = torch.tensor(model.spec.stop_ids, dtype=torch.long, device=self.device)
         self.group_steps = torch.zeros(b, layout.num_groups, dtype=torch.long)  # steps each group has run
@@ -114,7 +111,28 @@ class Runner:
         self.windows = {g: _window_ranges(start, end, config.window_len) for g, (start, end) in enumerate(layout.bodies)}
         self.schedules = self._schedules()
         self.in_window = self.editable.clone()  # [C] the current windows of the phase
-        self.graphs = GraphedSteps(self) if graphs_apply(self) else None
+        self.graphs = {} if graphs_apply(self) else None  # phase -> GraphedSteps
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.graphs is not None else None
+        self.reset(prompts)
+
+    def reset(self, prompts: list[list[int]]) -> None:
+        """Starts over on ``prompts`` (as many as before, the longest as long as before), every
+        buffer refilled in place, so the CUDA graphs already captured replay for them too (a
+        server decoding many requests of one shape captures once)."""
+        b, p = self.prompt_ids.shape
+        if len(prompts) != b or max(map(len, prompts)) != p:
+            raise ConfigError(f"reset needs {b} prompts, the longest {p} tokens; got {len(prompts)}, "
+                              f"the longest {max(map(len, prompts), default=0)}")
+        pad = self.model.spec.pad_id if self.model.spec.pad_id is not None else 0
+        self.prompt_lens.copy_(torch.tensor([len(q) for q in prompts]))
+        self.prompt_ids.fill_(pad)
+        for r, q in enumerate(prompts):
+            self.prompt_ids[r, : len(q)] = torch.tensor(q, device=self.device)
+        self.canvas.copy_(self.layout.template.to(self.device).expand_as(self.canvas))
+        self.positions.copy_(self.prompt_lens[:, None] + torch.arange(self.canvas.shape[1], device=self.device))
+        self.trace.fill_(-1)
+        self.group_steps.zero_()
+        self.window_steps.zero_()
         self.timings = {"prefill": 0.0, "forward": 0.0, "unmask": 0.0, "bookkeeping": 0.0}
 
     # --- budgets -----------------------------------------------------------------------------
@@ -160,7 +178,7 @@ class Runner:
                 cache = self._extend_with_blocks(cache)
             for window in range(max(len(self.windows[g]) for g in phase)):
                 self._enter_window(phase, window)
-                window_cache, window_step = None, 0
+                window_cache, window_step, graph_loaded = None, 0, False
                 while True:
                     active = self._active(phase)  # [B, G] host bool
                     if not active.any():
@@ -172,11 +190,13 @@ class Runner:
                         window_cache = None
                     if self.graphs is None or (self._windowed_cache and window_cache is None):
                         window_cache = self._step(active, phase, cache, window_cache, step)
-                        step, nfe, window_step = step + 1, nfe + 1, window_step + 1
+                        step, nfe, window_step, graph_loaded = step + 1, nfe + 1, window_step + 1, False
                         continue
                     count = self._replays(active, every - window_step % every if every else None)
                     t_replay = self._clock()
-                    after = self.graphs.replay(phase, window_cache or cache, count, step)
+                    after = self._graphed(phase, window_cache or cache).replay(
+                        window_cache or cache, count, step, load=not graph_loaded)
+                    graph_loaded = True
                     self.timings["graphs"] = self.timings.get("graphs", 0.0) + self._clock() - t_replay
                     nfe += count
                     window_step += after - step
@@ -187,7 +207,13 @@ class Runner:
                 name = "summary" if phase == [self.layout.summary_group] else "think"
             self.timings[name] = self.timings.get(name, 0.0) + self._clock() - t_phase
         self.timings["total"] = self._clock() - t_start
-        return DecodeOutput(self.canvas, self.trace, nfe, step, dict(self.timings))
+        return DecodeOutput(self.canvas.clone(), self.trace.clone(), nfe, step, dict(self.timings))
+
+    def _graphed(self, phase: list[int], cache: PromptCache) -> GraphedSteps:
+        key = tuple(phase)
+        if key not in self.graphs:
+            self.graphs[key] = GraphedSteps(self, phase, cache, self.graph_pool)
+        return self.graphs[key]
 
     def _replays(self, active: torch.Tensor, until_refresh: int | None) -> int:
         """Graph replays before the host looks again: the steps the top-k schedules still
