@@ -34,6 +34,7 @@ def graphs_apply(runner) -> bool:
     cfg = runner.config
     return (
         runner.device.type == "cuda"
+        and ops.native_on(runner.device)  # the torch twins read results on the host
         and cfg.cuda_graphs
         and cfg.temperature == 0
         and cfg.mode != "random"
