@@ -114,10 +114,12 @@ def decode(model, prompt: list[int], repeats: int, step_times: bool, **settings)
     }
     if step_times and runner.graphs:
         steps = runner.graphs[tuple(runner.phases[0])]
-        row["step_ms"] = median_ms(steps.graph.replay, warmup=3, repeats=20)
+        row["step_ms"] = median_ms(steps.step_graph.replay, warmup=3, repeats=20)
         forward_graph, _ = capture_graph(steps.forward)
         row["forward_ms"] = median_ms(forward_graph.replay, warmup=3, repeats=20)
         row["step_tokens"] = int(steps.step_valid.sum())
+        if steps.refresh_graph is not None:
+            row["refresh_ms"] = median_ms(steps.refresh_graph.replay, warmup=3, repeats=10)
         del forward_graph
     del runner
     return row
@@ -186,7 +188,7 @@ def sweep(model, name: str, prompts: dict[int, list[int]], args, log) -> list[di
     rows = []
 
     def record(mode: str, prompt_len: int, settings: dict, row: dict) -> None:
-        row = {"model": name, "mode": mode, "prompt_len": prompt_len, **settings, **row}
+        row = {"model": name, "prompt_len": prompt_len, **settings, **row, "mode": mode}
         rows.append(row)
         log.write(json.dumps(row) + "\n")
         log.flush()

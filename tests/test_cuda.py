@@ -95,11 +95,13 @@ def test_generate_on_cuda_matches_cpu(tmp_path):
 GRAPH_CASES = {
     "block dual": dict(mode="block", answer_len=24, block_len=8, tokens_per_step=2, attention="canvas"),
     "block prefix": dict(mode="block", answer_len=24, block_len=8, tokens_per_step=2, cache="prefix"),
-    "block threshold": dict(mode="block", answer_len=24, block_len=8, policy="threshold", threshold=0.05),
+    "block threshold": dict(mode="block", answer_len=24, block_len=8, policy="threshold", threshold=0.9),
     "nap windowed": dict(blocks=3, block_len=12, summary_len=8, window=4, tokens_per_step=1, refresh_every=3),
     "nap exact": dict(blocks=3, block_len=10, summary_len=6, tokens_per_step=2),
     "nap budget": dict(blocks=2, block_len=10, summary_len=6, steps=9, policy="factor"),
     "ao": dict(mode="ao", answer_len=16, steps=8),
+    "nap windowed none": dict(blocks=2, block_len=12, summary_len=8, window=4, cache="none", tokens_per_step=1),
+    "block isolated": dict(mode="block", answer_len=20, block_len=6, tokens_per_step=2, attention="isolated"),
 }
 
 

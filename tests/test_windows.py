@@ -188,3 +188,55 @@ def test_eos_ends_the_region_across_windows(tmp_path):
     assert later_windows and set(later_windows) == {favourite}
     off = paradec.generate(model, PROMPTS[0], eos_closes_block=False, **settings)
     assert result.steps < off.steps == 24
+
+
+STATIC_CASES = {
+    "block dual": dict(mode="block", answer_len=20, block_len=6, tokens_per_step=2, attention="canvas"),
+    "block prefix": dict(mode="block", answer_len=20, block_len=6, tokens_per_step=3, cache="prefix"),
+    "block threshold": dict(mode="block", answer_len=16, block_len=8, policy="threshold", threshold=0.9,
+                            attention="canvas"),
+    "nap windowed": dict(blocks=3, block_len=10, summary_len=6, window=4, tokens_per_step=1, refresh_every=3),
+    "nap windowed none": dict(blocks=2, block_len=9, summary_len=5, window=4, cache="none", tokens_per_step=2),
+    "nap exact": dict(blocks=3, block_len=8, summary_len=5, tokens_per_step=2),
+    "nap budget": dict(blocks=2, block_len=10, summary_len=6, steps=9, policy="factor"),
+    "ao": dict(mode="ao", answer_len=12, steps=6),
+    "ar order": dict(mode="ar_order", answer_len=10, tokens_per_step=3),
+}
+
+
+@pytest.mark.parametrize("case", list(STATIC_CASES))
+def test_static_steps_equal_eager_steps(model, case, monkeypatch):
+    """The static-shape steps that CUDA graphs replay, run here without capture (each replay
+    calls the step body): same tokens, trace and step count as the eager steps."""
+    from paradec import ops
+    from paradec.decoding import graphs, runner
+
+    if not ops.native_on(torch.device("cpu")):
+        pytest.skip("paradec._C is not built")
+    settings = STATIC_CASES[case]
+    eager = paradec.generate(model, PROMPTS, cuda_graphs=False, **settings)
+    monkeypatch.setattr(runner, "graphs_apply", lambda r: r.config.cuda_graphs and r.config.temperature == 0)
+    monkeypatch.setattr(graphs.GraphedSteps, "_capture", lambda self, body: type("Eager", (), {"replay": body})())
+    monkeypatch.setattr(graphs, "KEY_ALIGN", 16)
+    static = paradec.generate(model, PROMPTS, cuda_graphs=True, **settings)
+    assert "graphs" in static[0].timings
+    assert [r.token_ids for r in static] == [r.token_ids for r in eager]
+    assert [r.trace for r in static] == [r.trace for r in eager]
+    assert [r.steps for r in static] == [r.steps for r in eager]
+
+
+def test_a_reset_runner_decodes_like_a_new_one(model):
+    from paradec.decoding.runner import Runner
+
+    config = GenerationConfig(blocks=2, block_len=8, summary_len=4, window=4, tokens_per_step=2)
+    layout = build_layout(model, config)
+    first = [encode_prompt(model, p, config, layout) for p in PROMPTS]
+    second = [first[1][:3], first[1]]  # as many prompts, the longest as long
+    runner = Runner(model, config, layout, first)
+    runner.run()
+    runner.reset(second)
+    again = runner.run()
+    fresh = Runner(model, config, layout, second).run()
+    assert torch.equal(again.canvas, fresh.canvas) and torch.equal(again.trace, fresh.trace)
+    with pytest.raises(paradec.ConfigError, match=r"reset needs 2 prompts, the longest \d+ tokens"):
+        runner.reset([first[0]])

@@ -2,31 +2,32 @@
 
 A step launches hundreds of small kernels; on these GPUs a launch costs ~18 µs from the host, so
 an eager 32-token step of an 8B model spends as long launching as computing (DESIGN.md's
-numbers). A graph replays a whole step — the cached forward, scoring, selection, the in-place
-commit into canvas and trace, EOS filling and the step counters — with one launch and no host
+numbers). A graph replays a whole step — the forward, scoring, selection, the in-place commit
+into canvas and trace, EOS filling and the step counters — with one launch and no host
 synchronisation; the host checks for completion every few steps.
 
 Everything a step reads lives in static buffers that the host refills when a window starts:
-the forwarded columns (padded), the window's candidate columns (padded), the quota table of
-the window and a copy of the cache. One graph is captured per phase (think blocks, summary,
-answer region) and replayed across its windows. Shapes are padded to the phase's largest
-window, so padding queries (segment PAD) and stale cache slots (segment PAD) are masked out.
-The steps it replays are the runner's eager steps on a static shape; ``tests/test_cuda.py``
-compares the two on the device.
+the forwarded columns, the window's candidate columns, the window's quota table and the cache.
+Two graphs per phase (think blocks, summary, answer region), both reused across windows and
+requests: the *step* (the window's columns over the cache) and, with a windowed cache, the
+*refresh* (a window's first step: everything the phase forwards, whose KV it gathers into the
+step's cache). Shapes are padded to the phase's largest window and the key count to a multiple
+of ``KEY_ALIGN`` (attention kernels take unaligned masks slowly); padding queries and stale
+cache slots carry segment PAD, so nothing attends to them.
+The steps are the runner's eager steps on a static shape; ``tests/test_cuda.py`` compares the two.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from paradec import ops
 from paradec.decoding.selection import Candidates
-from paradec.models.attention import PAD
+from paradec.models.attention import PAD, PROMPT, attention_mask
 from paradec.models.transformer import PromptCache
 
 _PENDING = -7  # trace value select_commit writes inside a graph; replaced by the step counter
+KEY_ALIGN = 64  # keys per attention call are padded to a multiple of this
 
 
 def graphs_apply(runner) -> bool:
@@ -42,101 +43,31 @@ def graphs_apply(runner) -> bool:
     )
 
 
-@dataclass
-class _PhaseShape:
-    step_width: int  # S: forwarded columns per step
-    window_width: int  # N: candidate columns per step
-    cached: int  # K: cache tokens before the forwarded ones
-    schedule_len: int  # longest window schedule
+def _aligned(n: int) -> int:
+    return -(-n // KEY_ALIGN) * KEY_ALIGN
 
 
 class GraphedSteps:
-    """The step graph of one phase of one runner: its static buffers and the captured graph.
-    The runner keeps one per phase and reuses them across its windows and its ``reset``s."""
+    """The graphs of one phase of one runner and their static buffers. The runner keeps one per
+    phase and reuses it across its windows and its ``reset``s.
 
-    def __init__(self, runner, phase: list[int], cache: PromptCache, pool):
+    phase_cache: the cache the phase starts from — the prompt KV (plus the think blocks' for the
+    summary) under ``isolated``, None under ``canvas`` (the prompt is forwarded)."""
+
+    def __init__(self, runner, phase: list[int], phase_cache: PromptCache | None, pool):
         self.runner, self.phase, self.pool = runner, phase, pool
-        self.graph = None
-        self._build(cache)
+        self.windowed = runner._windowed_cache
+        self.step_graph = self.refresh_graph = None
+        self._build(phase_cache)
 
     # --- host side ---------------------------------------------------------------------------
-    def replay(self, cache: PromptCache, count: int, step: int, load: bool) -> int:
-        """Replays ``count`` steps of the current window from global step ``step``; ``load``:
-        refill the window's buffers and copy ``cache`` (the phase's prompt cache, or the
-        window's) first. Returns the step after them."""
-        r = self.runner
-        if load:
-            self._load_window(cache)
-        self.step_t.fill_(step)
-        self.window_steps.copy_(r.window_steps)
-        before = r.window_steps.clone()
-        if self.graph is None:
-            self._capture()
-        for _ in range(count):
-            self.graph.replay()
-        r.window_steps.copy_(self.window_steps.cpu())
-        r.group_steps += r.window_steps - before
-        return int(self.step_t)
-
-    def _build(self, cache: PromptCache) -> None:
-        """Static buffers large enough for every window of the phase."""
-        r, phase = self.runner, self.phase
-        device, b = r.device, r.canvas.shape[0]
-        windows = max(len(r.windows[g]) for g in phase)
-        step_cols = [self._step_columns(k) for k in range(windows)]
-        window_cols = [self._window_columns(k) for k in range(windows)]
-        if r._windowed_cache:
-            # A refresh forwards the same tokens in every window and keeps all but the step
-            # columns, so cache + step columns is the same total in every window.
-            total = cache.num_tokens + len(self._step_columns(r.window_index))
-            cached = total - min(len(c) for c in step_cols)
-        else:
-            cached = cache.num_tokens
-        shape = _PhaseShape(
-            step_width=max(len(c) for c in step_cols),
-            window_width=max(len(c) for c in window_cols),
-            cached=cached,
-            schedule_len=max(len(s) for g in phase for s in r.schedules[g]),
-        )
-        self.shape = shape
-        self.step_cols = torch.zeros(shape.step_width, dtype=torch.long, device=device)
-        self.step_valid = torch.zeros(shape.step_width, dtype=torch.bool, device=device)
-        self.window_cols = torch.zeros(shape.window_width, dtype=torch.long, device=device)
-        self.window_valid = torch.zeros(shape.window_width, dtype=torch.bool, device=device)
-        self.barred = torch.zeros(b, shape.window_width, dtype=torch.bool, device=device)
-        g = r.layout.num_groups
-        self.quotas = torch.zeros(g, shape.schedule_len, dtype=torch.long, device=device)
-        self.schedule_len = torch.zeros(g, dtype=torch.long, device=device)
-        self.window_steps = torch.zeros(b, g, dtype=torch.long, device=device)
-        self.step_t = torch.zeros((), dtype=torch.long, device=device)
-        kv = cache.kv
-        self.cache = PromptCache(
-            kv=kv.new_zeros(*kv.shape[:4], shape.cached + shape.step_width, kv.shape[5]),
-            segments=torch.full((b, shape.cached), PAD, dtype=cache.segments.dtype, device=device),
-            lengths=cache.lengths.clone(),
-            last_hidden=cache.last_hidden.clone(),
-        )
-        self.rows = torch.arange(b * shape.window_width, device=device)
-        self.batch_index = torch.arange(b, device=device).repeat_interleave(shape.window_width)  # [B * N]
-
-    def _step_columns(self, window: int) -> torch.Tensor:
-        r = self.runner
-        if r._windowed_cache:
-            return r._step_columns(self.phase, window)
-        # Every column of the phase's groups, finished or not: a static shape (under
-        # ``isolated`` a finished block changes no other block's logits).
-        return torch.cat([torch.arange(*r.layout.blocks[g], device=r.device) for g in self.phase])
-
-    def _window_columns(self, window: int) -> torch.Tensor:
-        r = self.runner
-        ranges = [r.windows[g][window] for g in self.phase if window < len(r.windows[g])]
-        return torch.cat([torch.arange(*w, device=r.device) for w in ranges])
-
-    def _load_window(self, cache: PromptCache) -> None:
-        """Refills the static buffers for the runner's current window and copies ``cache``."""
+    def load(self, phase_cache: PromptCache | None) -> None:
+        """Refills the static buffers for the runner's current window; copies the phase's
+        cache (unwindowed: the step's whole cache; windowed: the part before the kept KV)."""
         r = self.runner
         k = r.window_index
-        _fill(self.step_cols, self.step_valid, self._step_columns(k))
+        step_cols = self._step_columns(k)
+        _fill(self.step_cols, self.step_valid, step_cols)
         _fill(self.window_cols, self.window_valid, self._window_columns(k))
         group = r.groups[self.window_cols]
         offset = self.window_cols - r.body_starts[group]
@@ -148,31 +79,124 @@ class GraphedSteps:
                 schedule = r.schedules[g][k]
                 self.quotas[g, : len(schedule)] = torch.tensor(schedule, device=r.device)
                 self.schedule_len[g] = len(schedule)
-        n = cache.num_tokens
-        self.cache.kv[..., :n, :].copy_(cache.kv[..., :n, :])
-        self.cache.segments[:, :n].copy_(cache.segments)
-        self.cache.segments[:, n:].fill_(PAD)
-        self.cache.lengths.copy_(cache.lengths)
-        self.cache.last_hidden.copy_(cache.last_hidden)
+        self.cache.segments.fill_(PAD)
+        if phase_cache is not None:
+            n = phase_cache.num_tokens
+            _copy_cache(self.cache, phase_cache, n)
+            if self.windowed:
+                _copy_cache(self.phase_cache, phase_cache, n)
+        else:
+            self.cache.lengths.copy_(r.prompt_lens)
+        if self.windowed:  # which refresh columns the step's cache keeps: all but the step's
+            in_step = torch.isin(self.refresh_cols, step_cols + self.canvas_offset) & self.refresh_valid
+            _fill(self.keep_index, self.keep_valid, (self.refresh_valid & ~in_step).nonzero()[:, 0])
 
-    def _capture(self) -> None:
-        """Captures one step. The warm-up runs really commit, so the state is put back."""
+    def refresh(self, step: int) -> int:
+        """The window's first step (or a periodic refresh): one replay; returns the next step."""
+        if self.refresh_graph is None:
+            self.refresh_graph = self._capture(self._refresh_step)
+        return self._replay(self.refresh_graph, 1, step)
+
+    def replay(self, count: int, step: int) -> int:
+        """Replays ``count`` steps of the current window from global step ``step``; returns the
+        step after them."""
+        if self.step_graph is None:
+            self.step_graph = self._capture(self._step)
+        return self._replay(self.step_graph, count, step)
+
+    def _replay(self, graph, count: int, step: int) -> int:
         r = self.runner
-        saved = [t.clone() for t in (r.canvas, r.trace, self.window_steps, self.step_t)]
+        self.step_t.fill_(step)
+        self.window_steps.copy_(r.window_steps)
+        before = r.window_steps.clone()
+        for _ in range(count):
+            graph.replay()
+        r.window_steps.copy_(self.window_steps.cpu())
+        r.group_steps += r.window_steps - before
+        return int(self.step_t)
+
+    def _capture(self, body):
+        """Captures ``body``. The warm-up runs really commit, so the state is put back."""
+        r = self.runner
+        state = (r.canvas, r.trace, self.window_steps, self.step_t)
+        saved = [t.clone() for t in state]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step()
+                body()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self._step()
-        for tensor, value in zip((r.canvas, r.trace, self.window_steps, self.step_t), saved):
+            body()
+        for tensor, value in zip(state, saved):
             tensor.copy_(value)
-        self.graph = graph
+        return graph
 
-    # --- device side: what one replay does ----------------------------------------------------
+    # --- static buffers ----------------------------------------------------------------------
+    def _build(self, phase_cache: PromptCache | None) -> None:
+        r, phase = self.runner, self.phase
+        device, b = r.device, r.canvas.shape[0]
+        windows = max(len(r.windows[g]) for g in phase)
+        step_width = max(len(self._step_columns(k)) for k in range(windows))
+        window_width = max(len(self._window_columns(k)) for k in range(windows))
+        base = 0 if phase_cache is None else phase_cache.num_tokens
+        kv_like = r.model.module.embed.weight
+        cfg = r.model.module.cfg
+        if self.windowed:
+            # The refresh forwards the phase's columns in the coordinates of ``_sequence``: the
+            # prompt then the canvas under ``canvas`` attention, the phase's blocks under
+            # ``isolated`` (the prompt is in the phase cache).
+            if r.config.attention == "canvas":
+                self.canvas_offset = r.prompt_ids.shape[1]
+                columns = torch.arange(self.canvas_offset + r.canvas.shape[1], device=device)
+            else:
+                self.canvas_offset = 0
+                columns = torch.cat([torch.arange(*r.layout.blocks[g], device=device) for g in phase])
+            width = _aligned(base + len(columns)) - base
+            self.refresh_cols = torch.zeros(width, dtype=torch.long, device=device)
+            self.refresh_valid = torch.zeros(width, dtype=torch.bool, device=device)
+            _fill(self.refresh_cols, self.refresh_valid, columns)
+            kept = len(columns) - min(len(self._step_columns(k)) for k in range(windows))
+            self.keep_index = torch.zeros(kept, dtype=torch.long, device=device)
+            self.keep_valid = torch.zeros(kept, dtype=torch.bool, device=device)
+            cached = base + kept
+            if phase_cache is not None:
+                self.phase_cache = _empty_cache(kv_like, cfg, b, base, width, phase_cache.segments.dtype)
+        else:
+            cached = base
+        step_width = _aligned(cached + step_width) - cached
+        self.cached = cached
+        self.step_cols = torch.zeros(step_width, dtype=torch.long, device=device)
+        self.step_valid = torch.zeros(step_width, dtype=torch.bool, device=device)
+        self.window_cols = torch.zeros(window_width, dtype=torch.long, device=device)
+        self.window_valid = torch.zeros(window_width, dtype=torch.bool, device=device)
+        self.barred = torch.zeros(b, window_width, dtype=torch.bool, device=device)
+        g = r.layout.num_groups
+        self.schedule_max = max(len(s) for gr in phase for s in r.schedules[gr])
+        self.quotas = torch.zeros(g, self.schedule_max, dtype=torch.long, device=device)
+        self.schedule_len = torch.zeros(g, dtype=torch.long, device=device)
+        self.window_steps = torch.zeros(b, g, dtype=torch.long, device=device)
+        self.step_t = torch.zeros((), dtype=torch.long, device=device)
+        self.cache = _empty_cache(kv_like, cfg, b, cached, step_width, torch.long)
+        self.rows = torch.arange(b * window_width, device=device)
+        self.batch_index = torch.arange(b, device=device).repeat_interleave(window_width)  # [B * N]
+        self.batch = torch.arange(b, device=device)
+
+    def _step_columns(self, window: int) -> torch.Tensor:
+        r = self.runner
+        if self.windowed:
+            return r._step_columns(self.phase, window)
+        # Every column of the phase's groups, finished or not: a static shape (under
+        # ``isolated`` a finished block changes no other block's logits).
+        return torch.cat([torch.arange(*r.layout.blocks[g], device=r.device) for g in self.phase])
+
+    def _window_columns(self, window: int) -> torch.Tensor:
+        r = self.runner
+        ranges = [r.windows[g][window] for g in self.phase if window < len(r.windows[g])]
+        return torch.cat([torch.arange(*w, device=r.device) for w in ranges])
+
+    # --- device side: what a replay does ------------------------------------------------------
     def forward(self) -> torch.Tensor:
         """The model forward of a step alone (what ``benchmarks/latency.py`` compares a whole
         step against): logits [B, N, V] of the window's columns."""
@@ -181,24 +205,68 @@ class GraphedSteps:
         ids = torch.where(valid, r.canvas[:, cols], 0)  # [B, S]
         positions = torch.where(valid, r.positions[:, cols], -1)
         segments = torch.where(valid, r.segments[:, cols], PAD)
-        logits_at = torch.where(self.window_valid, r.positions[:, self.window_cols], -1)  # [B, N]
-        return r.model(ids, positions, segments, r.config.attention, cache=self.cache, logits_at=logits_at,
-                       check_inputs=False)
+        return r.model(ids, positions, segments, r.config.attention, cache=self.cache,
+                       logits_at=self._logits_at(), check_inputs=False)
+
+    def _logits_at(self) -> torch.Tensor:
+        r = self.runner
+        return torch.where(self.window_valid, r.positions[:, self.window_cols], -1)  # [B, N]
+
+    def _sequence(self):
+        """What refresh columns index: [B, L] ids, positions, segments."""
+        r = self.runner
+        if self.canvas_offset == 0:
+            return r.canvas, r.positions, r.segments
+        prompt_pos = torch.arange(self.canvas_offset, device=r.device).expand_as(r.prompt_ids)
+        prompt_real = prompt_pos < r.prompt_lens[:, None]
+        ids = torch.cat((r.prompt_ids, r.canvas), 1)
+        positions = torch.cat((torch.where(prompt_real, prompt_pos, -1), r.positions), 1)
+        segments = torch.cat((torch.where(prompt_real, PROMPT, PAD), r.segments), 1)
+        return ids, positions, segments
+
+    def _refresh_step(self) -> None:
+        """A window's first step: forward every column of the phase, keep the KV of the columns
+        the window's steps do not recompute in the step's cache, commit from its logits."""
+        r, module = self.runner, self.runner.model.module
+        seq_ids, seq_pos, seq_seg = self._sequence()
+        cols, valid = self.refresh_cols, self.refresh_valid
+        ids = torch.where(valid, seq_ids[:, cols], 0)  # [B, T]
+        positions = torch.where(valid, seq_pos[:, cols], -1)
+        segments = torch.where(valid, seq_seg[:, cols], PAD)
+        phase_cache = getattr(self, "phase_cache", None)
+        keys = segments if phase_cache is None else torch.cat((phase_cache.segments, segments), 1)
+        mask = attention_mask(segments, keys, r.config.attention)
+        hidden, kv = module._layers(module.embed(ids.clamp(min=0)), positions, mask, phase_cache)
+        logits_at = self._logits_at()
+        rows = module._gather_rows(hidden, positions, segments, logits_at, phase_cache, False)
+        logits = module.lm_head(module.norm(rows))
+        if module.cfg.logit_scale != 1.0:
+            logits = logits * module.cfg.logit_scale
+        start, keep = self.cached - len(self.keep_index), self.keep_index
+        for i, (k, v) in enumerate(kv):  # [B, Hkv, T, D] -> the kept columns, after the phase cache
+            self.cache.kv[i, 0, :, :, start : self.cached].copy_(k.index_select(2, keep))
+            self.cache.kv[i, 1, :, :, start : self.cached].copy_(v.index_select(2, keep))
+        self.cache.segments[:, start:].copy_(torch.where(self.keep_valid, segments[:, keep], PAD))
+        if phase_cache is None:  # the prompt was forwarded: its last hidden state as of now
+            self.cache.last_hidden.copy_(hidden[self.batch, r.prompt_lens - 1])
+        self._commit(logits, logits_at)
 
     def _step(self) -> None:
+        self._commit(self.forward(), self._logits_at())
+
+    def _commit(self, logits: torch.Tensor, logits_at: torch.Tensor) -> None:
+        """Scoring, selection and the in-place commit of one step. logits: [B, N, V]."""
         r, cfg, spec = self.runner, self.runner.config, self.runner.model.spec
         b, g_count = r.canvas.shape[0], r.layout.num_groups
-        wcols, wvalid = self.window_cols, self.window_valid
-        logits_at = torch.where(wvalid, r.positions[:, wcols], -1)  # [B, N]
-        logits = self.forward()  # [B, N, V]
+        wcols = self.window_cols
         vocab = logits.shape[-1]
-        scores = ops.score(logits.view(-1, vocab), self.rows, spec.mask_id, r.stop_ids, self.barred.view(-1))
-        masked = ((r.canvas[:, wcols] == spec.mask_id) & wvalid)  # [B, N]
+        scores = ops.score(logits.reshape(-1, vocab), self.rows, spec.mask_id, r.stop_ids, self.barred.view(-1))
+        masked = (r.canvas[:, wcols] == spec.mask_id) & self.window_valid  # [B, N]
         group = r.groups[wcols].expand(b, -1)  # [B, N]
         left = torch.zeros(b, g_count, dtype=torch.long, device=r.device).scatter_add_(1, group, masked.long())
         done = self.window_steps
         length = self.schedule_len[None].expand(b, -1)  # [B, G]
-        scheduled = self.quotas[torch.arange(g_count, device=r.device)[None], done.clamp(max=self.shape.schedule_len - 1)]
+        scheduled = self.quotas[torch.arange(g_count, device=r.device)[None], done.clamp(max=self.schedule_max - 1)]
         quota = torch.where(done < length, torch.minimum(scheduled, left), left)
         if cfg.steps is not None:
             remaining = (length - done).clamp(min=1)
@@ -208,19 +276,13 @@ class GraphedSteps:
         floor = torch.where(left > 0, floor.clamp(min=1), 0)
         flat_masked = masked.reshape(-1)
         key = (torch.arange(b, device=r.device)[:, None] * g_count + group).reshape(-1)
-        candidates = Candidates(
-            key=key,
-            position=logits_at.reshape(-1),
-            scores=scores,
-            quota=quota.gather(1, group).reshape(-1),
-            floor=floor.gather(1, group).reshape(-1),
-        )
+        candidates = Candidates(key=key, position=logits_at.reshape(-1), scores=scores,
+                                quota=quota.gather(1, group).reshape(-1), floor=floor.gather(1, group).reshape(-1))
         rule, ranking, param = r._plan(candidates)
         lowest = torch.finfo(torch.float32).min
         ranking = torch.where(flat_masked, ranking.float().nan_to_num(nan=lowest, neginf=lowest), -torch.inf)
         confidence = torch.where(flat_masked, scores.confidence, -torch.inf)
-        column = wcols.repeat(b)
-        ops.select_commit(r.canvas, r.trace, self.batch_index, column, key, ranking, confidence,
+        ops.select_commit(r.canvas, r.trace, self.batch_index, wcols.repeat(b), key, ranking, confidence,
                           candidates.quota, candidates.floor, scores.tokens, rule, param, _PENDING)
         r.trace.copy_(torch.where(r.trace == _PENDING, self.step_t, r.trace))
         if cfg.eos_closes_block:
@@ -228,6 +290,21 @@ class GraphedSteps:
         active = left > 0
         self.window_steps += active.long()
         self.step_t += active.any().long()
+
+
+def _empty_cache(like: torch.Tensor, cfg, batch: int, cached: int, reserve: int, seg_dtype) -> PromptCache:
+    kv = like.new_zeros(cfg.num_layers, 2, batch, cfg.num_kv_heads, cached + reserve, cfg.head_dim)
+    return PromptCache(kv=kv, segments=torch.full((batch, cached), PAD, dtype=seg_dtype, device=like.device),
+                       lengths=torch.zeros(batch, dtype=torch.long, device=like.device),
+                       last_hidden=like.new_zeros(batch, cfg.hidden_size))
+
+
+def _copy_cache(dst: PromptCache, src: PromptCache, n: int) -> None:
+    """The first ``n`` tokens of ``src`` into ``dst`` (its other slots untouched)."""
+    dst.kv[..., :n, :].copy_(src.kv[..., :n, :])
+    dst.segments[:, :n].copy_(src.segments)
+    dst.lengths.copy_(src.lengths)
+    dst.last_hidden.copy_(src.last_hidden)
 
 
 def _fill(columns: torch.Tensor, valid: torch.Tensor, values: torch.Tensor) -> None:

@@ -111,8 +111,8 @@ class Runner:
         self.windows = {g: _window_ranges(start, end, config.window_len) for g, (start, end) in enumerate(layout.bodies)}
         self.schedules = self._schedules()
         self.in_window = self.editable.clone()  # [C] the current windows of the phase
-        self.graphs = {} if graphs_apply(self) else None  # phase -> GraphedSteps
-        self.graph_pool = torch.cuda.graph_pool_handle() if self.graphs is not None else None
+        self.graphs = {} if graphs_apply(self) else None  # phase -> GraphedSteps (None: eager steps)
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.graphs is not None and self.device.type == "cuda" else None
         self.reset(prompts)
 
     def reset(self, prompts: list[list[int]]) -> None:
@@ -178,7 +178,7 @@ class Runner:
                 cache = self._extend_with_blocks(cache)
             for window in range(max(len(self.windows[g]) for g in phase)):
                 self._enter_window(phase, window)
-                window_cache, window_step, graph_loaded = None, 0, False
+                window_cache, window_step, graph_loaded = None, 0, False  # eager / graphed bookkeeping
                 while True:
                     active = self._active(phase)  # [B, G] host bool
                     if not active.any():
@@ -186,17 +186,21 @@ class Runner:
                     if should_abort is not None:
                         should_abort()
                     every = self.config.refresh_every
-                    if every and window_step % every == 0:
-                        window_cache = None
-                    if self.graphs is None or (self._windowed_cache and window_cache is None):
-                        window_cache = self._step(active, phase, cache, window_cache, step)
-                        step, nfe, window_step, graph_loaded = step + 1, nfe + 1, window_step + 1, False
+                    due = self._windowed_cache and (window_step == 0 or bool(every and window_step % every == 0))
+                    if self.graphs is None:
+                        window_cache = self._step(active, phase, cache, None if due else window_cache, step)
+                        step, nfe, window_step = step + 1, nfe + 1, window_step + 1
                         continue
-                    count = self._replays(active, every - window_step % every if every else None)
+                    graphed = self._graphed(phase, cache)
+                    if not graph_loaded:
+                        graphed.load(cache)
+                        graph_loaded = True
                     t_replay = self._clock()
-                    after = self._graphed(phase, window_cache or cache).replay(
-                        window_cache or cache, count, step, load=not graph_loaded)
-                    graph_loaded = True
+                    if due:
+                        count, after = 1, graphed.refresh(step)
+                    else:
+                        count = self._replays(active, every - window_step % every if every else None)
+                        after = graphed.replay(count, step)
                     self.timings["graphs"] = self.timings.get("graphs", 0.0) + self._clock() - t_replay
                     nfe += count
                     window_step += after - step
@@ -209,7 +213,7 @@ class Runner:
         self.timings["total"] = self._clock() - t_start
         return DecodeOutput(self.canvas.clone(), self.trace.clone(), nfe, step, dict(self.timings))
 
-    def _graphed(self, phase: list[int], cache: PromptCache) -> GraphedSteps:
+    def _graphed(self, phase: list[int], cache: PromptCache | None) -> GraphedSteps:
         key = tuple(phase)
         if key not in self.graphs:
             self.graphs[key] = GraphedSteps(self, phase, cache, self.graph_pool)
