@@ -120,8 +120,10 @@ def decode(model, prompt: list[int], repeats: int, step_times: bool, **settings)
         row["step_tokens"] = int(steps.step_valid.sum())
         if steps.refresh_graph is not None:
             row["refresh_ms"] = median_ms(steps.refresh_graph.replay, warmup=3, repeats=10)
-        del forward_graph
-    del runner
+        del forward_graph, steps
+    del runner  # its graphs and static buffers hold GPU memory; the runner is in a reference cycle
+    gc.collect()
+    torch.cuda.empty_cache()
     return row
 
 
