@@ -82,16 +82,20 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def reset_peak() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+def reset_peak() -> float:
+    """Resets the peak counter; returns what is allocated now (GiB: the weights and whatever
+    earlier runs left behind), so a run's own share is its peak minus this."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() / 2**30
 
 
 def decode(model, prompt: list[int], repeats: int, step_times: bool, **settings) -> dict:
     """A whole generation, timed: the first run (captures graphs) and the median of repeats."""
     config = GenerationConfig(eos_closes_block=False, chat_template=False, **settings)
     layout = build_layout(model, config)
-    reset_peak()
+    resident = reset_peak()
     runner = Runner(model, config, layout, [prompt])
     t0 = synced()
     output = runner.run()
@@ -110,6 +114,7 @@ def decode(model, prompt: list[int], repeats: int, step_times: bool, **settings)
         "wall_s": statistics.median(walls),
         "phases_s": {k: round(v, 4) for k, v in output.timings.items()},
         "peak_gib": peak_gib(),
+        "resident_gib": resident,
         "graphs": bool(runner.graphs),
     }
     if step_times and runner.graphs:
@@ -130,14 +135,14 @@ def decode(model, prompt: list[int], repeats: int, step_times: bool, **settings)
 def ar(model, prompt: list[int], new_tokens: int, repeats: int) -> dict:
     decoder = StaticCausalDecoder(model.module, 1, len(prompt) + new_tokens)
     ids = torch.tensor([prompt], device=model.device)
-    reset_peak()
+    resident = reset_peak()
     decoder.generate(ids, new_tokens)  # captures the graph
     runs = [decoder.generate(ids, new_tokens) for _ in range(repeats)]
     wall = statistics.median(r.timings["total"] for r in runs)
     decode_s = statistics.median(r.timings["decode"] for r in runs)
     return {"canvas": new_tokens, "steps": new_tokens, "wall_s": wall,
             "phases_s": {"prefill": statistics.median(r.timings["prefill"] for r in runs), "decode": decode_s},
-            "token_ms": decode_s / (new_tokens - 1) * 1e3, "peak_gib": peak_gib()}
+            "token_ms": decode_s / (new_tokens - 1) * 1e3, "peak_gib": peak_gib(), "resident_gib": resident}
 
 
 def hf_reference(name: str, prompt: list[int], new_tokens: int) -> dict:
@@ -231,6 +236,45 @@ def sweep(model, name: str, prompts: dict[int, list[int]], args, log) -> list[di
     return rows
 
 
+def fastdllm(args, prompt: list[int]) -> list[dict]:
+    """Fast-dLLM's own code at the same shape and settings, in a subprocess whose PYTHONPATH puts
+    its transformers (4.49) first; see fastdllm_peer.py."""
+    import os
+    import subprocess
+    import sys
+
+    path = args.out_dir / "peer_prompt.json"
+    path.write_text(json.dumps(prompt))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (args.peer_pythonpath, os.environ.get(
+        "PYTHONPATH", "")) if p))
+    command = [sys.executable, str(Path(__file__).with_name("fastdllm_peer.py")), "--repo", str(args.fastdllm),
+               "--prompt", str(path), "--gen-length", str(args.peer_canvas), "--block-length", str(args.block_len),
+               "--tokens-per-step", str(args.tokens_per_step_main)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    print(done.stdout[-3000:], done.stderr[-3000:] if done.returncode else "", flush=True)
+    if done.returncode:
+        return [{"mode": "fastdllm_failed", "prompt_len": len(prompt), "canvas": 0, "steps": 0, "wall_s": float("nan"),
+                 "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"rc {done.returncode}"}]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])["rows"]
+    for row in rows:
+        row["mode"] = "fastdllm_" + row["mode"]
+        row["canvas"] = row["answer_len"]
+    return rows
+
+
+def peer_ratios(rows: list[dict], name: str, args) -> dict:
+    """paradec against Fast-dLLM at the same settings, from one run."""
+    out = {}
+    for cache in ("dual", "prefix"):
+        ours = [r for r in rows if r["model"] == name and r["mode"] == f"block_{cache}"
+                and r.get("answer_len") == args.peer_canvas and r["prompt_len"] == args.prompt_lens[0]]
+        peer = [r for r in rows if r["model"] == name and r["mode"] == f"fastdllm_block_{cache}"]
+        if ours and peer and "step_ms" in ours[0] and "step_ms" in peer[0]:
+            out[f"fastdllm_{cache}_step_over_ours"] = peer[0]["step_ms"] / ours[0]["step_ms"]
+            out[f"fastdllm_{cache}_wall_over_ours"] = peer[0]["wall_s"] / ours[0]["wall_s"]
+    return out
+
+
 def summarise(rows: list[dict], name: str, prompt_len: int, window: int, k: int) -> dict:
     """The issue's ratios, from rows of one run."""
     def pick(mode, **where):
@@ -302,6 +346,9 @@ def main() -> None:
     parser.add_argument("--ao-tokens-per-step", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--hf-reference", type=int, default=0, help="tokens for transformers' generate (0: skip)")
+    parser.add_argument("--fastdllm", type=Path, default=None, help="Fast-dLLM's llada/ folder: time the peer too")
+    parser.add_argument("--peer-pythonpath", default="", help="put first on the peer's PYTHONPATH (transformers 4.49)")
+    parser.add_argument("--peer-canvas", type=int, default=1024)
     parser.add_argument("--out-dir", type=Path, default=Path("latency-out"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -321,6 +368,12 @@ def main() -> None:
             del model
             gc.collect()
             torch.cuda.empty_cache()
+            if args.fastdllm and name == "llada-8b-instruct":
+                peer = fastdllm(args, prompts[args.prompt_lens[0]])
+                rows += [{"model": name, **row} for row in peer]
+                for row in peer:
+                    log.write(json.dumps({"model": name, **row}) + "\n")
+                summary[name] |= peer_ratios(rows, name, args)
             if args.hf_reference:
                 row = {"model": name, "mode": "hf_generate_static", "prompt_len": args.prompt_lens[0],
                        **hf_reference(name, prompts[args.prompt_lens[0]], args.hf_reference)}

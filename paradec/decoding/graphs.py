@@ -27,7 +27,7 @@ from paradec.models.attention import PAD, PROMPT, attention_mask
 from paradec.models.transformer import PromptCache
 
 _PENDING = -7  # trace value select_commit writes inside a graph; replaced by the step counter
-KEY_ALIGN = 64  # keys per attention call are padded to a multiple of this
+KEY_ALIGN = 8  # keys per attention call are padded to a multiple of this (16 bytes of bf16)
 
 
 def graphs_apply(runner) -> bool:
