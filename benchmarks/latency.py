@@ -120,13 +120,16 @@ def decode(model, prompt: list[int], repeats: int, step_times: bool, **settings)
     if step_times and runner.graphs:
         steps = runner.graphs[tuple(runner.phases[0])]
         row["step_ms"] = median_ms(steps.step_graph.replay, warmup=3, repeats=20)
-        forward_graph, _ = capture_graph(steps.forward)
+        forward_graph, logits = capture_graph(steps.forward)
         row["forward_ms"] = median_ms(forward_graph.replay, warmup=3, repeats=20)
+        forward_graph.reset()
+        del logits
         row["step_tokens"] = int(steps.step_valid.sum())
         if steps.refresh_graph is not None:
             row["refresh_ms"] = median_ms(steps.refresh_graph.replay, warmup=3, repeats=10)
         del forward_graph, steps
-    del runner  # its graphs and static buffers hold GPU memory; the runner is in a reference cycle
+    runner.release()
+    del runner
     gc.collect()
     torch.cuda.empty_cache()
     return row
@@ -138,6 +141,9 @@ def ar(model, prompt: list[int], new_tokens: int, repeats: int) -> dict:
     resident = reset_peak()
     decoder.generate(ids, new_tokens)  # captures the graph
     runs = [decoder.generate(ids, new_tokens) for _ in range(repeats)]
+    decoder.graph = None
+    del decoder
+    gc.collect()
     wall = statistics.median(r.timings["total"] for r in runs)
     decode_s = statistics.median(r.timings["decode"] for r in runs)
     return {"canvas": new_tokens, "steps": new_tokens, "wall_s": wall,

@@ -103,9 +103,12 @@ def _local_runner(model: DiffusionModel, config: GenerationConfig, layout: Canva
     if kept is not None and kept[0] == key:
         kept[1].reset(prompts)
         return kept[1]
+    if kept is not None:
+        kept[1].release()  # one at a time: its buffers hold a KV cache
+        model._graphed_runner = None
     runner = Runner(model, config, layout, prompts)
     if runner.graphs is not None:
-        model._graphed_runner = (key, runner)  # one at a time: its buffers hold a KV cache
+        model._graphed_runner = (key, runner)
     return runner
 
 

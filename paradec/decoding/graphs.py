@@ -104,6 +104,14 @@ class GraphedSteps:
             self.step_graph = self._capture(self._step)
         return self._replay(self.step_graph, count, step)
 
+    def release(self) -> None:
+        """Drops the graphs (their private memory) and the static caches."""
+        for graph in (self.step_graph, self.refresh_graph):
+            if graph is not None:
+                graph.reset()
+        self.step_graph = self.refresh_graph = None
+        self.cache = self.phase_cache = None
+
     def _replay(self, graph, count: int, step: int) -> int:
         r = self.runner
         self.step_t.fill_(step)

@@ -213,6 +213,14 @@ class Runner:
         self.timings["total"] = self._clock() - t_start
         return DecodeOutput(self.canvas.clone(), self.trace.clone(), nfe, step, dict(self.timings))
 
+    def release(self) -> None:
+        """Frees the captured graphs and their static buffers (caches included) now, rather
+        than whenever the garbage collector gets to this runner."""
+        for graphed in (self.graphs or {}).values():
+            graphed.release()
+        if self.graphs is not None:
+            self.graphs.clear()
+
     def _graphed(self, phase: list[int], cache: PromptCache | None) -> GraphedSteps:
         key = tuple(phase)
         if key not in self.graphs:
