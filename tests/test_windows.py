@@ -204,6 +204,16 @@ STATIC_CASES = {
 }
 
 
+class _Uncaptured:
+    """Stands in for a CUDA graph: each replay runs the step body."""
+
+    def __init__(self, body):
+        self.replay = body
+
+    def reset(self) -> None:
+        self.replay = None
+
+
 @pytest.mark.parametrize("case", list(STATIC_CASES))
 def test_static_steps_equal_eager_steps(model, case, monkeypatch):
     """The static-shape steps that CUDA graphs replay, run here without capture (each replay
@@ -216,7 +226,7 @@ def test_static_steps_equal_eager_steps(model, case, monkeypatch):
     settings = STATIC_CASES[case]
     eager = paradec.generate(model, PROMPTS, cuda_graphs=False, **settings)
     monkeypatch.setattr(runner, "graphs_apply", lambda r: r.config.cuda_graphs and r.config.temperature == 0)
-    monkeypatch.setattr(graphs.GraphedSteps, "_capture", lambda self, body: type("Eager", (), {"replay": body})())
+    monkeypatch.setattr(graphs.GraphedSteps, "_capture", lambda self, body: _Uncaptured(body))
     monkeypatch.setattr(graphs, "KEY_ALIGN", 16)
     static = paradec.generate(model, PROMPTS, cuda_graphs=True, **settings)
     assert "graphs" in static[0].timings
