@@ -52,12 +52,9 @@ def median_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 20) -> f
 
 def capture_graph(fn: Callable[[], torch.Tensor], warmup: int = 3) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Capture ``fn`` (static inputs) in a CUDA graph; returns the graph and its output tensor."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(warmup):  # on the current stream: a side stream's warm-up memory outlives the graph
+        fn()
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fn()

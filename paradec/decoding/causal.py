@@ -112,12 +112,9 @@ class StaticCausalDecoder:
         return logits.argmax(-1)
 
     def _capture(self) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream().wait_stream(stream)
+        for _ in range(2):  # warm-up on the current stream (see paradec.decoding.graphs)
+            self._step()
+        torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._step()
