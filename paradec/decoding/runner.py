@@ -152,6 +152,7 @@ class Runner:
         return schedules
 
     # --- the loop ----------------------------------------------------------------------------
+    @torch.no_grad()  # the graph bodies call the layers directly: no autograd graph may hold their buffers
     def run(self, cache=None, start: tuple[torch.Tensor, torch.Tensor, int] | None = None,
             should_abort=None) -> DecodeOutput:
         """Decode this runner's phases.
