@@ -216,7 +216,10 @@ def sweep(model, name: str, prompts: dict[int, list[int]], args, log) -> list[di
         for n in (args.ar_tokens if main else args.ar_tokens[:1]):
             record("ar", prompt_len, {}, ar(model, prompt, n, args.repeats))
         canvases = args.canvas if main else [1024]
-        for canvas in canvases:
+        room = model.spec.max_length - prompt_len - 64  # headers of up to 8 blocks
+        for canvas in [c for c in canvases if c > room]:
+            print(f"  skipped canvas {canvas}: a {prompt_len}-token prompt leaves {name} room for {room}")
+        for canvas in [c for c in canvases if c <= room]:
             for m in (args.blocks if canvas == 1024 and main else [4]):
                 shape = nap_shape(canvas, m) | dict(window=window, tokens_per_step=k)
                 record("nap_windowed", prompt_len, shape, decode(model, prompt, args.repeats, True, **shape))
@@ -340,7 +343,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["llada-8b-instruct", "dream-v0-instruct-7b"])
     parser.add_argument("--data", type=Path, default=Path("../shared/data/gsm8k"))
     parser.add_argument("--prompt-lens", type=int, nargs="+", default=[512, 2048])
-    parser.add_argument("--canvas", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    parser.add_argument("--canvas", type=int, nargs="+", default=[256, 512, 1024, 2048, 3456, 4096])
     parser.add_argument("--block-canvas", type=int, nargs="+", default=[256, 1024, 2048])
     parser.add_argument("--blocks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--tokens-per-step", type=int, nargs="+", default=[1, 2, 4, 8])
