@@ -51,6 +51,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--attention", default="isolated", choices=["isolated", "canvas"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", type=int, help="decode each think block this many tokens at a time")
+    p.add_argument("--cache", choices=["none", "prefix", "dual"], help="with --window: what a step recomputes")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run every step eagerly on a GPU")
     p.add_argument("--prompt-kv", default="auto", choices=["auto", "broadcast", "recompute"])
     p.add_argument("--gather", default="tokens", choices=["tokens", "kv"])
     p.add_argument("--rank-timeout-s", type=float, default=60.0)
@@ -84,13 +87,15 @@ def main() -> None:
     try:
         model = paradec.load(args.model, device=env.device, dtype=DTYPES.get(args.dtype))
         prompt, gold = question(args)
-        given = dict(blocks=args.blocks, block_len=args.block_len, summary_len=args.summary_len)
+        given = dict(blocks=args.blocks, block_len=args.block_len, summary_len=args.summary_len, window=args.window,
+                     cache=args.cache)
         config = resolve_config(
             model, **{k: v for k, v in given.items() if v is not None},
             steps=args.steps, tokens_per_step=args.tokens_per_step, schedule=args.schedule, policy=args.policy,
             threshold=args.threshold, factor=args.factor, temperature=args.temperature, seed=args.seed,
             attention=args.attention, prompt_kv=args.prompt_kv, gather=args.gather,
             rank_timeout_s=args.rank_timeout_s, chat_template=not args.no_chat_template,
+            cuda_graphs=not args.no_cuda_graphs,
         )
         result = paradec.generate(model, prompt, config)
         if result is not None:
