@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from paradec.errors import ConfigError, InputError
 from paradec.models.loading import DiffusionModel
 
 _PLACEHOLDER = "\u2063PARADEC_USER_TEXT\u2063"
+_REUSE = threading.Lock()  # one generate() at a time uses a model's kept runner
 
 Prompt = str | Sequence[int]
 
@@ -83,8 +85,13 @@ def generate(
         if spread is None:
             return None  # results live on rank 0 (results_on="all" sends them everywhere)
         output, placement, rank_timings = spread.output, spread.placement, spread.rank_timings
-    else:
-        output = _local_runner(model, config, layout, encoded).run()
+    elif _REUSE.acquire(blocking=False):
+        try:
+            output = _local_runner(model, config, layout, encoded).run()
+        finally:
+            _REUSE.release()
+    else:  # another thread is decoding with the kept runner
+        output = Runner(model, config, layout, encoded).run()
     results = [
         _result(model, layout, encoded[r], output.canvas[r].tolist(), output.trace[r].tolist(), output)
         for r in range(len(batch))
@@ -98,7 +105,8 @@ def _local_runner(model: DiffusionModel, config: GenerationConfig, layout: Canva
                   prompts: list[list[int]]) -> Runner:
     """A new runner; or, where steps replay as CUDA graphs, the last one made for this model,
     config and batch shape, reset in place so that its graphs are not captured again."""
-    key = (config, len(prompts), max(map(len, prompts)))
+    weight = model.module.embed.weight  # graphs hold the addresses of these weights
+    key = (config, len(prompts), max(map(len, prompts)), weight.data_ptr(), weight.dtype, weight.device)
     kept = getattr(model, "_graphed_runner", None)
     if kept is not None and kept[0] == key:
         kept[1].reset(prompts)

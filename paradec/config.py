@@ -52,15 +52,15 @@ class GenerationConfig:
     Windows. ``block`` mode decodes one window (its block) at a time; ``nap`` does so when
     ``window`` is set: every think block (and the summary) decodes its first ``window`` body
     tokens, then the next ``window``, ... all blocks in step (``window=None``: the whole block,
-    the exact mode). Each window's steps get an equal share of the phase's ``steps``.
+    the exact mode). A phase's ``steps`` are shared by its windows in proportion to their lengths.
     cache: what a windowed step recomputes (default ``dual``): ``none`` forwards what an
     unwindowed step forwards; ``prefix`` forwards the window and the rest of its block after
     it, reusing the KV of what precedes; ``dual`` forwards the window only and reuses the KV of
     everything else. The reused KV is computed by the window's first step, which forwards
     everything (and again every ``refresh_every`` steps when set). Reusing it is
     Fast-dLLM's approximation wherever a cached token attends to the window (always under
-    ``canvas`` attention; inside a think block under ``isolated``): the result can differ from
-    ``cache="none"``, which is exact. cuda_graphs: on a CUDA device, replay the steps of a
+    ``canvas`` attention, where the prompt does; inside a think block under ``isolated``): the
+    result can differ from ``cache="none"``, which is exact. cuda_graphs: on a CUDA device, replay the steps of a
     window as CUDA graphs (captured once per shape, no host synchronisation inside a step; the
     host checks for completion every few steps) where a step has static shapes: greedy
     (temperature 0), the forward reusing a cache (``isolated`` attention, or a windowed

@@ -61,4 +61,7 @@ def test_graph_replayed_decoding_equals_eager(tmp_path):
     graphed = StaticCausalDecoder(model.module, 2, 40, graphs=True).generate(prompt, 20)
     eager = StaticCausalDecoder(model.module, 2, 40, graphs=False).generate(prompt, 20)
     assert torch.equal(graphed.tokens, eager.tokens)
+    for n in (1, 2, 3):  # a request that fills the capacity exactly (the capture runs past it)
+        tight = StaticCausalDecoder(model.module, 2, 9 + n, graphs=True).generate(prompt, n)
+        assert torch.equal(tight.tokens, eager.tokens[:, :n])
     assert torch.equal(eager.tokens.cpu(), plain_causal_greedy(model.module.cpu(), prompt.cpu(), 20))

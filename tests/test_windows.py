@@ -250,3 +250,27 @@ def test_a_reset_runner_decodes_like_a_new_one(model):
     assert torch.equal(again.canvas, fresh.canvas) and torch.equal(again.trace, fresh.trace)
     with pytest.raises(paradec.ConfigError, match=r"reset needs 2 prompts, the longest \d+ tokens"):
         runner.reset([first[0]])
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.integers(1, 300), lengths=st.lists(st.integers(1, 64), min_size=1, max_size=9))
+def test_steps_are_shared_by_window_length(steps, lengths):
+    from paradec.decoding.runner import split_steps
+
+    if steps < len(lengths):
+        steps = len(lengths)  # the config refuses fewer steps than windows
+    shares = split_steps(steps, lengths)
+    assert sum(shares) == min(steps, sum(lengths))
+    assert all(1 <= s <= n for s, n in zip(shares, lengths))
+    exact = [min(steps, sum(lengths)) * n / sum(lengths) for n in lengths]
+    # Proportional up to rounding, unless a window's floor of 1 or cap of n forced a shift.
+    if all(1 <= e <= n for e, n in zip(exact, lengths)):
+        assert all(abs(s - e) < 1 + 1e-9 * steps or s in (1, n) for s, e, n in zip(shares, exact, lengths))
+
+
+def test_a_short_last_window_does_not_waste_the_budget(model):
+    result = paradec.generate(model, PROMPTS[0], mode="block", answer_len=40, block_len=32, steps=32,
+                              eos_closes_block=False)
+    assert result.steps == 32
+    trace = torch.tensor(result.trace)
+    assert len(set(trace[:32].tolist())) == 26 and len(set(trace[32:].tolist())) == 6  # 32 * 32/40, 32 * 8/40

@@ -19,6 +19,8 @@ from paradec.errors import InputError
 from paradec.models.attention import PAD, PROMPT
 from paradec.models.transformer import DiffusionTransformer, PromptCache
 
+CAPTURE_SLOTS = 2  # warm-up steps before a capture
+
 
 @dataclass
 class CausalOutput:
@@ -40,14 +42,17 @@ class StaticCausalDecoder:
         cfg = module.cfg
         weight = module.embed.weight
         self.device = weight.device
-        self.kv = weight.new_zeros(cfg.num_layers, 2, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
-        self.key_segments = torch.full((batch, capacity), PAD, dtype=torch.long, device=self.device)
+        # Two slots past the capacity: capturing the graph runs two warm-up steps past the last
+        # real position when a request uses the whole capacity (their keys stay PAD).
+        slots = capacity + CAPTURE_SLOTS
+        self.kv = weight.new_zeros(cfg.num_layers, 2, batch, cfg.num_kv_heads, slots, cfg.head_dim)
+        self.key_segments = torch.full((batch, slots), PAD, dtype=torch.long, device=self.device)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # the last token
         self.cursor = torch.zeros((), dtype=torch.long, device=self.device)  # its position
         self.capacity = capacity
         self.graphs = graphs and self.device.type == "cuda"
         self.graph = None
-        self.out = torch.zeros(batch, capacity, dtype=torch.long, device=self.device)
+        self.out = torch.zeros(batch, slots, dtype=torch.long, device=self.device)
         # The cache as the layers see it: every slot a key, written at the slots given.
         self.cache = PromptCache(self.kv, self.key_segments[:, :0], torch.zeros(batch, dtype=torch.long),
                                  weight.new_zeros(batch, cfg.hidden_size))
@@ -86,8 +91,8 @@ class StaticCausalDecoder:
         b, p = prompt_ids.shape
         positions = torch.arange(p, device=self.device).expand(b, p)
         slots = torch.arange(p, device=self.device)
-        keys = torch.arange(self.capacity, device=self.device)
-        mask = (keys[None, :] <= slots[:, None]).expand(b, 1, p, self.capacity)  # causal over the slots
+        keys = torch.arange(self.kv.shape[4], device=self.device)
+        mask = (keys[None, :] <= slots[:, None]).expand(b, 1, p, len(keys))  # causal over the slots
         self.key_segments.fill_(PAD)
         self.key_segments[:, :p] = PROMPT
         hidden, _ = self.module._layers(self.module.embed(prompt_ids), positions, mask, self.cache, slots)
@@ -112,7 +117,7 @@ class StaticCausalDecoder:
         return logits.argmax(-1)
 
     def _capture(self) -> None:
-        for _ in range(2):  # warm-up on the current stream (see paradec.decoding.graphs)
+        for _ in range(CAPTURE_SLOTS):  # warm-up on the current stream (see paradec.decoding.graphs)
             self._step()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()

@@ -139,14 +139,13 @@ class Runner:
     def _schedules(self) -> dict[int, list[list[int]]]:
         """Each group's quotas, one list per window: think blocks (or the answer region) take
         the first phase's step budget, the summary the last phase's (the same one when they
-        decode together); a group's windows share its budget equally (the first ones get the
-        remainder)."""
+        decode together); a group's windows share its budget in proportion to their lengths."""
         cfg, layout = self.config, self.layout
         budgets = cfg.phase_budgets()
         schedules = {}
         for g, windows in self.windows.items():
             steps = budgets[-1][2] if g == layout.summary_group else budgets[0][2]
-            shares = [None] * len(windows) if steps is None else _split(steps, len(windows))
+            shares = [None] * len(windows) if steps is None else split_steps(steps, [e - s for s, e in windows])
             schedules[g] = [group_schedule(end - start, share, cfg.tokens_per_step, cfg.schedule)
                             for (start, end), share in zip(windows, shares)]
         return schedules
@@ -496,6 +495,17 @@ def _window_ranges(start: int, end: int, window: int | None) -> list[tuple[int, 
     return ranges
 
 
-def _split(steps: int, parts: int) -> list[int]:
-    base, rest = divmod(steps, parts)
-    return [base + 1] * rest + [base] * (parts - rest)
+def split_steps(steps: int, lengths: list[int]) -> list[int]:
+    """``steps`` shared by windows of ``lengths`` tokens in proportion to their lengths (largest
+    remainders first), each window at least 1 step and at most one per token."""
+    total = sum(lengths)
+    steps = min(steps, total)
+    exact = [steps * n / total for n in lengths]
+    shares = [min(n, max(1, int(e))) for n, e in zip(lengths, exact)]
+    while sum(shares) < steps:
+        i = max((i for i, n in enumerate(lengths) if shares[i] < n), key=lambda i: exact[i] - shares[i])
+        shares[i] += 1
+    while sum(shares) > steps:
+        i = max((i for i in range(len(shares)) if shares[i] > 1), key=lambda i: shares[i] - exact[i])
+        shares[i] -= 1
+    return shares

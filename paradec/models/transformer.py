@@ -105,8 +105,10 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 # On a GPU each of these is several small kernels per layer (7 for the rotation, ~1 ms of an
-# 8B step); compiled, each is one fused kernel with the same math. Compiled lazily, for CUDA
-# tensors only (CPU runs stay eager); PARADEC_COMPILE=0 turns it off.
+# 8B step); compiled, each is one fused kernel. The formulas are the same, but a fused kernel
+# keeps its intermediates in fp32 where eager bf16 rounds them, so bf16 logits can differ from
+# eager ones in the last bits. Compiled lazily, for CUDA tensors only (CPU runs stay eager);
+# PARADEC_COMPILE=0 turns it off.
 _FUSE = os.environ.get("PARADEC_COMPILE", "1") != "0"
 _fused: dict = {}
 
