@@ -8,6 +8,9 @@ the long-CoT model commits m * k tokens per step in its one region, so both spen
 same number of forwards (the NFE column says how many).
 
     python benchmarks/tiny_accuracy.py --tokens-per-step 1 2 3 4 --plots plots/
+
+``--window W`` also decodes the canvas model W tokens of each block at a time under each of
+``--caches`` (what the reused KV costs in accuracy); ``--only-nap`` skips the long-CoT model.
 """
 
 from __future__ import annotations
@@ -39,17 +42,23 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--plots", type=Path, help="write decode-order PNGs of the first problem here")
     p.add_argument("--records", type=Path, help="write every decoded problem here (JSONL)")
+    p.add_argument("--window", type=int, help="also decode the canvas model with windows of this many tokens")
+    p.add_argument("--caches", nargs="+", default=["dual", "prefix"], choices=["none", "prefix", "dual"])
+    p.add_argument("--only-nap", action="store_true", help="skip the long-CoT model")
     args = p.parse_args()
     info = banner()
     problems = arith.test_problems()[: args.limit]
     m = args.blocks
     runs = []
-    for name, path in (("nap", args.nap), ("longcot", args.longcot)):
+    for name, path in (("nap", args.nap),) + ((("longcot", args.longcot),) if not args.only_nap else ()):
         model = paradec.load(path, device=args.device, dtype=torch.float32)
         for k in args.tokens_per_step:
             if name == "nap":
-                settings = [("nap", dict(mode="nap", blocks=m, block_len=BLOCK_LEN, summary_len=SUMMARY_LEN,
-                                         tokens_per_step=k))]
+                canvas = dict(mode="nap", blocks=m, block_len=BLOCK_LEN, summary_len=SUMMARY_LEN, tokens_per_step=k)
+                settings = [("nap", canvas)]
+                if args.window:
+                    settings += [(f"w{args.window}-{cache}", canvas | dict(window=args.window, cache=cache))
+                                 for cache in args.caches]
             else:
                 length = CanvasFormat(BLOCK_LEN, SUMMARY_LEN).longcot_len(m)
                 settings = [(rule, dict(mode=rule, answer_len=length, tokens_per_step=m * k)) for rule in ("ao", "ar_order")]
