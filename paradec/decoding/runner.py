@@ -108,11 +108,13 @@ class Runner:
         self.stop_ids = torch.tensor(model.spec.stop_ids, dtype=torch.long, device=self.device)
         self.group_steps = torch.zeros(b, layout.num_groups, dtype=torch.long)  # steps each group has run
         self.window_steps = torch.zeros(b, layout.num_groups, dtype=torch.long)  # ... in its current window
-        self.windows = {g: _window_ranges(start, end, config.window_len) for g, (start, end) in enumerate(layout.bodies)}
+        self.windows = {g: _window_ranges(start, end, config.window_len)  # each group's windows, in order
+                        for g, (start, end) in enumerate(layout.bodies)}
         self.schedules = self._schedules()
         self.in_window = self.editable.clone()  # [C] the current windows of the phase
         self.graphs = {} if graphs_apply(self) else None  # phase -> GraphedSteps (None: eager steps)
-        self.graph_pool = torch.cuda.graph_pool_handle() if self.graphs is not None and self.device.type == "cuda" else None
+        on_cuda = self.graphs is not None and self.device.type == "cuda"
+        self.graph_pool = torch.cuda.graph_pool_handle() if on_cuda else None
         self.reset(prompts)
 
     def reset(self, prompts: list[list[int]]) -> None:
