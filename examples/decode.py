@@ -54,6 +54,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--window", type=int, help="decode each think block this many tokens at a time")
     p.add_argument("--cache", choices=["none", "prefix", "dual"], help="with --window: what a step recomputes")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run every step eagerly on a GPU")
+    p.add_argument("--answerer", help="NAR→AR: a transformers causal LM directory that reads the blocks and answers")
+    p.add_argument("--answer-tokens", type=int, default=64, help="with --answerer: the answer's token budget")
+    p.add_argument("--with-summary", action="store_true", help="with --answerer: decode the summary too")
     p.add_argument("--prompt-kv", default="auto", choices=["auto", "broadcast", "recompute"])
     p.add_argument("--gather", default="tokens", choices=["tokens", "kv"])
     p.add_argument("--rank-timeout-s", type=float, default=60.0)
@@ -97,7 +100,13 @@ def main() -> None:
             rank_timeout_s=args.rank_timeout_s, chat_template=not args.no_chat_template,
             cuda_graphs=not args.no_cuda_graphs,
         )
-        result = paradec.generate(model, prompt, config)
+        answerer = None
+        if args.answerer:
+            from paradec.models.ar import ARModel
+
+            answerer = ARModel.load(args.answerer, device=env.device)
+        result = paradec.generate(model, prompt, config, answerer=answerer, answer_tokens=args.answer_tokens,
+                                  with_summary=args.with_summary)
         if result is not None:
             report(model, config, prompt, gold, result, args.plot)
     finally:
@@ -113,6 +122,11 @@ def report(model, config, prompt, gold, result, plot) -> None:
     for i, text in enumerate(result.blocks, 1):
         print0(f"--- think {i}\n{text}")
     print0(f"--- summary\n{result.summary}")
+    if result.answerer is not None:
+        a = result.answerer
+        flags = ", ".join(f for f, on in (("traces truncated", a.truncated), ("said nothing", a.empty),
+                                          ("hit the token budget", not a.stopped)) if on) or "ok"
+        print0(f"--- answerer ({a.prompt_tokens} prompt tokens, {a.seconds:.3f} s; {flags})\n{a.text}")
     verdict = "" if gold is None else f" (gold {gold}: {'right' if result.answer == gold else 'wrong'})"
     print0(f"answer: {result.answer}{verdict}")
     t = result.timings

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
+from paradec import hybrid
 from paradec.answers import extract_answer
 from paradec.canvas import CanvasLayout, canvas_layout
 from paradec.config import GenerationConfig
@@ -45,6 +46,7 @@ class GenerationResult:
     block_token_ids: list[list[int]] = field(default_factory=list)
     summary_token_ids: list[int] = field(default_factory=list)
     placement: dict | None = None  # under torchrun: blocks of each rank, idle ranks, prompt-KV and gather choices
+    answerer: hybrid.AnswerOutput | None = None  # NAR→AR: what the AR answerer wrote
     rank_timings: list[dict] | None = None  # under torchrun: per rank, seconds per phase and forwards
 
 
@@ -52,11 +54,20 @@ def generate(
     model: DiffusionModel,
     prompts: Prompt | Sequence[Prompt],
     config: GenerationConfig | None = None,
+    answerer=None,
+    answer_tokens: int = 64,
+    with_summary: bool = False,
     **overrides,
 ) -> GenerationResult | list[GenerationResult]:
     """Decode one prompt or a batch (strings, or token id lists) with ``config`` and overrides.
     Without ``config`` the checkpoint's own defaults (``paradec.generation`` in its config.json,
     e.g. the canvas it was trained on) come first, then paradec's.
+
+    answerer: NAR→AR (``paradec.hybrid``): an ``ARModel`` that reads the question and the think
+    blocks as text and writes the answer (up to ``answer_tokens`` tokens) after the diffusion
+    model has decoded the blocks — and the summary too with ``with_summary`` (else it is left
+    undecoded). ``result.answerer`` holds what it wrote; ``result.answer`` is its extracted
+    answer. Under torchrun it runs on rank 0, where the results are.
 
     A single prompt gives a single result; a list of prompts gives a list. Inside a torchrun job
     of several ranks every rank calls this with the same arguments; the think blocks are spread
@@ -64,6 +75,7 @@ def generate(
     ``results_on="all"``).
     """
     config = resolve_config(model, config, **overrides)
+    summary = _check_answerer(answerer, answer_tokens, config, current_env()) or with_summary
     single = isinstance(prompts, str) or (
         isinstance(prompts, Sequence) and len(prompts) > 0 and all(isinstance(t, int) for t in prompts)
     )
@@ -81,32 +93,62 @@ def generate(
     env = current_env()
     placement = rank_timings = None
     if env.distributed:
-        spread = distributed_canvas.decode(model, config, layout, encoded, env)
+        spread = distributed_canvas.decode(model, config, layout, encoded, env, summary=summary)
         if spread is None:
             return None  # results live on rank 0 (results_on="all" sends them everywhere)
         output, placement, rank_timings = spread.output, spread.placement, spread.rank_timings
     elif _REUSE.acquire(blocking=False):
         try:
-            output = _local_runner(model, config, layout, encoded).run()
+            output = _local_runner(model, config, layout, encoded, summary).run()
         finally:
             _REUSE.release()
     else:  # another thread is decoding with the kept runner
-        output = Runner(model, config, layout, encoded).run()
+        output = Runner(model, config, layout, encoded, summary=None if summary else False).run()
     results = [
-        _result(model, layout, encoded[r], output.canvas[r].tolist(), output.trace[r].tolist(), output)
+        _result(model, layout, encoded[r], output.canvas[r].tolist(), output.trace[r].tolist(), output, summary)
         for r in range(len(batch))
     ]
     for result in results:
         result.placement, result.rank_timings = placement, rank_timings
+    if answerer is not None:
+        for prompt, result in zip(batch, results):
+            question = prompt if isinstance(prompt, str) else _text(model, list(prompt))
+            result.answerer = hybrid.answer(answerer, question, result.blocks, answer_tokens,
+                                            summary=result.summary if with_summary else None,
+                                            temperature=config.temperature, seed=config.seed)
+            result.answer = result.answerer.answer
     return results[0] if single else results
 
 
+def _check_answerer(answerer, answer_tokens: int, config: GenerationConfig, env) -> bool:
+    """Validates an answerer before any work; returns whether the summary is decoded anyway
+    (True without an answerer)."""
+    if answerer is None:
+        return True
+    if not isinstance(answerer, hybrid.ARModel):
+        raise InputError(f"answerer must be a paradec.models.ar.ARModel (ARModel.load(path)), got "
+                         f"{type(answerer).__name__}")
+    if not config.canvas:
+        raise ConfigError(f"an answerer reads think blocks: it needs mode='nap', got mode={config.mode!r}")
+    if isinstance(answer_tokens, bool) or not isinstance(answer_tokens, int) or answer_tokens < 1:
+        raise ConfigError(f"answer_tokens must be an int >= 1, got {answer_tokens!r}")
+    if env.distributed and config.results_on != "rank0":
+        raise ConfigError("an answerer runs on rank 0 where the results are: use results_on='rank0'")
+    return False
+
+
+def _text(model: DiffusionModel, ids: list[int]) -> str:
+    if model.tokenizer is None:
+        raise InputError("an answerer reads text: give string prompts or a model with a tokenizer")
+    return model.tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def _local_runner(model: DiffusionModel, config: GenerationConfig, layout: CanvasLayout,
-                  prompts: list[list[int]]) -> Runner:
+                  prompts: list[list[int]], summary: bool = True) -> Runner:
     """A new runner; or, where steps replay as CUDA graphs, the last one made for this model,
     config and batch shape, reset in place so that its graphs are not captured again."""
     weight = model.module.embed.weight  # graphs hold the addresses of these weights
-    key = (config, len(prompts), max(map(len, prompts)), weight.data_ptr(), weight.dtype, weight.device)
+    key = (config, len(prompts), max(map(len, prompts)), weight.data_ptr(), weight.dtype, weight.device, summary)
     kept = getattr(model, "_graphed_runner", None)
     if kept is not None and kept[0] == key:
         kept[1].reset(prompts)
@@ -114,7 +156,7 @@ def _local_runner(model: DiffusionModel, config: GenerationConfig, layout: Canva
     if kept is not None:
         kept[1].release()  # one at a time: its buffers hold a KV cache
         model._graphed_runner = None
-    runner = Runner(model, config, layout, prompts)
+    runner = Runner(model, config, layout, prompts, summary=None if summary else False)
     if runner.graphs is not None:
         model._graphed_runner = (key, runner)
     return runner
@@ -188,7 +230,8 @@ def _single_token_headers(layout: CanvasLayout) -> set[int]:
     return ids
 
 
-def _result(model, layout: CanvasLayout, prompt_ids, canvas: list[int], trace: list[int], output) -> GenerationResult:
+def _result(model, layout: CanvasLayout, prompt_ids, canvas: list[int], trace: list[int], output,
+            summary_decoded: bool = True) -> GenerationResult:
     stops = set(model.spec.stop_ids)
 
     def body(g: int) -> list[int]:
@@ -200,7 +243,7 @@ def _result(model, layout: CanvasLayout, prompt_ids, canvas: list[int], trace: l
     decode = (lambda ids: model.tokenizer.decode(ids, skip_special_tokens=True)) if model.tokenizer else str
     m = layout.num_think_blocks
     block_ids = [body(g) for g in range(m)]
-    summary_ids = body(m if m else 0)
+    summary_ids = body(m if m else 0) if summary_decoded or not m else []
     summary = decode(summary_ids)
     return GenerationResult(
         blocks=[decode(ids) for ids in block_ids],

@@ -114,3 +114,17 @@ def run_with_fault(rank, world_size, model_dir, config, fault_rank, fault, out_d
         traceback.print_exc()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"error": message, "seconds": time.monotonic() - start}, f)
+
+
+def run_with_answerer(rank, world_size, model_dir, answerer_dir, prompts, config, out_dir):
+    """NAR→AR under torchrun: rank 0 writes the blocks and what the answerer wrote."""
+    import paradec
+    from paradec.models.ar import ARModel
+
+    model = paradec.load(model_dir)
+    answerer = ARModel.load(answerer_dir)
+    out = paradec.generate(model, prompts, answerer=answerer, answer_tokens=6, **config)
+    written = None if out is None else [{"token_ids": r.token_ids, "summary": r.summary,
+                                         "answer_ids": r.answerer.token_ids} for r in out]
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(written, f)

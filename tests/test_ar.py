@@ -8,27 +8,12 @@ import torch
 from paradec import CheckpointError, InputError
 from paradec.models.ar import ARModel
 
-from tiny import write_tokenizer
+from tiny import tiny_ar_checkpoint
 
 
 @pytest.fixture(scope="module")
 def ar_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("ar")
-    vocab = write_tokenizer(root)
-    config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"], bos_token_id=None,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # larger weights than the default init, so argmax ties are unlikely
-        for p in model.parameters():
-            p.mul_(8.0) if p.dim() > 1 else None
-    model.save_pretrained(root)
-    return root
+    return tiny_ar_checkpoint(tmp_path_factory.mktemp("ar"))
 
 
 def test_greedy_equals_transformers_generate(ar_dir):

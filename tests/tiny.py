@@ -169,3 +169,23 @@ def tiny_checkpoint(root: Path, family: str, seed: int = 0, shards: int = 1, **o
         weights = dream_weights(config, generator)
     write_checkpoint(root, config, weights, shards=shards, tokenizer=False)
     return root, config, weights
+
+
+def tiny_ar_checkpoint(root: Path, max_positions: int = 128, seed: int = 0) -> Path:
+    """Writes a tiny transformers Llama causal LM with the test tokenizer; returns its path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root.mkdir(parents=True, exist_ok=True)
+    vocab = write_tokenizer(root)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+        eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"], bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger weights than the default init, so argmax ties are unlikely
+        for p in model.parameters():
+            p.mul_(8.0) if p.dim() > 1 else None
+    model.save_pretrained(root)
+    return root

@@ -55,9 +55,10 @@ def close_guard() -> None:
 
 
 def decode(model: DiffusionModel, config: GenerationConfig, layout: CanvasLayout, prompts: list[list[int]],
-           env: DistEnv) -> DistributedOutput | None:
+           env: DistEnv, summary: bool = True) -> DistributedOutput | None:
     """Decodes on every rank; returns the output on rank 0 (every rank with
-    ``results_on="all"``), None elsewhere."""
+    ``results_on="all"``), None elsewhere. summary: False leaves the summary undecoded (an AR
+    answerer reads the gathered blocks instead)."""
     if config.attention != "isolated":
         raise ConfigError(
             f"attention={config.attention!r} cannot be spread over {env.world_size} ranks: every block "
@@ -74,13 +75,14 @@ def decode(model: DiffusionModel, config: GenerationConfig, layout: CanvasLayout
     guard = guard_for(env, config.rank_timeout_s)
     guard.new_run()
     try:
-        return _decode(model, config, layout, prompts, env, guard)
+        return _decode(model, config, layout, prompts, env, guard, summary)
     except BaseException as error:
         guard.report(error)
         raise
 
 
-def _decode(model, config, layout, prompts, env: DistEnv, guard: Guard) -> DistributedOutput | None:
+def _decode(model, config, layout, prompts, env: DistEnv, guard: Guard, with_summary: bool = True
+            ) -> DistributedOutput | None:
     clock = _Clock(env)
     started = clock.last
     guard.meet("start")
@@ -115,10 +117,13 @@ def _decode(model, config, layout, prompts, env: DistEnv, guard: Guard) -> Distr
 
     output = None
     if env.rank == SUMMARY_RANK:
-        summary = Runner(model, config, layout, prompts, think_blocks=[], summary=True)
         first_step = int(trace.max()) + 1
-        cache_for_summary = cache if blocks_kv is None else blocks_kv
-        output = summary.run(cache=cache_for_summary, start=(canvas, trace, first_step))
+        if with_summary:
+            summary = Runner(model, config, layout, prompts, think_blocks=[], summary=True)
+            cache_for_summary = cache if blocks_kv is None else blocks_kv
+            output = summary.run(cache=cache_for_summary, start=(canvas, trace, first_step))
+        else:
+            output = DecodeOutput(canvas, trace, 0, first_step)
         output.nfe = first_step + output.nfe
         timings["summary"] = clock.lap()
         timings["forwards"] += output.nfe - first_step
