@@ -54,6 +54,14 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("source", type=Path)
     e.add_argument("dest", type=Path)
     e.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    a = sub.add_parser("answerer", help="train the tiny AR answerer for NAR→AR on the synthetic task")
+    a.add_argument("--out", required=True)
+    a.add_argument("--steps", type=int, default=3000)
+    a.add_argument("--batch-size", type=int, default=64)
+    a.add_argument("--lr", type=float, default=1e-3)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a.add_argument("--max-minutes", type=float)
     args = p.parse_args(argv)
 
     if args.command == "data":
@@ -83,6 +91,11 @@ def main(argv: list[str] | None = None) -> None:
             log_every=args.log_every, max_minutes=args.max_minutes, resume=args.resume, init_from=args.init_from,
         )
         train(config)
+    elif args.command == "answerer":
+        from paradec.train.answerer import AnswererConfig, train as train_answerer
+
+        train_answerer(AnswererConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                      seed=args.seed, device=args.device, max_minutes=args.max_minutes))
     else:
         from paradec.models.loading import load, resolve
         from paradec.models.saving import save_checkpoint
