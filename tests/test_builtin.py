@@ -99,3 +99,16 @@ def test_main_job_on_four_ranks(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     between = lambda text: text[text.index("--- think 1"):text.index("steps ")]  # noqa: E731
     assert between(single.stdout) == between(out)
+
+
+def test_the_shipped_answerer_reads_tiny_blocks(tiny):
+    # NAR→AR regression on the CPU: the card reports 1.000 on 200 problems at one token per step.
+    from paradec.models.ar import ARModel
+
+    answerer = ARModel.load("paradec-tiny-answerer")
+    problems = arith.test_problems()[:8]
+    results = paradec.generate(tiny, [p.question for p in problems], tokens_per_step=1, answerer=answerer,
+                               answer_tokens=8)
+    right = sum(arith.check_answer(r.answer, p) for r, p in zip(results, problems))
+    assert right / len(problems) >= 0.875, [r.answerer.text for r in results]
+    assert not any(r.answerer.truncated or r.answerer.empty for r in results)

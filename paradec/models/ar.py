@@ -33,7 +33,9 @@ class ARModel:
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> ARModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        root = Path(path)
+        from paradec.models.loading import resolve
+
+        root = resolve(path)  # a folder, or a built-in model's name (paradec-tiny-answerer)
         if not (root / "config.json").exists():
             raise CheckpointError(f"{root}: no config.json, so not a transformers checkpoint directory")
         device = torch.device(device)
