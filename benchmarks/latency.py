@@ -91,12 +91,13 @@ def reset_peak() -> float:
     return torch.cuda.memory_allocated() / 2**30
 
 
-def decode(model, prompt: list[int], repeats: int, step_times: bool, **settings) -> dict:
-    """A whole generation, timed: the first run (captures graphs) and the median of repeats."""
+def decode(model, prompt: list[int], repeats: int, step_times: bool, summary: bool = True, **settings) -> dict:
+    """A whole generation, timed: the first run (captures graphs) and the median of repeats.
+    summary=False decodes the think blocks only (what an NAR→AR answerer reads)."""
     config = GenerationConfig(eos_closes_block=False, chat_template=False, **settings)
     layout = build_layout(model, config)
     resident = reset_peak()
-    runner = Runner(model, config, layout, [prompt])
+    runner = Runner(model, config, layout, [prompt], summary=None if summary else False)
     t0 = synced()
     output = runner.run()
     first = synced() - t0
