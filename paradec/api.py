@@ -111,12 +111,16 @@ def generate(
     for result in results:
         result.placement, result.rank_timings = placement, rank_timings
     if answerer is not None:
-        for prompt, result in zip(batch, results):
-            question = prompt if isinstance(prompt, str) else _text(model, list(prompt))
-            result.answerer = hybrid.answer(answerer, question, result.blocks, answer_tokens,
-                                            summary=result.summary if with_summary else None,
-                                            temperature=config.temperature, seed=config.seed)
-            result.answer = result.answerer.answer
+        questions = [p if isinstance(p, str) else _text(model, list(p)) for p in batch]
+        summaries = [r.summary if with_summary else None for r in results]
+        if config.temperature == 0:  # greedy: the whole batch at once
+            outs = hybrid.answer_batch(answerer, questions, [r.blocks for r in results], answer_tokens, summaries)
+        else:  # sampled: each request from its own seed
+            outs = [hybrid.answer(answerer, q, r.blocks, answer_tokens, summary=s, temperature=config.temperature,
+                                  seed=config.seed + i)
+                    for i, (q, r, s) in enumerate(zip(questions, results, summaries))]
+        for result, out in zip(results, outs):
+            result.answerer, result.answer = out, out.answer
     return results[0] if single else results
 
 

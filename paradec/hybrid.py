@@ -101,6 +101,28 @@ def answer(answerer: ARModel, question: str, traces: list[str], max_new_tokens: 
                         seconds=time.perf_counter() - start)
 
 
+def answer_batch(answerer: ARModel, questions: list[str], traces: list[list[str]], max_new_tokens: int = 64,
+                 summaries: list[str | None] | None = None) -> list[AnswerOutput]:
+    """Greedy ``answer`` for several questions in one batch (``ARModel.generate_batch``): the same
+    outputs, one forward per token for all of them. ``seconds`` is each one's share of the batch."""
+    if not isinstance(answerer, ARModel):
+        raise InputError(f"answerer must be a paradec.models.ar.ARModel (ARModel.load(path)), got "
+                         f"{type(answerer).__name__}")
+    start = time.perf_counter()
+    summaries = summaries or [None] * len(questions)
+    fitted = [fit_traces(answerer, q, t, s, max_new_tokens) for q, t, s in zip(questions, traces, summaries)]
+    outs = answerer.generate_batch([ids for ids, _ in fitted], max_new_tokens)
+    share = (time.perf_counter() - start) / len(questions)
+    results = []
+    for (ids, truncated), out in zip(fitted, outs):
+        body = out.token_ids[:-1] if out.stopped else out.token_ids
+        text = answerer.tokenizer.decode(body, skip_special_tokens=True)
+        results.append(AnswerOutput(text=text, answer=extract_answer(text), token_ids=out.token_ids,
+                                    stopped=out.stopped, truncated=truncated, empty=not text.strip(),
+                                    prompt_tokens=len(ids), seconds=share))
+    return results
+
+
 def ar_to_ar(model: ARModel, question: str, trace_tokens: int, max_new_tokens: int = 64,
              temperature: float = 0.0, seed: int | None = None) -> tuple[str, AnswerOutput]:
     """The baseline: the AR model writes one trace of up to ``trace_tokens`` tokens, then

@@ -56,3 +56,14 @@ def test_bad_input(ar_dir, tmp_path):
         ar.generate([3] * 100, 40)
     with pytest.raises(CheckpointError, match="no config.json"):
         ARModel.load(tmp_path)
+
+
+def test_a_batch_decodes_as_each_prompt_alone(ar_dir):
+    ar = ARModel.load(ar_dir)
+    prompts = [[10, 11, 12, 13, 14], [20, 21], [30, 31, 32, 33, 34, 35, 36, 37]]
+    for stops in ((), None):  # none (full length) and the model's own (a row may stop early)
+        alone = [ar.generate(p, 12, stop_ids=stops) for p in prompts]
+        together = ar.generate_batch(prompts, 12, stop_ids=stops)
+        assert [(a.token_ids, a.stopped) for a in alone] == [(t.token_ids, t.stopped) for t in together]
+    with pytest.raises(InputError, match="prompts must be non-empty id lists"):
+        ar.generate_batch([[1], []], 4)

@@ -99,3 +99,14 @@ def test_under_torchrun_the_answerer_reads_the_gathered_blocks(model, answerer, 
     for g, e in zip(got, expected):
         assert g["token_ids"] == e.token_ids and g["summary"] == ""
         assert g["answer_ids"] == e.answerer.token_ids
+
+
+def test_a_batch_of_answers_equals_answering_one_by_one(answerer):
+    from paradec.hybrid import answer_batch
+
+    questions = [QUESTION, "a b c ?", "1 2"]
+    traces = [["a b"], ["c d e", "f"], ["g h i j k"]]
+    together = answer_batch(answerer, questions, traces, 6)
+    alone = [answer(answerer, q, t, 6) for q, t in zip(questions, traces)]
+    assert [(o.token_ids, o.text, o.stopped, o.prompt_tokens) for o in together] == \
+        [(o.token_ids, o.text, o.stopped, o.prompt_tokens) for o in alone]

@@ -97,6 +97,51 @@ class ARModel:
             out = self.model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
         return ARResult(new, stopped=False)
 
+    @torch.no_grad()
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int,
+                       stop_ids: tuple[int, ...] | None = None) -> list[ARResult]:
+        """Greedy decoding of several prompts at once (left-padded, one KV cache): the same
+        tokens as ``generate`` on each, in one forward per step for the whole batch."""
+        from transformers import DynamicCache
+
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise InputError("prompts must be non-empty id lists")
+        longest = max(map(len, prompts))
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if self.max_length is not None and longest + max_new_tokens > self.max_length:
+            raise InputError(f"{longest} prompt tokens + max_new_tokens {max_new_tokens} exceed the model's "
+                             f"maximum length {self.max_length}")
+        stops = set(self.stop_ids if stop_ids is None else stop_ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        b = len(prompts)
+        ids = torch.full((b, longest), pad, dtype=torch.long, device=self.device)  # [B, T] left-padded
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(prompts):
+            ids[r, longest - len(p):] = torch.tensor(p, device=self.device)
+            mask[r, longest - len(p):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        new: list[list[int]] = [[] for _ in range(b)]
+        done = [False] * b
+        last = positions[:, -1:]  # [B, 1]
+        for step in range(max_new_tokens):
+            tokens = out.logits[:, -1].float().argmax(-1)  # [B]
+            for r, t in enumerate(tokens.tolist()):
+                if not done[r]:  # a finished row keeps decoding in the batch; its tokens are dropped
+                    new[r].append(t)
+                    done[r] = t in stops
+            if all(done) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat((mask, torch.ones(b, 1, dtype=mask.dtype, device=self.device)), dim=1)
+            last = last + 1
+            out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last,
+                             past_key_values=out.past_key_values, use_cache=True)
+        return [ARResult(n, stopped=d) for n, d in zip(new, done)]
+
+
 
 def _stop_ids(model, tokenizer) -> tuple[int, ...]:
     ids = []
