@@ -27,6 +27,13 @@ def banner() -> dict:
     return info
 
 
+def synced() -> float:
+    """The host clock after the device has caught up (a plain host clock on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def median_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 20) -> float:
     """Median wall time of ``fn`` in ms: CUDA events on GPU (launch gaps included), a host
     clock on CPU. Warm-up calls are not timed."""

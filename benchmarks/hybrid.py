@@ -17,22 +17,15 @@ one JSON line.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from harness import banner, emit_json
+from harness import banner, emit_json, synced
 import paradec
 from paradec.distributed import init_distributed, teardown
 from paradec.hybrid import ar_to_ar
 from paradec.models.ar import ARModel
 from paradec.train.tasks import arith
-
-
-def synced() -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def main() -> None:

@@ -25,12 +25,11 @@ import argparse
 import gc
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from harness import banner, capture_graph, emit_json, median_ms
+from harness import banner, capture_graph, emit_json, median_ms, synced
 from paradec import GenerationConfig
 from paradec.api import build_layout
 from paradec.decoding.causal import StaticCausalDecoder
@@ -72,12 +71,6 @@ def packed_prompt(tokenizer, data: Path, length: int) -> list[int]:
 
 
 # --- timing ---------------------------------------------------------------------------------
-def synced() -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
 def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 

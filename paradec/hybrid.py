@@ -93,12 +93,7 @@ def answer(answerer: ARModel, question: str, traces: list[str], max_new_tokens: 
     start = time.perf_counter()
     ids, truncated = fit_traces(answerer, question, traces, summary, max_new_tokens)
     out = answerer.generate(ids, max_new_tokens, temperature=temperature, seed=seed, stop_ids=stop_ids)
-    stops = set(answerer.stop_ids if stop_ids is None else stop_ids)
-    body = out.token_ids[:-1] if out.stopped and out.token_ids and out.token_ids[-1] in stops else out.token_ids
-    text = answerer.tokenizer.decode(body, skip_special_tokens=True)
-    return AnswerOutput(text=text, answer=extract_answer(text), token_ids=out.token_ids, stopped=out.stopped,
-                        truncated=truncated, empty=not text.strip(), prompt_tokens=len(ids),
-                        seconds=time.perf_counter() - start)
+    return _output(answerer, out, len(ids), truncated, time.perf_counter() - start)
 
 
 def answer_batch(answerer: ARModel, questions: list[str], traces: list[list[str]], max_new_tokens: int = 64,
@@ -113,14 +108,15 @@ def answer_batch(answerer: ARModel, questions: list[str], traces: list[list[str]
     fitted = [fit_traces(answerer, q, t, s, max_new_tokens) for q, t, s in zip(questions, traces, summaries)]
     outs = answerer.generate_batch([ids for ids, _ in fitted], max_new_tokens)
     share = (time.perf_counter() - start) / len(questions)
-    results = []
-    for (ids, truncated), out in zip(fitted, outs):
-        body = out.token_ids[:-1] if out.stopped else out.token_ids
-        text = answerer.tokenizer.decode(body, skip_special_tokens=True)
-        results.append(AnswerOutput(text=text, answer=extract_answer(text), token_ids=out.token_ids,
-                                    stopped=out.stopped, truncated=truncated, empty=not text.strip(),
-                                    prompt_tokens=len(ids), seconds=share))
-    return results
+    return [_output(answerer, out, len(ids), truncated, share) for (ids, truncated), out in zip(fitted, outs)]
+
+
+def _output(answerer: ARModel, out, prompt_tokens: int, truncated: bool, seconds: float) -> AnswerOutput:
+    """An ``ARResult`` as text and flags (a stop token ends ``token_ids`` when ``stopped``)."""
+    body = out.token_ids[:-1] if out.stopped else out.token_ids
+    text = answerer.tokenizer.decode(body, skip_special_tokens=True)
+    return AnswerOutput(text=text, answer=extract_answer(text), token_ids=out.token_ids, stopped=out.stopped,
+                        truncated=truncated, empty=not text.strip(), prompt_tokens=prompt_tokens, seconds=seconds)
 
 
 def ar_to_ar(model: ARModel, question: str, trace_tokens: int, max_new_tokens: int = 64,

@@ -113,8 +113,7 @@ class StaticCausalDecoder:
         self.token.copy_(nxt[:, None])
 
     def _next(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.module.lm_head(self.module.norm(hidden))  # [B, V]
-        return logits.argmax(-1)
+        return self.module.head(hidden).argmax(-1)  # [B, V] -> [B]
 
     def _capture(self) -> None:
         for _ in range(CAPTURE_SLOTS):  # warm-up on the current stream (see paradec.decoding.graphs)

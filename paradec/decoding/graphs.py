@@ -61,9 +61,11 @@ class GraphedSteps:
         self._build(phase_cache)
 
     # --- host side ---------------------------------------------------------------------------
-    def load(self, phase_cache: PromptCache | None) -> None:
-        """Refills the static buffers for the runner's current window; copies the phase's
-        cache (unwindowed: the step's whole cache; windowed: the part before the kept KV)."""
+    def load(self, phase_cache: PromptCache | None, with_phase_cache: bool) -> None:
+        """Refills the static buffers for the runner's current window; with
+        ``with_phase_cache`` (a phase's first window) also copies the phase's cache, which no
+        replay overwrites (unwindowed: the step's whole cache; windowed: the part before the
+        kept KV)."""
         r = self.runner
         k = r.window_index
         step_cols = self._step_columns(k)
@@ -79,13 +81,13 @@ class GraphedSteps:
                 schedule = r.schedules[g][k]
                 self.quotas[g, : len(schedule)] = torch.tensor(schedule, device=r.device)
                 self.schedule_len[g] = len(schedule)
-        self.cache.segments.fill_(PAD)
-        if phase_cache is not None:
-            n = phase_cache.num_tokens
-            _copy_cache(self.cache, phase_cache, n)
+        base = 0 if phase_cache is None else phase_cache.num_tokens
+        self.cache.segments[:, base:].fill_(PAD)  # what the refresh keeps is written by the refresh
+        if with_phase_cache and phase_cache is not None:
+            _copy_cache(self.cache, phase_cache, base)
             if self.windowed:
-                _copy_cache(self.phase_cache, phase_cache, n)
-        else:
+                _copy_cache(self.phase_cache, phase_cache, base)
+        elif with_phase_cache:
             self.cache.lengths.copy_(r.prompt_lens)
         if self.windowed:  # which refresh columns the step's cache keeps: all but the step's
             in_step = torch.isin(self.refresh_cols, step_cols + self.canvas_offset) & self.refresh_valid
@@ -246,9 +248,7 @@ class GraphedSteps:
         hidden, kv = module._layers(module.embed(ids.clamp(min=0)), positions, mask, phase_cache)
         logits_at = self._logits_at()
         rows = module._gather_rows(hidden, positions, segments, logits_at, phase_cache, False)
-        logits = module.lm_head(module.norm(rows))
-        if module.cfg.logit_scale != 1.0:
-            logits = logits * module.cfg.logit_scale
+        logits = module.head(rows)
         start, keep = self.cached - len(self.keep_index), self.keep_index
         for i, (k, v) in enumerate(kv):  # [B, Hkv, T, D] -> the kept columns, after the phase cache
             self.cache.kv[i, 0, :, :, start : self.cached].copy_(k.index_select(2, keep))

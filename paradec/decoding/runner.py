@@ -195,7 +195,7 @@ class Runner:
                         continue
                     graphed = self._graphed(phase, cache)
                     if not graph_loaded:
-                        graphed.load(cache)
+                        graphed.load(cache, with_phase_cache=window == 0)
                         graph_loaded = True
                     t_replay = self._clock()
                     if due:
@@ -232,7 +232,7 @@ class Runner:
     def _replays(self, active: torch.Tensor, until_refresh: int | None) -> int:
         """Graph replays before the host looks again: the steps the top-k schedules still
         need (each commits in every active group), or up to ``CHECK_EVERY`` for rule policies."""
-        if self.config.policy in RULE_POLICIES and self.config.mode not in ("ar_order",):
+        if self.config.policy in RULE_POLICIES and self.config.mode != "ar_order":
             count = CHECK_EVERY
         else:
             left = [len(self.schedules[g][self.window_index]) - int(self.window_steps[r, g])

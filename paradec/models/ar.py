@@ -67,15 +67,9 @@ class ARModel:
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).reshape(1, -1)  # [1, T]
         if ids.shape[1] == 0:
             raise InputError("input_ids is empty")
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self._check_budget(ids.shape[1], max_new_tokens)
         if temperature < 0:
             raise InputError(f"temperature must be >= 0, got {temperature}")
-        if self.max_length is not None and ids.shape[1] + max_new_tokens > self.max_length:
-            raise InputError(
-                f"{ids.shape[1]} prompt tokens + max_new_tokens {max_new_tokens} exceed the model's "
-                f"maximum length {self.max_length}"
-            )
         stops = set(self.stop_ids if stop_ids is None else stop_ids)
         generator = None
         if temperature > 0:
@@ -97,6 +91,13 @@ class ARModel:
             out = self.model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
         return ARResult(new, stopped=False)
 
+    def _check_budget(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if self.max_length is not None and prompt_tokens + max_new_tokens > self.max_length:
+            raise InputError(f"{prompt_tokens} prompt tokens + max_new_tokens {max_new_tokens} exceed the model's "
+                             f"maximum length {self.max_length}")
+
     @torch.no_grad()
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int,
                        stop_ids: tuple[int, ...] | None = None) -> list[ARResult]:
@@ -107,11 +108,7 @@ class ARModel:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InputError("prompts must be non-empty id lists")
         longest = max(map(len, prompts))
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if self.max_length is not None and longest + max_new_tokens > self.max_length:
-            raise InputError(f"{longest} prompt tokens + max_new_tokens {max_new_tokens} exceed the model's "
-                             f"maximum length {self.max_length}")
+        self._check_budget(longest, max_new_tokens)
         stops = set(self.stop_ids if stop_ids is None else stop_ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         b = len(prompts)

@@ -348,8 +348,7 @@ class DiffusionTransformer(nn.Module):
         if logits_at is None:
             logits_at = positions
         rows = self._gather_rows(hidden, positions, segments, logits_at, cache, check_inputs)
-        logits = self.lm_head(self.norm(rows))
-        return logits * self.cfg.logit_scale if self.cfg.logit_scale != 1.0 else logits
+        return self.head(rows)
 
     @torch.no_grad()
     def forward_and_cache(
@@ -379,9 +378,7 @@ class DiffusionTransformer(nn.Module):
         mask = attention_mask(segments, key_segments, mode)
         hidden, kv = self._layers(self.embed(input_ids.clamp(min=0)), positions, mask, cache)
         rows = self._gather_rows(hidden, positions, segments, logits_at, cache, check_inputs=False)
-        logits = self.lm_head(self.norm(rows))
-        if self.cfg.logit_scale != 1.0:
-            logits = logits * self.cfg.logit_scale
+        logits = self.head(rows)
         kept = keep.nonzero()[:, 0]  # [K] input columns whose KV is kept
         kept_kv = [(k[:, :, kept], v[:, :, kept]) for k, v in kv]
         if cache is None:
@@ -411,7 +408,11 @@ class DiffusionTransformer(nn.Module):
             rows = hidden[:, :-1][targets[:, 1:]]
         else:
             rows = hidden[targets]
-        logits = self.lm_head(self.norm(rows))
+        return self.head(rows)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm, output head and logit scale: hidden [..., d] -> logits [..., V]."""
+        logits = self.lm_head(self.norm(hidden))
         return logits * self.cfg.logit_scale if self.cfg.logit_scale != 1.0 else logits
 
     def _gather_rows(self, hidden, positions, segments, logits_at, cache, check_inputs):
