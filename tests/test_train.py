@@ -923,9 +923,9 @@ def test_unknown_words_and_empty_questions_are_rejected_in_every_format(tok):
 
 
 def test_arness_leaves_out_eos_fill():
-    from paradec.train.evaluate import _without_fill
+    from paradec.metrics import without_fill
 
     # body [1, 6): EOS (id 0) decoded at position 2; 3..5 are fill. body [7, 10): EOS at 8.
     trace = [-1, 0, 1, 2, 2, 2, -1, 3, 4, 4]
     tokens = [9, 5, 0, 0, 0, 0, 9, 5, 0, 0]
-    assert _without_fill(trace, tokens, [(1, 6), (7, 10)], {0}) == [-1, 0, 1, -1, -1, -1, -1, 3, 4, -1]
+    assert without_fill(trace, tokens, [(1, 6), (7, 10)], {0}) == [-1, 0, 1, -1, -1, -1, -1, 3, 4, -1]

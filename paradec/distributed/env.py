@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -27,10 +29,26 @@ class DistEnv:
         return self.rank == 0
 
 
+_SINGLE = ContextVar("paradec_single_process", default=False)
+
+
+@contextmanager
+def single_process():
+    """Inside this block, this rank decodes on its own even in a process group: ``generate``
+    treats it as a single process on its own device (an eval that spreads examples, not canvases,
+    over ranks)."""
+    token = _SINGLE.set(True)
+    try:
+        yield
+    finally:
+        _SINGLE.reset(token)
+
+
 def current_env() -> DistEnv:
     """The environment of an already initialised process group (or a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if _SINGLE.get() or not (dist.is_available() and dist.is_initialized()):
+        cuda = torch.cuda.is_available()
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         return DistEnv(0, 0, 1, device, None)
     backend = dist.get_backend()
     local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import paradec
 from paradec.api import build_layout, resolve_config
-from paradec.metrics import global_arness
+from paradec.metrics import global_arness, without_fill
 from paradec.train.tasks import arith
 
 
@@ -48,7 +48,7 @@ def evaluate(model, problems: list[arith.Problem], batch_size: int = 100, **conf
                             "gold": p.answer, "correct": arith.check_answer(r.answer, p)})
             nfe += len({t for t in r.trace if t >= 0})  # steps that committed for this request (a batch waits for its slowest)
             first = r.trace if first is None else first
-            decoded = _without_fill(r.trace, r.token_ids, layout.bodies, stops)
+            decoded = without_fill(r.trace, r.token_ids, layout.bodies, stops)
             traces.append((decoded, [decoded[s:e] for s, e in bodies]))
     seconds = time.perf_counter() - start
     n = len(records)
@@ -64,11 +64,3 @@ def evaluate(model, problems: list[arith.Problem], batch_size: int = 100, **conf
         first_trace=first,
     )
 
-
-def _without_fill(trace: list[int], tokens: list[int], bodies, stops: set[int]) -> list[int]:
-    """The trace with every position after a body's first EOS marked undecoded (-1)."""
-    out = list(trace)
-    for start, end in bodies:
-        cut = next((p for p in range(start, end) if tokens[p] in stops), end)
-        out[cut + 1 : end] = [-1] * max(0, end - cut - 1)
-    return out

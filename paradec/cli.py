@@ -1,0 +1,165 @@
+"""The ``paradec`` command (also ``python -m paradec``; under torchrun ``torchrun ... -m paradec``).
+
+    paradec eval --model paradec-tiny --task synthetic --limit 50 --out runs/tiny.jsonl
+    paradec eval --model PATH --task gsm8k --data ../shared/data/gsm8k/test.jsonl --blocks 4 --steps 256
+    paradec seqdep --model paradec-tiny-answerer --data texts.jsonl --segment lines
+    paradec lm-eval --model paradec --model_args pretrained=PATH --tasks paradec_gsm8k_local ...
+
+Every ``GenerationConfig`` field is a flag of ``eval`` (``--tokens-per-step``, ``--window``, ...);
+a flag left out takes the checkpoint's own default, then paradec's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from paradec import config as C
+from paradec.config import GenerationConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_CHOICES = {"mode": C.MODES, "policy": C.POLICIES, "attention": C.ATTENTIONS, "schedule": C.SCHEDULES,
+            "summary": C.SUMMARY_ORDERS, "prompt_kv": C.PROMPT_KV, "gather": C.GATHERS, "results_on": C.RESULTS_ON,
+            "cache": C.CACHES}
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per GenerationConfig field; ``--name/--no-name`` for booleans; default: unset."""
+    group = parser.add_argument_group("generation settings (GenerationConfig; unset: the checkpoint's defaults)")
+    for f in dataclasses.fields(GenerationConfig):
+        flag = "--" + f.name.replace("_", "-")
+        base = str(f.type).replace(" | None", "")
+        if base == "bool":
+            group.add_argument(flag, dest=f"gen_{f.name}", action=argparse.BooleanOptionalAction, default=None)
+        else:
+            group.add_argument(flag, dest=f"gen_{f.name}", type=_TYPES[base], default=None,
+                               choices=_CHOICES.get(f.name), metavar=None if f.name in _CHOICES else base.upper())
+
+
+def generation_overrides(args: argparse.Namespace) -> dict:
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("gen_") and v is not None}
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import paradec
+    from paradec.api import resolve_config
+    from paradec.distributed import init_distributed, print0, teardown
+    from paradec.eval.run import evaluate
+    from paradec.eval.tasks import get_task, load_examples
+
+    task = get_task(args.task)
+    loaded = load_examples(task, args.data, args.limit, args.skip_malformed)  # before any model is loaded
+    env = init_distributed(args.device)
+    try:
+        model = paradec.load(args.model, device=env.device, dtype=DTYPES.get(args.dtype))
+        config = resolve_config(model, **generation_overrides(args))
+        answerer = None
+        if args.answerer:
+            from paradec.models.ar import ARModel
+
+            answerer = ARModel.load(args.answerer, device=env.device)
+        for number, why in loaded.skipped:
+            print0(f"skipped line {number}: {why}")
+        report = evaluate(model, task, loaded.examples, config, out=args.out, batch_size=args.batch_size,
+                          resume=not args.no_resume, spread=args.spread, prompt_template=args.prompt_template,
+                          answerer=answerer, answer_tokens=args.answer_tokens, model_name=str(args.model),
+                          answerer_name=args.answerer, data=str(args.data) if args.data else None,
+                          progress=not args.no_progress)
+        if report is not None:
+            report.skipped_lines = loaded.skipped
+            _print_report(report, args.out)
+    finally:
+        teardown()
+    return 0
+
+
+def _print_report(report, out: Path | None) -> None:
+    print(f"\ntask {report.task}: {report.n} examples ({report.resumed} read back from {out})" if report.resumed
+          else f"\ntask {report.task}: {report.n} examples")
+    rows = [("accuracy (strict)", f"{report.accuracy:.4f}"), ("accuracy (flexible)", f"{report.accuracy_flexible:.4f}"),
+            ("no answer found", f"{len(report.unparsed)}"), ("NFE per example", f"{report.nfe:.1f}"),
+            ("tokens per step", f"{report.tokens_per_step:.2f}"), ("answer tokens", f"{report.answer_tokens}"),
+            ("generate wall s", f"{report.wall_s:.2f}"), ("answer tokens / s", f"{report.tokens_per_s:.1f}"),
+            ("Global ARness@1", f"{report.global_arness:.3f}")]
+    for name, value in rows:
+        print(f"  {name:<22} {value:>10}")
+    if report.unparsed:
+        shown = ", ".join(map(str, report.unparsed[:20])) + (" ..." if len(report.unparsed) > 20 else "")
+        print(f"  no answer in: {shown}")
+    if out is not None:
+        print(f"  per example: {out}")
+    print(json.dumps({"eval": report.as_dict()}))
+
+
+def _seqdep(args: argparse.Namespace) -> int:
+    from paradec.eval.seqdep import run_cli
+
+    return run_cli(args)
+
+
+def _lm_eval(argv: list[str]) -> int:
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError:
+        print("paradec lm-eval needs lm-evaluation-harness: pip install 'paradec[eval]'", file=sys.stderr)
+        return 2
+    import paradec.eval.harness  # noqa: F401  registers --model paradec
+
+    sys.argv = ["lm_eval", *argv]
+    cli_evaluate()
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="paradec", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("eval", help="accuracy, NFE, tokens/s and ARness of a model on a task")
+    e.add_argument("--model", default="paradec-tiny", help="checkpoint directory or a built-in model's name")
+    e.add_argument("--task", required=True, choices=["gsm8k", "math500", "synthetic"])
+    e.add_argument("--data", type=Path, help="JSONL file (synthetic: default the built-in held-out split)")
+    e.add_argument("--limit", type=int, help="the first N examples")
+    e.add_argument("--out", type=Path, help="per-example JSONL; an existing one with the same settings is resumed")
+    e.add_argument("--no-resume", action="store_true", help="overwrite --out instead of resuming it")
+    e.add_argument("--skip-malformed", action="store_true", help="skip (and list) malformed data lines")
+    e.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    e.add_argument("--spread", choices=["examples", "canvas"], default="examples",
+                   help="under torchrun: give each rank its own examples, or spread each canvas over the ranks")
+    e.add_argument("--prompt-template", default="{question}", help="the prompt; {question} is replaced")
+    e.add_argument("--answerer", help="NAR→AR: a causal LM directory (or built-in name) that writes the answer")
+    e.add_argument("--answer-tokens", type=int, default=64, help="with --answerer: its token budget")
+    e.add_argument("--device", help="default: this rank's GPU, else the CPU")
+    e.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    e.add_argument("--no-progress", action="store_true")
+    add_generation_flags(e)
+
+    s = sub.add_parser("seqdep", help="SeqDep (NAP Eq. 4) of texts under a causal LM")
+    from paradec.eval.seqdep import add_flags
+
+    add_flags(s)
+    sub.add_parser("lm-eval", help="lm-evaluation-harness's CLI with --model paradec registered", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:
+        return _lm_eval(argv[1:])
+    args = parser().parse_args(argv)
+    from paradec.errors import ParadecError
+
+    try:
+        return {"eval": _eval, "seqdep": _seqdep}[args.command](args)
+    except ParadecError as e:
+        print(f"paradec {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""paradec as an lm-evaluation-harness model: ``--model paradec`` (needs the ``eval`` extra).
+
+    paradec lm-eval --model paradec --model_args pretrained=PATH,blocks=4,steps=256 \\
+        --tasks paradec_gsm8k_local --include_path $(python -m paradec.eval.harness --tasks-dir)
+
+lm-eval 0.4 finds third-party models only once their module is imported, so ``paradec lm-eval``
+is lm-eval's own command line with this module imported first; in Python, import this module,
+then call ``lm_eval.simple_evaluate(model="paradec", ...)``. ``--model_args`` takes
+``pretrained`` (a checkpoint directory or built-in name), ``device``, ``dtype`` (bf16, fp16,
+fp32), ``batch_size``, ``output`` (``summary``: the summary — the answer region outside nap — is
+the continuation; ``canvas``: the think blocks then the summary, one blank line apart),
+``mc_num`` / ``mc_batch`` / ``mc_seed`` for log-likelihoods, and any ``GenerationConfig`` field.
+
+generate_until: each request's context is decoded by ``paradec.generate`` (contexts are used as
+given: lm-eval's ``--apply_chat_template`` formats them through ``apply_chat_template`` below);
+the continuation is cut at the first of the request's ``until`` strings. Outside nap, a request's
+``max_gen_toks`` is the answer region's length unless ``answer_len`` is given.
+
+loglikelihood: LLaDA's Monte-Carlo estimate of the masked-diffusion bound (its Appendix B.6 and
+eval harness): for each of ``mc_num`` draws mask k of the continuation's L tokens (k spread
+evenly over 1..L across a draw batch, from a random start), forward context + masked
+continuation once with full attention, and take the masked tokens' cross-entropy weighted by
+L / k; the estimate is minus the mean over draws — a lower bound on log p, not its exact value.
+is_greedy: the continuation equals what greedy decoding writes one token per step by confidence
+(mode ``ao``) from the context. loglikelihood_rolling: the same estimate of the whole text after
+the tokenizer's BOS (EOS when it has none); a text longer than the model's context is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
+
+import paradec
+from paradec.api import resolve_config
+from paradec.config import GenerationConfig
+from paradec.errors import ConfigError, InputError
+from paradec.models.attention import PROMPT
+
+log = logging.getLogger(__name__)
+TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OUTPUTS = ("summary", "canvas")
+_FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)}
+
+
+@register_model("paradec")
+class ParadecLM(LM):
+    def __init__(self, pretrained: str = "paradec-tiny", device: str | None = None, dtype: str | None = None,
+                 batch_size: int | str = 1, output: str = "summary", mc_num: int = 128, mc_batch: int = 32,
+                 mc_seed: int = 0, **settings):
+        super().__init__()
+        unknown = sorted(set(settings) - _FIELDS - {"max_batch_size"})
+        if unknown:
+            raise ConfigError(f"unknown paradec model_args {unknown}; known: pretrained, device, dtype, batch_size, "
+                              f"output, mc_num, mc_batch, mc_seed and the GenerationConfig fields {sorted(_FIELDS)}")
+        settings.pop("max_batch_size", None)
+        if output not in OUTPUTS:
+            raise ConfigError(f"output must be one of {list(OUTPUTS)}, got {output!r}")
+        if dtype is not None and dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        for name, value in (("mc_num", mc_num), ("mc_batch", mc_batch), ("batch_size", batch_size)):
+            if str(value) == "auto" and name == "batch_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            if device is not None:  # lm-eval's command line asks for cuda:0 unless told otherwise
+                log.warning("device %s asked for but CUDA is not available: running on the CPU", device)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = paradec.load(pretrained, device=device, dtype=DTYPES.get(dtype))
+        if self.model.tokenizer is None:
+            raise ConfigError(f"{pretrained}: lm-eval speaks text, and this model has no tokenizer")
+        self.settings = {"chat_template": False, **settings}
+        self.config = resolve_config(self.model, **self.settings)  # validated before any request
+        self.batch_size = 8 if str(batch_size) == "auto" else int(batch_size)
+        self.output, self.mc_num, self.mc_batch, self.mc_seed = output, mc_num, mc_batch, mc_seed
+        self.pretrained = str(pretrained)
+
+    # --- generation -----------------------------------------------------------------------------
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out: list[str | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(_freeze(request.args[1]), []).append(i)
+        bar = tqdm(total=len(requests), desc="paradec generate_until", disable=disable_tqdm)
+        for frozen, indices in groups.items():
+            kwargs = dict(frozen)
+            config = self._config_for(kwargs)
+            until = _until(kwargs.get("until"))
+            for lo in range(0, len(indices), self.batch_size):
+                chunk = indices[lo : lo + self.batch_size]
+                results = paradec.generate(self.model, [requests[i].args[0] for i in chunk], config)
+                for i, result in zip(chunk, results):
+                    text = _cut(self._text(result), until)
+                    out[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                bar.update(len(chunk))
+        bar.close()
+        return out
+
+    def _config_for(self, kwargs: dict) -> GenerationConfig:
+        overrides = {}
+        temperature = float(kwargs.get("temperature", 0.0) or 0.0)
+        if kwargs.get("do_sample") is False:
+            temperature = 0.0
+        if "temperature" not in self.settings:
+            overrides["temperature"] = temperature
+        if self.config.mode != "nap" and "answer_len" not in self.settings and kwargs.get("max_gen_toks"):
+            overrides["answer_len"] = int(kwargs["max_gen_toks"])
+        return GenerationConfig.build(self.config, **overrides)
+
+    def _text(self, result) -> str:
+        if self.output == "canvas" and result.blocks:
+            return "\n\n".join([*result.blocks, result.summary])
+        return result.summary
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.model.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                        add_generation_prompt=add_generation_prompt)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return getattr(self.model.tokenizer, "name_or_path", self.pretrained).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return getattr(self.model.tokenizer, "chat_template", None) or ""
+
+    # --- log-likelihood -------------------------------------------------------------------------
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        out = []
+        for request in tqdm(requests, desc="paradec loglikelihood", disable=disable_tqdm):
+            context, continuation = request.args
+            prefix, target = self._split(context, continuation)
+            value = (monte_carlo_loglikelihood(self.model, prefix, target, self.mc_num, self.mc_batch, self.mc_seed),
+                     self._is_greedy(prefix, target))
+            out.append(value)
+            self.cache_hook.add_partial("loglikelihood", request.args, value)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        tok = self.model.tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if start is None:
+            raise InputError("loglikelihood_rolling needs a BOS or EOS token to condition on")
+        for request in tqdm(requests, desc="paradec loglikelihood_rolling", disable=disable_tqdm):
+            target = self._encode(request.args[0])
+            value = monte_carlo_loglikelihood(self.model, [start], target, self.mc_num, self.mc_batch, self.mc_seed)
+            out.append(value)
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, value)
+        return out
+
+    def _encode(self, text: str) -> list[int]:
+        return self.model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Context and continuation ids, tokenised whole then split (so a word cut between them
+        tokenises as the model sees it), as lm-eval's own models do."""
+        whole, prefix = self._encode(context + continuation), self._encode(context)
+        if whole[: len(prefix)] != prefix:  # the boundary merged: encode the parts apart
+            return prefix, self._encode(continuation)
+        return prefix, whole[len(prefix) :]
+
+    def _is_greedy(self, prefix: list[int], target: list[int]) -> bool:
+        if not prefix or not target:
+            return False
+        result = paradec.generate(self.model, prefix, mode="ao", answer_len=len(target), steps=None, tokens_per_step=1,
+                                  policy="confidence", eos_closes_block=False, temperature=0.0, window=None,
+                                  cache=None, chat_template=False)
+        return result.token_ids[: len(target)] == target
+
+
+def monte_carlo_loglikelihood(model, prefix: list[int], target: list[int], mc_num: int = 128, mc_batch: int = 32,
+                              seed: int = 0) -> float:
+    """The masked-diffusion estimate of log p(target | prefix) described in the module's docstring."""
+    if not target:
+        raise InputError("the continuation is empty: nothing to score")
+    if not prefix:
+        raise InputError("the context is empty: a diffusion model needs at least one context token")
+    length = len(prefix) + len(target)
+    if length > model.spec.max_length:
+        raise InputError(f"context + continuation are {length} tokens, over the model's {model.spec.max_length}")
+    device, n = model.device, len(target)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.tensor(prefix + target, device=device)  # [T]
+    positions = torch.arange(length, device=device)
+    segments = torch.full((length,), PROMPT, device=device)
+    segments[len(prefix) :] = 1  # the continuation; full attention ("canvas") sees across segments
+    losses = []
+    with torch.no_grad():
+        for lo in range(0, mc_num, mc_batch):
+            b = min(mc_batch, mc_num - lo)
+            first = int(torch.randint(1, n + 1, (1,), generator=generator))
+            k = (first + torch.arange(b) * n // b) % n + 1  # [b] masked counts in 1..n, spread evenly
+            order = torch.rand(b, n, generator=generator).argsort(dim=1)  # a random permutation per draw
+            masked_target = order < k[:, None]  # [b, n]: k of the n positions
+            masked = torch.zeros(b, length, dtype=torch.bool)
+            masked[:, len(prefix) :] = masked_target
+            masked = masked.to(device)
+            noisy = torch.where(masked, torch.full_like(ids, model.spec.mask_id), ids.expand(b, -1))  # [b, T]
+            logits = model.module.training_logits(noisy, positions.expand(b, -1), segments.expand(b, -1), "canvas",
+                                                  masked)  # [M, V]
+            ce = F.cross_entropy(logits.float(), ids.expand(b, -1)[masked], reduction="none")  # [M]
+            per_draw = torch.zeros(b, device=device).index_add_(0, masked.nonzero()[:, 0], ce)  # [b]
+            losses.append(per_draw.double().cpu() * n / k.double())
+    return -float(torch.cat(losses).mean())
+
+
+def _freeze(kwargs) -> tuple:
+    if not isinstance(kwargs, dict):
+        raise InputError(f"generate_until expects (context, gen_kwargs dict), got {type(kwargs).__name__}")
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()))
+
+
+def _until(value) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else [s for s in value if s]
+
+
+def _cut(text: str, until: list[str]) -> str:
+    cuts = [text.find(s) for s in until if s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--tasks-dir"]:
+        print(TASKS_DIR)
+    else:
+        print(__doc__)
