@@ -40,10 +40,11 @@ def extract_answer(text: str) -> str | None:
 # --- Normalisation and equivalence -------------------------------------------------------------
 #
 # Numbers (GSM8K, the synthetic task): ``normalize_number`` drops a leading ``$``, thousands
-# commas, spaces, a trailing ``%``, unit words after the number ("18 dollars", "5 cm") and a
-# trailing ``.``; the rest must parse as a decimal or a fraction ``a/b``; equal when equal as
-# exact rationals: "18", "18.0", "$18" and "18 dollars" are all 18, "3/4" is "0.75"; a comma is
-# a thousands separator only before three digits, so "1,8" is not a number.
+# commas, spaces, a trailing ``%``, unit words after the number and a space ("18 dollars",
+# "5 cm"; a single letter as in "2 x" is a variable, not a unit) and a trailing ``.``; the rest
+# must parse as a decimal or a fraction ``a/b``; equal when equal as exact rationals: "18",
+# "18.0", "$18" and "18 dollars" are all 18, "3/4" is "0.75"; a comma is a thousands separator
+# only before three digits, so "1,8" is not a number.
 #
 # MATH-500 (``math_equal``): both sides go through ``normalize_math`` and are equal when the
 # strings match, or when both are numbers by the rule above and equal as rationals. The string
@@ -59,7 +60,7 @@ from fractions import Fraction  # noqa: E402
 
 _NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)(/\d+)?")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(\D|$))")
-_UNIT_AFTER_NUMBER = re.compile(r"^([-+]?[\d.,/]+)\s*(?:[A-Za-z][A-Za-z.\s]*)$")
+_UNIT_AFTER_NUMBER = re.compile(r"^([-+]?[\d.,/]+)\s+(?:[A-Za-z]{2,}[A-Za-z.\s]*)$")  # "18 dollars", not "2x"
 
 
 def normalize_number(text: str | None) -> Fraction | None:

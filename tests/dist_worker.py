@@ -128,3 +128,12 @@ def run_with_answerer(rank, world_size, model_dir, answerer_dir, prompts, config
                                          "answer_ids": r.answerer.token_ids} for r in out]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(written, f)
+
+
+def run_eval_cli(rank, world_size, argv):
+    """``paradec eval`` with ``argv`` on every rank (rank 0 writes the results file)."""
+    from paradec.cli import main
+
+    code = main(argv)
+    if code != 0:
+        raise SystemExit(code)

@@ -112,3 +112,39 @@ def test_the_shipped_answerer_reads_tiny_blocks(tiny):
     right = sum(arith.check_answer(r.answer, p) for r, p in zip(results, problems))
     assert right / len(problems) >= 0.875, [r.answerer.text for r in results]
     assert not any(r.answerer.truncated or r.answerer.empty for r in results)
+
+
+def test_the_shipped_scorer_finds_long_cot_more_sequential_than_nap_format():
+    # The SeqDep diagnosis of benchmarks/seqdep_synthetic.py, on 6 held-out problems: per token, the
+    # paths of the NAP format depend on each other less than the steps of the long-CoT chain.
+    import random
+
+    from paradec.eval.seqdep import segment
+    from paradec.metrics import seqdep
+    from paradec.models.ar import ARModel
+    from paradec.train.answerer import longcot_text, nap_text
+
+    scorer = ARModel.load("paradec-tiny-scorer")
+    rng = random.Random(0)
+    nap, chain = [], []
+    for problem in arith.test_problems()[:6]:
+        paths = [p.text for p in arith.solution_paths(problem, 4, rng)]
+        prompt, segments = nap_text(problem.question, paths, problem.answer)
+        nap.append(seqdep(scorer, segments, prompt, per_token=True))
+        prompt, text = longcot_text(problem.question, paths)
+        chain.append(seqdep(scorer, segment(text, "sentences"), prompt, per_token=True))
+    assert sum(chain) / 6 > 2 * sum(nap) / 6 > 0, (nap, chain)
+
+
+def test_scorer_training_writes_a_loadable_causal_lm(tmp_path):
+    from paradec.metrics import seqdep
+    from paradec.models.ar import ARModel
+    from paradec.train.answerer import AnswererConfig, train
+
+    record = train(AnswererConfig(out=str(tmp_path / "scorer"), steps=2, batch_size=4, layers=1, width=32, heads=2,
+                                  warmup=1, device="cpu", objective="scorer"))
+    assert record["step"] == 1 and record["loss"] > 0
+    scorer = ARModel.load(tmp_path / "scorer")
+    assert isinstance(seqdep(scorer, ["3 * 5 = 15 .", " 30 + 15 = 45 ."], "Zoe has 30 apples ."), float)
+    with pytest.raises(paradec.ConfigError, match="objective"):
+        train(AnswererConfig(out=str(tmp_path / "x"), objective="lm"))

@@ -53,7 +53,9 @@ def read_texts(path: Path, rule: str, limit: int | None = None) -> list[tuple[in
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     out = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    with path.open(encoding="utf-8") as lines:  # lines end at "\n" only (JSON strings may hold U+2028)
+        rows = list(lines)
+    for number, line in enumerate(rows, start=1):
         if not line.strip():
             continue
         try:
@@ -94,7 +96,7 @@ def score(scorer, texts: list[tuple[int, str, list[str]]], progress: bool = True
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="paradec-tiny-answerer", help="the scorer: a causal LM directory or built-in name")
+    p.add_argument("--model", default="paradec-tiny-scorer", help="the scorer: a causal LM directory or built-in name")
     p.add_argument("--data", type=Path, required=True, help="JSONL: text (or segments) and an optional prompt per line")
     p.add_argument("--segment", choices=RULES, default="lines")
     p.add_argument("--limit", type=int)

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("source", type=Path)
     e.add_argument("dest", type=Path)
     e.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    a = sub.add_parser("answerer", help="train the tiny AR answerer for NAR→AR on the synthetic task")
+    a = sub.add_parser("answerer", help="train the tiny AR answerer for NAR→AR (or the SeqDep scorer) on the synthetic task")
+    a.add_argument("--objective", default="answerer", choices=["answerer", "scorer"])
     a.add_argument("--out", required=True)
     a.add_argument("--steps", type=int, default=3000)
     a.add_argument("--batch-size", type=int, default=64)
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         from paradec.train.answerer import AnswererConfig, train as train_answerer
 
         train_answerer(AnswererConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                      seed=args.seed, device=args.device, max_minutes=args.max_minutes))
+                                      seed=args.seed, device=args.device, max_minutes=args.max_minutes,
+                                      objective=args.objective))
     else:
         from paradec.models.loading import load, resolve
         from paradec.models.saving import save_checkpoint

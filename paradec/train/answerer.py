@@ -1,6 +1,7 @@
-"""A tiny autoregressive answerer for NAR→AR on the synthetic task (``paradec.hybrid``).
+"""A tiny autoregressive answerer for NAR→AR on the synthetic task (``paradec.hybrid``), and a
+tiny scorer for SeqDep on the same task.
 
-It learns two stages from the same problems as the built-in diffusion model:
+The answerer learns two stages from the same problems as the built-in diffusion model:
 - answer: ``answer_prompt(question, paths)`` → `` #### N`` — read up to 8 independent paths
   (a minority of them with a slip) and state the majority's, i.e. the right, answer;
 - trace (for the AR→AR baseline): ``{question}\\n\\nReasoning 1:`` → one clean path.
@@ -9,7 +10,16 @@ the task's words and the template's, next-token cross-entropy on the completion 
 with warm-up and cosine decay, bf16 autocast on a GPU. Saved as a transformers checkpoint that
 ``paradec.models.ar.ARModel.load`` reads.
 
+The scorer (``objective="scorer"``) is the same model trained as a language model of the task's
+reasoning texts, in both serialisations, with loss on everything after the question:
+- NAP format: ``{question}\n\n`` → ``Reasoning: R1\n … Reasoning: Rm\n\nAnswer: #### N`` — the
+  paths carry no index, so one path after the question reads as any path would;
+- long CoT: ``{question}\n\nReasoning:`` → `` R1 R2 … Rm`` — the paths as one chain.
+m is drawn from 1..4, the paths are clean. ``benchmarks/seqdep_synthetic.py`` scores both
+serialisations with it.
+
     python -m paradec.train answerer --out paradec/models/builtin/paradec-tiny-answerer
+    python -m paradec.train answerer --objective scorer --out runs/paradec-tiny-scorer
 """
 
 from __future__ import annotations
@@ -23,12 +33,15 @@ from pathlib import Path
 
 import torch
 
+from paradec.errors import ConfigError
 from paradec.hybrid import answer_prompt
 from paradec.train.tasks import arith
 from paradec.train.tokenizer import build_word_tokenizer
 
 TEMPLATE_WORDS = ["Reasoning", "Summary", "Answer", ":"]
 PATH_COUNTS = (1, 2, 3, 4, 5, 6, 7, 8)
+SCORER_PATH_COUNTS = (1, 2, 3, 4)
+OBJECTIVES = ("answerer", "scorer")
 
 
 @dataclass
@@ -46,6 +59,7 @@ class AnswererConfig:
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     max_minutes: float | None = None
+    objective: str = "answerer"
 
 
 def stage_pairs(problem: arith.Problem, rng: random.Random, noise: float) -> list[tuple[str, str]]:
@@ -58,6 +72,23 @@ def stage_pairs(problem: arith.Problem, rng: random.Random, noise: float) -> lis
     if clean:
         pairs.append((f"{problem.question}\n\nReasoning 1:", " " + clean[0].text))
     return pairs
+
+
+def nap_text(question: str, paths: list[str], answer: int) -> tuple[str, list[str]]:
+    """The NAP serialisation the scorer reads: (prompt, segments = the paths, then the answer)."""
+    return f"{question.strip()}\n\n", [f"Reasoning: {p}\n" for p in paths] + [f"\nAnswer: #### {answer}"]
+
+
+def longcot_text(question: str, paths: list[str]) -> tuple[str, str]:
+    """The long-CoT serialisation: (prompt, the paths as one chain)."""
+    return f"{question.strip()}\n\nReasoning:", "".join(" " + p for p in paths)
+
+
+def scorer_pairs(problem: arith.Problem, rng: random.Random) -> list[tuple[str, str]]:
+    """(prompt, completion) of both serialisations of one problem with m clean paths."""
+    paths = [p.text for p in arith.solution_paths(problem, rng.choice(SCORER_PATH_COUNTS), rng)]
+    prompt, segments = nap_text(problem.question, paths, problem.answer)
+    return [(prompt, "".join(segments)), longcot_text(problem.question, paths)]
 
 
 def build(cfg: AnswererConfig):
@@ -96,6 +127,8 @@ def batch_of(tokenizer, pairs: list[tuple[str, str]], max_length: int, device) -
 
 def train(cfg: AnswererConfig) -> dict:
     """Trains and saves the answerer to ``cfg.out``; returns the last logged record."""
+    if cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {list(OBJECTIVES)}, got {cfg.objective!r}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, model = build(cfg)
@@ -110,7 +143,8 @@ def train(cfg: AnswererConfig) -> dict:
     for step in range(cfg.steps):
         pairs = []
         while len(pairs) < cfg.batch_size:
-            pairs += stage_pairs(next(problems), rng, cfg.noise)
+            problem = next(problems)
+            pairs += stage_pairs(problem, rng, cfg.noise) if cfg.objective == "answerer" else scorer_pairs(problem, rng)
         input_ids, mask, labels = batch_of(tokenizer, pairs[: cfg.batch_size], cfg.max_length, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss

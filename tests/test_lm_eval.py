@@ -1,0 +1,167 @@
+"""paradec's lm-evaluation-harness model class: a two-example local task end to end, the shipped
+GSM8K task config, and the Monte-Carlo log-likelihood against exact values."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+import lm_eval  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+import paradec  # noqa: E402
+from paradec.errors import ConfigError, InputError  # noqa: E402
+from paradec.eval import get_task  # noqa: E402
+from paradec.eval.harness import TASKS_DIR, ParadecLM, monte_carlo_loglikelihood  # noqa: E402
+from paradec.train.tasks import arith  # noqa: E402
+
+SAMPLE = Path(__file__).parent / "data" / "gsm8k_sample.jsonl"
+ARGS = "pretrained=paradec-tiny,device=cpu,blocks=2,tokens_per_step=4"
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return ParadecLM(pretrained="paradec-tiny", device="cpu", blocks=2, tokens_per_step=4, mc_num=64, mc_batch=16)
+
+
+def _local_task(tmp_path: Path, name: str, data: Path) -> Path:
+    """The shipped GSM8K config, renamed and pointed at ``data``."""
+    text = (TASKS_DIR / "paradec_gsm8k_local.yaml").read_text()
+    text = text.replace("paradec_gsm8k_local", name).replace("../shared/data/gsm8k/test.jsonl", str(data))
+    folder = tmp_path / "tasks"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.yaml").write_text(text)
+    return folder
+
+
+def test_two_example_task_end_to_end(tmp_path):
+    problems = arith.test_problems()[:2]
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(json.dumps({"question": p.question, "answer": f"#### {p.answer}"}) + "\n" for p in problems))
+    manager = TaskManager(include_path=str(_local_task(tmp_path, "two_local", data)))
+    out = lm_eval.simple_evaluate(model="paradec", model_args=ARGS, tasks=["two_local"], task_manager=manager,
+                                  log_samples=True)
+    metrics = out["results"]["two_local"]
+    model = paradec.load("paradec-tiny")
+    direct = paradec.generate(model, [p.question for p in problems], blocks=2, tokens_per_step=4, chat_template=False)
+    expected = sum(arith.check_answer(d.answer, p) for d, p in zip(direct, problems)) / 2
+    assert metrics["exact_match,strict-match"] == expected
+    strict = [s for s in out["samples"]["two_local"] if s["filter"] == "strict-match"]
+    assert sorted(s["resps"][0][0] for s in strict) == sorted(d.summary for d in direct)  # the summary is the text
+
+
+def test_shipped_gsm8k_config_reads_real_gsm8k(tmp_path):
+    manager = TaskManager(include_path=str(TASKS_DIR))
+    assert "paradec_gsm8k_local" in manager.all_tasks
+    folder = _local_task(tmp_path, "gsm8k_sample", SAMPLE)
+    out = lm_eval.simple_evaluate(model="paradec", model_args=ARGS, tasks=["gsm8k_sample"], limit=2,
+                                  task_manager=TaskManager(include_path=str(folder)), log_samples=True)
+    samples = out["samples"]["gsm8k_sample"]
+    golds = [json.loads(line)["answer"].split("####")[-1].strip() for line in SAMPLE.read_text().splitlines()[:2]]
+    assert [s["target"] for s in samples if s["filter"] == "strict-match"] == golds
+    assert 0.0 <= out["results"]["gsm8k_sample"]["exact_match,flexible-extract"] <= 1.0
+
+
+def test_generate_until_cuts_at_until(lm):
+    question = arith.test_problems()[0].question
+    full = lm.generate_until([Instance("generate_until", {}, (question, {"until": []}), 0)], disable_tqdm=True)[0]
+    assert "####" in full
+    cut = lm.generate_until([Instance("generate_until", {}, (question, {"until": ["####"]}), 0)], disable_tqdm=True)[0]
+    assert cut == full[: full.index("####")]
+
+
+def test_one_token_continuation_is_exact(lm):
+    """With one continuation token every draw masks it (k = 1, weight 1), so the estimate is
+    log p(token | context, [MASK]) exactly."""
+    model = lm.model
+    prefix = model.tokenizer("Zoe has 30 apples .", add_special_tokens=False)["input_ids"]
+    target = model.tokenizer(" 30", add_special_tokens=False)["input_ids"][:1]
+    ids = torch.tensor([prefix + [model.spec.mask_id]])
+    with torch.no_grad():
+        logits = model.module.training_logits(ids, torch.arange(ids.shape[1])[None], torch.tensor([[0] * len(prefix) + [1]]),
+                                              "canvas", torch.tensor([[False] * len(prefix) + [True]]))
+    exact = torch.log_softmax(logits.double(), -1)[0, target[0]].item()
+    assert monte_carlo_loglikelihood(model, prefix, target, mc_num=8, mc_batch=4) == pytest.approx(exact, abs=1e-5)
+
+
+def test_estimate_converges_to_its_expectation(lm):
+    """Two continuation tokens: the bound's expectation, enumerated over k in {1, 2} and every mask
+    of size k, against the estimate from 512 draws (within 4 standard errors; seeded)."""
+    model = lm.model
+    prefix = model.tokenizer("Zoe has 30 apples . Zoe finds", add_special_tokens=False)["input_ids"]
+    target = model.tokenizer(" 3 more", add_special_tokens=False)["input_ids"][:2]
+    assert len(target) == 2
+    n, values = 2, []
+    for k in (1, 2):
+        for subset in itertools.combinations(range(n), k):
+            masked = [False] * len(prefix) + [i in subset for i in range(n)]
+            ids = torch.tensor([prefix + [model.spec.mask_id if m else t for m, t in zip(masked[len(prefix):], target)]])
+            with torch.no_grad():
+                logits = model.module.training_logits(ids, torch.arange(ids.shape[1])[None],
+                                                      torch.tensor([[0] * len(prefix) + [1] * n]), "canvas",
+                                                      torch.tensor([masked]))
+            logp = torch.log_softmax(logits.double(), -1)
+            ce = -sum(logp[j, target[i]].item() for j, i in enumerate(subset))
+            values.append((k, ce * n / k))
+    per_k = {k: [v for kk, v in values if kk == k] for k in (1, 2)}
+    mean = sum(sum(v) / len(v) for v in per_k.values()) / 2  # k uniform, subsets uniform given k
+    var = sum(sum((x - mean) ** 2 for x in v) / len(v) for v in per_k.values()) / 2
+    estimate = monte_carlo_loglikelihood(model, prefix, target, mc_num=512, mc_batch=32, seed=3)
+    assert abs(-estimate - mean) < 4 * math.sqrt(var / 512) + 1e-9
+
+
+def test_is_greedy(lm):
+    model = lm.model
+    context = arith.test_problems()[1].question
+    prefix = model.tokenizer(context, add_special_tokens=False)["input_ids"]
+    greedy = paradec.generate(model, prefix, mode="ao", answer_len=3, steps=None, tokens_per_step=1,
+                              eos_closes_block=False, chat_template=False).token_ids[:3]
+    text = model.tokenizer.decode(greedy)
+    (ll, is_greedy), = lm.loglikelihood([Instance("loglikelihood", {}, (context, " " + text), 0)], disable_tqdm=True)
+    other = [t + 1 if t + 1 != model.spec.mask_id else t + 2 for t in greedy]
+    (_, not_greedy), = lm.loglikelihood([Instance("loglikelihood", {}, (context, " " + model.tokenizer.decode(other)), 0)],
+                                        disable_tqdm=True)
+    assert math.isfinite(ll) and ll < 0
+    assert is_greedy and not not_greedy
+
+
+def test_bad_model_args():
+    with pytest.raises(ConfigError, match="unknown paradec model_args"):
+        ParadecLM(pretrained="paradec-tiny", device="cpu", blockz=3)
+    with pytest.raises(ConfigError, match="output"):
+        ParadecLM(pretrained="paradec-tiny", device="cpu", output="tokens")
+    with pytest.raises(ConfigError, match="mc_num"):
+        ParadecLM(pretrained="paradec-tiny", device="cpu", mc_num=0)
+    with pytest.raises(ConfigError, match="tokens_per_step"):
+        ParadecLM(pretrained="paradec-tiny", device="cpu", tokens_per_step=-1)
+
+
+def test_bad_loglikelihood_input(lm):
+    with pytest.raises(InputError, match="continuation is empty"):
+        monte_carlo_loglikelihood(lm.model, [1, 2], [])
+    with pytest.raises(InputError, match="context is empty"):
+        monte_carlo_loglikelihood(lm.model, [], [1])
+    with pytest.raises(InputError, match="over the model"):
+        monte_carlo_loglikelihood(lm.model, [1] * lm.model.spec.max_length, [1])
+
+
+def test_eval_grading_agrees_with_lm_eval_filters():
+    """paradec eval's gsm8k rule and the shipped config's strict filter read the same number."""
+    task = get_task("gsm8k")
+    for line in SAMPLE.read_text().splitlines()[:10]:
+        row = json.loads(line)
+        assert task.grade(row["answer"], row["answer"].split("####")[-1].strip()).correct
