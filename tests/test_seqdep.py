@@ -28,13 +28,7 @@ PROMPT = "what is the a + b ?"
 SEGMENTS = ["a b c = 3 .", "the d is 4 .", "x + y = z ?", "1 2"]  # every word is in the tiny vocabulary
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny forwards are fastest on one thread; two threads on two busy cores are ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -55,18 +55,10 @@ TINY = dict(layers=1, width=32, heads=2, mlp=64)
 # order, which moves logits by ~1e-1.
 FP32 = dict(rtol=1e-4, atol=1e-4)
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- fixtures ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and a busy 2-core box thrashes with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
