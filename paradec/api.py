@@ -57,6 +57,7 @@ def generate(
     answerer=None,
     answer_tokens: int = 64,
     with_summary: bool = False,
+    on_step=None,
     **overrides,
 ) -> GenerationResult | list[GenerationResult]:
     """Decode one prompt or a batch (strings, or token id lists) with ``config`` and overrides.
@@ -68,6 +69,10 @@ def generate(
     model has decoded the blocks — and the summary too with ``with_summary`` (else it is left
     undecoded). ``result.answerer`` holds what it wrote; ``result.answer`` is its extracted
     answer. Under torchrun it runs on rank 0, where the results are.
+
+    on_step: called as ``on_step(runner, step)`` between steps with the canvas so far
+    (``runner.committed()`` counts each block's committed tokens); it may raise to stop. One
+    process only (not under torchrun).
 
     A single prompt gives a single result; a list of prompts gives a list. Inside a torchrun job
     of several ranks every rank calls this with the same arguments; the think blocks are spread
@@ -92,6 +97,8 @@ def generate(
         )
     env = current_env()
     placement = rank_timings = None
+    if on_step is not None and env.distributed:
+        raise ConfigError("on_step runs in one process only; under torchrun progress is not reported per step")
     if env.distributed:
         spread = distributed_canvas.decode(model, config, layout, encoded, env, summary=summary)
         if spread is None:
@@ -99,11 +106,11 @@ def generate(
         output, placement, rank_timings = spread.output, spread.placement, spread.rank_timings
     elif _REUSE.acquire(blocking=False):
         try:
-            output = _local_runner(model, config, layout, encoded, summary).run()
+            output = _local_runner(model, config, layout, encoded, summary).run(on_step=on_step)
         finally:
             _REUSE.release()
     else:  # another thread is decoding with the kept runner
-        output = Runner(model, config, layout, encoded, summary=None if summary else False).run()
+        output = Runner(model, config, layout, encoded, summary=None if summary else False).run(on_step=on_step)
     results = [
         _result(model, layout, encoded[r], output.canvas[r].tolist(), output.trace[r].tolist(), output, summary)
         for r in range(len(batch))

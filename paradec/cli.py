@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -103,6 +104,12 @@ def _seqdep(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from paradec.serve.server import serve
+
+    return serve(args)
+
+
 def _lm_eval(argv: list[str]) -> int:
     try:
         from lm_eval.__main__ import cli_evaluate
@@ -144,6 +151,18 @@ def parser() -> argparse.ArgumentParser:
 
     add_flags(s)
     sub.add_parser("lm-eval", help="lm-evaluation-harness's CLI with --model paradec registered", add_help=False)
+
+    v = sub.add_parser("serve", help="an engine behind a ZeroMQ frontend (and an OpenAI-compatible HTTP endpoint)")
+    v.add_argument("--model", default="paradec-tiny", help="checkpoint directory or a built-in model's name")
+    v.add_argument("--address", default="tcp://127.0.0.1:5555", help="where clients connect (ZeroMQ endpoint)")
+    v.add_argument("--http-port", type=int, help="also serve OpenAI-compatible HTTP on this port")
+    v.add_argument("--http-host", default="127.0.0.1")
+    v.add_argument("--token", default=os.environ.get("PARADEC_TOKEN"),
+                   help="shared secret every client sends (required to bind a non-loopback address)")
+    v.add_argument("--nproc", type=int, default=1, help="engine ranks (torchrun-style; rank 0 talks to the frontend)")
+    v.add_argument("--max-pending", type=int, default=64, help="requests in flight before new ones get 'busy'")
+    v.add_argument("--max-batch", type=int, default=8, help="compatible requests decoded together")
+    v.add_argument("--device", help="default: the GPU, else the CPU")
     return p
 
 
@@ -155,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from paradec.errors import ParadecError
 
     try:
-        return {"eval": _eval, "seqdep": _seqdep}[args.command](args)
+        return {"eval": _eval, "seqdep": _seqdep, "serve": _serve}[args.command](args)
     except ParadecError as e:
         print(f"paradec {args.command}: {e}", file=sys.stderr)
         return 2

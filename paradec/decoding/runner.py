@@ -155,14 +155,16 @@ class Runner:
     # --- the loop ----------------------------------------------------------------------------
     @torch.no_grad()  # the graph bodies call the layers directly: no autograd graph may hold their buffers
     def run(self, cache=None, start: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-            should_abort=None) -> DecodeOutput:
+            should_abort=None, on_step=None) -> DecodeOutput:
         """Decode this runner's phases.
 
         cache: a prompt cache made elsewhere (received from another rank), else one is made here
         under ``isolated``; it may already hold the think blocks' KV (then the summary uses it as
         is). start: (canvas [B, C], trace [B, C], first step) to continue from, such as the
         gathered think blocks. should_abort: called between steps; it raises to stop the run
-        (another rank failed).
+        (another rank failed). on_step: called as ``on_step(runner, step)`` between steps (between
+        batches of graph replays when steps replay as CUDA graphs), with ``canvas`` and ``trace``
+        as committed so far; it may raise to stop the run (a server's abort).
         """
         t_start = self._clock()
         if cache is None and self.config.attention == "isolated":
@@ -187,6 +189,8 @@ class Runner:
                         break
                     if should_abort is not None:
                         should_abort()
+                    if on_step is not None:
+                        on_step(self, step)
                     every = self.config.refresh_every
                     due = self._windowed_cache and (window_step == 0 or bool(every and window_step % every == 0))
                     if self.graphs is None:
@@ -214,6 +218,12 @@ class Runner:
             self.timings[name] = self.timings.get(name, 0.0) + self._clock() - t_phase
         self.timings["total"] = self._clock() - t_start
         return DecodeOutput(self.canvas.clone(), self.trace.clone(), nfe, step, dict(self.timings))
+
+    def committed(self) -> torch.Tensor:
+        """[B, G] tokens committed so far in each group's body (host tensor; one device sync)."""
+        done = (self.trace >= 0) & self.editable  # [B, C]
+        counts = torch.zeros(done.shape[0], self.layout.num_groups, dtype=torch.long, device=self.device)
+        return counts.index_add_(1, self.groups, done.long()).cpu()
 
     def release(self) -> None:
         """Frees the captured graphs and their static buffers (caches included) now, rather

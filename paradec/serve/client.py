@@ -1,0 +1,266 @@
+"""Clients of a paradec server: ``Client`` (blocking) and ``AsyncClient`` (asyncio). Both take
+the same config as ``paradec.generate`` (a GenerationConfig and/or overrides), stream per-step
+progress (tokens committed per block, so a UI can draw the canvas filling in), abort, and time out.
+
+    with paradec.Client("tcp://127.0.0.1:5555") as client:
+        result = client.generate("Zoe has 30 apples ...", blocks=4, on_progress=print)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+from paradec.config import GenerationConfig
+from paradec.errors import ParadecError
+from paradec.serve.protocol import Message, MessageType, decode, encode
+
+
+class ServeError(ParadecError):
+    """The server refused or failed a request; ``code`` is the ERROR's code (busy, invalid,
+    unauthorized, aborted, timeout, failed, too_large) or ``engine_dead``."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class EngineDead(ServeError):
+    def __init__(self, message: str):
+        super().__init__("engine_dead", message)
+
+
+@dataclass
+class Progress:
+    id: str
+    step: int
+    committed: list[int]  # tokens committed so far in each block (think blocks, then the summary)
+    lengths: list[int]  # each block's body length
+
+
+@dataclass
+class ServedResult:
+    """What ``paradec.generate`` returns, as it crossed the wire."""
+
+    id: str
+    blocks: list[str]
+    summary: str
+    answer: str | None
+    token_ids: list[int]
+    trace: list[int]
+    nfe: int
+    steps: int
+    timings: dict
+    prompt_tokens: int
+    block_tokens: list[int]
+    summary_tokens: int
+
+
+def request_body(request_id: str, prompt, config: GenerationConfig | None, overrides: dict, stream: bool,
+                 timeout_s: float | None, token: str | None) -> tuple[dict, list]:
+    """An ADD body and its buffers: text prompts as text, token ids as an int32 buffer, chat as
+    ``messages``; a GenerationConfig is sent whole, overrides on top."""
+    settings = {**(dataclasses.asdict(config) if config is not None else {}), **overrides}
+    body = {"id": request_id, "config": settings, "stream": stream}
+    buffers = []
+    if isinstance(prompt, str):
+        body["prompt"] = prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        body["messages"] = prompt
+    else:
+        buffers = [list(prompt)]
+    if timeout_s is not None:
+        body["timeout_s"] = float(timeout_s)
+    if token is not None:
+        body["token"] = token
+    return body, buffers
+
+
+def _event(message: Message) -> Progress | ServedResult | dict:
+    """A decoded server message as progress, a result or a utility reply; errors raise."""
+    body = message.body
+    if message.type == MessageType.ENGINE_DEAD:
+        raise EngineDead(body["message"])
+    if message.type == MessageType.ERROR:
+        raise ServeError(body["code"], body["message"])
+    if body["kind"] == "progress":
+        return Progress(body["id"], body["step"], body["committed"], body["lengths"])
+    if body["kind"] == "utility":
+        return body["reply"]
+    token_ids, trace = (b.tolist() for b in message.buffers)
+    return ServedResult(id=body["id"], token_ids=token_ids, trace=trace, **body["result"])
+
+
+def _final(event) -> bool:
+    return not isinstance(event, Progress)
+
+
+class Client:
+    """A blocking client; one request at a time per client (use one client per thread)."""
+
+    def __init__(self, address: str, token: str | None = None, timeout_s: float | None = None):
+        self.address, self.token, self.timeout_s = address, token or os.environ.get("PARADEC_TOKEN"), timeout_s
+        self.socket = zmq.Context.instance().socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(address)
+        self.ids = (f"{os.getpid()}-{id(self):x}-{i}" for i in itertools.count())
+
+    def generate(self, prompt, config: GenerationConfig | None = None, timeout_s: float | None = None,
+                 on_progress: Callable[[Progress], None] | None = None, **overrides) -> ServedResult:
+        """Decodes one prompt (text, token ids, or chat messages) on the server. on_progress gets
+        every step's Progress. Raises ServeError (EngineDead when the engine died) or
+        TimeoutError (after sending ABORT) when ``timeout_s`` (default: the client's) passes."""
+        for event in self.stream(prompt, config, timeout_s, progress=on_progress is not None, **overrides):
+            if isinstance(event, Progress):
+                on_progress(event)
+            else:
+                return event
+        raise AssertionError("unreachable: a stream ends with its result")
+
+    def stream(self, prompt, config: GenerationConfig | None = None, timeout_s: float | None = None,
+               progress: bool = True, **overrides) -> Iterator[Progress | ServedResult]:
+        """Progress events (with ``progress``), then the result."""
+        request_id = next(self.ids)
+        timeout_s = timeout_s if timeout_s is not None else self.timeout_s
+        body, buffers = request_body(request_id, prompt, config, overrides, progress, timeout_s, self.token)
+        self.socket.send_multipart(encode(MessageType.ADD, body, buffers))
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            event = self._receive(request_id, deadline)
+            yield event
+            if _final(event):
+                return
+
+    def abort(self, request_id: str) -> None:
+        self.socket.send_multipart(encode(MessageType.ABORT, self._with_token({"id": request_id})))
+
+    def health(self, timeout_s: float = 10.0) -> dict:
+        return self._utility("health", timeout_s)
+
+    def stats(self, timeout_s: float = 10.0) -> dict:
+        return self._utility("stats", timeout_s)
+
+    def _utility(self, method: str, timeout_s: float) -> dict:
+        request_id = next(self.ids)
+        self.socket.send_multipart(encode(MessageType.UTILITY, self._with_token({"id": request_id, "method": method})))
+        return self._receive(request_id, time.monotonic() + timeout_s)
+
+    def _with_token(self, body: dict) -> dict:
+        return {**body, "token": self.token} if self.token is not None else body
+
+    def _receive(self, request_id: str, deadline: float | None):
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self.socket.poll(None if wait is None else int(wait * 1000)):
+                self.abort(request_id)
+                raise TimeoutError(f"request {request_id} got no answer in time (aborted)")
+            message = decode(self.socket.recv_multipart())
+            if message.id in (request_id, None):  # None: an ERROR about a message the server could not read
+                return _event(message)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """An asyncio client; any number of requests at once."""
+
+    def __init__(self, address: str, token: str | None = None, timeout_s: float | None = None):
+        self.address, self.token, self.timeout_s = address, token or os.environ.get("PARADEC_TOKEN"), timeout_s
+        self.context = zmq.asyncio.Context.instance()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(address)
+        self.queues: dict[str, asyncio.Queue] = {}
+        self.ids = (f"a{os.getpid()}-{id(self):x}-{i}" for i in itertools.count())
+        self.reader: asyncio.Task | None = None
+
+    async def _read(self) -> None:
+        while True:
+            message = decode(await self.socket.recv_multipart())
+            queue = self.queues.get(message.id)
+            if queue is not None:
+                queue.put_nowait(message)
+            elif message.id is None:  # a message the server could not read: every waiter learns
+                for q in self.queues.values():
+                    q.put_nowait(message)
+
+    def _open(self, request_id: str) -> asyncio.Queue:
+        if self.reader is None:
+            self.reader = asyncio.get_running_loop().create_task(self._read())
+        self.queues[request_id] = asyncio.Queue()
+        return self.queues[request_id]
+
+    async def stream(self, prompt, config: GenerationConfig | None = None, timeout_s: float | None = None,
+                     progress: bool = True, request_id: str | None = None,
+                     **overrides) -> AsyncIterator[Progress | ServedResult]:
+        request_id = request_id or next(self.ids)
+        timeout_s = timeout_s if timeout_s is not None else self.timeout_s
+        queue = self._open(request_id)
+        body, buffers = request_body(request_id, prompt, config, overrides, progress, timeout_s, self.token)
+        await self.socket.send_multipart(encode(MessageType.ADD, body, buffers))
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            while True:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    message = await asyncio.wait_for(queue.get(), wait)
+                except TimeoutError:
+                    await self.abort(request_id)
+                    raise TimeoutError(f"request {request_id} got no answer in time (aborted)") from None
+                event = _event(message)
+                yield event
+                if _final(event):
+                    return
+        finally:
+            self.queues.pop(request_id, None)
+
+    async def generate(self, prompt, config: GenerationConfig | None = None, timeout_s: float | None = None,
+                       on_progress: Callable[[Progress], None] | None = None, request_id: str | None = None,
+                       **overrides) -> ServedResult:
+        async for event in self.stream(prompt, config, timeout_s, progress=on_progress is not None,
+                                       request_id=request_id, **overrides):
+            if isinstance(event, Progress):
+                on_progress(event)
+            else:
+                return event
+        raise AssertionError("unreachable: a stream ends with its result")
+
+    async def abort(self, request_id: str) -> None:
+        body = {"id": request_id, **({"token": self.token} if self.token is not None else {})}
+        await self.socket.send_multipart(encode(MessageType.ABORT, body))
+
+    async def health(self, timeout_s: float = 10.0) -> dict:
+        return await self._utility("health", timeout_s)
+
+    async def stats(self, timeout_s: float = 10.0) -> dict:
+        return await self._utility("stats", timeout_s)
+
+    async def _utility(self, method: str, timeout_s: float) -> dict:
+        request_id = next(self.ids)
+        queue = self._open(request_id)
+        body = {"id": request_id, "method": method, **({"token": self.token} if self.token is not None else {})}
+        try:
+            await self.socket.send_multipart(encode(MessageType.UTILITY, body))
+            return _event(await asyncio.wait_for(queue.get(), timeout_s))
+        finally:
+            self.queues.pop(request_id, None)
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+        self.socket.close(linger=0)

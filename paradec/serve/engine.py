@@ -1,0 +1,236 @@
+"""The engine: one process that owns the model, takes requests from the frontend over a DEALER
+socket and sends progress and results back over a PUSH socket.
+
+Scheduling: requests wait in arrival order; the engine decodes the oldest together with every
+waiting request it is *compatible* with — the same generation config, greedy (``temperature``
+0, an order other than ``random``) and ``isolated`` attention, where batching cannot change a
+request's tokens (DESIGN.md contract 3; sampled requests decode alone because request r of a
+batch draws from ``seed + r``) — up to ``max_batch``. Between steps it reads new messages
+(ABORT, more ADDs), streams progress to the requests that asked for it, and stops the batch
+once every request in it was aborted. Every request it accepted gets exactly one final OUTPUT
+or one ERROR.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import zmq
+
+import paradec
+from paradec.api import build_layout, encode_prompt, resolve_config
+from paradec.config import GenerationConfig
+from paradec.errors import ParadecError
+from paradec.serve.protocol import Limits, Message, MessageType, ProtocolError, decode, encode
+
+log = logging.getLogger(__name__)
+ENGINE_IDENTITY = b"engine"
+
+
+class _AllAborted(Exception):
+    """Every request of the running batch was aborted: stop decoding it."""
+
+
+@dataclass
+class Request:
+    id: str
+    prompt: str | list[int]
+    config: GenerationConfig
+    stream: bool
+    deadline: float | None  # time.monotonic() after which the request fails with "timeout"
+    arrived: float = field(default_factory=time.monotonic)
+
+    @property
+    def batchable(self) -> bool:
+        c = self.config
+        return c.temperature == 0 and c.mode != "random" and c.attention == "isolated"
+
+
+class Engine:
+    def __init__(self, model, requests_address: str, outputs_address: str, max_batch: int = 8,
+                 limits: Limits = Limits(), context: zmq.Context | None = None):
+        self.model, self.max_batch, self.limits = model, max_batch, limits
+        self.context = context or zmq.Context.instance()
+        self.requests = self.context.socket(zmq.DEALER)
+        self.requests.setsockopt(zmq.IDENTITY, ENGINE_IDENTITY)
+        self.requests.setsockopt(zmq.LINGER, 0)
+        self.requests.connect(requests_address)
+        self.outputs = self.context.socket(zmq.PUSH)
+        self.outputs.setsockopt(zmq.LINGER, 2000)
+        self.outputs.connect(outputs_address)
+        self.waiting: deque[Request] = deque()
+        self.aborted: set[str] = set()  # ids of the running batch to stop reporting (and to end with an ERROR)
+        self.errored: set[str] = set()  # ids of the running batch that already got their ERROR
+        self.running: dict[str, Request] = {}
+        self.stats = {"accepted": 0, "finished": 0, "errors": 0, "aborted": 0, "batches": 0, "steps": 0}
+
+    # --- sending -----------------------------------------------------------------------------
+    def _send(self, kind: MessageType, body: dict, buffers=None) -> None:
+        self.outputs.send_multipart(encode(kind, body, buffers))
+
+    def _error(self, request_id: str | None, code: str, message: str) -> None:
+        """The request's one ERROR (its final message)."""
+        if request_id is not None:
+            self.errored.add(request_id)
+        self.stats["errors" if code != "aborted" else "aborted"] += 1
+        self._send(MessageType.ERROR, {"id": request_id, "code": code, "message": message})
+
+    # --- receiving ---------------------------------------------------------------------------
+    def _drain(self, timeout_ms: int) -> None:
+        """Handles every message that arrives within ``timeout_ms`` (0: only those waiting)."""
+        while self.requests.poll(timeout_ms):
+            timeout_ms = 0
+            frames = self.requests.recv_multipart()
+            try:
+                self._handle(decode(frames, self.limits))
+            except ProtocolError as e:  # the frontend validated it already; a bug if it gets here
+                self._error(None, e.code, str(e))
+
+    def _handle(self, message: Message) -> None:
+        if message.type == MessageType.ADD:
+            self._add(message)
+        elif message.type == MessageType.ABORT:
+            self._abort(message.id)
+
+    def _add(self, message: Message) -> None:
+        body = message.body
+        try:
+            config = resolve_config(self.model, **(body.get("config") or {}))
+            layout = build_layout(self.model, config)
+            if layout.length > self.limits.max_canvas_tokens:
+                raise ProtocolError(f"the canvas is {layout.length} tokens, over the limit of "
+                                    f"{self.limits.max_canvas_tokens}", code="too_large")
+            prompt = self._prompt(message, config)
+            ids = encode_prompt(self.model, prompt, config, layout)  # refuses bad prompts now, not mid-batch
+            if len(ids) > self.limits.max_prompt_tokens:
+                raise ProtocolError(f"the prompt is {len(ids)} tokens, over the limit of "
+                                    f"{self.limits.max_prompt_tokens}", code="too_large")
+            if len(ids) + layout.length > self.model.spec.max_length:
+                raise ProtocolError(f"prompt ({len(ids)} tokens) + canvas ({layout.length}) exceed the model's "
+                                    f"maximum length {self.model.spec.max_length}", code="too_large")
+        except ProtocolError as e:
+            return self._error(body["id"], e.code, str(e))
+        except ParadecError as e:
+            return self._error(body["id"], "invalid", str(e))
+        timeout = body.get("timeout_s")
+        self.waiting.append(Request(body["id"], ids, config, bool(body.get("stream")),
+                                    time.monotonic() + timeout if timeout else None))
+        self.stats["accepted"] += 1
+
+    def _prompt(self, message: Message, config: GenerationConfig) -> str | list[int]:
+        """Text, token ids, or chat messages rendered by the tokenizer's chat template to ids."""
+        body = message.body
+        if body.get("prompt") is not None:
+            return body["prompt"]
+        if "messages" not in body:
+            return message.buffers[0].tolist()
+        tokenizer = self.model.tokenizer
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            if len(body["messages"]) != 1 or body["messages"][0]["role"] != "user":
+                raise ProtocolError("this model has no chat template: send one user message, or a prompt")
+            return body["messages"][0]["content"]
+        text = tokenizer.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=False)["input_ids"]
+
+    def _abort(self, request_id: str) -> None:
+        for request in list(self.waiting):
+            if request.id == request_id:
+                self.waiting.remove(request)
+                return self._error(request_id, "aborted", "aborted before it started")
+        if request_id in self.running:
+            self.aborted.add(request_id)
+
+    # --- decoding ----------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        self._send(MessageType.OUTPUT, {"id": "engine", "kind": "ready"})
+        while True:
+            self._drain(0 if self.waiting else 50)
+            self._expire()
+            if self.waiting:
+                self._run(self._next_batch())
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for request in [r for r in self.waiting if r.deadline is not None and now > r.deadline]:
+            self.waiting.remove(request)
+            self._error(request.id, "timeout", "timed out waiting for the engine")
+
+    def _next_batch(self) -> list[Request]:
+        first = self.waiting.popleft()
+        batch = [first]
+        if first.batchable:
+            for request in list(self.waiting):
+                if len(batch) == self.max_batch:
+                    break
+                if request.batchable and request.config == first.config:
+                    self.waiting.remove(request)
+                    batch.append(request)
+        return batch
+
+    def _run(self, batch: list[Request]) -> None:
+        self.running = {r.id: r for r in batch}
+        self.stats["batches"] += 1
+        layout = build_layout(self.model, batch[0].config)
+        lengths = [e - s for s, e in layout.bodies]
+        streaming = any(r.stream for r in batch)
+
+        def on_step(runner, step: int) -> None:
+            self._drain(0)
+            now = time.monotonic()
+            for r in batch:
+                if r.deadline is not None and now > r.deadline and r.id not in self.aborted:
+                    self.aborted.add(r.id)
+                    self._error(r.id, "timeout", f"timed out after {step} steps")
+            if all(r.id in self.aborted for r in batch):
+                raise _AllAborted
+            if streaming:
+                committed = runner.committed()  # [B, G]
+                for i, r in enumerate(batch):
+                    if r.stream and r.id not in self.aborted:
+                        self._send(MessageType.OUTPUT, {"id": r.id, "kind": "progress", "step": step,
+                                                        "committed": committed[i].tolist(), "lengths": lengths})
+
+        try:
+            results = paradec.generate(self.model, [r.prompt for r in batch], batch[0].config, on_step=on_step)
+        except _AllAborted:
+            results = None
+        except Exception as e:  # noqa: BLE001 - one failed batch must not take the engine down
+            log.exception("batch failed")
+            results = None
+            for r in batch:
+                if r.id not in self.aborted:
+                    self.aborted.add(r.id)
+                    self._error(r.id, "failed", f"{type(e).__name__}: {e}")
+        self.stats["steps"] += 0 if results is None else results[0].steps
+        for i, r in enumerate(batch):
+            if r.id in self.aborted or results is None:
+                continue
+            self._send(MessageType.OUTPUT, {"id": r.id, "kind": "final", "result": _result_body(results[i])},
+                       [results[i].token_ids, results[i].trace])
+            self.stats["finished"] += 1
+        for r in batch:  # aborted ones that did not yet get their ERROR
+            if r.id in self.aborted and r.id not in self.errored:
+                self._error(r.id, "aborted", "aborted while decoding")
+        self.aborted.clear()
+        self.errored.clear()
+        self.running = {}
+
+
+def _result_body(result) -> dict:
+    return {"blocks": result.blocks, "summary": result.summary, "answer": result.answer, "nfe": result.nfe,
+            "steps": result.steps, "timings": result.timings, "prompt_tokens": len(result.prompt_ids),
+            "block_tokens": [len(b) for b in result.block_token_ids], "summary_tokens": len(result.summary_token_ids)}
+
+
+def run_engine(model_path: str, requests_address: str, outputs_address: str, max_batch: int = 8,
+               device: str | None = None, limits: Limits = Limits()) -> None:
+    """The engine process's entry point."""
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="engine %(levelname)s %(message)s")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = paradec.load(model_path, device=device)
+    Engine(model, requests_address, outputs_address, max_batch, limits).serve_forever()
