@@ -5,7 +5,9 @@ Scheduling: requests wait in arrival order; the engine decodes the oldest togeth
 waiting request it is *compatible* with — the same generation config, greedy (``temperature``
 0, an order other than ``random``) and ``isolated`` attention, where batching cannot change a
 request's tokens (DESIGN.md contract 3; sampled requests decode alone because request r of a
-batch draws from ``seed + r``) — up to ``max_batch``. Between steps it reads new messages
+batch draws from ``seed + r``) — up to ``max_batch``. A batched request gets the tokens it would
+get alone; its trace and NFE count the batch's steps (a summary starts once every think block of
+the batch is done), as ``paradec.generate`` on the same batch reports them. Between steps it reads new messages
 (ABORT, more ADDs), streams progress to the requests that asked for it, and stops the batch
 once every request in it was aborted. Every request it accepted gets exactly one final OUTPUT
 or one ERROR.

@@ -64,7 +64,7 @@ class Frontend:
         self.engine_ready = asyncio.Event()
         self.engine: multiprocessing.Process | None = None
         self.stats = {"accepted": 0, "finished": 0, "errors": 0, "aborted": 0, "busy": 0, "invalid": 0,
-                      "unauthorized": 0, "engine_dead": 0}
+                      "unauthorized": 0, "engine_dead": 0, "disconnected": 0}
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -199,6 +199,7 @@ class Frontend:
                                           message.buffers)
             if not delivered and not final:  # the client is gone: stop decoding for it
                 self._close(message.id)
+                self.stats["disconnected"] += 1
                 await self._to_engine(MessageType.ABORT, {"id": message.id})
 
     def _close(self, internal: str) -> None:

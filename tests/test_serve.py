@@ -1,0 +1,334 @@
+"""Serving over real loopback sockets with the built-in model: the wire refuses what it must,
+clients get exactly one final answer each (equal to a direct ``paradec.generate``), aborts and
+vanished clients stop decoding, a dead engine is reported to everyone waiting, and the HTTP
+endpoint speaks OpenAI's format."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import msgpack
+import pytest
+import zmq
+
+import paradec
+from paradec.serve import AsyncClient, Client, EngineDead, Progress, ServeError
+from paradec.serve.frontend import EngineTarget, Frontend, check_bind
+from paradec.serve.protocol import Limits, MessageType, ProtocolError, decode, encode
+from paradec.train.tasks import arith
+
+SMALL = {"blocks": 2, "tokens_per_step": 4}  # a short canvas: quick on the CPU
+SLOW = {"blocks": 4, "tokens_per_step": 1}  # ~50 steps: time to abort or kill mid-decode
+QUESTIONS = [p.question for p in arith.test_problems()[:50]]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A frontend on its own event loop thread, its engine in a spawned process."""
+
+    def __init__(self, token: str | None = None, max_pending: int = 64, max_batch: int = 8,
+                 limits: Limits = Limits()):
+        self.address = f"tcp://127.0.0.1:{_port()}"
+        self.loop = asyncio.new_event_loop()
+        self.started = threading.Event()
+        self.kwargs = dict(token=token, max_pending=max_pending, limits=limits)
+        self.target = EngineTarget("paradec-tiny", max_batch=max_batch, device="cpu", limits=limits)
+        self.error: BaseException | None = None
+        threading.Thread(target=self._run, daemon=True).start()
+        assert self.started.wait(120), "the server did not start"
+        if self.error:
+            raise self.error
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.frontend = Frontend(self.address, self.target, **self.kwargs)
+        try:
+            self.loop.run_until_complete(self.frontend.start())
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            self.error = e
+        self.started.set()
+        self.loop.run_forever()
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.frontend.stop(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server(max_batch=8)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return paradec.load("paradec-tiny")
+
+
+def _raw(address: str) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    return sock
+
+
+def _reply(sock: zmq.Socket, timeout_s: float = 20.0):
+    assert sock.poll(int(timeout_s * 1000)), "no reply"
+    return decode(sock.recv_multipart())
+
+
+# --- the wire ---------------------------------------------------------------------------------
+
+
+def test_protocol_round_trip_and_refusals():
+    frames = encode(MessageType.OUTPUT, {"id": "x", "kind": "final", "result": {"a": 1}}, [[1, 2, 3], [-1, 0, 4]])
+    message = decode(frames)
+    assert message.type == MessageType.OUTPUT and [b.tolist() for b in message.buffers] == [[1, 2, 3], [-1, 0, 4]]
+    bad = {
+        "unknown message type": [b"\x09", msgpack.packb({"id": "a"})],
+        "not valid msgpack": [b"\x01", b"\xc1"],
+        "is a map": [b"\x01", msgpack.packb([1, 2])],
+        "unknown fields": [b"\x01", msgpack.packb({"id": "a", "prompt": "q", "pickle": b"x"})],
+        "must be str": [b"\x01", msgpack.packb({"id": 7, "prompt": "q"})],
+        "'stream' of a ADD message must be bool": [b"\x01", msgpack.packb({"id": "a", "prompt": "q", "stream": 1})],
+        "exactly one of them": [b"\x01", msgpack.packb({"id": "a"})],
+        "needs the field 'method'": [b"\x03", msgpack.packb({"id": "a"})],
+        "whole int32": [b"\x01", msgpack.packb({"id": "a"}), b"abc"],
+        "over the limit": [b"\x01", msgpack.packb({"id": "a", "prompt": "q" * 100})],
+        "2 to 4 frames": [b"\x01"],
+    }
+    for expected, frames in bad.items():
+        with pytest.raises(ProtocolError, match=expected):
+            decode(frames, Limits(max_frame_bytes=64))
+    with pytest.raises(ProtocolError, match="not loopback"):
+        check_bind("tcp://0.0.0.0:5555", None)
+    check_bind("tcp://0.0.0.0:5555", "secret")  # allowed with a token
+
+
+def test_bad_messages_get_errors_and_the_server_stays_up(server):
+    sock = _raw(server.address)
+    cases = [
+        ([b"\x01", b"\xc1"], "invalid"),  # malformed msgpack
+        ([b"\x01", msgpack.packb({"id": "w", "prompt": 3})], "invalid"),  # wrong field type
+        ([b"\x2a", msgpack.packb({"id": "u"})], "invalid"),  # unknown message type
+        ([b"\x01", msgpack.packb({"id": "big", "prompt": "x" * (2 << 20)})], "too_large"),  # oversize frame
+        ([b"\x04", msgpack.packb({"id": "o", "kind": "final"})], "invalid"),  # a server-only type
+        ([b"\x01", msgpack.packb({"id": "c", "prompt": "q ?", "config": {"blocks": 0}})], "invalid"),  # bad config
+    ]
+    for frames, code in cases:
+        sock.send_multipart(frames)
+        reply = _reply(sock)
+        assert reply.type == MessageType.ERROR and reply.body["code"] == code, (frames[:1], reply.body)
+    sock.close()
+    with Client(server.address, timeout_s=60) as client:
+        assert client.health()["healthy"]
+        assert client.generate(QUESTIONS[0], **SMALL).answer is not None
+
+
+def test_token_required_and_checked():
+    s = Server(token="s3cret")
+    try:
+        with Client(s.address, timeout_s=30) as none, Client(s.address, token="wrong", timeout_s=30) as wrong:
+            for client in (none, wrong):
+                with pytest.raises(ServeError, match="unauthorized"):
+                    client.generate(QUESTIONS[0], **SMALL)
+                with pytest.raises(ServeError, match="unauthorized"):
+                    client.health()
+        with Client(s.address, token="s3cret", timeout_s=60) as right:
+            assert right.generate(QUESTIONS[0], **SMALL).answer is not None
+    finally:
+        s.stop()
+
+
+# --- requests ---------------------------------------------------------------------------------
+
+
+def test_result_equals_generate_and_progress_streams(server, tiny):
+    events = []
+    with Client(server.address, timeout_s=60) as client:
+        result = client.generate(QUESTIONS[1], on_progress=events.append, **SMALL)
+        ids = tiny.tokenizer(QUESTIONS[2], add_special_tokens=False)["input_ids"]
+        from_ids = client.generate(ids, **SMALL)
+    direct = paradec.generate(tiny, QUESTIONS[1], **SMALL)
+    assert result.token_ids == direct.token_ids and result.trace == direct.trace and result.blocks == direct.blocks
+    assert result.nfe == direct.nfe and result.summary == direct.summary
+    assert from_ids.token_ids == paradec.generate(tiny, ids, **SMALL).token_ids
+    assert events and all(isinstance(e, Progress) for e in events)
+    assert [e.step for e in events] == sorted(e.step for e in events)
+    assert all(len(e.committed) == 3 and all(c <= n for c, n in zip(e.committed, e.lengths)) for e in events)
+    assert events[-1].committed[0] == events[-1].lengths[0]  # the think blocks filled in before the summary
+
+
+def test_fifty_concurrent_clients_all_answered_as_generate_would(server, tiny):
+    # every third request is sampled (decoded alone, from its own seed); the rest greedy (batched)
+    settings = [dict(SMALL, temperature=0.8, seed=100 + i) if i % 3 == 0 else dict(SMALL) for i in range(50)]
+
+    def ask(i):
+        with Client(server.address, timeout_s=300) as client:
+            return client.generate(QUESTIONS[i], **settings[i])
+
+    with ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(ask, range(50)))
+    for i, result in enumerate(results):
+        direct = paradec.generate(tiny, QUESTIONS[i], **settings[i])
+        # the same tokens; a batch numbers its steps together, so a batched trace may be shifted
+        assert result.token_ids == direct.token_ids and result.summary == direct.summary, i
+        if i % 3 == 0:  # decoded alone: the very same run
+            assert result.trace == direct.trace and result.nfe == direct.nfe, i
+    with Client(server.address) as client:
+        stats = client.stats()
+    assert stats["in_flight"] == 0 and stats["finished"] >= 50
+
+
+def test_busy_when_the_table_is_full():
+    s = Server(max_pending=1)
+    try:
+        with Client(s.address, timeout_s=120) as first, Client(s.address, timeout_s=30) as second:
+            stream = first.stream(QUESTIONS[3], **SLOW)
+            assert isinstance(next(stream), Progress)  # in flight now
+            with pytest.raises(ServeError, match="busy"):
+                second.generate(QUESTIONS[4], **SMALL)
+            assert not isinstance(list(stream)[-1], Progress)  # the first still gets its result
+            assert second.generate(QUESTIONS[4], **SMALL).answer is not None  # room again
+    finally:
+        s.stop()
+
+
+def test_abort_mid_decode(server):
+    with Client(server.address, timeout_s=120) as client:
+        stream = client.stream(QUESTIONS[5], **SLOW)
+        first = next(stream)
+        assert isinstance(first, Progress)
+        client.abort(first.id)
+        with pytest.raises(ServeError, match="aborted"):
+            for _ in stream:
+                pass
+        assert client.generate(QUESTIONS[6], **SMALL).answer is not None
+
+
+def test_timeout_aborts_the_request(server):
+    with Client(server.address) as client:
+        with pytest.raises((ServeError, TimeoutError)):
+            client.generate(QUESTIONS[7], timeout_s=0.05, **SLOW)
+        assert client.health()["healthy"]
+
+
+def test_client_that_disconnects_mid_stream(server):
+    before = Client(server.address).stats()
+    client = Client(server.address, timeout_s=120)
+    stream = client.stream(QUESTIONS[8], **SLOW)
+    assert isinstance(next(stream), Progress)
+    client.close()  # gone mid-stream
+    with Client(server.address, timeout_s=120) as other:
+        assert other.generate(QUESTIONS[9], **SMALL).answer is not None
+        deadline = time.monotonic() + 30
+        while other.stats()["disconnected"] == before["disconnected"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        stats = other.stats()
+    assert stats["disconnected"] == before["disconnected"] + 1 and stats["in_flight"] == 0
+
+
+def test_async_client_runs_requests_at_once(server, tiny):
+    async def main():
+        client = AsyncClient(server.address, timeout_s=120)
+        try:
+            return await asyncio.gather(*(client.generate(q, **SMALL) for q in QUESTIONS[10:14]))
+        finally:
+            client.close()
+
+    results = asyncio.run(main())
+    for q, r in zip(QUESTIONS[10:14], results):
+        assert r.token_ids == paradec.generate(tiny, q, **SMALL).token_ids
+
+
+def test_engine_killed_mid_request():
+    s = Server()
+    try:
+        clients = [Client(s.address, timeout_s=120) for _ in range(3)]
+        streams = [c.stream(q, **SLOW) for c, q in zip(clients, QUESTIONS[20:23])]
+        assert isinstance(next(streams[0]), Progress)
+        s.frontend.engine.kill()
+        for stream in streams:
+            with pytest.raises(EngineDead):
+                for _ in stream:
+                    pass
+        with Client(s.address, timeout_s=10) as late:
+            assert late.health()["healthy"] is False  # the frontend is up and says so
+            with pytest.raises(EngineDead):
+                late.generate(QUESTIONS[0], **SMALL)
+        for c in clients:
+            c.close()
+    finally:
+        s.stop()
+
+
+# --- HTTP -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    uvicorn = pytest.importorskip("uvicorn")
+    from paradec.serve.http import create_app
+
+    port = _port()
+    config = uvicorn.Config(create_app(server.address, timeout_s=120), host="127.0.0.1", port=port, log_level="warning")
+    web = uvicorn.Server(config)
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not web.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    web.should_exit = True
+    thread.join(10)
+
+
+def _post(url: str, body: dict):
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_openai_completions_and_chat(http, tiny):
+    status, text = _post(f"{http}/v1/completions", {"prompt": QUESTIONS[30], "blocks": 2, "tokens_per_step": 4})
+    body = json.loads(text)
+    direct = paradec.generate(tiny, QUESTIONS[30], **SMALL)
+    assert status == 200 and body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == direct.summary and body["paradec"]["blocks"] == direct.blocks
+    assert body["usage"]["completion_tokens"] == sum(map(len, direct.block_token_ids)) + len(direct.summary_token_ids)
+    status, text = _post(f"{http}/v1/chat/completions", {"messages": [{"role": "user", "content": QUESTIONS[30]}],
+                                                          "stream": True, "stop": ["####"], **SMALL})
+    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    assert status == 200 and events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert any("committed" in c["paradec"] for c in chunks)  # per-step canvas progress
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == direct.summary[: direct.summary.index("####")]
+
+
+def test_http_bad_input_health_and_metrics(http):
+    assert _post(f"{http}/v1/completions", {"prompt": "q ?", "pickle": 1})[0] == 400
+    assert _post(f"{http}/v1/completions", {"prompt": "q ?", "blocks": 0})[0] == 400
+    assert _post(f"{http}/v1/chat/completions", {"messages": []})[0] == 400
+    with urllib.request.urlopen(f"{http}/health", timeout=30) as response:
+        assert response.status == 200 and json.loads(response.read())["healthy"] is True
+    with urllib.request.urlopen(f"{http}/metrics", timeout=30) as response:
+        metrics = response.read().decode()
+    assert 'paradec_requests_total{outcome="finished"}' in metrics and "paradec_engine_healthy 1" in metrics
