@@ -39,12 +39,12 @@ class Server:
     """A frontend on its own event loop thread, its engine in a spawned process."""
 
     def __init__(self, token: str | None = None, max_pending: int = 64, max_batch: int = 8,
-                 limits: Limits = Limits()):
+                 limits: Limits = Limits(), nproc: int = 1):
         self.address = f"tcp://127.0.0.1:{_port()}"
         self.loop = asyncio.new_event_loop()
         self.started = threading.Event()
         self.kwargs = dict(token=token, max_pending=max_pending, limits=limits)
-        self.target = EngineTarget("paradec-tiny", max_batch=max_batch, device="cpu", limits=limits)
+        self.target = EngineTarget("paradec-tiny", max_batch=max_batch, device="cpu", limits=limits, nproc=nproc)
         self.error: BaseException | None = None
         threading.Thread(target=self._run, daemon=True).start()
         assert self.started.wait(120), "the server did not start"
@@ -271,6 +271,24 @@ def test_engine_killed_mid_request():
                 late.generate(QUESTIONS[0], **SMALL)
         for c in clients:
             c.close()
+    finally:
+        s.stop()
+
+
+def test_engine_of_two_ranks(tiny):
+    s = Server(nproc=2)
+    try:
+        with Client(s.address, timeout_s=120) as client:
+            events = list(client.stream(QUESTIONS[40], blocks=4, tokens_per_step=4))
+            sampled = client.generate(QUESTIONS[41], blocks=3, tokens_per_step=2, temperature=0.9, seed=5)
+            with pytest.raises(ServeError, match="isolated"):
+                client.generate(QUESTIONS[42], attention="canvas", **SMALL)  # refused alike by both ranks
+            assert client.generate(QUESTIONS[42], **SMALL).answer is not None  # and the ranks go on
+        assert len(events) == 1  # no per-step progress across ranks: the result only
+        direct = paradec.generate(tiny, QUESTIONS[40], blocks=4, tokens_per_step=4)
+        assert events[0].token_ids == direct.token_ids and events[0].trace == direct.trace  # placement-free
+        again = paradec.generate(tiny, QUESTIONS[41], blocks=3, tokens_per_step=2, temperature=0.9, seed=5)
+        assert sampled.token_ids == again.token_ids
     finally:
         s.stop()
 

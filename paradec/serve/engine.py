@@ -25,6 +25,7 @@ import zmq
 import paradec
 from paradec.api import build_layout, encode_prompt, resolve_config
 from paradec.config import GenerationConfig
+from paradec.distributed.guard import RankFailure
 from paradec.errors import ParadecError
 from paradec.serve.protocol import Limits, Message, MessageType, ProtocolError, decode, encode
 
@@ -154,6 +155,9 @@ class Engine:
             if self.waiting:
                 self._run(self._next_batch())
 
+    def _generate(self, prompts: list, config: GenerationConfig, on_step):
+        return paradec.generate(self.model, prompts, config, on_step=on_step)
+
     def _expire(self) -> None:
         now = time.monotonic()
         for request in [r for r in self.waiting if r.deadline is not None and now > r.deadline]:
@@ -196,9 +200,13 @@ class Engine:
                                                         "committed": committed[i].tolist(), "lengths": lengths})
 
         try:
-            results = paradec.generate(self.model, [r.prompt for r in batch], batch[0].config, on_step=on_step)
+            results = self._generate([r.prompt for r in batch], batch[0].config, on_step)
         except _AllAborted:
             results = None
+        except RankFailure as e:  # a rank is gone: this engine cannot decode any more
+            for r in batch:
+                self._error(r.id, "failed", str(e))
+            raise
         except Exception as e:  # noqa: BLE001 - one failed batch must not take the engine down
             log.exception("batch failed")
             results = None

@@ -1,0 +1,97 @@
+"""An engine of several ranks (``paradec serve --nproc N``): this process is rank 0 and talks to
+the frontend; it starts ranks 1..N-1 (gloo on CPU, NCCL on GPUs, wired as torchrun would wire
+them). Each batch is broadcast to every rank and decoded with the think blocks spread over the
+ranks (``paradec.generate`` under a process group); rank 0 sends the results.
+
+Under several ranks progress is not reported between steps (the ranks do not stop to talk
+mid-canvas): a streaming request gets its final result only, and an abort takes effect when its
+batch ends. A rank that dies fails the batch in flight (``RankFailure``, after
+``rank_timeout_s``) and ends the engine, which the frontend reports as ENGINE_DEAD.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import torch.distributed as dist
+
+import paradec
+from paradec.config import GenerationConfig
+from paradec.distributed import init_distributed, teardown
+from paradec.errors import ParadecError
+from paradec.serve.engine import Engine
+from paradec.serve.protocol import Limits
+
+IDLE_TIMEOUT_S = 7 * 24 * 3600.0  # ranks wait this long for the next batch (a server idles)
+
+
+class RankZeroEngine(Engine):
+    def _generate(self, prompts: list, config: GenerationConfig, on_step):
+        dist.broadcast_object_list([(prompts, config)], src=0)
+        return paradec.generate(self.model, prompts, config)
+
+
+def _follow(rank: int, world_size: int, port: int, model_path: str, device: str | None) -> None:
+    _wire(rank, world_size, port)
+    env = init_distributed(device, timeout_s=IDLE_TIMEOUT_S)
+    try:
+        model = paradec.load(model_path, device=env.device)
+        while True:
+            batch = [None]
+            try:
+                dist.broadcast_object_list(batch, src=0)
+            except RuntimeError as e:  # rank 0 is gone (killed): nothing left to serve
+                logging.getLogger(__name__).warning("rank %d: rank 0 went away (%s); exiting", rank,
+                                                    str(e).splitlines()[0][:120])
+                return
+            if batch[0] is None:
+                return
+            prompts, config = batch[0]
+            try:
+                paradec.generate(model, prompts, config)
+            except ParadecError:  # a config the ranks refuse alike (rank 0 reports it): wait for the next
+                continue
+    finally:
+        teardown()
+
+
+def _wire(rank: int, world_size: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+
+
+def run_ranks(nproc: int, model_path: str, requests_address: str, outputs_address: str, max_batch: int = 8,
+              device: str | None = None, limits: Limits = Limits()) -> None:
+    logging.basicConfig(level=logging.INFO, format="engine rank 0 %(levelname)s %(message)s")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # plain subprocesses: the engine itself may be a daemon process, which multiprocessing forbids children
+    followers = [subprocess.Popen([sys.executable, "-m", "paradec.serve.ranks", str(r), str(nproc), str(port),
+                                   model_path, device or ""]) for r in range(1, nproc)]
+    _wire(0, nproc, port)
+    env = init_distributed(device, timeout_s=IDLE_TIMEOUT_S)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the frontend stops the engine: let ranks go too
+    try:
+        model = paradec.load(model_path, device=env.device)
+        RankZeroEngine(model, requests_address, outputs_address, max_batch, limits).serve_forever()
+    finally:
+        try:
+            dist.broadcast_object_list([None], src=0)  # followers leave their loop
+        finally:
+            teardown()
+            for p in followers:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+if __name__ == "__main__":  # a follower rank, started by run_ranks
+    rank, world_size, port, model_path, device = sys.argv[1:6]
+    _follow(int(rank), int(world_size), int(port), model_path, device or None)
