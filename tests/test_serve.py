@@ -20,7 +20,7 @@ import zmq
 
 import paradec
 from paradec.serve import AsyncClient, Client, EngineDead, Progress, ServeError
-from paradec.serve.frontend import EngineTarget, Frontend, check_bind
+from paradec.serve.frontend import BackgroundFrontend, EngineTarget, check_bind
 from paradec.serve.protocol import Limits, MessageType, ProtocolError, decode, encode
 from paradec.train.tasks import arith
 
@@ -35,35 +35,12 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """A frontend on its own event loop thread, its engine in a spawned process."""
-
-    def __init__(self, token: str | None = None, max_pending: int = 64, max_batch: int = 8,
-                 limits: Limits = Limits(), nproc: int = 1):
-        self.address = f"tcp://127.0.0.1:{_port()}"
-        self.loop = asyncio.new_event_loop()
-        self.started = threading.Event()
-        self.kwargs = dict(token=token, max_pending=max_pending, limits=limits)
-        self.target = EngineTarget("paradec-tiny", max_batch=max_batch, device="cpu", limits=limits, nproc=nproc)
-        self.error: BaseException | None = None
-        threading.Thread(target=self._run, daemon=True).start()
-        assert self.started.wait(120), "the server did not start"
-        if self.error:
-            raise self.error
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.frontend = Frontend(self.address, self.target, **self.kwargs)
-        try:
-            self.loop.run_until_complete(self.frontend.start())
-        except BaseException as e:  # noqa: BLE001 - reported to the test
-            self.error = e
-        self.started.set()
-        self.loop.run_forever()
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.frontend.stop(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
+def Server(token: str | None = None, max_pending: int = 64, max_batch: int = 8, limits: Limits = Limits(),
+           nproc: int = 1) -> BackgroundFrontend:
+    """A frontend on a loopback port (its own event-loop thread), its engine in a spawned process."""
+    target = EngineTarget("paradec-tiny", max_batch=max_batch, device="cpu", limits=limits, nproc=nproc)
+    return BackgroundFrontend((f"tcp://127.0.0.1:{_port()}", target),
+                              dict(token=token, max_pending=max_pending, limits=limits), start_timeout_s=120)
 
 
 @pytest.fixture(scope="module")

@@ -235,12 +235,13 @@ def _result_body(result) -> dict:
             "block_tokens": [len(b) for b in result.block_token_ids], "summary_tokens": len(result.summary_token_ids)}
 
 
-def run_engine(model_path: str, requests_address: str, outputs_address: str, max_batch: int = 8,
+def run_engine(model_path, requests_address: str, outputs_address: str, max_batch: int = 8,
                device: str | None = None, limits: Limits = Limits()) -> None:
-    """The engine process's entry point."""
+    """The engine process's entry point. model_path: a checkpoint or built-in name, or a callable
+    ``model_path(device) -> DiffusionModel``."""
     import torch
 
     logging.basicConfig(level=logging.INFO, format="engine %(levelname)s %(message)s")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = paradec.load(model_path, device=device)
+    model = model_path(device) if callable(model_path) else paradec.load(model_path, device=device)
     Engine(model, requests_address, outputs_address, max_batch, limits).serve_forever()

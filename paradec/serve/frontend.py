@@ -18,6 +18,7 @@ import itertools
 import logging
 import multiprocessing
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -239,10 +240,46 @@ def _id_of(frames: list[bytes]) -> str | None:
     return value if isinstance(value, str) and len(value) <= 64 else None
 
 
-class EngineTarget:
-    """A picklable engine entry point for the spawned engine process."""
+class BackgroundFrontend:
+    """A frontend on its own event-loop thread (embedding paradec in a process that has its own
+    main loop, tests, benchmarks): started on construction, ``stop()`` ends it and its engine."""
 
-    def __init__(self, model: str, max_batch: int = 8, device: str | None = None, limits: Limits = Limits(),
+    def __init__(self, frontend_args: tuple, frontend_kwargs: dict, start_timeout_s: float = 600.0):
+        self.loop = asyncio.new_event_loop()
+        self.started = threading.Event()
+        self.error: BaseException | None = None
+        self.frontend_args, self.frontend_kwargs = frontend_args, frontend_kwargs
+        threading.Thread(target=self._run, daemon=True, name="paradec-frontend").start()
+        if not self.started.wait(start_timeout_s):
+            raise RuntimeError(f"the frontend did not start within {start_timeout_s} s")
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.frontend = Frontend(*self.frontend_args, **self.frontend_kwargs)
+        try:
+            self.loop.run_until_complete(self.frontend.start())
+        except BaseException as e:  # noqa: BLE001 - raised again in the constructing thread
+            self.error = e
+        self.started.set()
+        self.loop.run_forever()
+
+    @property
+    def address(self) -> str:
+        return self.frontend.address
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.frontend.stop(), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+class EngineTarget:
+    """A picklable engine entry point for the spawned engine process. model: a checkpoint
+    directory or built-in name, or a picklable callable ``model(device) -> DiffusionModel``
+    (random weights for benchmarks; one process only)."""
+
+    def __init__(self, model, max_batch: int = 8, device: str | None = None, limits: Limits = Limits(),
                  nproc: int = 1):
         self.model, self.max_batch, self.device, self.limits, self.nproc = model, max_batch, device, limits, nproc
 
