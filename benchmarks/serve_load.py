@@ -112,12 +112,19 @@ def main() -> None:
         with Client(server.address, timeout_s=600) as client:
             for _ in range(3):  # warm-up: graphs captured, caches warm
                 client.generate(prompt, **settings)
-            served, engine = [], []
+            served, engine, engine_generate, queued = [], [], [], []
             for _ in range(args.repeats):
                 start = time.perf_counter()
                 result = client.generate(prompt, **settings)
                 served.append(time.perf_counter() - start)
                 engine.append(result.timings["total"])  # the engine's own decode of it
+                engine_generate.append(result.engine_s["generate"])  # generate() around it, in the engine
+                queued.append(result.engine_s["queued"])  # from its arrival in the engine to its start
+            hops = []
+            for _ in range(20):  # client -> frontend -> client, no engine: the cost of the frontend's hop
+                start = time.perf_counter()
+                client.health()
+                hops.append(time.perf_counter() - start)
         rows = [load_level(server.address, prompt, settings, c, args.requests) for c in args.concurrency]
     finally:
         server.stop()
@@ -134,18 +141,23 @@ def main() -> None:
         direct_decode.append(result.timings["total"])
     served_s, direct_s = statistics.median(served), statistics.median(direct)
     engine_s, direct_decode_s = statistics.median(engine), statistics.median(direct_decode)
+    engine_generate_s = statistics.median(engine_generate)
     overhead = (served_s - direct_s) / served_s
-    wire = (served_s - engine_s) / served_s  # everything outside the engine's decode loop
+    wire = (served_s - engine_generate_s) / served_s  # outside generate() in the engine: wire, frontend, queue
     print(f"\n{name}, {settings}, max batch {args.max_batch}, {args.requests} requests per level")
-    print(f"one request: served {served_s * 1e3:.1f} ms end to end (the engine's decode loop {engine_s * 1e3:.1f} ms), "
-          f"direct generate() {direct_s * 1e3:.1f} ms (its decode loop {direct_decode_s * 1e3:.1f} ms)")
-    print(f"overhead against direct generate(): {overhead * 100:.1f}% of end-to-end; outside the engine's decode "
-          f"loop (wire, queueing, validation, results): {wire * 100:.1f}%")
+    print(f"one request: served {served_s * 1e3:.1f} ms end to end, of which generate() in the engine "
+          f"{engine_generate_s * 1e3:.1f} ms (its decode loop {engine_s * 1e3:.1f} ms); direct generate() "
+          f"{direct_s * 1e3:.1f} ms (its decode loop {direct_decode_s * 1e3:.1f} ms)")
+    print(f"overhead against direct generate(): {overhead * 100:.1f}% of end-to-end; outside generate() "
+          f"(wire, frontend, queue): {wire * 100:.1f}% — of which waiting in the engine "
+          f"{statistics.median(queued) * 1e3:.2f} ms; a client-frontend round trip {statistics.median(hops) * 1e3:.2f} ms")
     print(f"{'concurrency':>11} | {'req/s':>7} | {'p50 ms':>8} | {'p99 ms':>8}")
     for r in rows:
         print(f"{r['concurrency']:>11} | {r['rps']:>7.2f} | {r['p50_s'] * 1e3:>8.1f} | {r['p99_s'] * 1e3:>8.1f}")
     emit_json({"benchmark": "serve_load", **info, "model": name, "settings": settings, "max_batch": args.max_batch,
                "served_s": served_s, "direct_s": direct_s, "engine_decode_s": engine_s,
+               "engine_generate_s": engine_generate_s, "engine_queued_s": statistics.median(queued),
+               "frontend_round_trip_s": statistics.median(hops),
                "direct_decode_s": direct_decode_s, "overhead": overhead, "outside_decode": wire, "rows": rows})
 
 

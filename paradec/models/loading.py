@@ -40,6 +40,7 @@ class DiffusionModel:
     spec: ModelSpec
     tokenizer: object | None = None  # a transformers tokenizer; None for shape-only models
     generation: dict = field(default_factory=dict)  # the checkpoint's own generation defaults
+    headers: dict = field(default_factory=dict, repr=False, compare=False)  # header text -> ids, read once
 
     @property
     def device(self) -> torch.device:
@@ -69,7 +70,9 @@ class DiffusionModel:
     def _header_ids(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise InputError("this model was built without a tokenizer, so it has no header tokens")
-        return header_ids(self.tokenizer, text)
+        if text not in self.headers:  # get_vocab() builds a dict of the whole vocabulary: ~10 ms at 126k
+            self.headers[text] = header_ids(self.tokenizer, text)
+        return list(self.headers[text])
 
 
 def header_ids(tokenizer, text: str) -> list[int]:

@@ -62,6 +62,7 @@ class ServedResult:
     prompt_tokens: int
     block_tokens: list[int]
     summary_tokens: int
+    engine_s: dict  # seconds in the engine: "queued" (arrival to its batch's start), "generate" (its batch)
 
 
 def request_body(request_id: str, prompt, config: GenerationConfig | None, overrides: dict, stream: bool,

@@ -68,7 +68,6 @@ class Engine:
         self.aborted: set[str] = set()  # ids of the running batch to stop reporting (and to end with an ERROR)
         self.errored: set[str] = set()  # ids of the running batch that already got their ERROR
         self.running: dict[str, Request] = {}
-        self.stats = {"accepted": 0, "finished": 0, "errors": 0, "aborted": 0, "batches": 0, "steps": 0}
 
     # --- sending -----------------------------------------------------------------------------
     def _send(self, kind: MessageType, body: dict, buffers=None) -> None:
@@ -78,7 +77,6 @@ class Engine:
         """The request's one ERROR (its final message)."""
         if request_id is not None:
             self.errored.add(request_id)
-        self.stats["errors" if code != "aborted" else "aborted"] += 1
         self._send(MessageType.ERROR, {"id": request_id, "code": code, "message": message})
 
     # --- receiving ---------------------------------------------------------------------------
@@ -121,7 +119,6 @@ class Engine:
         timeout = body.get("timeout_s")
         self.waiting.append(Request(body["id"], ids, config, bool(body.get("stream")),
                                     time.monotonic() + timeout if timeout else None))
-        self.stats["accepted"] += 1
 
     def _prompt(self, message: Message, config: GenerationConfig) -> str | list[int]:
         """Text, token ids, or chat messages rendered by the tokenizer's chat template to ids."""
@@ -178,7 +175,6 @@ class Engine:
 
     def _run(self, batch: list[Request]) -> None:
         self.running = {r.id: r for r in batch}
-        self.stats["batches"] += 1
         layout = build_layout(self.model, batch[0].config)
         lengths = [e - s for s, e in layout.bodies]
         streaming = any(r.stream for r in batch)
@@ -199,6 +195,7 @@ class Engine:
                         self._send(MessageType.OUTPUT, {"id": r.id, "kind": "progress", "step": step,
                                                         "committed": committed[i].tolist(), "lengths": lengths})
 
+        started = time.monotonic()
         try:
             results = self._generate([r.prompt for r in batch], batch[0].config, on_step)
         except _AllAborted:
@@ -214,13 +211,13 @@ class Engine:
                 if r.id not in self.aborted:
                     self.aborted.add(r.id)
                     self._error(r.id, "failed", f"{type(e).__name__}: {e}")
-        self.stats["steps"] += 0 if results is None else results[0].steps
+        generate_s = time.monotonic() - started
         for i, r in enumerate(batch):
             if r.id in self.aborted or results is None:
                 continue
-            self._send(MessageType.OUTPUT, {"id": r.id, "kind": "final", "result": _result_body(results[i])},
+            body = _result_body(results[i]) | {"engine_s": {"queued": started - r.arrived, "generate": generate_s}}
+            self._send(MessageType.OUTPUT, {"id": r.id, "kind": "final", "result": body},
                        [results[i].token_ids, results[i].trace])
-            self.stats["finished"] += 1
         for r in batch:  # aborted ones that did not yet get their ERROR
             if r.id in self.aborted and r.id not in self.errored:
                 self._error(r.id, "aborted", "aborted while decoding")
