@@ -104,6 +104,8 @@ def test_bad_messages_get_errors_and_the_server_stays_up(server):
         ([b"\x01", msgpack.packb({"id": "big", "prompt": "x" * (2 << 20)})], "too_large"),  # oversize frame
         ([b"\x04", msgpack.packb({"id": "o", "kind": "final"})], "invalid"),  # a server-only type
         ([b"\x01", msgpack.packb({"id": "c", "prompt": "q ?", "config": {"blocks": 0}})], "invalid"),  # bad config
+        ([b"\x01", msgpack.packb({"id": "t", "prompt": "q ?", "config": {"threshold": "x"}})], "invalid"),  # wrong type
+        ([b"\x01", msgpack.packb({"id": "k", "prompt": "q ?", "config": {"nonsense": 1}})], "invalid"),  # unknown
     ]
     for frames, code in cases:
         sock.send_multipart(frames)

@@ -104,7 +104,7 @@ class Engine:
             if layout.length > self.limits.max_canvas_tokens:
                 raise ProtocolError(f"the canvas is {layout.length} tokens, over the limit of "
                                     f"{self.limits.max_canvas_tokens}", code="too_large")
-            prompt = self._prompt(message, config)
+            prompt = self._prompt(message)
             ids = encode_prompt(self.model, prompt, config, layout)  # refuses bad prompts now, not mid-batch
             if len(ids) > self.limits.max_prompt_tokens:
                 raise ProtocolError(f"the prompt is {len(ids)} tokens, over the limit of "
@@ -114,13 +114,14 @@ class Engine:
                                     f"maximum length {self.model.spec.max_length}", code="too_large")
         except ProtocolError as e:
             return self._error(body["id"], e.code, str(e))
-        except ParadecError as e:
-            return self._error(body["id"], "invalid", str(e))
+        except (ParadecError, TypeError, ValueError) as e:  # a setting of the wrong type, e.g. threshold="x"
+            return self._error(body["id"], "invalid", f"{type(e).__name__}: {e}" if not isinstance(e, ParadecError)
+                               else str(e))
         timeout = body.get("timeout_s")
         self.waiting.append(Request(body["id"], ids, config, bool(body.get("stream")),
                                     time.monotonic() + timeout if timeout else None))
 
-    def _prompt(self, message: Message, config: GenerationConfig) -> str | list[int]:
+    def _prompt(self, message: Message) -> str | list[int]:
         """Text, token ids, or chat messages rendered by the tokenizer's chat template to ids."""
         body = message.body
         if body.get("prompt") is not None:
