@@ -40,7 +40,7 @@ def extract_answer(text: str) -> str | None:
 # --- Normalisation and equivalence -------------------------------------------------------------
 #
 # Numbers (GSM8K, the synthetic task): ``normalize_number`` drops a leading ``$``, thousands
-# commas, spaces, a trailing ``%``, unit words after the number and a space ("18 dollars",
+# commas, outer spaces, a trailing ``%``, unit words after the number and a space ("18 dollars",
 # "5 cm"; a single letter as in "2 x" is a variable, not a unit) and a trailing ``.``; the rest
 # must parse as a decimal or a fraction ``a/b``; equal when equal as exact rationals: "18",
 # "18.0", "$18" and "18 dollars" are all 18, "3/4" is "0.75"; a comma is a thousands separator
@@ -68,10 +68,10 @@ def normalize_number(text: str | None) -> Fraction | None:
     if text is None:
         return None
     s = text.strip().replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "").strip()
-    s = _THOUSANDS.sub("", s).replace(" ", "") if _THOUSANDS.search(s) else s
+    s = _THOUSANDS.sub("", s)
     unit = _UNIT_AFTER_NUMBER.match(s)
     s = unit.group(1) if unit else s
-    s = s.rstrip(".").replace(" ", "")
+    s = s.rstrip(".").strip()  # inner spaces stay: "2 1/2" and "3 4" are not numbers
     if not _NUMBER.fullmatch(s):
         return None
     try:

@@ -86,7 +86,7 @@ def _print_report(report, out: Path | None) -> None:
     rows = [("accuracy (strict)", f"{report.accuracy:.4f}"), ("accuracy (flexible)", f"{report.accuracy_flexible:.4f}"),
             ("no answer found", f"{len(report.unparsed)}"), ("NFE per example", f"{report.nfe:.1f}"),
             ("tokens per step", f"{report.tokens_per_step:.2f}"), ("answer tokens", f"{report.answer_tokens}"),
-            ("generate wall s", f"{report.wall_s:.2f}"), ("answer tokens / s", f"{report.tokens_per_s:.1f}"),
+            ("generate seconds", f"{report.wall_s:.2f}"), ("answer tokens / s", f"{report.tokens_per_s:.1f}"),
             ("Global ARness@1", f"{report.global_arness:.3f}")]
     for name, value in rows:
         print(f"  {name:<22} {value:>10}")

@@ -150,3 +150,15 @@ def test_eval_over_ranks_equals_one_process(tmp_path, spread, capsys):
         got = by_index[r["index"]]
         for key in ("blocks", "summary", "answer", "correct", "answer_tokens", "nfe", "global_arness"):
             assert got[key] == r[key], (spread, r["index"], key)
+
+
+def test_results_files_that_cannot_be_resumed(tmp_path):
+    from paradec.eval.run import header, read_results
+
+    head = header(get_task("synthetic"), None, "paradec-tiny", paradec.GenerationConfig(), "{question}", None, 64)
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n")  # a run killed before its header was whole
+    assert read_results(path, head) == {}
+    path.write_text(json.dumps(head) + "\n" + json.dumps({"no": "index"}) + "\n" + json.dumps({"index": 1}) + "\n")
+    with pytest.raises(DataError, match="line 2 is not an example record"):
+        read_results(path, head)

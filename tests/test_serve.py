@@ -101,7 +101,10 @@ def test_bad_messages_get_errors_and_the_server_stays_up(server):
         ([b"\x01", b"\xc1"], "invalid"),  # malformed msgpack
         ([b"\x01", msgpack.packb({"id": "w", "prompt": 3})], "invalid"),  # wrong field type
         ([b"\x2a", msgpack.packb({"id": "u"})], "invalid"),  # unknown message type
-        ([b"\x01", msgpack.packb({"id": "big", "prompt": "x" * (2 << 20)})], "too_large"),  # oversize frame
+        ([b"\x01", msgpack.packb({"id": "", "prompt": "hi"})], "invalid"),  # an empty id
+        ([b"\x01", msgpack.packb({"id": "h", "prompt": "q ?", "config": {"block_len": 10**12}})], "too_large"),
+        ([b"\x01", msgpack.packb({"id": "n", "prompt": "q ?", "config": {"blocks": 10**5}})], "too_large"),
+        ([b"\x01", msgpack.packb({"id": "o2", "prompt": "q ?", "config": {"block_len": 2**63}})], "too_large"),
         ([b"\x04", msgpack.packb({"id": "o", "kind": "final"})], "invalid"),  # a server-only type
         ([b"\x01", msgpack.packb({"id": "c", "prompt": "q ?", "config": {"blocks": 0}})], "invalid"),  # bad config
         ([b"\x01", msgpack.packb({"id": "t", "prompt": "q ?", "config": {"threshold": "x"}})], "invalid"),  # wrong type
@@ -111,6 +114,9 @@ def test_bad_messages_get_errors_and_the_server_stays_up(server):
         sock.send_multipart(frames)
         reply = _reply(sock)
         assert reply.type == MessageType.ERROR and reply.body["code"] == code, (frames[:1], reply.body)
+    # a frame over the limit: ZeroMQ drops the sender's connection, the server goes on
+    sock.send_multipart([b"\x01", msgpack.packb({"id": "big", "prompt": "x" * (2 << 20)})])
+    assert not sock.poll(1000)
     sock.close()
     with Client(server.address, timeout_s=60) as client:
         assert client.health()["healthy"]
@@ -120,8 +126,9 @@ def test_bad_messages_get_errors_and_the_server_stays_up(server):
 def test_token_required_and_checked():
     s = Server(token="s3cret")
     try:
-        with Client(s.address, timeout_s=30) as none, Client(s.address, token="wrong", timeout_s=30) as wrong:
-            for client in (none, wrong):
+        with Client(s.address, timeout_s=30) as none, Client(s.address, token="wrong", timeout_s=30) as wrong, \
+                Client(s.address, token="sécret", timeout_s=30) as accented:
+            for client in (none, wrong, accented):
                 with pytest.raises(ServeError, match="unauthorized"):
                     client.generate(QUESTIONS[0], **SMALL)
                 with pytest.raises(ServeError, match="unauthorized"):

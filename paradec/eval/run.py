@@ -6,9 +6,11 @@ Counting (the mistakes users reported in Fast-dLLM's and dInfer's throughput fig
   region; plus the answerer's tokens in NAR→AR) up to each region's first stop token, the stop
   itself not counted; never the prompt, the headers or the EOS fill after a stop;
 - NFE: the decoding steps in which the example had tokens committed (what it needed; a batch
-  runs until its slowest member is done, recorded as ``batch_nfe``);
+  runs until its slowest member is done, recorded as ``batch_nfe``), plus one per token the AR
+  answerer wrote in NAR→AR;
 - tokens per step: answer tokens / NFE; tokens/s: answer tokens / seconds of ``generate``, a
-  batch's seconds shared equally by its examples (loading and grading not counted);
+  batch's seconds shared equally by its examples (loading and grading not counted); with examples
+  spread over ranks the seconds are summed over ranks (device-seconds), so tokens/s is per device;
 - Global ARness@1 over the decoded text of the canvas (EOS fill left out).
 
 The results file starts with a header line (task, data, model, the settings that change outputs);
@@ -54,7 +56,7 @@ class EvalReport:
     nfe: float  # mean per example
     tokens_per_step: float
     answer_tokens: int
-    wall_s: float
+    wall_s: float  # seconds of generate() (summed over ranks when examples are spread)
     tokens_per_s: float
     global_arness: float  # mean Global ARness@1 per example
     resumed: int  # examples read back from the results file
@@ -81,6 +83,8 @@ def read_results(path: Path, expected: dict) -> dict[int, dict]:
         return {}
     rows = []
     for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
@@ -89,6 +93,8 @@ def read_results(path: Path, expected: dict) -> dict[int, dict]:
                 continue
             raise DataError(f"{path}: line {number} is not JSON; it is not a results file paradec can resume "
                             f"(use another --out)") from None
+    if not rows:  # only a truncated header: nothing was decoded
+        return {}
     if not isinstance(rows[0], dict) or rows[0].get(HEADER) != 1:
         raise DataError(f"{path} does not start with a paradec eval header; use another --out")
     if rows[0] != expected:
@@ -98,6 +104,9 @@ def read_results(path: Path, expected: dict) -> dict[int, dict]:
             differ += [f"config.{k}" for k in sorted(new) if old.get(k) != new[k]]
         raise DataError(f"{path} was written by a run with other settings ({', '.join(differ)} differ); "
                         f"use another --out, or --no-resume to start it again")
+    bad = [n for n, r in enumerate(rows[1:], start=2) if not (isinstance(r, dict) and isinstance(r.get("index"), int))]
+    if bad:
+        raise DataError(f"{path}: line {bad[0]} is not an example record; use another --out")
     return {r["index"]: r for r in rows[1:]}
 
 
@@ -208,6 +217,8 @@ class _Decoder:
         if result.answerer is not None:
             tokens += len(result.answerer.token_ids) - int(result.answerer.stopped)
         nfe = len({s for s in result.trace if s >= 0})
+        if result.answerer is not None:  # one AR forward per token it wrote
+            nfe += len(result.answerer.token_ids)
         decoded = without_fill(result.trace, result.token_ids, self.layout.bodies, self.stops)
         record = {"index": example.index, "prompt": prompt, "blocks": result.blocks, "summary": result.summary,
                   "answer": grade.answer, "flexible_answer": grade.flexible_answer, "gold": example.gold,

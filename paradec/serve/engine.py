@@ -89,6 +89,8 @@ class Engine:
                 self._handle(decode(frames, self.limits))
             except ProtocolError as e:  # the frontend validated it already; a bug if it gets here
                 self._error(None, e.code, str(e))
+            except Exception:  # noqa: BLE001 - never into a running batch's on_step, never out of the loop
+                log.exception("a message could not be handled")
 
     def _handle(self, message: Message) -> None:
         if message.type == MessageType.ADD:
@@ -100,6 +102,11 @@ class Engine:
         body = message.body
         try:
             config = resolve_config(self.model, **(body.get("config") or {}))
+            body_tokens = config.blocks * config.block_len + config.summary_len if config.canvas else config.answer_len
+            if body_tokens > self.limits.max_canvas_tokens or (config.canvas and config.blocks > 256):
+                raise ProtocolError(f"the canvas holds {body_tokens} tokens in {config.blocks if config.canvas else 1} "
+                                    f"region(s); the limits are {self.limits.max_canvas_tokens} tokens and 256 blocks",
+                                    code="too_large")
             layout = build_layout(self.model, config)
             if layout.length > self.limits.max_canvas_tokens:
                 raise ProtocolError(f"the canvas is {layout.length} tokens, over the limit of "
@@ -114,9 +121,10 @@ class Engine:
                                     f"maximum length {self.model.spec.max_length}", code="too_large")
         except ProtocolError as e:
             return self._error(body["id"], e.code, str(e))
-        except (ParadecError, TypeError, ValueError) as e:  # a setting of the wrong type, e.g. threshold="x"
-            return self._error(body["id"], "invalid", f"{type(e).__name__}: {e}" if not isinstance(e, ParadecError)
-                               else str(e))
+        except ParadecError as e:
+            return self._error(body["id"], "invalid", str(e))
+        except Exception as e:  # noqa: BLE001 - a setting of the wrong type (threshold="x"), a chat template's error
+            return self._error(body["id"], "invalid", f"{type(e).__name__}: {e}")
         timeout = body.get("timeout_s")
         self.waiting.append(Request(body["id"], ids, config, bool(body.get("stream")),
                                     time.monotonic() + timeout if timeout else None))
@@ -182,6 +190,7 @@ class Engine:
 
         def on_step(runner, step: int) -> None:
             self._drain(0)
+            self._expire()
             now = time.monotonic()
             for r in batch:
                 if r.deadline is not None and now > r.deadline and r.id not in self.aborted:

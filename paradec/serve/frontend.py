@@ -17,6 +17,7 @@ import hmac
 import itertools
 import logging
 import multiprocessing
+import shutil
 import tempfile
 import threading
 import time
@@ -55,9 +56,9 @@ class Frontend:
         self.address, self.token, self.max_pending, self.limits = address, token, max_pending, limits
         self.engine_target, self.ready_timeout_s = engine_target, ready_timeout_s
         self.context = zmq.asyncio.Context()
-        folder = tempfile.mkdtemp(prefix="paradec-")  # ipc sockets in a private folder (0700)
-        self.engine_requests_address = f"ipc://{folder}/requests"
-        self.engine_outputs_address = f"ipc://{folder}/outputs"
+        self.folder = tempfile.mkdtemp(prefix="paradec-")  # ipc sockets in a private folder (0700)
+        self.engine_requests_address = f"ipc://{self.folder}/requests"
+        self.engine_outputs_address = f"ipc://{self.folder}/outputs"
         self.flights: dict[str, Flight] = {}
         self.by_client: dict[tuple[bytes, str], str] = {}
         self.ids = itertools.count()
@@ -92,8 +93,8 @@ class Frontend:
         sock.setsockopt(zmq.LINGER, 0)
         if kind == zmq.ROUTER:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unreachable peer raises instead of dropping
-        if kind in (zmq.ROUTER, zmq.PULL):
-            sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes * self.limits.max_frames + 1024)
+        if kind in (zmq.ROUTER, zmq.PULL):  # per frame: a larger one drops the sender's connection
+            sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes + 1024)
         sock.bind(address)
         return sock
 
@@ -104,6 +105,7 @@ class Frontend:
             self.engine.terminate()
             self.engine.join(5)
         self.context.destroy(linger=0)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     async def serve_forever(self) -> None:
         await self.start()
@@ -117,17 +119,22 @@ class Frontend:
         while True:
             identity, *frames = await self.clients.recv_multipart()
             try:
-                message = decode(frames, self.limits)
-                self._authorise(message)
-            except ProtocolError as e:
-                self.stats["unauthorized" if e.code == "unauthorized" else "invalid"] += 1
-                await self._reply(identity, MessageType.ERROR, {"id": _id_of(frames), "code": e.code, "message": str(e)})
-                continue
-            await self._from_client(identity, message)
+                try:
+                    message = decode(frames, self.limits)
+                    self._authorise(message)
+                except ProtocolError as e:
+                    self.stats["unauthorized" if e.code == "unauthorized" else "invalid"] += 1
+                    await self._reply(identity, MessageType.ERROR, {"id": _id_of(frames, self.limits), "code": e.code,
+                                                                   "message": str(e)})
+                    continue
+                await self._from_client(identity, message)
+            except Exception:  # noqa: BLE001 - no client message may stop the frontend
+                log.exception("a client message could not be handled")
 
     def _authorise(self, message: Message) -> None:
         given = message.body.pop("token", None)
-        if self.token and not (isinstance(given, str) and hmac.compare_digest(given, self.token)):
+        if self.token and not (isinstance(given, str)
+                               and hmac.compare_digest(given.encode("utf-8"), self.token.encode("utf-8"))):
             raise ProtocolError("a missing or wrong token", code="unauthorized")
         if message.type in (MessageType.OUTPUT, MessageType.ERROR, MessageType.ENGINE_DEAD):
             raise ProtocolError(f"clients do not send {message.type.name} messages")
@@ -146,9 +153,9 @@ class Frontend:
         if not self.engine_alive:
             self.stats["engine_dead"] += 1
             return await self._reply(identity, MessageType.ENGINE_DEAD, {"id": client_id, "message": self._dead_reason()})
-        if key in self.by_client:
+        if key in self.by_client:  # id null: an ERROR with this id would read as the live request's final
             self.stats["invalid"] += 1
-            return await self._reply(identity, MessageType.ERROR, {"id": client_id, "code": "invalid",
+            return await self._reply(identity, MessageType.ERROR, {"id": None, "code": "invalid",
                                                                   "message": f"request {client_id!r} is already in flight"})
         if len(self.flights) >= self.max_pending:
             self.stats["busy"] += 1
@@ -158,13 +165,26 @@ class Frontend:
         self.flights[internal] = Flight(identity, client_id)
         self.by_client[key] = internal
         self.stats["accepted"] += 1
-        await self._to_engine(MessageType.ADD, {**message.body, "id": internal}, message.buffers)
+        if not await self._to_engine(MessageType.ADD, {**message.body, "id": internal}, message.buffers):
+            self._close(internal)
+            self.stats["errors"] += 1
+            await self._reply(identity, MessageType.ERROR, {"id": client_id, "code": "failed",
+                                                           "message": "the engine could not be reached"})
 
-    async def _to_engine(self, kind: MessageType, body: dict, buffers=None) -> None:
-        try:
-            await self.to_engine.send_multipart([ENGINE_IDENTITY, *encode(kind, body, buffers)])
-        except zmq.ZMQError as e:  # the engine's socket is gone: the watcher reports it dead
-            log.warning("could not reach the engine: %s", e)
+    async def _to_engine(self, kind: MessageType, body: dict, buffers=None, patience_s: float = 2.0) -> bool:
+        """Sends to the engine; False when it cannot be reached within ``patience_s`` (its
+        DEALER may still be connecting right after start; a dead engine the watcher reports)."""
+        frames = [ENGINE_IDENTITY, *encode(kind, body, buffers)]
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                await self.to_engine.send_multipart(frames)
+                return True
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EHOSTUNREACH or time.monotonic() > deadline or not self.engine_alive:
+                    log.warning("could not reach the engine: %s", e)
+                    return False
+                await asyncio.sleep(0.01)
 
     async def _reply(self, identity: bytes, kind: MessageType, body: dict, buffers=None) -> bool:
         """Sends to one client; False when it cannot be reached (it disconnected)."""
@@ -228,7 +248,7 @@ class Frontend:
                 "in_flight": len(self.flights), "max_pending": self.max_pending}
 
 
-def _id_of(frames: list[bytes]) -> str | None:
+def _id_of(frames: list[bytes], limits: Limits) -> str | None:
     """The id of a message that failed validation, when its body still reads as a map with one."""
     import msgpack
 
@@ -237,7 +257,7 @@ def _id_of(frames: list[bytes]) -> str | None:
     except Exception:  # noqa: BLE001 - any undecodable body: no id to echo
         return None
     value = body.get("id") if isinstance(body, dict) else None
-    return value if isinstance(value, str) and len(value) <= 64 else None
+    return value if isinstance(value, str) and 0 < len(value) <= limits.max_id_chars else None
 
 
 class BackgroundFrontend:

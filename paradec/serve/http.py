@@ -8,6 +8,8 @@ which is all four routes need — no schema framework on top.
 Request bodies take OpenAI's fields (``prompt`` or ``messages``, ``max_tokens``, ``temperature``,
 ``seed``, ``stop``, ``stream``, ``model``) and, as extra fields, any ``GenerationConfig`` setting
 (``blocks``, ``block_len``, ``tokens_per_step``, ``window``, ...). Unknown fields are refused.
+With a token (``paradec serve --token``), every route but ``/health`` needs ``Authorization:
+Bearer <token>``.
 The completion text is the summary (the answer region outside ``nap``); the think blocks come in
 the extra ``paradec`` object. A stream sends one chunk per step with an empty delta and the
 canvas progress in ``paradec`` (a UI draws the blocks filling in), then the text in one delta,
@@ -17,6 +19,7 @@ then ``[DONE]``: concatenated deltas are the whole text, as an OpenAI client exp
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import json
 import time
 import uuid
@@ -28,6 +31,7 @@ from starlette.routing import Route
 
 from paradec.config import GenerationConfig
 from paradec.serve.client import AsyncClient, Progress, ServedResult, ServeError
+from paradec.serve.protocol import ProtocolError
 
 _SETTINGS = {f.name for f in dataclasses.fields(GenerationConfig)}
 _OPENAI = {"model", "prompt", "messages", "max_tokens", "temperature", "seed", "stop", "stream", "n", "user",
@@ -50,10 +54,21 @@ def create_app(address: str, token: str | None = None, timeout_s: float | None =
             state["client"] = AsyncClient(address, token=token, timeout_s=timeout_s)
         return state["client"]
 
+    def authorised(request: Request) -> bool:
+        """With a token, every route but /health needs ``Authorization: Bearer <token>``."""
+        if token is None:
+            return True
+        given = request.headers.get("authorization", "")
+        return hmac.compare_digest(given.encode("utf-8"), f"Bearer {token}".encode("utf-8"))
+
     async def completions(request: Request) -> Response:
+        if not authorised(request):
+            return _error(401, "unauthorized", "a missing or wrong bearer token")
         return await _complete(request, client(), chat=False, model_name=model_name)
 
     async def chat(request: Request) -> Response:
+        if not authorised(request):
+            return _error(401, "unauthorized", "a missing or wrong bearer token")
         return await _complete(request, client(), chat=True, model_name=model_name)
 
     async def health(request: Request) -> Response:
@@ -64,6 +79,8 @@ def create_app(address: str, token: str | None = None, timeout_s: float | None =
         return JSONResponse(reply, status_code=200 if reply["healthy"] else 503)
 
     async def metrics(request: Request) -> Response:
+        if not authorised(request):
+            return _error(401, "unauthorized", "a missing or wrong bearer token")
         stats = await client().stats(timeout_s=5)
         healthy = (await client().health(timeout_s=5))["healthy"]
         return PlainTextResponse(_prometheus(stats, healthy), media_type="text/plain; version=0.0.4")
@@ -93,6 +110,8 @@ def _settings(body: dict, chat: bool) -> tuple[object, dict, list[str], bool]:
         raise BadRequest("prompt must be a string")
     overrides = {k: v for k, v in body.items() if k in _SETTINGS}
     if "temperature" in body:
+        if isinstance(body["temperature"], bool) or not isinstance(body["temperature"], int | float):
+            raise BadRequest(f"temperature must be a number, got {body['temperature']!r}")
         overrides["temperature"] = float(body["temperature"])
     if "max_tokens" in body and "answer_len" not in body and body.get("mode", "nap") != "nap":
         overrides["answer_len"] = body["max_tokens"]
@@ -131,6 +150,10 @@ async def _complete(request: Request, client: AsyncClient, chat: bool, model_nam
         result = await client.generate(prompt, request_id=request_id, **overrides)
     except ServeError as e:
         return _error(_STATUS.get(e.code, 500), e.code, str(e))
+    except ProtocolError as e:  # refused before sending: a malformed chat message, a prompt over the limit
+        return _error(413 if e.code == "too_large" else 400, e.code, str(e))
+    except TimeoutError as e:
+        return _error(504, "timeout", str(e))
     text, finish = _cut(result.summary, stop)
     choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if chat
               else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
@@ -155,8 +178,10 @@ async def _events(client, request_id, prompt, overrides, stop, chat, created, mo
             elif isinstance(event, ServedResult):
                 text, finish = _cut(event.summary, stop)
                 yield chunk(text, finish, {**_extra(event), "usage": _usage(event)})
-    except ServeError as e:
+    except (ServeError, ProtocolError) as e:
         yield "data: " + json.dumps({"error": {"message": str(e), "type": e.code, "code": e.code}}) + "\n\n"
+    except TimeoutError as e:
+        yield "data: " + json.dumps({"error": {"message": str(e), "type": "timeout", "code": "timeout"}}) + "\n\n"
     except BaseException:  # the HTTP client went away: stop decoding for it
         await client.abort(request_id)
         raise

@@ -17,6 +17,9 @@ def serve(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.http_port is not None and args.http_host not in ("127.0.0.1", "localhost", "::1") and not args.token:
+        raise ConfigError(f"--http-host {args.http_host} (not loopback) needs --token; HTTP clients then send "
+                          f"'Authorization: Bearer <token>'")
     target = EngineTarget(args.model, args.max_batch, args.device, Limits(), nproc=args.nproc)
     frontend = Frontend(args.address, target, token=args.token, max_pending=args.max_pending)
     asyncio.run(_main(frontend, args))
