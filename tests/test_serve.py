@@ -231,6 +231,11 @@ def test_async_client_runs_requests_at_once(server, tiny):
     async def main():
         client = AsyncClient(server.address, timeout_s=120)
         try:
+            first = client.stream(QUESTIONS[15], request_id="same", **SMALL)
+            await first.__anext__()  # in flight
+            with pytest.raises(ServeError, match="already in flight"):
+                await client.generate(QUESTIONS[15], request_id="same", **SMALL)
+            await first.aclose()
             return await asyncio.gather(*(client.generate(q, **SMALL) for q in QUESTIONS[10:14]))
         finally:
             client.close()

@@ -201,6 +201,8 @@ class AsyncClient:
                     q.put_nowait(message)
 
     def _open(self, request_id: str) -> asyncio.Queue:
+        if request_id in self.queues:
+            raise ServeError("invalid", f"request {request_id!r} is already in flight on this client")
         if self.reader is None:
             self.reader = asyncio.get_running_loop().create_task(self._read())
         self.queues[request_id] = asyncio.Queue()
