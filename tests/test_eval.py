@@ -91,15 +91,12 @@ def test_unparseable_answers_count_wrong_and_are_listed(tiny):
     task = get_task("gsm8k")
     example = load_examples(get_task("synthetic"), None, 1).examples[0]
     decoder = _Decoder(tiny, task, resolve_config(tiny, blocks=2), "{question}", None, 64)
-    base = dict(token_ids=[], trace=[-1, 0, 1], nfe=2, steps=2, timings={}, prompt_ids=[1],
+    length = decoder.layout.length
+    base = dict(token_ids=[0] * length, trace=[-1] * length, nfe=2, steps=2, timings={}, prompt_ids=[1],
                 block_token_ids=[[5, 6]], summary_token_ids=[7])
     no_answer = GenerationResult(blocks=["x"], summary="no number here", answer=None, **base)
     right = GenerationResult(blocks=["x"], summary=f"#### {example.gold}", answer=example.gold, **base)
-    records = []
-    for result in (no_answer, right):
-        result.token_ids = [0] * decoder.layout.length
-        result.trace = [-1] * decoder.layout.length
-        records.append(decoder.record(example, example.question, result, seconds=0.5))
+    records = [decoder.record(example, example.question, r, seconds=0.5) for r in (no_answer, right)]
     assert records[0]["answer"] is None and records[0]["correct"] is False
     assert records[1]["answer"] == example.gold and records[1]["correct"] is True
     assert records[0]["answer_tokens"] == 3  # two block tokens and one summary token

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -24,22 +23,18 @@ from paradec.serve.frontend import BackgroundFrontend, EngineTarget, check_bind
 from paradec.serve.protocol import Limits, MessageType, ProtocolError, decode, encode
 from paradec.train.tasks import arith
 
+from dist_worker import free_port
+
 SMALL = {"blocks": 2, "tokens_per_step": 4}  # a short canvas: quick on the CPU
 SLOW = {"blocks": 4, "tokens_per_step": 1}  # ~50 steps: time to abort or kill mid-decode
 QUESTIONS = [p.question for p in arith.test_problems()[:50]]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def Server(token: str | None = None, max_pending: int = 64, max_batch: int = 8, limits: Limits = Limits(),
            nproc: int = 1) -> BackgroundFrontend:
     """A frontend on a loopback port (its own event-loop thread), its engine in a spawned process."""
     target = EngineTarget("paradec-tiny", max_batch=max_batch, device="cpu", limits=limits, nproc=nproc)
-    return BackgroundFrontend((f"tcp://127.0.0.1:{_port()}", target),
+    return BackgroundFrontend((f"tcp://127.0.0.1:{free_port()}", target),
                               dict(token=token, max_pending=max_pending, limits=limits), start_timeout_s=120)
 
 
@@ -292,7 +287,7 @@ def http(server):
     uvicorn = pytest.importorskip("uvicorn")
     from paradec.serve.http import create_app
 
-    port = _port()
+    port = free_port()
     config = uvicorn.Config(create_app(server.address, timeout_s=120), host="127.0.0.1", port=port, log_level="warning")
     web = uvicorn.Server(config)
     thread = threading.Thread(target=web.run, daemon=True)
