@@ -4,7 +4,10 @@ On a GPU (bf16 logits, V = 126,464 unless told): the score kernel's time and ach
 (logits bytes read once, over the device-to-device copy bandwidth measured in the same run)
 against the eager twin (softmax + gather + topk) and ``torch.compile`` of it, for several row
 counts; and a whole unmasking step — scoring 4 segments x 32 rows, selecting and committing in
-place — captured in a CUDA graph. On a CPU: the kernel against the twin at N = 64, V = 32,000.
+place — captured in a CUDA graph. Each kernel figure is taken two ways: one call per timing
+(the host's launch included, as an eager caller sees it) and replayed from a CUDA graph of one
+call per input set (GPU time, as inside paradec's captured decoding steps). On a CPU: the
+kernel against the twin at N = 64, V = 32,000.
 
     python benchmarks/kernels.py                      # GPU table, or the CPU one without a GPU
 """
@@ -42,6 +45,12 @@ def rotating(fn, logits):
     return call
 
 
+def graphed_ms(fn, logits, repeats: int) -> float:
+    """Median time per call of ``fn`` over each input set in turn, replayed from one graph."""
+    graph, _ = capture_graph(lambda: [fn(x) for x in logits])
+    return median_ms(graph.replay, warmup=3, repeats=repeats) / len(logits)
+
+
 def gpu_rows(args, dtype, bandwidth) -> list[dict]:
     twin = lambda x, rows, stops, bar: ops.score_twin(x, rows, 0, stops, bar)  # noqa: E731
     compiled = torch.compile(lambda x, rows, stops, bar: tuple(vars(ops.score_twin(x, rows, 0, stops, bar)).values()))
@@ -49,17 +58,20 @@ def gpu_rows(args, dtype, bandwidth) -> list[dict]:
     for n in args.rows:
         sets = max(2, (256 << 20) // (n * args.vocab * dtype.itemsize) + 1)
         logits, rows, stops, bar = inputs(n, args.vocab, dtype, "cuda", min(sets, 16))
-        native = median_ms(rotating(lambda x: torch.ops.paradec.score(x, rows, 0, stops, bar, 0.0, None), logits),
-                           warmup=5, repeats=args.repeats)
+        kernel = lambda x: torch.ops.paradec.score(x, rows, 0, stops, bar, 0.0, None)  # noqa: E731
+        native = median_ms(rotating(kernel, logits), warmup=5, repeats=args.repeats)
+        graphed = graphed_ms(kernel, logits, args.repeats)
         eager = median_ms(rotating(lambda x: twin(x, rows, stops, bar), logits), warmup=3, repeats=args.repeats)
         try:
             comp = median_ms(rotating(lambda x: compiled(x, rows, stops, bar), logits), warmup=3, repeats=args.repeats)
         except Exception as err:  # noqa: BLE001 - reported, not hidden
             print(f"torch.compile of the twin failed at N={n}: {err}")
             comp = float("nan")
-        gbs = n * args.vocab * dtype.itemsize / native / 1e6
+        size = n * args.vocab * dtype.itemsize
+        gbs, graphed_gbs = size / native / 1e6, size / graphed / 1e6
         out.append({"rows": n, "kernel_ms": native, "eager_ms": eager, "compiled_ms": comp, "kernel_gbs": gbs,
-                    "bandwidth_share": gbs / bandwidth, "vs_eager": eager / native, "vs_compiled": comp / native})
+                    "bandwidth_share": gbs / bandwidth, "vs_eager": eager / native, "vs_compiled": comp / native,
+                    "graphed_ms": graphed, "graphed_gbs": graphed_gbs, "graphed_share": graphed_gbs / bandwidth})
     return out
 
 
@@ -81,7 +93,10 @@ def gpu_step(args, dtype) -> dict:
                                                TOPK, 0.0, 1)
 
     graph, _ = capture_graph(step)
+    chained = 10
+    steps, _ = capture_graph(lambda: [step() for _ in range(chained)])
     return {"step_graph_us": 1e3 * median_ms(graph.replay, warmup=10, repeats=args.repeats),
+            "step_in_graph_us": 1e3 * median_ms(steps.replay, warmup=3, repeats=args.repeats) / chained,
             "step_eager_us": 1e3 * median_ms(step, warmup=10, repeats=args.repeats)}
 
 
@@ -116,12 +131,15 @@ def main() -> None:
         record |= {"copy_gbs": bandwidth, "gpu": gpu_rows(args, DTYPES[args.dtype], bandwidth),
                    "step": gpu_step(args, DTYPES[args.dtype])}
         print(f"device-to-device copy {bandwidth:.0f} GB/s; {args.dtype} logits, V = {args.vocab}")
-        print(f"{'N':>5} {'kernel ms':>10} {'GB/s':>7} {'of copy':>8} {'eager ms':>9} {'x eager':>8} {'compiled ms':>12} {'x compiled':>11}")
+        print(f"{'N':>5} {'kernel ms':>10} {'GB/s':>7} {'of copy':>8} {'graphed ms':>11} {'GB/s':>7} {'of copy':>8} "
+              f"{'eager ms':>9} {'x eager':>8} {'compiled ms':>12} {'x compiled':>11}")
         for r in record["gpu"]:
             print(f"{r['rows']:>5} {r['kernel_ms']:>10.4f} {r['kernel_gbs']:>7.0f} {r['bandwidth_share']:>8.2f} "
+                  f"{r['graphed_ms']:>11.4f} {r['graphed_gbs']:>7.0f} {r['graphed_share']:>8.2f} "
                   f"{r['eager_ms']:>9.3f} {r['vs_eager']:>8.1f} {r['compiled_ms']:>12.3f} {r['vs_compiled']:>11.1f}")
         s = record["step"]
-        print(f"unmasking step, 4 segments x 32 rows: {s['step_graph_us']:.1f} us in a graph, {s['step_eager_us']:.1f} us eager")
+        print(f"unmasking step, 4 segments x 32 rows: {s['step_graph_us']:.1f} us per graph replay of one step, "
+              f"{s['step_in_graph_us']:.1f} us per step in a graph of 10, {s['step_eager_us']:.1f} us eager")
     emit_json(record)
 
 

@@ -1,8 +1,8 @@
 // CUDA kernels of paradec's ops (schemas and CPU kernels in ops.cpp).
 //
-// score: one block per addressed row; each thread streams a strided slice of the row with
-// 16-byte loads into its own online-softmax state, then the block merges the states in shared
-// memory. The row is read once; probabilities are never written.
+// score: blocks of (row, split) stream a slice of the row each with 16-byte loads into per-thread
+// online-softmax states, merged by warp shuffles; a second kernel merges a row's slices and
+// writes its scores. The row is read once; probabilities are never written.
 // select_commit: one thread per candidate ranks it inside its segment (ties: lowest column) and
 // commits it in place. No host synchronisation in either, so a CUDA graph can capture a step.
 #include <ATen/ATen.h>
@@ -34,152 +34,242 @@ template <typename T> __device__ __forceinline__ float to_float(T x) { return st
 template <> __device__ __forceinline__ float to_float(at::BFloat16 x) { return static_cast<float>(x); }
 template <> __device__ __forceinline__ float to_float(at::Half x) { return static_cast<float>(x); }
 
-// The hot loop's state: the fields of ScoreState that every element touches, in 32-bit types.
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr unsigned kFullWarp = 0xffffffffu;
+
+__device__ __forceinline__ float exp2_approx(float x) {  // 2^x, flushing results below 2^-126 to 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+using LaneState = BasicScoreState<int32_t>;
+
+// The hot loop's state. The softmax sums are kept in base 2 against mL = m * log2(e) rounded
+// once (s = sum 2^(x log2 e - mL), t = sum of those times their exponent), so each logit costs
+// one FMA, one ex2, an add and an FMA; `lane()` turns them back into ScoreState's natural-log
+// sums against the exact maximum m, the rounding of mL cancelling out.
 template <bool kSampled>
 struct LightState {
-  float m, s, t, b1, b2;
+  float m, mL, s, t, b1, b2;
   int32_t i1, n_inf, first_inf;
   double g;
   int32_t gi;
 
   __device__ __forceinline__ void init() {
-    m = -INFINITY; s = 0.f; t = 0.f; b1 = -INFINITY; b2 = -INFINITY;
+    m = -INFINITY; mL = -INFINITY; s = 0.f; t = 0.f; b1 = -INFINITY; b2 = -INFINITY;
     i1 = -1; n_inf = 0; first_inf = -1; g = -HUGE_VAL; gi = -1;
   }
 
-  __device__ __forceinline__ void push(float x, int32_t v, const double* noise, double temperature) {
+  __device__ __forceinline__ void top2(float x, int32_t v) {
     if (x > b1) { b2 = b1; b1 = x; i1 = v; } else if (x > b2) { b2 = x; }
-    if (x == INFINITY) {
-      if (n_inf == 0) first_inf = v;
-      ++n_inf;
-    } else if (x > m) {  // -inf never passes: m starts at -inf
-      const float scale = __expf(m - x);  // 0 while s == 0
-      t = s > 0.f ? scale * (t + (m - x) * s) : 0.f;
-      s = s * scale + 1.f;
-      m = x;
-    } else if (x > -INFINITY) {
-      const float e = __expf(x - m);
-      s += e;
-      t += e * (x - m);
+  }
+
+  __device__ __forceinline__ void rebase(float top) {  // a new running max (finite)
+    const float top_l = top * kLog2e;
+    if (s > 0.f) {
+      const float shift = mL - top_l;  // <= 0
+      const float scale = exp2_approx(shift);
+      t = scale * fmaf(shift, s, t);
+      s *= scale;
     }
+    m = top;
+    mL = top_l;
+  }
+
+  __device__ __forceinline__ void add(float x) {  // x finite or -inf, x <= m, m finite
+    const float d = fmaf(x, kLog2e, -mL);
+    const float e = exp2_approx(d);  // 0 for -inf
+    s += e;
+    t = fmaf(e, fmaxf(d, -150.f), t);  // keeps 0 * -inf out
+  }
+
+  __device__ __forceinline__ void gumbel(float x, int32_t v, const double* noise, double temperature) {
     if (kSampled && x > -INFINITY) {
       const double value = static_cast<double>(x) / temperature - log(-log(noise[v]));
       if (value > g) { g = value; gi = v; }
     }
   }
 
-  // Eight allowed logits from one 16-byte load at indices v0..v0+7: one softmax rescale for the
-  // eight instead of a branch per element; +inf (rare) takes the per-element path.
+  __device__ __forceinline__ void push(float x, int32_t v, const double* noise, double temperature) {
+    top2(x, v);
+    if (x == INFINITY) {
+      if (n_inf == 0) first_inf = v;
+      ++n_inf;
+    } else if (x > -INFINITY) {
+      if (x > m) rebase(x);
+      add(x);
+    }
+    gumbel(x, v, noise, temperature);
+  }
+
+  // Eight logits from one 16-byte load at indices v0..v0+7. The top-2 bookkeeping runs per
+  // element only when the eight's maximum beats the running second best (rare after the first
+  // few loads); +inf (rarer) takes the per-element path.
   __device__ __forceinline__ void push8(const float (&x)[8], int32_t v0, const double* noise, double temperature) {
-    float top = x[0];
+    float top = fmaxf(fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3])), fmaxf(fmaxf(x[4], x[5]), fmaxf(x[6], x[7])));
+    if (top > b2) {
+      if (top == INFINITY) {
 #pragma unroll
-    for (int k = 1; k < 8; ++k) top = fmaxf(top, x[k]);
-    if (top == INFINITY) {
+        for (int k = 0; k < 8; ++k) push(x[k], v0 + k, noise, temperature);
+        return;
+      }
 #pragma unroll
-      for (int k = 0; k < 8; ++k) push(x[k], v0 + k, noise, temperature);
-      return;
+      for (int k = 0; k < 8; ++k) top2(x[k], v0 + k);
     }
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      if (x[k] > b1) { b2 = b1; b1 = x[k]; i1 = v0 + k; } else if (x[k] > b2) { b2 = x[k]; }
-    }
-    if (top > m) {  // a new running max: rescale once
-      const float scale = __expf(m - top);
-      t = s > 0.f ? scale * (t + (m - top) * s) : 0.f;
-      s *= scale;
-      m = top;
-    }
+    if (top > m) rebase(top);
     if (m > -INFINITY) {
 #pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const float d = x[k] - m;
-        const float e = __expf(d);  // 0 for -inf
-        s += e;
-        t += e * fmaxf(d, -100.f);  // keeps 0 * -inf out
-      }
+      for (int k = 0; k < 8; ++k) add(x[k]);
     }
     if (kSampled) {
 #pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        if (x[k] > -INFINITY) {
-          const double value = static_cast<double>(x[k]) / temperature - log(-log(noise[v0 + k]));
-          if (value > g) { g = value; gi = v0 + k; }
-        }
-      }
+      for (int k = 0; k < 8; ++k) gumbel(x[k], v0 + k, noise, temperature);
     }
   }
 
-  __device__ __forceinline__ ScoreState widen() const {
-    ScoreState st;
-    st.m = m; st.s = s; st.t = t; st.b1 = b1; st.i1 = i1; st.b2 = b2; st.n_inf = n_inf; st.first_inf = first_inf;
-    st.g = g; st.gi = gi;
+  __device__ __forceinline__ LaneState lane() const {
+    LaneState st;
+    st.m = m; st.b1 = b1; st.i1 = i1; st.b2 = b2; st.n_inf = n_inf; st.first_inf = first_inf; st.g = g; st.gi = gi;
+    if (s > 0.f) {
+      const float r = fmaf(m, kLog2e, -mL);  // m * log2(e) - mL, exact
+      const float c = exp2f(-r);
+      st.s = s * c;
+      st.t = c * kLn2 * fmaf(-r, s, t);
+    } else {
+      st.s = 0.f; st.t = 0.f;
+    }
     return st;
   }
 };
 
-// Stage 1: block (row, split) folds its slice of the row into one state.
+// Merges the states of a warp's lanes; every lane ends with the merged state.
+template <bool kSampled>
+__device__ __forceinline__ void warp_merge(LaneState& st) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    LaneState o;
+    o.m = __shfl_xor_sync(kFullWarp, st.m, offset);
+    o.s = __shfl_xor_sync(kFullWarp, st.s, offset);
+    o.t = __shfl_xor_sync(kFullWarp, st.t, offset);
+    o.b1 = __shfl_xor_sync(kFullWarp, st.b1, offset);
+    o.i1 = __shfl_xor_sync(kFullWarp, st.i1, offset);
+    o.b2 = __shfl_xor_sync(kFullWarp, st.b2, offset);
+    o.n_inf = __shfl_xor_sync(kFullWarp, st.n_inf, offset);
+    o.first_inf = __shfl_xor_sync(kFullWarp, st.first_inf, offset);
+    if (kSampled) {
+      o.g = __shfl_xor_sync(kFullWarp, st.g, offset);
+      o.gi = __shfl_xor_sync(kFullWarp, st.gi, offset);
+    } else {
+      o.g = st.g; o.gi = st.gi;
+    }
+    st.merge(o);
+  }
+}
+
+__device__ __forceinline__ ScoreState to_memory(const LaneState& st) {
+  ScoreState out;
+  out.m = st.m; out.s = st.s; out.t = st.t; out.b1 = st.b1; out.i1 = st.i1; out.b2 = st.b2;
+  out.n_inf = st.n_inf; out.first_inf = st.first_inf; out.g = st.g; out.gi = st.gi;
+  return out;
+}
+
+// Stage 1: block (row, split) folds its slice of the row into one state. Thread `tid` reads the
+// 16-byte chunks tid, tid + blockDim, ... two loads in flight; the few threads whose chunks hold a
+// barred id check for it, the others never do. Lanes merge by warp shuffles, warps through
+// shared memory.
 template <typename scalar_t, bool kSampled>
-__global__ void score_partial_kernel(const scalar_t* __restrict__ logits, int64_t stride, int64_t V, int64_t span,
-                                     const int64_t* __restrict__ rows, int64_t mask_id,
-                                     const int64_t* __restrict__ stops, int num_stops,
-                                     const bool* __restrict__ bar_stop, double temperature,
-                                     const double* __restrict__ noise, ScoreState* __restrict__ partial) {
-  __shared__ ScoreState states[kThreads];
+__global__ void __launch_bounds__(kThreads) score_partial_kernel(
+    const scalar_t* __restrict__ logits, int64_t stride, int64_t V, int64_t span, const int64_t* __restrict__ rows,
+    int64_t mask_id, const int64_t* __restrict__ stops, int num_stops, const bool* __restrict__ bar_stop,
+    double temperature, const double* __restrict__ noise, ScoreState* __restrict__ partial) {
+  __shared__ LaneState warp_states[kThreads / 32];
   __shared__ int32_t barred[kMaxStops + 1];
   const int64_t i = blockIdx.x;
   const int split = blockIdx.y;
   const int tid = threadIdx.x;
-  const bool bar = bar_stop[i];
-  const int num_barred = 1 + (bar ? num_stops : 0);
+  const int num_barred = 1 + (bar_stop[i] ? num_stops : 0);
   if (tid == 0) barred[0] = static_cast<int32_t>(mask_id);
   if (tid < num_stops) barred[tid + 1] = static_cast<int32_t>(stops[tid]);
   __syncthreads();
   const scalar_t* row = logits + rows[i] * stride;
   const double* nz = kSampled ? noise + i * V : nullptr;
-  const int64_t begin = split * span, end = min(V, begin + span);
+  const int32_t begin = static_cast<int32_t>(split * span);
+  const int32_t end = static_cast<int32_t>(min(V, split * span + span));
   LightState<kSampled> st;
   st.init();
-  auto visit = [&](float x, int32_t v) {
-    for (int k = 0; k < num_barred; ++k) x = barred[k] == v ? -INFINITY : x;
-    st.push(x, v, nz, temperature);
-  };
   constexpr int kVec = 16 / sizeof(scalar_t);
   const bool aligned = (reinterpret_cast<uintptr_t>(row + begin) % 16 == 0) && ((end - begin) % kVec == 0);
   if (aligned && kVec == 8) {  // bf16 / fp16: eight logits per load
     const uint4* vec = reinterpret_cast<const uint4*>(row + begin);
-    const int64_t chunks = (end - begin) / kVec;
-    for (int64_t c = tid; c < chunks; c += blockDim.x) {
-      const uint4 raw = vec[c];
+    const int32_t chunks = (end - begin) / kVec;
+    const int32_t step = blockDim.x;
+    bool mine = false;  // does one of this thread's chunks hold a barred id?
+    for (int k = 0; k < num_barred; ++k) {
+      const int32_t at = barred[k] - begin;
+      mine |= at >= 0 && at < end - begin && (at / kVec) % step == tid;
+    }
+    auto fold = [&](const uint4& raw, int32_t c) {
       const scalar_t* vals = reinterpret_cast<const scalar_t*>(&raw);
-      const int32_t v0 = static_cast<int32_t>(begin + c * kVec);
+      const int32_t v0 = begin + c * kVec;
       float x[8];
 #pragma unroll
       for (int k = 0; k < 8; ++k) x[k] = to_float(vals[k]);
-      for (int k = 0; k < num_barred; ++k) {  // a barred id inside these eight?
-        const uint32_t at = static_cast<uint32_t>(barred[k] - v0);
-        if (at < 8u) x[at] = -INFINITY;
+      if (mine) {
+        for (int k = 0; k < num_barred; ++k) {
+          const uint32_t at = static_cast<uint32_t>(barred[k] - v0);
+          if (at < 8u) x[at] = -INFINITY;
+        }
       }
       st.push8(x, v0, nz, temperature);
+    };
+    // Two loads in flight while two are folded: the next pair is requested before the current
+    // one is folded. Streaming loads (__ldcs): every logit is read once.
+    const uint4 none = make_uint4(0u, 0u, 0u, 0u);
+    int32_t c = tid;
+    uint4 first = c < chunks ? __ldcs(vec + c) : none;
+    uint4 second = c + step < chunks ? __ldcs(vec + c + step) : none;
+    for (; c + step < chunks; c += 2 * step) {
+      const int32_t next = c + 2 * step;
+      const uint4 next_first = next < chunks ? __ldcs(vec + next) : none;
+      const uint4 next_second = next + step < chunks ? __ldcs(vec + next + step) : none;
+      fold(first, c);
+      fold(second, c + step);
+      first = next_first;
+      second = next_second;
     }
-  } else if (aligned) {
-    const uint4* vec = reinterpret_cast<const uint4*>(row + begin);
-    const int64_t chunks = (end - begin) / kVec;
-    for (int64_t c = tid; c < chunks; c += blockDim.x) {
-      const uint4 raw = vec[c];
-      const scalar_t* vals = reinterpret_cast<const scalar_t*>(&raw);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) visit(to_float(vals[k]), static_cast<int32_t>(begin + c * kVec + k));
-    }
+    if (c < chunks) fold(first, c);
   } else {
-    for (int64_t v = begin + tid; v < end; v += blockDim.x) visit(to_float(row[v]), static_cast<int32_t>(v));
+    auto visit = [&](float x, int32_t v) {
+      for (int k = 0; k < num_barred; ++k) x = barred[k] == v ? -INFINITY : x;
+      st.push(x, v, nz, temperature);
+    };
+    if (aligned) {
+      const uint4* vec = reinterpret_cast<const uint4*>(row + begin);
+      const int32_t chunks = (end - begin) / kVec;
+      for (int32_t c = tid; c < chunks; c += blockDim.x) {
+        const uint4 raw = vec[c];
+        const scalar_t* vals = reinterpret_cast<const scalar_t*>(&raw);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) visit(to_float(vals[k]), begin + c * kVec + k);
+      }
+    } else {
+      for (int32_t v = begin + tid; v < end; v += blockDim.x) visit(to_float(row[v]), v);
+    }
   }
-  states[tid] = st.widen();
+  LaneState total = st.lane();
+  warp_merge<kSampled>(total);
+  const int warp = tid / 32, lane = tid % 32;
+  if (lane == 0) warp_states[warp] = total;
   __syncthreads();
-  for (int width = blockDim.x / 2; width > 0; width >>= 1) {
-    if (tid < width) states[tid].merge(states[tid + width]);
-    __syncthreads();
+  if (warp == 0) {
+    LightState<kSampled> empty;
+    empty.init();
+    total = lane < kThreads / 32 ? warp_states[lane] : empty.lane();
+    warp_merge<kSampled>(total);
+    if (lane == 0) partial[i * gridDim.y + split] = to_memory(total);
   }
-  if (tid == 0) partial[i * gridDim.y + split] = states[0];
 }
 
 // Stage 2: one thread per row merges its splits and writes the scores.
@@ -221,7 +311,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, cons
   // Split each row so that the grid fills the GPU (about 4 blocks per SM), slices >= 4096 wide
   // and a multiple of 16 elements (16-byte loads stay aligned).
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int splits = static_cast<int>(std::min<int64_t>((4 * sms + N - 1) / N, std::max<int64_t>(1, V / 4096)));
+  const int64_t max_splits = std::max<int64_t>(1, std::min<int64_t>(64, V / 4096));
+  int splits = static_cast<int>(std::min<int64_t>((4 * sms + N - 1) / N, max_splits));
   splits = std::max(1, std::min(splits, 64));
   const int64_t span = ((V + splits - 1) / splits + 15) / 16 * 16;
   splits = static_cast<int>((V + span - 1) / span);

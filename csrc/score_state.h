@@ -14,17 +14,20 @@
 
 namespace paradec {
 
-struct ScoreState {
+// Index: int64_t for the CPU kernel and the CUDA partial states in memory; int32_t inside a CUDA
+// block, where states travel between lanes by warp shuffles.
+template <typename Index>
+struct BasicScoreState {
   float m;          // running max over finite allowed logits (-inf: none yet)
   float s;          // sum of exp(x - m)
   float t;          // sum of exp(x - m) * (x - m)
   float b1;         // largest allowed logit (+inf included), ties keep the lowest index
-  int64_t i1;
+  Index i1;
   float b2;         // second largest (equal to b1 when the maximum is tied)
-  int64_t n_inf;    // allowed +inf logits
-  int64_t first_inf;
+  Index n_inf;      // allowed +inf logits
+  Index first_inf;
   double g;         // best x / T + gumbel, and its index
-  int64_t gi;
+  Index gi;
 
   PARADEC_HD void init() {
     const float ninf = -std::numeric_limits<float>::infinity();
@@ -32,16 +35,16 @@ struct ScoreState {
     g = -std::numeric_limits<double>::infinity(); gi = -1;
   }
 
-  PARADEC_HD void push_gumbel(double value, int64_t v) {
+  PARADEC_HD void push_gumbel(double value, Index v) {
     if (value > g) { g = value; gi = v; }
   }
 
   // Merge another state (any index order): ties go to the lowest index.
-  PARADEC_HD void merge(const ScoreState& o) {
+  PARADEC_HD void merge(const BasicScoreState& o) {
     // top-2 of the union, and the lowest index holding the maximum
     const float nb1 = fmaxf(b1, o.b1);
     const float nb2 = b1 >= o.b1 ? fmaxf(b2, o.b1) : fmaxf(b1, o.b2);
-    int64_t ni1 = b1 > o.b1 ? i1 : (o.b1 > b1 ? o.i1 : lowest(i1, o.i1));
+    Index ni1 = b1 > o.b1 ? i1 : (o.b1 > b1 ? o.i1 : lowest(i1, o.i1));
     b1 = nb1; b2 = nb2; i1 = ni1;
     // +inf
     first_inf = lowest(first_inf, o.first_inf);
@@ -63,12 +66,14 @@ struct ScoreState {
   }
 
   // The lower of two indices, -1 meaning none.
-  static PARADEC_HD int64_t lowest(int64_t a, int64_t b) {
+  static PARADEC_HD Index lowest(Index a, Index b) {
     if (a < 0) return b;
     if (b < 0) return a;
     return a < b ? a : b;
   }
 };
+
+using ScoreState = BasicScoreState<int64_t>;
 
 // Final scores of a row from its state. `chosen_logit` is the logit of the chosen token.
 PARADEC_HD void finish_scores(const ScoreState& st, bool sampled, float chosen_logit, int64_t& token,
