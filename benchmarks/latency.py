@@ -222,7 +222,9 @@ def sweep(model, name: str, prompts: dict[int, list[int]], args, log) -> list[di
                 if tps != k:
                     shape = nap_shape(1024, 4) | dict(window=window, tokens_per_step=tps)
                     record("nap_windowed", prompt_len, shape, decode(model, prompt, args.repeats, True, **shape))
-            single = dict(mode="nap", blocks=1, block_len=window, summary_len=8, window=window, tokens_per_step=k)
+            # one of the m = 4 blocks of the 1024-token canvas alone: the same windows, the same keys
+            single = dict(mode="nap", blocks=1, block_len=(1024 - 128) // 4, summary_len=8, window=window,
+                          tokens_per_step=k)
             record("one_block", prompt_len, single, decode(model, prompt, args.repeats, True, **single))
             shape = nap_shape(1024, 4) | dict(tokens_per_step=k)
             record("nap_exact", prompt_len, shape, decode(model, prompt, args.repeats, True, **shape))

@@ -274,3 +274,31 @@ def test_a_short_last_window_does_not_waste_the_budget(model):
     assert result.steps == 32
     trace = torch.tensor(result.trace)
     assert len(set(trace[:32].tolist())) == 26 and len(set(trace[32:].tolist())) == 6  # 32 * 32/40, 32 * 8/40
+
+
+@pytest.mark.parametrize("window", [4, 8])
+def test_a_windowed_nap_step_caches_the_headers(model, window):
+    """With several windows a cached step forwards the windows (and a shifted model's column
+    before each), not the headers, whose KV is refreshed with the rest of the block; with one
+    window spanning the body it forwards the headers too (that step is exact). Right after a
+    refresh, the cached step gives the refresh's logits either way."""
+    from paradec.decoding.runner import Runner
+
+    config = GenerationConfig(blocks=2, block_len=8, summary_len=4, window=window, cache="dual", temperature=0.0)
+    layout = build_layout(model, config)
+    prompts = [encode_prompt(model, p, config, layout) for p in PROMPTS]
+    model.module.float()
+    runner = Runner(model, config, layout, prompts)
+    runner._enter_window([0, 1], 0)
+    columns = set(runner.step_columns.tolist())
+    for g in (0, 1):
+        header = set(range(layout.blocks[g][0], layout.bodies[g][0]))
+        shift = {layout.bodies[g][0] - 1} if model.module.shift_logits else set()
+        assert header & columns == (header if window == 8 else shift)
+    cache = model.prefill(runner.prompt_ids, runner.prompt_lens, reserve=layout.length)
+    logits_at, _, _ = runner._wanted_positions(runner._masked() & runner.in_window)
+    refresh_logits, window_cache = runner._refresh([0, 1], cache, logits_at)
+    step = runner.step_columns
+    step_logits = model(runner.canvas[:, step], runner.positions[:, step], runner.segments[:, step], "isolated",
+                        cache=window_cache, logits_at=logits_at)
+    torch.testing.assert_close(step_logits, refresh_logits, atol=1e-4, rtol=1e-4)

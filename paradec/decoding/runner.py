@@ -266,10 +266,12 @@ class Runner:
 
     def _step_columns(self, phase: list[int], window: int) -> torch.Tensor:
         """[S] canvas columns a cached step of this window forwards: each group's window
-        (``dual``) or its window and the rest of its body (``prefix``); its header (a few
-        tokens that attend to the body, so a window spanning the body is exact); and for a
-        shifted model the column before each window (its hidden state predicts the window's
-        first token)."""
+        (``dual``) or its window and the rest of its body (``prefix``); its header when one
+        window spans the whole body (the header attends to the body, so such a step is exact;
+        with several windows the header's KV is cached and refreshed with the rest of the
+        block's, as Fast-dLLM caches everything outside the current block); and for a shifted
+        model the column before each window (its hidden state predicts the window's first
+        token)."""
         columns = set()
         for g in phase:
             if window >= len(self.windows[g]):
@@ -278,7 +280,8 @@ class Runner:
             if self.config.cache_mode == "prefix":
                 end = self.layout.bodies[g][1]
             columns.update(range(start, end))
-            columns.update(range(self.layout.blocks[g][0], self.layout.bodies[g][0]))
+            if len(self.windows[g]) == 1:
+                columns.update(range(self.layout.blocks[g][0], self.layout.bodies[g][0]))
             if self.model.module.shift_logits and start > 0:
                 columns.add(start - 1)
         return torch.tensor(sorted(columns), dtype=torch.long, device=self.device)
