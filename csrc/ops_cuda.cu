@@ -189,21 +189,23 @@ __global__ void __launch_bounds__(kThreads) score_partial_kernel(
   const int64_t i = blockIdx.x;
   const int split = blockIdx.y;
   const int tid = threadIdx.x;
+  const scalar_t* row = logits + rows[i] * stride;
+  const int32_t begin = static_cast<int32_t>(split * span);
+  const int32_t end = static_cast<int32_t>(min(V, split * span + span));
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const bool aligned = (reinterpret_cast<uintptr_t>(row + begin) % 16 == 0) && ((end - begin) % kVec == 0);
+  const uint4* vec = reinterpret_cast<const uint4*>(row + begin);
+  const int32_t chunks = aligned ? (end - begin) / kVec : 0;
+  // The first load goes out before the barred ids are staged, so their latency overlaps.
+  uint4 current = kVec == 8 && tid < chunks ? __ldcs(vec + tid) : make_uint4(0u, 0u, 0u, 0u);
   const int num_barred = 1 + (bar_stop[i] ? num_stops : 0);
   if (tid == 0) barred[0] = static_cast<int32_t>(mask_id);
   if (tid < num_stops) barred[tid + 1] = static_cast<int32_t>(stops[tid]);
   __syncthreads();
-  const scalar_t* row = logits + rows[i] * stride;
   const double* nz = kSampled ? noise + i * V : nullptr;
-  const int32_t begin = static_cast<int32_t>(split * span);
-  const int32_t end = static_cast<int32_t>(min(V, split * span + span));
   LightState<kSampled> st;
   st.init();
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  const bool aligned = (reinterpret_cast<uintptr_t>(row + begin) % 16 == 0) && ((end - begin) % kVec == 0);
   if (aligned && kVec == 8) {  // bf16 / fp16: eight logits per load
-    const uint4* vec = reinterpret_cast<const uint4*>(row + begin);
-    const int32_t chunks = (end - begin) / kVec;
     const int32_t step = blockDim.x;
     bool mine = false;  // does one of this thread's chunks hold a barred id?
     for (int k = 0; k < num_barred; ++k) {
@@ -224,30 +226,19 @@ __global__ void __launch_bounds__(kThreads) score_partial_kernel(
       }
       st.push8(x, v0, nz, temperature);
     };
-    // Two loads in flight while two are folded: the next pair is requested before the current
-    // one is folded. Streaming loads (__ldcs): every logit is read once.
-    const uint4 none = make_uint4(0u, 0u, 0u, 0u);
-    int32_t c = tid;
-    uint4 first = c < chunks ? __ldcs(vec + c) : none;
-    uint4 second = c + step < chunks ? __ldcs(vec + c + step) : none;
-    for (; c + step < chunks; c += 2 * step) {
-      const int32_t next = c + 2 * step;
-      const uint4 next_first = next < chunks ? __ldcs(vec + next) : none;
-      const uint4 next_second = next + step < chunks ? __ldcs(vec + next + step) : none;
-      fold(first, c);
-      fold(second, c + step);
-      first = next_first;
-      second = next_second;
+    // The next load is requested before the current one is folded (one or two in flight: more
+    // measured slower on the H100). Streaming loads (__ldcs): every logit is read once.
+    for (int32_t c = tid; c < chunks; c += step) {
+      const uint4 next = c + step < chunks ? __ldcs(vec + c + step) : current;
+      fold(current, c);
+      current = next;
     }
-    if (c < chunks) fold(first, c);
   } else {
     auto visit = [&](float x, int32_t v) {
       for (int k = 0; k < num_barred; ++k) x = barred[k] == v ? -INFINITY : x;
       st.push(x, v, nz, temperature);
     };
     if (aligned) {
-      const uint4* vec = reinterpret_cast<const uint4*>(row + begin);
-      const int32_t chunks = (end - begin) / kVec;
       for (int32_t c = tid; c < chunks; c += blockDim.x) {
         const uint4 raw = vec[c];
         const scalar_t* vals = reinterpret_cast<const scalar_t*>(&raw);
@@ -272,21 +263,35 @@ __global__ void __launch_bounds__(kThreads) score_partial_kernel(
   }
 }
 
-// Stage 2: one thread per row merges its splits and writes the scores.
-template <typename scalar_t>
+// Stage 2: one warp per row merges the row's slices (a lane per slice, then shuffles) and writes
+// its scores. Greedy rows take the chosen logit from the state (b1); sampled ones read it.
+template <typename scalar_t, bool kSampled>
 __global__ void score_finish_kernel(const scalar_t* __restrict__ logits, int64_t stride, const int64_t* __restrict__ rows,
-                                    const ScoreState* __restrict__ partial, int64_t N, int splits, bool sampled,
+                                    const ScoreState* __restrict__ partial, int64_t N, int splits,
                                     int64_t* __restrict__ tokens, float* __restrict__ confidence,
                                     float* __restrict__ margin, float* __restrict__ neg_entropy) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= N) return;
-  ScoreState total = partial[i * splits];
-  for (int k = 1; k < splits; ++k) total.merge(partial[i * splits + k]);
-  const int64_t chosen = sampled ? total.gi : total.i1;
-  const float chosen_logit = chosen >= 0 ? to_float(logits[rows[i] * stride + chosen]) : 0.f;
+  const int64_t i = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (i >= N) return;  // whole warps leave together
+  LightState<kSampled> empty;
+  empty.init();
+  LaneState total = empty.lane();
+  for (int k = lane; k < splits; k += 32) {
+    const ScoreState& p = partial[i * splits + k];
+    LaneState st;
+    st.m = p.m; st.s = p.s; st.t = p.t; st.b1 = p.b1; st.i1 = static_cast<int32_t>(p.i1); st.b2 = p.b2;
+    st.n_inf = static_cast<int32_t>(p.n_inf); st.first_inf = static_cast<int32_t>(p.first_inf);
+    st.g = p.g; st.gi = static_cast<int32_t>(p.gi);
+    total.merge(st);
+  }
+  warp_merge<kSampled>(total);
+  if (lane != 0) return;
+  const ScoreState merged = to_memory(total);
+  float chosen_logit = merged.b1;
+  if (kSampled) chosen_logit = merged.gi >= 0 ? to_float(logits[rows[i] * stride + merged.gi]) : 0.f;
   int64_t token;
   float c, m, e;
-  finish_scores(total, sampled, chosen_logit, token, c, m, e);
+  finish_scores(merged, kSampled, chosen_logit, token, c, m, e);
   tokens[i] = token; confidence[i] = c; margin[i] = m; neg_entropy[i] = e;
 }
 
@@ -322,20 +327,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, cons
   const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(splits));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "paradec_score_cuda", [&] {
     const scalar_t* base = logits.data_ptr<scalar_t>();
+    const int finish_threads = 256, rows_per_block = finish_threads / 32;
+    const auto finish_blocks = static_cast<unsigned>((N + rows_per_block - 1) / rows_per_block);
     if (temperature > 0) {
       score_partial_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
           base, logits.stride(0), V, span, rows_c.data_ptr<int64_t>(), mask_id, stops.data_ptr<int64_t>(),
           static_cast<int>(stops.size(0)), bar.data_ptr<bool>(), temperature, noise_c.data_ptr<double>(), states);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      score_finish_kernel<scalar_t, true><<<finish_blocks, finish_threads, 0, stream>>>(
+          base, logits.stride(0), rows_c.data_ptr<int64_t>(), states, N, splits, tokens.data_ptr<int64_t>(),
+          conf.data_ptr<float>(), marg.data_ptr<float>(), negent.data_ptr<float>());
     } else {
       score_partial_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
           base, logits.stride(0), V, span, rows_c.data_ptr<int64_t>(), mask_id, stops.data_ptr<int64_t>(),
           static_cast<int>(stops.size(0)), bar.data_ptr<bool>(), temperature, nullptr, states);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      score_finish_kernel<scalar_t, false><<<finish_blocks, finish_threads, 0, stream>>>(
+          base, logits.stride(0), rows_c.data_ptr<int64_t>(), states, N, splits, tokens.data_ptr<int64_t>(),
+          conf.data_ptr<float>(), marg.data_ptr<float>(), negent.data_ptr<float>());
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int threads = 128;
-    score_finish_kernel<scalar_t><<<static_cast<unsigned>((N + threads - 1) / threads), threads, 0, stream>>>(
-        base, logits.stride(0), rows_c.data_ptr<int64_t>(), states, N, splits, temperature > 0,
-        tokens.data_ptr<int64_t>(), conf.data_ptr<float>(), marg.data_ptr<float>(), negent.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {tokens, conf, marg, negent};
