@@ -302,3 +302,31 @@ def test_a_windowed_nap_step_caches_the_headers(model, window):
     step_logits = model(runner.canvas[:, step], runner.positions[:, step], runner.segments[:, step], "isolated",
                         cache=window_cache, logits_at=logits_at)
     torch.testing.assert_close(step_logits, refresh_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["one request", "two, padded"])
+def test_blocks_side_by_side_equal_the_masked_steps(model, prompts, monkeypatch):
+    """Windowed isolated think blocks step side by side, each over its own keys (BlockCache:
+    no mask for one request, a bias for padded prompts); the summary keeps the masked step.
+    Same tokens, trace and steps as the eager steps."""
+    from paradec import ops
+    from paradec.decoding import graphs, runner
+
+    if not ops.native_on(torch.device("cpu")):
+        pytest.skip("paradec._C is not built")
+    settings = dict(blocks=3, block_len=10, summary_len=6, window=4, tokens_per_step=2)
+    eager = paradec.generate(model, prompts, cuda_graphs=False, **settings)
+    built = []
+    build = graphs.GraphedSteps._build
+
+    def recording_build(self, phase_cache):
+        build(self, phase_cache)
+        built.append((self.phase, self.per_block, self.per_block and self.blocks.bias is not None))
+
+    monkeypatch.setattr(graphs.GraphedSteps, "_build", recording_build)
+    monkeypatch.setattr(runner, "graphs_apply", lambda r: r.config.cuda_graphs and r.config.temperature == 0)
+    monkeypatch.setattr(graphs.GraphedSteps, "_capture", lambda self, body: _Uncaptured(body))
+    static = paradec.generate(model, prompts, cuda_graphs=True, **settings)
+    assert built == [([0, 1, 2], True, len(prompts) > 1), ([3], False, False)]
+    assert [r.token_ids for r in static] == [r.token_ids for r in eager]
+    assert [r.trace for r in static] == [r.trace for r in eager]

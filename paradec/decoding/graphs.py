@@ -14,6 +14,12 @@ requests: the *step* (the window's columns over the cache) and, with a windowed 
 step's cache). Shapes are padded to the phase's largest window and the key count to a multiple
 of ``KEY_ALIGN`` (attention kernels take unaligned masks slowly); padding queries and stale
 cache slots carry segment PAD, so nothing attends to them.
+
+Windowed isolated think blocks step *side by side*: under ``isolated`` attention block j's
+queries see the prompt and block j only, so the step keeps a ``BlockCache`` (one row per block:
+the prompt's KV, then the block's) and one batched attention call serves every block without a
+mask over the other blocks' keys (three quarters of the keys at m = 4; measured in
+benchmarks/RESULTS.md). The price is m copies of the prompt KV in the step's cache.
 The steps are the runner's eager steps on a static shape; ``tests/test_cuda.py`` compares the two.
 """
 
@@ -24,7 +30,7 @@ import torch
 from paradec import ops
 from paradec.decoding.selection import Candidates
 from paradec.models.attention import PAD, PROMPT, attention_mask
-from paradec.models.transformer import PromptCache
+from paradec.models.transformer import BlockCache, PromptCache
 
 _PENDING = -7  # trace value select_commit writes inside a graph; replaced by the step counter
 KEY_ALIGN = 8  # keys per attention call are padded to a multiple of this (16 bytes of bf16)
@@ -57,6 +63,7 @@ class GraphedSteps:
     def __init__(self, runner, phase: list[int], phase_cache: PromptCache | None, pool):
         self.runner, self.phase, self.pool = runner, phase, pool
         self.windowed = runner._windowed_cache
+        self.per_block = self.windowed and _blocks_apart(runner, phase, phase_cache)
         self.step_graph = self.refresh_graph = None
         self._build(phase_cache)
 
@@ -68,8 +75,14 @@ class GraphedSteps:
         kept KV)."""
         r = self.runner
         k = r.window_index
-        step_cols = self._step_columns(k)
-        _fill(self.step_cols, self.step_valid, step_cols)
+        if self.per_block:
+            step_cols = self._block_columns(k)
+            self.step_cols.copy_(step_cols)
+            self.step_valid.fill_(True)
+            self.block_slots.copy_(self._slots(step_cols.view(len(self.phase), -1)))
+        else:
+            step_cols = self._step_columns(k)
+            _fill(self.step_cols, self.step_valid, step_cols)
         _fill(self.window_cols, self.window_valid, self._window_columns(k))
         group = r.groups[self.window_cols]
         offset = self.window_cols - r.body_starts[group]
@@ -82,6 +95,11 @@ class GraphedSteps:
                 self.quotas[g, : len(schedule)] = torch.tensor(schedule, device=r.device)
                 self.schedule_len[g] = len(schedule)
         base = 0 if phase_cache is None else phase_cache.num_tokens
+        if self.per_block:
+            if with_phase_cache:
+                _copy_cache(self.phase_cache, phase_cache, base)
+                self._load_block_prompts(phase_cache)
+            return
         self.cache.segments[:, base:].fill_(PAD)  # what the refresh keeps is written by the refresh
         if with_phase_cache and phase_cache is not None:
             _copy_cache(self.cache, phase_cache, base)
@@ -112,7 +130,7 @@ class GraphedSteps:
             if graph is not None:
                 graph.reset()
         self.step_graph = self.refresh_graph = None
-        self.cache = self.phase_cache = None
+        self.cache = self.phase_cache = self.blocks = None
 
     def _replay(self, graph, count: int, step: int) -> int:
         r = self.runner
@@ -174,7 +192,11 @@ class GraphedSteps:
                 self.phase_cache = _empty_cache(kv_like, cfg, b, base, width, phase_cache.segments.dtype)
         else:
             cached = base
-        step_width = _aligned(cached + step_width) - cached
+        if self.per_block:
+            self._build_blocks(kv_like, cfg, b, base, windows)
+            step_width = len(phase) * self.block_width
+        else:
+            step_width = _aligned(cached + step_width) - cached
         self.cached = cached
         self.step_cols = torch.zeros(step_width, dtype=torch.long, device=device)
         self.step_valid = torch.zeros(step_width, dtype=torch.bool, device=device)
@@ -187,7 +209,7 @@ class GraphedSteps:
         self.schedule_len = torch.zeros(g, dtype=torch.long, device=device)
         self.window_steps = torch.zeros(b, g, dtype=torch.long, device=device)
         self.step_t = torch.zeros((), dtype=torch.long, device=device)
-        self.cache = _empty_cache(kv_like, cfg, b, cached, step_width, torch.long)
+        self.cache = None if self.per_block else _empty_cache(kv_like, cfg, b, cached, step_width, torch.long)
         self.rows = torch.arange(b * window_width, device=device)
         self.batch_index = torch.arange(b, device=device).repeat_interleave(window_width)  # [B * N]
         self.batch = torch.arange(b, device=device)
@@ -205,6 +227,68 @@ class GraphedSteps:
         ranges = [r.windows[g][window] for g in self.phase if window < len(r.windows[g])]
         return torch.cat([torch.arange(*w, device=r.device) for w in ranges])
 
+    # --- blocks side by side (isolated think blocks, see BlockCache) ----------------------------
+    def _build_blocks(self, kv_like, cfg, b: int, base: int, windows: int) -> None:
+        """The per-block cache, the refresh's scatter into it, and the step's query width."""
+        r, phase, device = self.runner, self.phase, self.runner.device
+        m = len(phase)
+        lengths = [r.layout.blocks[g][1] - r.layout.blocks[g][0] for g in phase]
+        self.block_width = max(len(r._step_columns([g], k)) for g in phase for k in range(windows))
+        exact = b == 1 and len(set(lengths)) == 1  # every slot a key: no mask at all
+        slots = base + max(lengths) if exact else _aligned(base + max(lengths))
+        kv = kv_like.new_zeros(cfg.num_layers, 2, b * m, slots, cfg.num_kv_heads, cfg.head_dim)
+        self.blocks = BlockCache(kv=kv, bias=None if exact else kv_like.new_zeros(b * m, 1, 1, slots))
+        self.block_slots = torch.zeros(b * m * self.block_width, dtype=torch.long, device=device)
+        # The refresh forwards every column of the phase: each one's k/v goes to its block's row.
+        cols, valid = self.refresh_cols, self.refresh_valid
+        width = len(cols)
+        src = (torch.arange(b, device=device)[:, None] * width + torch.arange(width, device=device)).reshape(-1)
+        src = src[valid.repeat(b)]  # [B * T'] rows of the refresh's flattened [B * T] k/v
+        self.refresh_src = src
+        self.refresh_dst = self._slots(cols[valid].view(1, -1))
+
+    def _slots(self, columns: torch.Tensor) -> torch.Tensor:
+        """Flat BlockCache slots (row * C + slot) of canvas ``columns`` ([K, S], any blocks) for
+        every request: [B * K * S], request-major."""
+        r, phase = self.runner, self.phase
+        b, m, slots = r.canvas.shape[0], len(phase), self.blocks.kv.shape[3]
+        index = {g: j for j, g in enumerate(phase)}
+        block = torch.tensor([index[int(g)] for g in r.groups[columns.reshape(-1)].tolist()], device=r.device)
+        block = block.view(columns.shape)
+        start = torch.tensor([r.layout.blocks[g][0] for g in phase], device=r.device)[block]
+        local = self.phase_cache.num_tokens + columns - start  # [m or 1, S]
+        rows = torch.arange(b, device=r.device).view(b, 1, 1) * m + block[None]  # [B, m or 1, S]
+        return (rows * slots + local[None]).reshape(-1)
+
+    def _block_columns(self, window: int) -> torch.Tensor:
+        """[m * S] each block's step columns, block-major, each block padded to S by repeating
+        its last column (the repeat computes and writes the same k/v as the original)."""
+        r, width = self.runner, self.block_width
+        out = []
+        for g in self.phase:
+            cols = r._step_columns([g], window).tolist()
+            out.extend(cols + cols[-1:] * (width - len(cols)))
+        return torch.tensor(out, dtype=torch.long, device=r.device)
+
+    def _load_block_prompts(self, phase_cache: PromptCache) -> None:
+        """Each block's row starts with its request's prompt KV; the bias masks what holds no key."""
+        r, m = self.runner, len(self.phase)
+        p = phase_cache.num_tokens
+        kv = self.blocks.kv  # [L, 2, B * m, C, Hkv, D]
+        layers, _, rows, slots, hkv, d = kv.shape
+        prompt = phase_cache.kv[..., :p, :].transpose(3, 4)  # [L, 2, B, P, Hkv, D]
+        kv.view(layers, 2, rows // m, m, slots, hkv, d)[:, :, :, :, :p].copy_(prompt[:, :, :, None])
+        if self.blocks.bias is not None:
+            lengths = torch.tensor([r.layout.blocks[g][1] - r.layout.blocks[g][0] for g in self.phase],
+                                   device=r.device)
+            slot = torch.arange(slots, device=r.device)
+            prompt_key = phase_cache.segments != PAD  # [B, P]
+            block_key = (slot[None] >= p) & (slot[None] < p + lengths[:, None])  # [m, C]
+            key = block_key[None].repeat(rows // m, 1, 1)  # [B, m, C]
+            key[:, :, :p] = prompt_key[:, None]
+            bias = torch.zeros(key.shape, dtype=kv.dtype, device=r.device).masked_fill_(~key, float("-inf"))
+            self.blocks.bias.copy_(bias.view(rows, 1, 1, slots))
+
     # --- device side: what a replay does ------------------------------------------------------
     def forward(self) -> torch.Tensor:
         """The model forward of a step alone (what ``benchmarks/latency.py`` compares a whole
@@ -214,6 +298,9 @@ class GraphedSteps:
         ids = torch.where(valid, r.canvas[:, cols], 0)  # [B, S]
         positions = torch.where(valid, r.positions[:, cols], -1)
         segments = torch.where(valid, r.segments[:, cols], PAD)
+        if self.per_block:
+            return r.model.module.forward_blocks(ids, positions, segments, self.blocks, self.block_slots,
+                                                 self._logits_at())
         return r.model(ids, positions, segments, r.config.attention, cache=self.cache,
                        logits_at=self._logits_at(), check_inputs=False)
 
@@ -249,6 +336,14 @@ class GraphedSteps:
         logits_at = self._logits_at()
         rows = module._gather_rows(hidden, positions, segments, logits_at, phase_cache, False)
         logits = module.head(rows)
+        if self.per_block:
+            for i, layer_kv in enumerate(kv):
+                for buffer, new in zip(self.blocks.kv[i], layer_kv):  # [B, Hkv, T, D] -> each column's slot
+                    hkv, d = new.shape[1], new.shape[3]
+                    flat = new.transpose(1, 2).reshape(-1, hkv, d).index_select(0, self.refresh_src)
+                    buffer.view(-1, hkv, d).index_copy_(0, self.refresh_dst, flat)
+            self._commit(logits, logits_at)
+            return
         start, keep = self.cached - len(self.keep_index), self.keep_index
         for i, (k, v) in enumerate(kv):  # [B, Hkv, T, D] -> the kept columns, after the phase cache
             self.cache.kv[i, 0, :, :, start : self.cached].copy_(k.index_select(2, keep))
@@ -297,6 +392,20 @@ class GraphedSteps:
         active = left > 0
         self.window_steps += active.long()
         self.step_t += active.any().long()
+
+
+def _blocks_apart(runner, phase: list[int], phase_cache: PromptCache | None) -> bool:
+    """Whether a windowed phase's steps can attend block by block (``BlockCache``): isolated
+    think blocks (no summary in the phase, which attends to all of them) over a cached prompt,
+    all with the same windows."""
+    layout = runner.layout
+    return (
+        runner.config.attention == "isolated"
+        and phase_cache is not None
+        and layout.num_think_blocks > 0
+        and layout.summary_group not in phase
+        and len({len(runner.windows[g]) for g in phase}) == 1
+    )
 
 
 def _empty_cache(like: torch.Tensor, cfg, batch: int, cached: int, reserve: int, seg_dtype) -> PromptCache:

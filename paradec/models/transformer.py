@@ -176,6 +176,29 @@ class Attention(nn.Module):
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
 
+    def forward_blocks(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor | None,
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attention of isolated blocks side by side, each over its own keys only (see
+        ``BlockCache``). x: [B, m * S, d], block-major (block j's S queries together); kv: this
+        layer's [2, B * m, C, Hkv, D]; bias: [B * m, 1, 1, C] or None; slots: [B * m * S] flat
+        slots (row * C + slot) where this call's k/v are written first. Returns [B, m * S, d]."""
+        b, t, _ = x.shape
+        rows, hkv, d = kv.shape[1], self.num_kv_heads, self.head_dim
+        s = t * b // rows
+        heads = self.qkv_proj(x).view(b, t, -1, d).transpose(1, 2)  # [B, H + 2 Hkv, T, D]
+        rotated = rotate(heads[:, : self.num_heads + hkv], cos, sin)
+        q, k = rotated.split((self.num_heads, hkv), dim=1)
+        v = heads[:, self.num_heads + hkv :]
+        for buffer, new in ((kv[0], k), (kv[1], v)):  # [B, Hkv, T, D] -> rows (b, block, query)
+            buffer.view(-1, hkv, d).index_copy_(0, slots, new.transpose(1, 2).reshape(-1, hkv, d))
+        q = q.reshape(b, self.num_heads, rows // b, s, d).transpose(1, 2).reshape(rows, self.num_heads, s, d)
+        out = F.scaled_dot_product_attention(
+            q, kv[0].transpose(1, 2), kv[1].transpose(1, 2), attn_mask=bias, enable_gqa=self.num_heads != hkv
+        )  # [B * m, H, S, D]
+        return self.o_proj(out.view(b, rows // b, self.num_heads, s, d).permute(0, 1, 3, 2, 4).reshape(b, t, -1))
+
 
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)), gate and up in one fused projection."""
@@ -202,6 +225,10 @@ class Layer(nn.Module):
         attn_out, kv = self.attn(self.attn_norm(x), cos, sin, mask, past, past_len, slots)
         x = x + attn_out
         return x + self.mlp(self.mlp_norm(x)), kv
+
+    def forward_blocks(self, x, cos, sin, kv, bias, slots):
+        x = x + self.attn.forward_blocks(self.attn_norm(x), cos, sin, kv, bias, slots)
+        return x + self.mlp(self.mlp_norm(x))
 
 
 @dataclass
@@ -232,6 +259,22 @@ class PromptCache:
     @property
     def capacity(self) -> int:
         return self.kv.shape[4]
+
+
+@dataclass
+class BlockCache:
+    """Keys for isolated think blocks decoded side by side, each block over its own keys only:
+    row ``b * m + j`` holds request b's prompt KV in slots ``[0, P)`` and block j's columns
+    after them, in canvas order. Under ``isolated`` attention a block sees exactly these, so its
+    queries need no mask over the other blocks' keys and one batched attention call serves all
+    m blocks (at the cost of m copies of the prompt KV).
+
+    kv: [L, 2, B * m, C, Hkv, D], token-major, so one flat index (row * C + slot) addresses a
+    slot; bias: [B * m, 1, 1, C] additive (0, or -inf on slots that hold no key: prompt padding,
+    shorter blocks), or None when every slot holds one."""
+
+    kv: torch.Tensor
+    bias: torch.Tensor | None
 
 
 class DiffusionTransformer(nn.Module):
@@ -352,6 +395,23 @@ class DiffusionTransformer(nn.Module):
             logits_at = positions
         rows = self._gather_rows(hidden, positions, segments, logits_at, cache, check_inputs)
         return self.head(rows)
+
+    @torch.no_grad()
+    def forward_blocks(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor, cache: BlockCache,
+        slots: torch.Tensor, logits_at: torch.Tensor,
+    ) -> torch.Tensor:
+        """``forward`` for m isolated blocks' queries over a ``BlockCache``: input_ids,
+        positions, segments: [B, m * S], block-major, every column real (pad a block's queries by
+        repeating one of its columns: the repeat writes the same k/v to the same slot); slots:
+        [B * m * S] flat cache slots of the queries, where their k/v are written before the
+        blocks attend; logits_at: [B, N]. Returns logits [B, N, V]. A shifted model's
+        predecessor columns must be among the queries."""
+        x = self.embed(input_ids.clamp(min=0))
+        cos, sin = self.rope(positions)
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_blocks(x, cos, sin, cache.kv[i], cache.bias, slots)
+        return self.head(self._gather_rows(x, positions, segments, logits_at, None, check_inputs=False))
 
     @torch.no_grad()
     def forward_and_cache(
