@@ -330,3 +330,26 @@ def test_blocks_side_by_side_equal_the_masked_steps(model, prompts, monkeypatch)
     assert built == [([0, 1, 2], True, len(prompts) > 1), ([3], False, False)]
     assert [r.token_ids for r in static] == [r.token_ids for r in eager]
     assert [r.trace for r in static] == [r.trace for r in eager]
+
+    assert [r.token_ids for r in static] == [r.token_ids for r in eager]
+    assert [r.trace for r in static] == [r.trace for r in eager]
+
+
+def test_a_long_prompt_keeps_the_masked_step(model, monkeypatch):
+    """Six blocks and a prompt long next to them: six copies of its keys would cost more than
+    the mask saves (graphs.SIDE_BY_SIDE_MAX_KEYS), so the think blocks keep the masked step."""
+    from paradec.decoding import graphs, runner
+
+    built = []
+    build = graphs.GraphedSteps._build
+
+    def recording_build(self, phase_cache):
+        build(self, phase_cache)
+        built.append((self.phase, self.per_block))
+
+    monkeypatch.setattr(graphs.GraphedSteps, "_build", recording_build)
+    monkeypatch.setattr(runner, "graphs_apply", lambda r: r.config.cuda_graphs and r.config.temperature == 0)
+    monkeypatch.setattr(graphs.GraphedSteps, "_capture", lambda self, body: _Uncaptured(body))
+    many = dict(blocks=6, block_len=6, summary_len=4, window=3, tokens_per_step=2, cuda_graphs=True)
+    paradec.generate(model, " ".join(["a b c d e f g h"] * 20), **many)
+    assert built == [([0, 1, 2, 3, 4, 5], False), ([6], False)]

@@ -34,6 +34,12 @@ from paradec.models.transformer import BlockCache, PromptCache
 
 _PENDING = -7  # trace value select_commit writes inside a graph; replaced by the step counter
 KEY_ALIGN = 8  # keys per attention call are padded to a multiple of this (16 bytes of bf16)
+# Blocks step side by side while the keys they read, m * prompt + blocks, stay within this many
+# times the masked step's prompt + blocks (and so does the step cache's memory). Measured on an
+# H100 at LLaDA-8B shapes, 1024-token canvas, 32-token windows (step ms, side by side / masked):
+# m = 4: 8.15 / 9.15 (prompt 512, ratio 2.1), 9.21 / 10.29 (2048, 3.1); m = 8: 9.96 / 10.39 (512,
+# 3.5), 10.68 / 10.79 (1024, 4.6), 12.10 / 11.58 (2048, 5.8).
+SIDE_BY_SIDE_MAX_KEYS = 4
 
 
 def graphs_apply(runner) -> bool:
@@ -395,17 +401,21 @@ class GraphedSteps:
 
 
 def _blocks_apart(runner, phase: list[int], phase_cache: PromptCache | None) -> bool:
-    """Whether a windowed phase's steps can attend block by block (``BlockCache``): isolated
-    think blocks (no summary in the phase, which attends to all of them) over a cached prompt,
-    all with the same windows."""
+    """Whether a windowed phase's steps attend block by block (``BlockCache``): isolated think
+    blocks (no summary in the phase, which attends to all of them) over a cached prompt, all with
+    the same windows, and a prompt short enough that m copies of its keys stay cheap (see
+    ``SIDE_BY_SIDE_MAX_KEYS``)."""
     layout = runner.layout
-    return (
+    if not (
         runner.config.attention == "isolated"
         and phase_cache is not None
         and layout.num_think_blocks > 0
         and layout.summary_group not in phase
         and len({len(runner.windows[g]) for g in phase}) == 1
-    )
+    ):
+        return False
+    prompt, blocks = phase_cache.num_tokens, sum(end - start for start, end in (layout.blocks[g] for g in phase))
+    return len(phase) * prompt + blocks <= SIDE_BY_SIDE_MAX_KEYS * (prompt + blocks)
 
 
 def _empty_cache(like: torch.Tensor, cfg, batch: int, cached: int, reserve: int, seg_dtype) -> PromptCache:
