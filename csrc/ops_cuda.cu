@@ -104,17 +104,18 @@ struct LightState {
     gumbel(x, v, noise, temperature);
   }
 
-  // Eight logits from one 16-byte load at indices v0..v0+7. The top-2 bookkeeping runs per
-  // element only when the eight's maximum beats the running second best (rare after the first
-  // few loads); +inf (rarer) takes the per-element path.
+  // Eight logits from one 16-byte load at indices v0..v0+7. +inf (rare) takes the per-element
+  // path, whatever the state (two +inf seen make b2 +inf: the gate below would skip a third);
+  // otherwise the top-2 bookkeeping runs per element only when the eight's maximum beats the
+  // running second best (rare after the first few loads).
   __device__ __forceinline__ void push8(const float (&x)[8], int32_t v0, const double* noise, double temperature) {
     float top = fmaxf(fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3])), fmaxf(fmaxf(x[4], x[5]), fmaxf(x[6], x[7])));
-    if (top > b2) {
-      if (top == INFINITY) {
+    if (top == INFINITY) {
 #pragma unroll
-        for (int k = 0; k < 8; ++k) push(x[k], v0 + k, noise, temperature);
-        return;
-      }
+      for (int k = 0; k < 8; ++k) push(x[k], v0 + k, noise, temperature);
+      return;
+    }
+    if (top > b2) {
 #pragma unroll
       for (int k = 0; k < 8; ++k) top2(x[k], v0 + k);
     }

@@ -77,6 +77,30 @@ def test_score_ties_equal_rows_and_infinities(device, temperature):
     assert tokens[5] == -1 and conf[5] == 0.0
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_score_counts_every_inf_across_a_long_row(device, temperature):
+    """bf16 rows as long as LLaDA's vocabulary with three or four +inf logits, some far apart
+    (a GPU thread reads them in different loads after it has seen two): confidence 1/n_inf and
+    negative entropy -log(n_inf) count all of them."""
+    v = 126464
+    logits = torch.randn(4, v, generator=torch.Generator().manual_seed(0)) * 3
+    logits[0, [8, 9, 2056]] = float("inf")
+    logits[1, [8, 2056, 4104, 6152]] = float("inf")
+    logits[2, :] = float("inf")
+    logits[3, [5000, 90000, 126463]] = float("inf")
+    logits = logits.bfloat16()
+    noise = torch.rand(4, v, dtype=torch.float64) if temperature > 0 else None
+    args = [logits, torch.arange(4), 0, torch.tensor([2]), torch.zeros(4, dtype=torch.bool), temperature, noise]
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    _compare(tuple(args))
+    tokens, conf, _, neg_entropy = torch.ops.paradec.score(*args)
+    n_inf = torch.tensor([3, 4, v - 1, 3], dtype=torch.float32)  # row 2: every id but the mask id 0
+    torch.testing.assert_close(conf.cpu(), 1 / n_inf, rtol=1e-6, atol=0)
+    torch.testing.assert_close(neg_entropy.cpu(), -torch.log(n_inf), rtol=1e-6, atol=0)
+    assert tokens.tolist() == [8, 8, 1, 5000]
+
+
 def test_opcheck():
     args = _case(5, 300, torch.bfloat16, "cpu", 1, 0.7)
     torch.library.opcheck(torch.ops.paradec.score.default, args)

@@ -353,3 +353,65 @@ def test_a_long_prompt_keeps_the_masked_step(model, monkeypatch):
     many = dict(blocks=6, block_len=6, summary_len=4, window=3, tokens_per_step=2, cuda_graphs=True)
     paradec.generate(model, " ".join(["a b c d e f g h"] * 20), **many)
     assert built == [([0, 1, 2, 3, 4, 5], False), ([6], False)]
+
+
+def test_a_headerless_block_of_a_shifted_model_keeps_the_masked_step(model, monkeypatch):
+    """A shifted model (Dream) predicts a block's first token from the column before it; with
+    no header that is the prompt's last token, outside the block: such a phase keeps the masked
+    step, and decodes like the eager steps."""
+    from paradec import ops
+    from paradec.decoding import graphs, runner
+
+    if not ops.native_on(torch.device("cpu")):
+        pytest.skip("paradec._C is not built")
+    headers = model.think_header_ids
+    monkeypatch.setattr(model, "think_header_ids", lambda i: [] if i == 1 else headers(i))
+    settings = dict(blocks=3, block_len=12, summary_len=6, window=5, tokens_per_step=1)
+    eager = paradec.generate(model, PROMPTS, cuda_graphs=False, **settings)
+    built = []
+    build = graphs.GraphedSteps._build
+
+    def recording_build(self, phase_cache):
+        build(self, phase_cache)
+        built.append(self.per_block)
+
+    monkeypatch.setattr(graphs.GraphedSteps, "_build", recording_build)
+    monkeypatch.setattr(runner, "graphs_apply", lambda r: r.config.cuda_graphs and r.config.temperature == 0)
+    monkeypatch.setattr(graphs.GraphedSteps, "_capture", lambda self, body: _Uncaptured(body))
+    static = paradec.generate(model, PROMPTS, cuda_graphs=True, **settings)
+    assert built[0] == (not model.module.shift_logits)
+    assert [r.token_ids for r in static] == [r.token_ids for r in eager]
+    assert [r.trace for r in static] == [r.trace for r in eager]
+
+
+@pytest.mark.parametrize("case", ["prefix, periodic refresh", "unequal headers"])
+def test_blocks_side_by_side_in_other_layouts(model, case, monkeypatch):
+    """Side-by-side steps with a prefix cache and periodic refreshes, and with headers of
+    different lengths (one request: the bias masks the shorter blocks' empty slots) decode like
+    the eager steps."""
+    from paradec import ops
+    from paradec.decoding import graphs, runner
+
+    if not ops.native_on(torch.device("cpu")):
+        pytest.skip("paradec._C is not built")
+    settings = dict(blocks=3, block_len=10, summary_len=6, window=4, tokens_per_step=1)
+    if case == "unequal headers":
+        headers = model.think_header_ids
+        monkeypatch.setattr(model, "think_header_ids", lambda i: headers(i) * i)
+    else:
+        settings |= dict(cache="prefix", refresh_every=2)
+    eager = paradec.generate(model, PROMPTS[:1], cuda_graphs=False, **settings)
+    built = []
+    build = graphs.GraphedSteps._build
+
+    def recording_build(self, phase_cache):
+        build(self, phase_cache)
+        built.append((self.per_block, self.per_block and self.blocks.bias is not None))
+
+    monkeypatch.setattr(graphs.GraphedSteps, "_build", recording_build)
+    monkeypatch.setattr(runner, "graphs_apply", lambda r: r.config.cuda_graphs and r.config.temperature == 0)
+    monkeypatch.setattr(graphs.GraphedSteps, "_capture", lambda self, body: _Uncaptured(body))
+    static = paradec.generate(model, PROMPTS[:1], cuda_graphs=True, **settings)
+    assert built[0] == (True, case == "unequal headers")
+    assert [r.token_ids for r in static] == [r.token_ids for r in eager]
+    assert [r.trace for r in static] == [r.trace for r in eager]

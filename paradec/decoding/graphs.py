@@ -403,15 +403,19 @@ class GraphedSteps:
 def _blocks_apart(runner, phase: list[int], phase_cache: PromptCache | None) -> bool:
     """Whether a windowed phase's steps attend block by block (``BlockCache``): isolated think
     blocks (no summary in the phase, which attends to all of them) over a cached prompt, all with
-    the same windows, and a prompt short enough that m copies of its keys stay cheap (see
-    ``SIDE_BY_SIDE_MAX_KEYS``)."""
+    the same number of windows, and a prompt short enough that m copies of its keys stay cheap
+    (see ``SIDE_BY_SIDE_MAX_KEYS``). A shifted model also needs a header on every block: a
+    block's first token is predicted from the column before it, which must be in the block (with
+    no header it is the prompt's last token, whose state only the prompt cache holds)."""
     layout = runner.layout
+    headed = all(layout.bodies[g][0] > layout.blocks[g][0] for g in phase)
     if not (
         runner.config.attention == "isolated"
         and phase_cache is not None
         and layout.num_think_blocks > 0
         and layout.summary_group not in phase
         and len({len(runner.windows[g]) for g in phase}) == 1
+        and (headed or not runner.model.module.shift_logits)
     ):
         return False
     prompt, blocks = phase_cache.num_tokens, sum(end - start for start, end in (layout.blocks[g] for g in phase))
