@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 import paradec
+from paradec import GenerationConfig
 from paradec.answers import extract_gsm8k
 from paradec.api import build_layout, resolve_config
+from paradec.cli import add_generation_flags, generation_overrides
 from paradec.distributed import init_distributed, print0, teardown
 from paradec.metrics import global_arness, local_arness
 from paradec.plots import decode_order_png
@@ -39,31 +41,13 @@ def parse_args() -> argparse.Namespace:
     source.add_argument("--task-index", type=int, help="decode this held-out problem of the synthetic task "
                         "(the default, index 0, when no question is given)")
     p.add_argument("--gsm8k-file", type=Path, default=DEFAULT_GSM8K)
-    p.add_argument("--blocks", type=int, help="default: the model's own canvas, else 4")
-    p.add_argument("--block-len", type=int, help="default: the model's own canvas, else 64")
-    p.add_argument("--summary-len", type=int, help="default: the model's own canvas, else 64")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--tokens-per-step", type=int)
-    p.add_argument("--schedule", default="uniform", choices=["uniform", "linspace"])
-    p.add_argument("--policy", default="confidence")
-    p.add_argument("--threshold", type=float, default=0.9)
-    p.add_argument("--factor", type=float, default=1.0)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--attention", default="isolated", choices=["isolated", "canvas"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--window", type=int, help="decode each think block this many tokens at a time")
-    p.add_argument("--cache", choices=["none", "prefix", "dual"], help="with --window: what a step recomputes")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="run every step eagerly on a GPU")
     p.add_argument("--answerer", help="NAR→AR: a transformers causal LM directory that reads the blocks and answers")
     p.add_argument("--answer-tokens", type=int, default=64, help="with --answerer: the answer's token budget")
     p.add_argument("--with-summary", action="store_true", help="with --answerer: decode the summary too")
-    p.add_argument("--prompt-kv", default="auto", choices=["auto", "broadcast", "recompute"])
-    p.add_argument("--gather", default="tokens", choices=["tokens", "kv"])
-    p.add_argument("--rank-timeout-s", type=float, default=60.0)
-    p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--device", help="default: this rank's GPU, else the CPU")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--plot", type=Path, help="write the decode-order PNG here")
+    add_generation_flags(p)  # --blocks, --window, --tokens-per-step, --prompt-kv, ...: every GenerationConfig field
     return p.parse_args()
 
 
@@ -86,20 +70,13 @@ def question(args) -> tuple[str, str | None]:
 
 def main() -> None:
     args = parse_args()
-    env = init_distributed(args.device, timeout_s=max(120.0, 2 * args.rank_timeout_s))
+    overrides = generation_overrides(args)  # unset flags: the checkpoint's own settings
+    rank_timeout_s = overrides.get("rank_timeout_s", GenerationConfig().rank_timeout_s)
+    env = init_distributed(args.device, timeout_s=max(120.0, 2 * rank_timeout_s))
     try:
         model = paradec.load(args.model, device=env.device, dtype=DTYPES.get(args.dtype))
         prompt, gold = question(args)
-        given = dict(blocks=args.blocks, block_len=args.block_len, summary_len=args.summary_len, window=args.window,
-                     cache=args.cache)
-        config = resolve_config(
-            model, **{k: v for k, v in given.items() if v is not None},
-            steps=args.steps, tokens_per_step=args.tokens_per_step, schedule=args.schedule, policy=args.policy,
-            threshold=args.threshold, factor=args.factor, temperature=args.temperature, seed=args.seed,
-            attention=args.attention, prompt_kv=args.prompt_kv, gather=args.gather,
-            rank_timeout_s=args.rank_timeout_s, chat_template=not args.no_chat_template,
-            cuda_graphs=not args.no_cuda_graphs,
-        )
+        config = resolve_config(model, **overrides)
         answerer = None
         if args.answerer:
             from paradec.models.ar import ARModel
