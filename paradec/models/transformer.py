@@ -137,6 +137,14 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, sum(cfg.qkv_sizes), bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x: [B, T, d] -> rotated q [B, H, T, D], rotated k and v [B, Hkv, T, D]."""
+        b, t, _ = x.shape
+        heads = self.qkv_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H + 2 Hkv, T, D]
+        rotated = rotate(heads[:, : self.num_heads + self.num_kv_heads], cos, sin)  # q and k at once
+        q, k = rotated.split((self.num_heads, self.num_kv_heads), dim=1)
+        return q, k, heads[:, self.num_heads + self.num_kv_heads :]
+
     def forward(
         self,
         x: torch.Tensor,
@@ -154,10 +162,7 @@ class Attention(nn.Module):
         every slot of the buffer is a key and mask is [B, 1, T, C] (a static cache).
         Returns the output [B, T, d] and this call's own k/v [B, Hkv, T, D]."""
         b, t, _ = x.shape
-        heads = self.qkv_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H + 2 Hkv, T, D]
-        rotated = rotate(heads[:, : self.num_heads + self.num_kv_heads], cos, sin)  # q and k at once
-        q, k = rotated.split((self.num_heads, self.num_kv_heads), dim=1)
-        v = heads[:, self.num_heads + self.num_kv_heads :]
+        q, k, v = self._qkv(x, cos, sin)
         keys, values = k, v
         if slots is not None:
             past[0].index_copy_(2, slots, k)
@@ -187,10 +192,7 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         rows, hkv, d = kv.shape[1], self.num_kv_heads, self.head_dim
         s = t * b // rows
-        heads = self.qkv_proj(x).view(b, t, -1, d).transpose(1, 2)  # [B, H + 2 Hkv, T, D]
-        rotated = rotate(heads[:, : self.num_heads + hkv], cos, sin)
-        q, k = rotated.split((self.num_heads, hkv), dim=1)
-        v = heads[:, self.num_heads + hkv :]
+        q, k, v = self._qkv(x, cos, sin)
         for buffer, new in ((kv[0], k), (kv[1], v)):  # [B, Hkv, T, D] -> rows (b, block, query)
             buffer.view(-1, hkv, d).index_copy_(0, slots, new.transpose(1, 2).reshape(-1, hkv, d))
         q = q.reshape(b, self.num_heads, rows // b, s, d).transpose(1, 2).reshape(rows, self.num_heads, s, d)
