@@ -3,8 +3,9 @@
 // score: blocks of (row, split) stream a slice of the row each with 16-byte loads into per-thread
 // online-softmax states, merged by warp shuffles; a second kernel merges a row's slices and
 // writes its scores. The row is read once; probabilities are never written.
-// select_commit: one thread per candidate ranks it inside its segment (ties: lowest column) and
-// commits it in place. No host synchronisation in either, so a CUDA graph can capture a step.
+// select_commit: one thread per candidate ranks it inside its segment (ties: lowest column),
+// reading the candidates from shared-memory tiles, and commits it in place. No host
+// synchronisation in either, so a CUDA graph can capture a step.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -352,23 +353,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, cons
   return {tokens, conf, marg, negent};
 }
 
-__global__ void select_kernel(int64_t* __restrict__ canvas, int64_t* __restrict__ trace, int64_t C, int64_t N,
-                              const int64_t* __restrict__ b, const int64_t* __restrict__ col,
-                              const int64_t* __restrict__ key, const float* __restrict__ score,
-                              const float* __restrict__ conf, const int64_t* __restrict__ quota,
-                              const int64_t* __restrict__ floor_, const int64_t* __restrict__ tokens, int64_t rule,
-                              float param, int64_t step, bool* __restrict__ committed) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= N) return;
-  const int64_t k = key[i];
-  const float s = score[i];
-  const int64_t c = col[i];
-  int64_t rank = 0;
-  for (int64_t j = 0; j < N; ++j) {
-    if (key[j] != k || j == i) continue;
-    const float sj = score[j];
-    rank += (sj > s) || (sj == s && col[j] < c);
+// One thread per candidate; the block walks all candidates in tiles staged in shared memory.
+__global__ void __launch_bounds__(kThreads) select_kernel(
+    int64_t* __restrict__ canvas, int64_t* __restrict__ trace, int64_t C, int64_t N, const int64_t* __restrict__ b,
+    const int64_t* __restrict__ col, const int64_t* __restrict__ key, const float* __restrict__ score,
+    const float* __restrict__ conf, const int64_t* __restrict__ quota, const int64_t* __restrict__ floor_,
+    const int64_t* __restrict__ tokens, int64_t rule, float param, int64_t step, bool* __restrict__ committed) {
+  __shared__ int64_t tile_key[kThreads];
+  __shared__ int64_t tile_col[kThreads];
+  __shared__ float tile_score[kThreads];
+  const int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
+  const bool live = i < N;
+  const int64_t k = live ? key[i] : -1;
+  const float s = live ? score[i] : 0.f;
+  const int64_t c = live ? col[i] : 0;
+  int64_t rank = 0;  // candidates of the same segment ahead of this one
+  for (int64_t first = 0; first < N; first += kThreads) {
+    const int64_t j = first + threadIdx.x;
+    if (j < N) { tile_key[threadIdx.x] = key[j]; tile_col[threadIdx.x] = col[j]; tile_score[threadIdx.x] = score[j]; }
+    __syncthreads();
+    const int n = static_cast<int>(min(static_cast<int64_t>(kThreads), N - first));
+    for (int t = 0; t < n; ++t) {
+      const float sj = tile_score[t];
+      rank += (tile_key[t] == k) & (first + t != i) & ((sj > s) | ((sj == s) & (tile_col[t] < c)));
+    }
+    __syncthreads();
   }
+  if (!live) return;
   const bool ok = accepted(rule, param, rank, conf[i], quota[i], floor_[i]);
   committed[i] = ok;
   if (ok) {
@@ -387,9 +398,8 @@ Tensor select_commit_cuda(Tensor& canvas, Tensor& trace, const Tensor& batch_ind
   if (N == 0) return committed;
   auto b = batch_index.contiguous(), c = column.contiguous(), k = key.contiguous(), q = quota.contiguous(),
        f = floor.contiguous(), tok = tokens.contiguous(), sc = score.contiguous(), cf = confidence.contiguous();
-  const int threads = 256;
-  const int64_t blocks = (N + threads - 1) / threads;
-  select_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  const int64_t blocks = (N + kThreads - 1) / kThreads;
+  select_kernel<<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       canvas.data_ptr<int64_t>(), trace.data_ptr<int64_t>(), canvas.size(1), N, b.data_ptr<int64_t>(),
       c.data_ptr<int64_t>(), k.data_ptr<int64_t>(), sc.data_ptr<float>(), cf.data_ptr<float>(),
       q.data_ptr<int64_t>(), f.data_ptr<int64_t>(), tok.data_ptr<int64_t>(), rule, static_cast<float>(param), step,

@@ -50,8 +50,28 @@ def test_score_many_rows(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset, width", [(0, 126464), (1, 126464), (0, 126461)])
+def test_score_wide_rows_aligned_or_not(device, dtype, offset, width):
+    """LLaDA-wide rows, enough of them that a GPU block's slice is as wide as it gets, with barred
+    ids in the middle of slices. On Hopper, 2-byte rows at 16-byte-aligned addresses a multiple
+    of 8 wide take bulk copies; a one-column offset takes the streamed scalar loads, and a width
+    that is not a multiple of 8 the streamed 16-byte loads."""
+    n, v = 80, width
+    g = torch.Generator().manual_seed(11)
+    wide = (torch.randn(n, 126464 + 8, generator=g) * 4).to(dtype)
+    logits = wide[:, offset:offset + v]
+    rows = torch.randperm(n, generator=g)
+    stops = torch.tensor([7, 20000, 70001, v - 1])
+    bar = torch.arange(n) % 2 == 0
+    args = [logits, rows, 0, stops, bar, 0.0, None]
+    _compare(tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_score_ties_equal_rows_and_infinities(device, temperature):
+def test_score_ties_equal_rows_and_infinities(device, dtype, temperature):
     v = 3000
     logits = torch.randn(6, v)
     logits[0, [5, 17, 2500]] = 50.0  # planted tie at the top: the lowest index wins
@@ -62,6 +82,7 @@ def test_score_ties_equal_rows_and_infinities(device, temperature):
     logits[4, 7] = float("inf")
     logits[4, 0] = float("inf")  # +inf on the barred mask id does not count
     logits[5, :] = float("-inf")  # nothing allowed
+    logits = logits.to(dtype)  # the planted values are exact in bf16
     rows = torch.arange(6)
     noise = torch.rand(6, v, dtype=torch.float64) if temperature > 0 else None
     args = [logits, rows, 0, torch.tensor([9]), torch.tensor([False, False, True, False, False, False]),
@@ -99,6 +120,31 @@ def test_score_counts_every_inf_across_a_long_row(device, temperature):
     torch.testing.assert_close(conf.cpu(), 1 / n_inf, rtol=1e-6, atol=0)
     torch.testing.assert_close(neg_entropy.cpu(), -torch.log(n_inf), rtol=1e-6, atol=0)
     assert tokens.tolist() == [8, 8, 1, 5000]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [1, 255, 256, 700])
+@pytest.mark.parametrize("rule, param", [(0, 0.0), (1, 0.6), (2, 1.5)])
+def test_select_commit_matches_twin(device, n, rule, param):
+    """Candidates of a few segments spread over two canvas rows, more of them than a GPU block
+    ranks from one shared-memory tile, with tied scores (ties go to the lowest column)."""
+    g = torch.Generator().manual_seed(n + rule)
+    key = torch.randint(0, 5, (n,), generator=g)
+    batch = key % 2
+    column = torch.randperm(2 * n, generator=g)[:n]
+    score = torch.randint(0, 8, (n,), generator=g).float() / 8  # many ties
+    quota = torch.bincount(key, minlength=5).clamp(max=3)[key]
+    floor = torch.ones(n, dtype=torch.long)
+    outputs = []
+    for impl in (torch.ops.paradec.select_commit, ops.select_commit_twin):
+        canvas, trace = torch.zeros(2, 2 * n, dtype=torch.long), torch.full((2, 2 * n), -1)
+        args = [canvas, trace, batch, column, key, score, score, quota, floor, torch.arange(n) + 10, rule, param, 4]
+        args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+        committed = impl(*args)
+        outputs.append((committed.cpu(), args[0].cpu(), args[1].cpu()))
+    for got, want in zip(*outputs):
+        assert torch.equal(got, want)
+    assert outputs[0][0].any()
 
 
 def test_opcheck():
