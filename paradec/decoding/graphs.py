@@ -190,10 +190,12 @@ class GraphedSteps:
             self.refresh_cols = torch.zeros(width, dtype=torch.long, device=device)
             self.refresh_valid = torch.zeros(width, dtype=torch.bool, device=device)
             _fill(self.refresh_cols, self.refresh_valid, columns)
-            kept = len(columns) - min(len(self._step_columns(k)) for k in range(windows))
-            self.keep_index = torch.zeros(kept, dtype=torch.long, device=device)
-            self.keep_valid = torch.zeros(kept, dtype=torch.bool, device=device)
-            cached = base + kept
+            cached = base
+            if not self.per_block:  # side by side, the BlockCache holds what the refresh keeps
+                kept = len(columns) - min(len(self._step_columns(k)) for k in range(windows))
+                self.keep_index = torch.zeros(kept, dtype=torch.long, device=device)
+                self.keep_valid = torch.zeros(kept, dtype=torch.bool, device=device)
+                cached = base + kept
             if phase_cache is not None:
                 self.phase_cache = _empty_cache(kv_like, cfg, b, base, width, phase_cache.segments.dtype)
         else:
