@@ -146,6 +146,96 @@ struct LightState {
   }
 };
 
+// The state of a greedy row's hot loop over 16-byte loads of 2-byte logits, kept branch-free in
+// the common case so that a warp's lanes stay together (LightState's top-2 and rebase branches
+// left ~20 of 32 lanes active at N = 256, per ncu). The softmax base mL moves only when a logit
+// would exceed it by kSlack in base 2, so 2^(x log2 e - mL) stays below 2^kSlack; and the top-2 is
+// kept per chunk: the best chunk's 16 bytes and first index, b1 its maximum, and b2 the largest
+// maximum of the other chunks. lane() resolves them to the lowest index holding b1 and the true
+// second best once, at the end.
+template <typename scalar_t>
+struct GreedyState {
+  static constexpr float kSlack = 64.f;
+  float mL, limit, s, t, b1, b2;  // limit = (mL + kSlack) / log2(e): a logit above it moves the base
+  uint4 best;
+  int32_t best_v0, n_inf, first_inf;
+
+  __device__ __forceinline__ void init() {
+    mL = -INFINITY; limit = -INFINITY; s = 0.f; t = 0.f; b1 = -INFINITY; b2 = -INFINITY;
+    best = make_uint4(0u, 0u, 0u, 0u); best_v0 = -1; n_inf = 0; first_inf = -1;
+  }
+
+  // x: the chunk's logits as floats (barred ones -inf); raw: its bytes; v0: its first index.
+  __device__ __forceinline__ void push(const float (&x)[8], const uint4& raw, int32_t v0) {
+    const float top = fmaxf(fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3])), fmaxf(fmaxf(x[4], x[5]), fmaxf(x[6], x[7])));
+    if (top == INFINITY) {  // rare: from now on only the +inf count matters (finish_scores)
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        if (x[k] == INFINITY) {
+          if (n_inf == 0) first_inf = v0 + k;
+          ++n_inf;
+        }
+      }
+      return;
+    }
+    if (top > limit) {  // rare: the first finite logit, or one far above the base
+      const float top_l = top * kLog2e;
+      if (s > 0.f) {
+        const float shift = mL - top_l;  // < 0
+        const float scale = exp2_approx(shift);
+        t = scale * fmaf(shift, s, t);
+        s *= scale;
+      }
+      mL = top_l;
+      limit = (top_l + kSlack) / kLog2e;
+    }
+    const bool new_best = top > b1;  // ties keep the earlier (lower) chunk
+    b2 = fmaxf(b2, new_best ? b1 : top);
+    b1 = new_best ? top : b1;
+    best = new_best ? raw : best;
+    best_v0 = new_best ? v0 : best_v0;
+    if (mL > -INFINITY) {  // false only while every logit so far is -inf
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float d = fmaf(x[k], kLog2e, -mL);
+        const float e = exp2_approx(d);  // 0 for -inf
+        s += e;
+        t = fmaf(e, fmaxf(d, -150.f), t);  // keeps 0 * -inf out
+      }
+    }
+  }
+
+  __device__ __forceinline__ LaneState lane(const int32_t* barred, int num_barred, bool mine) const {
+    LaneState st;
+    st.n_inf = n_inf; st.first_inf = first_inf; st.g = -HUGE_VAL; st.gi = -1;
+    st.m = b1; st.b1 = b1; st.b2 = b2; st.i1 = -1;
+    if (best_v0 >= 0) {  // the lowest index holding b1, and the best chunk's own second best
+      const scalar_t* vals = reinterpret_cast<const scalar_t*>(&best);
+      int32_t at = -1;
+      float second = -INFINITY;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        float x = to_float(vals[k]);
+        if (mine) {
+          for (int j = 0; j < num_barred; ++j) x = barred[j] == best_v0 + k ? -INFINITY : x;
+        }
+        if (x == b1 && at < 0) at = k; else second = fmaxf(second, x);
+      }
+      st.i1 = best_v0 + at;
+      st.b2 = fmaxf(b2, second);
+    }
+    if (s > 0.f) {  // the sums against the exact maximum b1, in natural-log units
+      const float r = fmaf(b1, kLog2e, -mL);  // in [0, kSlack]
+      const float c = exp2f(-r);
+      st.s = s * c;
+      st.t = c * kLn2 * fmaf(-r, s, t);
+    } else {
+      st.s = 0.f; st.t = 0.f;
+    }
+    return st;
+  }
+};
+
 // Merges the states of a warp's lanes; every lane ends with the merged state.
 template <bool kSampled>
 __device__ __forceinline__ void warp_merge(LaneState& st) {
@@ -182,7 +272,9 @@ __device__ __forceinline__ ScoreState to_memory(const LaneState& st) {
 // barred id check for it, the others never do. Lanes merge by warp shuffles, warps through
 // shared memory.
 template <typename scalar_t, bool kSampled>
-__global__ void __launch_bounds__(kThreads) score_partial_kernel(
+// Greedy 2-byte rows: at most 40 registers, so that 6 blocks share an SM (the 47 registers the
+// compiler would take leave 5, measured slower at N = 256 on the H100).
+__global__ void __launch_bounds__(kThreads, kSampled || sizeof(scalar_t) > 2 ? 1 : 6) score_partial_kernel(
     const scalar_t* __restrict__ logits, int64_t stride, int64_t V, int64_t span, const int64_t* __restrict__ rows,
     int64_t mask_id, const int64_t* __restrict__ stops, int num_stops, const bool* __restrict__ bar_stop,
     double temperature, const double* __restrict__ noise, ScoreState* __restrict__ partial) {
@@ -207,6 +299,7 @@ __global__ void __launch_bounds__(kThreads) score_partial_kernel(
   const double* nz = kSampled ? noise + i * V : nullptr;
   LightState<kSampled> st;
   st.init();
+  LaneState total;
   if (aligned && kVec == 8) {  // bf16 / fp16: eight logits per load
     const int32_t step = blockDim.x;
     bool mine = false;  // does one of this thread's chunks hold a barred id?
@@ -214,10 +307,8 @@ __global__ void __launch_bounds__(kThreads) score_partial_kernel(
       const int32_t at = barred[k] - begin;
       mine |= at >= 0 && at < end - begin && (at / kVec) % step == tid;
     }
-    auto fold = [&](const uint4& raw, int32_t c) {
+    auto logits8 = [&](const uint4& raw, int32_t v0, float (&x)[8]) {
       const scalar_t* vals = reinterpret_cast<const scalar_t*>(&raw);
-      const int32_t v0 = begin + c * kVec;
-      float x[8];
 #pragma unroll
       for (int k = 0; k < 8; ++k) x[k] = to_float(vals[k]);
       if (mine) {
@@ -226,14 +317,29 @@ __global__ void __launch_bounds__(kThreads) score_partial_kernel(
           if (at < 8u) x[at] = -INFINITY;
         }
       }
-      st.push8(x, v0, nz, temperature);
     };
     // The next load is requested before the current one is folded (one or two in flight: more
     // measured slower on the H100). Streaming loads (__ldcs): every logit is read once.
-    for (int32_t c = tid; c < chunks; c += step) {
-      const uint4 next = c + step < chunks ? __ldcs(vec + c + step) : current;
-      fold(current, c);
-      current = next;
+    if constexpr (!kSampled && kVec == 8) {
+      GreedyState<scalar_t> greedy;
+      greedy.init();
+      for (int32_t c = tid; c < chunks; c += step) {
+        const uint4 next = c + step < chunks ? __ldcs(vec + c + step) : current;
+        float x[8];
+        logits8(current, begin + c * kVec, x);
+        greedy.push(x, current, begin + c * kVec);
+        current = next;
+      }
+      total = greedy.lane(barred, num_barred, mine);
+    } else {
+      for (int32_t c = tid; c < chunks; c += step) {
+        const uint4 next = c + step < chunks ? __ldcs(vec + c + step) : current;
+        float x[8];
+        logits8(current, begin + c * kVec, x);
+        st.push8(x, begin + c * kVec, nz, temperature);
+        current = next;
+      }
+      total = st.lane();
     }
   } else {
     auto visit = [&](float x, int32_t v) {
@@ -250,8 +356,8 @@ __global__ void __launch_bounds__(kThreads) score_partial_kernel(
     } else {
       for (int32_t v = begin + tid; v < end; v += blockDim.x) visit(to_float(row[v]), v);
     }
+    total = st.lane();
   }
-  LaneState total = st.lane();
   warp_merge<kSampled>(total);
   const int warp = tid / 32, lane = tid % 32;
   if (lane == 0) warp_states[warp] = total;
@@ -297,6 +403,23 @@ __global__ void score_finish_kernel(const scalar_t* __restrict__ logits, int64_t
   tokens[i] = token; confidence[i] = c; margin[i] = m; neg_entropy[i] = e;
 }
 
+// Blocks per row: the fewest splits (slices at least 4096 wide where the row allows, at most 64)
+// whose N * splits blocks fill the GPU's `slots` resident blocks in waves at least 85% full on
+// average; else the fullest. A partial last wave leaves SMs idle while the rest of the row's
+// blocks finish, and every extra split costs a block's fixed work and a partial state.
+int row_splits(int64_t N, int64_t V, int64_t slots) {
+  const int64_t widest = std::max<int64_t>(1, std::min<int64_t>(64, V / 4096));
+  int64_t best = 1;
+  double best_fill = 0.0;
+  for (int64_t s = 1; s <= widest; ++s) {
+    const int64_t blocks = N * s;
+    const double fill = static_cast<double>(blocks) / (static_cast<double>((blocks + slots - 1) / slots) * slots);
+    if (fill >= 0.85) return static_cast<int>(s);
+    if (fill > best_fill) { best = s; best_fill = fill; }
+  }
+  return static_cast<int>(best);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, const Tensor& rows, int64_t mask_id,
                                                       const Tensor& stop_ids, const Tensor& bar_stop,
                                                       double temperature, const c10::optional<Tensor>& noise) {
@@ -315,39 +438,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, cons
   auto stops = stop_ids.contiguous();
   auto bar = bar_stop.contiguous();
   Tensor noise_c = temperature > 0 ? noise->contiguous() : Tensor();
-  // Split each row so that the grid fills the GPU (about 4 blocks per SM), slices >= 4096 wide
-  // and a multiple of 16 elements (16-byte loads stay aligned).
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t max_splits = std::max<int64_t>(1, std::min<int64_t>(64, V / 4096));
-  int splits = static_cast<int>(std::min<int64_t>((4 * sms + N - 1) / N, max_splits));
-  splits = std::max(1, std::min(splits, 64));
-  const int64_t span = ((V + splits - 1) / splits + 15) / 16 * 16;
-  splits = static_cast<int>((V + span - 1) / span);
-  auto partial = at::empty({N * splits * static_cast<int64_t>(sizeof(ScoreState))}, logits.options().dtype(at::kByte));
-  auto* states = reinterpret_cast<ScoreState*>(partial.data_ptr<uint8_t>());
   auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(splits));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "paradec_score_cuda", [&] {
     const scalar_t* base = logits.data_ptr<scalar_t>();
+    const bool sampled = temperature > 0;
+    const auto partial_kernel = sampled ? score_partial_kernel<scalar_t, true> : score_partial_kernel<scalar_t, false>;
+    const auto finish_kernel = sampled ? score_finish_kernel<scalar_t, true> : score_finish_kernel<scalar_t, false>;
+    int blocks_per_sm = 1;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, partial_kernel, kThreads, 0));
+    int splits = row_splits(N, V, static_cast<int64_t>(std::max(1, blocks_per_sm)) * sms);
+    const int64_t span = ((V + splits - 1) / splits + 15) / 16 * 16;  // 16-byte loads stay aligned
+    splits = static_cast<int>((V + span - 1) / span);
+    auto partial =
+        at::empty({N * splits * static_cast<int64_t>(sizeof(ScoreState))}, logits.options().dtype(at::kByte));
+    auto* states = reinterpret_cast<ScoreState*>(partial.data_ptr<uint8_t>());
+    const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(splits));
+    partial_kernel<<<grid, kThreads, 0, stream>>>(base, logits.stride(0), V, span, rows_c.data_ptr<int64_t>(), mask_id,
+                                                  stops.data_ptr<int64_t>(), static_cast<int>(stops.size(0)),
+                                                  bar.data_ptr<bool>(), temperature,
+                                                  sampled ? noise_c.data_ptr<double>() : nullptr, states);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int finish_threads = 256, rows_per_block = finish_threads / 32;
     const auto finish_blocks = static_cast<unsigned>((N + rows_per_block - 1) / rows_per_block);
-    if (temperature > 0) {
-      score_partial_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
-          base, logits.stride(0), V, span, rows_c.data_ptr<int64_t>(), mask_id, stops.data_ptr<int64_t>(),
-          static_cast<int>(stops.size(0)), bar.data_ptr<bool>(), temperature, noise_c.data_ptr<double>(), states);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      score_finish_kernel<scalar_t, true><<<finish_blocks, finish_threads, 0, stream>>>(
-          base, logits.stride(0), rows_c.data_ptr<int64_t>(), states, N, splits, tokens.data_ptr<int64_t>(),
-          conf.data_ptr<float>(), marg.data_ptr<float>(), negent.data_ptr<float>());
-    } else {
-      score_partial_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
-          base, logits.stride(0), V, span, rows_c.data_ptr<int64_t>(), mask_id, stops.data_ptr<int64_t>(),
-          static_cast<int>(stops.size(0)), bar.data_ptr<bool>(), temperature, nullptr, states);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      score_finish_kernel<scalar_t, false><<<finish_blocks, finish_threads, 0, stream>>>(
-          base, logits.stride(0), rows_c.data_ptr<int64_t>(), states, N, splits, tokens.data_ptr<int64_t>(),
-          conf.data_ptr<float>(), marg.data_ptr<float>(), negent.data_ptr<float>());
-    }
+    finish_kernel<<<finish_blocks, finish_threads, 0, stream>>>(
+        base, logits.stride(0), rows_c.data_ptr<int64_t>(), states, N, splits, tokens.data_ptr<int64_t>(),
+        conf.data_ptr<float>(), marg.data_ptr<float>(), negent.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {tokens, conf, marg, negent};

@@ -69,6 +69,25 @@ def test_score_wide_rows_aligned_or_not(device, dtype, offset, width):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_score_rows_far_above_their_first_logits(device, dtype):
+    """Rows whose running maximum keeps climbing far past the first logits a GPU thread saw
+    (its softmax base moves only when a logit exceeds it by a wide margin), falling ones, and
+    wide random spreads: scores equal the twin's."""
+    v = 126464
+    g = torch.Generator().manual_seed(3)
+    logits = torch.stack([
+        torch.linspace(-20, 600, v),  # climbing by ~0.005 a logit: the maximum is the last one
+        torch.linspace(600, -20, v),  # falling
+        torch.linspace(-60000, 60000, v),  # climbing by ~1 a logit, within fp16's range
+        torch.randn(v, generator=g) * 100,
+        torch.where(torch.rand(v, generator=g) < 0.5, -torch.inf, torch.randn(v, generator=g) * 50),
+    ]).to(dtype)
+    args = [logits, torch.arange(5), 0, torch.tensor([3]), torch.ones(5, dtype=torch.bool), 0.0, None]
+    _compare(tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_score_ties_equal_rows_and_infinities(device, dtype, temperature):
