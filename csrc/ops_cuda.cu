@@ -15,6 +15,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <array>
+#include <atomic>
+
 #include "check.h"
 #include "rules.h"
 #include "score_state.h"
@@ -403,6 +406,23 @@ __global__ void score_finish_kernel(const scalar_t* __restrict__ logits, int64_t
   tokens[i] = token; confidence[i] = c; margin[i] = m; neg_entropy[i] = e;
 }
 
+// Blocks of score_partial_kernel<scalar_t, kSampled> an SM of `device` holds at once, asked of the
+// runtime once per device.
+template <typename scalar_t, bool kSampled>
+int resident_blocks(int device) {
+  static std::array<std::atomic<int>, 64> known{};  // 0: not asked yet
+  PARADEC_CHECK(device >= 0 && device < 64, "paradec::score: CUDA device index ", device, " is outside [0, 64)");
+  std::atomic<int>& slot = known[static_cast<size_t>(device)];
+  int blocks = slot.load(std::memory_order_relaxed);
+  if (blocks == 0) {
+    C10_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, score_partial_kernel<scalar_t, kSampled>, kThreads, 0));
+    blocks = std::max(1, blocks);
+    slot.store(blocks, std::memory_order_relaxed);
+  }
+  return blocks;
+}
+
 // Blocks per row: the fewest splits (slices at least 4096 wide where the row allows, at most 64)
 // whose N * splits blocks fill the GPU's `slots` resident blocks in waves at least 85% full on
 // average; else the fullest. A partial last wave leaves SMs idle while the rest of the row's
@@ -445,9 +465,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, cons
     const bool sampled = temperature > 0;
     const auto partial_kernel = sampled ? score_partial_kernel<scalar_t, true> : score_partial_kernel<scalar_t, false>;
     const auto finish_kernel = sampled ? score_finish_kernel<scalar_t, true> : score_finish_kernel<scalar_t, false>;
-    int blocks_per_sm = 1;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, partial_kernel, kThreads, 0));
-    int splits = row_splits(N, V, static_cast<int64_t>(std::max(1, blocks_per_sm)) * sms);
+    const int blocks_per_sm = sampled ? resident_blocks<scalar_t, true>(logits.get_device())
+                                      : resident_blocks<scalar_t, false>(logits.get_device());
+    int splits = row_splits(N, V, static_cast<int64_t>(blocks_per_sm) * sms);
     const int64_t span = ((V + splits - 1) / splits + 15) / 16 * 16;  // 16-byte loads stay aligned
     splits = static_cast<int>((V + span - 1) / span);
     auto partial =
