@@ -149,27 +149,24 @@ struct LightState {
   }
 };
 
-// The state of a greedy row's hot loop over 16-byte loads of 2-byte logits, kept branch-free in
-// the common case so that a warp's lanes stay together (LightState's top-2 and rebase branches
-// left ~20 of 32 lanes active at N = 256, per ncu). The softmax base mL moves only when a logit
-// would exceed it by kSlack in base 2, so 2^(x log2 e - mL) stays below 2^kSlack; and the top-2 is
-// kept per chunk: the best chunk's 16 bytes and first index, b1 its maximum, and b2 the largest
-// maximum of the other chunks. lane() resolves them to the lowest index holding b1 and the true
-// second best once, at the end.
+// The state of a greedy row's hot loop over 16-byte loads of 2-byte logits, with no data-dependent
+// branch in the common case, so that a warp's lanes stay together (LightState's top-2 and rebase
+// branches left ~20 of 32 lanes active at N = 256, per ncu). The softmax base follows the running
+// maximum through a rescale by 2^(old - new) every chunk (by 1 when it did not move), and the
+// top-2 is kept per 16-byte chunk: the best chunk's first index, b1 its maximum, and b2 the
+// largest maximum of the other chunks. lane() resolves them to the lowest index holding b1 and
+// the true second best once, at the end, from the best chunk's 16 bytes.
 template <typename scalar_t>
 struct GreedyState {
-  static constexpr float kSlack = 64.f;
-  float mL, limit, s, t, b1, b2;  // limit = (mL + kSlack) / log2(e): a logit above it moves the base
-  uint4 best;
+  float mL, s, t, b1, b2;  // mL = b1 * log2(e), rounded: the base of s and t (base 2)
   int32_t best_v0, n_inf, first_inf;
 
   __device__ __forceinline__ void init() {
-    mL = -INFINITY; limit = -INFINITY; s = 0.f; t = 0.f; b1 = -INFINITY; b2 = -INFINITY;
-    best = make_uint4(0u, 0u, 0u, 0u); best_v0 = -1; n_inf = 0; first_inf = -1;
+    mL = -INFINITY; s = 0.f; t = 0.f; b1 = -INFINITY; b2 = -INFINITY; best_v0 = -1; n_inf = 0; first_inf = -1;
   }
 
-  // x: the chunk's logits as floats (barred ones -inf); raw: its bytes; v0: its first index.
-  __device__ __forceinline__ void push(const float (&x)[8], const uint4& raw, int32_t v0) {
+  // x: the chunk's logits as floats (barred ones -inf); v0: its first index.
+  __device__ __forceinline__ void push(const float (&x)[8], int32_t v0) {
     const float top = fmaxf(fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3])), fmaxf(fmaxf(x[4], x[5]), fmaxf(x[6], x[7])));
     if (top == INFINITY) {  // rare: from now on only the +inf count matters (finish_scores)
 #pragma unroll
@@ -181,23 +178,17 @@ struct GreedyState {
       }
       return;
     }
-    if (top > limit) {  // rare: the first finite logit, or one far above the base
-      const float top_l = top * kLog2e;
-      if (s > 0.f) {
-        const float shift = mL - top_l;  // < 0
-        const float scale = exp2_approx(shift);
-        t = scale * fmaf(shift, s, t);
-        s *= scale;
-      }
-      mL = top_l;
-      limit = (top_l + kSlack) / kLog2e;
-    }
     const bool new_best = top > b1;  // ties keep the earlier (lower) chunk
     b2 = fmaxf(b2, new_best ? b1 : top);
     b1 = new_best ? top : b1;
-    best = new_best ? raw : best;
     best_v0 = new_best ? v0 : best_v0;
-    if (mL > -INFINITY) {  // false only while every logit so far is -inf
+    if (b1 > -INFINITY) {  // false only while every logit so far is -inf
+      const float base = b1 * kLog2e;
+      const float shift = mL - base;  // <= 0; -inf before the first finite logit
+      const float scale = exp2_approx(shift);
+      t = scale * fmaf(fmaxf(shift, -150.f), s, t);
+      s *= scale;
+      mL = base;
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
         const float d = fmaf(x[k], kLog2e, -mL);
@@ -208,12 +199,14 @@ struct GreedyState {
     }
   }
 
-  __device__ __forceinline__ LaneState lane(const int32_t* barred, int num_barred, bool mine) const {
+  __device__ __forceinline__ LaneState lane(const scalar_t* row, const int32_t* barred, int num_barred,
+                                            bool mine) const {
     LaneState st;
     st.n_inf = n_inf; st.first_inf = first_inf; st.g = -HUGE_VAL; st.gi = -1;
     st.m = b1; st.b1 = b1; st.b2 = b2; st.i1 = -1;
     if (best_v0 >= 0) {  // the lowest index holding b1, and the best chunk's own second best
-      const scalar_t* vals = reinterpret_cast<const scalar_t*>(&best);
+      const uint4 chunk = *reinterpret_cast<const uint4*>(row + best_v0);  // read again: fewer registers
+      const scalar_t* vals = reinterpret_cast<const scalar_t*>(&chunk);
       int32_t at = -1;
       float second = -INFINITY;
 #pragma unroll
@@ -228,7 +221,7 @@ struct GreedyState {
       st.b2 = fmaxf(b2, second);
     }
     if (s > 0.f) {  // the sums against the exact maximum b1, in natural-log units
-      const float r = fmaf(b1, kLog2e, -mL);  // in [0, kSlack]
+      const float r = fmaf(b1, kLog2e, -mL);  // b1 * log2(e) - mL, exact
       const float c = exp2f(-r);
       st.s = s * c;
       st.t = c * kLn2 * fmaf(-r, s, t);
@@ -330,10 +323,10 @@ __global__ void __launch_bounds__(kThreads, kSampled || sizeof(scalar_t) > 2 ? 1
         const uint4 next = c + step < chunks ? __ldcs(vec + c + step) : current;
         float x[8];
         logits8(current, begin + c * kVec, x);
-        greedy.push(x, current, begin + c * kVec);
+        greedy.push(x, begin + c * kVec);
         current = next;
       }
-      total = greedy.lane(barred, num_barred, mine);
+      total = greedy.lane(row, barred, num_barred, mine);
     } else {
       for (int32_t c = tid; c < chunks; c += step) {
         const uint4 next = c + step < chunks ? __ldcs(vec + c + step) : current;

@@ -87,6 +87,25 @@ def test_score_rows_far_above_their_first_logits(device, dtype):
     _compare(tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
 
 
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])
+@pytest.mark.parametrize("n", [1024, 4096])
+def test_score_entropy_of_a_peaked_row_after_a_low_start(device, n):
+    """A bf16 row whose first GPU thread starts far below the row's maximum and then sees the
+    maximum and thousands of logits 16 below it, addressed often enough that a block reads the
+    whole row: the negative entropy (about -1e-3) is a small difference of large sums, and a
+    softmax base left far below the maximum loses it (found in review). GPU only: the CPU kernel
+    does not split rows, and the twin over 4096 rows of 126,464 is heavy on a CPU."""
+    v = 126464
+    row = torch.full((v,), -100.0)
+    starts = torch.arange(0, v, 2048)
+    row[(starts[:, None] + torch.arange(8)).reshape(-1)] = -16.0
+    row[1:8] = -44.0
+    row[2048] = 0.0
+    logits = row[None].to(torch.bfloat16)
+    args = [logits, torch.zeros(n, dtype=torch.long), 0, torch.tensor([3]), torch.zeros(n, dtype=torch.bool), 0.0, None]
+    _compare(tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
