@@ -50,6 +50,19 @@ __device__ __forceinline__ float exp2_approx(float x) {  // 2^x, flushing result
 
 using LaneState = BasicScoreState<int32_t>;
 
+// ScoreState's sums (natural log, against the exact maximum m) from base-2 sums s and t kept
+// against mL = m * log2(e) rounded; the rounding cancels out.
+__device__ __forceinline__ void natural_sums(float m, float mL, float s, float t, LaneState& st) {
+  if (s > 0.f) {
+    const float r = fmaf(m, kLog2e, -mL);  // m * log2(e) - mL, exact
+    const float c = exp2f(-r);
+    st.s = s * c;
+    st.t = c * kLn2 * fmaf(-r, s, t);
+  } else {
+    st.s = 0.f; st.t = 0.f;
+  }
+}
+
 // The hot loop's state. The softmax sums are kept in base 2 against mL = m * log2(e) rounded
 // once (s = sum 2^(x log2 e - mL), t = sum of those times their exponent), so each logit costs
 // one FMA, one ex2, an add and an FMA; `lane()` turns them back into ScoreState's natural-log
@@ -137,14 +150,7 @@ struct LightState {
   __device__ __forceinline__ LaneState lane() const {
     LaneState st;
     st.m = m; st.b1 = b1; st.i1 = i1; st.b2 = b2; st.n_inf = n_inf; st.first_inf = first_inf; st.g = g; st.gi = gi;
-    if (s > 0.f) {
-      const float r = fmaf(m, kLog2e, -mL);  // m * log2(e) - mL, exact
-      const float c = exp2f(-r);
-      st.s = s * c;
-      st.t = c * kLn2 * fmaf(-r, s, t);
-    } else {
-      st.s = 0.f; st.t = 0.f;
-    }
+    natural_sums(m, mL, s, t, st);
     return st;
   }
 };
@@ -220,14 +226,7 @@ struct GreedyState {
       st.i1 = best_v0 + at;
       st.b2 = fmaxf(b2, second);
     }
-    if (s > 0.f) {  // the sums against the exact maximum b1, in natural-log units
-      const float r = fmaf(b1, kLog2e, -mL);  // b1 * log2(e) - mL, exact
-      const float c = exp2f(-r);
-      st.s = s * c;
-      st.t = c * kLn2 * fmaf(-r, s, t);
-    } else {
-      st.s = 0.f; st.t = 0.f;
-    }
+    natural_sums(b1, mL, s, t, st);
     return st;
   }
 };
