@@ -165,6 +165,7 @@ void check_score_args(const Tensor& logits, const Tensor& rows, const Tensor& st
   PARADEC_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16 ||
                   logits.scalar_type() == at::kHalf,
               "paradec::score: logits must be float32, bfloat16 or float16, got ", logits.scalar_type());
+  PARADEC_CHECK(logits.size(1) >= 1, "paradec::score: logits must have V >= 1 columns, got ", dims(logits));
   PARADEC_CHECK(logits.stride(1) == 1, "paradec::score: logits rows must be contiguous");
   PARADEC_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "paradec::score: rows must be [N] int64, got ",
               dims(rows), " ", rows.scalar_type());

@@ -201,6 +201,7 @@ def test_opcheck():
     [
         ({0: torch.zeros(3, 10, dtype=torch.long)}, "logits must be float32, bfloat16 or float16"),
         ({0: torch.zeros(10)}, r"logits must be \[R, V\]"),
+        ({0: torch.zeros(3, 0)}, r"logits must have V >= 1 columns, got \[3, 0\]"),
         ({1: torch.zeros(2)}, r"rows must be \[N\] int64"),
         ({1: torch.tensor([0, 7])}, r"rows\[1\] = 7 is outside \[0, 3\)"),
         ({4: torch.zeros(3, dtype=torch.bool)}, r"bar_stop must be \[N\] bool with N = rows.size\(0\) = 2"),
