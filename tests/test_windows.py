@@ -214,6 +214,14 @@ class _Uncaptured:
         self.replay = None
 
 
+def _skip_without_native_ops() -> None:
+    """The graph step bodies call paradec's native ops (the CI builds them)."""
+    from paradec import ops
+
+    if not ops.native_on(torch.device("cpu")):
+        pytest.skip("paradec._C is not built")
+
+
 def _graph_bodies_on_cpu(monkeypatch) -> list:
     """Makes generate() run the CUDA-graph step bodies here, uncaptured; returns the list that
     records each GraphedSteps built: (phase, per_block, whether its BlockCache has a bias)."""
@@ -236,11 +244,9 @@ def _graph_bodies_on_cpu(monkeypatch) -> list:
 def test_static_steps_equal_eager_steps(model, case, monkeypatch):
     """The static-shape steps that CUDA graphs replay, run here without capture (each replay
     calls the step body): same tokens, trace and step count as the eager steps."""
-    from paradec import ops
     from paradec.decoding import graphs
 
-    if not ops.native_on(torch.device("cpu")):
-        pytest.skip("paradec._C is not built")
+    _skip_without_native_ops()
     settings = STATIC_CASES[case]
     eager = paradec.generate(model, PROMPTS, cuda_graphs=False, **settings)
     _graph_bodies_on_cpu(monkeypatch)
@@ -326,10 +332,7 @@ def test_blocks_side_by_side_equal_the_masked_steps(model, prompts, monkeypatch)
     """Windowed isolated think blocks step side by side, each over its own keys (BlockCache:
     no mask for one request, a bias for padded prompts); the summary keeps the masked step.
     Same tokens, trace and steps as the eager steps."""
-    from paradec import ops
-
-    if not ops.native_on(torch.device("cpu")):
-        pytest.skip("paradec._C is not built")
+    _skip_without_native_ops()
     settings = dict(blocks=3, block_len=10, summary_len=6, window=4, tokens_per_step=2)
     eager = paradec.generate(model, prompts, cuda_graphs=False, **settings)
     built = _graph_bodies_on_cpu(monkeypatch)
@@ -352,10 +355,7 @@ def test_a_headerless_block_of_a_shifted_model_keeps_the_masked_step(model, monk
     """A shifted model (Dream) predicts a block's first token from the column before it; with
     no header that is the prompt's last token, outside the block: such a phase keeps the masked
     step, and decodes like the eager steps."""
-    from paradec import ops
-
-    if not ops.native_on(torch.device("cpu")):
-        pytest.skip("paradec._C is not built")
+    _skip_without_native_ops()
     headers = model.think_header_ids
     monkeypatch.setattr(model, "think_header_ids", lambda i: [] if i == 1 else headers(i))
     settings = dict(blocks=3, block_len=12, summary_len=6, window=5, tokens_per_step=1)
@@ -372,10 +372,7 @@ def test_blocks_side_by_side_in_other_layouts(model, case, monkeypatch):
     """Side-by-side steps with a prefix cache and periodic refreshes, and with headers of
     different lengths (one request: the bias masks the shorter blocks' empty slots) decode like
     the eager steps."""
-    from paradec import ops
-
-    if not ops.native_on(torch.device("cpu")):
-        pytest.skip("paradec._C is not built")
+    _skip_without_native_ops()
     settings = dict(blocks=3, block_len=10, summary_len=6, window=4, tokens_per_step=1)
     if case == "unequal headers":
         headers = model.think_header_ids
