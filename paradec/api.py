@@ -11,6 +11,7 @@ from paradec import hybrid
 from paradec.answers import extract_answer
 from paradec.canvas import CanvasLayout, canvas_layout
 from paradec.config import GenerationConfig
+from paradec.decoding.kept import kept_runner
 from paradec.decoding.runner import Runner
 from paradec.distributed import canvas as distributed_canvas
 from paradec.distributed.env import current_env
@@ -106,7 +107,7 @@ def generate(
         output, placement, rank_timings = spread.output, spread.placement, spread.rank_timings
     elif _REUSE.acquire(blocking=False):
         try:
-            output = _local_runner(model, config, layout, encoded, summary).run(on_step=on_step)
+            output = kept_runner(model, config, layout, encoded, summary=None if summary else False).run(on_step=on_step)
         finally:
             _REUSE.release()
     else:  # another thread is decoding with the kept runner
@@ -152,25 +153,6 @@ def _text(model: DiffusionModel, ids: list[int]) -> str:
     if model.tokenizer is None:
         raise InputError("an answerer reads text: give string prompts or a model with a tokenizer")
     return model.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def _local_runner(model: DiffusionModel, config: GenerationConfig, layout: CanvasLayout,
-                  prompts: list[list[int]], summary: bool = True) -> Runner:
-    """A new runner; or, where steps replay as CUDA graphs, the last one made for this model,
-    config and batch shape, reset in place so that its graphs are not captured again."""
-    weight = model.module.embed.weight  # graphs hold the addresses of these weights
-    key = (config, len(prompts), max(map(len, prompts)), weight.data_ptr(), weight.dtype, weight.device, summary)
-    kept = getattr(model, "_graphed_runner", None)
-    if kept is not None and kept[0] == key:
-        kept[1].reset(prompts)
-        return kept[1]
-    if kept is not None:
-        kept[1].release()  # one at a time: its buffers hold a KV cache
-        model._graphed_runner = None
-    runner = Runner(model, config, layout, prompts, summary=None if summary else False)
-    if runner.graphs is not None:
-        model._graphed_runner = (key, runner)
-    return runner
 
 
 def resolve_config(model: DiffusionModel, config: GenerationConfig | None = None, **overrides) -> GenerationConfig:

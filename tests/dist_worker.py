@@ -16,12 +16,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world_size: int, target, args: tuple, timeout_s: float = 120.0) -> list[int]:
+def launch(world_size: int, target, args: tuple, timeout_s: float = 120.0, device: str = "cpu") -> list[int]:
     """Runs ``target(rank, world_size, *args)`` in ``world_size`` processes wired as a torchrun
-    job would be; returns their exit codes (None if one had to be killed)."""
+    job would be (gloo on the CPU, NCCL with ``device="cuda"``: one GPU per rank); returns their
+    exit codes (None if one had to be killed)."""
     port = free_port()
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_entry, args=(rank, world_size, port, target, args)) for rank in range(world_size)]
+    procs = [ctx.Process(target=_entry, args=(rank, world_size, port, target, args, device)) for rank in range(world_size)]
     for p in procs:
         p.start()
     for p in procs:
@@ -37,7 +38,7 @@ def launch(world_size: int, target, args: tuple, timeout_s: float = 120.0) -> li
     return codes
 
 
-def _entry(rank, world_size, port, target, args):
+def _entry(rank, world_size, port, target, args, device):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
     import torch
@@ -45,7 +46,7 @@ def _entry(rank, world_size, port, target, args):
     torch.set_num_threads(1)
     from paradec.distributed import init_distributed, teardown
 
-    init_distributed(device="cpu", timeout_s=60)
+    init_distributed(device=device, timeout_s=60)
     try:
         target(rank, world_size, *args)
     finally:
@@ -67,6 +68,29 @@ def run_scenarios(rank, world_size, model_dir, scenarios, out_dir):
             results.append(None)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
+
+
+def run_counting_captures(rank, world_size, model_dir, requests, config, out_dir):
+    """Greedy requests on CUDA (fp32), one after another; each rank writes how many graph sets
+    it captured, rank 0 also the tokens."""
+    import torch
+
+    import paradec
+    from paradec.decoding import runner
+
+    captures = []
+    original = runner.GraphedSteps.__init__
+
+    def counting(self, *args, **kwargs):
+        captures.append(True)
+        original(self, *args, **kwargs)
+
+    runner.GraphedSteps.__init__ = counting
+    model = paradec.load(model_dir, device="cuda", dtype=torch.float32)
+    outs = [paradec.generate(model, prompts, **config) for prompts in requests]
+    tokens = None if outs[0] is None else [[(r.token_ids, r.trace) for r in out] for out in outs]
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"captures": len(captures), "tokens": tokens}, f)
 
 
 def run_expecting_errors(rank, world_size, model_dir, scenarios, out_dir):

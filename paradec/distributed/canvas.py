@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from paradec.canvas import CanvasLayout
 from paradec.config import GenerationConfig
+from paradec.decoding.kept import kept_runner
 from paradec.decoding.runner import DecodeOutput, Runner
 from paradec.distributed import prompt_kv
 from paradec.distributed.env import DistEnv
@@ -89,7 +90,7 @@ def _decode(model, config, layout, prompts, env: DistEnv, guard: Guard, with_sum
     _check_agreement(model, config, prompts, env)
     placement = Placement.plan(layout.num_think_blocks, env.world_size)
     mine = list(placement.blocks_of_rank[env.rank])
-    local = Runner(model, config, layout, prompts, think_blocks=mine, summary=False)
+    local = kept_runner(model, config, layout, prompts, think_blocks=mine, summary=False)
     timings = {"rank": env.rank, "blocks": mine}
 
     how = config.prompt_kv
@@ -119,7 +120,7 @@ def _decode(model, config, layout, prompts, env: DistEnv, guard: Guard, with_sum
     if env.rank == SUMMARY_RANK:
         first_step = int(trace.max()) + 1
         if with_summary:
-            summary = Runner(model, config, layout, prompts, think_blocks=[], summary=True)
+            summary = kept_runner(model, config, layout, prompts, think_blocks=[], summary=True)
             cache_for_summary = cache if blocks_kv is None else blocks_kv
             output = summary.run(cache=cache_for_summary, start=(canvas, trace, first_step))
         else:

@@ -1,0 +1,81 @@
+"""Kept runners: a request of the same shape reuses the runner (and its CUDA graphs); any other
+request, or another role, gets its own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import paradec
+from paradec.api import build_layout, encode_prompt, resolve_config
+from paradec.decoding import kept, runner
+
+from tiny import tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root, _, _ = tiny_checkpoint(tmp_path_factory.mktemp("llada"), "llada", seed=12)
+    return paradec.load(root)
+
+
+def _make(model, prompts, **settings):
+    config = resolve_config(model, **settings)
+    layout = build_layout(model, config)
+    return config, layout, [encode_prompt(model, p, config, layout) for p in prompts]
+
+
+def test_runners_without_graphs_are_never_kept(model):
+    config, layout, ids = _make(model, ["a b c"], blocks=2, block_len=4, summary_len=2)
+    first = kept.kept_runner(model, config, layout, ids)
+    assert first.graphs is None
+    assert kept.kept_runner(model, config, layout, ids) is not first
+
+
+def test_same_shape_reuses_other_shapes_and_roles_do_not(model, monkeypatch):
+    monkeypatch.setattr(runner, "graphs_apply", lambda r: True)  # pretend: CUDA graphs would apply
+    monkeypatch.setattr(model, "_kept_runners", {}, raising=False)
+    config, layout, ids = _make(model, ["a b c", "d e f"], blocks=3, block_len=4, summary_len=2)
+    first = kept.kept_runner(model, config, layout, ids, think_blocks=[0, 1], summary=False)
+    _, _, other_ids = _make(model, ["c b a", "f e d"], blocks=3, block_len=4, summary_len=2)
+    again = kept.kept_runner(model, config, layout, other_ids, think_blocks=[0, 1], summary=False)
+    assert again is first
+    assert again.prompt_ids.tolist() == [list(map(int, i)) for i in other_ids]  # reset in place
+
+    summary = kept.kept_runner(model, config, layout, ids, think_blocks=[], summary=True)
+    assert summary is not first  # the summary role has its own runner...
+    assert kept.kept_runner(model, config, layout, ids, think_blocks=[0, 1], summary=False) is first  # ...and keeps it
+
+    released = []
+    monkeypatch.setattr(first, "release", lambda: released.append(True))
+    assert kept.kept_runner(model, config, layout, ids, think_blocks=[2], summary=False) is not first  # other blocks
+    assert released == [True]  # the one it replaced gave its buffers back
+    longer = kept.kept_runner(model, config, layout, [ids[0] + [5], ids[1]], think_blocks=[2], summary=False)
+    assert longer.prompt_ids.shape[1] == len(ids[0]) + 1
+    other_config, other_layout, _ = _make(model, ["a b c"], blocks=3, block_len=4, summary_len=2, seed=9)
+    assert kept.kept_runner(model, other_config, other_layout, ids, think_blocks=[2], summary=False) is not longer
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_generate_captures_once_and_each_request_equals_a_fresh_run(tmp_path, monkeypatch):
+    root, _, _ = tiny_checkpoint(tmp_path, "llada", seed=13)
+    model = paradec.load(root, device="cuda", dtype=torch.float32)
+    captures = []
+    original = runner.GraphedSteps.__init__
+
+    def counting(self, *args, **kwargs):
+        captures.append(True)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(runner.GraphedSteps, "__init__", counting)
+    settings = dict(blocks=3, block_len=8, summary_len=4, tokens_per_step=2)
+    requests = [["the 3 + 4 is ?", "a b c d"], ["a b c d e", "4 + 3"], ["one", "two three"]]
+    outs = [paradec.generate(model, r, **settings) for r in requests]
+    assert all("graphs" in out[0].timings for out in outs)
+    lengths = {max(map(len, _make(model, r, **settings)[2])) for r in requests}
+    assert len(captures) == 2 * len(lengths)  # think and summary phases, once per prompt length
+    for r, out in zip(requests, outs):
+        fresh = paradec.generate(model, r, cuda_graphs=False, **settings)
+        assert [x.token_ids for x in out] == [x.token_ids for x in fresh]
+        assert [x.trace for x in out] == [x.trace for x in fresh]
