@@ -219,16 +219,30 @@ def _check_agreement(model: DiffusionModel, config: GenerationConfig, prompts: l
 
 
 def _fingerprints(model: DiffusionModel, config: GenerationConfig, prompts: list[list[int]]) -> dict[str, str]:
-    probe = []
-    for name, param in model.module.named_parameters():
-        flat = param.detach().reshape(-1)
-        probe.append(f"{name}:{tuple(param.shape)}:{float(flat[:4096].double().sum()):.10e}")
     digest = lambda text: hashlib.sha256(text.encode()).hexdigest()  # noqa: E731
     return {
-        "model": digest(repr(model.spec) + repr(model.module.cfg) + "|".join(probe)),
+        "model": _model_fingerprint(model),
         "config": digest(json.dumps(asdict(config), sort_keys=True)),
         "prompts": digest(json.dumps(prompts)),
     }
+
+
+def _model_fingerprint(model: DiffusionModel) -> str:
+    """A digest of the shapes and the first 4096 values of every weight (one device sync per
+    weight, so not on every call): kept on the model until a weight is replaced or written in
+    place, as torch's version counters see it."""
+    params = list(model.module.named_parameters())
+    versions = tuple((param.data_ptr(), param._version) for _, param in params)
+    kept = getattr(model, "_fingerprint", None)
+    if kept is not None and kept[0] == versions:
+        return kept[1]
+    probe = []
+    for name, param in params:
+        flat = param.detach().reshape(-1)
+        probe.append(f"{name}:{tuple(param.shape)}:{float(flat[:4096].double().sum()):.10e}")
+    text = repr(model.spec) + repr(model.module.cfg) + "|".join(probe)
+    model._fingerprint = (versions, hashlib.sha256(text.encode()).hexdigest())
+    return model._fingerprint[1]
 
 
 class _Clock:

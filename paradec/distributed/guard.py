@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from paradec.errors import ParadecError
 
-_POLL_S = 0.02
+_POLL_S = 0.02  # the longest wait between looks at the store; the first looks come sooner
+_FIRST_POLL_S = 1e-4
 
 
 class RankFailure(ParadecError, RuntimeError):
@@ -78,6 +79,7 @@ class Guard:
         """Wait until every rank reaches ``checkpoint``, or fail naming the rank that won't."""
         self.store.set(self._key(f"{checkpoint}/{self.rank}"), "1")
         seen: dict[int, tuple[int, float]] = {}
+        pause = _FIRST_POLL_S  # ranks usually arrive within a millisecond of each other: look again soon
         while True:
             self.check()
             missing = [r for r in range(self.world_size) if not self.store.check([self._key(f"{checkpoint}/{r}")])]
@@ -94,7 +96,8 @@ class Guard:
                         f"rank {r} stopped responding: no heartbeat for {self.timeout_s:.0f} s while the "
                         f"others waited at {checkpoint!r} (killed, hung or disconnected)"
                     )
-            time.sleep(_POLL_S)
+            time.sleep(pause)
+            pause = min(2 * pause, _POLL_S)
 
 
 def _client(timeout_s: float):
