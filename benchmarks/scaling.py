@@ -84,7 +84,9 @@ def shared_prompt_kv(model, env, prompt: list[int], how: str, repeats: int) -> f
     for i in range(repeats + 1):
         dist.barrier()
         t0 = synced()
-        cache = prompt_kv.share(model, env, ids, lengths, how, reserve=0)
+        cache = prompt_kv.prefill(model, env, ids, lengths, how, reserve=0)
+        if how == "broadcast":
+            cache = prompt_kv.broadcast(model, env, cache, ids, lengths, reserve=0)
         elapsed = torch.tensor([synced() - t0], dtype=torch.float64, device=env.device)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         del cache
@@ -156,7 +158,7 @@ def main() -> None:
                "spread_first_s": spread["first_s"], "spread_phases_s": spread["phases_s"],
                "rank_timings": spread["rank_timings"], "steps": spread["steps"]}
         phases = spread["phases_s"]
-        row["moving_share"] = (phases["prompt_kv"] + phases["gather"]) / phases["total"]
+        row["moving_share"] = (phases["broadcast"] + phases["gather"]) / phases["total"]
         if alone:
             batched, one = alone["batched"], alone["one_block"]
             row |= {"batched_s": batched["wall_s"], "one_block_s": one["wall_s"],
@@ -193,10 +195,12 @@ def main() -> None:
                   f"{r.get('batched_s', float('nan')) * 1e3:>10.1f} {r.get('one_block_s', float('nan')) * 1e3:>10.1f} "
                   f"{r.get('efficiency', float('nan')):>5.3f} {r.get('think_efficiency', float('nan')):>9.3f} "
                   f"{r['moving_share'] * 100:>8.2f} {str(r.get('identical_to_one_gpu', '-')):>5}")
-        print(f"\n{'prompt':>6} {'broadcast ms':>12} {'recompute ms':>12} {'chosen':>10} {'chosen/better':>13}")
+        print(f"\n{'prompt':>6} {'broadcast ms':>12} {'recompute ms':>12} {'predicted b/r ms':>17} {'chosen':>10} "
+              f"{'chosen/better':>13}")
         for r in kv_rows:
+            predicted = f"{r['predicted_broadcast_s'] * 1e3:.2f}/{r['predicted_recompute_s'] * 1e3:.2f}"
             print(f"{r['prompt_len']:>6} {r['broadcast_s'] * 1e3:>12.2f} {r['recompute_s'] * 1e3:>12.2f} "
-                  f"{r['chosen']:>10} {r['chosen_over_better']:>13.3f}")
+                  f"{predicted:>17} {r['chosen']:>10} {r['chosen_over_better']:>13.3f}")
         emit_json({"benchmark": "scaling", **info, "model": args.model, "tiny": args.tiny, "ranks": m,
                    "note": NOTE, "rows": [{k: v for k, v in r.items() if k != "rank_timings"} for r in rows],
                    "prompt_kv": kv_rows})

@@ -108,9 +108,9 @@ def report(model, config, prompt, gold, result, plot) -> None:
     print0(f"answer: {result.answer}{verdict}")
     t = result.timings
     print0(f"steps {result.steps}, NFE {result.nfe}; seconds: " +
-           ", ".join(f"{k} {t[k]:.3f}" for k in ("prefill", "prompt_kv", "think", "gather", "summary", "total") if k in t))
+           ", ".join(f"{k} {t[k]:.3f}" for k in ("prefill", "broadcast", "think", "blocks_kv", "gather", "summary", "total") if k in t))
     for r in result.rank_timings or []:
-        phases = ", ".join(f"{k} {r[k]:.3f}" for k in ("broadcast", "recompute", "think", "gather", "summary") if k in r)
+        phases = ", ".join(f"{k} {r[k]:.3f}" for k in ("prefill", "broadcast", "think", "blocks_kv", "wait", "gather", "summary") if k in r)
         print0(f"  rank {r['rank']} blocks {r['blocks']} forwards {r['forwards']}: {phases}")
     print0(f"Global ARness@1 {global_arness(result.trace):.3f}, Local ARness@1 {local_arness(result.trace):.3f}")
     if plot:

@@ -109,3 +109,22 @@ def test_a_failing_rank_does_not_hang_the_others(model_dir, tmp_path, fault):
         assert json.loads((tmp_path / "rank1.json").read_text())["error"] == "ValueError: planted failure"
     else:
         assert codes[1] == 9
+
+
+@pytest.mark.parametrize("non_owner_per_token, expected", [(1e-5, "recompute"), (2e-5, "broadcast")])
+def test_prompt_kv_cost_model(monkeypatch, non_owner_per_token, expected):
+    """Broadcast = the owner's prefill + the transfer; recompute = the slowest rank's prefill.
+    Identical ranks recompute; a rank twice as slow as the owner makes broadcasting cheaper."""
+    import torch
+
+    from paradec.distributed import prompt_kv
+    from paradec.distributed.env import DistEnv
+
+    rates = prompt_kv._Rates(link_bytes_per_s=1e9, prefill=[(0.01, 1e-5), (0.01, non_owner_per_token)])
+    monkeypatch.setattr(prompt_kv, "_measure", lambda model, env: rates)
+    monkeypatch.setattr(prompt_kv, "kv_bytes_per_token", lambda model: 1000)
+    env = DistEnv(rank=1, local_rank=1, world_size=2, device=torch.device("cpu"), backend="gloo")
+    costs = prompt_kv.estimate(object(), env, 2048)
+    assert costs.broadcast_s == pytest.approx(0.01 + 1e-5 * 2048 + 2048 * 1000 / 1e9)
+    assert costs.recompute_s == pytest.approx(0.01 + non_owner_per_token * 2048)
+    assert costs.choice == expected

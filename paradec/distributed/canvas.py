@@ -102,18 +102,26 @@ def _decode(model, config, layout, prompts, env: DistEnv, guard: Guard, with_sum
     if how == "broadcast":
         guard.meet("prompt-kv")
     clock.start()
-    cache = prompt_kv.share(model, env, local.prompt_ids, local.prompt_lens, how, reserve=layout.length)
-    timings[how] = clock.lap()
+    cache = prompt_kv.prefill(model, env, local.prompt_ids, local.prompt_lens, how, reserve=layout.length)
+    timings["prefill"] = clock.lap()
+    if how == "broadcast":
+        cache = prompt_kv.broadcast(model, env, cache, local.prompt_ids, local.prompt_lens, reserve=layout.length)
+        timings["broadcast"] = clock.lap()
 
     forwards = 0
     if mine:
         out = local.run(cache=cache, should_abort=guard.check)
         forwards = out.nfe
     timings |= {"think": clock.lap(), "forwards": forwards}
+    own_kv = None
+    if config.gather == "kv":  # before the meeting: every rank computes its blocks' KV at once
+        own_kv = _own_blocks_kv(model, local, cache, placement, env, layout)
+        timings["blocks_kv"] = clock.lap()
 
     guard.meet("gather")
+    timings["wait"] = clock.lap()  # for the slowest rank
     canvas, trace = _gather_tokens(local, env)
-    blocks_kv = _gather_kv(model, local, cache, placement, env, layout) if config.gather == "kv" else None
+    blocks_kv = _gather_kv(local, cache, own_kv, placement, env, layout) if config.gather == "kv" else None
     timings["gather"] = clock.lap()
 
     output = None
@@ -135,12 +143,17 @@ def _decode(model, config, layout, prompts, env: DistEnv, guard: Guard, with_sum
     result = None
     if output is not None:
         output.canvas, output.trace = output.canvas.cpu(), output.trace.cpu()  # travels as an object
-        # The critical path: the slowest rank's thinking, then rank 0's gather and summary.
+        # The critical path: the slowest rank's prefill, thinking and blocks' KV; rank 0's
+        # broadcast, gather and summary. What moves between ranks: broadcast and gather.
+        slowest = lambda key: max(t.get(key, 0.0) for t in rank_timings)  # noqa: E731
+        mine = rank_timings[SUMMARY_RANK]
         output.timings = {
-            "prompt_kv": rank_timings[SUMMARY_RANK][how],
-            "think": max(t["think"] for t in rank_timings),
-            "gather": rank_timings[SUMMARY_RANK]["gather"],
-            "summary": rank_timings[SUMMARY_RANK]["summary"],
+            "prefill": slowest("prefill"),
+            "broadcast": mine.get("broadcast", 0.0),
+            "think": slowest("think"),
+            "blocks_kv": slowest("blocks_kv"),
+            "gather": mine["gather"],
+            "summary": mine["summary"],
             "total": clock.since(started),
         }
         result = DistributedOutput(output, placement.as_dict() | {"prompt_kv": how, "gather": config.gather},
@@ -166,35 +179,41 @@ def _gather_tokens(local: Runner, env: DistEnv) -> tuple[torch.Tensor, torch.Ten
     return canvas, trace
 
 
-def _gather_kv(model: DiffusionModel, local: Runner, cache: PromptCache, placement: Placement, env: DistEnv,
-               layout: CanvasLayout) -> PromptCache | None:
-    """Each rank computes its blocks' KV (exact under ``isolated``: a block sees the prompt and
-    itself) and sends it to rank 0, which lays the prompt KV and all blocks' KV end to end."""
-    p = cache.num_tokens
-    spans = [(layout.blocks[b[0]][0], layout.blocks[b[-1]][1]) if b else None for b in placement.blocks_of_rank]
-    mine = spans[env.rank]
-    tail = None
-    if mine is not None:
-        cols = slice(*mine)
-        extended = model.module.extend(cache, local.canvas[:, cols], local.positions[:, cols],
-                                       local.segments[:, cols], "isolated")
-        tail = extended.kv[..., p:, :].contiguous()  # [L, 2, B, Hkv, T_rank, D]
+def _own_blocks_kv(model: DiffusionModel, local: Runner, cache: PromptCache, placement: Placement, env: DistEnv,
+                   layout: CanvasLayout) -> torch.Tensor | None:
+    """This rank's blocks' KV (exact under ``isolated``: a block sees the prompt and itself),
+    [L, 2, B, Hkv, T_rank, D]; None for a rank without blocks."""
+    span = _spans(placement, layout)[env.rank]
+    if span is None:
+        return None
+    cols = slice(*span)
+    extended = model.module.extend(cache, local.canvas[:, cols], local.positions[:, cols], local.segments[:, cols],
+                                   "isolated")
+    return extended.kv[..., cache.num_tokens:, :].contiguous()
+
+
+def _gather_kv(local: Runner, cache: PromptCache, own_kv: torch.Tensor | None, placement: Placement,
+               env: DistEnv, layout: CanvasLayout) -> PromptCache | None:
+    """Every rank sends its blocks' KV to rank 0, which lays the prompt KV and all blocks' KV
+    end to end (a cache for the summary)."""
+    spans = _spans(placement, layout)
     if env.rank != SUMMARY_RANK:
-        if tail is not None:
-            dist.send(tail, dst=SUMMARY_RANK)
+        if own_kv is not None:
+            dist.send(own_kv, dst=SUMMARY_RANK)
         return None
     tails = []
     for rank, span in enumerate(spans):
         if span is None:
             continue
         if rank == SUMMARY_RANK:
-            tails.append(tail)
+            tails.append(own_kv)
             continue
         shape = list(cache.kv.shape)
         shape[4] = span[1] - span[0]
         received = cache.kv.new_empty(shape)
         dist.recv(received, src=rank)
         tails.append(received)
+    p = cache.num_tokens
     end = layout.blocks[layout.num_think_blocks - 1][1]
     reserve = layout.length - end
     kv = cache.kv.new_empty(*cache.kv.shape[:4], p + end + reserve, cache.kv.shape[5])
@@ -202,6 +221,11 @@ def _gather_kv(model: DiffusionModel, local: Runner, cache: PromptCache, placeme
     kv[..., p : p + end, :] = torch.cat(tails, dim=4)
     segments = torch.cat((cache.segments, local.segments[:, :end]), dim=1)
     return PromptCache(kv=kv, segments=segments, lengths=cache.lengths, last_hidden=cache.last_hidden)
+
+
+def _spans(placement: Placement, layout: CanvasLayout) -> list[tuple[int, int] | None]:
+    """Each rank's canvas columns: from its first block's start to its last block's end."""
+    return [(layout.blocks[b[0]][0], layout.blocks[b[-1]][1]) if b else None for b in placement.blocks_of_rank]
 
 
 def _check_agreement(model: DiffusionModel, config: GenerationConfig, prompts: list[list[int]], env: DistEnv) -> None:

@@ -1,13 +1,18 @@
 """Getting the prompt KV to every rank: broadcast from the summary owner, or recompute locally.
 
-Cost model (``choose``): broadcasting moves ``prompt tokens × KV bytes per token`` over the
-link; recomputing costs a prefill of ``2 × parameters × prompt tokens`` FLOPs. Both rates are
-measured once per process on first use: the link by timing broadcasts of a 16 MiB tensor, the
-compute by timing a forward of the model itself over a 128-token prompt (so the figure includes
-attention and launch overheads). The cheaper one wins. An 8B MHA model's KV is 0.5 MiB per
-token: a 2k-token prompt is ~1 GiB, ~7 ms over NVLink-class links but ~80 ms of prefill FLOPs
-at 400 TFLOP/s, so GPUs broadcast; CPU ranks with gloo over loopback and small models usually
-recompute.
+Either way the ranks start thinking when the slowest one holds the cache. Broadcasting: the
+owner prefills, then sends ``prompt tokens × KV bytes per token`` while the others wait.
+Recomputing: every rank prefills at once. On identical idle GPUs recomputing is never slower,
+since the owner's prefill happens either way; broadcasting wins when another rank prefills
+slower than the owner by more than the transfer takes (a slower or busier GPU), and it spares
+the other ranks the prefill's compute. An 8B MHA model's KV is 0.5 MiB per token: a 2k-token
+prompt is ~1 GiB, a few ms over NVLink-class links against tens of ms of prefill.
+
+Cost model (``estimate``): measured once per process on first use, on every rank at once — the
+link, by timing broadcasts of a 16 MiB tensor from the owner; each rank's prefill, as a fixed
+cost plus a cost per token, from timed prefills of this model over 128 and 512 tokens.
+Predicted: broadcast = the owner's prefill + bytes / link rate; recompute = the slowest rank's
+prefill. The cheaper one wins.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from paradec.distributed.env import DistEnv
 from paradec.distributed.placement import SUMMARY_RANK
 from paradec.models.attention import PAD, PROMPT
 from paradec.models.loading import DiffusionModel
-from paradec.models.transformer import PromptCache, count_parameters
+from paradec.models.transformer import PromptCache
 
 CHOICES = ("auto", "broadcast", "recompute")
-_MEASURED: dict[str, float] = {}
+_PROBE_TOKENS = (128, 512)
+_MEASURED: dict[str, "_Rates"] = {}
 
 
 @dataclass(frozen=True)
@@ -39,20 +45,31 @@ class Costs:
         return "broadcast" if self.broadcast_s < self.recompute_s else "recompute"
 
 
+@dataclass(frozen=True)
+class _Rates:
+    link_bytes_per_s: float
+    prefill: list[tuple[float, float]]  # per rank: (fixed seconds, seconds per token)
+
+    def prefill_s(self, rank: int, tokens: int) -> float:
+        fixed, per_token = self.prefill[rank]
+        return fixed + per_token * tokens
+
+
 def kv_bytes_per_token(model: DiffusionModel) -> int:
     cfg = model.module.cfg
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
 
 
 def estimate(model: DiffusionModel, env: DistEnv, prompt_tokens: int) -> Costs:
-    """Predicted seconds for both ways; every rank computes the same numbers (rank 0's
-    measurements are shared), so every rank makes the same choice."""
-    link_bps, flops = _measure(model, env)
-    flops_needed = 2 * count_parameters(model.module) * prompt_tokens
-    return Costs(prompt_tokens * kv_bytes_per_token(model) / link_bps, flops_needed / flops)
+    """Predicted seconds until every rank holds the prompt KV, both ways; every rank computes
+    the same numbers from the same gathered measurements, so every rank makes the same choice."""
+    rates = _measure(model, env)
+    transfer = prompt_tokens * kv_bytes_per_token(model) / rates.link_bytes_per_s
+    slowest = max(rates.prefill_s(r, prompt_tokens) for r in range(env.world_size))
+    return Costs(rates.prefill_s(SUMMARY_RANK, prompt_tokens) + transfer, slowest)
 
 
-def _measure(model: DiffusionModel, env: DistEnv) -> tuple[float, float]:
+def _measure(model: DiffusionModel, env: DistEnv) -> _Rates:
     key = f"{env.device}:{model.dtype}"
     if key not in _MEASURED:
         payload = torch.empty(16 << 20, dtype=torch.uint8, device=env.device)
@@ -63,30 +80,48 @@ def _measure(model: DiffusionModel, env: DistEnv) -> tuple[float, float]:
             dist.broadcast(payload, src=SUMMARY_RANK)
             _sync(env)
             times.append(time.perf_counter() - t0)
-        link = payload.numel() / statistics.median(times[1:])
-        prompt = torch.zeros(1, 128, dtype=torch.long, device=env.device)
-        lengths = torch.tensor([128], device=env.device)
-        model.prefill(prompt, lengths, check_inputs=False)  # warm-up
+        link = torch.tensor([payload.numel() / statistics.median(times[1:])], dtype=torch.float64, device=env.device)
+        dist.broadcast(link, src=SUMMARY_RANK)  # the owner's view of the link, for every rank
+        short, long = (_prefill_seconds(model, env, n) for n in _PROBE_TOKENS)
+        per_token = max(long - short, 0.0) / (_PROBE_TOKENS[1] - _PROBE_TOKENS[0])
+        mine = torch.tensor([short - per_token * _PROBE_TOKENS[0], per_token], dtype=torch.float64,
+                            device=env.device)
+        every = [torch.empty_like(mine) for _ in range(env.world_size)]
+        dist.all_gather(every, mine)
+        _MEASURED[key] = _Rates(float(link), [(float(t[0]), float(t[1])) for t in every])
+    return _MEASURED[key]
+
+
+def _prefill_seconds(model: DiffusionModel, env: DistEnv, tokens: int) -> float:
+    """Median of three timed prefills of ``tokens`` tokens, after a warm-up."""
+    prompt = torch.zeros(1, tokens, dtype=torch.long, device=env.device)
+    lengths = torch.tensor([tokens], device=env.device)
+    times = []
+    for i in range(4):
         _sync(env)
         t0 = time.perf_counter()
         model.prefill(prompt, lengths, check_inputs=False)
         _sync(env)
-        flops = 2 * count_parameters(model.module) * 128 / (time.perf_counter() - t0)
-        rates = torch.tensor([link, flops], dtype=torch.float64, device=env.device)
-        dist.broadcast(rates, src=SUMMARY_RANK)  # one answer for every rank
-        _MEASURED[key] = float(rates[0]), float(rates[1])
-    return _MEASURED[key]
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
-def share(model: DiffusionModel, env: DistEnv, prompt_ids: torch.Tensor, lengths: torch.Tensor,
-          how: str, reserve: int) -> PromptCache:
-    """The prompt cache on every rank. ``how``: broadcast or recompute (already chosen)."""
-    if how == "recompute":
+def prefill(model: DiffusionModel, env: DistEnv, prompt_ids: torch.Tensor, lengths: torch.Tensor, how: str,
+            reserve: int) -> PromptCache | None:
+    """This rank's own prefill: every rank's when recomputing, the owner's alone when
+    broadcasting (None elsewhere: ``broadcast`` fills it in)."""
+    if how == "recompute" or env.rank == SUMMARY_RANK:
         return model.prefill(prompt_ids, lengths, reserve=reserve)
+    return None
+
+
+def broadcast(model: DiffusionModel, env: DistEnv, cache: PromptCache | None, prompt_ids: torch.Tensor,
+              lengths: torch.Tensor, reserve: int) -> PromptCache:
+    """The owner's prompt cache (``cache`` there) on every rank, ``reserve`` free columns after it."""
     cfg = model.module.cfg
     b, p = prompt_ids.shape
     if env.rank == SUMMARY_RANK:
-        cache = model.prefill(prompt_ids, lengths, reserve=reserve)
         prefix = cache.kv[..., :p, :].contiguous()
         last = cache.last_hidden.contiguous()
     else:
