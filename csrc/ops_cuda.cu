@@ -353,6 +353,9 @@ __global__ void __launch_bounds__(kThreads, kSampled || sizeof(scalar_t) > 2 ? 1
     }
     total = st.lane();
   }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");  // the finish kernel may be scheduled now
+#endif
   warp_merge<kSampled>(total);
   const int warp = tid / 32, lane = tid % 32;
   if (lane == 0) warp_states[warp] = total;
@@ -367,12 +370,17 @@ __global__ void __launch_bounds__(kThreads, kSampled || sizeof(scalar_t) > 2 ? 1
 }
 
 // Stage 2: one warp per row merges the row's slices (a lane per slice, then shuffles) and writes
-// its scores. Greedy rows take the chosen logit from the state (b1); sampled ones read it.
+// its scores. Greedy rows take the chosen logit from the state (b1); sampled ones read it. On
+// sm_90+ it is launched as a programmatic dependent of stage 1: its blocks are scheduled once
+// every stage-1 block has left its loop, and wait there for the partial states.
 template <typename scalar_t, bool kSampled>
 __global__ void score_finish_kernel(const scalar_t* __restrict__ logits, int64_t stride, const int64_t* __restrict__ rows,
                                     const ScoreState* __restrict__ partial, int64_t N, int splits,
                                     int64_t* __restrict__ tokens, float* __restrict__ confidence,
                                     float* __restrict__ margin, float* __restrict__ neg_entropy) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");  // every partial state written and visible
+#endif
   const int64_t i = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (i >= N) return;  // whole warps leave together
@@ -473,10 +481,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, cons
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int finish_threads = 256, rows_per_block = finish_threads / 32;
     const auto finish_blocks = static_cast<unsigned>((N + rows_per_block - 1) / rows_per_block);
-    finish_kernel<<<finish_blocks, finish_threads, 0, stream>>>(
-        base, logits.stride(0), rows_c.data_ptr<int64_t>(), states, N, splits, tokens.data_ptr<int64_t>(),
-        conf.data_ptr<float>(), marg.data_ptr<float>(), negent.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cudaLaunchConfig_t finish = {};
+    finish.gridDim = dim3(finish_blocks);
+    finish.blockDim = dim3(finish_threads);
+    finish.stream = stream;
+    cudaLaunchAttribute early[1];
+    early[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    early[0].val.programmaticStreamSerializationAllowed = 1;
+    if (at::cuda::getCurrentDeviceProperties()->major >= 9) {  // programmatic dependent launch (sm_90+)
+      finish.attrs = early;
+      finish.numAttrs = 1;
+    }
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&finish, finish_kernel, base, logits.stride(0),
+                                      static_cast<const int64_t*>(rows_c.data_ptr<int64_t>()),
+                                      static_cast<const ScoreState*>(states), N, splits, tokens.data_ptr<int64_t>(),
+                                      conf.data_ptr<float>(), marg.data_ptr<float>(), negent.data_ptr<float>()));
   });
   return {tokens, conf, marg, negent};
 }
