@@ -406,21 +406,46 @@ __global__ void score_finish_kernel(const scalar_t* __restrict__ logits, int64_t
   tokens[i] = token; confidence[i] = c; margin[i] = m; neg_entropy[i] = e;
 }
 
-// Blocks of score_partial_kernel<scalar_t, kSampled> an SM of `device` holds at once, asked of the
-// runtime once per device.
-template <typename scalar_t, bool kSampled>
-int resident_blocks(int device) {
-  static std::array<std::atomic<int>, 64> known{};  // 0: not asked yet
+// A per-device fact asked of the runtime once: `ask()` (> 0) the first time, kept in `known`.
+template <typename Ask>
+int once_per_device(std::array<std::atomic<int>, 64>& known, int device, Ask ask) {
   PARADEC_CHECK(device >= 0 && device < 64, "paradec::score: CUDA device index ", device, " is outside [0, 64)");
   std::atomic<int>& slot = known[static_cast<size_t>(device)];
-  int blocks = slot.load(std::memory_order_relaxed);
-  if (blocks == 0) {
+  int value = slot.load(std::memory_order_relaxed);
+  if (value == 0) {
+    value = ask();
+    slot.store(value, std::memory_order_relaxed);
+  }
+  return value;
+}
+
+// Blocks of score_partial_kernel<scalar_t, kSampled> an SM of `device` holds at once.
+template <typename scalar_t, bool kSampled>
+int resident_blocks(int device) {
+  static std::array<std::atomic<int>, 64> known{};
+  return once_per_device(known, device, [] {
+    int blocks = 0;
     C10_CUDA_CHECK(
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, score_partial_kernel<scalar_t, kSampled>, kThreads, 0));
-    blocks = std::max(1, blocks);
-    slot.store(blocks, std::memory_order_relaxed);
-  }
-  return blocks;
+    return std::max(1, blocks);
+  });
+}
+
+// Whether score_finish_kernel<scalar_t, kSampled> may start before stage 1 ends on `device`: only
+// code generated for sm_90+ holds its griddepcontrol.wait (a build for older targets JIT-compiled
+// on a newer GPU does not), and graphs capture such launches from CUDA 12.3 on.
+template <typename scalar_t, bool kSampled>
+bool finish_launches_early(int device) {
+#if CUDART_VERSION >= 12030
+  static std::array<std::atomic<int>, 64> known{};  // 1: no, 2: yes
+  return once_per_device(known, device, [] {
+    cudaFuncAttributes attributes;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, score_finish_kernel<scalar_t, kSampled>));
+    return attributes.ptxVersion >= 90 && attributes.binaryVersion >= 90 ? 2 : 1;
+  }) == 2;
+#else
+  return false;
+#endif
 }
 
 // Blocks per row: the fewest splits (slices at least 4096 wide where the row allows, at most 64)
@@ -488,7 +513,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, cons
     cudaLaunchAttribute early[1];
     early[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     early[0].val.programmaticStreamSerializationAllowed = 1;
-    if (at::cuda::getCurrentDeviceProperties()->major >= 9) {  // programmatic dependent launch (sm_90+)
+    const bool early_ok = sampled ? finish_launches_early<scalar_t, true>(logits.get_device())
+                                  : finish_launches_early<scalar_t, false>(logits.get_device());
+    if (early_ok) {  // programmatic dependent launch
       finish.attrs = early;
       finish.numAttrs = 1;
     }

@@ -101,7 +101,8 @@ def generate(
     if on_step is not None and env.distributed:
         raise ConfigError("on_step runs in one process only; under torchrun progress is not reported per step")
     if env.distributed:
-        spread = distributed_canvas.decode(model, config, layout, encoded, env, summary=summary)
+        with _REUSE:  # the kept runners are this process's
+            spread = distributed_canvas.decode(model, config, layout, encoded, env, summary=summary)
         if spread is None:
             return None  # results live on rank 0 (results_on="all" sends them everywhere)
         output, placement, rank_timings = spread.output, spread.placement, spread.rank_timings

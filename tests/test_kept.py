@@ -25,16 +25,24 @@ def _make(model, prompts, **settings):
     return config, layout, [encode_prompt(model, p, config, layout) for p in prompts]
 
 
-def test_runners_without_graphs_are_never_kept(model):
+def test_runners_without_graphs_are_never_kept(model, monkeypatch):
+    monkeypatch.setattr(model, "_kept_runners", {}, raising=False)
     config, layout, ids = _make(model, ["a b c"], blocks=2, block_len=4, summary_len=2)
     first = kept.kept_runner(model, config, layout, ids)
     assert first.graphs is None
     assert kept.kept_runner(model, config, layout, ids) is not first
+    assert model._kept_runners == {}
+
+
+def _pretend_graphs(monkeypatch, model):
+    """CUDA graphs would apply (the runners never get to capture here: nothing runs)."""
+    monkeypatch.setattr(runner, "graphs_apply", lambda config, device: config.temperature == 0)
+    monkeypatch.setattr(kept, "graphs_apply", lambda config, device: config.temperature == 0)
+    monkeypatch.setattr(model, "_kept_runners", {}, raising=False)
 
 
 def test_same_shape_reuses_other_shapes_and_roles_do_not(model, monkeypatch):
-    monkeypatch.setattr(runner, "graphs_apply", lambda r: True)  # pretend: CUDA graphs would apply
-    monkeypatch.setattr(model, "_kept_runners", {}, raising=False)
+    _pretend_graphs(monkeypatch, model)
     config, layout, ids = _make(model, ["a b c", "d e f"], blocks=3, block_len=4, summary_len=2)
     first = kept.kept_runner(model, config, layout, ids, think_blocks=[0, 1], summary=False)
     _, _, other_ids = _make(model, ["c b a", "f e d"], blocks=3, block_len=4, summary_len=2)
@@ -45,6 +53,9 @@ def test_same_shape_reuses_other_shapes_and_roles_do_not(model, monkeypatch):
     summary = kept.kept_runner(model, config, layout, ids, think_blocks=[], summary=True)
     assert summary is not first  # the summary role has its own runner...
     assert kept.kept_runner(model, config, layout, ids, think_blocks=[0, 1], summary=False) is first  # ...and keeps it
+    sampled_config, _, _ = _make(model, ["a b c"], blocks=3, block_len=4, summary_len=2, temperature=0.5)
+    assert kept.kept_runner(model, sampled_config, layout, ids, think_blocks=[0, 1], summary=False) is not first
+    assert kept.kept_runner(model, config, layout, ids, think_blocks=[0, 1], summary=False) is first  # still kept
 
     released = []
     monkeypatch.setattr(first, "release", lambda: released.append(True))
@@ -54,6 +65,18 @@ def test_same_shape_reuses_other_shapes_and_roles_do_not(model, monkeypatch):
     assert longer.prompt_ids.shape[1] == len(ids[0]) + 1
     other_config, other_layout, _ = _make(model, ["a b c"], blocks=3, block_len=4, summary_len=2, seed=9)
     assert kept.kept_runner(model, other_config, other_layout, ids, think_blocks=[2], summary=False) is not longer
+
+
+def test_release_kept_frees_every_role(model, monkeypatch):
+    _pretend_graphs(monkeypatch, model)
+    config, layout, ids = _make(model, ["a b c"], blocks=2, block_len=4, summary_len=2)
+    runners = [kept.kept_runner(model, config, layout, ids, think_blocks=[0, 1], summary=False),
+               kept.kept_runner(model, config, layout, ids, think_blocks=[], summary=True)]
+    released = []
+    for r in runners:
+        monkeypatch.setattr(r, "release", lambda r=r: released.append(r))
+    kept.release_kept(model)
+    assert released == runners and model._kept_runners == {}
 
 
 @pytest.mark.cuda
@@ -70,11 +93,11 @@ def test_generate_captures_once_and_each_request_equals_a_fresh_run(tmp_path, mo
 
     monkeypatch.setattr(runner.GraphedSteps, "__init__", counting)
     settings = dict(blocks=3, block_len=8, summary_len=4, tokens_per_step=2)
-    requests = [["the 3 + 4 is ?", "a b c d"], ["a b c d e", "4 + 3"], ["one", "two three"]]
+    requests = [["a b c", "d e"], ["c b a", "e d"], ["1 2 3", "4 5"]]
+    assert {tuple(map(len, _make(model, r, **settings)[2])) for r in requests} == {(3, 2)}  # one shape
     outs = [paradec.generate(model, r, **settings) for r in requests]
     assert all("graphs" in out[0].timings for out in outs)
-    lengths = {max(map(len, _make(model, r, **settings)[2])) for r in requests}
-    assert len(captures) == 2 * len(lengths)  # think and summary phases, once per prompt length
+    assert len(captures) == 2  # the think and summary phases of the first request only
     for r, out in zip(requests, outs):
         fresh = paradec.generate(model, r, cuda_graphs=False, **settings)
         assert [x.token_ids for x in out] == [x.token_ids for x in fresh]

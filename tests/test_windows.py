@@ -235,7 +235,7 @@ def _graph_bodies_on_cpu(monkeypatch) -> list:
         built.append((self.phase, self.per_block, self.per_block and self.blocks.bias is not None))
 
     monkeypatch.setattr(graphs.GraphedSteps, "_build", recording_build)
-    monkeypatch.setattr(runner, "graphs_apply", lambda r: r.config.cuda_graphs and r.config.temperature == 0)
+    monkeypatch.setattr(runner, "graphs_apply", lambda c, d: c.cuda_graphs and c.temperature == 0)
     monkeypatch.setattr(graphs.GraphedSteps, "_capture", lambda self, body: _Uncaptured(body))
     return built
 

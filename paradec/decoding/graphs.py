@@ -42,16 +42,16 @@ KEY_ALIGN = 8  # keys per attention call are padded to a multiple of this (16 by
 SIDE_BY_SIDE_MAX_KEYS = 4
 
 
-def graphs_apply(runner) -> bool:
-    """Whether ``runner``'s steps can be replayed as graphs (static shapes, no host draws)."""
-    cfg = runner.config
+def graphs_apply(cfg, device: torch.device) -> bool:
+    """Whether steps under config ``cfg`` on ``device`` can be replayed as graphs (static
+    shapes, no host draws)."""
     return (
-        runner.device.type == "cuda"
-        and ops.native_on(runner.device)  # the torch twins read results on the host
+        device.type == "cuda"
+        and ops.native_on(device)  # the torch twins read results on the host
         and cfg.cuda_graphs
         and cfg.temperature == 0
         and cfg.mode != "random"
-        and (runner.config.cache_mode in ("prefix", "dual") or cfg.attention == "isolated")
+        and (cfg.cache_mode in ("prefix", "dual") or cfg.attention == "isolated")
     )
 
 

@@ -3,14 +3,17 @@
 A model keeps at most one runner per role: ``blocks`` (the think blocks of a one-process run,
 or this rank's share of them under torchrun) and ``summary`` (the summary that rank 0 decodes
 from the gathered blocks). A request of the same config and batch shape resets the kept runner
-in place and replays its graphs; anything else releases it first (its buffers hold a KV cache).
-Runners without graphs are never kept: building them again costs nothing worth saving.
+in place and replays its graphs; a graphed request of another shape releases it first (its
+buffers hold KV caches). Requests whose steps run eagerly (sampled, ``cuda_graphs=False``, CPU)
+get a runner of their own and leave the kept ones alone. Kept runners hold their memory until
+then, or until ``release_kept``.
 """
 
 from __future__ import annotations
 
 from paradec.canvas import CanvasLayout
 from paradec.config import GenerationConfig
+from paradec.decoding.graphs import graphs_apply
 from paradec.decoding.runner import Runner
 from paradec.models.loading import DiffusionModel
 
@@ -18,7 +21,9 @@ from paradec.models.loading import DiffusionModel
 def kept_runner(model: DiffusionModel, config: GenerationConfig, layout: CanvasLayout, prompts: list[list[int]],
                 think_blocks: list[int] | None = None, summary: bool | None = None) -> Runner:
     """A runner for these arguments (``Runner``'s); the kept one, reset, when it fits."""
-    role = "summary" if think_blocks == [] else "blocks"
+    if not graphs_apply(config, model.device):
+        return Runner(model, config, layout, prompts, think_blocks=think_blocks, summary=summary)
+    role = "summary" if think_blocks == [] and summary else "blocks"
     weight = model.module.embed.weight  # graphs hold the addresses of these weights
     key = (config, layout.length, len(prompts), max(map(len, prompts)), weight.data_ptr(), weight.dtype,
            weight.device, None if think_blocks is None else tuple(think_blocks), summary)
@@ -30,9 +35,15 @@ def kept_runner(model: DiffusionModel, config: GenerationConfig, layout: CanvasL
     if role in kept:
         kept.pop(role)[1].release()
     runner = Runner(model, config, layout, prompts, think_blocks=think_blocks, summary=summary)
-    if runner.graphs is not None:
-        kept[role] = (key, runner)
+    kept[role] = (key, runner)
     return runner
+
+
+def release_kept(model: DiffusionModel) -> None:
+    """Frees the runners ``model`` keeps (their graphs and caches) now."""
+    for _, runner in _kept(model).values():
+        runner.release()
+    _kept(model).clear()
 
 
 def _kept(model: DiffusionModel) -> dict[str, tuple[tuple, Runner]]:

@@ -112,7 +112,7 @@ class Runner:
                         for g, (start, end) in enumerate(layout.bodies)}
         self.schedules = self._schedules()
         self.in_window = self.editable.clone()  # [C] the current windows of the phase
-        self.graphs = {} if graphs_apply(self) else None  # phase -> GraphedSteps (None: eager steps)
+        self.graphs = {} if graphs_apply(config, self.device) else None  # phase -> GraphedSteps (None: eager steps)
         on_cuda = self.graphs is not None and self.device.type == "cuda"
         self.graph_pool = torch.cuda.graph_pool_handle() if on_cuda else None
         self.reset(prompts)

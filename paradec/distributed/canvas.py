@@ -143,8 +143,9 @@ def _decode(model, config, layout, prompts, env: DistEnv, guard: Guard, with_sum
     result = None
     if output is not None:
         output.canvas, output.trace = output.canvas.cpu(), output.trace.cpu()  # travels as an object
-        # The critical path: the slowest rank's prefill, thinking and blocks' KV; rank 0's
-        # broadcast, gather and summary. What moves between ranks: broadcast and gather.
+        # Per phase: the slowest rank's prefill, thinking and blocks' KV; rank 0's broadcast,
+        # gather and summary (what moves between ranks: broadcast and gather). Total: rank 0's
+        # wall time, waits included.
         slowest = lambda key: max(t.get(key, 0.0) for t in rank_timings)  # noqa: E731
         mine = rank_timings[SUMMARY_RANK]
         output.timings = {
@@ -252,21 +253,12 @@ def _fingerprints(model: DiffusionModel, config: GenerationConfig, prompts: list
 
 
 def _model_fingerprint(model: DiffusionModel) -> str:
-    """A digest of the shapes and the first 4096 values of every weight (one device sync per
-    weight, so not on every call): kept on the model until a weight is replaced or written in
-    place, as torch's version counters see it."""
+    """A digest of the shapes and the first 4096 values of every weight, summed on the device
+    with one synchronisation for all of them."""
     params = list(model.module.named_parameters())
-    versions = tuple((param.data_ptr(), param._version) for _, param in params)
-    kept = getattr(model, "_fingerprint", None)
-    if kept is not None and kept[0] == versions:
-        return kept[1]
-    probe = []
-    for name, param in params:
-        flat = param.detach().reshape(-1)
-        probe.append(f"{name}:{tuple(param.shape)}:{float(flat[:4096].double().sum()):.10e}")
-    text = repr(model.spec) + repr(model.module.cfg) + "|".join(probe)
-    model._fingerprint = (versions, hashlib.sha256(text.encode()).hexdigest())
-    return model._fingerprint[1]
+    sums = torch.stack([param.detach().reshape(-1)[:4096].sum(dtype=torch.float64) for _, param in params])
+    probe = [f"{name}:{tuple(param.shape)}:{value:.10e}" for (name, param), value in zip(params, sums.tolist())]
+    return hashlib.sha256((repr(model.spec) + repr(model.module.cfg) + "|".join(probe)).encode()).hexdigest()
 
 
 class _Clock:

@@ -70,7 +70,7 @@ def estimate(model: DiffusionModel, env: DistEnv, prompt_tokens: int) -> Costs:
 
 
 def _measure(model: DiffusionModel, env: DistEnv) -> _Rates:
-    key = f"{env.device}:{model.dtype}"
+    key = f"{env.device}:{model.dtype}:{model.module.cfg!r}"  # the same on every rank
     if key not in _MEASURED:
         payload = torch.empty(16 << 20, dtype=torch.uint8, device=env.device)
         times = []
