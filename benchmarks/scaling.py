@@ -118,7 +118,7 @@ def main() -> None:
     print0(NOTE)
     m = env.world_size
     saved = args.out_dir / "tokenizer"
-    if env.is_rank0:  # trained once; every rank loads the same one (the headers are its tokens)
+    if env.is_rank0 and not saved.exists():  # trained once; every rank loads it (the headers are its tokens)
         gsm8k_tokenizer(args.data).save_pretrained(saved)
     dist.barrier()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(saved)
