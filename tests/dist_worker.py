@@ -63,7 +63,7 @@ def run_scenarios(rank, world_size, model_dir, scenarios, out_dir):
         out = paradec.generate(model, scenario["prompts"], **scenario["config"])
         if out is not None:
             results.append([{"token_ids": r.token_ids, "trace": r.trace, "nfe": r.nfe, "steps": r.steps,
-                             "placement": r.placement, "rank_timings": r.rank_timings} for r in out])
+                             "placement": r.placement, "rank_timings": r.rank_timings, "timings": r.timings} for r in out])
         else:
             results.append(None)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

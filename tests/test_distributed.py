@@ -62,6 +62,12 @@ def test_spread_over_ranks_equals_one_process(model_dir, one_process, world_size
         timings = got[0]["rank_timings"]
         assert [t["rank"] for t in timings] == list(range(world_size))
         assert all(t["think"] >= 0 and t["gather"] >= 0 for t in timings) and "summary" in timings[0]
+        how, kv = placement["prompt_kv"], scenario["config"].get("gather") == "kv"
+        assert all(("broadcast" in t) == (how == "broadcast") and ("blocks_kv" in t) == kv for t in timings)
+        phases = got[0]["timings"]
+        assert set(phases) == {"prefill", "broadcast", "think", "blocks_kv", "gather", "summary", "total"}
+        assert (phases["broadcast"] > 0) == (how == "broadcast") and (phases["blocks_kv"] > 0) == kv
+        assert phases["total"] >= phases["think"] + phases["summary"]
         everywhere = scenario["config"].get("results_on") == "all"
         for r in range(1, world_size):
             assert (ranks[r][i] is not None) == everywhere
