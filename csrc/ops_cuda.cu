@@ -160,8 +160,9 @@ struct LightState {
 // branches left ~20 of 32 lanes active at N = 256, per ncu). The softmax base follows the running
 // maximum through a rescale by 2^(old - new) every chunk (by 1 when it did not move), and the
 // top-2 is kept per 16-byte chunk: the best chunk's first index, b1 its maximum, and b2 the
-// largest maximum of the other chunks. lane() resolves them to the lowest index holding b1 and
-// the true second best once, at the end, from the best chunk's 16 bytes.
+// largest maximum of the other chunks. lane() hands the best chunk on unresolved (i1 = -2 -
+// start); the finish kernel reads the row's one winning chunk again for the lowest index holding
+// b1 and the chunk's own second best, once per row instead of once per thread.
 template <typename scalar_t>
 struct GreedyState {
   float mL, s, t, b1, b2;  // mL = b1 * log2(e), rounded: the base of s and t (base 2)
@@ -205,31 +206,34 @@ struct GreedyState {
     }
   }
 
-  __device__ __forceinline__ LaneState lane(const scalar_t* row, const int32_t* barred, int num_barred,
-                                            bool mine) const {
+  __device__ __forceinline__ LaneState lane() const {
     LaneState st;
     st.n_inf = n_inf; st.first_inf = first_inf; st.g = -HUGE_VAL; st.gi = -1;
-    st.m = b1; st.b1 = b1; st.b2 = b2; st.i1 = -1;
-    if (best_v0 >= 0) {  // the lowest index holding b1, and the best chunk's own second best
-      const uint4 chunk = *reinterpret_cast<const uint4*>(row + best_v0);  // read again: fewer registers
-      const scalar_t* vals = reinterpret_cast<const scalar_t*>(&chunk);
-      int32_t at = -1;
-      float second = -INFINITY;
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        float x = to_float(vals[k]);
-        if (mine) {
-          for (int j = 0; j < num_barred; ++j) x = barred[j] == best_v0 + k ? -INFINITY : x;
-        }
-        if (x == b1 && at < 0) at = k; else second = fmaxf(second, x);
-      }
-      st.i1 = best_v0 + at;
-      st.b2 = fmaxf(b2, second);
-    }
+    st.m = b1; st.b1 = b1; st.b2 = b2; st.i1 = best_v0 >= 0 ? -2 - best_v0 : -1;
     natural_sums(b1, mL, s, t, st);
     return st;
   }
 };
+
+// A greedy 2-byte row's merged state whose maximum lies in an unresolved chunk (i1 = -2 - c):
+// the lowest index in it holding b1, and b2 raised to the chunk's own second best. Barred ids
+// read as -inf, as in the hot loop.
+template <typename scalar_t>
+__device__ void resolve_chunk(ScoreState& st, const scalar_t* row, int64_t mask_id, const int64_t* stops,
+                              int num_stops, bool bar_stop) {
+  const int64_t c = -2 - st.i1;
+  int at = -1;
+  float second = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    float x = to_float(row[c + k]);
+    x = c + k == mask_id ? -INFINITY : x;
+    for (int j = 0; bar_stop && j < num_stops; ++j) x = stops[j] == c + k ? -INFINITY : x;
+    if (x == st.b1 && at < 0) at = k; else second = fmaxf(second, x);
+  }
+  st.i1 = c + max(at, 0);
+  st.b2 = fmaxf(st.b2, second);
+}
 
 // Merges the states of a warp's lanes; every lane ends with the merged state.
 template <bool kSampled>
@@ -325,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, kSampled || sizeof(scalar_t) > 2 ? 1
         greedy.push(x, begin + c * kVec);
         current = next;
       }
-      total = greedy.lane(row, barred, num_barred, mine);
+      total = greedy.lane();
     } else {
       for (int32_t c = tid; c < chunks; c += step) {
         const uint4 next = c + step < chunks ? __ldcs(vec + c + step) : current;
@@ -370,12 +374,15 @@ __global__ void __launch_bounds__(kThreads, kSampled || sizeof(scalar_t) > 2 ? 1
 }
 
 // Stage 2: one warp per row merges the row's slices (a lane per slice, then shuffles) and writes
-// its scores. Greedy rows take the chosen logit from the state (b1); sampled ones read it. On
+// its scores. Greedy rows take the chosen logit from the state (b1); sampled ones read it; greedy
+// 2-byte rows first resolve their winning chunk (resolve_chunk: one 16-byte read per row). On
 // sm_90+ it is launched as a programmatic dependent of stage 1: its blocks are scheduled once
 // every stage-1 block has left its loop, and wait there for the partial states.
 template <typename scalar_t, bool kSampled>
 __global__ void score_finish_kernel(const scalar_t* __restrict__ logits, int64_t stride, const int64_t* __restrict__ rows,
                                     const ScoreState* __restrict__ partial, int64_t N, int splits,
+                                    int64_t mask_id, const int64_t* __restrict__ stops, int num_stops,
+                                    const bool* __restrict__ bar_stop,
                                     int64_t* __restrict__ tokens, float* __restrict__ confidence,
                                     float* __restrict__ margin, float* __restrict__ neg_entropy) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -397,7 +404,12 @@ __global__ void score_finish_kernel(const scalar_t* __restrict__ logits, int64_t
   }
   warp_merge<kSampled>(total);
   if (lane != 0) return;
-  const ScoreState merged = to_memory(total);
+  ScoreState merged = to_memory(total);
+  if constexpr (!kSampled && sizeof(scalar_t) == 2) {
+    if (merged.i1 <= -2 && merged.n_inf == 0) {
+      resolve_chunk(merged, logits + rows[i] * stride, mask_id, stops, num_stops, bar_stop[i]);
+    }
+  }
   float chosen_logit = merged.b1;
   if (kSampled) chosen_logit = merged.gi >= 0 ? to_float(logits[rows[i] * stride + merged.gi]) : 0.f;
   int64_t token;
@@ -521,7 +533,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, cons
     }
     C10_CUDA_CHECK(cudaLaunchKernelEx(&finish, finish_kernel, base, logits.stride(0),
                                       static_cast<const int64_t*>(rows_c.data_ptr<int64_t>()),
-                                      static_cast<const ScoreState*>(states), N, splits, tokens.data_ptr<int64_t>(),
+                                      static_cast<const ScoreState*>(states), N, splits, mask_id,
+                                      static_cast<const int64_t*>(stops.data_ptr<int64_t>()),
+                                      static_cast<int>(stops.size(0)), static_cast<const bool*>(bar.data_ptr<bool>()),
+                                      tokens.data_ptr<int64_t>(),
                                       conf.data_ptr<float>(), marg.data_ptr<float>(), negent.data_ptr<float>()));
   });
   return {tokens, conf, marg, negent};

@@ -65,12 +65,17 @@ struct BasicScoreState {
     else if (o.g == g) { gi = lowest(gi, o.gi); }
   }
 
-  // The lower of two indices, -1 meaning none.
+  // The lower of two indices, -1 meaning none. i1 may also hold -2 - c: "the maximum lies in the
+  // 16-byte chunk of 2-byte logits starting at c, not yet resolved" (the CUDA kernel's greedy
+  // rows, resolved once per row at the end). Such a chunk never straddles another state's
+  // indices, so its start orders it.
   static PARADEC_HD Index lowest(Index a, Index b) {
-    if (a < 0) return b;
-    if (b < 0) return a;
-    return a < b ? a : b;
+    if (a == -1) return b;
+    if (b == -1) return a;
+    return place(a) < place(b) ? a : b;
   }
+
+  static PARADEC_HD Index place(Index a) { return a <= -2 ? -2 - a : a; }
 };
 
 using ScoreState = BasicScoreState<int64_t>;
