@@ -107,6 +107,36 @@ def test_score_entropy_of_a_peaked_row_after_a_low_start(device, n):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [4, 256])
+def test_score_greedy_top2_across_slices_and_chunks(device, dtype, n):
+    """Five LLaDA-wide 2-byte rows, addressed n times in turn (a GPU splits them into few or many slices):
+    the maximum tied across slices, barred ids holding the maximum next to the allowed one in
+    the same 16-byte chunk, the second best inside the best chunk or in another slice, and the
+    maximum in the row's last chunk. Greedy GPU rows resolve their best chunk once per row at the
+    end; the lowest index holding the maximum and the true second best must come out."""
+    v = 126464
+    g = torch.Generator().manual_seed(21)
+    logits = torch.randn(5, v, generator=g) * 2
+    logits[0, [70000, 100, 126000]] = 50.0  # tied across slices: 100 wins, margin 0
+    logits[1, 0] = 60.0  # the mask id: barred
+    logits[1, 20000] = 60.0  # a stop id, barred on this row, in the chunk of 20001
+    logits[1, [20001, 90000]] = 50.0  # tied: 20001 wins
+    logits[2, 33333], logits[2, 33334] = 50.0, 49.0  # second best in the best chunk
+    logits[3, 33333], logits[3, 100001] = 50.0, 49.5  # second best in another slice
+    logits[4, v - 1], logits[4, v - 3] = 50.0, 48.0  # the last chunk
+    logits = logits.to(dtype)
+    rows = torch.arange(n) % 5
+    stops = torch.tensor([20000, 3])
+    bar = rows == 1
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in (logits, rows, 0, stops, bar, 0.0, None)]
+    _compare(tuple(args))
+    tokens, _, margin, _ = torch.ops.paradec.score(*args)
+    assert tokens.tolist() == torch.tensor([100, 20001, 33333, 33333, v - 1])[rows].tolist()
+    assert ((margin == 0).cpu() == (rows < 2)).all()  # tied rows 0 and 1 only
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_score_ties_equal_rows_and_infinities(device, dtype, temperature):
