@@ -159,8 +159,8 @@ static void score_row(const scalar_t* src, int64_t V, const std::vector<int64_t>
   finish_scores(st, sampled, chosen_logit, token, confidence, margin, neg_entropy);
 }
 
-void check_score_args(const Tensor& logits, const Tensor& rows, const Tensor& stop_ids, const Tensor& bar_stop,
-                      double temperature, const c10::optional<Tensor>& noise) {
+void check_score_args(const Tensor& logits, const Tensor& rows, int64_t mask_id, const Tensor& stop_ids,
+                      const Tensor& bar_stop, double temperature, const c10::optional<Tensor>& noise) {
   PARADEC_CHECK(logits.dim() == 2, "paradec::score: logits must be [R, V], got ", dims(logits));
   PARADEC_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16 ||
                   logits.scalar_type() == at::kHalf,
@@ -169,6 +169,8 @@ void check_score_args(const Tensor& logits, const Tensor& rows, const Tensor& st
   PARADEC_CHECK(logits.stride(1) == 1, "paradec::score: logits rows must be contiguous");
   PARADEC_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "paradec::score: rows must be [N] int64, got ",
               dims(rows), " ", rows.scalar_type());
+  PARADEC_CHECK(mask_id >= 0 && mask_id < logits.size(1), "paradec::score: mask_id must lie in [0, V) = [0, ",
+                logits.size(1), "), got ", mask_id);
   PARADEC_CHECK(stop_ids.dim() == 1 && stop_ids.scalar_type() == at::kLong, "paradec::score: stop_ids must be [S] int64");
   PARADEC_CHECK(bar_stop.dim() == 1 && bar_stop.scalar_type() == at::kBool && bar_stop.size(0) == rows.size(0),
               "paradec::score: bar_stop must be [N] bool with N = rows.size(0) = ", rows.size(0));
@@ -190,7 +192,7 @@ void check_score_args(const Tensor& logits, const Tensor& rows, const Tensor& st
 std::tuple<Tensor, Tensor, Tensor, Tensor> score_cpu(const Tensor& logits, const Tensor& rows, int64_t mask_id,
                                                      const Tensor& stop_ids, const Tensor& bar_stop, double temperature,
                                                      const c10::optional<Tensor>& noise) {
-  check_score_args(logits, rows, stop_ids, bar_stop, temperature, noise);
+  check_score_args(logits, rows, mask_id, stop_ids, bar_stop, temperature, noise);
   const int64_t N = rows.size(0), V = logits.size(1), R = logits.size(0);
   auto rows_c = rows.contiguous();
   const int64_t* row_idx = rows_c.data_ptr<int64_t>();
@@ -207,7 +209,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> score_cpu(const Tensor& logits, const
   auto negent = at::empty_like(conf);
   std::vector<int64_t> always = {mask_id};
   std::vector<int64_t> with_stops = {mask_id};
-  for (int64_t k = 0; k < stops.size(0); ++k) with_stops.push_back(stops.data_ptr<int64_t>()[k]);
+  for (int64_t k = 0; k < stops.size(0); ++k) {
+    const int64_t id = stops.data_ptr<int64_t>()[k];
+    PARADEC_CHECK(id >= 0 && id < V, "paradec::score: stop_ids[", k, "] = ", id, " is outside [0, ", V, ")");
+    with_stops.push_back(id);
+  }
   std::sort(with_stops.begin(), with_stops.end());
   with_stops.erase(std::unique(with_stops.begin(), with_stops.end()), with_stops.end());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "paradec_score_cpu", [&] {

@@ -26,8 +26,8 @@ namespace paradec {
 
 using at::Tensor;
 
-void check_score_args(const Tensor& logits, const Tensor& rows, const Tensor& stop_ids, const Tensor& bar_stop,
-                      double temperature, const c10::optional<Tensor>& noise);
+void check_score_args(const Tensor& logits, const Tensor& rows, int64_t mask_id, const Tensor& stop_ids,
+                      const Tensor& bar_stop, double temperature, const c10::optional<Tensor>& noise);
 void check_select_args(const Tensor& canvas, const Tensor& trace, const std::vector<const Tensor*>& flat,
                        const Tensor& score, const Tensor& confidence, int64_t rule);
 
@@ -292,8 +292,10 @@ __global__ void __launch_bounds__(kThreads, kSampled || sizeof(scalar_t) > 2 ? 1
   // The first load goes out before the barred ids are staged, so their latency overlaps.
   uint4 current = kVec == 8 && tid < chunks ? __ldcs(vec + tid) : make_uint4(0u, 0u, 0u, 0u);
   const int num_barred = 1 + (bar_stop[i] ? num_stops : 0);
+  // Ids outside [0, V) bar nothing (mask_id is checked on the host; stop ids would need a sync,
+  // so paradec.ops checks them outside graph capture); -1 matches no index.
   if (tid == 0) barred[0] = static_cast<int32_t>(mask_id);
-  if (tid < num_stops) barred[tid + 1] = static_cast<int32_t>(stops[tid]);
+  if (tid < num_stops) barred[tid + 1] = stops[tid] >= 0 && stops[tid] < V ? static_cast<int32_t>(stops[tid]) : -1;
   __syncthreads();
   const double* nz = kSampled ? noise + i * V : nullptr;
   LightState<kSampled> st;
@@ -480,7 +482,7 @@ int row_splits(int64_t N, int64_t V, int64_t slots) {
 std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, const Tensor& rows, int64_t mask_id,
                                                       const Tensor& stop_ids, const Tensor& bar_stop,
                                                       double temperature, const c10::optional<Tensor>& noise) {
-  check_score_args(logits, rows, stop_ids, bar_stop, temperature, noise);
+  check_score_args(logits, rows, mask_id, stop_ids, bar_stop, temperature, noise);
   PARADEC_CHECK(stop_ids.size(0) <= kMaxStops, "paradec::score: at most ", kMaxStops,
               " stop_ids on CUDA, got ", stop_ids.size(0));
   PARADEC_CHECK(logits.size(1) < (int64_t(1) << 31), "paradec::score: V must be < 2^31 on CUDA");

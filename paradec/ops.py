@@ -66,6 +66,7 @@ def score(logits: torch.Tensor, rows: torch.Tensor, mask_id: int, stop_ids: torc
     if native_on(logits.device):
         if logits.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
             _check_rows(rows, logits.shape[0])  # the CUDA kernel cannot check without a host sync
+            _check_stops(stop_ids, logits.shape[1])
         tokens, confidence, margin, neg_entropy = torch.ops.paradec.score(
             logits, rows, mask_id, stop_ids, bar_stop, temperature, noise
         )
@@ -110,6 +111,11 @@ def select_commit_twin(canvas, trace, batch_index, column, key, score, confidenc
 def _check_rows(rows: torch.Tensor, num_rows: int) -> None:
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= num_rows):
         raise ValueError(f"score: rows must lie in [0, {num_rows}), got [{int(rows.min())}, {int(rows.max())}]")
+
+
+def _check_stops(stop_ids: torch.Tensor, vocab: int) -> None:
+    if stop_ids.numel() and (int(stop_ids.min()) < 0 or int(stop_ids.max()) >= vocab):
+        raise ValueError(f"score: stop_ids must lie in [0, {vocab}), got {stop_ids.tolist()}")
 
 
 def _check_quota(key: torch.Tensor, quota: torch.Tensor) -> None:

@@ -237,6 +237,9 @@ def test_opcheck():
         ({4: torch.zeros(3, dtype=torch.bool)}, r"bar_stop must be \[N\] bool with N = rows.size\(0\) = 2"),
         ({5: 0.5}, "noise is required when temperature > 0"),
         ({5: -1.0}, "temperature must be >= 0"),
+        ({2: 10}, r"mask_id must lie in \[0, V\) = \[0, 10\), got 10"),
+        ({2: -1}, r"mask_id must lie in \[0, V\) = \[0, 10\), got -1"),
+        ({3: torch.tensor([1, 12])}, r"stop_ids\[1\] = 12 is outside \[0, 10\)"),
     ],
 )
 def test_score_bad_input_names_the_argument(change, message):
@@ -245,6 +248,17 @@ def test_score_bad_input_names_the_argument(change, message):
         args[index] = value
     with pytest.raises(RuntimeError, match=message):
         torch.ops.paradec.score(*args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_score_refuses_stop_ids_outside_the_vocabulary(device):
+    """paradec.ops.score checks stop ids on every device (on CUDA outside graph capture, by one
+    host sync), naming them; the CUDA kernel itself, unchecked during capture, bars nothing for
+    them rather than a truncated id."""
+    args = [torch.randn(3, 10), torch.tensor([0, 2]), 0, torch.tensor([1, 2**32 + 5]), torch.ones(2, dtype=torch.bool)]
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    with pytest.raises((RuntimeError, ValueError), match="stop_ids"):
+        ops.score(*args)
 
 
 def test_select_quota_larger_than_segment_is_refused():
