@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ import torch.distributed as dist
 
 from transformers import PreTrainedTokenizerFast
 
-from harness import banner, emit_json
+from harness import banner, emit_json, synced
 from latency import gsm8k_tokenizer, packed_prompt
 from paradec import GenerationConfig, generate
 from paradec.distributed import init_distributed, prompt_kv, teardown
@@ -49,12 +48,6 @@ NOTE = ("random weights: every block commits a fixed number of tokens per step; 
 TINY = {"n_layers": 2, "num_hidden_layers": 2, "d_model": 128, "hidden_size": 128, "n_heads": 4,
         "num_attention_heads": 4, "n_kv_heads": 4, "num_key_value_heads": 4, "mlp_hidden_size": 256,
         "intermediate_size": 256}  # LLaDA's and Dream's names; only those the config has are used
-
-
-def synced() -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def timed_generations(model, prompt: list[int], config: GenerationConfig, repeats: int) -> dict:

@@ -65,8 +65,7 @@ def score(logits: torch.Tensor, rows: torch.Tensor, mask_id: int, stop_ids: torc
     """logits: [R, V]; rows: [N] rows of ``logits`` to score; stop_ids: [S]; bar_stop: [N]."""
     if native_on(logits.device):
         if logits.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-            _check_rows(rows, logits.shape[0])  # the CUDA kernel cannot check without a host sync
-            _check_stops(stop_ids, logits.shape[1])
+            _check_indices(rows, logits.shape[0], stop_ids, logits.shape[1])  # the CUDA kernel cannot (no sync)
         tokens, confidence, margin, neg_entropy = torch.ops.paradec.score(
             logits, rows, mask_id, stop_ids, bar_stop, temperature, noise
         )
@@ -108,13 +107,17 @@ def select_commit_twin(canvas, trace, batch_index, column, key, score, confidenc
     return committed
 
 
-def _check_rows(rows: torch.Tensor, num_rows: int) -> None:
-    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= num_rows):
-        raise ValueError(f"score: rows must lie in [0, {num_rows}), got [{int(rows.min())}, {int(rows.max())}]")
-
-
-def _check_stops(stop_ids: torch.Tensor, vocab: int) -> None:
-    if stop_ids.numel() and (int(stop_ids.min()) < 0 or int(stop_ids.max()) >= vocab):
+def _check_indices(rows: torch.Tensor, num_rows: int, stop_ids: torch.Tensor, vocab: int) -> None:
+    """rows in [0, num_rows) and stop ids in [0, vocab), read back with one host sync."""
+    bounds = [(t.min(), t.max()) for t in (rows, stop_ids) if t.numel()]
+    if not bounds:
+        return
+    values = torch.stack([x for pair in bounds for x in pair]).tolist()
+    if rows.numel():
+        low, high = values[:2]
+        if low < 0 or high >= num_rows:
+            raise ValueError(f"score: rows must lie in [0, {num_rows}), got [{low}, {high}]")
+    if stop_ids.numel() and (values[-2] < 0 or values[-1] >= vocab):
         raise ValueError(f"score: stop_ids must lie in [0, {vocab}), got {stop_ids.tolist()}")
 
 
