@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -118,3 +120,27 @@ def test_graph_replayed_steps_equal_eager_steps(tmp_path, family, case):
     assert [r.token_ids for r in graphed] == [r.token_ids for r in eager]
     assert [r.trace for r in graphed] == [r.trace for r in eager]
     assert [r.steps for r in graphed] == [r.steps for r in eager]
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_one_request_steps_attend_unmasked_and_equal_eager(tmp_path, family):
+    """One request under ``canvas`` attention, nothing padded: every query sees every key, so the
+    graphed steps and refreshes attend with no mask; they still equal the eager (masked) steps.
+    Two requests of different prompt lengths pad the keys, so theirs keep the mask."""
+    from paradec.api import build_layout
+    from paradec.decoding.runner import Runner
+
+    root, _, _ = tiny_checkpoint(tmp_path, family, seed=5)
+    model = paradec.load(root, device="cuda", dtype=torch.float32)
+    config = paradec.GenerationConfig(mode="block", answer_len=24, block_len=8, tokens_per_step=2,
+                                      attention="canvas", eos_closes_block=False)
+    layout = build_layout(model, config)
+    for prompts, dense in (([[11, 12, 13, 14, 15, 16, 17, 18]], True), ([[11, 12, 13], [21, 22, 23, 24, 25]], False)):
+        graphed = Runner(model, config, layout, prompts)
+        out = graphed.run()
+        steps = graphed.graphs[tuple(graphed.phases[0])]
+        assert (steps.step_dense, steps.refresh_dense) == (dense, dense)
+        assert set(steps.step_graphs) == set(steps.refresh_graphs) == {dense}
+        eager = Runner(model, dataclasses.replace(config, cuda_graphs=False), layout, prompts).run()
+        assert torch.equal(out.canvas, eager.canvas) and torch.equal(out.trace, eager.trace)
+        graphed.release()

@@ -102,6 +102,25 @@ def test_cached_prompt_equals_uncached_under_isolated(tiny, prompt_lens, reserve
         torch.testing.assert_close(cached[i], full[p:], **FP32)
 
 
+def test_dense_forward_equals_masked_where_every_key_is_seen(tiny):
+    """``dense=True`` drops the mask: the same logits where the mask is all true (canvas, one
+    request, over a cached prompt), an error naming it where it is not."""
+    family, model, config, _ = tiny
+    prompts, canvases = _batch(model, config, [7], [4, 5], 3, seed=4)
+    cache = model.prefill(prompts[0][None], torch.tensor([7]), reserve=12)
+    positions = torch.arange(7, 7 + canvases.shape[1])[None]
+    segments = AttentionSpec.from_lengths("canvas", 7, [4, 5], 3).segment_ids(positions[0])[None]
+    masked = model(canvases, positions, segments, "canvas", cache=cache)
+    dense = model(canvases, positions, segments, "canvas", cache=cache, dense=True)
+    torch.testing.assert_close(dense, masked, **FP32)
+    with pytest.raises(paradec.InputError, match="dense=True"):
+        model(canvases, positions, segments, "isolated", cache=cache, dense=True)  # blocks see only their own
+    padded = segments.clone()
+    padded[0, -1] = PAD
+    with pytest.raises(paradec.InputError, match="dense=True"):
+        model(canvases, positions, padded, "canvas", cache=cache, dense=True)
+
+
 def test_isolated_blocks_equal_separate_forwards(tiny):
     family, model, config, _ = tiny
     prompt_len, block_lens = 6, [5, 3, 4]

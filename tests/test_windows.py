@@ -258,6 +258,31 @@ def test_static_steps_equal_eager_steps(model, case, monkeypatch):
     assert [r.steps for r in static] == [r.steps for r in eager]
 
 
+@pytest.mark.parametrize("case", ["block dual", "block prefix", "block threshold", "nap windowed"])
+@pytest.mark.parametrize("prompts", [PROMPTS[1:], PROMPTS], ids=["one request", "two padded"])
+def test_static_steps_attend_unmasked_where_every_key_is_seen(model, case, prompts, monkeypatch):
+    """Under ``canvas`` attention one request's steps and refreshes see every key, so they attend
+    with no mask (``Model.forward(dense=True)``), windows of every width included; two prompts
+    of different lengths pad the keys and keep it. The tokens equal the eager (masked) steps'."""
+    from paradec.decoding import graphs
+
+    _skip_without_native_ops()
+    settings = dict(STATIC_CASES[case], attention="canvas")
+    eager = paradec.generate(model, prompts, cuda_graphs=False, **settings)
+    _graph_bodies_on_cpu(monkeypatch)
+    chosen, choose = [], graphs.GraphedSteps._choose_attention
+
+    def recording_choose(self):
+        choose(self)
+        chosen.append((self.step_dense, self.refresh_dense))
+
+    monkeypatch.setattr(graphs.GraphedSteps, "_choose_attention", recording_choose)
+    static = paradec.generate(model, prompts, cuda_graphs=True, **settings)
+    assert [(r.token_ids, r.trace, r.steps) for r in static] == [(r.token_ids, r.trace, r.steps) for r in eager]
+    one = len(prompts) == 1
+    assert chosen and all(flags == (one, one) for flags in chosen)
+
+
 def test_a_reset_runner_decodes_like_a_new_one(model):
     from paradec.decoding.runner import Runner
 

@@ -11,9 +11,10 @@ the forwarded columns, the window's candidate columns, the window's quota table 
 Two graphs per phase (think blocks, summary, answer region), both reused across windows and
 requests: the *step* (the window's columns over the cache) and, with a windowed cache, the
 *refresh* (a window's first step: everything the phase forwards, whose KV it gathers into the
-step's cache). Shapes are padded to the phase's largest window and the key count to a multiple
-of ``KEY_ALIGN`` (attention kernels take unaligned masks slowly); padding queries and stale
-cache slots carry segment PAD, so nothing attends to them.
+step's cache). Shapes are padded to the phase's largest window; padding queries and stale cache
+slots carry segment PAD, so nothing attends to them. A window where every query sees every key
+(one request with nothing padded, under ``canvas`` attention or in one segment) attends with no
+mask, which the fastest attention kernels take; it gets its own graphs.
 
 Windowed isolated think blocks step *side by side*: under ``isolated`` attention block j's
 queries see the prompt and block j only, so the step keeps a ``BlockCache`` (one row per block:
@@ -33,7 +34,7 @@ from paradec.models.attention import PAD, PROMPT, attention_mask
 from paradec.models.transformer import BlockCache, PromptCache
 
 _PENDING = -7  # trace value select_commit writes inside a graph; replaced by the step counter
-KEY_ALIGN = 8  # keys per attention call are padded to a multiple of this (16 bytes of bf16)
+KEY_ALIGN = 8  # a BlockCache's rows are padded to a multiple of this many keys (16 bytes of bf16)
 # Blocks step side by side while the keys they read, m * prompt + blocks, stay within this many
 # times the masked step's prompt + blocks (and so does the step cache's memory). Measured on an
 # H100 at LLaDA-8B shapes, 1024-token canvas, 32-token windows (step ms, side by side / masked):
@@ -70,15 +71,16 @@ class GraphedSteps:
         self.runner, self.phase, self.pool = runner, phase, pool
         self.windowed = runner._windowed_cache
         self.per_block = self.windowed and _blocks_apart(runner, phase, phase_cache)
-        self.step_graph = self.refresh_graph = None
+        self.step_graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # by whether attention runs unmasked
+        self.refresh_graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self.step_dense = self.refresh_dense = False
         self._build(phase_cache)
 
     # --- host side ---------------------------------------------------------------------------
     def load(self, phase_cache: PromptCache | None, with_phase_cache: bool) -> None:
         """Refills the static buffers for the runner's current window; with
         ``with_phase_cache`` (a phase's first window) also copies the phase's cache, which no
-        replay overwrites (unwindowed: the step's whole cache; windowed: the part before the
-        kept KV)."""
+        replay overwrites (the slots before the phase's own columns)."""
         r = self.runner
         k = r.window_index
         if self.per_block:
@@ -86,9 +88,13 @@ class GraphedSteps:
             self.step_cols.copy_(step_cols)
             self.step_valid.fill_(True)
             self.block_slots.copy_(self._slots(step_cols.view(len(self.phase), -1)))
-        else:
+        elif self.windowed:  # padded by repeating the last column: it rewrites its own slot with the same k/v
             step_cols = self._step_columns(k)
-            _fill(self.step_cols, self.step_valid, step_cols)
+            self.step_cols.copy_(torch.cat((step_cols, step_cols[-1:].expand(len(self.step_cols) - len(step_cols)))))
+            self.step_valid.fill_(True)
+            self.step_slots.copy_(self.slot_of[self.step_cols + self.canvas_offset])
+        else:
+            _fill(self.step_cols, self.step_valid, self._step_columns(k))
         _fill(self.window_cols, self.window_valid, self._window_columns(k))
         group = r.groups[self.window_cols]
         offset = self.window_cols - r.body_starts[group]
@@ -106,36 +112,57 @@ class GraphedSteps:
                 _copy_cache(self.phase_cache, phase_cache, base)
                 self._load_block_prompts(phase_cache)
             return
-        self.cache.segments[:, base:].fill_(PAD)  # what the refresh keeps is written by the refresh
         if with_phase_cache and phase_cache is not None:
             _copy_cache(self.cache, phase_cache, base)
-            if self.windowed:
-                _copy_cache(self.phase_cache, phase_cache, base)
         elif with_phase_cache:
             self.cache.lengths.copy_(r.prompt_lens)
-        if self.windowed:  # which refresh columns the step's cache keeps: all but the step's
-            in_step = torch.isin(self.refresh_cols, step_cols + self.canvas_offset) & self.refresh_valid
-            _fill(self.keep_index, self.keep_valid, (self.refresh_valid & ~in_step).nonzero()[:, 0])
+        if self.windowed:
+            self.cache.segments[:, base:].copy_(self._refresh_inputs()[2])
+        self._choose_attention()
+
+    def _choose_attention(self) -> None:
+        """Whether this window's step and refresh attend with no mask: where every query sees
+        every key (one request, no padding, ``canvas`` attention or one segment) the fastest
+        attention kernels apply. A graph is captured per choice. One host sync per window."""
+        mode = self.runner.config.attention
+        step_segments = torch.where(self.step_valid, self.runner.segments[:, self.step_cols], PAD)
+        if not self.windowed:
+            self.step_dense = bool(attention_mask(step_segments, torch.cat((self.cache.segments, step_segments), 1),
+                                                  mode).all())
+            return
+        keys = self.cache.segments
+        refresh_segments = keys[:, keys.shape[1] - len(self.refresh_cols) :]
+        dense = torch.stack((attention_mask(step_segments, keys, mode).all(),
+                             attention_mask(refresh_segments, keys, mode).all()))
+        self.step_dense, self.refresh_dense = dense.tolist()
+
+    @property
+    def step_graph(self) -> torch.cuda.CUDAGraph | None:
+        """The step graph the current window replays (None before its first replay)."""
+        return self.step_graphs.get(self.step_dense)
+
+    @property
+    def refresh_graph(self) -> torch.cuda.CUDAGraph | None:
+        return self.refresh_graphs.get(self.refresh_dense)
 
     def refresh(self, step: int) -> int:
         """The window's first step (or a periodic refresh): one replay; returns the next step."""
         if self.refresh_graph is None:
-            self.refresh_graph = self._capture(self._refresh_step)
+            self.refresh_graphs[self.refresh_dense] = self._capture(self._refresh_step)
         return self._replay(self.refresh_graph, 1, step)
 
     def replay(self, count: int, step: int) -> int:
         """Replays ``count`` steps of the current window from global step ``step``; returns the
         step after them."""
         if self.step_graph is None:
-            self.step_graph = self._capture(self._step)
+            self.step_graphs[self.step_dense] = self._capture(self._step)
         return self._replay(self.step_graph, count, step)
 
     def release(self) -> None:
         """Drops the graphs (their private memory) and the static caches."""
-        for graph in (self.step_graph, self.refresh_graph):
-            if graph is not None:
-                graph.reset()
-        self.step_graph = self.refresh_graph = None
+        for graph in (*self.step_graphs.values(), *self.refresh_graphs.values()):
+            graph.reset()
+        self.step_graphs, self.refresh_graphs = {}, {}
         self.cache = self.phase_cache = self.blocks = None
 
     def _replay(self, graph, count: int, step: int) -> int:
@@ -186,26 +213,23 @@ class GraphedSteps:
             else:
                 self.canvas_offset = 0
                 columns = torch.cat([torch.arange(*r.layout.blocks[g], device=device) for g in phase])
-            width = _aligned(base + len(columns)) - base
-            self.refresh_cols = torch.zeros(width, dtype=torch.long, device=device)
-            self.refresh_valid = torch.zeros(width, dtype=torch.bool, device=device)
-            _fill(self.refresh_cols, self.refresh_valid, columns)
-            cached = base
-            if not self.per_block:  # side by side, the BlockCache holds what the refresh keeps
-                kept = len(columns) - min(len(self._step_columns(k)) for k in range(windows))
-                self.keep_index = torch.zeros(kept, dtype=torch.long, device=device)
-                self.keep_valid = torch.zeros(kept, dtype=torch.bool, device=device)
-                cached = base + kept
-            if phase_cache is not None:
-                self.phase_cache = _empty_cache(kv_like, cfg, b, base, width, phase_cache.segments.dtype)
+            self.refresh_cols = columns  # [W]
+            if self.per_block:
+                self.phase_cache = _empty_cache(kv_like, cfg, b, base, len(columns), phase_cache.segments.dtype)
+                self._build_blocks(kv_like, cfg, b, base, windows)
+                step_width = len(phase) * self.block_width
+            else:
+                # The step's cache: the phase cache, then every refresh column's KV in a slot of its
+                # own; the refresh writes them all, a step rewrites its columns' slots, and every
+                # slot is a key (Fast-dLLM's dual cache, replaced in place).
+                self.refresh_slots = base + torch.arange(len(columns), device=device)
+                self.slot_of = torch.full((self.canvas_offset + r.canvas.shape[1],), -1, dtype=torch.long,
+                                          device=device)
+                self.slot_of[columns] = self.refresh_slots
+                self.step_slots = torch.zeros(step_width, dtype=torch.long, device=device)
+                self.cache = _empty_cache(kv_like, cfg, b, base + len(columns), 0, torch.long)
         else:
-            cached = base
-        if self.per_block:
-            self._build_blocks(kv_like, cfg, b, base, windows)
-            step_width = len(phase) * self.block_width
-        else:
-            step_width = _aligned(cached + step_width) - cached
-        self.cached = cached
+            self.cache = _empty_cache(kv_like, cfg, b, base, step_width, torch.long)
         self.step_cols = torch.zeros(step_width, dtype=torch.long, device=device)
         self.step_valid = torch.zeros(step_width, dtype=torch.bool, device=device)
         self.window_cols = torch.zeros(window_width, dtype=torch.long, device=device)
@@ -217,7 +241,6 @@ class GraphedSteps:
         self.schedule_len = torch.zeros(g, dtype=torch.long, device=device)
         self.window_steps = torch.zeros(b, g, dtype=torch.long, device=device)
         self.step_t = torch.zeros((), dtype=torch.long, device=device)
-        self.cache = None if self.per_block else _empty_cache(kv_like, cfg, b, cached, step_width, torch.long)
         self.rows = torch.arange(b * window_width, device=device)
         self.batch_index = torch.arange(b, device=device).repeat_interleave(window_width)  # [B * N]
         self.batch = torch.arange(b, device=device)
@@ -248,12 +271,7 @@ class GraphedSteps:
         self.blocks = BlockCache(kv=kv, bias=None if exact else kv_like.new_zeros(b * m, 1, 1, slots))
         self.block_slots = torch.zeros(b * m * self.block_width, dtype=torch.long, device=device)
         # The refresh forwards every column of the phase: each one's k/v goes to its block's row.
-        cols, valid = self.refresh_cols, self.refresh_valid
-        width = len(cols)
-        src = (torch.arange(b, device=device)[:, None] * width + torch.arange(width, device=device)).reshape(-1)
-        src = src[valid.repeat(b)]  # [B * T'] rows of the refresh's flattened [B * T] k/v
-        self.refresh_src = src
-        self.refresh_dst = self._slots(cols[valid].view(1, -1))
+        self.refresh_dst = self._slots(self.refresh_cols.view(1, -1))  # [B * W]
 
     def _slots(self, columns: torch.Tensor) -> torch.Tensor:
         """Flat BlockCache slots (row * C + slot) of canvas ``columns`` ([K, S], any blocks) for
@@ -309,8 +327,8 @@ class GraphedSteps:
         if self.per_block:
             return r.model.module.forward_blocks(ids, positions, segments, self.blocks, self.block_slots,
                                                  self._logits_at())
-        return r.model(ids, positions, segments, r.config.attention, cache=self.cache,
-                       logits_at=self._logits_at(), check_inputs=False)
+        return r.model(ids, positions, segments, r.config.attention, cache=self.cache, logits_at=self._logits_at(),
+                       check_inputs=False, dense=self.step_dense, slots=self.step_slots if self.windowed else None)
 
     def _logits_at(self) -> torch.Tensor:
         r = self.runner
@@ -328,37 +346,33 @@ class GraphedSteps:
         segments = torch.cat((torch.where(prompt_real, PROMPT, PAD), r.segments), 1)
         return ids, positions, segments
 
+    def _refresh_inputs(self):
+        """The refresh's input: [B, W] ids, positions, segments."""
+        return tuple(x[:, self.refresh_cols] for x in self._sequence())
+
     def _refresh_step(self) -> None:
-        """A window's first step: forward every column of the phase, keep the KV of the columns
-        the window's steps do not recompute in the step's cache, commit from its logits."""
+        """A window's first step: forward every column of the phase, writing their KV into the
+        step's cache (the blocks' rows, side by side), and commit from its logits."""
         r, module = self.runner, self.runner.model.module
-        seq_ids, seq_pos, seq_seg = self._sequence()
-        cols, valid = self.refresh_cols, self.refresh_valid
-        ids = torch.where(valid, seq_ids[:, cols], 0)  # [B, T]
-        positions = torch.where(valid, seq_pos[:, cols], -1)
-        segments = torch.where(valid, seq_seg[:, cols], PAD)
-        phase_cache = getattr(self, "phase_cache", None)
-        keys = segments if phase_cache is None else torch.cat((phase_cache.segments, segments), 1)
-        mask = attention_mask(segments, keys, r.config.attention)
-        hidden, kv = module._layers(module.embed(ids.clamp(min=0)), positions, mask, phase_cache)
-        logits_at = self._logits_at()
-        rows = module._gather_rows(hidden, positions, segments, logits_at, phase_cache, False)
-        logits = module.head(rows)
+        ids, positions, segments = self._refresh_inputs()  # [B, W]
+        x = module.embed(ids.clamp(min=0))
         if self.per_block:
+            keys = torch.cat((self.phase_cache.segments, segments), 1)
+            mask = attention_mask(segments, keys, r.config.attention)
+            hidden, kv = module._layers(x, positions, mask, self.phase_cache)
             for i, layer_kv in enumerate(kv):
-                for buffer, new in zip(self.blocks.kv[i], layer_kv):  # [B, Hkv, T, D] -> each column's slot
+                for buffer, new in zip(self.blocks.kv[i], layer_kv):  # [B, Hkv, W, D] -> each column's slot
                     hkv, d = new.shape[1], new.shape[3]
-                    flat = new.transpose(1, 2).reshape(-1, hkv, d).index_select(0, self.refresh_src)
-                    buffer.view(-1, hkv, d).index_copy_(0, self.refresh_dst, flat)
-            self._commit(logits, logits_at)
-            return
-        start, keep = self.cached - len(self.keep_index), self.keep_index
-        for i, (k, v) in enumerate(kv):  # [B, Hkv, T, D] -> the kept columns, after the phase cache
-            self.cache.kv[i, 0, :, :, start : self.cached].copy_(k.index_select(2, keep))
-            self.cache.kv[i, 1, :, :, start : self.cached].copy_(v.index_select(2, keep))
-        self.cache.segments[:, start:].copy_(torch.where(self.keep_valid, segments[:, keep], PAD))
-        if phase_cache is None:  # the prompt was forwarded: its last hidden state as of now
-            self.cache.last_hidden.copy_(hidden[self.batch, r.prompt_lens - 1])
+                    buffer.view(-1, hkv, d).index_copy_(0, self.refresh_dst, new.transpose(1, 2).reshape(-1, hkv, d))
+            cache = self.phase_cache
+        else:
+            mask = None if self.refresh_dense else attention_mask(segments, self.cache.segments, r.config.attention)
+            hidden, _ = module._layers(x, positions, mask, self.cache, self.refresh_slots)
+            if self.canvas_offset:  # the prompt was forwarded: its last hidden state as of now
+                self.cache.last_hidden.copy_(hidden[self.batch, r.prompt_lens - 1])
+            cache = self.cache
+        logits_at = self._logits_at()
+        logits = module.head(module._gather_rows(hidden, positions, segments, logits_at, cache, False))
         self._commit(logits, logits_at)
 
     def _step(self) -> None:

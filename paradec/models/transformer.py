@@ -124,8 +124,16 @@ def fused(fn):
     return call
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """x + residual, and its RMSNorm: both [..., d] (one kernel where fused: ~0.2 ms of an 8B
+    step, measured in benchmarks/RESULTS.md)."""
+    total = x + residual
+    return total, F.rms_norm(total, weight.shape, weight, eps)
+
+
 rotate = fused(apply_rotary)
 swiglu = fused(silu_mul)
+add_norm = fused(add_rms_norm)
 
 
 class Attention(nn.Module):
@@ -157,7 +165,8 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x: [B, T, d]; past k/v: [B, Hkv, C, D] buffers whose first ``past_len`` tokens are
         cached; when C >= past_len + T this call's k/v are written in place after them (no copy
-        of the cache), else concatenated. mask: [B, 1, T, past_len + T], additive (0 or -inf).
+        of the cache), else concatenated. mask: [B, 1, T, past_len + T], additive (0 or -inf),
+        or None: every query sees every key.
         slots: [T] buffer slots (a device tensor) to write this call's k/v into instead; then
         every slot of the buffer is a key and mask is [B, 1, T, C] (a static cache).
         Returns the output [B, T, d] and this call's own k/v [B, Hkv, T, D]."""
@@ -225,12 +234,13 @@ class Layer(nn.Module):
 
     def forward(self, x, cos, sin, mask, past, past_len, slots=None):
         attn_out, kv = self.attn(self.attn_norm(x), cos, sin, mask, past, past_len, slots)
-        x = x + attn_out
-        return x + self.mlp(self.mlp_norm(x)), kv
+        x, normed = add_norm(x, attn_out, self.mlp_norm.weight, self.mlp_norm.eps)
+        return x + self.mlp(normed), kv
 
     def forward_blocks(self, x, cos, sin, kv, bias, slots):
-        x = x + self.attn.forward_blocks(self.attn_norm(x), cos, sin, kv, bias, slots)
-        return x + self.mlp(self.mlp_norm(x))
+        attn_out = self.attn.forward_blocks(self.attn_norm(x), cos, sin, kv, bias, slots)
+        x, normed = add_norm(x, attn_out, self.mlp_norm.weight, self.mlp_norm.eps)
+        return x + self.mlp(normed)
 
 
 @dataclass
@@ -314,8 +324,12 @@ class DiffusionTransformer(nn.Module):
         """Runs every layer; returns hidden [B, T, d] and per-layer new k/v (written into the
         cache at ``slots`` when given, see ``Attention.forward``). mask: boolean, turned here
         once into the additive form that attention kernels take (given a boolean one, each
-        layer's call would convert it again: ~4.5 µs a layer at an 8B step's shapes)."""
-        mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+        layer's call would convert it again: ~4.5 µs a layer at an 8B step's shapes); None when
+        every query attends to every key (see ``forward``'s ``dense``)."""
+        if mask is not None:  # rows padded to 8 elements in storage: SDPA takes such a slice without a copy
+            keys = mask.shape[-1]
+            storage = torch.zeros(*mask.shape[:-1], -(-keys // 8) * 8, dtype=x.dtype, device=x.device)
+            mask = storage[..., :keys].masked_fill_(~mask, float("-inf"))
         cos, sin = self.rope(positions)
         new_kv = []
         for i, layer in enumerate(self.layers):
@@ -376,6 +390,8 @@ class DiffusionTransformer(nn.Module):
         cache: PromptCache | None = None,
         logits_at: torch.Tensor | None = None,
         check_inputs: bool = True,
+        dense: bool = False,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for the positions asked for, and only those.
 
@@ -386,13 +402,31 @@ class DiffusionTransformer(nn.Module):
 
         A shifted model (Dream) predicts position p from the hidden state at p - 1, which must be
         in the input or be the last prompt token of ``cache``.
+
+        dense: the caller knows that under ``mode`` every query attends to every key (no PAD
+        among them, one segment or ``canvas`` attention); attention then runs with no mask,
+        which the fastest kernels take (an all-true mask still costs its reads: 38 against
+        23 µs a layer at an 8B block step's shapes). Checked when ``check_inputs``.
+
+        slots: [T] slots of ``cache`` where these tokens' k/v are written before they attend
+        (a static cache: every slot is then a key, and ``cache.segments`` covers all of them).
         """
         check_mode(mode)
         if check_inputs:
             self._check(input_ids, positions, segments)
-        key_segments = segments if cache is None else torch.cat((cache.segments, segments), dim=1)
+        if slots is None:
+            key_segments = segments if cache is None else torch.cat((cache.segments, segments), dim=1)
+        elif cache is None or cache.capacity != cache.num_tokens or slots.shape != (input_ids.shape[1],):
+            raise InputError("slots needs a cache whose segments cover all its slots and one slot per input column")
+        else:
+            key_segments = cache.segments
         mask = attention_mask(segments, key_segments, mode)
-        hidden, _ = self._layers(self.embed(input_ids.clamp(min=0)), positions, mask, cache)
+        if dense:
+            if check_inputs and not bool(mask.all()):
+                raise InputError(f"dense=True, but under {mode!r} attention some query may not see some key "
+                                 "(padding, or another block's keys)")
+            mask = None
+        hidden, _ = self._layers(self.embed(input_ids.clamp(min=0)), positions, mask, cache, slots)
         if logits_at is None:
             logits_at = positions
         rows = self._gather_rows(hidden, positions, segments, logits_at, cache, check_inputs)
