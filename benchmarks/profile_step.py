@@ -52,7 +52,9 @@ def main() -> None:
     runner.run()
     steps = runner.graphs[tuple(runner.phases[0])]
     print(f"step: {int(steps.step_valid.sum())} columns forwarded ({len(steps.step_cols)} with padding), "
-          f"{int(steps.window_valid.sum())} candidates, {steps.cache.capacity} keys")
+          f"{int(steps.window_valid.sum())} candidates, "
+          f"{steps.blocks.kv.shape[3] if steps.per_block else steps.cache.capacity} keys, "
+          f"attention {_attention(steps)}")
     rows = {"step_graph_ms": median_ms(steps.step_graph.replay)}
     for name, backends in (("default", None), ("efficient", [SDPBackend.EFFICIENT_ATTENTION]),
                            ("cudnn", [SDPBackend.CUDNN_ATTENTION]), ("math", [SDPBackend.MATH])):
@@ -66,6 +68,12 @@ def main() -> None:
             del graph
         except RuntimeError as err:
             rows[f"forward_graph_{name}_ms"] = f"refused: {str(err).splitlines()[0][:80]}"
+    if steps.step_dense:  # the same forward with the mask it no longer needs: what dropping it saves
+        steps.step_dense = False
+        graph, _ = capture_graph(steps.forward)
+        rows["forward_graph_masked_ms"] = median_ms(graph.replay)
+        steps.step_dense = True
+        del graph
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
@@ -79,6 +87,12 @@ def main() -> None:
     for key, value in rows.items():
         print(f"{key:32} {value if isinstance(value, str) else f'{value:.3f}'}")
     emit_json({"benchmark": "profile_step", **info, **vars(args), **rows})
+
+
+def _attention(steps) -> str:
+    if steps.per_block:
+        return "blocks side by side, " + ("unmasked" if steps.blocks.bias is None else "with a bias")
+    return "unmasked" if steps.step_dense else "masked"
 
 
 if __name__ == "__main__":
