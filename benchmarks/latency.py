@@ -118,7 +118,7 @@ def decode(model, prompt: list[int], repeats: int, step_times: bool, summary: bo
         row["forward_ms"] = median_ms(forward_graph.replay, warmup=3, repeats=20)
         forward_graph.reset()
         del logits
-        row["step_tokens"] = int(steps.step_valid.sum())
+        row["step_tokens"] = int(steps.step_cols[steps.step_valid].unique().numel())  # repeats pad a window
         if steps.refresh_graph is not None:
             row["refresh_ms"] = median_ms(steps.refresh_graph.replay, warmup=3, repeats=10)
         del forward_graph, steps

@@ -51,7 +51,8 @@ def main() -> None:
     runner = Runner(model, config, layout, [prompt])
     runner.run()
     steps = runner.graphs[tuple(runner.phases[0])]
-    print(f"step: {int(steps.step_valid.sum())} columns forwarded ({len(steps.step_cols)} with padding), "
+    forwarded = int(steps.step_cols[steps.step_valid].unique().numel())
+    print(f"step: {forwarded} columns forwarded ({len(steps.step_cols)} with padding), "
           f"{int(steps.window_valid.sum())} candidates, "
           f"{steps.blocks.kv.shape[3] if steps.per_block else steps.cache.capacity} keys, "
           f"attention {_attention(steps)}")

@@ -8,6 +8,7 @@ import torch
 import paradec
 from paradec.models import AttentionSpec, build, count_parameters, reference_config
 from paradec.models.attention import PAD
+from paradec.models.transformer import PromptCache
 
 from reference import isolated_allowed, reference_logits
 from tiny import tiny_checkpoint
@@ -119,6 +120,26 @@ def test_dense_forward_equals_masked_where_every_key_is_seen(tiny):
     padded[0, -1] = PAD
     with pytest.raises(paradec.InputError, match="dense=True"):
         model(canvases, positions, padded, "canvas", cache=cache, dense=True)
+
+
+def test_forward_into_cache_slots_equals_appending(tiny):
+    """``slots=``: the input's k/v written into given slots of a static cache whose every slot
+    is a key (in any order) gives the logits of appending them after the cached prompt."""
+    family, model, config, _ = tiny
+    prompts, canvases = _batch(model, config, [7], [4, 5], 3, seed=5)
+    t = canvases.shape[1]
+    cache = model.prefill(prompts[0][None], torch.tensor([7]), reserve=t)
+    positions = torch.arange(7, 7 + t)[None]
+    segments = AttentionSpec.from_lengths("isolated", 7, [4, 5], 3).segment_ids(positions[0])[None]
+    appended = model(canvases, positions, segments, "isolated", cache=cache)
+    slots = 7 + torch.randperm(t, generator=torch.Generator().manual_seed(0))
+    key_segments = torch.cat((cache.segments, torch.empty_like(segments)), 1)
+    key_segments[:, slots] = segments
+    static = PromptCache(cache.kv.clone(), key_segments, cache.lengths, cache.last_hidden)
+    torch.testing.assert_close(model(canvases, positions, segments, "isolated", cache=static, slots=slots), appended,
+                               **FP32)
+    with pytest.raises(paradec.InputError, match="slots"):  # the prompt's segments alone cover 7 of 7 + t slots
+        model(canvases, positions, segments, "isolated", cache=cache, slots=slots)
 
 
 def test_isolated_blocks_equal_separate_forwards(tiny):

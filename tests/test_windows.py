@@ -283,6 +283,37 @@ def test_static_steps_attend_unmasked_where_every_key_is_seen(model, case, promp
     assert chosen and all(flags == (one, one) for flags in chosen)
 
 
+@pytest.mark.parametrize("headerless", ["summary", "block 2", "block 2 on its own rank"])
+def test_static_steps_of_headerless_groups_equal_eager_steps(model, headerless, monkeypatch):
+    """Without a header, a shifted model's first window reads the column before it from another
+    group (the summary's from the last think block): the step forwards that column too, and its
+    key is in the step's cache only then, as in the eager step."""
+    import dataclasses
+
+    from paradec.decoding.runner import Runner
+
+    _skip_without_native_ops()
+    if headerless == "summary":
+        monkeypatch.setattr(model, "summary_header_ids", lambda: [])
+    else:
+        header = model.think_header_ids
+        monkeypatch.setattr(model, "think_header_ids", lambda i: [] if i == 2 else header(i))
+    config = GenerationConfig(blocks=2, block_len=8, summary_len=8, window=4, tokens_per_step=1, cuda_graphs=False)
+    if headerless.endswith("rank"):  # what a rank holding think block 1 alone decodes
+        layout = build_layout(model, config)
+        prompts, part = [encode_prompt(model, PROMPTS[0], config, layout)], dict(think_blocks=[1], summary=False)
+        eager = Runner(model, config, layout, prompts, **part).run()
+        _graph_bodies_on_cpu(monkeypatch)
+        static = Runner(model, dataclasses.replace(config, cuda_graphs=True), layout, prompts, **part).run()
+        assert torch.equal(static.canvas, eager.canvas) and torch.equal(static.trace, eager.trace)
+        return
+    settings = {k: getattr(config, k) for k in ("blocks", "block_len", "summary_len", "window", "tokens_per_step")}
+    eager = paradec.generate(model, PROMPTS, cuda_graphs=False, **settings)
+    _graph_bodies_on_cpu(monkeypatch)
+    static = paradec.generate(model, PROMPTS, cuda_graphs=True, **settings)
+    assert [(r.token_ids, r.trace) for r in static] == [(r.token_ids, r.trace) for r in eager]
+
+
 def test_a_reset_runner_decodes_like_a_new_one(model):
     from paradec.decoding.runner import Runner
 

@@ -10,11 +10,13 @@ Everything a step reads lives in static buffers that the host refills when a win
 the forwarded columns, the window's candidate columns, the window's quota table and the cache.
 Two graphs per phase (think blocks, summary, answer region), both reused across windows and
 requests: the *step* (the window's columns over the cache) and, with a windowed cache, the
-*refresh* (a window's first step: everything the phase forwards, whose KV it gathers into the
-step's cache). Shapes are padded to the phase's largest window; padding queries and stale cache
-slots carry segment PAD, so nothing attends to them. A window where every query sees every key
-(one request with nothing padded, under ``canvas`` attention or in one segment) attends with no
-mask, which the fastest attention kernels take; it gets its own graphs.
+*refresh* (a window's first step: everything the phase forwards, whose KV it writes into the
+step's cache, a slot per column; a step rewrites its own columns' slots). Shapes are those of the
+phase's largest window: a narrower window repeats its last column (which rewrites its own slot
+with the same KV); unwindowed phases pad with queries of segment PAD, which nothing attends to. A
+window where every query sees every key (one request with nothing padded, under ``canvas``
+attention or in one segment) attends with no mask, which the fastest attention kernels take; it
+gets its own graphs.
 
 Windowed isolated think blocks step *side by side*: under ``isolated`` attention block j's
 queries see the prompt and block j only, so the step keeps a ``BlockCache`` (one row per block:
@@ -117,7 +119,10 @@ class GraphedSteps:
         elif with_phase_cache:
             self.cache.lengths.copy_(r.prompt_lens)
         if self.windowed:
-            self.cache.segments[:, base:].copy_(self._refresh_inputs()[2])
+            segments = self._sequence()[2]
+            self.cache.segments[:, base : self.extra_start].copy_(segments[:, self.refresh_cols])
+            forwarded = torch.isin(self.extra_cols, self.step_cols + self.canvas_offset)
+            self.cache.segments[:, self.extra_start :].copy_(torch.where(forwarded, segments[:, self.extra_cols], PAD))
         self._choose_attention()
 
     def _choose_attention(self) -> None:
@@ -130,11 +135,19 @@ class GraphedSteps:
             self.step_dense = bool(attention_mask(step_segments, torch.cat((self.cache.segments, step_segments), 1),
                                                   mode).all())
             return
-        keys = self.cache.segments
-        refresh_segments = keys[:, keys.shape[1] - len(self.refresh_cols) :]
+        keys, refresh_keys = self.cache.segments, self._refresh_keys()
+        refresh_segments = keys[:, self.refresh_slots]
         dense = torch.stack((attention_mask(step_segments, keys, mode).all(),
-                             attention_mask(refresh_segments, keys, mode).all()))
+                             attention_mask(refresh_segments, refresh_keys, mode).all()))
         self.step_dense, self.refresh_dense = dense.tolist()
+
+    def _refresh_keys(self) -> torch.Tensor:
+        """[B, C] segments of the keys a refresh sees: the step cache's, less the slots of step
+        columns outside the phase (which the refresh does not forward)."""
+        keys = self.cache.segments
+        if len(self.extra_cols) == 0:
+            return keys
+        return torch.cat((keys[:, : self.extra_start], torch.full_like(keys[:, self.extra_start :], PAD)), 1)
 
     @property
     def step_graph(self) -> torch.cuda.CUDAGraph | None:
@@ -198,7 +211,8 @@ class GraphedSteps:
         r, phase = self.runner, self.phase
         device, b = r.device, r.canvas.shape[0]
         windows = max(len(r.windows[g]) for g in phase)
-        step_width = max(len(self._step_columns(k)) for k in range(windows))
+        step_columns = [self._step_columns(k) for k in range(windows)]
+        step_width = max(len(c) for c in step_columns)
         window_width = max(len(self._window_columns(k)) for k in range(windows))
         base = 0 if phase_cache is None else phase_cache.num_tokens
         kv_like = r.model.module.embed.weight
@@ -221,13 +235,20 @@ class GraphedSteps:
             else:
                 # The step's cache: the phase cache, then every refresh column's KV in a slot of its
                 # own; the refresh writes them all, a step rewrites its columns' slots, and every
-                # slot is a key (Fast-dLLM's dual cache, replaced in place).
+                # slot is a key (Fast-dLLM's dual cache, replaced in place). Last, a slot for each
+                # step column outside the phase (a shifted model's predecessor of a headerless
+                # group's first window): a key while a step forwards it, as in the eager step.
+                in_phase = torch.zeros(self.canvas_offset + r.canvas.shape[1], dtype=torch.bool, device=device)
+                in_phase[columns] = True
+                outside = torch.cat(step_columns) + self.canvas_offset
+                self.extra_cols = outside[~in_phase[outside]].unique()  # [E]
+                self.extra_start = base + len(columns)
                 self.refresh_slots = base + torch.arange(len(columns), device=device)
-                self.slot_of = torch.full((self.canvas_offset + r.canvas.shape[1],), -1, dtype=torch.long,
-                                          device=device)
+                self.slot_of = torch.full(in_phase.shape, -1, dtype=torch.long, device=device)
                 self.slot_of[columns] = self.refresh_slots
+                self.slot_of[self.extra_cols] = self.extra_start + torch.arange(len(self.extra_cols), device=device)
                 self.step_slots = torch.zeros(step_width, dtype=torch.long, device=device)
-                self.cache = _empty_cache(kv_like, cfg, b, base + len(columns), 0, torch.long)
+                self.cache = _empty_cache(kv_like, cfg, b, self.extra_start + len(self.extra_cols), 0, torch.long)
         else:
             self.cache = _empty_cache(kv_like, cfg, b, base, step_width, torch.long)
         self.step_cols = torch.zeros(step_width, dtype=torch.long, device=device)
@@ -346,15 +367,11 @@ class GraphedSteps:
         segments = torch.cat((torch.where(prompt_real, PROMPT, PAD), r.segments), 1)
         return ids, positions, segments
 
-    def _refresh_inputs(self):
-        """The refresh's input: [B, W] ids, positions, segments."""
-        return tuple(x[:, self.refresh_cols] for x in self._sequence())
-
     def _refresh_step(self) -> None:
         """A window's first step: forward every column of the phase, writing their KV into the
         step's cache (the blocks' rows, side by side), and commit from its logits."""
         r, module = self.runner, self.runner.model.module
-        ids, positions, segments = self._refresh_inputs()  # [B, W]
+        ids, positions, segments = (x[:, self.refresh_cols] for x in self._sequence())  # [B, W]
         x = module.embed(ids.clamp(min=0))
         if self.per_block:
             keys = torch.cat((self.phase_cache.segments, segments), 1)
@@ -366,7 +383,7 @@ class GraphedSteps:
                     buffer.view(-1, hkv, d).index_copy_(0, self.refresh_dst, new.transpose(1, 2).reshape(-1, hkv, d))
             cache = self.phase_cache
         else:
-            mask = None if self.refresh_dense else attention_mask(segments, self.cache.segments, r.config.attention)
+            mask = None if self.refresh_dense else attention_mask(segments, self._refresh_keys(), r.config.attention)
             hidden, _ = module._layers(x, positions, mask, self.cache, self.refresh_slots)
             if self.canvas_offset:  # the prompt was forwarded: its last hidden state as of now
                 self.cache.last_hidden.copy_(hidden[self.batch, r.prompt_lens - 1])

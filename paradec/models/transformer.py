@@ -420,7 +420,7 @@ class DiffusionTransformer(nn.Module):
             raise InputError("slots needs a cache whose segments cover all its slots and one slot per input column")
         else:
             key_segments = cache.segments
-        mask = attention_mask(segments, key_segments, mode)
+        mask = None if dense and not check_inputs else attention_mask(segments, key_segments, mode)
         if dense:
             if check_inputs and not bool(mask.all()):
                 raise InputError(f"dense=True, but under {mode!r} attention some query may not see some key "
