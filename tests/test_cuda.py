@@ -44,6 +44,27 @@ def test_cuda_matches_cpu(tmp_path, family):
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
+def test_unmasked_bf16_forward_matches_float64(tmp_path, family):
+    """``dense=True`` in bf16 takes the unmasked flash kernels: as close to the CPU float64
+    forward as the masked bf16 forward is, over a cached prompt under ``canvas`` attention."""
+    root, _, _ = tiny_checkpoint(tmp_path, family, seed=3)
+    cpu, gpu = paradec.load(root, dtype=torch.float64), paradec.load(root, device="cuda")
+    spec = AttentionSpec.from_lengths("canvas", 9, [6, 6], 4)
+    positions = torch.arange(spec.total_len)[None]
+    segments = spec.segment_ids(positions[0])[None]
+    ids = torch.randint(5, cpu.spec.vocab_size, positions.shape, generator=torch.Generator().manual_seed(4))
+    canvas = (ids[:, 9:], positions[:, 9:], segments[:, 9:], "canvas")
+    ref = cpu(*canvas, cache=cpu.prefill(ids[:, :9], torch.tensor([9])))
+    cache = gpu.prefill(ids[:, :9].cuda(), torch.tensor([9], device="cuda"), reserve=16)
+    args = tuple(x.cuda() for x in canvas[:3]) + ("canvas",)
+    errors = {}
+    for dense in (False, True):
+        got = gpu(*args, cache=cache, dense=dense, check_inputs=not dense).cpu().double()
+        errors[dense] = ((got - ref).norm() / ref.norm()).item()
+    assert errors[True] < 3e-2 and errors[True] < 2 * errors[False] + 1e-3, errors
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
 def test_cached_forward_in_a_cuda_graph(tmp_path, family):
     root, _, _ = tiny_checkpoint(tmp_path, family, seed=2)
     model = paradec.load(root, device="cuda", dtype=torch.float32)
