@@ -421,8 +421,8 @@ class DiffusionTransformer(nn.Module):
         else:
             key_segments = cache.segments
         mask = None if dense and not check_inputs else attention_mask(segments, key_segments, mode)
-        if dense:
-            if check_inputs and not bool(mask.all()):
+        if dense and mask is not None:  # checked, then dropped
+            if not bool(mask.all()):
                 raise InputError(f"dense=True, but under {mode!r} attention some query may not see some key "
                                  "(padding, or another block's keys)")
             mask = None
