@@ -1,8 +1,9 @@
 // CUDA kernels of paradec's ops (schemas and CPU kernels in ops.cpp).
 //
 // score: blocks of (row, split) stream a slice of the row each with 16-byte loads into per-thread
-// online-softmax states, merged by warp shuffles; a second kernel merges a row's slices and
-// writes its scores. The row is read once; probabilities are never written.
+// online-softmax states, merged by warp shuffles; a block that read a whole row writes its scores,
+// else a second kernel merges the row's slices and writes them. The row is read once;
+// probabilities are never written.
 // select_commit: one thread per candidate ranks it inside its segment (ties: lowest column),
 // reading the candidates from shared-memory tiles, and commits it in place. No host
 // synchronisation in either, so a CUDA graph can capture a step.
@@ -32,6 +33,7 @@ void check_select_args(const Tensor& canvas, const Tensor& trace, const std::vec
                        const Tensor& score, const Tensor& confidence, int64_t rule);
 
 constexpr int kThreads = 256;
+constexpr int kRowThreads = 768;  // a scoring block that reads a whole row (see whole_rows)
 constexpr int kMaxStops = 16;
 
 template <typename T> __device__ __forceinline__ float to_float(T x) { return static_cast<float>(x); }
@@ -161,8 +163,8 @@ struct LightState {
 // maximum through a rescale by 2^(old - new) every chunk (by 1 when it did not move), and the
 // top-2 is kept per 16-byte chunk: the best chunk's first index, b1 its maximum, and b2 the
 // largest maximum of the other chunks. lane() hands the best chunk on unresolved (i1 = -2 -
-// start); the finish kernel reads the row's one winning chunk again for the lowest index holding
-// b1 and the chunk's own second best, once per row instead of once per thread.
+// start); write_scores reads the row's one winning chunk again for the lowest index holding b1
+// and the chunk's own second best, once per row instead of once per thread.
 template <typename scalar_t>
 struct GreedyState {
   float mL, s, t, b1, b2;  // mL = b1 * log2(e), rounded: the base of s and t (base 2)
@@ -190,7 +192,7 @@ struct GreedyState {
     b1 = new_best ? top : b1;
     best_v0 = new_best ? v0 : best_v0;
     if (b1 > -INFINITY) {  // false only while every logit so far is -inf
-      const float base = b1 * kLog2e;
+      const float base = __fmul_rn(b1, kLog2e);  // rounded once: mL and the shift agree
       const float shift = mL - base;  // <= 0; -inf before the first finite logit
       const float scale = exp2_approx(shift);
       t = scale * fmaf(fmaxf(shift, -150.f), s, t);
@@ -206,6 +208,43 @@ struct GreedyState {
     }
   }
 
+  // Folds in another state of the same row: the larger chunk maximum wins, ties to the lower chunk;
+  // the sums move to the larger base (one ex2 each side, 1 for the winner's).
+  __device__ __forceinline__ void merge(const GreedyState& o) {
+    const bool take = o.b1 > b1 || (o.b1 == b1 && o.best_v0 >= 0 && (best_v0 < 0 || o.best_v0 < best_v0));
+    b2 = take ? fmaxf(o.b2, b1) : fmaxf(b2, o.b1);
+    best_v0 = take ? o.best_v0 : best_v0;
+    const float top = fmaxf(b1, o.b1);
+    if (top > -INFINITY) {
+      const float base = __fmul_rn(top, kLog2e);
+      const float shift = mL - base, o_shift = o.mL - base;  // <= 0; -inf for a side with no finite logit
+      const float scale = exp2_approx(shift), o_scale = exp2_approx(o_shift);
+      t = scale * fmaf(fmaxf(shift, -150.f), s, t) + o_scale * fmaf(fmaxf(o_shift, -150.f), o.s, o.t);
+      s = scale * s + o_scale * o.s;
+      mL = base;
+    }
+    b1 = top;
+    n_inf += o.n_inf;
+    first_inf = first_inf < 0 ? o.first_inf : (o.first_inf < 0 ? first_inf : min(first_inf, o.first_inf));
+  }
+
+  // Merges a warp's lanes: seven shuffles a step (the base mL follows from b1).
+  __device__ __forceinline__ void warp_merge() {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      GreedyState o;
+      o.b1 = __shfl_xor_sync(kFullWarp, b1, offset);
+      o.b2 = __shfl_xor_sync(kFullWarp, b2, offset);
+      o.s = __shfl_xor_sync(kFullWarp, s, offset);
+      o.t = __shfl_xor_sync(kFullWarp, t, offset);
+      o.best_v0 = __shfl_xor_sync(kFullWarp, best_v0, offset);
+      o.n_inf = __shfl_xor_sync(kFullWarp, n_inf, offset);
+      o.first_inf = __shfl_xor_sync(kFullWarp, first_inf, offset);
+      o.mL = __fmul_rn(o.b1, kLog2e);  // exactly as push rounded it: not fused into the shift below
+      merge(o);
+    }
+  }
+
   __device__ __forceinline__ LaneState lane() const {
     LaneState st;
     st.n_inf = n_inf; st.first_inf = first_inf; st.g = -HUGE_VAL; st.gi = -1;
@@ -215,18 +254,19 @@ struct GreedyState {
   }
 };
 
-// A greedy 2-byte row's merged state whose maximum lies in an unresolved chunk (i1 = -2 - c):
-// the lowest index in it holding b1, and b2 raised to the chunk's own second best. Barred ids
-// read as -inf, as in the hot loop.
+// A greedy 2-byte row's merged state whose maximum lies in an unresolved chunk (i1 = -2 - c), given
+// the chunk's 16 bytes (logits c .. c + 7): the lowest index in it holding b1, and b2 raised to the
+// chunk's own second best. Barred ids read as -inf, as in the hot loop.
 template <typename scalar_t>
-__device__ void resolve_chunk(ScoreState& st, const scalar_t* row, int64_t mask_id, const int64_t* stops,
-                              int num_stops, bool bar_stop) {
+__device__ void resolve_chunk(ScoreState& st, const uint4& raw, int64_t mask_id, const int64_t* stops, int num_stops,
+                              bool bar_stop) {
   const int64_t c = -2 - st.i1;
+  const scalar_t* vals = reinterpret_cast<const scalar_t*>(&raw);
   int at = -1;
   float second = -INFINITY;
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
-    float x = to_float(row[c + k]);
+    float x = to_float(vals[k]);
     x = c + k == mask_id ? -INFINITY : x;
     for (int j = 0; bar_stop && j < num_stops; ++j) x = stops[j] == c + k ? -INFINITY : x;
     if (x == st.b1 && at < 0) at = k; else second = fmaxf(second, x);
@@ -266,22 +306,46 @@ __device__ __forceinline__ ScoreState to_memory(const LaneState& st) {
   return out;
 }
 
-// Stage 1: block (row, split) folds its slice of the row into one state. Thread `tid` reads the
-// 16-byte chunks tid, tid + blockDim, ... two loads in flight; the few threads whose chunks hold a
-// barred id check for it, the others never do. Greedy 2-byte rows fold into a GreedyState, the
-// rest into a LightState. Lanes merge by warp shuffles, warps through shared memory. Greedy
-// 2-byte rows get at most 40 registers, so that 6 blocks share an SM (the 47 the compiler would
-// take leave 5, measured slower at N = 256 on the H100).
+// A row's scores from its merged state. Greedy rows take the chosen logit from the state (b1);
+// sampled ones read it; greedy 2-byte rows first resolve their winning chunk (resolve_chunk: one
+// 16-byte read per row).
 template <typename scalar_t, bool kSampled>
-__global__ void __launch_bounds__(kThreads, kSampled || sizeof(scalar_t) > 2 ? 1 : 6) score_partial_kernel(
-    const scalar_t* __restrict__ logits, int64_t stride, int64_t V, int64_t span, const int64_t* __restrict__ rows,
-    int64_t mask_id, const int64_t* __restrict__ stops, int num_stops, const bool* __restrict__ bar_stop,
-    double temperature, const double* __restrict__ noise, ScoreState* __restrict__ partial) {
-  __shared__ LaneState warp_states[kThreads / 32];
+__device__ __forceinline__ void write_scores(ScoreState merged, const scalar_t* row, int64_t mask_id,
+                                             const int64_t* stops, int num_stops, bool bar_stop, int64_t* token,
+                                             float* confidence, float* margin, float* neg_entropy) {
+  if constexpr (!kSampled && sizeof(scalar_t) == 2) {
+    if (merged.i1 <= -2 && merged.n_inf == 0) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(row - 2 - merged.i1);
+      resolve_chunk<scalar_t>(merged, raw, mask_id, stops, num_stops, bar_stop);
+    }
+  }
+  const float chosen_logit = kSampled ? (merged.gi >= 0 ? to_float(row[merged.gi]) : 0.f) : merged.b1;
+  finish_scores(merged, kSampled, chosen_logit, *token, *confidence, *margin, *neg_entropy);
+}
+
+// Stage 1: block (row, split) folds its slice of the row into one state. Thread `tid` reads the
+// 16-byte chunks tid, tid + kBlock, ... two loads in flight; the few threads whose chunks hold a
+// barred id check for it, the others never do. Greedy 2-byte rows fold into a GreedyState and
+// merge in that form; the rest fold into a LightState and merge as LaneStates. Lanes merge by
+// warp shuffles, warps through shared memory. A block that reads a whole row writes its scores;
+// otherwise it leaves a partial state for stage 2. Greedy 2-byte rows get at most 40 registers,
+// so that 6 blocks of 256 threads or 2 of 768 share an SM (the 47 the compiler would take leave
+// 5 blocks of 256, measured slower at N = 256 on the H100).
+template <typename scalar_t, bool kSampled, int kBlock>
+__global__ void __launch_bounds__(kBlock, kSampled || sizeof(scalar_t) > 2 ? 1 : 6 * kThreads / kBlock)
+    score_partial_kernel(const scalar_t* __restrict__ logits, int64_t stride, int64_t V, int64_t span,
+                         const int64_t* __restrict__ rows, int64_t mask_id, const int64_t* __restrict__ stops,
+                         int num_stops, const bool* __restrict__ bar_stop, double temperature,
+                         const double* __restrict__ noise, ScoreState* __restrict__ partial,
+                         int64_t* __restrict__ tokens, float* __restrict__ confidence, float* __restrict__ margin,
+                         float* __restrict__ neg_entropy) {
+  constexpr int kWarps = kBlock / 32;
+  __shared__ LaneState warp_states[kWarps];
+  __shared__ GreedyState<scalar_t> greedy_states[kWarps];
   __shared__ int32_t barred[kMaxStops + 1];
   const int64_t i = blockIdx.x;
   const int split = blockIdx.y;
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const scalar_t* row = logits + rows[i] * stride;
   const int32_t begin = static_cast<int32_t>(split * span);
   const int32_t end = static_cast<int32_t>(min(V, split * span + span));
@@ -297,50 +361,72 @@ __global__ void __launch_bounds__(kThreads, kSampled || sizeof(scalar_t) > 2 ? 1
   if (tid == 0) barred[0] = static_cast<int32_t>(mask_id);
   if (tid < num_stops) barred[tid + 1] = stops[tid] >= 0 && stops[tid] < V ? static_cast<int32_t>(stops[tid]) : -1;
   __syncthreads();
-  const double* nz = kSampled ? noise + i * V : nullptr;
-  LightState<kSampled> st;
-  st.init();
-  LaneState total;
-  if (aligned && kVec == 8) {  // bf16 / fp16: eight logits per load
-    const int32_t step = blockDim.x;
-    bool mine = false;  // does one of this thread's chunks hold a barred id?
-    for (int k = 0; k < num_barred; ++k) {
-      const int32_t at = barred[k] - begin;
-      mine |= at >= 0 && at < end - begin && (at / kVec) % step == tid;
+  // The block's merged state: the row's scores when the block read all of it, else a partial state.
+  auto emit = [&](const LaneState& total) {
+    if (gridDim.y > 1) {
+      partial[i * gridDim.y + split] = to_memory(total);
+    } else {
+      write_scores<scalar_t, kSampled>(to_memory(total), row, mask_id, stops, num_stops, bar_stop[i], tokens + i,
+                                       confidence + i, margin + i, neg_entropy + i);
     }
-    auto logits8 = [&](const uint4& raw, int32_t v0, float (&x)[8]) {
-      const scalar_t* vals = reinterpret_cast<const scalar_t*>(&raw);
+  };
+  bool mine = false;  // does one of this thread's chunks hold a barred id?
+  for (int k = 0; k < num_barred; ++k) {
+    const int32_t at = barred[k] - begin;
+    mine |= at >= 0 && at < end - begin && (at / kVec) % kBlock == tid;
+  }
+  auto logits8 = [&](const uint4& raw, int32_t v0, float (&x)[8]) {
+    const scalar_t* vals = reinterpret_cast<const scalar_t*>(&raw);
 #pragma unroll
-      for (int k = 0; k < 8; ++k) x[k] = to_float(vals[k]);
-      if (mine) {
-        for (int k = 0; k < num_barred; ++k) {
-          const uint32_t at = static_cast<uint32_t>(barred[k] - v0);
-          if (at < 8u) x[at] = -INFINITY;
-        }
+    for (int k = 0; k < 8; ++k) x[k] = to_float(vals[k]);
+    if (mine) {
+      for (int k = 0; k < num_barred; ++k) {
+        const uint32_t at = static_cast<uint32_t>(barred[k] - v0);
+        if (at < 8u) x[at] = -INFINITY;
       }
-    };
-    // The next load is requested before the current one is folded (one or two in flight: more
-    // measured slower on the H100). Streaming loads (__ldcs): every logit is read once.
-    if constexpr (!kSampled && kVec == 8) {
+    }
+  };
+  // The next load is requested before the current one is folded (one or two in flight: more
+  // measured slower on the H100). Streaming loads (__ldcs): every logit is read once.
+  if constexpr (!kSampled && kVec == 8) {
+    if (aligned) {
       GreedyState<scalar_t> greedy;
       greedy.init();
-      for (int32_t c = tid; c < chunks; c += step) {
-        const uint4 next = c + step < chunks ? __ldcs(vec + c + step) : current;
+      for (int32_t c = tid; c < chunks; c += kBlock) {
+        const uint4 next = c + kBlock < chunks ? __ldcs(vec + c + kBlock) : current;
         float x[8];
         logits8(current, begin + c * kVec, x);
         greedy.push(x, begin + c * kVec);
         current = next;
       }
-      total = greedy.lane();
-    } else {
-      for (int32_t c = tid; c < chunks; c += step) {
-        const uint4 next = c + step < chunks ? __ldcs(vec + c + step) : current;
-        float x[8];
-        logits8(current, begin + c * kVec, x);
-        st.push8(x, begin + c * kVec, nz, temperature);
-        current = next;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      asm volatile("griddepcontrol.launch_dependents;");  // the finish kernel may be scheduled now
+#endif
+      greedy.warp_merge();
+      // A block reading a whole row resolves the row's best chunk at the end (write_scores): each
+      // warp's best chunk is prefetched into the SM's L1 now, so that the read overlaps the merge.
+      if (gridDim.y == 1 && lane == 0 && greedy.best_v0 >= 0 && greedy.n_inf == 0) {
+        asm volatile("prefetch.global.L1 [%0];" ::"l"(row + greedy.best_v0));
       }
-      total = st.lane();
+      if (lane == 0) greedy_states[warp] = greedy;
+      __syncthreads();
+      if (warp != 0) return;
+      if (lane < kWarps) greedy = greedy_states[lane]; else greedy.init();
+      greedy.warp_merge();
+      if (lane == 0) emit(greedy.lane());
+      return;
+    }
+  }
+  const double* nz = kSampled ? noise + i * V : nullptr;
+  LightState<kSampled> st;
+  st.init();
+  if (aligned && kVec == 8) {  // sampled bf16 / fp16: eight logits per load
+    for (int32_t c = tid; c < chunks; c += kBlock) {
+      const uint4 next = c + kBlock < chunks ? __ldcs(vec + c + kBlock) : current;
+      float x[8];
+      logits8(current, begin + c * kVec, x);
+      st.push8(x, begin + c * kVec, nz, temperature);
+      current = next;
     }
   } else {
     auto visit = [&](float x, int32_t v) {
@@ -348,38 +434,35 @@ __global__ void __launch_bounds__(kThreads, kSampled || sizeof(scalar_t) > 2 ? 1
       st.push(x, v, nz, temperature);
     };
     if (aligned) {
-      for (int32_t c = tid; c < chunks; c += blockDim.x) {
+      for (int32_t c = tid; c < chunks; c += kBlock) {
         const uint4 raw = vec[c];
         const scalar_t* vals = reinterpret_cast<const scalar_t*>(&raw);
 #pragma unroll
         for (int k = 0; k < kVec; ++k) visit(to_float(vals[k]), begin + c * kVec + k);
       }
     } else {
-      for (int32_t v = begin + tid; v < end; v += blockDim.x) visit(to_float(row[v]), v);
+      for (int32_t v = begin + tid; v < end; v += kBlock) visit(to_float(row[v]), v);
     }
-    total = st.lane();
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;");  // the finish kernel may be scheduled now
 #endif
+  LaneState total = st.lane();
   warp_merge<kSampled>(total);
-  const int warp = tid / 32, lane = tid % 32;
   if (lane == 0) warp_states[warp] = total;
   __syncthreads();
-  if (warp == 0) {
-    LightState<kSampled> empty;
-    empty.init();
-    total = lane < kThreads / 32 ? warp_states[lane] : empty.lane();
-    warp_merge<kSampled>(total);
-    if (lane == 0) partial[i * gridDim.y + split] = to_memory(total);
-  }
+  if (warp != 0) return;
+  LightState<kSampled> empty;
+  empty.init();
+  total = lane < kWarps ? warp_states[lane] : empty.lane();
+  warp_merge<kSampled>(total);
+  if (lane == 0) emit(total);
 }
 
-// Stage 2: one warp per row merges the row's slices (a lane per slice, then shuffles) and writes
-// its scores. Greedy rows take the chosen logit from the state (b1); sampled ones read it; greedy
-// 2-byte rows first resolve their winning chunk (resolve_chunk: one 16-byte read per row). On
-// sm_90+ it is launched as a programmatic dependent of stage 1: its blocks are scheduled once
-// every stage-1 block has left its loop, and wait there for the partial states.
+// Stage 2, for rows split among several blocks: one warp per row merges the row's slices (a lane
+// per slice, then shuffles) and writes its scores. On sm_90+ it is launched as a programmatic
+// dependent of stage 1: its blocks are scheduled once every stage-1 block has left its loop, and
+// wait there for the partial states.
 template <typename scalar_t, bool kSampled>
 __global__ void score_finish_kernel(const scalar_t* __restrict__ logits, int64_t stride, const int64_t* __restrict__ rows,
                                     const ScoreState* __restrict__ partial, int64_t N, int splits,
@@ -406,18 +489,8 @@ __global__ void score_finish_kernel(const scalar_t* __restrict__ logits, int64_t
   }
   warp_merge<kSampled>(total);
   if (lane != 0) return;
-  ScoreState merged = to_memory(total);
-  if constexpr (!kSampled && sizeof(scalar_t) == 2) {
-    if (merged.i1 <= -2 && merged.n_inf == 0) {
-      resolve_chunk(merged, logits + rows[i] * stride, mask_id, stops, num_stops, bar_stop[i]);
-    }
-  }
-  float chosen_logit = merged.b1;
-  if (kSampled) chosen_logit = merged.gi >= 0 ? to_float(logits[rows[i] * stride + merged.gi]) : 0.f;
-  int64_t token;
-  float c, m, e;
-  finish_scores(merged, kSampled, chosen_logit, token, c, m, e);
-  tokens[i] = token; confidence[i] = c; margin[i] = m; neg_entropy[i] = e;
+  write_scores<scalar_t, kSampled>(to_memory(total), logits + rows[i] * stride, mask_id, stops, num_stops, bar_stop[i],
+                                   tokens + i, confidence + i, margin + i, neg_entropy + i);
 }
 
 // A per-device fact asked of the runtime once: `ask()` (> 0) the first time, kept in `known`.
@@ -433,14 +506,14 @@ int once_per_device(std::array<std::atomic<int>, 64>& known, int device, Ask ask
   return value;
 }
 
-// Blocks of score_partial_kernel<scalar_t, kSampled> an SM of `device` holds at once.
-template <typename scalar_t, bool kSampled>
+// Blocks of score_partial_kernel<scalar_t, kSampled, kBlock> an SM of `device` holds at once.
+template <typename scalar_t, bool kSampled, int kBlock>
 int resident_blocks(int device) {
   static std::array<std::atomic<int>, 64> known{};
   return once_per_device(known, device, [] {
     int blocks = 0;
-    C10_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, score_partial_kernel<scalar_t, kSampled>, kThreads, 0));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &blocks, score_partial_kernel<scalar_t, kSampled, kBlock>, kBlock, 0));
     return std::max(1, blocks);
   });
 }
@@ -479,6 +552,18 @@ int row_splits(int64_t N, int64_t V, int64_t slots) {
   return static_cast<int>(best);
 }
 
+// Whether each of N greedy 2-byte rows gets one block of kRowThreads threads: when they fill one or
+// two waves of the GPU's `slots` such blocks at least 85% (and a row holds two 16-byte loads per
+// thread). A row read by one block needs no finish kernel and no partial states, and a third as
+// many blocks start and merge as for 256-thread slices of the same rows (N = 256 on the H100:
+// 27.2 against 30.8 us). With more waves, smaller blocks finishing at staggered times keep the SMs
+// busier (N = 4096: 377 against 366 us), so rows are split among 256-thread blocks (row_splits).
+bool whole_rows(int64_t N, int64_t V, int64_t slots) {
+  if (V < 16 * kRowThreads || N > 2 * slots) return false;
+  const int64_t waves = (N + slots - 1) / slots;
+  return static_cast<double>(N) >= 0.85 * static_cast<double>(waves * slots);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, const Tensor& rows, int64_t mask_id,
                                                       const Tensor& stop_ids, const Tensor& bar_stop,
                                                       double temperature, const c10::optional<Tensor>& noise) {
@@ -502,22 +587,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, cons
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "paradec_score_cuda", [&] {
     const scalar_t* base = logits.data_ptr<scalar_t>();
     const bool sampled = temperature > 0;
-    const auto partial_kernel = sampled ? score_partial_kernel<scalar_t, true> : score_partial_kernel<scalar_t, false>;
+    const int device = logits.get_device();
+    auto partial_kernel = sampled ? score_partial_kernel<scalar_t, true, kThreads>
+                                  : score_partial_kernel<scalar_t, false, kThreads>;
     const auto finish_kernel = sampled ? score_finish_kernel<scalar_t, true> : score_finish_kernel<scalar_t, false>;
-    const int blocks_per_sm = sampled ? resident_blocks<scalar_t, true>(logits.get_device())
-                                      : resident_blocks<scalar_t, false>(logits.get_device());
-    int splits = row_splits(N, V, static_cast<int64_t>(blocks_per_sm) * sms);
+    int threads = kThreads, splits = 1;
+    bool whole = false;
+    if constexpr (sizeof(scalar_t) == 2) {
+      whole = !sampled && whole_rows(N, V, resident_blocks<scalar_t, false, kRowThreads>(device) * int64_t{sms});
+      if (whole) {
+        partial_kernel = score_partial_kernel<scalar_t, false, kRowThreads>;
+        threads = kRowThreads;
+      }
+    }
+    if (!whole) {
+      const int per_sm = sampled ? resident_blocks<scalar_t, true, kThreads>(device)
+                                 : resident_blocks<scalar_t, false, kThreads>(device);
+      splits = row_splits(N, V, static_cast<int64_t>(per_sm) * sms);
+    }
     const int64_t span = ((V + splits - 1) / splits + 15) / 16 * 16;  // 16-byte loads stay aligned
     splits = static_cast<int>((V + span - 1) / span);
-    auto partial =
-        at::empty({N * splits * static_cast<int64_t>(sizeof(ScoreState))}, logits.options().dtype(at::kByte));
-    auto* states = reinterpret_cast<ScoreState*>(partial.data_ptr<uint8_t>());
+    // A row split over several blocks leaves a partial state per block for the finish kernel.
+    Tensor partial = splits > 1 ? at::empty({N * splits * static_cast<int64_t>(sizeof(ScoreState))},
+                                            logits.options().dtype(at::kByte))
+                                : Tensor();
+    auto* states = splits > 1 ? reinterpret_cast<ScoreState*>(partial.data_ptr<uint8_t>()) : nullptr;
     const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(splits));
-    partial_kernel<<<grid, kThreads, 0, stream>>>(base, logits.stride(0), V, span, rows_c.data_ptr<int64_t>(), mask_id,
-                                                  stops.data_ptr<int64_t>(), static_cast<int>(stops.size(0)),
-                                                  bar.data_ptr<bool>(), temperature,
-                                                  sampled ? noise_c.data_ptr<double>() : nullptr, states);
+    partial_kernel<<<grid, threads, 0, stream>>>(base, logits.stride(0), V, span, rows_c.data_ptr<int64_t>(), mask_id,
+                                                 stops.data_ptr<int64_t>(), static_cast<int>(stops.size(0)),
+                                                 bar.data_ptr<bool>(), temperature,
+                                                 sampled ? noise_c.data_ptr<double>() : nullptr, states,
+                                                 tokens.data_ptr<int64_t>(), conf.data_ptr<float>(),
+                                                 marg.data_ptr<float>(), negent.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (splits == 1) return;
     const int finish_threads = 256, rows_per_block = finish_threads / 32;
     const auto finish_blocks = static_cast<unsigned>((N + rows_per_block - 1) / rows_per_block);
     cudaLaunchConfig_t finish = {};
@@ -527,8 +630,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, cons
     cudaLaunchAttribute early[1];
     early[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     early[0].val.programmaticStreamSerializationAllowed = 1;
-    const bool early_ok = sampled ? finish_launches_early<scalar_t, true>(logits.get_device())
-                                  : finish_launches_early<scalar_t, false>(logits.get_device());
+    const bool early_ok = sampled ? finish_launches_early<scalar_t, true>(device)
+                                  : finish_launches_early<scalar_t, false>(device);
     if (early_ok) {  // programmatic dependent launch
       finish.attrs = early;
       finish.numAttrs = 1;

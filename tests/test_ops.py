@@ -106,9 +106,21 @@ def test_score_entropy_of_a_peaked_row_after_a_low_start(device, n):
     _compare(tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
 
 
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [240, 256, 512])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_score_rows_one_block_each(device, dtype, n, temperature):
+    """Enough LLaDA-wide rows that they fill one or two waves of the GPU's largest blocks, one
+    block a row (on an H100 or H200, 2-byte greedy rows: 225-264 and 449-528 of them): each block
+    merges, resolves and writes its row's scores itself, with no second kernel. GPU only: the
+    twin over hundreds of wide rows is heavy on a CPU."""
+    _compare(_case(n, 126464, dtype, device, n, temperature))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n", [4, 256])
+@pytest.mark.parametrize("n", [4, 256, 512])
 def test_score_greedy_top2_across_slices_and_chunks(device, dtype, n):
     """Five LLaDA-wide 2-byte rows, addressed n times in turn (a GPU splits them into few or many slices):
     the maximum tied across slices, barred ids holding the maximum next to the allowed one in
