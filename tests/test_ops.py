@@ -118,6 +118,24 @@ def test_score_rows_one_block_each(device, dtype, n, temperature):
     _compare(_case(n, 126464, dtype, device, n, temperature))
 
 
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("offset, width", [(1, 126464), (0, 126461)])
+def test_score_rows_one_block_each_unaligned(device, dtype, offset, width):
+    """Rows one block each (as above) that the 16-byte chunk loop cannot take: a one-column
+    offset, or a width that is not a multiple of 8. The large block folds them element by element,
+    with barred ids in the rows."""
+    n = 256
+    g = torch.Generator().manual_seed(offset + width)
+    wide = (torch.randn(n, 126464 + 8, generator=g) * 4).to(dtype)
+    logits = wide[:, offset:offset + width]
+    rows = torch.randperm(n, generator=g)
+    stops = torch.tensor([7, 20000, width - 1])
+    bar = torch.arange(n) % 2 == 0
+    args = [logits, rows, 0, stops, bar, 0.0, None]
+    _compare(tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [4, 256, 512])
