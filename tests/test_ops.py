@@ -106,16 +106,38 @@ def test_score_entropy_of_a_peaked_row_after_a_low_start(device, n):
     _compare(tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
 
 
+def _whole_row_counts() -> list[int]:
+    """Row counts that fill one or two waves of the CUDA kernel's 768-thread blocks (two per SM)
+    at least 85%, so that greedy 2-byte rows get one block each on any GPU (csrc: whole_rows)."""
+    if "cuda" not in DEVICES:
+        return []
+    slots = 2 * torch.cuda.get_device_properties(0).multi_processor_count
+    return [slots, slots * 9 // 10, 2 * slots - 8]
+
+
 @pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [240, 256, 512])
+@pytest.mark.parametrize("n", _whole_row_counts())
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_score_rows_one_block_each(device, dtype, n, temperature):
     """Enough LLaDA-wide rows that they fill one or two waves of the GPU's largest blocks, one
-    block a row (on an H100 or H200, 2-byte greedy rows: 225-264 and 449-528 of them): each block
-    merges, resolves and writes its row's scores itself, with no second kernel. GPU only: the
-    twin over hundreds of wide rows is heavy on a CPU."""
-    _compare(_case(n, 126464, dtype, device, n, temperature))
+    block a row for greedy 2-byte rows: each block merges, resolves and writes its row's scores
+    itself, with no second kernel. Planted among random rows: one all -inf, one with two +inf in
+    different warps' chunks, one with a single +inf in its last chunk, one whose only finite
+    logits are barred, one whose maximum is tied in chunks of different warps. GPU only: the twin
+    over hundreds of wide rows is heavy on a CPU."""
+    logits, rows, mask_id, stops, bar, temperature, noise = _case(n, 126464, dtype, "cpu", n, temperature)
+    v = logits.shape[1]
+    logits[0] = -torch.inf
+    logits[1, [5000, 90000]] = torch.inf
+    logits[2, v - 3] = torch.inf
+    logits[3] = -torch.inf
+    logits[3, [0, 1, v - 1]] = 5.0  # the mask id and both stop ids: barred where the row bars stops
+    logits[4, [300, 64000, 120000]] = 40.0  # tied: 300 wins, margin 0
+    rows[:5] = torch.arange(5)
+    bar[:5] = True
+    args = (logits, rows, mask_id, stops, bar, temperature, noise)
+    _compare(tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
 
 
 @pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])
@@ -125,7 +147,7 @@ def test_score_rows_one_block_each_unaligned(device, dtype, offset, width):
     """Rows one block each (as above) that the 16-byte chunk loop cannot take: a one-column
     offset, or a width that is not a multiple of 8. The large block folds them element by element,
     with barred ids in the rows."""
-    n = 256
+    n = _whole_row_counts()[0]
     g = torch.Generator().manual_seed(offset + width)
     wide = (torch.randn(n, 126464 + 8, generator=g) * 4).to(dtype)
     logits = wide[:, offset:offset + width]
@@ -138,7 +160,7 @@ def test_score_rows_one_block_each_unaligned(device, dtype, offset, width):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n", [4, 256, 512])
+@pytest.mark.parametrize("n", [4, 256, *_whole_row_counts()[-1:]])
 def test_score_greedy_top2_across_slices_and_chunks(device, dtype, n):
     """Five LLaDA-wide 2-byte rows, addressed n times in turn (a GPU splits them into few or many slices):
     the maximum tied across slices, barred ids holding the maximum next to the allowed one in
