@@ -323,6 +323,14 @@ __device__ __forceinline__ void write_scores(ScoreState merged, const scalar_t* 
   finish_scores(merged, kSampled, chosen_logit, *token, *confidence, *margin, *neg_entropy);
 }
 
+// Called by each stage-1 thread once its loop is done: the finish kernel, launched as a
+// programmatic dependent, may be scheduled once every block has got here (sm_90+).
+__device__ __forceinline__ void finish_may_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
 // Stage 1: block (row, split) folds its slice of the row into one state. Thread `tid` reads the
 // 16-byte chunks tid, tid + kBlock, ... two loads in flight; the few threads whose chunks hold a
 // barred id check for it, the others never do. Greedy 2-byte rows fold into a GreedyState and
@@ -340,8 +348,6 @@ __global__ void __launch_bounds__(kBlock, kSampled || sizeof(scalar_t) > 2 ? 1 :
                          int64_t* __restrict__ tokens, float* __restrict__ confidence, float* __restrict__ margin,
                          float* __restrict__ neg_entropy) {
   constexpr int kWarps = kBlock / 32;
-  __shared__ LaneState warp_states[kWarps];
-  __shared__ GreedyState<scalar_t> greedy_states[kWarps];
   __shared__ int32_t barred[kMaxStops + 1];
   const int64_t i = blockIdx.x;
   const int split = blockIdx.y;
@@ -399,9 +405,8 @@ __global__ void __launch_bounds__(kBlock, kSampled || sizeof(scalar_t) > 2 ? 1 :
         greedy.push(x, begin + c * kVec);
         current = next;
       }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      asm volatile("griddepcontrol.launch_dependents;");  // the finish kernel may be scheduled now
-#endif
+      finish_may_launch();
+      __shared__ GreedyState<scalar_t> greedy_states[kWarps];
       greedy.warp_merge();
       // A block reading a whole row resolves the row's best chunk at the end (write_scores): each
       // warp's best chunk is prefetched into the SM's L1 now, so that the read overlaps the merge.
@@ -444,9 +449,8 @@ __global__ void __launch_bounds__(kBlock, kSampled || sizeof(scalar_t) > 2 ? 1 :
       for (int32_t v = begin + tid; v < end; v += kBlock) visit(to_float(row[v]), v);
     }
   }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");  // the finish kernel may be scheduled now
-#endif
+  finish_may_launch();
+  __shared__ LaneState warp_states[kWarps];
   LaneState total = st.lane();
   warp_merge<kSampled>(total);
   if (lane == 0) warp_states[warp] = total;
