@@ -4,11 +4,20 @@ A directory holds ``config.json``, the weights as one ``model.safetensors`` or s
 with ``model.safetensors.index.json``, and tokenizer files. The checkpoint's own parameter names
 are mapped onto paradec's modules; a missing, extra or mis-shaped weight is an error, never a
 silent drop or a random initialisation.
+
+No code a checkpoint ships is ever run: an ``auto_map`` (in config.json or tokenizer_config.json)
+naming a ``modeling_*.py`` or ``tokenization_*.py`` is ignored with one log line, transformers is
+always called with ``trust_remote_code=False``, and a tokenizer whose class lives in such a file
+loads as the standard tokenizer its files describe (``tokenizer.json`` as a fast tokenizer,
+``vocab.json`` + ``merges.txt`` as Qwen2's byte-level BPE, which is what Dream publishes).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
+import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +39,17 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|endoftext|>")
+# The strings load(dtype=...) takes besides a torch.dtype.
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+# Remote-code tokenizer classes known to be Qwen2's byte-level BPE under another name.
+QWEN2_BPE_CLASSES = ("DreamTokenizer",)
+
+logger = logging.getLogger(__name__)
+_remote_code_noted: set[str] = set()  # checkpoint directories whose auto_map was already logged
 
 
 @dataclass
@@ -112,9 +132,10 @@ def build(
     source: str = "config",
 ) -> DiffusionModel:
     """A model of the config's exact shape with random weights (or none, on ``meta``)."""
+    device = parse_device(device)
+    dtype = parse_dtype(dtype) or torch.float32
     family = family_of(config, source)
     cfg = family.transformer_config(config, source)
-    device = torch.device(device)
     if seed is not None:
         torch.manual_seed(seed)
     default_dtype = torch.get_default_dtype()
@@ -142,25 +163,30 @@ def _init_random(module: DiffusionTransformer) -> None:
 def load(
     path: str | Path,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> DiffusionModel:
     """Load a LLaDA- or Dream-format checkpoint directory.
 
     path: a checkpoint directory, or the name of a model shipped with paradec
-    (``paradec.models.builtin_models()``, e.g. ``"paradec-tiny"``). dtype: the parameters' dtype; default bf16
-    on CUDA and fp32 on CPU.
+    (``paradec.models.builtin_models()``, e.g. ``"paradec-tiny"``). device: ``"cpu"``, ``"cuda"``,
+    ``"cuda:1"`` or a torch.device. dtype: the parameters' dtype, a torch.dtype or one of
+    ``"bfloat16"``/``"bf16"``, ``"float16"``/``"fp16"``/``"half"``, ``"float32"``/``"fp32"``/``"float"``;
+    default bf16 on CUDA and fp32 on CPU. Code shipped in the checkpoint is never run.
     """
     root = resolve(path)
+    device = parse_device(device)
+    dtype = parse_dtype(dtype)
     config_path = root / "config.json"
     if not root.is_dir():
-        raise CheckpointError(f"{root}: not a checkpoint directory (nor a built-in model: {builtin_models()})")
+        raise CheckpointError(_not_a_directory(path, root))
     if not config_path.exists():
         raise CheckpointError(f"{config_path}: missing (a checkpoint directory needs config.json)")
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config_path}: not valid JSON ({err})") from err
-    device = torch.device(device)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: not a JSON object")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     source = str(config_path)
@@ -189,26 +215,194 @@ def builtin_models() -> list[str]:
 
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory: ``path`` itself, or the built-in model of that name."""
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, str) or not path.strip():
+        got = repr(path) if isinstance(path, str) else f"a {type(path).__name__}"
+        raise InputError(
+            f"path must be a checkpoint directory (a str or pathlib.Path) or the name of a built-in model "
+            f"({builtin_models()}), got {got}"
+        )
     root = Path(path)
-    if not root.exists() and str(path) in builtin_models():
-        return BUILTIN_DIR / str(path)
+    if not root.exists() and path in builtin_models():
+        return BUILTIN_DIR / path
     return root
 
 
-def load_tokenizer(root: Path):
-    """transformers' AutoTokenizer from the checkpoint directory, local files only."""
-    from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
+def _not_a_directory(path: str | Path, root: Path) -> str:
+    """Why ``root`` is not a checkpoint directory, with what the caller may have meant."""
+    builtins = builtin_models()
+    if root.is_file():
+        parent = root.parent
+        hint = f"; pass its folder, {str(parent)!r}" if (parent / "config.json").exists() else ""
+        return f"{root} is a file, not a checkpoint directory (the folder with config.json, weights, tokenizer){hint}"
+    name = str(path)
+    close = [] if "/" in name or os.sep in name else difflib.get_close_matches(name, builtins, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return (
+        f"{root}: not a checkpoint directory (no such folder) nor the name of a built-in model "
+        f"(built-in: {', '.join(builtins) or 'none'}){hint}"
+    )
 
+
+def parse_dtype(dtype: torch.dtype | str | None, name: str = "dtype") -> torch.dtype | None:
+    """A floating torch.dtype from a torch.dtype or one of ``DTYPES``' names; None stays None."""
+    if dtype is None:
+        return None
+    accepted = f"a floating torch.dtype (torch.bfloat16, torch.float16, torch.float32) or one of {list(DTYPES)}"
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ConfigError(f"{name}={dtype} cannot hold model weights; {name} must be {accepted}")
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        if key in DTYPES:
+            return DTYPES[key]
+        raise ConfigError(f"{name}={dtype!r} is not a dtype paradec knows; {name} must be {accepted}")
+    raise ConfigError(f"{name} must be {accepted}, got a {type(dtype).__name__} ({dtype!r})")
+
+
+def parse_device(device: str | torch.device | int, name: str = "device") -> torch.device:
+    """A torch.device from a string such as ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a torch.device; a
+    CUDA device must exist on this machine."""
+    accepted = "'cpu', 'cuda', 'cuda:N' or a torch.device"
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, (str, int)) and not isinstance(device, bool):
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise ConfigError(f"{name}={device!r} is not a device torch knows; {name} must be {accepted}") from err
+    else:
+        raise ConfigError(f"{name} must be {accepted}, got a {type(device).__name__} ({device!r})")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ConfigError(
+                f"{name}={device!r}: CUDA is not available on this machine ({why}, torch {torch.__version__}); "
+                f"use {name}='cpu'"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"{name}={device!r}: this machine has {count} CUDA device(s), numbered 0 to {count - 1}")
+    return dev
+
+
+def load_tokenizer(root: Path):
+    """The checkpoint's tokenizer from its local files, never running code the checkpoint ships and
+    never asking whether to.
+
+    A tokenizer of a class transformers has, with no ``auto_map``, loads through AutoTokenizer. One
+    whose class lives in the checkpoint's own code (an ``auto_map``, or a class name transformers does
+    not know) loads as the standard tokenizer its files hold: ``tokenizer.json`` as a fast tokenizer
+    (LLaDA), ``vocab.json`` + ``merges.txt`` as Qwen2's byte-level BPE (Dream's DreamTokenizer is
+    Qwen2's tokenizer renamed); special tokens, the chat template and eos/pad/mask come from
+    tokenizer_config.json either way."""
+    from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast, Qwen2TokenizerFast
+
+    root = Path(root)
     if not any((root / name).exists() for name in TOKENIZER_FILES):
         raise CheckpointError(f"{root}: no tokenizer files (expected one of {list(TOKENIZER_FILES)})")
-    try:
-        # An empty config keeps AutoTokenizer from reading config.json as a transformers model.
-        return AutoTokenizer.from_pretrained(root, local_files_only=True, config=PretrainedConfig())
-    except (ValueError, OSError) as err:
-        # A tokenizer class that lives in remote code: its tokenizer.json still loads.
+    tok_config = _read_json_object(root / "tokenizer_config.json")
+    class_name = tok_config.get("tokenizer_class")
+    known = class_name is None or _transformers_tokenizer_class(class_name) is not None
+    remote = "auto_map" in tok_config
+    has_bpe = (root / "vocab.json").exists() and (root / "merges.txt").exists()
+    if remote or not known:
         if (root / "tokenizer.json").exists():
-            return PreTrainedTokenizerFast.from_pretrained(root, local_files_only=True)
-        raise CheckpointError(f"{root}: the tokenizer does not load without remote code ({err})") from err
+            cls, how = PreTrainedTokenizerFast, "tokenizer.json as a fast tokenizer"
+        elif known and class_name is not None:
+            cls, how = _transformers_tokenizer_class(class_name), f"transformers' own {class_name}"
+        elif has_bpe:
+            cls, how = Qwen2TokenizerFast, "vocab.json + merges.txt as Qwen2 byte-level BPE"
+        else:
+            _note_remote_code(root, tok_config, None)
+            what = f"tokenizer_class {class_name!r}" if class_name else "the tokenizer's auto_map"
+            raise CheckpointError(
+                f"{root}: {what} names code shipped in the checkpoint, which paradec never runs, and there is "
+                f"no tokenizer.json, nor vocab.json + merges.txt, to load as a standard tokenizer instead"
+            )
+        # Loading an unknown class's vocab.json + merges.txt as Qwen2's BPE is a guess: say so louder.
+        guess = cls is Qwen2TokenizerFast and class_name not in QWEN2_BPE_CLASSES
+        _note_remote_code(root, tok_config, how, warn=guess)
+    else:
+        _note_remote_code(root, tok_config, None)
+    try:
+        if remote or not known:
+            tokenizer = cls.from_pretrained(root, local_files_only=True, trust_remote_code=False)
+        else:
+            # An empty config keeps AutoTokenizer from reading config.json (and its auto_map).
+            tokenizer = AutoTokenizer.from_pretrained(
+                root, local_files_only=True, trust_remote_code=False, config=PretrainedConfig()
+            )
+    except (ValueError, OSError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{root}: the tokenizer does not load ({type(err).__name__}: {err})") from err
+    # A copy saved later (save_checkpoint) must not point at code files it does not carry.
+    getattr(tokenizer, "init_kwargs", {}).pop("auto_map", None)
+    if getattr(tokenizer, "_auto_map", None) is not None:
+        tokenizer._auto_map = None
+    return tokenizer
+
+
+def _transformers_tokenizer_class(name: str):
+    """transformers' own tokenizer class of that name, or None; never the checkpoint's code."""
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    if not isinstance(name, str):
+        return None
+    try:
+        return tokenizer_class_from_name(name)
+    except Exception:  # a class whose optional dependency is missing, say
+        return None
+
+
+def _read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; {} when the file is absent."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return data
+
+
+def _note_remote_code(root: Path, tok_config: dict, how: str | None, warn: bool = False) -> None:
+    """One log line per checkpoint directory (and process) saying which ``auto_map`` is ignored."""
+    maps = []
+    if "auto_map" in tok_config:
+        maps.append(f"tokenizer_config.json {_auto_map_text(tok_config['auto_map'])}")
+    try:
+        config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    if isinstance(config, dict) and "auto_map" in config:
+        maps.append(f"config.json {_auto_map_text(config['auto_map'])}")
+    key = str(root.resolve())
+    if not maps or key in _remote_code_noted:
+        return
+    _remote_code_noted.add(key)
+    loaded = f"; the tokenizer loads from {how}" if how else ""
+    (logger.warning if warn else logger.info)(
+        "%s: ignoring auto_map in %s: paradec never runs code shipped in a checkpoint%s",
+        root, " and ".join(maps), loaded,
+    )
+
+
+def _auto_map_text(auto_map) -> str:
+    """The code an auto_map names, e.g. ``(tokenization_dream.DreamTokenizer)``."""
+    if isinstance(auto_map, dict):
+        values = auto_map.values()
+    elif isinstance(auto_map, (list, tuple)):
+        values = auto_map
+    else:
+        values = [auto_map]
+    names = []
+    for v in values:
+        names += [x for x in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(x, str)]
+    return f"({', '.join(dict.fromkeys(names))})" if names else ""
 
 
 def _shard_files(root: Path) -> dict[str, Path]:
