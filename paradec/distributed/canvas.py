@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -86,8 +87,8 @@ def _decode(model, config, layout, prompts, env: DistEnv, guard: Guard, with_sum
             ) -> DistributedOutput | None:
     clock = _Clock(env)
     started = clock.last
-    guard.meet("start")
-    _check_agreement(model, config, prompts, env)
+    with guard.meeting("start"):
+        _check_agreement(model, config, prompts, env)
     placement = Placement.plan(layout.num_think_blocks, env.world_size)
     mine = list(placement.blocks_of_rank[env.rank])
     local = kept_runner(model, config, layout, prompts, think_blocks=mine, summary=False)
@@ -95,33 +96,35 @@ def _decode(model, config, layout, prompts, env: DistEnv, guard: Guard, with_sum
 
     how = config.prompt_kv
     if how == "auto":
-        guard.meet("measure")
-        costs = prompt_kv.estimate(model, env, local.prompt_ids.shape[1])
+        with guard.meeting("measure"):
+            costs = prompt_kv.estimate(model, env, local.prompt_ids.shape[1])
         how = costs.choice
         timings |= {"predicted_broadcast_s": costs.broadcast_s, "predicted_recompute_s": costs.recompute_s}
-    if how == "broadcast":
-        guard.meet("prompt-kv")
-    clock.start()
-    cache = prompt_kv.prefill(model, env, local.prompt_ids, local.prompt_lens, how, reserve=layout.length)
-    timings["prefill"] = clock.lap()
-    if how == "broadcast":
-        cache = prompt_kv.broadcast(model, env, cache, local.prompt_ids, local.prompt_lens, reserve=layout.length)
-        timings["broadcast"] = clock.lap()
+    with guard.meeting("prompt-kv") if how == "broadcast" else nullcontext():
+        clock.start()
+        cache = prompt_kv.prefill(model, env, local.prompt_ids, local.prompt_lens, how, reserve=layout.length)
+        timings["prefill"] = clock.lap()
+        guard.tick()
+        if how == "broadcast":
+            cache = prompt_kv.broadcast(model, env, cache, local.prompt_ids, local.prompt_lens, reserve=layout.length)
+            timings["broadcast"] = clock.lap()
 
     forwards = 0
     if mine:
-        out = local.run(cache=cache, should_abort=guard.check)
+        out = local.run(cache=cache, should_abort=guard.check)  # a step: progress
         forwards = out.nfe
     timings |= {"think": clock.lap(), "forwards": forwards}
+    guard.tick()
     own_kv = None
     if config.gather == "kv":  # before the meeting: every rank computes its blocks' KV at once
         own_kv = _own_blocks_kv(model, local, cache, placement, env, layout)
         timings["blocks_kv"] = clock.lap()
+        guard.tick()
 
-    guard.meet("gather")
-    timings["wait"] = clock.lap()  # for the slowest rank
-    canvas, trace = _gather_tokens(local, env)
-    blocks_kv = _gather_kv(local, cache, own_kv, placement, env, layout) if config.gather == "kv" else None
+    with guard.meeting("gather"):
+        timings["wait"] = clock.lap()  # for the slowest rank
+        canvas, trace = _gather_tokens(local, env)
+        blocks_kv = _gather_kv(local, cache, own_kv, placement, env, layout) if config.gather == "kv" else None
     timings["gather"] = clock.lap()
 
     output = None
@@ -130,40 +133,42 @@ def _decode(model, config, layout, prompts, env: DistEnv, guard: Guard, with_sum
         if with_summary:
             summary = kept_runner(model, config, layout, prompts, think_blocks=[], summary=True)
             cache_for_summary = cache if blocks_kv is None else blocks_kv
-            output = summary.run(cache=cache_for_summary, start=(canvas, trace, first_step))
+            output = summary.run(cache=cache_for_summary, start=(canvas, trace, first_step),
+                                 should_abort=guard.check)  # the others wait at "done": each step is progress
         else:
             output = DecodeOutput(canvas, trace, 0, first_step)
         output.nfe = first_step + output.nfe
         timings["summary"] = clock.lap()
         timings["forwards"] += output.nfe - first_step
+        guard.tick()
 
-    guard.meet("done")
-    rank_timings = [None] * env.world_size if env.rank == SUMMARY_RANK else None
-    dist.gather_object(timings, rank_timings, dst=SUMMARY_RANK)
-    result = None
-    if output is not None:
-        output.canvas, output.trace = output.canvas.cpu(), output.trace.cpu()  # travels as an object
-        # Per phase: the slowest rank's prefill, thinking and blocks' KV; rank 0's broadcast,
-        # gather and summary (what moves between ranks: broadcast and gather). Total: rank 0's
-        # wall time, waits included.
-        slowest = lambda key: max(t.get(key, 0.0) for t in rank_timings)  # noqa: E731
-        mine = rank_timings[SUMMARY_RANK]
-        output.timings = {
-            "prefill": slowest("prefill"),
-            "broadcast": mine.get("broadcast", 0.0),
-            "think": slowest("think"),
-            "blocks_kv": slowest("blocks_kv"),
-            "gather": mine["gather"],
-            "summary": mine["summary"],
-            "total": clock.since(started),
-        }
-        result = DistributedOutput(output, placement.as_dict() | {"prompt_kv": how, "gather": config.gather},
-                                   rank_timings)
-    if config.results_on == "all":
-        box = [result]
-        dist.broadcast_object_list(box, src=SUMMARY_RANK)
-        result = box[0]
-    return result
+    with guard.meeting("done"):
+        rank_timings = [None] * env.world_size if env.rank == SUMMARY_RANK else None
+        dist.gather_object(timings, rank_timings, dst=SUMMARY_RANK)
+        result = None
+        if output is not None:
+            output.canvas, output.trace = output.canvas.cpu(), output.trace.cpu()  # travels as an object
+            # Per phase: the slowest rank's prefill, thinking and blocks' KV; rank 0's broadcast,
+            # gather and summary (what moves between ranks: broadcast and gather). Total: rank 0's
+            # wall time, waits included.
+            slowest = lambda key: max(t.get(key, 0.0) for t in rank_timings)  # noqa: E731
+            mine = rank_timings[SUMMARY_RANK]
+            output.timings = {
+                "prefill": slowest("prefill"),
+                "broadcast": mine.get("broadcast", 0.0),
+                "think": slowest("think"),
+                "blocks_kv": slowest("blocks_kv"),
+                "gather": mine["gather"],
+                "summary": mine["summary"],
+                "total": clock.since(started),
+            }
+            result = DistributedOutput(output, placement.as_dict() | {"prompt_kv": how, "gather": config.gather},
+                                       rank_timings)
+        if config.results_on == "all":
+            box = [result]
+            dist.broadcast_object_list(box, src=SUMMARY_RANK)
+            result = box[0]
+        return result
 
 
 def _gather_tokens(local: Runner, env: DistEnv) -> tuple[torch.Tensor, torch.Tensor]:
