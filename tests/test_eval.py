@@ -12,11 +12,13 @@ from paradec.api import GenerationResult, build_layout, resolve_config
 from paradec.cli import main
 from paradec.eval import DataError, evaluate, get_task, load_examples
 from paradec.eval.run import _Decoder, summarise
+from paradec.eval.tasks import gsm8k_test_path
 from paradec.train.tasks import arith
 
 from dist_worker import launch, run_eval_cli
 
 SMALL = ["--blocks", "2", "--tokens-per-step", "4", "--no-progress"]  # a short canvas keeps the CPU run quick
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model is fastest on one thread
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +127,26 @@ def test_task_and_data_that_do_not_match(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "problem" in err and "question" in err  # what it expected and what the file holds
     with pytest.raises(DataError, match="needs a data file"):
-        load_examples(get_task("gsm8k"), None)
+        load_examples(get_task("math500"), None)
     with pytest.raises(DataError, match="prompt_template"):
         evaluate(None, get_task("synthetic"), [], paradec.GenerationConfig(), prompt_template="no placeholder")
     with pytest.raises(SystemExit):
         main(["eval", "--task", "nope"])
+
+
+def test_gsm8k_without_data_reads_the_packaged_test_split(tmp_path, monkeypatch):
+    """No --data: GSM8K's test split shipped inside the package, found from any directory."""
+    monkeypatch.chdir(tmp_path)
+    path = gsm8k_test_path()
+    assert path.is_absolute() and path.is_file() and (path.parent / "LICENSE").is_file()
+    assert "paradec" in path.parts and path.parent.name == "gsm8k"
+    loaded = load_examples(get_task("gsm8k"), None, limit=3)
+    assert [e.index for e in loaded.examples] == [1, 2, 3] and not loaded.skipped
+    first = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
+    assert loaded.examples[0].question == first["question"] and loaded.examples[0].gold == "18"
+    other = tmp_path / "other.jsonl"  # --data still wins
+    other.write_text(json.dumps({"question": "q ?", "answer": "#### 3"}) + "\n")
+    assert [e.gold for e in load_examples(get_task("gsm8k"), other).examples] == ["3"]
 
 
 @pytest.mark.parametrize("spread", ["examples", "canvas"])

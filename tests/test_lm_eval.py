@@ -1,11 +1,14 @@
 """paradec's lm-evaluation-harness model class: a two-example local task end to end, the shipped
-GSM8K task config, and the Monte-Carlo log-likelihood against exact values."""
+GSM8K task through ``paradec lm-eval`` from outside the checkout, lm-eval's own batch_size and
+device settings, and the Monte-Carlo log-likelihood against exact values."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import math
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,11 +23,14 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 import paradec  # noqa: E402
 from paradec.errors import ConfigError, InputError  # noqa: E402
 from paradec.eval import get_task  # noqa: E402
-from paradec.eval.harness import TASKS_DIR, ParadecLM, monte_carlo_loglikelihood  # noqa: E402
+from paradec.cli import main  # noqa: E402
+from paradec.eval.harness import TASKS_DIR, ParadecLM, _batch_size, monte_carlo_loglikelihood  # noqa: E402
+from paradec.eval.tasks import gsm8k_test_path  # noqa: E402
 from paradec.train.tasks import arith  # noqa: E402
 
 SAMPLE = Path(__file__).parent / "data" / "gsm8k_sample.jsonl"
 ARGS = "pretrained=paradec-tiny,device=cpu,blocks=2,tokens_per_step=4"
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model is fastest on one thread
 
 
 @pytest.fixture(autouse=True)
@@ -33,17 +39,27 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+class _OwnTasksOnly(TaskManager):
+    """A TaskManager without lm-eval's thousands of built-in task configs: indexing them costs
+    ~9 s of CPU per manager, and these tests use only their own."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "include_defaults": False})
+
+
 @pytest.fixture(scope="module")
 def lm():
     return ParadecLM(pretrained="paradec-tiny", device="cpu", blocks=2, tokens_per_step=4, mc_num=64, mc_batch=16)
 
 
 def _local_task(tmp_path: Path, name: str, data: Path) -> Path:
-    """The shipped GSM8K config, renamed and pointed at ``data``."""
-    text = (TASKS_DIR / "paradec_gsm8k_local.yaml").read_text()
-    text = text.replace("paradec_gsm8k_local", name).replace("../shared/data/gsm8k/test.jsonl", str(data))
+    """The shipped GSM8K config and its loader, renamed and pointed at ``data`` (as its comment
+    tells users to)."""
+    text = (TASKS_DIR / "paradec_gsm8k_local.yaml").read_text().replace("paradec_gsm8k_local", name)
+    text += f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
     folder = tmp_path / "tasks"
     folder.mkdir(exist_ok=True)
+    shutil.copy(TASKS_DIR / "gsm8k_local.py", folder)
     (folder / f"{name}.yaml").write_text(text)
     return folder
 
@@ -52,7 +68,7 @@ def test_two_example_task_end_to_end(tmp_path):
     problems = arith.test_problems()[:2]
     data = tmp_path / "two.jsonl"
     data.write_text("".join(json.dumps({"question": p.question, "answer": f"#### {p.answer}"}) + "\n" for p in problems))
-    manager = TaskManager(include_path=str(_local_task(tmp_path, "two_local", data)))
+    manager = _OwnTasksOnly(include_path=str(_local_task(tmp_path, "two_local", data)))
     out = lm_eval.simple_evaluate(model="paradec", model_args=ARGS, tasks=["two_local"], task_manager=manager,
                                   log_samples=True)
     metrics = out["results"]["two_local"]
@@ -64,16 +80,46 @@ def test_two_example_task_end_to_end(tmp_path):
     assert sorted(s["resps"][0][0] for s in strict) == sorted(d.summary for d in direct)  # the summary is the text
 
 
-def test_shipped_gsm8k_config_reads_real_gsm8k(tmp_path):
-    manager = TaskManager(include_path=str(TASKS_DIR))
-    assert "paradec_gsm8k_local" in manager.all_tasks
-    folder = _local_task(tmp_path, "gsm8k_sample", SAMPLE)
-    out = lm_eval.simple_evaluate(model="paradec", model_args=ARGS, tasks=["gsm8k_sample"], limit=2,
-                                  task_manager=TaskManager(include_path=str(folder)), log_samples=True)
-    samples = out["samples"]["gsm8k_sample"]
-    golds = [json.loads(line)["answer"].split("####")[-1].strip() for line in SAMPLE.read_text().splitlines()[:2]]
-    assert [s["target"] for s in samples if s["filter"] == "strict-match"] == golds
-    assert 0.0 <= out["results"]["gsm8k_sample"]["exact_match,flexible-extract"] <= 1.0
+def test_shipped_gsm8k_task_via_cli_from_another_directory(tmp_path, monkeypatch):
+    """``paradec lm-eval`` as a newcomer types it, outside the checkout: the shipped task reads the
+    split packaged with paradec; lm-eval hands ``--batch_size`` as the string "3" and its
+    ``--device``, which ``--model_args`` also names: merged, the ``--model_args`` values used."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # paradec lm-eval hands its argv to lm-eval's parser
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", _OwnTasksOnly)  # the command line builds one
+    sizes = []
+    generate = paradec.generate
+    monkeypatch.setattr(paradec, "generate", lambda model, prompts, *a, **k: sizes.append(len(prompts))
+                        or generate(model, prompts, *a, **k))
+    code = main(["lm-eval", "--model", "paradec", "--model_args", f"{ARGS},batch_size=2", "--tasks",
+                 "paradec_gsm8k_local", "--include_path", str(TASKS_DIR), "--limit", "3", "--batch_size", "3",
+                 "--device", "cuda:0", "--output_path", str(tmp_path / "out"), "--log_samples"])
+    assert code == 0
+    assert sizes == [2, 1]  # batch_size=2 from --model_args, not --batch_size 3
+    samples_file, = (tmp_path / "out").rglob("samples_paradec_gsm8k_local*.jsonl")
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    samples = [s for s in samples if s["filter"] == "strict-match"]
+    lines = gsm8k_test_path().read_text(encoding="utf-8").splitlines()[:3]
+    golds = [json.loads(line)["answer"].split("####")[-1].strip() for line in lines]
+    assert sorted(s["doc_id"] for s in samples) == [0, 1, 2]
+    assert [s["target"] for s in sorted(samples, key=lambda s: s["doc_id"])] == golds
+
+
+def test_lm_eval_batch_size_and_device_settings(lm):
+    """What lm-eval hands beside --model_args (``additional_config``): --batch_size as a string,
+    None for what was not set; a setting in both is merged, --model_args winning."""
+    cli = {"batch_size": "3", "max_batch_size": None, "device": "cpu"}
+    assert ParadecLM.create_from_arg_obj({"pretrained": "paradec-tiny"}, cli).batch_size == 3
+    both = ParadecLM.create_from_arg_string("pretrained=paradec-tiny,batch_size=2,device=cpu",
+                                            {**cli, "device": "cuda:0"})
+    assert both.batch_size == 2 and both.model.device.type == "cpu"
+    assert (_batch_size("auto", None), _batch_size("auto:4", None), _batch_size("auto", "5")) == (8, 8, 5)
+    assert _batch_size(" 7", None) == 7
+    for bad in ("three", "auto:x", "0", 0, True, 2.5):
+        with pytest.raises(ConfigError, match="batch_size must be an int >= 1, 'auto' or 'auto:N'"):
+            _batch_size(bad, None)
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        _batch_size("auto", 0)
 
 
 def test_generate_until_cuts_at_until(lm):

@@ -7,9 +7,15 @@ lm-eval 0.4 finds third-party models only once their module is imported, so ``pa
 is lm-eval's own command line with this module imported first; in Python, import this module,
 then call ``lm_eval.simple_evaluate(model="paradec", ...)``. ``--model_args`` takes
 ``pretrained`` (a checkpoint directory or built-in name), ``device``, ``dtype`` (bf16, fp16,
-fp32), ``batch_size``, ``output`` (``summary``: the summary — the answer region outside nap — is
-the continuation; ``canvas``: the think blocks then the summary, one blank line apart),
-``mc_num`` / ``mc_batch`` / ``mc_seed`` for log-likelihoods, and any ``GenerationConfig`` field.
+fp32), ``batch_size`` (an int, ``auto`` or ``auto:N``: paradec does not probe memory, so auto is
+8, or ``max_batch_size`` when smaller), ``output`` (``summary``: the summary — the answer region
+outside nap — is the continuation; ``canvas``: the think blocks then the summary, one blank line
+apart), ``mc_num`` / ``mc_batch`` / ``mc_seed`` for log-likelihoods, and any ``GenerationConfig``
+field. lm-eval's own ``--batch_size``, ``--max_batch_size`` and ``--device`` are taken too; where
+``--model_args`` also names one, the ``--model_args`` value is used (see ``_merge``).
+
+The shipped task ``paradec_gsm8k_local`` reads GSM8K's test split packaged with paradec
+(``paradec.eval.tasks.gsm8k_test_path()``), from any working directory.
 
 generate_until: each request's context is decoded by ``paradec.generate`` (contexts are used as
 given: lm-eval's ``--apply_chat_template`` formats them through ``apply_chat_template`` below);
@@ -36,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
 import paradec
@@ -48,29 +55,29 @@ log = logging.getLogger(__name__)
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OUTPUTS = ("summary", "canvas")
+AUTO_BATCH_SIZE = 8  # what batch_size "auto" means: paradec does not probe memory for the largest batch
 _FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)}
 
 
 @register_model("paradec")
 class ParadecLM(LM):
     def __init__(self, pretrained: str = "paradec-tiny", device: str | None = None, dtype: str | None = None,
-                 batch_size: int | str = 1, output: str = "summary", mc_num: int = 128, mc_batch: int = 32,
-                 mc_seed: int = 0, **settings):
+                 batch_size: int | str = 1, max_batch_size: int | str | None = None, output: str = "summary",
+                 mc_num: int = 128, mc_batch: int = 32, mc_seed: int = 0, **settings):
         super().__init__()
-        unknown = sorted(set(settings) - _FIELDS - {"max_batch_size"})
+        unknown = sorted(set(settings) - _FIELDS)
         if unknown:
             raise ConfigError(f"unknown paradec model_args {unknown}; known: pretrained, device, dtype, batch_size, "
-                              f"output, mc_num, mc_batch, mc_seed and the GenerationConfig fields {sorted(_FIELDS)}")
-        settings.pop("max_batch_size", None)
+                              f"max_batch_size, output, mc_num, mc_batch, mc_seed and the GenerationConfig fields "
+                              f"{sorted(_FIELDS)}")
         if output not in OUTPUTS:
             raise ConfigError(f"output must be one of {list(OUTPUTS)}, got {output!r}")
         if dtype is not None and dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        for name, value in (("mc_num", mc_num), ("mc_batch", mc_batch), ("batch_size", batch_size)):
-            if str(value) == "auto" and name == "batch_size":
-                continue
+        for name, value in (("mc_num", mc_num), ("mc_batch", mc_batch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        batch_size = _batch_size(batch_size, max_batch_size)
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             if device is not None:  # lm-eval's command line asks for cuda:0 unless told otherwise
                 log.warning("device %s asked for but CUDA is not available: running on the CPU", device)
@@ -80,9 +87,21 @@ class ParadecLM(LM):
             raise ConfigError(f"{pretrained}: lm-eval speaks text, and this model has no tokenizer")
         self.settings = {"chat_template": False, **settings}
         self.config = resolve_config(self.model, **self.settings)  # validated before any request
-        self.batch_size = 8 if str(batch_size) == "auto" else int(batch_size)
+        self.batch_size = batch_size
         self.output, self.mc_num, self.mc_batch, self.mc_seed = output, mc_num, mc_batch, mc_seed
         self.pretrained = str(pretrained)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> ParadecLM:
+        """``simple_evaluate(model="paradec", model_args="k=v,...")``: lm-eval parses the string
+        (digits become ints) and hands its own batch_size / max_batch_size / device beside it."""
+        return cls(**_merge(simple_parse_args_string(arg_string), additional_config))
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> ParadecLM:
+        """``simple_evaluate(model_args={...})``, and lm-eval's command line (``paradec lm-eval``), which
+        parses ``--model_args`` into a dict itself; ``additional_config`` as above."""
+        return cls(**_merge(arg_dict, additional_config))
 
     # --- generation -----------------------------------------------------------------------------
 
@@ -214,6 +233,54 @@ def monte_carlo_loglikelihood(model, prefix: list[int], target: list[int], mc_nu
             per_draw = torch.zeros(b, device=device).index_add_(0, masked.nonzero()[:, 0], ce)  # [b]
             losses.append(per_draw.double().cpu() * n / k.double())
     return -float(torch.cat(losses).mean())
+
+
+def _merge(model_args: dict | None, additional_config: dict | None) -> dict:
+    """``--model_args`` merged with what lm-eval hands every model beside them: ``batch_size``,
+    ``max_batch_size`` and ``device`` from its command line or ``simple_evaluate`` (None when
+    unset, dropped). lm-eval's HFLM takes both through ``LM.create_from_arg_string``'s
+    ``cls(**args, **additional)``, so a setting named in both is refused there ("got multiple
+    values for keyword argument"); paradec merges them instead, and the ``--model_args`` value
+    wins: lm-eval's command line hands its defaults (batch_size 1, device cuda:0) in the same dict
+    as flags the user typed, so a flag cannot be told from a default, and letting it win would
+    silently throw away a value the user wrote in ``--model_args``."""
+    merged = dict(model_args or {})
+    for key, value in (additional_config or {}).items():
+        if value is None:
+            continue
+        if key not in merged:
+            merged[key] = value
+        elif str(merged[key]) != str(value):
+            log.info("%s=%r from --model_args is used; lm-eval's %s=%r (its flag or its default) is not",
+                     key, merged[key], key, value)
+    return merged
+
+
+def _batch_size(value, max_batch_size) -> int:
+    """A batch size from lm-eval's forms: an int, a string of digits (its ``--batch_size`` is a
+    string), ``auto`` or ``auto:N`` (HFLM re-probes N times; paradec does not probe: AUTO_BATCH_SIZE,
+    capped by ``max_batch_size``)."""
+    cap = _positive_int("max_batch_size", max_batch_size) if max_batch_size is not None else None
+    text = value.strip() if isinstance(value, str) else None
+    if text is not None and (text == "auto" or (text.startswith("auto:") and _is_number(text[5:]))):
+        return min(AUTO_BATCH_SIZE, cap) if cap is not None else AUTO_BATCH_SIZE
+    return _positive_int("batch_size", value, extra=", 'auto' or 'auto:N'")
+
+
+def _positive_int(name: str, value, extra: str = "") -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an int >= 1{extra}, got {value!r}")
+    return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _freeze(kwargs) -> tuple:

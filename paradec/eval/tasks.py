@@ -3,6 +3,8 @@
 Data files are JSON lines. Each task expects these fields on every line:
 
 - ``gsm8k``: ``question``, ``answer`` (the answer text ending in ``#### N``, as OpenAI publishes it);
+  with no data file, GSM8K's test split (1,319 problems, MIT) shipped inside the package
+  (``gsm8k_test_path()``);
 - ``math500``: ``problem`` and ``answer`` (HuggingFaceH4/MATH-500's layout); a line without
   ``answer`` but with a ``solution`` holding ``\\boxed{...}`` takes the boxed text as gold;
 - ``synthetic``: ``question``, ``answer`` (a number, or text ending in ``#### N``); with no data
@@ -34,6 +36,19 @@ from paradec.errors import InputError
 
 class DataError(InputError):
     """A data file does not hold what its task expects."""
+
+
+GSM8K_TEST = Path(__file__).resolve().parent / "data" / "gsm8k" / "test.jsonl"
+
+
+def gsm8k_test_path() -> Path:
+    """GSM8K's test split as OpenAI publishes it (1,319 JSON lines of ``question``, ``answer``;
+    MIT, ``LICENSE`` beside it), shipped inside the package: an absolute path that holds from any
+    working directory and in a plain (non-editable) install."""
+    if not GSM8K_TEST.is_file():
+        raise DataError(f"GSM8K's test split is missing from the installed package ({GSM8K_TEST}); "
+                        f"reinstall paradec, or pass a data file")
+    return GSM8K_TEST
 
 
 @dataclass(frozen=True)
@@ -121,12 +136,14 @@ class Loaded:
 
 
 def load_examples(task: Task, path: Path | None, limit: int | None = None, skip_malformed: bool = False) -> Loaded:
-    """The task's examples from a JSONL file (``None``: the built-in split, synthetic only), the
-    first ``limit`` of them. A malformed line raises a DataError naming it (every malformed line,
+    """The task's examples from a JSONL file (``None``: the built-in split — synthetic's held-out
+    problems, gsm8k's packaged test split; math500 has none), the first ``limit`` of them. A malformed line raises a DataError naming it (every malformed line,
     up to ten) unless ``skip_malformed``; a file none of whose lines fits the task raises even
     then, saying which fields the task expected and which the file holds."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"limit must be an int >= 1, got {limit!r}")
+    if path is None and task.name == "gsm8k":
+        path = gsm8k_test_path()
     if path is None:
         if task.name != "synthetic":
             raise DataError(f"task {task.name} needs a data file (--data): JSON lines with {task.fields}")
