@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
+import atexit
+import logging
+import os
 import threading
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import torch
 
 from paradec import hybrid
 from paradec.answers import extract_answer
-from paradec.canvas import CanvasLayout, canvas_layout
-from paradec.config import GenerationConfig
+from paradec.canvas import CanvasLayout, canvas_layout, check_headers
+from paradec.config import GenerationConfig, settings_help
 from paradec.decoding.kept import kept_runner
 from paradec.decoding.runner import Runner
 from paradec.distributed import canvas as distributed_canvas
-from paradec.distributed.env import current_env
+from paradec.distributed import teardown
+from paradec.distributed.env import current_env, init_distributed, torchrun_without_group
 from paradec.errors import ConfigError, InputError
 from paradec.models.loading import DiffusionModel
 
 _PLACEHOLDER = "\u2063PARADEC_USER_TEXT\u2063"
+log = logging.getLogger(__name__)
 _REUSE = threading.Lock()  # one generate() at a time uses a model's kept runner
+_ROLES = ("system", "user", "assistant")
 
-Prompt = str | Sequence[int]
+Message = Mapping[str, str]  # {"role": "system" | "user" | "assistant", "content": str, optional "name"}
+Prompt = str | Sequence[int] | Sequence[Message]
 
 
 @dataclass
@@ -59,9 +69,14 @@ def generate(
     answer_tokens: int = 64,
     with_summary: bool = False,
     on_step=None,
+    progress: bool = False,
     **overrides,
 ) -> GenerationResult | list[GenerationResult]:
-    """Decode one prompt or a batch (strings, or token id lists) with ``config`` and overrides.
+    """Decode one prompt or a batch with ``config`` and overrides (the settings below).
+
+    prompts: one prompt — a string, token ids (a list or a 1-D integer tensor) or chat messages
+    (``[{"role": "user", "content": ...}, ...]``, rendered by the tokenizer's chat template, their
+    text never tokenised into special tokens) — or a list of prompts (a 2-D tensor is a batch).
     Without ``config`` the checkpoint's own defaults (``paradec.generation`` in its config.json,
     e.g. the canvas it was trained on) come first, then paradec's.
 
@@ -73,21 +88,23 @@ def generate(
 
     on_step: called as ``on_step(runner, step)`` between steps with the canvas so far
     (``runner.committed()`` counts each block's committed tokens); it may raise to stop. One
-    process only (not under torchrun).
+    process only (not under torchrun). progress: a tqdm bar over the canvas's committed tokens
+    (one process only).
 
     A single prompt gives a single result; a list of prompts gives a list. Inside a torchrun job
     of several ranks every rank calls this with the same arguments; the think blocks are spread
     over the ranks and the result is returned on rank 0 (None elsewhere, unless
-    ``results_on="all"``).
+    ``results_on="all"``). When torchrun started the process and nobody set up the process group,
+    generate() sets it up (``paradec.distributed.init_distributed``) before decoding.
+
+    Settings (keyword arguments, or fields of ``config``; unset: the checkpoint's own defaults,
+    then paradec's):
     """
+    _check_model(model)
     config = resolve_config(model, config, **overrides)
-    summary = _check_answerer(answerer, answer_tokens, config, current_env()) or with_summary
-    single = isinstance(prompts, str) or (
-        isinstance(prompts, Sequence) and len(prompts) > 0 and all(isinstance(t, int) for t in prompts)
-    )
-    batch = [prompts] if single else list(prompts)
-    if not batch:
-        raise InputError("prompts is empty")
+    env = _process_env(model)
+    summary = _check_answerer(answerer, answer_tokens, config, env) or with_summary
+    single, batch = split_prompts(prompts)
     layout = build_layout(model, config)
     encoded = [encode_prompt(model, p, config, layout) for p in batch]
     longest = max(map(len, encoded))
@@ -96,10 +113,16 @@ def generate(
             f"prompt ({longest} tokens) + canvas ({layout.length} tokens) exceeds the model's maximum "
             f"length {model.spec.max_length}; shorten blocks/block_len/summary_len/answer_len"
         )
-    env = current_env()
     placement = rank_timings = None
     if on_step is not None and env.distributed:
         raise ConfigError("on_step runs in one process only; under torchrun progress is not reported per step")
+    if not isinstance(progress, bool):
+        raise ConfigError(f"progress must be a bool, got {progress!r}")
+    if progress and env.distributed:
+        raise ConfigError("progress=True shows a bar in one process only; under torchrun each rank's timings "
+                          "come back in result.rank_timings")
+    bar = _ProgressBar(on_step, layout, len(batch)) if progress else None
+    on_step = bar or on_step
     if env.distributed:
         with _REUSE:  # the kept runners are this process's
             spread = distributed_canvas.decode(model, config, layout, encoded, env, summary=summary)
@@ -113,6 +136,8 @@ def generate(
             _REUSE.release()
     else:  # another thread is decoding with the kept runner
         output = Runner(model, config, layout, encoded, summary=None if summary else False).run(on_step=on_step)
+    if bar is not None:
+        bar.close()
     results = [
         _result(model, layout, encoded[r], output.canvas[r].tolist(), output.trace[r].tolist(), output, summary)
         for r in range(len(batch))
@@ -120,7 +145,7 @@ def generate(
     for result in results:
         result.placement, result.rank_timings = placement, rank_timings
     if answerer is not None:
-        questions = [p if isinstance(p, str) else _text(model, list(p)) for p in batch]
+        questions = [_question(model, p, ids) for p, ids in zip(batch, encoded)]
         summaries = [r.summary if with_summary else None for r in results]
         if config.temperature == 0:  # greedy: the whole batch at once
             outs = hybrid.answer_batch(answerer, questions, [r.blocks for r in results], answer_tokens, summaries)
@@ -131,6 +156,9 @@ def generate(
         for result, out in zip(results, outs):
             result.answerer, result.answer = out, out.answer
     return results[0] if single else results
+
+
+generate.__doc__ += settings_help() + "\n"
 
 
 def _check_answerer(answerer, answer_tokens: int, config: GenerationConfig, env) -> bool:
@@ -148,6 +176,69 @@ def _check_answerer(answerer, answer_tokens: int, config: GenerationConfig, env)
     if env.distributed and config.results_on != "rank0":
         raise ConfigError("an answerer runs on rank 0 where the results are: use results_on='rank0'")
     return False
+
+
+def _check_model(model) -> None:
+    if isinstance(model, DiffusionModel):
+        return
+    if isinstance(model, (str, Path)):
+        raise InputError(f"model must be a loaded model, got the path {str(model)!r}: "
+                         f"load it first, model = paradec.load({str(model)!r})")
+    if isinstance(model, torch.nn.Module):
+        raise InputError(f"model must be the DiffusionModel that paradec.load() returns, got a torch module "
+                         f"({type(model).__name__}); pass the loaded model itself, not its .module")
+    raise InputError(f"model must be the DiffusionModel that paradec.load() returns, got {type(model).__name__}")
+
+
+def _process_env(model: DiffusionModel):
+    """This process's environment; inside a torchrun job whose process group nobody started,
+    the group is started here (gloo for a CPU model, NCCL for a model on this rank's GPU), so
+    the ranks share the work instead of each decoding everything."""
+    env = current_env()
+    if env.distributed or not torchrun_without_group():
+        return env
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = model.device
+    if device.type == "cuda" and device.index != local_rank:
+        raise ConfigError(
+            f"this torchrun rank (LOCAL_RANK={local_rank}) holds its model on {device}: call "
+            f"paradec.distributed.init_distributed() before paradec.load(..., device=env.device), or load "
+            f"onto cuda:{local_rank}, so each rank decodes on its own GPU"
+        )
+    init_distributed(str(device))
+    atexit.register(teardown)
+    log.info("generate(): started the process group for this torchrun job of %s ranks", os.environ["WORLD_SIZE"])
+    return current_env()
+
+
+class _ProgressBar:
+    """on_step that advances a tqdm bar by the tokens committed since the last step."""
+
+    def __init__(self, on_step, layout: CanvasLayout, batch: int):
+        from tqdm.auto import tqdm
+
+        self.inner, self.done = on_step, 0
+        total = batch * sum(end - start for start, end in layout.bodies)
+        self.bar = tqdm(total=total, unit="tok", desc="paradec.generate")
+
+    def __call__(self, runner, step: int) -> None:
+        done = int(runner.committed().sum())
+        self.bar.update(done - self.done)
+        self.done = done
+        if self.inner is not None:
+            self.inner(runner, step)
+
+    def close(self) -> None:
+        self.bar.update(self.bar.total - self.done)
+        self.bar.close()
+
+
+def _question(model: DiffusionModel, prompt: Prompt, ids: list[int]) -> str:
+    """The question an answerer reads: the prompt's text (a chat's last user message)."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if isinstance(m, Mapping) and m.get("role") == "user"]
+    return users[-1] if users else _text(model, ids)
 
 
 def _text(model: DiffusionModel, ids: list[int]) -> str:
@@ -168,22 +259,59 @@ def build_layout(model: DiffusionModel, config: GenerationConfig) -> CanvasLayou
     headers = None
     if config.canvas:
         headers = [model.think_header_ids(i + 1) for i in range(config.blocks)] + [model.summary_header_ids()]
+        names = [model.spec.think_header.format(i=i + 1) for i in range(config.blocks)] + [model.spec.summary_header]
+        check_headers(headers, getattr(model.tokenizer, "unk_token_id", None), names)
     return canvas_layout(config, model.spec.mask_id, headers)
+
+
+def split_prompts(prompts) -> tuple[bool, list]:
+    """(whether ``prompts`` is one prompt, the prompts as a list). One prompt is a string, a
+    sequence or 1-D integer tensor of token ids, or chat messages (a list of ``{role, content}``);
+    a batch is a list of those or a 2-D integer tensor ``[batch, length]``."""
+    if isinstance(prompts, str):
+        return True, [prompts]
+    if isinstance(prompts, torch.Tensor) or type(prompts).__module__ == "numpy":
+        ids = _id_tensor(prompts, "prompts")
+        if ids.dim() == 1:
+            return True, [ids.tolist()]
+        return False, ids.tolist()
+    if isinstance(prompts, Mapping):
+        raise InputError("prompts: one chat message was given; a conversation is a list of messages "
+                         "[{'role': 'user', 'content': ...}]")
+    if not isinstance(prompts, Sequence):
+        raise InputError(f"prompts must be a string, token ids, chat messages or a list of those; "
+                         f"got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise InputError("prompts is empty")
+    if any(isinstance(p, Mapping) for p in prompts):  # a conversation: every item a message
+        return True, [[_message(m, i) for i, m in enumerate(prompts)]]
+    if not any(isinstance(p, (str, Sequence, Mapping, torch.Tensor)) for p in prompts):
+        return True, [list(prompts)]  # token ids; each is checked by encode_prompt
+    return False, list(prompts)
+
+
+def _id_tensor(t, name: str) -> torch.Tensor:
+    t = torch.as_tensor(t)
+    if t.dtype == torch.bool or t.dtype.is_floating_point or t.dtype.is_complex:
+        raise InputError(f"{name}: token ids must be integers, got a tensor of {t.dtype}")
+    if t.dim() not in (1, 2):
+        raise InputError(f"{name}: a tensor of token ids must be 1-D [length] (one prompt) or 2-D "
+                         f"[batch, length], got {t.dim()}-D of shape {list(t.shape)}")
+    return t.cpu()
 
 
 def encode_prompt(model: DiffusionModel, prompt: Prompt, config: GenerationConfig, layout: CanvasLayout) -> list[int]:
     """Token ids of one prompt. Text goes through the chat template when the tokenizer has one
-    (and ``config.chat_template``); user text is never tokenised into special tokens."""
+    (and ``config.chat_template``), chat messages always do; user text is never tokenised into
+    special tokens."""
     if isinstance(prompt, str):
         if not prompt.strip():
             raise InputError("a prompt is empty")
-        if model.tokenizer is None:
-            raise InputError("this model has no tokenizer; pass prompts as token ids")
-        ids = encode_text(model.tokenizer, prompt, config.chat_template)
+        ids = encode_text(_tokenizer(model), prompt, config.chat_template)
+    elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
+        ids = encode_messages(_tokenizer(model), prompt)
     else:
-        ids = [int(t) for t in prompt]
-        if not ids:
-            raise InputError("a prompt is empty")
+        ids = _token_ids(prompt)
         bad = [t for t in ids if not 0 <= t < model.spec.vocab_size]
         if bad:
             raise InputError(f"prompt token ids must lie in [0, {model.spec.vocab_size}); got {bad[:5]}")
@@ -196,22 +324,95 @@ def encode_prompt(model: DiffusionModel, prompt: Prompt, config: GenerationConfi
     return ids
 
 
+def _tokenizer(model: DiffusionModel):
+    if model.tokenizer is None:
+        raise InputError("this model has no tokenizer; pass prompts as token ids")
+    return model.tokenizer
+
+
+def _token_ids(prompt) -> list[int]:
+    """A prompt given as token ids, checked to be integers."""
+    if prompt is None:
+        raise InputError("a prompt is None; give a string, token ids or chat messages")
+    if isinstance(prompt, torch.Tensor) or type(prompt).__module__ == "numpy":
+        prompt = _id_tensor(prompt, "a prompt")
+        if prompt.dim() != 1:
+            raise InputError(f"a prompt's token ids must be 1-D, got shape {list(prompt.shape)}")
+        prompt = prompt.tolist()
+    if not isinstance(prompt, Sequence):
+        raise InputError(f"a prompt must be a string, token ids or chat messages, got {type(prompt).__name__}")
+    ids = []
+    for t in prompt:
+        if isinstance(t, bool) or not hasattr(t, "__index__"):
+            raise InputError(f"a prompt's token ids must be ints, got {t!r} ({type(t).__name__}); "
+                             "give text as one string and chat as a list of {role, content} messages")
+        ids.append(int(t))
+    if not ids:
+        raise InputError("a prompt is empty")
+    return ids
+
+
 def encode_text(tokenizer, text: str, chat_template: bool = True) -> list[int]:
     """Token ids of a user's text: through the chat template when the tokenizer has one (and
     ``chat_template``), never tokenised into special tokens. The trainer encodes prompts with
     this too, so a model sees the same ids in training and decoding."""
-
-    def user(t: str) -> list[int]:
-        return tokenizer(t, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-
     if not (chat_template and getattr(tokenizer, "chat_template", None)):
-        return user(text)
+        return _plain(tokenizer, text)
+    return encode_messages(tokenizer, [{"role": "user", "content": text}])
+
+
+def encode_messages(tokenizer, messages: Sequence[Message]) -> list[int]:
+    """Token ids of a chat: the tokenizer's chat template with a generation prompt, every
+    message's content tokenised as plain text (its ``<|endoftext|>`` stays text, never the special
+    id). Without a chat template the chat must be one user message, encoded as its text."""
+    checked = [_message(m, i) for i, m in enumerate(messages)]
+    if not checked:
+        raise InputError("messages is empty")
+    if not getattr(tokenizer, "chat_template", None):
+        if len(checked) != 1 or checked[0]["role"] != "user":
+            raise InputError("this model's tokenizer has no chat template: send one user message, or a plain prompt")
+        return _plain(tokenizer, checked[0]["content"])
+    marks = [f"{_PLACEHOLDER}{i}\u2063" for i in range(len(checked))]
     rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": _PLACEHOLDER}], tokenize=False, add_generation_prompt=True
+        [{**m, "content": mark} for m, mark in zip(checked, marks)], tokenize=False, add_generation_prompt=True
     )
-    before, after = rendered.split(_PLACEHOLDER)
-    encode = lambda t: tokenizer.encode(t, add_special_tokens=False) if t else []  # noqa: E731
-    return encode(before) + user(text) + encode(after)
+    ids: list[int] = []
+    for i, mark in enumerate(marks):  # template text (its special tokens stay special), then the user's text
+        if rendered.count(mark) > 1:
+            raise InputError(f"the chat template repeats message {i}; paradec cannot keep its text plain")
+        before, found, rendered = rendered.partition(mark)
+        if not found:  # the template left this message out (some drop system messages): so do we
+            rendered = before
+            continue
+        ids += _template(tokenizer, before) + _plain(tokenizer, checked[i]["content"])
+    if _PLACEHOLDER in rendered:
+        raise InputError("the chat template reordered the messages; paradec cannot keep their text plain")
+    return ids + _template(tokenizer, rendered)
+
+
+def _message(message, i: int) -> dict:
+    if not isinstance(message, Mapping):
+        raise InputError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}")
+    unknown = sorted(set(message) - {"role", "content", "name"})
+    if unknown:
+        raise InputError(f"messages[{i}] has keys {unknown}; a message takes role, content and name")
+    if message.get("role") not in _ROLES:
+        raise InputError(f"messages[{i}]['role'] must be one of {list(_ROLES)}, got {message.get('role')!r}")
+    if not isinstance(message.get("content"), str):
+        raise InputError(f"messages[{i}]['content'] must be a string, got {type(message.get('content')).__name__}")
+    if "name" in message and not isinstance(message["name"], str):
+        raise InputError(f"messages[{i}]['name'] must be a string, got {type(message['name']).__name__}")
+    return dict(message)
+
+
+def _plain(tokenizer, text: str) -> list[int]:
+    """User text as plain text: special-token strings inside it are split into ordinary tokens."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
+
+
+def _template(tokenizer, text: str) -> list[int]:
+    """Chat-template text: its special tokens (``<|im_start|>``) are the special ids."""
+    return tokenizer.encode(text, add_special_tokens=False) if text else []
 
 
 def _single_token_headers(layout: CanvasLayout) -> set[int]:

@@ -8,6 +8,7 @@ answer region of the non-canvas modes is group 0.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,21 @@ class CanvasLayout:
         if self.summary_group is None:
             return AttentionSpec(mode, prompt_len, shifted)
         return AttentionSpec(mode, prompt_len, shifted[:-1], shifted[-1])
+
+
+def check_headers(headers: list[list[int]], unk_id: int | None, names: list[str]) -> None:
+    """Warns when a tokenizer cannot hold the canvas headers apart: a header that tokenises to
+    the unknown token, or two headers with the same ids (a model could not tell its blocks apart)."""
+    for name, ids in zip(names, headers):
+        if unk_id is not None and unk_id in ids:
+            warnings.warn(f"the header {name!r} tokenises to the unknown token ({list(ids)}); add it to the "
+                          f"tokenizer (as a special token) so the canvas headers mean something", stacklevel=3)
+    seen: dict[tuple[int, ...], str] = {}
+    for name, ids in zip(names, headers):
+        if tuple(ids) in seen:
+            warnings.warn(f"the headers {seen[tuple(ids)]!r} and {name!r} tokenise to the same ids {list(ids)}: "
+                          f"the model cannot tell those blocks apart", stacklevel=3)
+        seen.setdefault(tuple(ids), name)
 
 
 def canvas_layout(config: GenerationConfig, mask_id: int, headers: list[list[int]] | None = None) -> CanvasLayout:

@@ -1,12 +1,13 @@
 """The ``paradec`` command (also ``python -m paradec``; under torchrun ``torchrun ... -m paradec``).
 
+    paradec decode --prompt "What is 3 + 4?"               # the main job; torchrun -m paradec decode spreads it
     paradec eval --model paradec-tiny --task synthetic --limit 50 --out runs/tiny.jsonl
     paradec eval --model PATH --task gsm8k --data ../shared/data/gsm8k/test.jsonl --blocks 4 --steps 256
     paradec seqdep --model paradec-tiny-answerer --data texts.jsonl --segment lines
     paradec lm-eval --model paradec --model_args pretrained=PATH --tasks paradec_gsm8k_local ...
 
-Every ``GenerationConfig`` field is a flag of ``eval`` (``--tokens-per-step``, ``--window``, ...);
-a flag left out takes the checkpoint's own default, then paradec's.
+Every ``GenerationConfig`` field is a flag of ``decode`` and ``eval`` (``--tokens-per-step``,
+``--window``, ...); a flag left out takes the checkpoint's own default, then paradec's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from paradec import __version__
 from paradec import config as C
 from paradec.config import GenerationConfig
 
@@ -32,19 +34,22 @@ _TYPES = {"int": int, "float": float, "str": str}
 
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per GenerationConfig field; ``--name/--no-name`` for booleans; default: unset."""
-    group = parser.add_argument_group("generation settings (GenerationConfig; unset: the checkpoint's defaults)")
+    group = parser.add_argument_group(
+        "generation settings (GenerationConfig); a flag left out takes the checkpoint's own default, then paradec's")
     for f in dataclasses.fields(GenerationConfig):
         flag = "--" + f.name.replace("_", "-")
         base = str(f.type).replace(" | None", "")
+        text = f"{f.metadata['help']} (paradec's default: {f.default})".replace("%", "%%")
+        unset = {"dest": f"gen_{f.name}", "default": argparse.SUPPRESS, "help": text}  # absent unless given
         if base == "bool":
-            group.add_argument(flag, dest=f"gen_{f.name}", action=argparse.BooleanOptionalAction, default=None)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **unset)
         else:
-            group.add_argument(flag, dest=f"gen_{f.name}", type=_TYPES[base], default=None,
-                               choices=_CHOICES.get(f.name), metavar=None if f.name in _CHOICES else base.upper())
+            group.add_argument(flag, type=_TYPES[base], choices=_CHOICES.get(f.name),
+                               metavar=None if f.name in _CHOICES else base.upper(), **unset)
 
 
 def generation_overrides(args: argparse.Namespace) -> dict:
-    return {k[4:]: v for k, v in vars(args).items() if k.startswith("gen_") and v is not None}
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("gen_")}
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -98,6 +103,12 @@ def _print_report(report, out: Path | None) -> None:
     print(json.dumps({"eval": report.as_dict()}))
 
 
+def _decode(args: argparse.Namespace) -> int:
+    from paradec.decode import run
+
+    return run(args)
+
+
 def _seqdep(args: argparse.Namespace) -> int:
     from paradec.eval.seqdep import run_cli
 
@@ -118,6 +129,10 @@ def _lm_eval(argv: list[str]) -> int:
         return 2
     import paradec.eval.harness  # noqa: F401  registers --model paradec
 
+    if not any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
+        from paradec.eval.harness import TASKS_DIR
+
+        argv = [*argv, "--include_path", str(TASKS_DIR)]  # paradec's own tasks (paradec_gsm8k_local)
     sys.argv = ["lm_eval", *argv]
     cli_evaluate()
     return 0
@@ -125,12 +140,23 @@ def _lm_eval(argv: list[str]) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="paradec", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"paradec {__version__} (torch {torch.__version__})")
     sub = p.add_subparsers(dest="command", required=True)
+    defaults = argparse.ArgumentDefaultsHelpFormatter
 
-    e = sub.add_parser("eval", help="accuracy, NFE, tokens/s and ARness of a model on a task")
+    d = sub.add_parser("decode", formatter_class=defaults,
+                       help="decode one canvas and print its blocks, summary, answer and timings (the main job)")
+    from paradec.decode import add_flags as add_decode_flags
+
+    add_decode_flags(d)
+
+    e = sub.add_parser("eval", formatter_class=defaults,
+                       help="accuracy, NFE, tokens/s and ARness of a model on a task")
     e.add_argument("--model", default="paradec-tiny", help="checkpoint directory or a built-in model's name")
-    e.add_argument("--task", required=True, choices=["gsm8k", "math500", "synthetic"])
-    e.add_argument("--data", type=Path, help="JSONL file (synthetic: default the built-in held-out split)")
+    e.add_argument("--task", required=True, choices=["gsm8k", "math500", "synthetic"],
+                   help="what the examples are and how answers are graded (paradec.eval.tasks)")
+    e.add_argument("--data", type=Path, help="JSONL file (default: the split shipped with paradec: GSM8K's test "
+                   "split, the synthetic task's held-out split; math500 needs one)")
     e.add_argument("--limit", type=int, help="the first N examples")
     e.add_argument("--out", type=Path, help="per-example JSONL; an existing one with the same settings is resumed")
     e.add_argument("--no-resume", action="store_true", help="overwrite --out instead of resuming it")
@@ -143,26 +169,35 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--answer-tokens", type=int, default=64, help="with --answerer: its token budget")
     e.add_argument("--device", help="default: this rank's GPU, else the CPU")
     e.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_generation_flags(e)
 
-    s = sub.add_parser("seqdep", help="SeqDep (NAP Eq. 4) of texts under a causal LM")
+    s = sub.add_parser("seqdep", formatter_class=defaults, help="SeqDep (NAP Eq. 4) of texts under a causal LM")
     from paradec.eval.seqdep import add_flags
 
     add_flags(s)
     sub.add_parser("lm-eval", help="lm-evaluation-harness's CLI with --model paradec registered", add_help=False)
 
-    v = sub.add_parser("serve", help="an engine behind a ZeroMQ frontend (and an OpenAI-compatible HTTP endpoint)")
+    v = sub.add_parser("serve", formatter_class=defaults, help="an engine behind a ZeroMQ frontend (and an OpenAI-compatible HTTP endpoint)")
     v.add_argument("--model", default="paradec-tiny", help="checkpoint directory or a built-in model's name")
     v.add_argument("--address", default="tcp://127.0.0.1:5555", help="where clients connect (ZeroMQ endpoint)")
     v.add_argument("--http-port", type=int, help="also serve OpenAI-compatible HTTP on this port")
-    v.add_argument("--http-host", default="127.0.0.1")
-    v.add_argument("--token", default=os.environ.get("PARADEC_TOKEN"),
-                   help="shared secret every client sends (required to bind a non-loopback address)")
+    v.add_argument("--http-host", default="127.0.0.1", help="with --http-port: the address HTTP binds")
+    v.add_argument("--token-file", help="a file holding the shared secret every client sends (or set PARADEC_TOKEN; "
+                   "at least 16 characters; required to bind a non-loopback address)")
+    v.add_argument("--token", help=argparse.SUPPRESS)  # refused by name: ps shows a command line to every user
     v.add_argument("--nproc", type=int, default=1, help="engine ranks (torchrun-style; rank 0 talks to the frontend)")
     v.add_argument("--max-pending", type=int, default=64, help="requests in flight before new ones get 'busy'")
     v.add_argument("--max-batch", type=int, default=8, help="compatible requests decoded together")
     v.add_argument("--device", help="default: the GPU, else the CPU")
+    v.add_argument("--request-timeout-s", type=float, default=600.0, help="deadline of every HTTP request and of "
+                   "a ZeroMQ request that sets no timeout_s, from its arrival (waiting included)")
+    v.add_argument("--stall-timeout-s", type=float, default=60.0, help="with requests in flight, seconds without "
+                   "engine progress before health turns false, they fail with 'stalled' and the engine restarts "
+                   "(0: never; above the longest step, or batch with --nproc)")
+    v.add_argument("--restart", action=argparse.BooleanOptionalAction, default=True,
+                   help="start a new engine after one died or stalled")
+    v.add_argument("--http-max-body-bytes", type=int, default=1 << 20, help="larger HTTP bodies get 413 unread")
     return p
 
 
@@ -174,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     from paradec.errors import ParadecError
 
     try:
-        return {"eval": _eval, "seqdep": _seqdep, "serve": _serve}[args.command](args)
+        return {"decode": _decode, "eval": _eval, "seqdep": _seqdep, "serve": _serve}[args.command](args)
     except ParadecError as e:
         print(f"paradec {args.command}: {e}", file=sys.stderr)
         return 2

@@ -3,7 +3,8 @@ the field's name and its allowed range in the message."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+import math
+from dataclasses import MISSING, dataclass, field, fields, replace
 
 from paradec.errors import ConfigError
 
@@ -17,6 +18,11 @@ PROMPT_KV = ("auto", "broadcast", "recompute")
 GATHERS = ("tokens", "kv")
 RESULTS_ON = ("rank0", "all")
 CACHES = ("none", "prefix", "dual")
+
+
+def _setting(default, help: str):
+    """A config field with its one-line help, which the CLI flags and generate()'s docstring show."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -70,39 +76,41 @@ class GenerationConfig:
     prompt_kv: how each rank gets the prompt KV (``auto`` picks by a cost model, see
     ``paradec.distributed.prompt_kv``); gather: what the summary owner (rank 0) collects at
     summary time, the blocks' ``tokens`` (it recomputes their KV) or their ``kv``; results_on:
-    ``rank0`` (other ranks get None) or ``all``; rank_timeout_s: how long a rank waits for one
-    that stopped responding before failing with its name.
+    ``rank0`` (other ranks get None) or ``all``; rank_timeout_s: how long a rank may make no
+    progress (no step, no phase) while the others wait for it at a sync point before the job ends
+    with its name (a live but stuck rank is ended too).
     """
 
-    mode: str = "nap"
-    blocks: int = 4
-    block_len: int = 64
-    summary_len: int = 64
-    answer_len: int = 128
-    steps: int | None = None
-    tokens_per_step: int | None = None
-    schedule: str = "uniform"
-    policy: str = "confidence"
-    threshold: float = 0.9
-    factor: float = 1.0
-    temperature: float = 0.0
-    seed: int = 0
-    attention: str = "isolated"
-    summary: str = "after"
-    eos_closes_block: bool = True
-    bar_eos_in_blocks: bool = False
-    summary_min_tokens: int = 0
-    chat_template: bool = True
-    window: int | None = None
-    cache: str | None = None
-    refresh_every: int | None = None
-    cuda_graphs: bool = True
-    prompt_kv: str = "auto"
-    gather: str = "tokens"
-    results_on: str = "rank0"
-    rank_timeout_s: float = 60.0
+    mode: str = _setting("nap", "nap: think blocks + summary canvas; ao / ar_order / random: one answer region decoded by the policy's global order, leftmost first, or at random; block: semi-autoregressive blocks of block_len (LLaDA, Fast-dLLM)")
+    blocks: int = _setting(4, "think blocks m of the nap canvas")
+    block_len: int = _setting(64, "body tokens of each think block (nap), or of each semi-AR block (block mode)")
+    summary_len: int = _setting(64, "body tokens of the summary block (nap)")
+    answer_len: int = _setting(128, "tokens of the answer region outside nap")
+    steps: int | None = _setting(None, "step budget of the whole generation (None: set by tokens_per_step)")
+    tokens_per_step: int | None = _setting(None, "tokens committed per block per step by the top-k policies (None with steps unset: 1)")
+    schedule: str = _setting("uniform", "how steps spread a block's tokens: uniform (LLaDA) or linspace (Dream)")
+    policy: str = _setting("confidence", "which masked positions commit: confidence, margin, entropy (top-k), threshold or factor (rules)")
+    threshold: float = _setting(0.9, "policy=threshold: commit every position whose confidence reaches this, in (0, 1]")
+    factor: float = _setting(1.0, "policy=factor (Fast-dLLM): the n-th best commits if its confidence >= 1 - factor / (n + 1); > 0")
+    temperature: float = _setting(0.0, "0 is greedy; above 0 samples by Gumbel-max in float64")
+    seed: int = _setting(0, "request r of a batch uses seed + r; streams keyed by (seed, block, step)")
+    attention: str = _setting("isolated", "isolated: blocks see the prompt and themselves (exact prompt cache, spreadable over ranks); canvas: full bidirectional")
+    summary: str = _setting("after", "the summary decodes after the think blocks or concurrent with them")
+    eos_closes_block: bool = _setting(True, "an EOS committed in a region fills every position after it with EOS")
+    bar_eos_in_blocks: bool = _setting(False, "EOS is never chosen in think blocks")
+    summary_min_tokens: int = _setting(0, "EOS is never chosen in the summary's first n positions")
+    chat_template: bool = _setting(True, "apply the tokenizer's chat template to string prompts")
+    window: int | None = _setting(None, "nap: decode each block this many body tokens at a time (None: the whole block)")
+    cache: str | None = _setting(None, "windowed decoding's KV reuse: none, prefix or dual (default dual when windowed)")
+    refresh_every: int | None = _setting(None, "windowed cache: recompute the reused KV every n steps (None: at each window's first step only)")
+    cuda_graphs: bool = _setting(True, "on CUDA, replay static-shape steps as CUDA graphs")
+    prompt_kv: str = _setting("auto", "torchrun: how each rank gets the prompt KV: auto (cost model), broadcast or recompute")
+    gather: str = _setting("tokens", "torchrun: what rank 0 collects at summary time: the blocks' tokens or their kv")
+    results_on: str = _setting("rank0", "torchrun: results on rank0 only (None elsewhere) or on all ranks")
+    rank_timeout_s: float = _setting(60.0, "torchrun: seconds a rank may go without progress while the others wait for it; then the job ends naming it")
 
     def __post_init__(self) -> None:
+        self._check_types()
         _choice("mode", self.mode, MODES)
         _choice("policy", self.policy, POLICIES)
         _choice("attention", self.attention, ATTENTIONS)
@@ -149,6 +157,22 @@ class GenerationConfig:
                         f"steps={self.steps} cannot commit the canvas at tokens_per_step={self.tokens_per_step}: "
                         f"the {name} ({length} tokens) needs {needed} steps but gets {steps}"
                     )
+
+    def _check_types(self) -> None:
+        """Each field holds its declared type (an int where a float is declared is fine; a bool
+        is never a number) and every float is finite."""
+        for f in fields(self):
+            value, kinds = getattr(self, f.name), str(f.type).split(" | ")
+            if value is None and "None" in kinds:
+                continue
+            ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+                  "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+                  "str": isinstance(value, str), "bool": isinstance(value, bool)}
+            if not any(ok.get(k, False) for k in kinds):
+                wanted = " or ".join({"None": "None", "int": "an int"}.get(k, f"a {k}") for k in kinds)
+                raise ConfigError(f"{f.name} must be {wanted}, got {value!r} ({type(value).__name__})")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
 
     def _check_windows(self) -> None:
         if self.window is not None and self.mode != "nap":
@@ -205,6 +229,15 @@ class GenerationConfig:
         think = round(self.steps * self.block_len / (self.block_len + self.summary_len))
         think = min(max(think, 1), self.steps - 1)
         return [("think blocks", self.block_len, think), ("summary", self.summary_len, self.steps - think)]
+
+
+def settings_help() -> str:
+    """One line per setting — name, type, default, what it does — from the fields' own help."""
+    lines = []
+    for f in fields(GenerationConfig):
+        default = f.default if f.default is not MISSING else None
+        lines.append(f"    {f.name} ({f.type}, default {default!r}): {f.metadata['help']}")
+    return "\n".join(lines)
 
 
 def window_lengths(length: int, window: int | None) -> list[int]:

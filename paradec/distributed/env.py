@@ -56,6 +56,14 @@ def current_env() -> DistEnv:
     return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
 
 
+def torchrun_without_group() -> bool:
+    """True in a process that torchrun started as one of several ranks (WORLD_SIZE > 1) whose
+    process group nobody has started, outside ``single_process()``."""
+    if _SINGLE.get() or (dist.is_available() and dist.is_initialized()):
+        return False
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
 def init_distributed(device: str | None = None, timeout_s: float = 120.0) -> DistEnv:
     """Reads RANK / LOCAL_RANK / WORLD_SIZE (set by torchrun), binds this rank's device before
     the process group starts, and starts it: NCCL for CUDA, gloo for CPU. Without a torchrun

@@ -98,11 +98,11 @@ def score(scorer, texts: list[tuple[int, str, list[str]]], progress: bool = True
 def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="paradec-tiny-scorer", help="the scorer: a causal LM directory or built-in name")
     p.add_argument("--data", type=Path, required=True, help="JSONL: text (or segments) and an optional prompt per line")
-    p.add_argument("--segment", choices=RULES, default="lines")
-    p.add_argument("--limit", type=int)
+    p.add_argument("--segment", choices=RULES, default="lines", help="how a text splits into the segments it scores")
+    p.add_argument("--limit", type=int, help="the first N texts")
     p.add_argument("--out", type=Path, help="write each text's SeqDep here (JSONL)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="cpu", help="where the scorer runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -31,19 +31,21 @@ class ARModel:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> ARModel:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        from paradec.models.loading import resolve
+        from paradec.models.loading import load_tokenizer, parse_device, parse_dtype, resolve
 
         root = resolve(path)  # a folder, or a built-in model's name (paradec-tiny-answerer)
         if not (root / "config.json").exists():
             raise CheckpointError(f"{root}: no config.json, so not a transformers checkpoint directory")
-        device = torch.device(device)
+        device = parse_device(device)
+        dtype = parse_dtype(dtype)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        try:
-            model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, local_files_only=True)
-            tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
+        try:  # never the checkpoint's own code (an auto_map): transformers' own classes only
+            model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, local_files_only=True,
+                                                         trust_remote_code=False)
+            tokenizer = load_tokenizer(root)
         except (ValueError, OSError, KeyError) as err:
             raise CheckpointError(f"{root}: not loadable as a causal LM with its tokenizer ({err})") from err
         return cls(model.to(device), tokenizer)

@@ -37,13 +37,22 @@ def save_checkpoint(module: DiffusionTransformer, config: dict, root: str | Path
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     weights = root / SINGLE_FILE
-    save_file(checkpoint_state(module, config, dtype), _tmp(weights), metadata=metadata)
-    os.replace(_tmp(weights), weights)
+    save_tensors(checkpoint_state(module, config, dtype), weights, metadata=metadata)
     _tmp(root / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     os.replace(_tmp(root / "config.json"), root / "config.json")
     if tokenizer is not None:
         tokenizer.save_pretrained(root)
     return root
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written under a temporary name and renamed, with the permissions of
+    any file this process creates (safetensors itself leaves 0600, unreadable to a group)."""
+    save_file(tensors, _tmp(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(_tmp(path), 0o666 & ~umask)
+    os.replace(_tmp(path), path)
 
 
 def _tmp(path: Path) -> Path:

@@ -129,20 +129,14 @@ class Engine:
         self.waiting.append(Request(body["id"], ids, config, bool(body.get("stream")),
                                     time.monotonic() + timeout if timeout else None))
 
-    def _prompt(self, message: Message) -> str | list[int]:
-        """Text, token ids, or chat messages rendered by the tokenizer's chat template to ids."""
+    def _prompt(self, message: Message) -> str | list:
+        """Text, token ids, or chat messages (``encode_prompt`` renders them, their text plain)."""
         body = message.body
         if body.get("prompt") is not None:
             return body["prompt"]
-        if "messages" not in body:
-            return message.buffers[0].tolist()
-        tokenizer = self.model.tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            if len(body["messages"]) != 1 or body["messages"][0]["role"] != "user":
-                raise ProtocolError("this model has no chat template: send one user message, or a prompt")
-            return body["messages"][0]["content"]
-        text = tokenizer.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False, split_special_tokens=False)["input_ids"]
+        if "messages" in body:
+            return body["messages"]
+        return message.buffers[0].tolist()
 
     def _abort(self, request_id: str) -> None:
         for request in list(self.waiting):

@@ -22,7 +22,7 @@ import torch
 
 from paradec.answers import extract_answer
 from paradec.api import encode_text
-from paradec.canvas import canvas_layout
+from paradec.canvas import canvas_layout, check_headers
 from paradec.config import GenerationConfig
 from paradec.errors import ConfigError
 from paradec.models.attention import PAD, PROMPT
@@ -138,9 +138,9 @@ def nap_instance(tokenizer, example: ReasoningExample, fmt: CanvasFormat, eos_id
         if len(body) > limit:
             what = f"path {i + 1}" if i < m else "summary"
             raise CurationError(f"too long: {what} has {len(body)} tokens, its block holds {limit}")
-    headers = [header_ids(tokenizer, fmt.think_header.format(i=i + 1)) for i in range(m)]
-    headers.append(header_ids(tokenizer, fmt.summary_header))
-    layout = _nap_layout(m, fmt.block_len, fmt.summary_len, mask_id, tuple(map(tuple, headers)))
+    names = [fmt.think_header.format(i=i + 1) for i in range(m)] + [fmt.summary_header]
+    headers = tuple(tuple(header_ids(tokenizer, name)) for name in names)
+    layout = _nap_layout(m, fmt.block_len, fmt.summary_len, mask_id, headers, tokenizer.unk_token_id, tuple(names))
     canvas = layout.template.clone()
     for g, body in enumerate(bodies):
         start, end = layout.bodies[g]
@@ -155,9 +155,12 @@ def nap_instance(tokenizer, example: ReasoningExample, fmt: CanvasFormat, eos_id
 
 
 @lru_cache(maxsize=64)
-def _nap_layout(m: int, block_len: int, summary_len: int, mask_id: int, headers: tuple[tuple[int, ...], ...]):
-    """The decoder's own canvas layout (cached: every example of m paths shares it)."""
+def _nap_layout(m: int, block_len: int, summary_len: int, mask_id: int, headers: tuple[tuple[int, ...], ...],
+                unk_id: int | None, names: tuple[str, ...]):
+    """The decoder's own canvas layout (cached: every example of m paths shares it, and the
+    headers are checked once)."""
     config = GenerationConfig(mode="nap", blocks=m, block_len=block_len, summary_len=summary_len)
+    check_headers([list(h) for h in headers], unk_id, list(names))
     return canvas_layout(config, mask_id, [list(h) for h in headers])
 
 

@@ -13,9 +13,9 @@ import os
 import random
 from pathlib import Path
 
-from safetensors.torch import save_file
 
 from paradec.errors import ConfigError
+from paradec.models.saving import save_tensors
 from paradec.train import data as curation
 from paradec.train.tasks import arith
 from paradec.train.tokenizer import build_word_tokenizer
@@ -130,8 +130,8 @@ def build_task_data(out: str | Path, problems: int, seed: int = 0, noise: float 
         meta = {"kind": kind, "task": "arith", "block_len": BLOCK_LEN, "summary_len": SUMMARY_LEN,
                 "path_counts": list(PATH_COUNTS), "noise": noise, "seed": seed, "mask_id": tokenizer.mask_token_id,
                 "eos_id": tokenizer.eos_token_id, "curation": report.summary()}
-        save_file(curation.pack(instances, tokenizer.pad_token_id), out / f"{kind}.safetensors",
-                  metadata={"paradec": json.dumps(meta)})
+        save_tensors(curation.pack(instances, tokenizer.pad_token_id), out / f"{kind}.safetensors",
+                     metadata={"paradec": json.dumps(meta)})
         summary[kind] = {"kept": report.kept, "rejected": report.rejected, "counts": dict(report.counts)}
     (out / "curation.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
