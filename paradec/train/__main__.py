@@ -1,5 +1,5 @@
-"""python -m paradec.train {data, fit, export}: build the task data, train (one process or
-torchrun), export a checkpoint for shipping."""
+"""python -m paradec.train {data, fit, export, answerer}: build the task data, train (one process
+or torchrun), export a checkpoint for shipping, train the tiny AR answerer (or SeqDep scorer)."""
 
 from __future__ import annotations
 
