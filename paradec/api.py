@@ -6,6 +6,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -13,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from paradec import hybrid
+from paradec import hybrid, ops
 from paradec.answers import extract_answer
 from paradec.canvas import CanvasLayout, canvas_layout, check_headers
 from paradec.config import GenerationConfig, settings_help
 from paradec.decoding.kept import kept_runner
-from paradec.decoding.runner import Runner
+from paradec.decoding.runner import DecodeOutput, Runner
+from paradec.decoding.scoring import Sampling
 from paradec.distributed import canvas as distributed_canvas
 from paradec.distributed import teardown
 from paradec.distributed.env import current_env, init_distributed, torchrun_without_group
@@ -34,15 +36,22 @@ Message = Mapping[str, str]  # {"role": "system" | "user" | "assistant", "conten
 Prompt = str | Sequence[int] | Sequence[Message]
 
 
-@dataclass
+@dataclass(repr=False)
 class GenerationResult:
     """One request's output.
 
-    blocks: the think blocks' text (empty outside ``nap``); summary: the summary's text (the
-    answer region's text outside ``nap``); answer: extracted from the summary (``#### N`` or
-    ``\\boxed{}``), None when absent; token_ids: every position after the prompt; trace: for each
-    of those positions the step that committed it, -1 for headers; nfe: model forwards;
-    timings: seconds per phase (prefill, forward, unmask, bookkeeping, think, summary, total).
+    text: the final answer text in every mode — the summary in ``nap``, the answer region
+    elsewhere, what the answerer wrote with an ``answerer`` — cut before the earliest ``stop``
+    string; finish_reason: ``"stop"`` when a stop string or an EOS ended the text, ``"length"``
+    when it filled its region (``max_new_tokens``). blocks: the think blocks' text (empty outside
+    ``nap``); summary: the summary's text (the answer region's text outside ``nap``; equal to
+    ``text`` unless an answerer wrote the answer); answer: extracted from the text (``#### N`` or
+    ``\\boxed{}``), None when absent; token_ids: every position after the prompt (cut with the
+    text at a stop string: the whole tokens before it); trace: for each of those positions the
+    step that committed it, -1 for headers; groups: each position's group (think block j is j, the
+    summary m; the answer region 0), so ``paradec.plots.decode_order_png(result.trace,
+    result.groups, path)`` draws the decode order; nfe: model forwards; timings: seconds per phase
+    (prefill, forward, unmask, bookkeeping, think, summary, total). ``repr`` is one short line.
     """
 
     blocks: list[str]
@@ -59,6 +68,23 @@ class GenerationResult:
     placement: dict | None = None  # under torchrun: blocks of each rank, idle ranks, prompt-KV and gather choices
     answerer: hybrid.AnswerOutput | None = None  # NAR→AR: what the AR answerer wrote
     rank_timings: list[dict] | None = None  # under torchrun: per rank, seconds per phase and forwards
+    text: str | None = None  # None: the summary's text
+    finish_reason: str = "length"
+    groups: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.text is None:
+            self.text = self.summary
+
+    def __repr__(self) -> str:
+        text = self.text if len(self.text) <= 60 else self.text[:57] + "..."
+        parts = [f"text={text!r}", f"finish_reason={self.finish_reason!r}"]
+        if self.answer is not None:
+            parts.append(f"answer={self.answer!r}")
+        if self.blocks:
+            parts.append(f"blocks={len(self.blocks)}")
+        parts += [f"tokens={len(self.token_ids)}", f"steps={self.steps}", f"nfe={self.nfe}"]
+        return f"GenerationResult({', '.join(parts)})"
 
 
 def generate(
@@ -70,13 +96,16 @@ def generate(
     with_summary: bool = False,
     on_step=None,
     progress: bool = False,
+    streamer=None,
     **overrides,
-) -> GenerationResult | list[GenerationResult]:
+) -> GenerationResult | list[GenerationResult] | list[list[GenerationResult]]:
     """Decode one prompt or a batch with ``config`` and overrides (the settings below).
 
     prompts: one prompt — a string, token ids (a list or a 1-D integer tensor) or chat messages
     (``[{"role": "user", "content": ...}, ...]``, rendered by the tokenizer's chat template, their
-    text never tokenised into special tokens) — or a list of prompts (a 2-D tensor is a batch).
+    text never tokenised into special tokens) — or a list of prompts. A 2-D tensor ``[batch,
+    length]`` is a batch, even of one row (a list of one result comes back); a 1-D tensor is
+    one prompt.
     Without ``config`` the checkpoint's own defaults (``paradec.generation`` in its config.json,
     e.g. the canvas it was trained on) come first, then paradec's.
 
@@ -91,7 +120,23 @@ def generate(
     process only (not under torchrun). progress: a tqdm bar over the canvas's committed tokens
     (one process only).
 
-    A single prompt gives a single result; a list of prompts gives a list. Inside a torchrun job
+    streamer: receives the answer text as it is committed, with transformers' streamer protocol
+    (``TextStreamer``, ``TextIteratorStreamer``): ``put(prompt_ids)`` first (a ``[1, P]`` tensor, which
+    ``skip_prompt=True`` skips), then ``put(ids)`` (1-D tensors) as the answer region's committed
+    left-to-right prefix grows — diffusion commits out of order, so a token is streamed once every
+    position before it is committed — and ``end()`` once. What it receives concatenates to the
+    final ``text``'s tokens: ids stop at an EOS, and with ``stop`` strings ids that might begin a
+    stop string are held back until they cannot (a token holding both the text's last characters
+    and a stop string's first is not streamed). One prompt, one sequence, one process.
+
+    stop strings: the text and token ids are cut before the earliest one (finish_reason
+    ``"stop"``); in one process decoding ends as soon as every request's committed left-to-right
+    answer prefix holds one (then ``nfe``/``steps`` count the steps made; the other groups must be
+    done). max_new_tokens bounds ``text``'s tokens in every mode (see the settings).
+
+    A single prompt gives a single result; a list of prompts gives a list. With
+    ``num_return_sequences`` n > 1 a single prompt gives a list of n results, a batch a list of
+    such lists (grouped per prompt). Inside a torchrun job
     of several ranks every rank calls this with the same arguments; the think blocks are spread
     over the ranks and the result is returned on rank 0 (None elsewhere, unless
     ``results_on="all"``). When torchrun started the process and nobody set up the process group,
@@ -105,7 +150,10 @@ def generate(
     env = _process_env(model)
     summary = _check_answerer(answerer, answer_tokens, config, env) or with_summary
     single, batch = split_prompts(prompts)
+    _check_text_options(model, config, env, streamer, answerer, single)
     layout = build_layout(model, config)
+    n = config.num_return_sequences
+    batch = [p for p in batch for _ in range(n)]  # prompt-major: request p*n + i is prompt p's sample i
     encoded = [encode_prompt(model, p, config, layout) for p in batch]
     longest = max(map(len, encoded))
     if longest + layout.length > model.spec.max_length:
@@ -123,25 +171,38 @@ def generate(
                           "come back in result.rank_timings")
     bar = _ProgressBar(on_step, layout, len(batch)) if progress else None
     on_step = bar or on_step
-    if env.distributed:
-        with _REUSE:  # the kept runners are this process's
-            spread = distributed_canvas.decode(model, config, layout, encoded, env, summary=summary)
-        if spread is None:
-            return None  # results live on rank 0 (results_on="all" sends them everywhere)
-        output, placement, rank_timings = spread.output, spread.placement, spread.rank_timings
-    elif _REUSE.acquire(blocking=False):
-        try:
-            output = kept_runner(model, config, layout, encoded, summary=None if summary else False).run(on_step=on_step)
-        finally:
-            _REUSE.release()
-    else:  # another thread is decoding with the kept runner
-        output = Runner(model, config, layout, encoded, summary=None if summary else False).run(on_step=on_step)
-    if bar is not None:
-        bar.close()
-    results = [
-        _result(model, layout, encoded[r], output.canvas[r].tolist(), output.trace[r].tolist(), output, summary)
-        for r in range(len(batch))
-    ]
+    watcher = None
+    if answerer is None and not env.distributed and (streamer is not None or config.stop):
+        watcher = _Watcher(on_step, model, layout, config, streamer, encoded[0])
+        on_step = watcher
+    try:
+        with ops.sampling(Sampling.of(config)):  # the request's top_k/top_p/score_on/rank_temperature
+            if env.distributed:
+                with _REUSE:  # the kept runners are this process's
+                    spread = distributed_canvas.decode(model, config, layout, encoded, env, summary=summary)
+                if spread is None:
+                    return None  # results live on rank 0 (results_on="all" sends them everywhere)
+                output, placement, rank_timings = spread.output, spread.placement, spread.rank_timings
+            elif _REUSE.acquire(blocking=False):
+                try:
+                    runner = kept_runner(model, config, layout, encoded, summary=None if summary else False)
+                    output = _run(runner, on_step)
+                finally:
+                    _REUSE.release()
+            else:  # another thread is decoding with the kept runner
+                output = _run(Runner(model, config, layout, encoded, summary=None if summary else False), on_step)
+        if bar is not None:
+            bar.close()
+        results = [
+            _result(model, layout, encoded[r], output.canvas[r].tolist(), output.trace[r].tolist(), output, summary,
+                    config.stop)
+            for r in range(len(batch))
+        ]
+        if watcher is not None:
+            watcher.finish(results[0])
+    finally:
+        if streamer is not None:
+            streamer.end()
     for result in results:
         result.placement, result.rank_timings = placement, rank_timings
     if answerer is not None:
@@ -154,7 +215,13 @@ def generate(
                                   seed=config.seed + i)
                     for i, (q, r, s) in enumerate(zip(questions, results, summaries))]
         for result, out in zip(results, outs):
-            result.answerer, result.answer = out, out.answer
+            text, cut = _cut_text(out.text, config.stop)
+            result.answerer, result.text = out, text
+            result.answer = extract_answer(text) if cut else out.answer
+            result.finish_reason = "stop" if cut or out.stopped else "length"
+    if n > 1:
+        grouped = [results[p * n:(p + 1) * n] for p in range(len(results) // n)]
+        return grouped[0] if single else grouped
     return results[0] if single else results
 
 
@@ -176,6 +243,128 @@ def _check_answerer(answerer, answer_tokens: int, config: GenerationConfig, env)
     if env.distributed and config.results_on != "rank0":
         raise ConfigError("an answerer runs on rank 0 where the results are: use results_on='rank0'")
     return False
+
+
+def _check_text_options(model: DiffusionModel, config: GenerationConfig, env, streamer, answerer,
+                        single: bool) -> None:
+    """stop strings need a tokenizer; a streamer follows one sequence of one prompt, in one
+    process, of the diffusion model's own answer."""
+    if config.stop and model.tokenizer is None:
+        raise InputError("stop strings cut text: this model has no tokenizer (give stop=None)")
+    if streamer is None:
+        return
+    if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+        raise InputError(f"streamer must have put(token_ids) and end() (transformers' TextStreamer protocol), "
+                         f"got {type(streamer).__name__}")
+    if not single or config.num_return_sequences > 1:
+        raise ConfigError("a streamer follows one sequence: give one prompt and num_return_sequences=1")
+    if env.distributed:
+        raise ConfigError("a streamer runs in one process only; under torchrun the result comes back on rank 0")
+    if answerer is not None:
+        raise ConfigError("a streamer follows the diffusion model's answer; with an answerer the text is written "
+                          "after decoding (read result.text)")
+
+
+def _run(runner: Runner, on_step) -> DecodeOutput:
+    """runner.run, or the state it reached when the watcher ended it early (every answer settled)."""
+    started = time.perf_counter()
+    try:
+        return runner.run(on_step=on_step)
+    except _StopEarly as stopped:
+        timings = dict(runner.timings)
+        timings["total"] = time.perf_counter() - started
+        return DecodeOutput(runner.canvas.clone(), runner.trace.clone(), stopped.step, stopped.step, timings)
+
+
+class _StopEarly(Exception):
+    """Raised between steps by ``_Watcher``: every request's answer text is settled."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped at step {step}")
+        self.step = step
+
+
+class _Watcher:
+    """on_step that follows the answer region's committed left-to-right prefix: it streams that
+    prefix to a streamer and ends decoding once every request's prefix holds a stop string
+    (and every other group is done)."""
+
+    def __init__(self, inner, model: DiffusionModel, layout: CanvasLayout, config: GenerationConfig, streamer,
+                 prompt_ids: list[int]):
+        self.inner, self.streamer, self.stop = inner, streamer, config.stop
+        self.decode = _decoder(model)
+        self.stop_ids = set(model.spec.stop_ids)
+        group = layout.num_think_blocks  # the summary in nap, the answer region (group 0) elsewhere
+        self.start, self.end = layout.bodies[group]
+        self.others = (layout.editable & (layout.groups != group)).nonzero()[:, 0]  # [K] other body columns
+        self.sent = 0
+        if streamer is not None:
+            streamer.put(torch.tensor([prompt_ids]))
+
+    def __call__(self, runner, step: int) -> None:
+        if self.inner is not None:
+            self.inner(runner, step)
+        trace = runner.trace[:, self.start:self.end].cpu()  # [B, L]
+        ids = runner.canvas[:, self.start:self.end].cpu()
+        settled = []
+        for r in range(trace.shape[0]):
+            committed = int((trace[r] >= 0).long().cumprod(0).sum())  # the left-to-right committed prefix
+            prefix = ids[r, :committed].tolist()
+            ended = next((i for i, t in enumerate(prefix) if t in self.stop_ids), None)
+            prefix = prefix[:ended]
+            text = self.decode(prefix)
+            at = _find_stop(text, self.stop)
+            settled.append(at is not None)
+            if r == 0 and self.streamer is not None:
+                safe = at if at is not None else len(text) if ended is not None else len(text) - _held(text, self.stop)
+                self._send(prefix, len(prefix) if safe == len(text) else _whole_tokens(self.decode, prefix, text[:safe]))
+        if self.stop and all(settled) and bool((runner.trace[:, self.others.to(runner.trace.device)] >= 0).all()):
+            raise _StopEarly(step)
+
+    def _send(self, ids: list[int], upto: int) -> None:
+        if upto > self.sent:
+            self.streamer.put(torch.tensor(ids[self.sent:upto]))
+            self.sent = upto
+
+    def finish(self, result: GenerationResult) -> None:
+        """Streams what is left of the final text's tokens (``end()`` comes from generate)."""
+        if self.streamer is not None:
+            self._send(result.summary_token_ids, len(result.summary_token_ids))
+
+
+def _decoder(model: DiffusionModel):
+    return (lambda ids: model.tokenizer.decode(ids, skip_special_tokens=True)) if model.tokenizer else str
+
+
+def _find_stop(text: str, stop: tuple[str, ...] | None) -> int | None:
+    """Where the earliest stop string begins in ``text``, None when none does."""
+    hits = [i for i in (text.find(s) for s in stop or ()) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _held(text: str, stop: tuple[str, ...] | None) -> int:
+    """Characters at the end of ``text`` that could be the start of a stop string."""
+    longest = 0
+    for s in stop or ():
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
+
+
+def _whole_tokens(decode, ids: list[int], text: str) -> int:
+    """The most leading tokens of ``ids`` whose decoded text is a prefix of ``text`` (scanning
+    back from the end: the cut is usually near it)."""
+    for k in range(len(ids), 0, -1):
+        if text.startswith(decode(ids[:k])):
+            return k
+    return 0
+
+
+def _cut_text(text: str, stop: tuple[str, ...] | None) -> tuple[str, bool]:
+    at = _find_stop(text, stop)
+    return (text, False) if at is None else (text[:at], True)
 
 
 def _check_model(model) -> None:
@@ -426,7 +615,7 @@ def _single_token_headers(layout: CanvasLayout) -> set[int]:
 
 
 def _result(model, layout: CanvasLayout, prompt_ids, canvas: list[int], trace: list[int], output,
-            summary_decoded: bool = True) -> GenerationResult:
+            summary_decoded: bool = True, stop: tuple[str, ...] | None = None) -> GenerationResult:
     stops = set(model.spec.stop_ids)
 
     def body(g: int) -> list[int]:
@@ -435,15 +624,23 @@ def _result(model, layout: CanvasLayout, prompt_ids, canvas: list[int], trace: l
         cut = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
         return tokens[:cut]
 
-    decode = (lambda ids: model.tokenizer.decode(ids, skip_special_tokens=True)) if model.tokenizer else str
+    decode = _decoder(model)
     m = layout.num_think_blocks
+    groups = layout.groups.tolist()
     block_ids = [body(g) for g in range(m)]
     summary_ids = body(m if m else 0) if summary_decoded or not m else []
     summary = decode(summary_ids)
+    start, end = layout.bodies[m]
+    finish = "stop" if summary_decoded and len(summary_ids) < end - start else "length"
+    text, cut = _cut_text(summary, stop)
+    if cut:  # keep the whole tokens before the stop string, and the canvas up to them
+        summary_ids = summary_ids[:_whole_tokens(decode, summary_ids, text)]
+        canvas, trace, groups = (x[:start + len(summary_ids)] for x in (canvas, trace, groups))
+        finish = "stop"
     return GenerationResult(
         blocks=[decode(ids) for ids in block_ids],
-        summary=summary,
-        answer=extract_answer(summary),
+        summary=text,
+        answer=extract_answer(text),
         token_ids=canvas,
         trace=trace,
         nfe=output.nfe,
@@ -452,4 +649,7 @@ def _result(model, layout: CanvasLayout, prompt_ids, canvas: list[int], trace: l
         prompt_ids=list(prompt_ids),
         block_token_ids=block_ids,
         summary_token_ids=summary_ids,
+        text=text,
+        finish_reason=finish,
+        groups=groups,
     )

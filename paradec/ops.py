@@ -4,7 +4,10 @@ the two on fresh random inputs.
 
 - ``score``: per masked row, the chosen token, its probability, the top-1 minus top-2
   probability and the negative entropy; rows are addressed by index (Dream's shift needs no
-  copy); twin: ``paradec.decoding.scoring.score_logits``.
+  copy); twin: ``paradec.decoding.scoring.score_logits``. The kernel knows greedy choice and
+  plain temperature sampling; a request with ``top_k`` / ``top_p`` or ``score_on="sampling"``
+  is scored by the twin on every device (``Sampling.plain``), so such a request's tokens never
+  depend on which path ran. ``rank_temperature`` adds Gumbel noise to the ranking after either.
 - ``select_commit``: per segment, commit by rule (top-k quota, threshold, factor, each with a
   floor), ties to the lowest position, writing tokens and step into the canvas and trace in
   place; twin: ``paradec.decoding.selection`` ranking and the same rules.
@@ -12,12 +15,14 @@ the two on fresh random inputs.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 
 import torch
 
-from paradec.decoding.scoring import Scores, score_logits
+from paradec.decoding.scoring import Sampling, Scores, score_logits
 from paradec.decoding.selection import FACTOR, THRESHOLD, TOPK, rank_in_groups
 
 log = logging.getLogger("paradec")
@@ -60,21 +65,53 @@ def native_on(device: torch.device) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("paradec::score", "CUDA")
 
 
+_SAMPLING: contextvars.ContextVar[Sampling | None] = contextvars.ContextVar("paradec_sampling", default=None)
+
+
+@contextlib.contextmanager
+def sampling(settings: Sampling):
+    """Within this block (this thread), ``score`` calls that pass no ``sampling`` use
+    ``settings``: how ``paradec.generate`` hands a request's top_k / top_p / score_on /
+    rank_temperature to the steps of the runner it drives."""
+    token = _SAMPLING.set(settings)
+    try:
+        yield
+    finally:
+        _SAMPLING.reset(token)
+
+
 def score(logits: torch.Tensor, rows: torch.Tensor, mask_id: int, stop_ids: torch.Tensor, bar_stop: torch.Tensor,
-          temperature: float = 0.0, noise: torch.Tensor | None = None) -> Scores:
-    """logits: [R, V]; rows: [N] rows of ``logits`` to score; stop_ids: [S]; bar_stop: [N]."""
-    if native_on(logits.device):
+          temperature: float = 0.0, noise: torch.Tensor | None = None, sampling: Sampling | None = None) -> Scores:
+    """logits: [R, V]; rows: [N] rows of ``logits`` to score; stop_ids: [S]; bar_stop: [N];
+    noise: [N, V] float64 uniforms (temperature > 0). sampling: the request's filters and
+    scores (default: the ones ``sampling()`` set, else none). With ``rank_temperature`` the
+    ranking noise is the Gumbel transform of each row's uniform at the mask id's column, which
+    the token draw never reads (the mask id is barred): it is keyed like the draw (seed, group,
+    step, position), so it does not depend on batching or placement either."""
+    if sampling is None:
+        sampling = _SAMPLING.get() or Sampling()
+    if sampling.rank_temperature > 0 and noise is None:
+        raise ValueError("rank_temperature > 0 draws its noise from the sampling stream: it needs temperature > 0")
+    if sampling.plain and native_on(logits.device):
         if logits.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
             _check_indices(rows, logits.shape[0], stop_ids, logits.shape[1])  # the CUDA kernel cannot (no sync)
         tokens, confidence, margin, neg_entropy = torch.ops.paradec.score(
             logits, rows, mask_id, stop_ids, bar_stop, temperature, noise
         )
-        return Scores(tokens, confidence, margin, neg_entropy)
-    return score_twin(logits, rows, mask_id, stop_ids, bar_stop, temperature, noise)
+        scores = Scores(tokens, confidence, margin, neg_entropy)
+    else:  # the kernel has no top-k/top-p filter nor sampling-distribution scores: the twin, on any device
+        scores = score_twin(logits, rows, mask_id, stop_ids, bar_stop, temperature, noise, sampling)
+    if sampling.rank_temperature > 0:
+        scores.rank_noise = -torch.log(-torch.log(noise[:, mask_id]))
+        scores.rank_temperature = sampling.rank_temperature
+    return scores
 
 
-def score_twin(logits, rows, mask_id, stop_ids, bar_stop, temperature=0.0, noise=None) -> Scores:
-    return score_logits(logits[rows], mask_id, tuple(stop_ids.tolist()), bar_stop, temperature, noise)
+def score_twin(logits, rows, mask_id, stop_ids, bar_stop, temperature=0.0, noise=None,
+               sampling: Sampling | None = None) -> Scores:
+    s = sampling or Sampling()
+    return score_logits(logits[rows], mask_id, tuple(stop_ids.tolist()), bar_stop, temperature, noise,
+                        s.top_k, s.top_p, s.score_on)
 
 
 def select_commit(canvas, trace, batch_index, column, key, score, confidence, quota, floor, tokens, rule: int,
