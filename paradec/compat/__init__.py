@@ -1,0 +1,1 @@
+"""Other runtimes' call signatures on paradec's engine."""
