@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from paradec import batch_invariant as bi
 from paradec.errors import InputError
 from paradec.models.attention import PAD, PROMPT, attention_mask, check_mode
 
@@ -58,6 +59,16 @@ class TransformerConfig:
         return None
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` whose product takes ``paradec.batch_invariant``'s kernel while that mode is
+    on (CUDA, no autograd): each row's result is then the same whatever else is in the batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bi.active(x):
+            return bi.linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -65,6 +76,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bi.active(x):
+            return bi.rms_norm(x, self.weight, self.eps)
         # One fused kernel; it accumulates in fp32 for bf16 inputs, as both published models do.
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
@@ -133,7 +146,24 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 rotate = fused(apply_rotary)
 swiglu = fused(silu_mul)
-add_norm = fused(add_rms_norm)
+_add_norm = fused(add_rms_norm)
+
+
+def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``add_rms_norm``: fused (compiled) by default, the batch-invariant kernel in that mode."""
+    if bi.active(x):
+        return bi.add_rms_norm(x, residual, weight, eps)
+    return _add_norm(x, residual, weight, eps)
+
+
+def attend(q, keys, values, mask, gqa: bool) -> torch.Tensor:
+    """SDPA, or in the batch-invariant mode its kernel (which takes the same additive mask, or a
+    ``bi.MaskedKeys`` naming each row's visible keys). q: [B, H, T, D] -> [B, H, T, D]."""
+    if bi.active(q):
+        return bi.attention(q, keys, values, mask)
+    if isinstance(mask, bi.MaskedKeys):
+        mask = mask.additive
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -142,8 +172,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(cfg.qkv_sizes), bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, sum(cfg.qkv_sizes), bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x: [B, T, d] -> rotated q [B, H, T, D], rotated k and v [B, Hkv, T, D]."""
@@ -185,9 +215,7 @@ class Attention(nn.Module):
         elif past is not None:
             keys = torch.cat((past[0][:, :, :past_len], k), dim=2)
             values = torch.cat((past[1][:, :, :past_len], v), dim=2)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
-        )
+        out = attend(q, keys, values, mask, self.num_heads != self.num_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
 
     def forward_blocks(
@@ -205,9 +233,7 @@ class Attention(nn.Module):
         for buffer, new in ((kv[0], k), (kv[1], v)):  # [B, Hkv, T, D] -> rows (b, block, query)
             buffer.view(-1, hkv, d).index_copy_(0, slots, new.transpose(1, 2).reshape(-1, hkv, d))
         q = q.reshape(b, self.num_heads, rows // b, s, d).transpose(1, 2).reshape(rows, self.num_heads, s, d)
-        out = F.scaled_dot_product_attention(
-            q, kv[0].transpose(1, 2), kv[1].transpose(1, 2), attn_mask=bias, enable_gqa=self.num_heads != hkv
-        )  # [B * m, H, S, D]
+        out = attend(q, kv[0].transpose(1, 2), kv[1].transpose(1, 2), bias, self.num_heads != hkv)  # [B * m, H, S, D]
         return self.o_proj(out.view(b, rows // b, self.num_heads, s, d).permute(0, 1, 3, 2, 4).reshape(b, t, -1))
 
 
@@ -216,8 +242,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -300,7 +326,7 @@ class DiffusionTransformer(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
@@ -325,11 +351,13 @@ class DiffusionTransformer(nn.Module):
         cache at ``slots`` when given, see ``Attention.forward``). mask: boolean, turned here
         once into the additive form that attention kernels take (given a boolean one, each
         layer's call would convert it again: ~4.5 µs a layer at an 8B step's shapes); None when
-        every query attends to every key (see ``forward``'s ``dense``)."""
+        every query attends to every key (see ``forward``'s ``dense``). In the batch-invariant
+        mode the mask also names each row's visible keys, once for every layer (``bi.MaskedKeys``)."""
         if mask is not None:  # rows padded to 8 elements in storage: SDPA takes such a slice without a copy
             keys = mask.shape[-1]
             storage = torch.zeros(*mask.shape[:-1], -(-keys // 8) * 8, dtype=x.dtype, device=x.device)
-            mask = storage[..., :keys].masked_fill_(~mask, float("-inf"))
+            additive = storage[..., :keys].masked_fill_(~mask, float("-inf"))
+            mask = bi.masked_keys(mask, additive) if bi.active(x) else additive
         cos, sin = self.rope(positions)
         new_kv = []
         for i, layer in enumerate(self.layers):
@@ -445,8 +473,11 @@ class DiffusionTransformer(nn.Module):
         predecessor columns must be among the queries."""
         x = self.embed(input_ids.clamp(min=0))
         cos, sin = self.rope(positions)
+        bias = cache.bias
+        if bias is not None and bi.active(x):  # each row's visible slots, once for every layer
+            bias = bi.MaskedKeys(bias, *bi.key_order(bias[:, 0, 0] > float("-inf")))
         for i, layer in enumerate(self.layers):
-            x = layer.forward_blocks(x, cos, sin, cache.kv[i], cache.bias, slots)
+            x = layer.forward_blocks(x, cos, sin, cache.kv[i], bias, slots)
         return self.head(self._gather_rows(x, positions, segments, logits_at, None, check_inputs=False))
 
     @torch.no_grad()

@@ -1,0 +1,435 @@
+"""Does a request's answer depend on what shares its batch? Per op, end to end, and the cost of
+paradec's batch-invariant mode (issue 27; ``paradec.batch_invariant``).
+
+On one GPU, bf16:
+
+1. ``ops``: at LLaDA-8B shape, for each op of a decoding step — the q/k/v, o, gate/up and down
+   projections, the output head, RMSNorm (eager, and paradec's compiled add+norm), rotary and
+   SwiGLU (paradec's compiled kernels), attention over cached + fresh keys, and paradec's score
+   kernel — a block of 32 rows computed alone against the same rows inside M = 64, 128, 256
+   rows (placed first and last) and a single row alone: how many of the 32 rows differ in any
+   bit, on the default kernels and on the batch-invariant ones.
+2. ``gemm``: the projections' time at M = 32 and 256, cuBLAS against the invariant matmul
+   (several tile/split settings when ``--sweep``), and attention's.
+3. ``e2e``: ``paradec.generate`` of 8 prompts of mixed lengths in one batch against each alone
+   (greedy, request r with seed r), block mode with the dual cache and NAP with windows, at
+   paradec-tiny (trained) and LLaDA-8B shape (random weights, eos_closes_block off); each NAP
+   think block decoded alone against beside the others; graphs on against off. With and without
+   the mode.
+4. ``cost``: step time at LLaDA-8B shape (``benchmarks/latency.py``'s ``decode`` and ``ar``):
+   block dual, NAP windowed m = 4, one block alone, AR; default against the mode.
+
+    python benchmarks/batch_invariance.py --out bi.json       # all sections
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from harness import banner, capture_graph, emit_json, median_ms
+from paradec import batch_invariant as bi
+
+SEQ = 32  # rows of one sequence's cached step (a 32-token window or block)
+
+
+def differing_rows(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Rows (first dim) of a and b that differ in any bit."""
+    return int((a.reshape(a.shape[0], -1) != b.reshape(b.shape[0], -1)).any(1).sum())
+
+
+def row_check(fn, x: torch.Tensor, unit: int = SEQ, sizes=(1, 64, 128, 256)) -> dict:
+    """fn maps rows [M, ...] -> [M, ...]. The first ``unit`` rows of x alone, against the same rows
+    first and last inside M rows (and the first row alone, M = 1): rows that differ."""
+    alone = fn(x[:unit])
+    out = {}
+    for m in sizes:
+        if m == 1:
+            out[m] = differing_rows(fn(x[:1]), alone[:1])
+            continue
+        first = fn(x[:m])[:unit]
+        last = fn(torch.cat((x[unit:m], x[:unit])))[-unit:]
+        out[m] = max(differing_rows(first, alone), differing_rows(last, alone))
+    return out
+
+
+# --- 1. ops ----------------------------------------------------------------------------------------
+def ops_section(args) -> list[dict]:
+    from paradec import ops
+    from paradec.models.transformer import _add_norm, apply_rotary, rotate, swiglu
+
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+    d, inter, heads, hd, vocab = 4096, 12288, 32, 128, 126464
+    rows = []
+
+    def record(op, path, result, note=""):
+        rows.append({"op": op, "path": path, "differ": {str(k): v for k, v in result.items()}, "note": note})
+        cells = " ".join(f"{result[m]:>5}" for m in sorted(result))
+        print(f"  {op:26} {path:22} {cells}   {note}", flush=True)
+
+    print(f"\nops at LLaDA-8B shape, bf16: rows of {SEQ} (of {SEQ}) that differ from the block computed alone")
+    print(f"  {'op':26} {'path':22} {'M=1':>5} {'64':>5} {'128':>5} {'256':>5}")
+    for name, n, k in (("qkv_proj", 3 * d, d), ("o_proj", d, d), ("gate_up_proj", 2 * inter, d),
+                       ("down_proj", d, inter), ("lm_head", vocab, d)):
+        w = torch.randn(n, k, device=dev, dtype=dt) * 0.02
+        x = torch.randn(256, k, device=dev, dtype=dt)
+        record(name, "cuBLAS (F.linear)", row_check(lambda t: F.linear(t, w), x))
+        record(name, "bi.matmul", row_check(lambda t: bi.matmul(t, w), x),
+               f"split={bi.gemm_config(n, k, dt).split}")
+    x = torch.randn(256, 2 * d, device=dev, dtype=dt)
+    wn = 1 + 0.1 * torch.randn(d, device=dev, dtype=dt)
+    record("rms_norm", "F.rms_norm (eager)", row_check(lambda t: F.rms_norm(t[:, :d], (d,), wn, 1e-5), x))
+    record("add+rms_norm", "compiled (default)", row_check(lambda t: _add_norm(t[:, :d], t[:, d:], wn, 1e-5)[1], x))
+    record("rms_norm", "bi.rms_norm", row_check(lambda t: bi.rms_norm(t[:, :d], wn, 1e-5), x))
+    record("add+rms_norm", "bi.add_rms_norm", row_check(lambda t: bi.add_rms_norm(t[:, :d], t[:, d:], wn, 1e-5)[1], x))
+    g = torch.randn(256, 2 * inter, device=dev, dtype=dt)
+    record("swiglu", "compiled (default)", row_check(lambda t: swiglu(t[:, :inter], t[:, inter:]), g))
+    # rotary: q and k of 8 sequences at different positions; a unit is one sequence
+    qk = torch.randn(8, 2 * heads, SEQ, hd, device=dev, dtype=dt)
+    pos = (torch.arange(SEQ, device=dev)[None] + 300 + 37 * torch.arange(8, device=dev)[:, None]).float()
+    inv = 1.0 / (500000.0 ** (torch.arange(0, hd, 2, device=dev, dtype=torch.float32) / hd))
+    ang = torch.cat(((pos[..., None] * inv),) * 2, -1)[:, None]
+    cos, sin = ang.cos(), ang.sin()
+    both = torch.cat((qk.flatten(1).float(), cos.flatten(1), sin.flatten(1)), 1)  # rows: sequences
+    rot_fn = lambda fn: (lambda t: fn(t[:, : qk[0].numel()].to(dt).view(-1, *qk.shape[1:]),  # noqa: E731
+                                      t[:, qk[0].numel(): qk[0].numel() + cos[0].numel()].view(-1, *cos.shape[1:]),
+                                      t[:, qk[0].numel() + cos[0].numel():].view(-1, *sin.shape[1:])))
+    record("rotary", "compiled (default)", row_check(rot_fn(rotate), both, unit=1, sizes=(2, 4, 8)),
+           "units: sequences of 32 rows; columns M = 64, 128, 256")
+    record("rotary", "eager", row_check(rot_fn(apply_rotary), both, unit=1, sizes=(2, 4, 8)))
+    # attention over cached + fresh keys: 8 sequences, prompts of mixed lengths, 256 cached
+    # canvas keys and the 32 fresh window keys; the window's 32 queries
+    lens = [512, 301, 455, 388, 509, 333, 476, 420]
+    canvas = 256 + SEQ
+    p_max = max(lens)
+    q = torch.randn(8, heads, SEQ, hd, device=dev, dtype=dt)
+    kk = torch.randn(8, heads, p_max + canvas, hd, device=dev, dtype=dt)
+    vv = torch.randn(8, heads, p_max + canvas, hd, device=dev, dtype=dt)
+    visible = torch.ones(8, p_max + canvas, dtype=torch.bool, device=dev)
+    for r, p in enumerate(lens):
+        visible[r, p:p_max] = False
+    mask = visible[:, None, None, :].expand(8, 1, SEQ, p_max + canvas)
+    additive = torch.zeros(mask.shape, device=dev, dtype=dt).masked_fill_(~mask, float("-inf"))
+    keep0 = torch.cat((torch.arange(lens[0]), torch.arange(p_max, p_max + canvas))).to(dev)
+
+    def att_rows(fn_batch, fn_alone):
+        """sequence 0 alone (fn_alone) against inside batches of 2, 4, 8 (fn_batch on the first b)."""
+        alone = fn_alone()
+        return {SEQ * b: differing_rows(fn_batch(b)[0].transpose(0, 1), alone[0].transpose(0, 1)) for b in (2, 4, 8)}
+
+    sdpa = F.scaled_dot_product_attention
+    record("attention", "SDPA dense (same len)", att_rows(lambda b: sdpa(q[:b], kk[:b], vv[:b]), lambda: sdpa(q[:1], kk[:1], vv[:1])),
+           "columns M = 64, 128, 256 (2, 4, 8 sequences)")
+    zeros = torch.zeros_like(additive)
+    record("attention", "SDPA masked (same len)", att_rows(lambda b: sdpa(q[:b], kk[:b], vv[:b], attn_mask=zeros[:b]),
+                                                           lambda: sdpa(q[:1], kk[:1], vv[:1], attn_mask=zeros[:1])))
+    record("attention", "SDPA alone vs padded", att_rows(
+        lambda b: sdpa(q[:b], kk[:b], vv[:b], attn_mask=additive[:b]),
+        lambda: sdpa(q[:1], kk[:1, :, keep0], vv[:1, :, keep0])), "what decoding does: dense alone, masked batched")
+    record("attention", "bi.attention alone/pad", att_rows(
+        lambda b: bi.attention(q[:b], kk[:b], vv[:b], bi.masked_keys(mask[:b], additive[:b])),
+        lambda: bi.attention(q[:1], kk[:1, :, keep0], vv[:1, :, keep0])))
+    # paradec's score kernel (or its twin when the extension is not built)
+    logits = torch.randn(256, vocab, device=dev, dtype=dt) * 4
+    stops = torch.tensor([126081], device=dev)
+
+    def score(t):
+        n = t.shape[0]
+        s = ops.score(t, torch.arange(n, device=dev), 126336, stops, torch.zeros(n, dtype=torch.bool, device=dev))
+        return torch.stack((s.tokens.float(), s.confidence, s.margin, s.neg_entropy), 1)
+
+    record("score", "paradec._C" if ops.native_on(torch.device(dev)) else "torch twin", row_check(score, logits))
+    return rows
+
+
+# --- 2. kernel times -------------------------------------------------------------------------------
+def gemm_section(args) -> list[dict]:
+    dev, dt = "cuda", torch.bfloat16
+    d, inter, vocab = 4096, 12288, 126464
+    shapes = (("qkv_proj", 3 * d, d), ("o_proj", d, d), ("gate_up_proj", 2 * inter, d), ("down_proj", d, inter),
+              ("lm_head", vocab, d))
+    settings = [dict(bi.GEMM)]
+    if args.sweep:
+        base = dict(bi.GEMM)
+        settings += [base | dict(serial=True), base | dict(block_n=64, block_k=128, stages=3),
+                     base | dict(block_n=64, target=512), base | dict(block_k=128, stages=3, warps=8),
+                     base | dict(target=132), base | dict(block_n=256, block_k=64, stages=3, warps=8)]
+    saved = dict(bi.GEMM)
+    out = []
+    print("\nGEMM time per call (us), weights rotated over copies larger than the L2; graph replay of 8 calls")
+    for name, n, k in shapes:
+        copies = max(2, min(6, (256 << 20) // (n * k * 2) + 1))
+        ws = [torch.randn(n, k, device=dev, dtype=dt) * 0.02 for _ in range(copies)]
+        for m in (32, 256):
+            x = torch.randn(m, k, device=dev, dtype=dt)
+
+            def timed(fn):
+                graph, _ = capture_graph(lambda: [fn(x, ws[i % copies]) for i in range(8)])
+                t = median_ms(graph.replay, warmup=3, repeats=args.repeats) / 8 * 1e3
+                graph.reset()
+                return t
+
+            row = {"op": name, "m": m, "n": n, "k": k, "cublas_us": timed(lambda a, w: F.linear(a, w))}
+            for i, s in enumerate(settings):
+                bi.GEMM.clear()
+                bi.GEMM.update(s)
+                try:
+                    row[f"bi{i}_us"] = timed(bi.matmul)
+                except Exception as err:  # noqa: BLE001 - a setting that does not compile is reported
+                    row[f"bi{i}_us"] = float("nan")
+                    print(f"    setting {i} failed: {type(err).__name__}: {str(err)[:200]}")
+            bi.GEMM.clear()
+            bi.GEMM.update(saved)
+            row["weight_gbs_cublas"] = n * k * 2 / row["cublas_us"] / 1e3
+            row["weight_gbs_bi0"] = n * k * 2 / row["bi0_us"] / 1e3
+            out.append(row)
+            cells = " ".join(f"{row[f'bi{i}_us']:8.1f}" for i in range(len(settings)))
+            print(f"  {name:13} M={m:<4} cuBLAS {row['cublas_us']:8.1f} ({row['weight_gbs_cublas']:5.0f} GB/s)   "
+                  f"bi {cells} ({row['weight_gbs_bi0']:5.0f} GB/s)", flush=True)
+    if args.sweep:
+        for i, s in enumerate(settings):
+            print(f"  setting bi{i}: {s}")
+    # attention at a block step's shape: 1 and 8 sequences, prompt 512, 1024 canvas keys
+    heads, hd = 32, 128
+    for b in (1, 8):
+        c = 512 + 1024
+        q = torch.randn(b, heads, SEQ, hd, device=dev, dtype=dt)
+        k = torch.randn(b, heads, c, hd, device=dev, dtype=dt)
+        v = torch.randn(b, heads, c, hd, device=dev, dtype=dt)
+        mask = torch.ones(b, 1, SEQ, c, dtype=torch.bool, device=dev)
+        additive = torch.zeros(mask.shape, dtype=dt, device=dev)
+        keys = bi.masked_keys(mask, additive)
+
+        def timed1(fn):
+            graph, _ = capture_graph(fn)
+            t = median_ms(graph.replay, warmup=3, repeats=args.repeats) * 1e3
+            graph.reset()
+            return t
+
+        row = {"op": "attention", "batch": b, "keys": c,
+               "sdpa_dense_us": timed1(lambda: F.scaled_dot_product_attention(q, k, v)),
+               "sdpa_masked_us": timed1(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=additive)),
+               "bi_dense_us": timed1(lambda: bi.attention(q, k, v)),
+               "bi_masked_us": timed1(lambda: bi.attention(q, k, v, keys))}
+        out.append(row)
+        print(f"  attention B={b} keys={c}: SDPA dense {row['sdpa_dense_us']:.1f} masked {row['sdpa_masked_us']:.1f} "
+              f"us; bi dense {row['bi_dense_us']:.1f} masked {row['bi_masked_us']:.1f} us", flush=True)
+    return out
+
+
+# --- 3. end to end ---------------------------------------------------------------------------------
+def models(which: list[str]):
+    import paradec
+    from paradec.models import build, reference_config
+
+    tiny = paradec.load("paradec-tiny", device="cuda")
+    for name in which:
+        if name == "tiny":
+            yield name, tiny
+        else:
+            model = build(reference_config("llada-8b-instruct"), device="cuda", dtype=torch.bfloat16, seed=0,
+                          tokenizer=tiny.tokenizer)
+            yield name, model
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
+def prompts(n: int) -> list[str]:
+    """Held-out problems of paradec-tiny's task: 8 questions of different lengths."""
+    from paradec.train.tasks import arith
+
+    seen, out = set(), []
+    for p in arith.test_problems():
+        if len(p.question) not in seen:
+            seen.add(len(p.question))
+            out.append(p.question)
+        if len(out) == n:
+            return out
+    return out
+
+
+SETTINGS = {
+    "tiny": {"block_dual": dict(mode="block", answer_len=64, block_len=16, cache="dual", tokens_per_step=2,
+                                attention="canvas"),
+             "nap_windowed": dict(mode="nap", blocks=4, block_len=40, summary_len=8, window=8, tokens_per_step=2)},
+    "llada-8b": {"block_dual": dict(mode="block", answer_len=256, block_len=32, cache="dual", tokens_per_step=4,
+                                    attention="canvas", eos_closes_block=False),
+                 "nap_windowed": dict(mode="nap", blocks=4, block_len=64, summary_len=32, window=32, tokens_per_step=4,
+                                      eos_closes_block=False)},
+}
+
+
+def batch_vs_alone(model, texts, settings) -> dict:
+    import paradec
+    from paradec.decoding.kept import release_kept
+
+    release_kept(model)
+    t0 = time.perf_counter()
+    batch = paradec.generate(model, texts, seed=0, **settings)
+    equal = differing = total = 0
+    for r, text in enumerate(texts):
+        alone = paradec.generate(model, text, seed=r, **settings)
+        a, b = alone.token_ids, batch[r].token_ids
+        equal += int(a == b and alone.trace == batch[r].trace)
+        differing += sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
+        total += len(a)
+    graphs_off = paradec.generate(model, texts, seed=0, cuda_graphs=False, **settings)
+    graph_equal = sum(int(x.token_ids == y.token_ids) for x, y in zip(graphs_off, batch))
+    release_kept(model)
+    return {"requests_equal": equal, "requests": len(texts), "positions_differing": differing, "positions": total,
+            "graphs_off_equal": graph_equal, "seconds": time.perf_counter() - t0}
+
+
+def blocks_alone(model, text, settings) -> dict:
+    """Each NAP think block decoded alone against beside the others (one request, one GPU)."""
+    from paradec import GenerationConfig
+    from paradec.api import build_layout, encode_prompt
+    from paradec.decoding.runner import Runner
+
+    config = GenerationConfig(seed=0, **settings)
+    layout = build_layout(model, config)
+    ids = encode_prompt(model, text, config, layout)
+    runner = Runner(model, config, layout, [ids])
+    together = runner.run().canvas.clone()
+    runner.release()
+    equal = differing = 0
+    for j in range(config.blocks):
+        runner = Runner(model, config, layout, [ids], think_blocks=[j])
+        alone = runner.run().canvas
+        runner.release()
+        s, e = layout.bodies[j]
+        n = int((alone[0, s:e] != together[0, s:e]).sum())
+        equal += int(n == 0)
+        differing += n
+    return {"blocks_equal": equal, "blocks": config.blocks, "block_positions_differing": differing}
+
+
+def e2e_section(args) -> list[dict]:
+    out = []
+    texts = prompts(8)
+    print("\nend to end: 8 prompts batched against each alone (greedy, request r with seed r)")
+    print(f"  {'model':9} {'mode':13} {'kernels':9} {'equal':>6} {'positions differing':>20} {'graphs off = on':>16} "
+          f"{'blocks alone = beside':>22}")
+    for name, model in models(args.models):
+        for mode, settings in SETTINGS[name].items():
+            for invariant in (False, True):
+                with bi.batch_invariant(invariant):
+                    row = {"model": name, "mode": mode, "invariant": invariant, **batch_vs_alone(model, texts, settings)}
+                    if mode == "nap_windowed":
+                        row |= blocks_alone(model, texts[0], settings)
+                out.append(row)
+                blocks = f"{row['blocks_equal']}/{row['blocks']}" if "blocks" in row else "-"
+                print(f"  {name:9} {mode:13} {'invariant' if invariant else 'default':9} "
+                      f"{row['requests_equal']:>3}/{row['requests']:<2} {row['positions_differing']:>9}/{row['positions']:<10} "
+                      f"{row['graphs_off_equal']:>10}/{row['requests']:<5} {blocks:>22}   ({row['seconds']:.0f} s)",
+                      flush=True)
+    return out
+
+
+# --- 4. cost ---------------------------------------------------------------------------------------
+def cost_section(args) -> list[dict]:
+    from latency import ar, decode, nap_shape
+
+    from paradec.models import build, reference_config
+    from paradec.train.tasks import arith
+
+    import paradec
+
+    tiny = paradec.load("paradec-tiny")
+    model = build(reference_config("llada-8b-instruct"), device="cuda", dtype=torch.bfloat16, seed=0,
+                  tokenizer=tiny.tokenizer)
+    ids: list[int] = []
+    for p in arith.test_problems():
+        ids += tiny.tokenizer.encode(p.question + " ", add_special_tokens=False)
+        if len(ids) >= args.prompt_len:
+            break
+    prompt = ids[: args.prompt_len]
+    k, window = 4, 32
+    cases = {
+        "block_dual": dict(mode="block", answer_len=args.canvas, block_len=32, cache="dual", tokens_per_step=k,
+                           attention="canvas"),
+        "nap_windowed": nap_shape(args.canvas, 4) | dict(window=window, tokens_per_step=k),
+        "one_block": dict(mode="nap", blocks=1, block_len=(args.canvas - 128) // 4, summary_len=8, window=window,
+                          tokens_per_step=k),
+    }
+    out = []
+    print(f"\nstep cost at LLaDA-8B shape (prompt {len(prompt)}, canvas {args.canvas}, k = {k}; CUDA graphs)")
+    print(f"  {'mode':13} {'default ms':>11} {'invariant ms':>13} {'ratio':>6}   {'wall default s':>14} {'invariant s':>12}")
+    for mode, settings in cases.items():
+        row = {"mode": mode}
+        for invariant in (False, True):
+            with bi.batch_invariant(invariant):
+                r = decode(model, prompt, args.cost_repeats, True, **settings)
+            key = "invariant" if invariant else "default"
+            row[f"{key}_step_ms"] = r.get("step_ms", float("nan"))
+            row[f"{key}_forward_ms"] = r.get("forward_ms", float("nan"))
+            row[f"{key}_refresh_ms"] = r.get("refresh_ms", float("nan"))
+            row[f"{key}_wall_s"] = r["wall_s"]
+        row["ratio"] = row["invariant_step_ms"] / row["default_step_ms"]
+        out.append(row)
+        print(f"  {mode:13} {row['default_step_ms']:>11.2f} {row['invariant_step_ms']:>13.2f} {row['ratio']:>6.3f}   "
+              f"{row['default_wall_s']:>14.3f} {row['invariant_wall_s']:>12.3f}", flush=True)
+    row = {"mode": "ar"}
+    for invariant in (False, True):
+        with bi.batch_invariant(invariant):
+            r = ar(model, prompt, args.ar_tokens, args.cost_repeats)
+        key = "invariant" if invariant else "default"
+        row[f"{key}_step_ms"] = r["token_ms"]
+        row[f"{key}_wall_s"] = r["wall_s"]
+    row["ratio"] = row["invariant_step_ms"] / row["default_step_ms"]
+    out.append(row)
+    print(f"  {'ar':13} {row['default_step_ms']:>11.2f} {row['invariant_step_ms']:>13.2f} {row['ratio']:>6.3f}   "
+          f"{row['default_wall_s']:>14.3f} {row['invariant_wall_s']:>12.3f}", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", nargs="+", default=["ops", "gemm", "e2e", "cost"],
+                        choices=["ops", "gemm", "e2e", "cost"])
+    parser.add_argument("--models", nargs="+", default=["tiny", "llada-8b"], choices=["tiny", "llada-8b"])
+    parser.add_argument("--sweep", action="store_true", help="time several invariant GEMM settings")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--canvas", type=int, default=1024)
+    parser.add_argument("--ar-tokens", type=int, default=128)
+    parser.add_argument("--cost-repeats", type=int, default=1)
+    parser.add_argument("--out", help="also write the JSON record here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("batch_invariance.py measures GPU kernels; no CUDA device here")
+    info = banner()
+    import triton
+
+    from paradec import ops
+
+    info |= {"triton": triton.__version__, "score_kernel": "paradec._C" if ops.native_on(torch.device("cuda")) else "twin",
+             "gemm": dict(bi.GEMM), "kv_split": bi.KV_SPLIT}
+    print(f"triton {triton.__version__}; invariant GEMM {bi.GEMM}; KV split {bi.KV_SPLIT}")
+    record = {"benchmark": "batch_invariance", **info}
+    sections = {"ops": ops_section, "gemm": gemm_section, "e2e": e2e_section, "cost": cost_section}
+    for name in args.sections:
+        t0 = time.perf_counter()
+        try:
+            record[name] = sections[name](args)
+        except Exception as err:  # noqa: BLE001 - the other sections still run and report
+            import traceback
+
+            traceback.print_exc()
+            record[name] = {"error": f"{type(err).__name__}: {err}"}
+        print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(record, f)
+    emit_json(record)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,526 @@
+"""Batch-invariant kernels: each row's result does not depend on how many rows share the call,
+where the row sits, or how much padding its neighbours bring (issue 27; DESIGN.md contracts 3, 7).
+
+On a GPU, cuBLAS picks its GEMM kernel (tile shape, split-K) by the number of rows, the
+attention kernels split the keys by batch size and take another path when there is a mask, and a
+bf16 logit that lands on the other side of a rounding boundary flips a greedy argmax. In this
+mode the model's reductions run through the kernels below instead, each with one reduction order
+per row:
+
+- ``linear``: ``x @ W.T`` (+ bias) in Triton, bf16/fp16 operands on the tensor cores and fp32
+  accumulation (fp32 operands in IEEE fp32). Its tiles and its split-K count come from (N, K)
+  alone (``gemm_config``), never from M; the K splits are summed in a fixed order (0, 1, ...)
+  from an fp32 workspace, no atomics on the values.
+- ``rms_norm`` / ``add_rms_norm``: one row per program, block and warps from the row size.
+- ``attention``: a flash-attention forward over a fixed split of the keys (``KV_SPLIT`` keys a
+  program, the splits combined in order by a second kernel). It visits, for each batch row, only
+  the keys that some query of the row may see (``key_order``), in index order, so a prompt's
+  padding (which a batch of mixed lengths has and the request alone does not) moves no key into
+  another tile; keys a query may not see inside that set add exact zeros.
+
+Each kernel has a plain-torch twin beside it (``*_twin``) that the tests compare it with.
+Elementwise work (rotary, SwiGLU, the logit scale) and gathers are row-invariant already and
+stay as they are; paradec's scoring and selection kernels work row by row.
+
+The switch: ``PARADEC_BATCH_INVARIANT=1`` for a whole process, or ``batch_invariant(True)``
+(a context manager; process-wide, not per thread) / ``set_batch_invariant``. The model layer
+(``paradec.models.transformer``) asks ``active(x)``: on, Triton importable, ``x`` on CUDA and no
+autograd (training keeps the default kernels). CPU paths never change. CUDA graphs captured in
+one mode keep that mode's kernels: release kept runners (``paradec.decoding.kept.release_kept``)
+after switching.
+
+A leaf module: it imports nothing from paradec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+    triton = tl = None
+    HAVE_TRITON = False
+
+ENV = "PARADEC_BATCH_INVARIANT"
+_state = {"on": os.environ.get(ENV, "0") == "1"}
+# Where ``active`` routes; the tests add "cpu" to run the model through the Triton interpreter.
+DEVICES = {"cuda"}
+# Triton's interpreter (TRITON_INTERPRET=1, CPU) mis-computes bf16 dots: the kernels then upcast
+# their operands to fp32 before tl.dot (the same order of reduction, other rounding).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --- the switch ---------------------------------------------------------------------------------
+def enabled() -> bool:
+    """Whether the mode is on (``PARADEC_BATCH_INVARIANT=1`` or ``set_batch_invariant(True)``)."""
+    return _state["on"]
+
+
+def set_batch_invariant(on: bool) -> bool:
+    """Turns the mode on or off for the whole process; returns the previous setting."""
+    if on and not HAVE_TRITON:
+        raise RuntimeError("the batch-invariant mode needs triton (it ships with CUDA builds of torch)")
+    previous, _state["on"] = _state["on"], bool(on)
+    return previous
+
+
+@contextlib.contextmanager
+def batch_invariant(on: bool = True) -> Iterator[None]:
+    """``with batch_invariant():`` runs the model's reductions on the batch-invariant kernels."""
+    previous = set_batch_invariant(on)
+    try:
+        yield
+    finally:
+        set_batch_invariant(previous)
+
+
+def active(x: torch.Tensor) -> bool:
+    """Whether a model op on ``x`` should take the batch-invariant kernels now."""
+    return _state["on"] and HAVE_TRITON and x.device.type in DEVICES and not torch.is_grad_enabled()
+
+
+# --- matmul ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split: int  # K splits, each k_per_split long (the last may be shorter)
+    k_per_split: int
+    warps: int
+    stages: int
+
+
+# Tunables, read by ``gemm_config``. None of them may depend on M. ``target``: programs wanted at
+# M <= block_m (about two per SM of an H100/H200, so that the weights stream from every SM);
+# ``min_k_blocks``: the shortest split, in block_k steps; ``serial``: the last program of a tile to
+# finish sums the splits (one launch), else a second kernel does (the same sum, the same bits).
+GEMM = {"block_m": 64, "block_n": 128, "block_k": 64, "warps": 4, "stages": 4, "target": 256,
+        "min_k_blocks": 4, "serial": False}
+MAX_ROWS = 2048  # rows per launch when split (bounds the fp32 workspace); rows are independent
+
+
+def gemm_config(n: int, k: int, dtype: torch.dtype) -> GemmConfig:
+    """The tiles and split-K of ``x @ W.T`` for W: [n, k]: a function of (n, k, dtype) only."""
+    g = GEMM
+    block_k = g["block_k"] if dtype != torch.float32 else min(g["block_k"], 32)
+    block_n = g["block_n"] if n > 64 else 64
+    tiles = triton.cdiv(n, block_n)
+    k_blocks = triton.cdiv(k, block_k)
+    split = max(1, min(triton.cdiv(g["target"], tiles), k_blocks // g["min_k_blocks"]))
+    k_per_split = triton.cdiv(k_blocks, split) * block_k
+    split = triton.cdiv(k, k_per_split)
+    stages = g["stages"] if dtype != torch.float32 else min(g["stages"], 3)
+    return GemmConfig(g["block_m"], block_n, block_k, split, k_per_split, g["warps"], stages)
+
+
+if HAVE_TRITON:
+
+    @triton.jit(do_not_specialize=["M"])
+    def _mm_kernel(X, W, Bias, Y, Work, Count, M, N, K, k_per_split, split,
+                   sxm, sxk, swn, swk, sym, syn,
+                   HAS_BIAS: tl.constexpr, SERIAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Program order: row tiles fastest, then splits, then column tiles, so programs that read
+        # the same weight tile run together (the weights are read from memory about once).
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        pid_m = pid % num_m
+        rest = pid // num_m
+        pid_s = rest % split
+        pid_n = rest // split
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        k_start = pid_s * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)
+        x_ptr = X + offs_m[:, None].to(tl.int64) * sxm
+        w_ptr = W + offs_n[:, None].to(tl.int64) * swn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # Every split runs k_per_split / BLOCK_K steps (a trip count the interpreter can run too);
+        # the last split's steps past K load nothing and add exact zeros.
+        for k0 in range(0, k_per_split, BLOCK_K):
+            ks = k_start + k0 + offs_k
+            x = tl.load(x_ptr + ks[None, :] * sxk, mask=(offs_m[:, None] < M) & (ks[None, :] < k_end), other=0.0)
+            w = tl.load(w_ptr + ks[None, :] * swk, mask=(offs_n[:, None] < N) & (ks[None, :] < k_end), other=0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+        out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        y_ptr = Y + offs_m[:, None].to(tl.int64) * sym + offs_n[None, :] * syn
+        if split == 1:
+            if HAS_BIAS:
+                acc += tl.load(Bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=out_mask)
+        else:
+            mn = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+            tl.store(Work + pid_s.to(tl.int64) * M * N + mn, acc, mask=out_mask)
+            if SERIAL:
+                # The last program of this tile to arrive sums the splits in order 0, 1, ...
+                tl.debug_barrier()
+                tile = pid_n * num_m + pid_m
+                arrived = tl.atomic_add(Count + tile, 1, sem="acq_rel", scope="gpu")
+                if arrived == split - 1:
+                    tl.debug_barrier()
+                    total = tl.load(Work + mn, mask=out_mask, other=0.0, cache_modifier=".cg")
+                    for s in range(1, split):
+                        total += tl.load(Work + s * M * N + mn, mask=out_mask, other=0.0, cache_modifier=".cg")
+                    if HAS_BIAS:
+                        total += tl.load(Bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+                    tl.store(y_ptr, total.to(Y.dtype.element_ty), mask=out_mask)
+                    tl.store(Count + tile, 0)  # ready for the next call
+
+    @triton.jit(do_not_specialize=["M"])
+    def _mm_reduce_kernel(Work, Bias, Y, M, N, split, sym, syn, HAS_BIAS: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The K splits of ``_mm_kernel`` summed in order 0, 1, ... (the serial path's sum)."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        mn = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        total = tl.load(Work + mn, mask=out_mask, other=0.0)
+        for s in range(1, split):
+            total += tl.load(Work + s * M * N + mn, mask=out_mask, other=0.0)
+        if HAS_BIAS:
+            total += tl.load(Bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        y_ptr = Y + offs_m[:, None].to(tl.int64) * sym + offs_n[None, :] * syn
+        tl.store(y_ptr, total.to(Y.dtype.element_ty), mask=out_mask)
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """Zeroed int32 arrival counters (the serial split-K path resets them after use), or None
+    when more are needed while a CUDA graph is being captured (then the two-kernel path runs)."""
+    have = _counters.get(device)
+    if have is None or have.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _counters[device] = have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return have
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, K], weight: [N, K], bias: [N] or None -> x @ weight.T + bias: [M, N] in x's dtype.
+    Each row's value depends on that row and the weights only."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"matmul: x [M, K] and weight [N, K] expected, got {tuple(x.shape)}, {tuple(weight.shape)}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"matmul: x is {x.dtype} but weight is {weight.dtype}")
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:
+        return y.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(y))
+    cfg = gemm_config(n, k, x.dtype)
+    upcast = _INTERPRET or x.dtype == torch.float32
+    ieee = x.dtype == torch.float32 or _INTERPRET
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else y
+    rows = m if cfg.split == 1 else MAX_ROWS
+    for r0 in range(0, m, rows):
+        xs, ys = x[r0:r0 + rows], y[r0:r0 + rows]
+        mc = xs.shape[0]
+        num_m, num_n = triton.cdiv(mc, cfg.block_m), triton.cdiv(n, cfg.block_n)
+        work = count = y
+        serial = False
+        if cfg.split > 1:
+            work = torch.empty(cfg.split, mc, n, dtype=torch.float32, device=x.device)
+            if GEMM["serial"]:
+                counters = _tile_counters(x.device, num_m * num_n)
+                if counters is not None:
+                    count, serial = counters, True
+        grid = (num_m * num_n * cfg.split,)
+        _mm_kernel[grid](xs, weight, bias_arg, ys, work, count, mc, n, k, cfg.k_per_split, cfg.split,
+                         xs.stride(0), xs.stride(1), weight.stride(0), weight.stride(1), ys.stride(0), ys.stride(1),
+                         HAS_BIAS=has_bias, SERIAL=serial, UPCAST=upcast, IEEE=ieee, BLOCK_M=cfg.block_m,
+                         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.warps, num_stages=cfg.stages)
+        if cfg.split > 1 and not serial:
+            _mm_reduce_kernel[(num_m, num_n)](work, bias_arg, ys, mc, n, cfg.split, ys.stride(0), ys.stride(1),
+                                               HAS_BIAS=has_bias, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                               num_warps=4)
+    return y
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` on the batch-invariant matmul: x [..., K] -> [..., N]."""
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    return matmul(flat, weight, bias).view(*lead, weight.shape[0])
+
+
+def matmul_twin(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The same function in plain torch: fp32 (fp64 for fp64) products, cast back."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(acc) @ weight.to(acc).T
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)
+
+
+# --- RMSNorm -----------------------------------------------------------------------------------
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rms_kernel(X, R, W, Y, S, D, eps, sx, sr, sy, ss, HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_D)
+        inside = offs < D
+        x = tl.load(X + row * sx + offs, mask=inside, other=0.0).to(tl.float32)
+        if HAS_RES:  # x + residual, rounded to the storage dtype as the eager add is, then normed
+            total = (x + tl.load(R + row * sr + offs, mask=inside, other=0.0).to(tl.float32)).to(S.dtype.element_ty)
+            tl.store(S + row * ss + offs, total, mask=inside)
+            x = total.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+        w = tl.load(W + offs, mask=inside, other=0.0).to(tl.float32)
+        tl.store(Y + row * sy + offs, (x * rstd * w).to(Y.dtype.element_ty), mask=inside)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
+def _norm_launch(x, residual, weight, eps):
+    d = x.shape[-1]
+    flat = _rows(x)
+    res = _rows(residual) if residual is not None else flat
+    out = torch.empty(flat.shape, dtype=x.dtype, device=x.device)
+    total = torch.empty_like(out) if residual is not None else out
+    if flat.shape[0]:
+        block = max(16, triton.next_power_of_2(d))
+        warps = 4 if block <= 1024 else 8 if block <= 8192 else 16
+        _rms_kernel[(flat.shape[0],)](flat, res, weight, out, total, d, eps, flat.stride(0), res.stride(0),
+                                      out.stride(0), total.stride(0), HAS_RES=residual is not None,
+                                      BLOCK_D=block, num_warps=warps)
+    return total.view(x.shape), out.view(x.shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, fp32 inside, one row per program."""
+    return _norm_launch(x, None, weight, eps)[1]
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(x + residual, RMSNorm of it), in one kernel; the sum is rounded to x's dtype first."""
+    return _norm_launch(x, residual, weight, eps)
+
+
+def rms_norm_twin(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def add_rms_norm_twin(x, residual, weight, eps):
+    total = x + residual
+    return total, F.rms_norm(total, weight.shape, weight, eps)
+
+
+# --- attention ---------------------------------------------------------------------------------
+KV_SPLIT = 512  # keys a program reduces (a multiple of ATTN_BLOCK_N); fixed, never from the batch
+ATTN_BLOCK_M = 64
+ATTN_BLOCK_N = 64
+
+
+@dataclass
+class MaskedKeys:
+    """An additive mask ([B, 1, T, C], 0 or -inf) with, per batch row, the keys some query of the
+    row may see: ``order`` [B, C] int32, those keys first in index order; ``count`` [B] int32."""
+
+    additive: torch.Tensor
+    order: torch.Tensor
+    count: torch.Tensor
+
+
+def key_order(visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """visible: [B, C] bool (a key some query of the row may see) -> (order [B, C] int32, the
+    visible keys first and in index order; count [B] int32)."""
+    order = torch.argsort((~visible).to(torch.int8), dim=1, stable=True).to(torch.int32)
+    return order, visible.sum(1, dtype=torch.int32)
+
+
+def masked_keys(mask: torch.Tensor, additive: torch.Tensor | None = None) -> MaskedKeys:
+    """From a boolean mask [B, 1, T, C] (True: may attend) and its additive form."""
+    if additive is None:
+        additive = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return MaskedKeys(additive, *key_order(mask.any(2)[:, 0]))
+
+
+if HAVE_TRITON:
+
+    @triton.jit(do_not_specialize=["T", "C"])
+    def _attn_kernel(Q, K, V, Mask, Order, Count, Part, Stat, T, C, H, group, n_split, qk_scale,
+                     sqb, sqh, sqt, skb, skh, skc, svb, svh, svc, smb, smh, smt, smc, sob,
+                     HAS_MASK: tl.constexpr, HAS_ORDER: tl.constexpr, UPCAST: tl.constexpr, D: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+        LOG2E: tl.constexpr = 1.4426950408889634
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        b = bh // H
+        h = bh % H
+        hk = h // group
+        count = C
+        if HAS_ORDER:
+            count = tl.load(Count + b)
+        start = pid_s * SPLIT
+        if start < count:
+            end = tl.minimum(start + SPLIT, count)
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_d = tl.arange(0, BLOCK_D)
+            d_in = offs_d < D
+            q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+                        mask=(offs_m[:, None] < T) & d_in[None, :], other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+            m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+            l_i = tl.zeros((BLOCK_M,), tl.float32)
+            acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+            k_base = K + b.to(tl.int64) * skb + hk * skh
+            v_base = V + b.to(tl.int64) * svb + hk * svh
+            for n0 in range(0, SPLIT, BLOCK_N):  # past ``end``: nothing loaded, exact no-ops
+                offs_n = start + n0 + tl.arange(0, BLOCK_N)
+                valid = offs_n < end
+                if HAS_ORDER:
+                    keys = tl.load(Order + b.to(tl.int64) * C + offs_n, mask=valid, other=0)
+                else:
+                    keys = offs_n
+                k = tl.load(k_base + keys[:, None].to(tl.int64) * skc + offs_d[None, :],
+                            mask=valid[:, None] & d_in[None, :], other=0.0)
+                v = tl.load(v_base + keys[:, None].to(tl.int64) * svc + offs_d[None, :],
+                            mask=valid[:, None] & d_in[None, :], other=0.0)
+                if UPCAST:
+                    s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(k))
+                s = s * qk_scale
+                if HAS_MASK:
+                    bias = tl.load(Mask + b.to(tl.int64) * smb + h * smh + offs_m[:, None] * smt
+                                   + keys[None, :].to(tl.int64) * smc,
+                                   mask=(offs_m[:, None] < T) & valid[None, :], other=0.0)
+                    s += bias.to(tl.float32) * LOG2E
+                s = tl.where(valid[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_use)
+                p = tl.exp2(s - m_use[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                if UPCAST:
+                    acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+            row = (bh.to(tl.int64) * n_split + pid_s) * T + offs_m
+            tl.store(Part + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=(offs_m[:, None] < T))
+            tl.store(Stat + row * 2, m_i, mask=offs_m < T)
+            tl.store(Stat + row * 2 + 1, l_i, mask=offs_m < T)
+
+    @triton.jit(do_not_specialize=["T", "C"])
+    def _attn_combine_kernel(Part, Stat, Count, Out, T, C, H, n_split, sob, sot, soh,
+                             HAS_ORDER: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_M: tl.constexpr, SPLIT: tl.constexpr):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        count = C
+        if HAS_ORDER:
+            count = tl.load(Count + b)
+        used = tl.cdiv(count, SPLIT)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        rows_in = offs_m < T
+        m_tot = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        for s in range(0, n_split):  # splits past ``used`` (this row has fewer keys) are not read
+            row = (bh.to(tl.int64) * n_split + s) * T + offs_m
+            here = rows_in & ((offs_m * 0 + s) < used)
+            m_tot = tl.maximum(m_tot, tl.load(Stat + row * 2, mask=here, other=float("-inf")))
+        m_use = tl.where(m_tot == float("-inf"), 0.0, m_tot)
+        l_tot = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        for s in range(0, n_split):
+            row = (bh.to(tl.int64) * n_split + s) * T + offs_m
+            here = rows_in & ((offs_m * 0 + s) < used)
+            w = tl.exp2(tl.load(Stat + row * 2, mask=here, other=float("-inf")) - m_use)
+            l_tot += tl.load(Stat + row * 2 + 1, mask=here, other=0.0) * w
+            acc += tl.load(Part + row[:, None] * BLOCK_D + offs_d[None, :], mask=here[:, None], other=0.0) * w[:, None]
+        out = acc / tl.where(l_tot == 0.0, 1.0, l_tot)[:, None]
+        tl.store(Out + b.to(tl.int64) * sob + offs_m[:, None] * sot + h * soh + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=rows_in[:, None] & (offs_d[None, :] < D))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | MaskedKeys | None = None) -> torch.Tensor:
+    """Softmax attention, batch-invariant: q [B, H, T, D]; k, v [B, Hkv, C, D] (H a multiple of
+    Hkv; any strides with a unit last one); mask: additive, broadcastable to [B, H, T, C], or a
+    ``MaskedKeys``, or None (every key). Scale 1/sqrt(D), as SDPA's default. Returns
+    [B, H, T, D] in q's dtype (a view of a [B, T, H, D] tensor, so a transpose back is free)."""
+    b, h, t, d = q.shape
+    hkv, c = k.shape[1], k.shape[2]
+    if h % hkv or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
+    if isinstance(mask, torch.Tensor):
+        mask = MaskedKeys(mask, *key_order((mask > float("-inf")).expand(b, -1, t, c).any(2).any(1)))
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out = torch.empty(b, t, h, d, dtype=q.dtype, device=q.device)
+    if b * h * t == 0:
+        return out.transpose(1, 2)
+    block_d = max(16, triton.next_power_of_2(d))
+    n_split = max(1, triton.cdiv(c, KV_SPLIT))
+    part = torch.empty(b * h * n_split * t, block_d, dtype=torch.float32, device=q.device)
+    stat = torch.empty(b * h * n_split * t, 2, dtype=torch.float32, device=q.device)
+    has_mask = mask is not None
+    if has_mask:
+        full = mask.additive.expand(b, mask.additive.shape[1], t, c)
+        msb, msh, mst, msc = full.stride()
+        if full.shape[1] == 1:
+            msh = 0
+        mask_arg, order, count = full, mask.order, mask.count
+    else:
+        msb = msh = mst = msc = 0
+        mask_arg, order, count = q, q, q
+    grid = (triton.cdiv(t, ATTN_BLOCK_M), b * h, n_split)
+    upcast = _INTERPRET or q.dtype == torch.float32
+    _attn_kernel[grid](q, k, v, mask_arg, order, count, part, stat, t, c, h, h // hkv, n_split,
+                       (1.0 / math.sqrt(d)) * 1.4426950408889634,
+                       q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                       v.stride(0), v.stride(1), v.stride(2), msb, msh, mst, msc, 0,
+                       HAS_MASK=has_mask, HAS_ORDER=has_mask, UPCAST=upcast, D=d, BLOCK_D=block_d,
+                       BLOCK_M=ATTN_BLOCK_M, BLOCK_N=ATTN_BLOCK_N, SPLIT=KV_SPLIT, num_warps=4, num_stages=2)
+    _attn_combine_kernel[(triton.cdiv(t, ATTN_BLOCK_M), b * h)](
+        part, stat, count, out, t, c, h, n_split, out.stride(0), out.stride(1), out.stride(2),
+        HAS_ORDER=has_mask, D=d, BLOCK_D=block_d, BLOCK_M=ATTN_BLOCK_M, SPLIT=KV_SPLIT, num_warps=4)
+    return out.transpose(1, 2)
+
+
+def attention_twin(q, k, v, mask=None) -> torch.Tensor:
+    """The same function in plain torch (fp32 softmax), [B, H, T, D]."""
+    if isinstance(mask, MaskedKeys):
+        mask = mask.additive
+    h, hkv = q.shape[1], k.shape[1]
+    k, v = (x.repeat_interleave(h // hkv, dim=1).float() for x in (k, v))
+    scores = q.float() @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores + mask.float()
+    return (torch.softmax(scores, -1) @ v).to(q.dtype)

@@ -1,0 +1,258 @@
+"""paradec.batch_invariant: each kernel against its plain-torch twin, and bit-for-bit the same rows
+whatever shares the call (issue 27).
+
+On a GPU the kernels run compiled (``@pytest.mark.cuda``). Without one, where triton is
+installed, the same checks run in Triton's interpreter (``TRITON_INTERPRET=1``, in a child
+process: the variable must be set before the kernels are defined), with the model layer routed
+through them on the CPU; where triton is missing they are skipped. Inputs are fresh random draws
+for every check; tolerances are justified where they are set.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from paradec import batch_invariant as bi
+
+HERE = Path(__file__).parent
+cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+needs_triton = pytest.mark.skipif(not bi.HAVE_TRITON, reason="triton is not installed")
+# One rounding of the output dominates: bf16 keeps 8 mantissa bits (2**-8 ~ 4e-3 relative), fp16
+# 11; sums of a few hundred O(1) products in fp32 add ~1e-6. fp32 runs IEEE fp32 on both sides.
+TOL = {torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2), torch.float16: dict(rtol=2e-3, atol=2e-3),
+       torch.float32: dict(rtol=1e-4, atol=1e-4)}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, seed, dtype, device, scale=1.0):
+    return (torch.randn(*shape, generator=_gen(seed)) * scale).to(device=device, dtype=dtype)
+
+
+# --- the checks, on any device ----------------------------------------------------------------
+def check_matmul(device: str, dtype: torch.dtype, shapes=((96, 200, 300), (130, 64, 1024), (7, 40, 48))) -> None:
+    for i, (m, n, k) in enumerate(shapes):
+        for bias in (False, True):
+            x = _randn(m, k, seed=10 * i, dtype=dtype, device=device)
+            w = _randn(n, k, seed=10 * i + 1, dtype=dtype, device=device, scale=k**-0.5)
+            b = _randn(n, seed=10 * i + 2, dtype=dtype, device=device) if bias else None
+            got = bi.matmul(x, w, b)
+            torch.testing.assert_close(got, bi.matmul_twin(x, w, b), **TOL[dtype])
+            # Every row alone, inside fewer or more rows, first or last, permuted: the same bits.
+            for rows in (torch.arange(1), torch.arange(m - 1, m), torch.arange(min(m, 33)),
+                         torch.randperm(m, generator=_gen(i))):
+                rows = rows.to(device)
+                assert torch.equal(bi.matmul(x[rows], w, b), got[rows]), (m, n, k, bias, rows[:4].tolist())
+            bigger = torch.cat((_randn(3 * m, k, seed=10 * i + 3, dtype=dtype, device=device), x))
+            assert torch.equal(bi.matmul(bigger, w, b)[3 * m:], got)
+    # A split-K shape: the serial sum and the two-kernel sum give the same bits.
+    x = _randn(70, 2048, seed=5, dtype=dtype, device=device)
+    w = _randn(64, 2048, seed=6, dtype=dtype, device=device, scale=2048**-0.5)
+    assert bi.gemm_config(64, 2048, dtype).split > 1
+    serial = bi.GEMM["serial"]
+    try:
+        bi.GEMM["serial"] = True
+        a = bi.matmul(x, w)
+        bi.GEMM["serial"] = False
+        b = bi.matmul(x, w)
+    finally:
+        bi.GEMM["serial"] = serial
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, bi.matmul_twin(x, w), **TOL[dtype])
+    assert torch.equal(bi.matmul(x[:1], w), a[:1]) and torch.equal(bi.matmul(x[40:], w), a[40:])
+
+
+def check_norms(device: str, dtype: torch.dtype) -> None:
+    for d in (64, 200):
+        x = _randn(3, 17, d, seed=d, dtype=dtype, device=device)
+        r = _randn(3, 17, d, seed=d + 1, dtype=dtype, device=device)
+        w = _randn(d, seed=d + 2, dtype=dtype, device=device, scale=0.1) + 1
+        got = bi.rms_norm(x, w, 1e-5)
+        torch.testing.assert_close(got, bi.rms_norm_twin(x, w, 1e-5), **TOL[dtype])
+        total, normed = bi.add_rms_norm(x, r, w, 1e-5)
+        ref_total, ref_normed = bi.add_rms_norm_twin(x, r, w, 1e-5)
+        if device == "cuda":  # one rounding of an fp32 sum, as torch's add (the interpreter may truncate)
+            assert torch.equal(total, ref_total)
+        torch.testing.assert_close(total, ref_total, **TOL[dtype])
+        torch.testing.assert_close(normed, ref_normed, **TOL[dtype])
+        flat = x.reshape(-1, d)
+        for rows in (torch.arange(1), torch.arange(20, 51)):
+            assert torch.equal(bi.rms_norm(flat[rows.to(device)], w, 1e-5), got.reshape(-1, d)[rows.to(device)])
+
+
+def _padded_batch(device, dtype, prompt_lens, canvas, heads, kv_heads, d, seed):
+    """Keys as a batch holds them: [prompt, right padding, canvas]; and each request alone."""
+    p_max = max(prompt_lens)
+    b = len(prompt_lens)
+    k = _randn(b, kv_heads, p_max + canvas, d, seed=seed, dtype=dtype, device=device)
+    v = _randn(b, kv_heads, p_max + canvas, d, seed=seed + 1, dtype=dtype, device=device)
+    q = _randn(b, heads, canvas, d, seed=seed + 2, dtype=dtype, device=device)
+    visible = torch.ones(b, p_max + canvas, dtype=torch.bool, device=device)
+    for r, p in enumerate(prompt_lens):
+        visible[r, p:p_max] = False
+    mask = visible[:, None, None, :].expand(b, 1, canvas, p_max + canvas)
+    additive = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
+    return q, k, v, mask, additive
+
+
+def check_attention(device: str, dtype: torch.dtype, d: int = 32, canvas: int = 40,
+                    prompt_lens=(600, 37, 512)) -> None:
+    heads, kv_heads = 4, 2
+    q, k, v, mask, additive = _padded_batch(device, dtype, prompt_lens, canvas, heads, kv_heads, d, seed=d)
+    got = bi.attention(q, k, v, additive)
+    torch.testing.assert_close(got, bi.attention_twin(q, k, v, additive), **TOL[dtype])
+    assert torch.equal(bi.attention(q, k, v, bi.masked_keys(mask, additive)), got)
+    p_max = max(prompt_lens)
+    for r, p in enumerate(prompt_lens):
+        keep = torch.cat((torch.arange(p), torch.arange(p_max, p_max + canvas))).to(device)
+        alone = bi.attention(q[r:r + 1], k[r:r + 1, :, keep], v[r:r + 1, :, keep])  # no padding, no mask
+        assert torch.equal(alone, got[r:r + 1]), r
+        some = bi.attention(q[r:r + 1, :, 5:9], k[r:r + 1, :, keep], v[r:r + 1, :, keep])  # fewer queries
+        assert torch.equal(some, got[r:r + 1, :, 5:9]), r
+    # A mask inside the visible keys (another block's keys) still gives the twin's answer.
+    inner = additive.clone()
+    inner[:, :, : canvas // 2, -canvas // 2:] = float("-inf")
+    torch.testing.assert_close(bi.attention(q, k, v, inner), bi.attention_twin(q, k, v, inner), **TOL[dtype])
+
+
+def check_model(device: str, dtype: torch.dtype, root_dir: Path, decode=("llada", "dream")) -> None:
+    """The tiny models routed through the kernels: close to the default path, and (for the
+    families in ``decode``) a request's tokens the same batched (mixed prompt lengths) as alone,
+    in block-dual and NAP-window modes."""
+    import paradec
+    from paradec.decoding.kept import release_kept
+
+    sys.path.insert(0, str(HERE))
+    from tiny import tiny_checkpoint
+
+    prompts = ["the 3 + 4 is ?", "a b c d e f g h i j k l m n o p q r s", "1 2"][: 3 if device == "cuda" else 2]
+    for family in ("llada", "dream"):
+        root, _, _ = tiny_checkpoint(root_dir / family, family, seed=7)
+        model = paradec.load(root, device=device, dtype=dtype)
+        ids = torch.tensor([[5, 9, 14, 22, 31, 7, 8, 40, 41, 42]], device=device)
+        positions = torch.arange(ids.shape[1], device=device)[None]
+        segments = torch.zeros_like(ids)
+        default = model(ids, positions, segments, "canvas")
+        with bi.batch_invariant():
+            routed = model(ids, positions, segments, "canvas")
+        # Two bf16 paths through the stack, each a few roundings from the exact value (~1e-2; the
+        # interpreter also truncates where the GPU rounds): compared by relative norm.
+        error = ((routed.double() - default.double()).norm() / default.double().norm()).item()
+        assert error < 3e-2, (family, error)
+        if family not in decode:
+            continue
+        settings = [dict(mode="block", answer_len=16, block_len=8, cache="dual", tokens_per_step=2,
+                         attention="canvas"),
+                    dict(mode="nap", blocks=2, block_len=12, summary_len=4, window=6, tokens_per_step=2)]
+        for config in settings:
+            with bi.batch_invariant():
+                release_kept(model)
+                batch = paradec.generate(model, prompts, seed=3, eos_closes_block=False, **config)
+                for r, prompt in enumerate(prompts):
+                    alone = paradec.generate(model, prompt, seed=3 + r, eos_closes_block=False, **config)
+                    assert alone.token_ids == batch[r].token_ids and alone.trace == batch[r].trace, (family, config)
+                release_kept(model)
+
+
+def run_all(device: str, dtypes, root_dir: Path) -> None:
+    """Every check (the interpreter's child process); the model decodes one family there (slow)."""
+    for dtype in dtypes:
+        check_matmul(device, dtype)
+        check_norms(device, dtype)
+        check_attention(device, dtype)
+        check_attention(device, dtype, d=16, canvas=3, prompt_lens=(5, 70))
+    check_model(device, dtypes[0], root_dir, decode=("llada",))
+
+
+# --- on the CPU, in Triton's interpreter ------------------------------------------------------
+@needs_triton
+def test_kernels_in_the_triton_interpreter(tmp_path):
+    """The kernels' logic (indexing, splits, key order, routing) on the CPU: a child process with
+    TRITON_INTERPRET=1 runs every check (bf16 and fp32; the interpreter computes bf16 dots in fp32)."""
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import test_batch_invariant as t; "
+            "from paradec import batch_invariant as bi; bi.DEVICES.add('cpu'); torch.set_num_threads(1); "
+            "t.run_all('cpu', [torch.bfloat16, torch.float32], __import__('pathlib').Path(sys.argv[2])); print('ok')")
+    env = dict(os.environ, TRITON_INTERPRET="1", PARADEC_BATCH_INVARIANT="0")
+    done = subprocess.run([sys.executable, "-c", code, str(HERE), str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout[-3000:] + done.stderr[-6000:])
+
+
+def test_switch():
+    assert not bi.enabled() or os.environ.get(bi.ENV) == "1"
+    before = bi.enabled()
+    x = torch.zeros(2)
+    with bi.batch_invariant(True):
+        assert bi.enabled()
+        assert not bi.active(x)  # CPU tensors keep the default kernels
+        with torch.enable_grad(), bi.batch_invariant(False):
+            assert not bi.enabled()
+    assert bi.enabled() == before
+
+
+def test_cpu_model_paths_unchanged(tmp_path):
+    """On the CPU the mode changes nothing: the same logits bit for bit."""
+    import paradec
+
+    from tiny import tiny_checkpoint
+
+    root, _, _ = tiny_checkpoint(tmp_path, "llada", seed=2)
+    model = paradec.load(root)
+    ids = torch.tensor([[5, 9, 14, 22, 31, 7]])
+    positions = torch.arange(6)[None]
+    segments = torch.zeros_like(ids)
+    default = model(ids, positions, segments, "canvas")
+    with bi.batch_invariant(bi.HAVE_TRITON):
+        assert torch.equal(model(ids, positions, segments, "canvas"), default)
+
+
+# --- on a GPU ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("check", [check_matmul, check_norms, check_attention])
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_kernels(check, dtype):
+    check("cuda", dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matmul_at_model_shapes():
+    """LLaDA-8B's projection shapes, split-K and not: rows at M = 1..256 equal the rows of M = 256."""
+    for n, k in ((12288, 4096), (4096, 4096), (4096, 12288), (126464, 4096)):
+        x = _randn(256, k, seed=n, dtype=torch.bfloat16, device="cuda")
+        w = _randn(n, k, seed=k, dtype=torch.bfloat16, device="cuda", scale=k**-0.5)
+        full = bi.matmul(x, w)
+        torch.testing.assert_close(full, bi.matmul_twin(x, w), **TOL[torch.bfloat16])
+        for m in (1, 32, 64, 128):
+            assert torch.equal(bi.matmul(x[-m:], w), full[-m:]), (n, k, m)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_model_batch_equals_alone(tmp_path):
+    check_model("cuda", torch.bfloat16, tmp_path)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_on_and_off_agree_in_the_mode():
+    import paradec
+    from paradec.decoding.kept import release_kept
+
+    model = paradec.load("paradec-tiny", device="cuda")
+    config = dict(mode="nap", blocks=2, block_len=24, summary_len=8, window=8, tokens_per_step=2)
+    with bi.batch_invariant():
+        release_kept(model)
+        on = paradec.generate(model, ["1 + 2", "3 + 4 + 5"], seed=0, cuda_graphs=True, **config)
+        off = paradec.generate(model, ["1 + 2", "3 + 4 + 5"], seed=0, cuda_graphs=False, **config)
+        release_kept(model)
+    assert [r.token_ids for r in on] == [r.token_ids for r in off]
