@@ -153,8 +153,8 @@ def generate(
     _check_text_options(model, config, env, streamer, answerer, single)
     layout = build_layout(model, config)
     n = config.num_return_sequences
+    encoded = [ids for p in batch for ids in [encode_prompt(model, p, config, layout)] * n]
     batch = [p for p in batch for _ in range(n)]  # prompt-major: request p*n + i is prompt p's sample i
-    encoded = [encode_prompt(model, p, config, layout) for p in batch]
     longest = max(map(len, encoded))
     if longest + layout.length > model.spec.max_length:
         raise ConfigError(
