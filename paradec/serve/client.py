@@ -2,8 +2,15 @@
 the same config as ``paradec.generate`` (a GenerationConfig and/or overrides), stream per-step
 progress (tokens committed per block, so a UI can draw the canvas filling in), abort, and time out.
 
-    with paradec.Client("tcp://127.0.0.1:5555") as client:
+    from paradec.serve import Client
+
+    with Client("tcp://127.0.0.1:5555") as client:
         result = client.generate("Zoe has 30 apples ...", blocks=4, on_progress=print)
+
+A request carries request-level settings only (``protocol.REQUEST_SETTINGS``); process settings
+(``rank_timeout_s``, ``prompt_kv``, ``gather``, ``results_on``, ``cuda_graphs``) are the server's,
+and the server refuses a request that sets them. A message too large for one frame is refused
+here, before it is sent (``ProtocolError`` ``too_large``): the server would drop the connection.
 """
 
 from __future__ import annotations
@@ -21,12 +28,16 @@ import zmq.asyncio
 
 from paradec.config import GenerationConfig
 from paradec.errors import ParadecError
-from paradec.serve.protocol import Message, MessageType, decode, encode
+from paradec.serve.protocol import (PROCESS_SETTINGS, REQUEST_SETTINGS, Message, MessageType, ProtocolError, decode,
+                                   encode)
+
+
+GRACE_S = 1.0  # a request's timeout_s is the server's to enforce; the client waits this much longer, then aborts
 
 
 class ServeError(ParadecError):
     """The server refused or failed a request; ``code`` is the ERROR's code (busy, invalid,
-    unauthorized, aborted, timeout, failed, too_large) or ``engine_dead``."""
+    unauthorized, aborted, timeout, failed, too_large, stalled, shutting_down) or ``engine_dead``."""
 
     def __init__(self, code: str, message: str):
         super().__init__(f"{code}: {message}")
@@ -68,8 +79,14 @@ class ServedResult:
 def request_body(request_id: str, prompt, config: GenerationConfig | None, overrides: dict, stream: bool,
                  timeout_s: float | None, token: str | None) -> tuple[dict, list]:
     """An ADD body and its buffers: text prompts as text, token ids as an int32 buffer, chat as
-    ``messages``; a GenerationConfig is sent whole, overrides on top."""
-    settings = {**(dataclasses.asdict(config) if config is not None else {}), **overrides}
+    ``messages``; a GenerationConfig's request settings are sent whole (its process settings only
+    where they differ from the defaults, for the server to refuse by name), overrides on top."""
+    settings = {}
+    if config is not None:
+        defaults = GenerationConfig()
+        settings = {k: v for k, v in dataclasses.asdict(config).items()
+                    if k in REQUEST_SETTINGS or (k in PROCESS_SETTINGS and v != getattr(defaults, k))}
+    settings.update(overrides)
     body = {"id": request_id, "config": settings, "stream": stream}
     buffers = []
     if isinstance(prompt, str):
@@ -118,7 +135,9 @@ class Client:
                  on_progress: Callable[[Progress], None] | None = None, **overrides) -> ServedResult:
         """Decodes one prompt (text, token ids, or chat messages) on the server. on_progress gets
         every step's Progress. Raises ServeError (EngineDead when the engine died) or
-        TimeoutError (after sending ABORT) when ``timeout_s`` (default: the client's) passes."""
+        ServeError ``timeout`` when ``timeout_s`` (default: the client's) passes — the server
+        enforces it from the request's arrival — or TimeoutError (after sending ABORT) when no
+        answer came GRACE_S after that (the server or the connection is gone)."""
         for event in self.stream(prompt, config, timeout_s, progress=on_progress is not None, **overrides):
             if isinstance(event, Progress):
                 on_progress(event)
@@ -133,7 +152,7 @@ class Client:
         timeout_s = timeout_s if timeout_s is not None else self.timeout_s
         body, buffers = request_body(request_id, prompt, config, overrides, progress, timeout_s, self.token)
         self.socket.send_multipart(encode(MessageType.ADD, body, buffers))
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s + GRACE_S  # the server's ERROR first
         while True:
             event = self._receive(request_id, deadline)
             yield event
@@ -185,6 +204,7 @@ class AsyncClient:
         self.context = zmq.asyncio.Context.instance()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 100_000)  # many requests share it (HTTP): never the slow reader
         self.socket.connect(address)
         self.queues: dict[str, asyncio.Queue] = {}
         self.ids = (f"a{os.getpid()}-{id(self):x}-{i}" for i in itertools.count())
@@ -192,13 +212,17 @@ class AsyncClient:
 
     async def _read(self) -> None:
         while True:
-            message = decode(await self.socket.recv_multipart())
+            frames = await self.socket.recv_multipart()
+            try:
+                message = decode(frames)
+            except ProtocolError:  # not from a paradec server: nothing to route
+                continue
             queue = self.queues.get(message.id)
             if queue is not None:
                 queue.put_nowait(message)
-            elif message.id is None:  # a message the server could not read: every waiter learns
-                for q in self.queues.values():
-                    q.put_nowait(message)
+            # id None: the server could not read one of this client's messages, and cannot say which.
+            # Every message is checked before it is sent, so this is rare; it is not broadcast (one
+            # request's fault would end all of them): that request ends at its deadline.
 
     def _open(self, request_id: str) -> asyncio.Queue:
         if request_id in self.queues:
@@ -213,11 +237,12 @@ class AsyncClient:
                      **overrides) -> AsyncIterator[Progress | ServedResult]:
         request_id = request_id or next(self.ids)
         timeout_s = timeout_s if timeout_s is not None else self.timeout_s
-        queue = self._open(request_id)
         body, buffers = request_body(request_id, prompt, config, overrides, progress, timeout_s, self.token)
-        await self.socket.send_multipart(encode(MessageType.ADD, body, buffers))
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        frames = encode(MessageType.ADD, body, buffers)  # refused here when it is malformed or too large
+        queue = self._open(request_id)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s + GRACE_S  # the server's ERROR first
         try:
+            await self.socket.send_multipart(frames)
             while True:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:

@@ -10,12 +10,19 @@ get alone; its trace and NFE count the batch's steps (a summary starts once ever
 the batch is done), as ``paradec.generate`` on the same batch reports them. Between steps it reads new messages
 (ABORT, more ADDs), streams progress to the requests that asked for it, and stops the batch
 once every request in it was aborted. Every request it accepted gets exactly one final OUTPUT
-or one ERROR.
+or one ERROR; a result too large for one frame becomes an ERROR ``too_large``.
+
+Liveness is progress: the engine counts what it gets done (steps decoded, messages handled,
+batches ended) and reports the count to the frontend (an ``alive`` OUTPUT, at most every
+``ALIVE_EVERY_S``) from its own decode loop, never from a side thread; a frontend that sees work
+pending and the count standing still knows the engine is stuck. The engine exits when its parent
+(the frontend) is gone (``PR_SET_PDEATHSIG`` set by the frontend, and ``getppid`` checked here).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,6 +38,7 @@ from paradec.serve.protocol import Limits, Message, MessageType, ProtocolError, 
 
 log = logging.getLogger(__name__)
 ENGINE_IDENTITY = b"engine"
+ALIVE_EVERY_S = 0.2  # the most often the engine reports its progress count
 
 
 class _AllAborted(Exception):
@@ -49,7 +57,8 @@ class Request:
     @property
     def batchable(self) -> bool:
         c = self.config
-        return c.temperature == 0 and c.mode != "random" and c.attention == "isolated"
+        return (c.temperature == 0 and c.mode != "random" and c.attention == "isolated"
+                and not getattr(c, "rank_temperature", 0))  # random position draws use seed + r too
 
 
 class Engine:
@@ -68,10 +77,32 @@ class Engine:
         self.aborted: set[str] = set()  # ids of the running batch to stop reporting (and to end with an ERROR)
         self.errored: set[str] = set()  # ids of the running batch that already got their ERROR
         self.running: dict[str, Request] = {}
+        self.progress = 0  # steps decoded + messages handled + batches ended: what liveness watches
+        self.reported, self.reported_at = -1, 0.0
+        self.parent = os.getppid()
 
     # --- sending -----------------------------------------------------------------------------
     def _send(self, kind: MessageType, body: dict, buffers=None) -> None:
-        self.outputs.send_multipart(encode(kind, body, buffers))
+        try:
+            frames = encode(kind, body, buffers, self.limits)
+        except ProtocolError as e:  # too large for one frame: the request still gets its one final message
+            if kind == MessageType.OUTPUT and body.get("kind") == "final":
+                return self._error(body["id"], "too_large", f"the result does not fit in one message: {e}")
+            log.error("a message was not sent: %s", e)
+            return
+        self.outputs.send_multipart(frames)
+
+    def _alive(self) -> None:
+        """Reports the progress count when it moved (at most every ALIVE_EVERY_S); exits when the
+        frontend that started this engine is gone."""
+        now = time.monotonic()
+        if self.progress != self.reported and now - self.reported_at >= ALIVE_EVERY_S:
+            self.reported, self.reported_at = self.progress, now
+            self._send(MessageType.OUTPUT, {"id": "engine", "kind": "alive", "step": self.progress,
+                                            "reply": {"pid": os.getpid()}})
+        if os.getppid() != self.parent:
+            log.error("the frontend (pid %d) is gone; the engine exits", self.parent)
+            os._exit(1)
 
     def _error(self, request_id: str | None, code: str, message: str) -> None:
         """The request's one ERROR (its final message)."""
@@ -85,6 +116,7 @@ class Engine:
         while self.requests.poll(timeout_ms):
             timeout_ms = 0
             frames = self.requests.recv_multipart()
+            self.progress += 1
             try:
                 self._handle(decode(frames, self.limits))
             except ProtocolError as e:  # the frontend validated it already; a bug if it gets here
@@ -148,12 +180,15 @@ class Engine:
 
     # --- decoding ----------------------------------------------------------------------------
     def serve_forever(self) -> None:
-        self._send(MessageType.OUTPUT, {"id": "engine", "kind": "ready"})
+        self._send(MessageType.OUTPUT, {"id": "engine", "kind": "ready", "reply": {"pid": os.getpid()}})
         while True:
             self._drain(0 if self.waiting else 50)
             self._expire()
+            self._alive()
             if self.waiting:
                 self._run(self._next_batch())
+                self.progress += 1
+                self._alive()
 
     def _generate(self, prompts: list, config: GenerationConfig, on_step):
         return paradec.generate(self.model, prompts, config, on_step=on_step)
@@ -183,8 +218,10 @@ class Engine:
         streaming = any(r.stream for r in batch)
 
         def on_step(runner, step: int) -> None:
+            self.progress += 1
             self._drain(0)
             self._expire()
+            self._alive()
             now = time.monotonic()
             for r in batch:
                 if r.deadline is not None and now > r.deadline and r.id not in self.aborted:

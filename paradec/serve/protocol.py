@@ -15,6 +15,7 @@ from enum import IntEnum
 import msgpack
 import numpy as np
 
+from paradec.config import GenerationConfig
 from paradec.errors import InputError
 
 
@@ -31,7 +32,7 @@ class ProtocolError(InputError):
     """A message that does not follow the wire format; ``code`` is what ERROR carries."""
 
     def __init__(self, message: str, code: str = "invalid"):
-        super().__init__(message)
+        super().__init__(capped(message))  # it may quote what a client sent: never all of it
         self.code = code
 
 
@@ -43,8 +44,24 @@ class Limits:
     max_prompt_tokens: int = 8192
     max_canvas_tokens: int = 8192  # a request's canvas (or answer region), headers included
     max_id_chars: int = 64
+    max_setting_chars: int = 64  # a config value that is a string (a policy's name), a chat role
+    max_message_chars: int = 2000  # the text an ERROR carries: never an echo of a whole field
 
 
+# Request-level settings: what a client may set. Everything else in GenerationConfig is a process
+# setting (how ranks talk, how steps are launched, how long a rank waits): the operator's, never a
+# client's, because it can hurt other requests (rank_timeout_s=1e-6 ends a multi-rank engine).
+# A GenerationConfig field added later is a process setting until it is listed here.
+REQUEST_SETTINGS = frozenset({
+    "mode", "blocks", "block_len", "summary_len", "answer_len", "steps", "tokens_per_step", "schedule",
+    "policy", "threshold", "factor", "temperature", "seed", "attention", "summary", "eos_closes_block",
+    "bar_eos_in_blocks", "summary_min_tokens", "chat_template", "window", "cache", "refresh_every",
+    "max_new_tokens", "stop", "top_k", "top_p", "score_on", "rank_temperature"})
+# Request settings a server does not take: one request gets one result (send n requests instead).
+UNSERVED_SETTINGS = frozenset({"num_return_sequences"})
+PROCESS_SETTINGS = frozenset(f for f in GenerationConfig.__dataclass_fields__
+                             if f not in REQUEST_SETTINGS and f not in UNSERVED_SETTINGS)
+MAX_LIST_ITEMS = 16  # a setting that is a list (stop strings): this many short scalars at most
 # field -> (accepted Python types after msgpack decoding, required)
 _ID = (str,)
 SCHEMAS: dict[MessageType, dict[str, tuple[tuple[type, ...], bool]]] = {
@@ -60,9 +77,11 @@ SCHEMAS: dict[MessageType, dict[str, tuple[tuple[type, ...], bool]]] = {
     MessageType.ERROR: {"id": ((str, type(None)), True), "code": ((str,), True), "message": ((str,), True)},
     MessageType.ENGINE_DEAD: {"id": ((str, type(None)), True), "message": ((str,), True)},
 }
-OUTPUT_KINDS = ("progress", "final", "utility", "ready")
+# "ready" and "alive" go from the engine to the frontend only: the engine started; its progress
+OUTPUT_KINDS = ("progress", "final", "utility", "ready", "alive")
 UTILITY_METHODS = ("health", "stats")
-ERROR_CODES = ("invalid", "unauthorized", "busy", "aborted", "timeout", "failed", "too_large")
+ERROR_CODES = ("invalid", "unauthorized", "busy", "aborted", "timeout", "failed", "too_large", "stalled",
+               "shutting_down")
 # raw buffers each type may carry: ADD an optional prompt as token ids; a final OUTPUT token_ids and trace
 _BUFFERS = {MessageType.ADD: 1, MessageType.OUTPUT: 2}
 
@@ -78,11 +97,55 @@ class Message:
         return self.body.get("id")
 
 
-def encode(kind: MessageType, body: dict, buffers: list | None = None) -> list[bytes]:
-    """Frames of one message (the body is checked against the schema first)."""
+def encode(kind: MessageType, body: dict, buffers: list | None = None, limits: Limits = Limits()) -> list[bytes]:
+    """Frames of one message. The body is checked against the schema first, an ERROR's text is
+    cut to ``limits.max_message_chars``, and a frame over ``limits.max_frame_bytes`` is refused
+    here (ProtocolError ``too_large``), before anything is sent: the other side would drop it
+    and the connection with it."""
+    if kind in (MessageType.ERROR, MessageType.ENGINE_DEAD) and isinstance(body.get("message"), str):
+        body = {**body, "message": capped(body["message"], limits.max_message_chars)}
     arrays = [np.ascontiguousarray(b, dtype="<i4") for b in (buffers or [])]
-    _check_body(kind, body, len(arrays))
-    return [bytes([kind]), msgpack.packb(body, use_bin_type=True)] + [a.tobytes() for a in arrays]
+    _check_body(kind, body, len(arrays), limits)
+    frames = [bytes([kind]), msgpack.packb(body, use_bin_type=True)] + [a.tobytes() for a in arrays]
+    big = [i for i, f in enumerate(frames) if len(f) > limits.max_frame_bytes]
+    if big:
+        raise ProtocolError(f"frame {big[0]} of this {kind.name} message is {len(frames[big[0]])} bytes, over the "
+                            f"limit of {limits.max_frame_bytes}", code="too_large")
+    return frames
+
+
+def capped(text: str, limit: int = Limits.max_message_chars) -> str:
+    """``text``, or its first ``limit`` characters and how many were cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: max(0, limit - 40)]}... ({len(text) - max(0, limit - 40)} characters cut)"
+
+
+def check_config(config: dict, limits: Limits = Limits()) -> None:
+    """A client's config map: allow-listed request settings only (process settings are refused by
+    name), each value a scalar of bounded size. Types and ranges are GenerationConfig's to check;
+    this keeps what reaches it (and what an error may echo) small."""
+    for name, value in config.items():
+        if not isinstance(name, str):
+            raise ProtocolError(f"config keys are strings; got a {type(name).__name__}")
+        if name in UNSERVED_SETTINGS:
+            raise ProtocolError(f"config.{name} is not served: one request gets one result; send several requests")
+        if name in PROCESS_SETTINGS:
+            raise ProtocolError(f"config.{name} is a process setting, the server operator's (it would apply to "
+                                f"other clients' requests too); a request may set {sorted(REQUEST_SETTINGS)}")
+        if name not in REQUEST_SETTINGS:
+            raise ProtocolError(f"unknown setting config.{capped(name, limits.max_setting_chars)}; a request may set "
+                                f"{sorted(REQUEST_SETTINGS)}")
+        items = value if isinstance(value, list) and len(value) <= MAX_LIST_ITEMS else [value]
+        for item in items:
+            if isinstance(item, str) and len(item) > limits.max_setting_chars:
+                raise ProtocolError(f"config.{name} holds a string of {len(item)} characters, over the limit of "
+                                    f"{limits.max_setting_chars}", code="too_large")
+        if not all(item is None or isinstance(item, (bool, int, float, str)) for item in items):
+            size = f" of {len(value)} items" if isinstance(value, (list, dict, bytes)) else ""
+            raise ProtocolError(f"config.{name} must be a number, a string, a bool, null or a list of at most "
+                                f"{MAX_LIST_ITEMS} of those; got a {type(value).__name__}{size}",
+                                code="too_large" if size else "invalid")
 
 
 def decode(frames: list[bytes], limits: Limits = Limits()) -> Message:
@@ -119,6 +182,8 @@ def _check_body(kind: MessageType, body, buffers: int, limits: Limits = Limits()
     if not isinstance(body, dict):
         raise ProtocolError(f"the body of a {kind.name} message is a map; got {type(body).__name__}")
     schema = SCHEMAS[kind]
+    if not all(isinstance(k, str) for k in body):
+        raise ProtocolError(f"the keys of a {kind.name} message's body are strings")
     unknown = sorted(set(body) - set(schema))
     if unknown:
         raise ProtocolError(f"unknown fields {unknown} in a {kind.name} message; allowed: {sorted(schema)}")
@@ -146,12 +211,16 @@ def _check_body(kind: MessageType, body, buffers: int, limits: Limits = Limits()
             if not (isinstance(turn, dict) and set(turn) == {"role", "content"}
                     and all(isinstance(v, str) for v in turn.values())):
                 raise ProtocolError("each of 'messages' is a map of exactly 'role' and 'content', both strings")
+            if len(turn["role"]) > limits.max_setting_chars:
+                raise ProtocolError(f"a chat role is {len(turn['role'])} characters, over the limit of "
+                                    f"{limits.max_setting_chars}", code="too_large")
             chars += len(turn["content"])
         if chars > limits.max_prompt_chars:
             raise ProtocolError(f"the prompt is {chars} characters, over the limit of {limits.max_prompt_chars}",
                                 code="too_large")
-        if body.get("timeout_s") is not None and not body["timeout_s"] > 0:
-            raise ProtocolError(f"timeout_s must be > 0, got {body['timeout_s']}")
+        if body.get("timeout_s") is not None and not 0 < body["timeout_s"] < float("inf"):
+            raise ProtocolError(f"timeout_s must be a finite number > 0, got {body['timeout_s']}")
+        check_config(body.get("config") or {}, limits)
     if kind == MessageType.UTILITY and body["method"] not in UTILITY_METHODS:
         raise ProtocolError(f"method must be one of {list(UTILITY_METHODS)}, got {body['method']!r}")
     if kind == MessageType.OUTPUT and body["kind"] not in OUTPUT_KINDS:

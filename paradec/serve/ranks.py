@@ -6,7 +6,9 @@ ranks (``paradec.generate`` under a process group); rank 0 sends the results.
 Under several ranks progress is not reported between steps (the ranks do not stop to talk
 mid-canvas): a streaming request gets its final result only, and an abort takes effect when its
 batch ends. A rank that dies fails the batch in flight (``RankFailure``, after
-``rank_timeout_s``) and ends the engine, which the frontend reports as ENGINE_DEAD.
+``rank_timeout_s``) and ends the engine, which the frontend reports as ENGINE_DEAD (and starts
+again). Each rank dies with rank 0 (``PR_SET_PDEATHSIG``) and shares its process group, which the
+frontend kills as one; SIGTERM to rank 0 ends the ranks at once (a stop does not wait for a batch).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from paradec.config import GenerationConfig
 from paradec.distributed import init_distributed, teardown
 from paradec.errors import ParadecError
 from paradec.serve.engine import Engine
+from paradec.serve.process import die_with_parent
 from paradec.serve.protocol import Limits
 
 IDLE_TIMEOUT_S = 7 * 24 * 3600.0  # ranks wait this long for the next batch (a server idles)
@@ -36,7 +39,8 @@ class RankZeroEngine(Engine):
         return paradec.generate(self.model, prompts, config)
 
 
-def _follow(rank: int, world_size: int, port: int, model_path: str, device: str | None) -> None:
+def _follow(rank: int, world_size: int, port: int, model_path: str, device: str | None, parent: int) -> None:
+    die_with_parent(parent)
     _wire(rank, world_size, port)
     env = init_distributed(device, timeout_s=IDLE_TIMEOUT_S)
     try:
@@ -73,10 +77,18 @@ def run_ranks(nproc: int, model_path: str, requests_address: str, outputs_addres
         port = s.getsockname()[1]
     # plain subprocesses: the engine itself may be a daemon process, which multiprocessing forbids children
     followers = [subprocess.Popen([sys.executable, "-m", "paradec.serve.ranks", str(r), str(nproc), str(port),
-                                   model_path, device or ""]) for r in range(1, nproc)]
+                                   model_path, device or "", str(os.getpid())]) for r in range(1, nproc)]
+
+    def stop(*_) -> None:  # the frontend stops the engine: the ranks go too, now (mid-batch or not)
+        for p in followers:
+            p.kill()
+        for p in followers:
+            p.wait()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     _wire(0, nproc, port)
     env = init_distributed(device, timeout_s=IDLE_TIMEOUT_S)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the frontend stops the engine: let ranks go too
     try:
         model = paradec.load(model_path, device=env.device)
         RankZeroEngine(model, requests_address, outputs_address, max_batch, limits).serve_forever()
@@ -93,5 +105,5 @@ def run_ranks(nproc: int, model_path: str, requests_address: str, outputs_addres
 
 
 if __name__ == "__main__":  # a follower rank, started by run_ranks
-    rank, world_size, port, model_path, device = sys.argv[1:6]
-    _follow(int(rank), int(world_size), int(port), model_path, device or None)
+    rank, world_size, port, model_path, device, parent = sys.argv[1:7]
+    _follow(int(rank), int(world_size), int(port), model_path, device or None, int(parent))
