@@ -81,7 +81,8 @@ def test_nap_keeps_the_unmasking_invariants(model, blocks, block_len, summary_le
         config = GenerationConfig(
             blocks=blocks, block_len=block_len, summary_len=summary_len, policy=policy, steps=steps,
             tokens_per_step=per_step, schedule=schedule, temperature=temperature, seed=seed,
-            attention=attention, summary=summary, eos_closes_block=eos_closes_block, threshold=0.5,
+            attention=attention, summary=summary, eos_closes_block=eos_closes_block,
+            **({"threshold": 0.5} if policy == "threshold" else {}),  # threshold= implies its policy
         )
     except paradec.ConfigError:
         return  # a budget the config itself refuses (test_generate_errors.py)
