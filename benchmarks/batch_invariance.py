@@ -139,12 +139,17 @@ def ops_section(args) -> list[dict]:
     logits = torch.randn(256, vocab, device=dev, dtype=dt) * 4
     stops = torch.tensor([126081], device=dev)
 
-    def score(t):
-        n = t.shape[0]
-        s = ops.score(t, torch.arange(n, device=dev), 126336, stops, torch.zeros(n, dtype=torch.bool, device=dev))
-        return torch.stack((s.tokens.float(), s.confidence, s.margin, s.neg_entropy), 1)
+    def score(field, fn=ops.score):
+        def call(t):
+            n = t.shape[0]
+            s = fn(t, torch.arange(n, device=dev), 126336, stops, torch.zeros(n, dtype=torch.bool, device=dev))
+            return getattr(s, field).float()[:, None]
+        return call
 
-    record("score", "paradec._C" if ops.native_on(torch.device(dev)) else "torch twin", row_check(score, logits))
+    kernel = "paradec._C" if ops.native_on(torch.device(dev)) else "torch twin"
+    for field in ("tokens", "confidence", "margin", "neg_entropy"):
+        record(f"score.{field}", kernel, row_check(score(field), logits))
+        record(f"score.{field}", "ops.score_twin", row_check(score(field, ops.score_twin), logits))
     return rows
 
 
@@ -157,16 +162,16 @@ def gemm_section(args) -> list[dict]:
     settings = [dict(bi.GEMM)]
     if args.sweep:
         base = dict(bi.GEMM)
-        settings += [base | dict(serial=True), base | dict(block_n=64, block_k=128, stages=3),
-                     base | dict(block_n=64, target=512), base | dict(block_k=128, stages=3, warps=8),
-                     base | dict(target=132), base | dict(block_n=256, block_k=64, stages=3, warps=8)]
+        settings += [base | dict(target=256), base | dict(target=100), base | dict(block_m=128, warps=8, stages=3),
+                     base | dict(block_m=128, warps=8, stages=4), base | dict(block_k=128, stages=3),
+                     base | dict(serial=True)]
     saved = dict(bi.GEMM)
     out = []
     print("\nGEMM time per call (us), weights rotated over copies larger than the L2; graph replay of 8 calls")
     for name, n, k in shapes:
         copies = max(2, min(6, (256 << 20) // (n * k * 2) + 1))
         ws = [torch.randn(n, k, device=dev, dtype=dt) * 0.02 for _ in range(copies)]
-        for m in (32, 256):
+        for m in (32, 128, 256):
             x = torch.randn(m, k, device=dev, dtype=dt)
 
             def timed(fn):
@@ -273,17 +278,19 @@ def batch_vs_alone(model, texts, settings) -> dict:
     release_kept(model)
     t0 = time.perf_counter()
     batch = paradec.generate(model, texts, seed=0, **settings)
-    equal = differing = total = 0
+    equal = traces = differing = total = 0
     for r, text in enumerate(texts):
         alone = paradec.generate(model, text, seed=r, **settings)
         a, b = alone.token_ids, batch[r].token_ids
-        equal += int(a == b and alone.trace == batch[r].trace)
+        equal += int(a == b)
+        traces += int(alone.trace == batch[r].trace)
         differing += sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
         total += len(a)
     graphs_off = paradec.generate(model, texts, seed=0, cuda_graphs=False, **settings)
     graph_equal = sum(int(x.token_ids == y.token_ids) for x, y in zip(graphs_off, batch))
     release_kept(model)
     return {"requests_equal": equal, "requests": len(texts), "positions_differing": differing, "positions": total,
+            "traces_equal": traces,
             "graphs_off_equal": graph_equal, "seconds": time.perf_counter() - t0}
 
 
@@ -316,19 +323,26 @@ def e2e_section(args) -> list[dict]:
     texts = prompts(8)
     print("\nend to end: 8 prompts batched against each alone (greedy, request r with seed r)")
     print(f"  {'model':9} {'mode':13} {'kernels':9} {'equal':>6} {'positions differing':>20} {'graphs off = on':>16} "
-          f"{'blocks alone = beside':>22}")
+          f"{'blocks alone = beside':>22} {'traces equal':>13}")
     for name, model in models(args.models):
-        for mode, settings in SETTINGS[name].items():
+        cases = [(mode, settings, texts, "mixed") for mode, settings in SETTINGS[name].items()]
+        if name == "llada-8b":  # the same prompts cut to one token length
+            ids = [model.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+            same = [x[: min(map(len, ids))] for x in ids]
+            cases.append(("block_dual", SETTINGS[name]["block_dual"], same, "same"))
+        for mode, settings, inputs, lengths in cases:
             for invariant in (False, True):
                 with bi.batch_invariant(invariant):
-                    row = {"model": name, "mode": mode, "invariant": invariant, **batch_vs_alone(model, texts, settings)}
+                    row = {"model": name, "mode": mode, "lengths": lengths, "invariant": invariant,
+                           **batch_vs_alone(model, inputs, settings)}
                     if mode == "nap_windowed":
-                        row |= blocks_alone(model, texts[0], settings)
+                        row |= blocks_alone(model, inputs[0], settings)
                 out.append(row)
                 blocks = f"{row['blocks_equal']}/{row['blocks']}" if "blocks" in row else "-"
-                print(f"  {name:9} {mode:13} {'invariant' if invariant else 'default':9} "
+                print(f"  {name:9} {mode + ('' if lengths == 'mixed' else ' same') :13} {'invariant' if invariant else 'default':9} "
                       f"{row['requests_equal']:>3}/{row['requests']:<2} {row['positions_differing']:>9}/{row['positions']:<10} "
-                      f"{row['graphs_off_equal']:>10}/{row['requests']:<5} {blocks:>22}   ({row['seconds']:.0f} s)",
+                      f"{row['graphs_off_equal']:>10}/{row['requests']:<5} {blocks:>22} {row['traces_equal']:>10}/{row['requests']:<2}"
+                      f"   ({row['seconds']:.0f} s)",
                       flush=True)
     return out
 
@@ -360,33 +374,36 @@ def cost_section(args) -> list[dict]:
                           tokens_per_step=k),
     }
     out = []
-    print(f"\nstep cost at LLaDA-8B shape (prompt {len(prompt)}, canvas {args.canvas}, k = {k}; CUDA graphs)")
-    print(f"  {'mode':13} {'default ms':>11} {'invariant ms':>13} {'ratio':>6}   {'wall default s':>14} {'invariant s':>12}")
-    for mode, settings in cases.items():
+    saved = dict(bi.GEMM)
+    variants = [None] + [dict(saved) | json.loads(g) for g in args.cost_gemm]  # None: the default kernels
+    print(f"\nstep cost at LLaDA-8B shape (prompt {len(prompt)}, canvas {args.canvas}, k = {k}; CUDA graphs); "
+          f"invariant GEMM settings: " + "; ".join(f"inv{i}={g}" for i, g in enumerate(variants[1:])))
+    print(f"  {'mode':13} {'default ms':>11} " + " ".join(f"{f'inv{i} ms':>9} {'ratio':>6}" for i in range(len(variants) - 1))
+          + "   wall s (default, inv...)")
+    for mode in list(cases) + ["ar"]:
         row = {"mode": mode}
-        for invariant in (False, True):
-            with bi.batch_invariant(invariant):
-                r = decode(model, prompt, args.cost_repeats, True, **settings)
-            key = "invariant" if invariant else "default"
+        for i, gemm in enumerate(variants):
+            key = "default" if gemm is None else f"inv{i - 1}"
+            bi.GEMM.update(gemm or saved)
+            try:
+                with bi.batch_invariant(gemm is not None):
+                    if mode == "ar":
+                        r = ar(model, prompt, args.ar_tokens, args.cost_repeats)
+                        r["step_ms"] = r["token_ms"]
+                    else:
+                        r = decode(model, prompt, args.cost_repeats, True, **cases[mode])
+            finally:
+                bi.GEMM.update(saved)
             row[f"{key}_step_ms"] = r.get("step_ms", float("nan"))
-            row[f"{key}_forward_ms"] = r.get("forward_ms", float("nan"))
             row[f"{key}_refresh_ms"] = r.get("refresh_ms", float("nan"))
             row[f"{key}_wall_s"] = r["wall_s"]
-        row["ratio"] = row["invariant_step_ms"] / row["default_step_ms"]
+            if gemm is not None:
+                row[f"{key}_gemm"] = gemm
+                row[f"{key}_ratio"] = row[f"{key}_step_ms"] / row["default_step_ms"]
         out.append(row)
-        print(f"  {mode:13} {row['default_step_ms']:>11.2f} {row['invariant_step_ms']:>13.2f} {row['ratio']:>6.3f}   "
-              f"{row['default_wall_s']:>14.3f} {row['invariant_wall_s']:>12.3f}", flush=True)
-    row = {"mode": "ar"}
-    for invariant in (False, True):
-        with bi.batch_invariant(invariant):
-            r = ar(model, prompt, args.ar_tokens, args.cost_repeats)
-        key = "invariant" if invariant else "default"
-        row[f"{key}_step_ms"] = r["token_ms"]
-        row[f"{key}_wall_s"] = r["wall_s"]
-    row["ratio"] = row["invariant_step_ms"] / row["default_step_ms"]
-    out.append(row)
-    print(f"  {'ar':13} {row['default_step_ms']:>11.2f} {row['invariant_step_ms']:>13.2f} {row['ratio']:>6.3f}   "
-          f"{row['default_wall_s']:>14.3f} {row['invariant_wall_s']:>12.3f}", flush=True)
+        cells = " ".join(f"{row[f'inv{i}_step_ms']:>9.2f} {row[f'inv{i}_ratio']:>6.3f}" for i in range(len(variants) - 1))
+        walls = ", ".join(f"{row[f'{key}_wall_s']:.3f}" for key in ["default"] + [f"inv{i}" for i in range(len(variants) - 1)])
+        print(f"  {mode:13} {row['default_step_ms']:>11.2f} {cells}   {walls}", flush=True)
     return out
 
 
@@ -401,6 +418,8 @@ def main() -> None:
     parser.add_argument("--canvas", type=int, default=1024)
     parser.add_argument("--ar-tokens", type=int, default=128)
     parser.add_argument("--cost-repeats", type=int, default=1)
+    parser.add_argument("--cost-gemm", nargs="+", default=["{}"],
+                        help="invariant GEMM settings (JSON dicts over bi.GEMM) to time the mode with")
     parser.add_argument("--out", help="also write the JSON record here")
     args = parser.parse_args()
     if not torch.cuda.is_available():

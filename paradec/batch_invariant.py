@@ -29,6 +29,15 @@ autograd (training keeps the default kernels). CPU paths never change. CUDA grap
 one mode keep that mode's kernels: release kept runners (``paradec.decoding.kept.release_kept``)
 after switching.
 
+Measured (H200, LLaDA-8B shape, benchmarks/RESULTS.md): with the mode, 8 requests decoded in one
+batch equal each decoded alone (block dual cache and NAP windows); step time 1.04x the default
+at 32 rows a step, 1.39x at 128 (NAP m = 4), 1.16x for AR. Not covered yet: the score kernel's
+confidence/margin/entropy bits depend on its row count (paradec._C); the eager step appends a
+window's keys after the cache while the graphed step writes them into their slots, so graphs on
+and off visit keys in another order; a NAP refresh attends all blocks' queries in one call, so a
+block's queries see the other blocks' (masked) keys inside their row's visible set, and a block
+decoded alone differs from it decoded beside the others.
+
 A leaf module: it imports nothing from paradec.
 """
 
@@ -103,10 +112,11 @@ class GemmConfig:
 
 
 # Tunables, read by ``gemm_config``. None of them may depend on M. ``target``: programs wanted at
-# M <= block_m (about two per SM of an H100/H200, so that the weights stream from every SM);
+# M <= block_m (about one per SM of an H100/H200, so that the weights stream from every SM; 256
+# was slower at every M measured on an H200, benchmarks/RESULTS.md);
 # ``min_k_blocks``: the shortest split, in block_k steps; ``serial``: the last program of a tile to
 # finish sums the splits (one launch), else a second kernel does (the same sum, the same bits).
-GEMM = {"block_m": 64, "block_n": 128, "block_k": 64, "warps": 4, "stages": 4, "target": 256,
+GEMM = {"block_m": 64, "block_n": 128, "block_k": 64, "warps": 4, "stages": 4, "target": 132,
         "min_k_blocks": 4, "serial": False}
 MAX_ROWS = 2048  # rows per launch when split (bounds the fp32 workspace); rows are independent
 
@@ -372,7 +382,7 @@ if HAVE_TRITON:
     @triton.jit(do_not_specialize=["T", "C"])
     def _attn_kernel(Q, K, V, Mask, Order, Count, Part, Stat, T, C, H, group, n_split, qk_scale,
                      sqb, sqh, sqt, skb, skh, skc, svb, svh, svc, smb, smh, smt, smc, sob,
-                     HAS_MASK: tl.constexpr, HAS_ORDER: tl.constexpr, UPCAST: tl.constexpr, D: tl.constexpr,
+                     HAS_ORDER: tl.constexpr, UPCAST: tl.constexpr, D: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
         LOG2E: tl.constexpr = 1.4426950408889634
         pid_m = tl.program_id(0)
@@ -414,12 +424,12 @@ if HAVE_TRITON:
                     s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
                 else:
                     s = tl.dot(q, tl.trans(k))
-                s = s * qk_scale
-                if HAS_MASK:
-                    bias = tl.load(Mask + b.to(tl.int64) * smb + h * smh + offs_m[:, None] * smt
-                                   + keys[None, :].to(tl.int64) * smc,
-                                   mask=(offs_m[:, None] < T) & valid[None, :], other=0.0)
-                    s += bias.to(tl.float32) * LOG2E
+                # The mask is always read (a zero with zero strides when there is none): a kernel
+                # compiled without it would contract these multiply-adds differently.
+                bias = tl.load(Mask + b.to(tl.int64) * smb + h * smh + offs_m[:, None] * smt
+                               + keys[None, :].to(tl.int64) * smc,
+                               mask=(offs_m[:, None] < T) & valid[None, :], other=0.0)
+                s = s * qk_scale + bias.to(tl.float32) * LOG2E
                 s = tl.where(valid[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -470,6 +480,21 @@ if HAVE_TRITON:
                  out.to(Out.dtype.element_ty), mask=rows_in[:, None] & (offs_d[None, :] < D))
 
 
+_zeros: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _zero(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A one-element zero (kept, except one made while a CUDA graph is captured: the graph's
+    memory pool may hand its storage to another tensor once the graph is gone)."""
+    key = (device, dtype)
+    if key not in _zeros:
+        zero = torch.zeros(1, dtype=dtype, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return zero
+        _zeros[key] = zero
+    return _zeros[key]
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | MaskedKeys | None = None) -> torch.Tensor:
     """Softmax attention, batch-invariant: q [B, H, T, D]; k, v [B, Hkv, C, D] (H a multiple of
@@ -497,16 +522,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if full.shape[1] == 1:
             msh = 0
         mask_arg, order, count = full, mask.order, mask.count
-    else:
+    else:  # every key: a zero mask read at one address, so the arithmetic is the masked kernel's
         msb = msh = mst = msc = 0
-        mask_arg, order, count = q, q, q
+        mask_arg, order, count = _zero(q.device, q.dtype), q, q
     grid = (triton.cdiv(t, ATTN_BLOCK_M), b * h, n_split)
     upcast = _INTERPRET or q.dtype == torch.float32
     _attn_kernel[grid](q, k, v, mask_arg, order, count, part, stat, t, c, h, h // hkv, n_split,
                        (1.0 / math.sqrt(d)) * 1.4426950408889634,
                        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                        v.stride(0), v.stride(1), v.stride(2), msb, msh, mst, msc, 0,
-                       HAS_MASK=has_mask, HAS_ORDER=has_mask, UPCAST=upcast, D=d, BLOCK_D=block_d,
+                       HAS_ORDER=has_mask, UPCAST=upcast, D=d, BLOCK_D=block_d,
                        BLOCK_M=ATTN_BLOCK_M, BLOCK_N=ATTN_BLOCK_N, SPLIT=KV_SPLIT, num_warps=4, num_stages=2)
     _attn_combine_kernel[(triton.cdiv(t, ATTN_BLOCK_M), b * h)](
         part, stat, count, out, t, c, h, n_split, out.stride(0), out.stride(1), out.stride(2),
