@@ -120,6 +120,7 @@ class Frontend:
         self.restart_at: float | None = None
         self.dead_reason = ""
         self.unreachable: OrderedDict[bytes, None] = OrderedDict()  # clients logged as unreachable (bounded)
+        self.background: set[asyncio.Task] = set()  # aborts sent from inside loops (held: tasks are weak)
         self.stats = {"accepted": 0, **{k: 0 for k in OUTCOMES}, **{k: 0 for k in REFUSALS}, "restarts": 0}
 
     @property
@@ -171,10 +172,10 @@ class Frontend:
         if self.state in ("stopping", "stopped"):
             return
         self.state = "stopping"
-        for internal, flight in list(self.flights.items()):
-            self._close(internal)
-            await self._final(flight, MessageType.ERROR, {"code": "shutting_down", "message": reason},
-                              "shutting_down")
+        for internal in list(self.flights):
+            if (flight := self._close(internal)) is not None:  # None: closed meanwhile (its client is gone)
+                await self._final(flight, MessageType.ERROR, {"code": "shutting_down", "message": reason},
+                                  "shutting_down")
 
     async def stop(self, reason: str = "the server is shutting down") -> None:
         """Answers every request in flight with ``shutting_down``, ends the engine (SIGTERM, then
@@ -223,6 +224,7 @@ class Frontend:
     # --- clients -> engine -------------------------------------------------------------------
     async def _clients(self) -> None:
         while True:
+            await asyncio.sleep(0)  # a ready message does not yield: take turns with the engine's output
             identity, *frames = await self.clients.recv_multipart()
             try:
                 try:
@@ -345,9 +347,11 @@ class Frontend:
             if internal in self.flights:
                 self._close(internal)
                 self.stats["disconnected"] += 1
-                if self.state == "ready":
-                    asyncio.get_running_loop().create_task(self._to_engine(MessageType.ABORT, {"id": internal},
-                                                                           patience_s=0))
+                if self.state == "ready":  # from a loop over the table: sent soon, not awaited here
+                    task = asyncio.get_running_loop().create_task(
+                        self._to_engine(MessageType.ABORT, {"id": internal}, patience_s=0))
+                    self.background.add(task)
+                    task.add_done_callback(self.background.discard)
 
     async def _final(self, flight: Flight, kind: MessageType, body: dict, outcome: str, buffers=None) -> None:
         """A closed request's final message to its client, counted as ``outcome`` when delivered
@@ -358,6 +362,7 @@ class Frontend:
     # --- engine -> clients -------------------------------------------------------------------
     async def _outputs(self) -> None:
         while True:
+            await asyncio.sleep(0)  # take turns with the clients' messages
             frames = await self.from_engine.recv_multipart()
             try:
                 await self._from_engine(frames)
@@ -391,18 +396,26 @@ class Frontend:
             code = message.body.get("code")
             outcome = "finished" if code is None else code if code in ("aborted", "timeout") else "errors"
             return await self._final(flight, message.type, message.body, outcome, message.buffers)
-        if not await self._reply(flight.client, message.type, {**message.body, "id": flight.client_id},
-                                 message.buffers):
-            pass  # _unreachable closed it and aborted it at the engine
+        # progress: when it cannot be delivered, _unreachable closes the request and aborts it at the engine
+        await self._reply(flight.client, message.type, {**message.body, "id": flight.client_id}, message.buffers)
 
-    def _close(self, internal: str) -> None:
-        flight = self.flights.pop(internal)
-        self.by_client.pop((flight.client, flight.client_id), None)
+    def _close(self, internal: str) -> Flight | None:
+        """Removes a request from the table: its Flight, or None when it was closed already (a
+        reply that failed in a loop over the table closes that client's other requests)."""
+        flight = self.flights.pop(internal, None)
+        if flight is not None:
+            self.by_client.pop((flight.client, flight.client_id), None)
+        return flight
 
     # --- deadlines, liveness, restarts --------------------------------------------------------
     async def _watch(self) -> None:
+        checked = time.monotonic()
         while True:
             await asyncio.sleep(0.05)
+            now = time.monotonic()
+            if now - checked > 0.5:  # the frontend itself fell behind (a busy host): not the engine's time
+                self.last_progress += now - checked - 0.05
+            checked = now
             try:
                 await self._check()
             except Exception:  # noqa: BLE001 - the watch must go on
@@ -411,8 +424,7 @@ class Frontend:
     async def _check(self) -> None:
         now = time.monotonic()
         for internal, flight in list(self.flights.items()):
-            if flight.deadline is not None and now > flight.deadline and internal in self.flights:
-                self._close(internal)
+            if flight.deadline is not None and now > flight.deadline and self._close(internal) is not None:
                 await self._final(flight, MessageType.ERROR, {"code": "timeout", "message":
                                   f"no result within {flight.deadline - flight.started:g} s of its arrival "
                                   f"(waiting included)"}, "timeout")
@@ -447,8 +459,9 @@ class Frontend:
         self.dead_reason = reason
         self.state = "restarting" if self.restart else "dead"
         log.error("%s", reason)
-        for internal, flight in list(self.flights.items()):
-            self._close(internal)
+        for internal in list(self.flights):
+            if (flight := self._close(internal)) is None:
+                continue
             if stalled:
                 await self._final(flight, MessageType.ERROR, {"code": "stalled", "message": reason}, "stalled")
             else:

@@ -32,7 +32,7 @@ import time
 import uuid
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -170,11 +170,14 @@ async def _read_json(request: Request, limit: int):
         if int(length) > limit:
             raise BadRequest(f"the body is {int(length)} bytes, over the limit of {limit}", 413, "too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(f"the body is over the limit of {limit} bytes", 413, "too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(f"the body is over the limit of {limit} bytes", 413, "too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # hung up mid-body: nobody to answer, nothing to log
+        raise BadRequest("the client hung up before its body ended", 499, "aborted") from None
     try:
         return json.loads(b"".join(chunks).decode("utf-8"))
     except UnicodeDecodeError as e:
