@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from paradec import ops
-from paradec.decoding.selection import Candidates
+from paradec.decoding.selection import FACTOR, Candidates
 from paradec.models.attention import PAD, PROMPT, attention_mask
 from paradec.models.transformer import BlockCache, PromptCache
 
@@ -402,6 +402,8 @@ class GraphedSteps:
         wcols = self.window_cols
         vocab = logits.shape[-1]
         scores = ops.score(logits.reshape(-1, vocab), self.rows, spec.mask_id, r.stop_ids, self.barred.view(-1))
+        if r.fastdllm is not None:  # Fast-dLLM's confidence, as the eager step computes it
+            scores.confidence = r._vocab_confidence(logits.reshape(-1, vocab), self.rows, scores)
         masked = (r.canvas[:, wcols] == spec.mask_id) & self.window_valid  # [B, N]
         group = r.groups[wcols].expand(b, -1)  # [B, N]
         left = torch.zeros(b, g_count, dtype=torch.long, device=r.device).scatter_add_(1, group, masked.long())
@@ -423,8 +425,11 @@ class GraphedSteps:
         lowest = torch.finfo(torch.float32).min
         ranking = torch.where(flat_masked, ranking.float().nan_to_num(nan=lowest, neginf=lowest), -torch.inf)
         confidence = torch.where(flat_masked, scores.confidence, -torch.inf)
+        floor = candidates.floor
+        if r.fastdllm is not None and rule == FACTOR:  # Fast-dLLM's factor rule, as the eager step applies it
+            floor = r._factor_last_commits(candidates, ranking, flat_masked, param)
         ops.select_commit(r.canvas, r.trace, self.batch_index, wcols.repeat(b), key, ranking, confidence,
-                          candidates.quota, candidates.floor, scores.tokens, rule, param, _PENDING)
+                          candidates.quota, floor, scores.tokens, rule, param, _PENDING)
         r.trace.copy_(torch.where(r.trace == _PENDING, self.step_t, r.trace))
         if cfg.eos_closes_block:
             r._fill_after_eos(self.step_t)

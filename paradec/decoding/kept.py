@@ -14,19 +14,20 @@ from __future__ import annotations
 from paradec.canvas import CanvasLayout
 from paradec.config import GenerationConfig
 from paradec.decoding.graphs import graphs_apply
-from paradec.decoding.runner import Runner
+from paradec.decoding.runner import FastDLLMRules, Runner
 from paradec.models.loading import DiffusionModel
 
 
 def kept_runner(model: DiffusionModel, config: GenerationConfig, layout: CanvasLayout, prompts: list[list[int]],
-                think_blocks: list[int] | None = None, summary: bool | None = None) -> Runner:
+                think_blocks: list[int] | None = None, summary: bool | None = None,
+                fastdllm: FastDLLMRules | None = None) -> Runner:
     """A runner for these arguments (``Runner``'s); the kept one, reset, when it fits."""
-    if not graphs_apply(config, model.device):
-        return Runner(model, config, layout, prompts, think_blocks=think_blocks, summary=summary)
+    if not graphs_apply(config, model.device) or (fastdllm is not None and fastdllm.window_steps is not None):
+        return Runner(model, config, layout, prompts, think_blocks=think_blocks, summary=summary, fastdllm=fastdllm)
     role = "summary" if think_blocks == [] and summary else "blocks"
     weight = model.module.embed.weight  # graphs hold the addresses of these weights
     key = (config, layout.length, len(prompts), max(map(len, prompts)), weight.data_ptr(), weight.dtype,
-           weight.device, None if think_blocks is None else tuple(think_blocks), summary)
+           weight.device, None if think_blocks is None else tuple(think_blocks), summary, fastdllm)
     kept = _kept(model)
     if role in kept and kept[role][0] == key:
         runner = kept[role][1]
@@ -34,7 +35,7 @@ def kept_runner(model: DiffusionModel, config: GenerationConfig, layout: CanvasL
         return runner
     if role in kept:
         kept.pop(role)[1].release()
-    runner = Runner(model, config, layout, prompts, think_blocks=think_blocks, summary=summary)
+    runner = Runner(model, config, layout, prompts, think_blocks=think_blocks, summary=summary, fastdllm=fastdllm)
     kept[role] = (key, runner)
     return runner
 

@@ -12,6 +12,10 @@ Windows (``block`` mode, ``nap`` with ``window``): each group of a phase decodes
 window at a time, all groups in step; a step commits only inside the current windows. With a
 ``prefix``/``dual`` cache the window's first step forwards what an unwindowed step would and
 keeps the KV of everything the later steps of the window do not recompute.
+
+``FastDLLMRules`` (``paradec.compat.fastdllm``) makes a runner decide as Fast-dLLM v1's own code
+does where that differs from paradec's rules: confidence over the whole vocabulary, its factor
+rule's last position, and its dual cache's bounded block loop.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from paradec.config import RULE_POLICIES, GenerationConfig, window_lengths
 from paradec.decoding import ar_order, confidence, factor, random_order, threshold
 from paradec.decoding.graphs import GraphedSteps, graphs_apply
 from paradec.decoding.schedule import group_schedule
-from paradec.decoding.selection import Candidates
+from paradec.decoding.selection import FACTOR, Candidates, rank_in_groups
 from paradec.errors import ConfigError
 from paradec.models.attention import PAD, PROMPT
 from paradec.models.transformer import PromptCache
@@ -44,6 +48,30 @@ class DecodeOutput:
     nfe: int  # model forwards made by the steps (prefill and cache extension not counted)
     steps: int
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FastDLLMRules:
+    """Where Fast-dLLM v1's own decoders (``llada/generate.py``) decide differently from paradec,
+    a runner given these rules decides as they do (``paradec.compat.fastdllm``):
+
+    - confidence is the chosen token's probability under the softmax over the whole vocabulary,
+      the mask id's mass included (paradec's own: over the ids a step may choose, which leaves
+      the mask id out). The ranking and the threshold and factor rules read it. This is what
+      parts Fast-dLLM's tokens from paradec's on tiny checkpoints, where the mask id holds about
+      1/V of the mass; a trained model gives it almost none.
+    - the factor rule also commits a group's last masked position when it alone fails its bound
+      (``get_transfer_index_dynamic`` then takes every position).
+    - window_steps (``generate_with_dual_cache`` with a threshold or factor rule): a window stops
+      after this many steps even if it still holds masked positions, and a window's first step
+      also considers the positions earlier windows of its group left masked (Fast-dLLM's full
+      forward at each block's start commits among every masked position before the block's end).
+      Such runs step eagerly (no CUDA graphs).
+
+    The mask id itself is never chosen (DESIGN.md contract 5): where Fast-dLLM's argmax is the mask
+    id, its code "commits" [MASK] and the results part from there."""
+
+    window_steps: int | None = None
 
 
 def stream_seed(seed: int, group: int, step: int, salt: int = 0) -> int:
@@ -71,8 +99,10 @@ class Runner:
         prompts: list[list[int]],
         think_blocks: list[int] | None = None,
         summary: bool | None = None,
+        fastdllm: FastDLLMRules | None = None,
     ):
         self.model, self.config, self.layout = model, config, layout
+        self.fastdllm = fastdllm
         self.device = model.device
         self.seeds = [config.seed + r for r in range(len(prompts))]
         m = layout.num_think_blocks
@@ -112,7 +142,11 @@ class Runner:
                         for g, (start, end) in enumerate(layout.bodies)}
         self.schedules = self._schedules()
         self.in_window = self.editable.clone()  # [C] the current windows of the phase
-        self.graphs = {} if graphs_apply(config, self.device) else None  # phase -> GraphedSteps (None: eager steps)
+        self.window_cap = None if fastdllm is None else fastdllm.window_steps  # steps a window may take at most
+        if self.window_cap is not None and not self._windowed_cache:
+            raise ConfigError("FastDLLMRules.window_steps bounds a windowed cache's windows (cache='prefix' or 'dual')")
+        graphed = graphs_apply(config, self.device) and self.window_cap is None
+        self.graphs = {} if graphed else None  # phase -> GraphedSteps (None: eager steps)
         on_cuda = self.graphs is not None and self.device.type == "cuda"
         self.graph_pool = torch.cuda.graph_pool_handle() if on_cuda else None
         self.reset(prompts)
@@ -185,7 +219,7 @@ class Runner:
                 window_cache, window_step, graph_loaded = None, 0, False  # eager / graphed bookkeeping
                 while True:
                     active = self._active(phase)  # [B, G] host bool
-                    if not active.any():
+                    if not active.any() or (self.window_cap is not None and window_step >= self.window_cap):
                         break
                     if should_abort is not None:
                         should_abort()
@@ -253,9 +287,11 @@ class Runner:
     def _enter_window(self, phase: list[int], window: int) -> None:
         """Makes window ``window`` of each group in ``phase`` the current one."""
         self.in_window = torch.zeros_like(self.editable)
+        self.up_to_window = torch.zeros_like(self.editable)  # [C] each group's body up to its window's end
         for g in phase:
             if window < len(self.windows[g]):
                 self.in_window[slice(*self.windows[g][window])] = True
+                self.up_to_window[self.layout.bodies[g][0] : self.windows[g][window][1]] = True
         self.window_index = window
         self.window_steps.zero_()
         self.step_columns = self._step_columns(phase, window) if self._windowed_cache else None
@@ -303,7 +339,10 @@ class Runner:
         """One step; returns the window's cache for the next step (None when not windowed)."""
         cfg, spec = self.config, self.model.spec
         t0 = self._clock()
-        wanted = self._masked() & active.to(self.device)[:, self.groups] & self.in_window  # [B, C]
+        region = self.in_window
+        if self.window_cap is not None and window_cache is None:  # a window's first step: what earlier ones left too
+            region = self.up_to_window
+        wanted = self._masked() & active.to(self.device)[:, self.groups] & region  # [B, C]
         logits_at, rows, cols = self._wanted_positions(wanted)  # [B, N]; flat (row, column) pairs
         t1 = self._clock()
         if self._windowed_cache and window_cache is None:
@@ -328,10 +367,16 @@ class Runner:
             noise.clamp_(min=torch.finfo(torch.float64).tiny)  # log(0) never
         scores = ops.score(logits.view(-1, vocab), flat_rows, spec.mask_id, self.stop_ids, bar, cfg.temperature,
                            noise)
+        if self.fastdllm is not None:
+            scores.confidence = self._vocab_confidence(logits.view(-1, vocab), flat_rows, scores)
         candidates = self._candidates(rows, cols, group, offset, scores)
         rule, ranking, param = self._plan(candidates)
+        floor = candidates.floor
+        if self.fastdllm is not None and rule == FACTOR:
+            floor = self._factor_last_commits(candidates, ranking.float(), torch.ones_like(floor, dtype=torch.bool),
+                                              param)
         ops.select_commit(self.canvas, self.trace, rows, cols, candidates.key, ranking.float(), scores.confidence,
-                          candidates.quota, candidates.floor, scores.tokens, rule, param, step)
+                          candidates.quota, floor, scores.tokens, rule, param, step)
         t3 = self._clock()
         self.group_steps += active.long()
         self.window_steps += active.long()
@@ -478,6 +523,26 @@ class Runner:
         if cfg.policy == "factor":
             return factor.plan(candidates, cfg.factor)
         return confidence.plan(candidates, cfg.policy)
+
+    # --- Fast-dLLM's rules (FastDLLMRules), for the eager and the graphed steps alike --------------
+    def _vocab_confidence(self, logits: torch.Tensor, rows: torch.Tensor, scores) -> torch.Tensor:
+        """[N] the chosen tokens' probabilities over the whole vocabulary: the scores' confidence
+        p' leaves the mask id's logit l_m out of the softmax, so p = p' / (1 + p' exp(l_m - l_t)),
+        with l_t the chosen token's logit. logits: [R, V]; rows: [N]. O(N) work: two gathers."""
+        mask_id = self.model.spec.mask_id
+        tokens = scores.tokens.clamp(min=0)
+        chosen = logits[rows, tokens].double()  # [N]
+        masked_logit = logits[rows, mask_id].double()
+        p = scores.confidence.double()
+        return (p / (1.0 + p * torch.exp(masked_logit - chosen))).to(scores.confidence.dtype)
+
+    def _factor_last_commits(self, candidates: Candidates, ranking: torch.Tensor, masked: torch.Tensor,
+                             param: float) -> torch.Tensor:
+        """[N] floors under Fast-dLLM's factor rule: a group whose masked positions all pass
+        their bounds but the last one commits that one too (see ``factor.last_one_floor``)."""
+        rank = rank_in_groups(candidates.key, ranking, candidates.position)
+        return factor.last_one_floor(candidates.key, candidates.scores.confidence, rank, masked, candidates.floor,
+                                     param, len(self.seeds) * self.layout.num_groups)
 
     # --- EOS ---------------------------------------------------------------------------------
     def _fill_after_eos(self, step: int | torch.Tensor) -> None:
