@@ -14,13 +14,12 @@ from pathlib import Path
 
 import torch
 
-from paradec import hybrid, ops
+from paradec import hybrid
 from paradec.answers import extract_answer
 from paradec.canvas import CanvasLayout, canvas_layout, check_headers
 from paradec.config import GenerationConfig, settings_help
 from paradec.decoding.kept import kept_runner
 from paradec.decoding.runner import DecodeOutput, Runner
-from paradec.decoding.scoring import Sampling
 from paradec.distributed import canvas as distributed_canvas
 from paradec.distributed import teardown
 from paradec.distributed.env import current_env, init_distributed, torchrun_without_group
@@ -176,21 +175,20 @@ def generate(
         watcher = _Watcher(on_step, model, layout, config, streamer, encoded[0])
         on_step = watcher
     try:
-        with ops.sampling(Sampling.of(config)):  # the request's top_k/top_p/score_on/rank_temperature
-            if env.distributed:
-                with _REUSE:  # the kept runners are this process's
-                    spread = distributed_canvas.decode(model, config, layout, encoded, env, summary=summary)
-                if spread is None:
-                    return None  # results live on rank 0 (results_on="all" sends them everywhere)
-                output, placement, rank_timings = spread.output, spread.placement, spread.rank_timings
-            elif _REUSE.acquire(blocking=False):
-                try:
-                    runner = kept_runner(model, config, layout, encoded, summary=None if summary else False)
-                    output = _run(runner, on_step)
-                finally:
-                    _REUSE.release()
-            else:  # another thread is decoding with the kept runner
-                output = _run(Runner(model, config, layout, encoded, summary=None if summary else False), on_step)
+        if env.distributed:
+            with _REUSE:  # the kept runners are this process's
+                spread = distributed_canvas.decode(model, config, layout, encoded, env, summary=summary)
+            if spread is None:
+                return None  # results live on rank 0 (results_on="all" sends them everywhere)
+            output, placement, rank_timings = spread.output, spread.placement, spread.rank_timings
+        elif _REUSE.acquire(blocking=False):
+            try:
+                runner = kept_runner(model, config, layout, encoded, summary=None if summary else False)
+                output = _run(runner, on_step)
+            finally:
+                _REUSE.release()
+        else:  # another thread is decoding with the kept runner
+            output = _run(Runner(model, config, layout, encoded, summary=None if summary else False), on_step)
         if bar is not None:
             bar.close()
         results = [

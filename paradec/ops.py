@@ -15,8 +15,6 @@ the two on fresh random inputs.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import logging
 import os
 
@@ -65,31 +63,15 @@ def native_on(device: torch.device) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("paradec::score", "CUDA")
 
 
-_SAMPLING: contextvars.ContextVar[Sampling | None] = contextvars.ContextVar("paradec_sampling", default=None)
-
-
-@contextlib.contextmanager
-def sampling(settings: Sampling):
-    """Within this block (this thread), ``score`` calls that pass no ``sampling`` use
-    ``settings``: how ``paradec.generate`` hands a request's top_k / top_p / score_on /
-    rank_temperature to the steps of the runner it drives."""
-    token = _SAMPLING.set(settings)
-    try:
-        yield
-    finally:
-        _SAMPLING.reset(token)
-
-
 def score(logits: torch.Tensor, rows: torch.Tensor, mask_id: int, stop_ids: torch.Tensor, bar_stop: torch.Tensor,
           temperature: float = 0.0, noise: torch.Tensor | None = None, sampling: Sampling | None = None) -> Scores:
     """logits: [R, V]; rows: [N] rows of ``logits`` to score; stop_ids: [S]; bar_stop: [N];
     noise: [N, V] float64 uniforms (temperature > 0). sampling: the request's filters and
-    scores (default: the ones ``sampling()`` set, else none). With ``rank_temperature`` the
+    scores (the runner passes its config's; default: none). With ``rank_temperature`` the
     ranking noise is the Gumbel transform of each row's uniform at the mask id's column, which
     the token draw never reads (the mask id is barred): it is keyed like the draw (seed, group,
     step, position), so it does not depend on batching or placement either."""
-    if sampling is None:
-        sampling = _SAMPLING.get() or Sampling()
+    sampling = sampling or Sampling()
     if sampling.rank_temperature > 0 and noise is None:
         raise ValueError("rank_temperature > 0 draws its noise from the sampling stream: it needs temperature > 0")
     if sampling.plain and native_on(logits.device):

@@ -31,6 +31,7 @@ from paradec.config import RULE_POLICIES, GenerationConfig, window_lengths
 from paradec.decoding import ar_order, confidence, factor, random_order, threshold
 from paradec.decoding.graphs import GraphedSteps, graphs_apply
 from paradec.decoding.schedule import group_schedule
+from paradec.decoding.scoring import Sampling
 from paradec.decoding.selection import FACTOR, Candidates, rank_in_groups
 from paradec.errors import ConfigError
 from paradec.models.attention import PAD, PROMPT
@@ -59,7 +60,9 @@ class FastDLLMRules:
       the mask id's mass included (paradec's own: over the ids a step may choose, which leaves
       the mask id out). The ranking and the threshold and factor rules read it. This is what
       parts Fast-dLLM's tokens from paradec's on tiny checkpoints, where the mask id holds about
-      1/V of the mass; a trained model gives it almost none.
+      1/V of the mass; a trained model gives it almost none. (Only the mask id's mass is put back:
+      where stop ids are barred too — ``bar_eos_in_blocks``, ``summary_min_tokens`` — theirs stays
+      out; the block mode Fast-dLLM decodes bars none.)
     - the factor rule also commits a group's last masked position when it alone fails its bound
       (``get_transfer_index_dynamic`` then takes every position).
     - window_steps (``generate_with_dual_cache`` with a threshold or factor rule): a window stops
@@ -102,6 +105,7 @@ class Runner:
         fastdllm: FastDLLMRules | None = None,
     ):
         self.model, self.config, self.layout = model, config, layout
+        self.sampling = Sampling.of(config)  # the request's top_k / top_p / score_on / rank_temperature
         self.fastdllm = fastdllm
         self.device = model.device
         self.seeds = [config.seed + r for r in range(len(prompts))]
@@ -366,7 +370,7 @@ class Runner:
             noise = self._draw(rows, group, offset, 0, vocab, torch.float64)
             noise.clamp_(min=torch.finfo(torch.float64).tiny)  # log(0) never
         scores = ops.score(logits.view(-1, vocab), flat_rows, spec.mask_id, self.stop_ids, bar, cfg.temperature,
-                           noise)
+                           noise, self.sampling)
         if self.fastdllm is not None:
             scores.confidence = self._vocab_confidence(logits.view(-1, vocab), flat_rows, scores)
         candidates = self._candidates(rows, cols, group, offset, scores)
