@@ -316,7 +316,9 @@ def test_openai_completions_and_chat(http, tiny):
     direct = paradec.generate(tiny, QUESTIONS[30], **SMALL)
     assert status == 200 and body["object"] == "text_completion"
     assert body["choices"][0]["text"] == direct.summary and body["paradec"]["blocks"] == direct.blocks
-    assert body["usage"]["completion_tokens"] == sum(map(len, direct.block_token_ids)) + len(direct.summary_token_ids)
+    assert body["usage"]["completion_tokens"] == len(direct.summary_token_ids)
+    assert body["usage"]["completion_tokens_details"]["reasoning_tokens"] == sum(map(len, direct.block_token_ids))
+    assert body["choices"][0]["finish_reason"] == direct.finish_reason
     status, text = _post(f"{http}/v1/chat/completions", {"messages": [{"role": "user", "content": QUESTIONS[30]}],
                                                           "stream": True, "stop": ["####"], **SMALL})
     events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
@@ -324,8 +326,11 @@ def test_openai_completions_and_chat(http, tiny):
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert any("committed" in c["paradec"] for c in chunks)  # per-step canvas progress
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-    assert text == direct.summary[: direct.summary.index("####")]
+    stopped = paradec.generate(tiny, [{"role": "user", "content": QUESTIONS[30]}], stop=["####"], **SMALL)
+    assert text == stopped.text == direct.summary[: direct.summary.index("####")]  # the engine cut it
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
 def test_http_bad_input_health_and_metrics(http):

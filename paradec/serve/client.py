@@ -74,6 +74,15 @@ class ServedResult:
     block_tokens: list[int]
     summary_tokens: int
     engine_s: dict  # seconds in the engine: "queued" (arrival to its batch's start), "generate" (its batch)
+    text: str | None = None  # the answer text (the summary in nap), cut before a stop string; None: the summary
+    finish_reason: str = "length"  # "stop": an EOS or a stop string ended the text; "length": it filled its region
+    text_tokens: int | None = None  # the text's tokens; None: summary_tokens
+
+    def __post_init__(self) -> None:
+        if self.text is None:
+            self.text = self.summary
+        if self.text_tokens is None:
+            self.text_tokens = self.summary_tokens
 
 
 def request_body(request_id: str, prompt, config: GenerationConfig | None, overrides: dict, stream: bool,

@@ -270,7 +270,9 @@ class Engine:
 def _result_body(result) -> dict:
     return {"blocks": result.blocks, "summary": result.summary, "answer": result.answer, "nfe": result.nfe,
             "steps": result.steps, "timings": result.timings, "prompt_tokens": len(result.prompt_ids),
-            "block_tokens": [len(b) for b in result.block_token_ids], "summary_tokens": len(result.summary_token_ids)}
+            "block_tokens": [len(b) for b in result.block_token_ids], "summary_tokens": len(result.summary_token_ids),
+            "text": result.text, "finish_reason": result.finish_reason,
+            "text_tokens": len(result.answerer.token_ids if result.answerer is not None else result.summary_token_ids)}
 
 
 def run_engine(model_path, requests_address: str, outputs_address: str, max_batch: int = 8,

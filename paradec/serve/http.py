@@ -1,14 +1,29 @@
 """OpenAI-compatible HTTP on top of ``AsyncClient``: ``/v1/completions``,
-``/v1/chat/completions`` (server-sent events with ``"stream": true``), ``/health`` and
-``/metrics`` (Prometheus text).
+``/v1/chat/completions`` (server-sent events with ``"stream": true``), ``/v1/models`` (and
+``/v1/models/{id}``), ``/health`` and ``/metrics`` (Prometheus text). Tested with the official
+``openai`` Python client.
 
 Starlette (with uvicorn as the server): the maintained ASGI toolkit FastAPI itself is built on,
 which is all four routes need — no schema framework on top.
 
-Request bodies take OpenAI's fields (``prompt`` or ``messages``, ``max_tokens``, ``temperature``,
-``seed``, ``stop``, ``stream``, ``model``) and, as extra fields, any request-level
-``GenerationConfig`` setting (``blocks``, ``block_len``, ``tokens_per_step``, ``window``, ...;
-``protocol.REQUEST_SETTINGS``). Unknown fields are refused (400), and so are process settings
+Request bodies take OpenAI's fields (``prompt`` or ``messages`` — roles system, user and
+assistant, each with an optional ``name`` —, ``max_tokens`` or ``max_completion_tokens``,
+``temperature``, ``top_p``, ``seed``, ``stop``, ``stream``, ``stream_options``, ``model``, ``user``,
+``n``: 1) and, as extra fields, any request-level ``GenerationConfig`` setting (``blocks``,
+``block_len``, ``tokens_per_step``, ``window``, ``top_k``, ...; ``protocol.REQUEST_SETTINGS``).
+``max_tokens`` is ``max_new_tokens``: it bounds the answer text (the summary in ``nap``), and
+``finish_reason`` is the result's — ``"length"`` when the text filled that bound, ``"stop"`` when an
+EOS or a ``stop`` string ended it (the engine cuts at stop strings). ``usage.completion_tokens``
+counts the answer text's tokens; the think blocks' tokens are
+``usage.completion_tokens_details.reasoning_tokens`` and are not counted against ``max_tokens``
+(the canvas shape — ``blocks``, ``block_len`` — sets them); ``total_tokens`` is all three.
+``top_p`` is passed on, and dropped where it changes nothing (1, or temperature 0: greedy).
+What cannot be honoured — ``logprobs``, ``top_logprobs``, ``presence_penalty``,
+``frequency_penalty``, ``logit_bias``, ``tools``, ``tool_choice``, ``response_format``, ``n`` > 1,
+``echo``, ``best_of`` > 1, ``suffix`` — is refused (400) by name in OpenAI's error shape
+(``{"error": {"message", "type": "invalid_request_error", "param", "code"}}``), while their
+neutral values (``presence_penalty: 0``, ``logprobs: false``, ``n: 1``, null, ...), which some
+clients send by default, are accepted. Unknown fields are refused (400), and so are process settings
 (``rank_timeout_s``, ``prompt_kv``, ``gather``, ``results_on``, ``cuda_graphs``), by name. A body
 over ``max_body_bytes`` is refused (413) before it is read (its Content-Length) or as soon as it
 passes the limit (a chunked body); a body that is not UTF-8 JSON gets 400. Every request has a
@@ -17,10 +32,13 @@ up is aborted, as a stream is. All HTTP requests share one ZeroMQ connection to 
 nothing one of them sends can break it: every message is checked for size before it is sent.
 With a token (``paradec serve --token-file``), every route but ``/health`` needs
 ``Authorization: Bearer <token>`` (the scheme in any case). ``/health`` shows health only.
-The completion text is the summary (the answer region outside ``nap``); the think blocks come in
-the extra ``paradec`` object. A stream sends one chunk per step with an empty delta and the
-canvas progress in ``paradec`` (a UI draws the blocks filling in), then the text in one delta,
-then ``[DONE]``: concatenated deltas are the whole text, as an OpenAI client expects.
+The completion text is the result's ``text`` (the summary in ``nap``, the answer region outside
+it); the think blocks come in the extra ``paradec`` object. A chat stream's first chunk carries
+``{"role": "assistant", "content": ""}``; then a stream sends one chunk per step with an empty
+delta and the canvas progress in ``paradec`` (a UI draws the blocks filling in), then the text in
+one delta with the ``finish_reason``, then (with ``stream_options: {"include_usage": true}``) a
+chunk with ``choices: []`` and ``usage``, then ``[DONE]``: concatenated deltas are the whole text,
+as an OpenAI client expects.
 """
 
 from __future__ import annotations
@@ -37,11 +55,31 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from paradec.serve.client import AsyncClient, Progress, ServedResult, ServeError
-from paradec.serve.protocol import PROCESS_SETTINGS, REQUEST_SETTINGS, ProtocolError, check_config
+from paradec.config import GenerationConfig
+from paradec.serve.protocol import PROCESS_SETTINGS, REQUEST_SETTINGS, ProtocolError, capped, check_config
 
 _SETTINGS = REQUEST_SETTINGS
-_OPENAI = {"model", "prompt", "messages", "max_tokens", "temperature", "seed", "stop", "stream", "n", "user",
-           "top_p", "stream_options"}
+_OPENAI = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "seed", "stop",
+           "stream", "user", "top_p", "stream_options"}
+# OpenAI fields paradec cannot honour: field -> (is its value neutral, why not). A neutral value
+# (what some clients send by default) is accepted and changes nothing; any other is refused by name.
+_UNHONOURED = {
+    "n": (lambda v: v is None or (type(v) is int and v == 1), "one request gets one result; send n requests"),
+    "logprobs": (lambda v: v is None or v is False, "token log-probabilities are not returned"),
+    "top_logprobs": (lambda v: v is None or (type(v) is int and v == 0), "token log-probabilities are not returned"),
+    "presence_penalty": (lambda v: v is None or (type(v) in (int, float) and v == 0),
+                         "a diffusion canvas is not sampled left to right: there are no penalties"),
+    "frequency_penalty": (lambda v: v is None or (type(v) in (int, float) and v == 0),
+                          "a diffusion canvas is not sampled left to right: there are no penalties"),
+    "logit_bias": (lambda v: v is None or v == {}, "logit biases are not applied"),
+    "tools": (lambda v: v is None or v == [], "tool calls are not produced"),
+    "tool_choice": (lambda v: v is None or v == "none", "tool calls are not produced"),
+    "parallel_tool_calls": (lambda v: v is None or isinstance(v, bool), "tool calls are not produced"),
+    "response_format": (lambda v: v is None or v == {"type": "text"}, "the output is not constrained to a format"),
+    "echo": (lambda v: v is None or v is False, "the prompt is not echoed"),
+    "best_of": (lambda v: v is None or (type(v) is int and v == 1), "one request gets one result"),
+    "suffix": (lambda v: v is None or v == "", "there is no insertion after a suffix"),
+}
 _STATUS = {"busy": 503, "invalid": 400, "too_large": 413, "unauthorized": 401, "aborted": 499, "timeout": 504,
            "failed": 500, "engine_dead": 503, "stalled": 503, "shutting_down": 503}
 DEFAULT_TIMEOUT_S = 600.0
@@ -50,17 +88,18 @@ _HEALTH = ("healthy", "state", "in_flight", "max_pending")  # what the open /hea
 
 
 class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400, code: str = "invalid"):
+    def __init__(self, message: str, status: int = 400, code: str = "invalid", param: str | None = None):
         super().__init__(message)
-        self.status, self.code = status, code
+        self.status, self.code, self.param = status, code, param
 
 
 def create_app(address: str, token: str | None = None, timeout_s: float | None = DEFAULT_TIMEOUT_S,
                model_name: str = "paradec", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
     """The HTTP app; it talks to the frontend at ``address`` as an AsyncClient. timeout_s: every
     request's deadline (sent as its ``timeout_s``: the frontend enforces it). max_body_bytes: the
-    largest request body read."""
+    largest request body read. model_name: the one model ``/v1/models`` lists."""
     state: dict = {}
+    card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "paradec"}
 
     def client() -> AsyncClient:
         if "client" not in state:  # made inside the server's event loop
@@ -85,6 +124,19 @@ def create_app(address: str, token: str | None = None, timeout_s: float | None =
             return _error(401, "unauthorized", "a missing or wrong bearer token")
         return await _complete(request, client(), chat=True, model_name=model_name, max_body_bytes=max_body_bytes)
 
+    async def models(request: Request) -> Response:
+        if not authorised(request):
+            return _error(401, "unauthorized", "a missing or wrong bearer token")
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def model(request: Request) -> Response:
+        if not authorised(request):
+            return _error(401, "unauthorized", "a missing or wrong bearer token")
+        if request.path_params["model_id"] != model_name:
+            return _error(404, "model_not_found", f"model {capped(request.path_params['model_id'], 256)!r} is not "
+                          f"served: this server serves one model, {model_name!r}", param="model")
+        return JSONResponse(card)
+
     async def health(request: Request) -> Response:
         try:
             reply = await client().health(timeout_s=5)
@@ -106,58 +158,84 @@ def create_app(address: str, token: str | None = None, timeout_s: float | None =
     return Starlette(routes=[
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ])
 
 
-def _settings(body: dict, chat: bool) -> tuple[object, dict, list[str], bool]:
-    """(prompt or messages, GenerationConfig overrides, stop strings, stream) from an OpenAI body."""
+def _settings(body: dict, chat: bool) -> tuple[object, dict, bool, bool]:
+    """(prompt or messages, GenerationConfig overrides, stream, include_usage) from an OpenAI body."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     process = sorted(set(body) & PROCESS_SETTINGS)
     if process:
         raise BadRequest(f"{process} are process settings, the server operator's (they would apply to other "
-                         f"clients' requests too); a request may set {sorted(_SETTINGS)}")
-    unknown = sorted(set(body) - _OPENAI - _SETTINGS)
+                         f"clients' requests too); a request may set {sorted(_SETTINGS)}", param=process[0])
+    unknown = sorted(set(body) - _OPENAI - _SETTINGS - set(_UNHONOURED))
     if unknown:
-        raise BadRequest(f"unknown fields {unknown}; OpenAI's {sorted(_OPENAI)} and paradec's {sorted(_SETTINGS)}")
-    if not isinstance(body.get("model", ""), str | None) or len(body.get("model") or "") > 256:
-        raise BadRequest("model must be a string of at most 256 characters")
-    if body.get("n", 1) != 1:
-        raise BadRequest("n must be 1")
+        raise BadRequest(f"unknown fields {unknown}; OpenAI's {sorted(_OPENAI)} and paradec's {sorted(_SETTINGS)}",
+                         param=unknown[0])
+    for name, (neutral, why) in _UNHONOURED.items():
+        if name in body and not neutral(body[name]):
+            raise BadRequest(f"{name}={capped(repr(body[name]), 80)} cannot be honoured: {why}", param=name,
+                             code="unsupported_parameter")
+    body = {k: v for k, v in body.items() if v is not None or k not in _OPENAI}  # OpenAI's null: not given
+    if not isinstance(body.get("model", ""), str) or len(body.get("model") or "") > 256:
+        raise BadRequest("model must be a string of at most 256 characters", param="model")
     key = "messages" if chat else "prompt"
     prompt = body.get(key)
     if chat and not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt)):
-        raise BadRequest("messages must be a non-empty list of {role, content}")
+        raise BadRequest("messages must be a non-empty list of {role, content, name?}", param="messages")
     if not chat and not isinstance(prompt, str):
-        raise BadRequest("prompt must be a string")
-    # OpenAI's stop and top_p keep their HTTP meaning here (stop: the text is cut; top_p: accepted, not applied)
-    overrides = {k: v for k, v in body.items() if k in _SETTINGS and k not in ("stop", "top_p")}
+        raise BadRequest("prompt must be a string", param="prompt")
+    overrides = {k: v for k, v in body.items() if k in _SETTINGS and k not in ("stop", "top_p", "temperature")}
+    for name in ("temperature", "top_p"):
+        if name in body and (isinstance(body[name], bool) or not isinstance(body[name], int | float)):
+            raise BadRequest(f"{name} must be a number, got {capped(repr(body[name]), 80)}", param=name)
     if "temperature" in body:
-        if isinstance(body["temperature"], bool) or not isinstance(body["temperature"], int | float):
-            raise BadRequest(f"temperature must be a number, got {body['temperature']!r}")
         overrides["temperature"] = float(body["temperature"])
-    if "max_tokens" in body and "answer_len" not in body and body.get("mode", "nap") != "nap":
-        overrides["answer_len"] = body["max_tokens"]
-    stop = body.get("stop") or []
+    temperature = overrides.get("temperature", GenerationConfig.temperature)
+    if "top_p" in body and body["top_p"] != 1 and temperature != 0:  # top_p 1, or greedy decoding: a no-op
+        overrides["top_p"] = float(body["top_p"])
+    bounds = {k: body[k] for k in ("max_tokens", "max_completion_tokens", "max_new_tokens") if k in body}
+    for name, value in bounds.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BadRequest(f"{name} must be an integer >= 1, got {capped(repr(value), 80)}", param=name)
+    if len(set(bounds.values())) > 1:
+        raise BadRequest(f"{bounds} disagree: each is the answer text's bound (max_new_tokens); give one",
+                         param=sorted(bounds)[-1])
+    if bounds:
+        overrides["max_new_tokens"] = next(iter(bounds.values()))
+    stop = body.get("stop", [])
     stop = [stop] if isinstance(stop, str) else stop
     if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise BadRequest("stop must be a string or a list of strings")
+        raise BadRequest("stop must be a string or a list of strings", param="stop")
+    if any(stop):
+        overrides["stop"] = [s for s in stop if s]  # the engine cuts the text and ends decoding where it can
+    options = body.get("stream_options", {})
+    if not (isinstance(options, dict) and set(options) <= {"include_usage"}
+            and isinstance(options.get("include_usage", False), bool)):
+        raise BadRequest("stream_options takes include_usage (a boolean)", param="stream_options")
     try:
         check_config(overrides)  # each value a bounded scalar, before anything is sent
     except ProtocolError as e:
         raise BadRequest(str(e), 413 if e.code == "too_large" else 400, e.code) from None
-    return prompt, overrides, stop, bool(body.get("stream", False))
+    return prompt, overrides, bool(body.get("stream", False)), options.get("include_usage", False)
 
 
-def _cut(text: str, stop: list[str]) -> tuple[str, str]:
-    cuts = [text.find(s) for s in stop if s and s in text]
-    return (text[: min(cuts)], "stop") if cuts else (text, "stop")
+_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
+          499: "invalid_request_error", 401: "authentication_error", 503: "server_error", 504: "server_error"}
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": code, "code": code}}, status_code=status)
+def _error_body(status: int, code: str, message: str, param: str | None = None) -> dict:
+    """OpenAI's error shape; ``code`` is paradec's (busy, timeout, ...) or OpenAI's."""
+    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
+
+
+def _error(status: int, code: str, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(_error_body(status, code, message, param), status_code=status)
 
 
 async def _read_json(request: Request, limit: int):
@@ -206,14 +284,14 @@ async def _complete(request: Request, client: AsyncClient, chat: bool, model_nam
                     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Response:
     try:
         body = await _read_json(request, max_body_bytes)
-        prompt, overrides, stop, stream = _settings(body, chat)
+        prompt, overrides, stream, include_usage = _settings(body, chat)
     except BadRequest as e:
-        return _error(e.status, e.code, str(e))
+        return _error(e.status, e.code, str(e), e.param)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     model = body.get("model") or model_name
     if stream:
-        return StreamingResponse(_events(client, request_id, prompt, overrides, stop, chat, created, model),
+        return StreamingResponse(_events(client, request_id, prompt, overrides, chat, created, model, include_usage),
                                  media_type="text/event-stream")
     try:
         task = asyncio.ensure_future(client.generate(prompt, request_id=request_id, **overrides))
@@ -221,37 +299,47 @@ async def _complete(request: Request, client: AsyncClient, chat: bool, model_nam
     except ServeError as e:
         return _error(_STATUS.get(e.code, 500), e.code, str(e))
     except ProtocolError as e:  # refused before sending: a malformed chat message, a prompt over the limit
-        return _error(413 if e.code == "too_large" else 400, e.code, str(e))
+        return _error(413 if e.code == "too_large" else 400, e.code, str(e), "messages" if chat else "prompt")
     except TimeoutError as e:
         return _error(504, "timeout", str(e))
-    text, finish = _cut(result.summary, stop)
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if chat
-              else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+    choice = ({"index": 0, "message": {"role": "assistant", "content": result.text},
+               "finish_reason": result.finish_reason} if chat
+              else {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None})
     return JSONResponse({"id": request_id, "object": "chat.completion" if chat else "text_completion",
                          "created": created, "model": model, "choices": [choice], "usage": _usage(result),
                          "paradec": _extra(result)})
 
 
-async def _events(client, request_id, prompt, overrides, stop, chat, created, model):
+async def _events(client, request_id, prompt, overrides, chat, created, model, include_usage=False):
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(text: str | None, finish: str | None, extra: dict) -> str:
-        choice = ({"index": 0, "delta": {} if text is None else {"content": text}, "finish_reason": finish} if chat
-                  else {"index": 0, "text": text or "", "finish_reason": finish})
-        return "data: " + json.dumps({"id": request_id, "object": kind, "created": created, "model": model,
-                                      "choices": [choice], "paradec": extra}) + "\n\n"
+    def chunk(choices: list, extra: dict | None = None, **fields) -> str:
+        event = {"id": request_id, "object": kind, "created": created, "model": model, "choices": choices,
+                 **fields, "paradec": extra or {}}
+        return "data: " + json.dumps(event) + "\n\n"
+
+    def choice(text: str | None, finish: str | None, role: bool = False) -> dict:
+        if not chat:
+            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+        return {"index": 0, "delta": delta, "finish_reason": finish}
 
     try:
+        if chat:
+            yield chunk([choice(None, None, role=True)])
         async for event in client.stream(prompt, request_id=request_id, **overrides):
             if isinstance(event, Progress):
-                yield chunk(None, None, {"step": event.step, "committed": event.committed, "lengths": event.lengths})
+                yield chunk([choice(None, None)], {"step": event.step, "committed": event.committed,
+                                                   "lengths": event.lengths})
             elif isinstance(event, ServedResult):
-                text, finish = _cut(event.summary, stop)
-                yield chunk(text, finish, {**_extra(event), "usage": _usage(event)})
+                yield chunk([choice(event.text, event.finish_reason)], {**_extra(event), "usage": _usage(event)})
+                if include_usage:
+                    yield chunk([], usage=_usage(event))
     except (ServeError, ProtocolError) as e:
-        yield "data: " + json.dumps({"error": {"message": str(e), "type": e.code, "code": e.code}}) + "\n\n"
+        yield "data: " + json.dumps(_error_body(_STATUS.get(e.code, 500) if isinstance(e, ServeError)
+                                                else 413 if e.code == "too_large" else 400, e.code, str(e))) + "\n\n"
     except TimeoutError as e:
-        yield "data: " + json.dumps({"error": {"message": str(e), "type": "timeout", "code": "timeout"}}) + "\n\n"
+        yield "data: " + json.dumps(_error_body(504, "timeout", str(e))) + "\n\n"
     except BaseException:  # the HTTP client went away: stop decoding for it
         await client.abort(request_id)
         raise
@@ -259,14 +347,17 @@ async def _events(client, request_id, prompt, overrides, stop, chat, created, mo
 
 
 def _usage(result: ServedResult) -> dict:
-    completion = sum(result.block_tokens) + result.summary_tokens
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": result.prompt_tokens + completion}
+    """completion_tokens: the answer text's (bounded by max_tokens); reasoning_tokens: the think
+    blocks' (set by the canvas shape, not by max_tokens); total_tokens: all of them."""
+    reasoning = sum(result.block_tokens)
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.text_tokens,
+            "total_tokens": result.prompt_tokens + result.text_tokens + reasoning,
+            "completion_tokens_details": {"reasoning_tokens": reasoning}}
 
 
 def _extra(result: ServedResult) -> dict:
     return {"blocks": result.blocks, "summary": result.summary, "answer": result.answer, "nfe": result.nfe,
-            "steps": result.steps}
+            "steps": result.steps, "finish_reason": result.finish_reason}
 
 
 def _prometheus(stats: dict, healthy: bool) -> str:

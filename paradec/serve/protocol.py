@@ -61,6 +61,7 @@ REQUEST_SETTINGS = frozenset({
 UNSERVED_SETTINGS = frozenset({"num_return_sequences"})
 PROCESS_SETTINGS = frozenset(f for f in GenerationConfig.__dataclass_fields__
                              if f not in REQUEST_SETTINGS and f not in UNSERVED_SETTINGS)
+CHAT_ROLES = ("system", "user", "assistant")  # a chat message's roles (paradec.api.encode_prompt's)
 MAX_LIST_ITEMS = 16  # a setting that is a list (stop strings): this many short scalars at most
 # field -> (accepted Python types after msgpack decoding, required)
 _ID = (str,)
@@ -208,11 +209,14 @@ def _check_body(kind: MessageType, body, buffers: int, limits: Limits = Limits()
                                 "one int32 buffer of token ids: exactly one of them")
         chars = len(body["prompt"]) if isinstance(body.get("prompt"), str) else 0
         for turn in body.get("messages", []):
-            if not (isinstance(turn, dict) and set(turn) == {"role", "content"}
+            if not (isinstance(turn, dict) and {"role", "content"} <= set(turn) <= {"role", "content", "name"}
                     and all(isinstance(v, str) for v in turn.values())):
-                raise ProtocolError("each of 'messages' is a map of exactly 'role' and 'content', both strings")
-            if len(turn["role"]) > limits.max_setting_chars:
-                raise ProtocolError(f"a chat role is {len(turn['role'])} characters, over the limit of "
+                raise ProtocolError("each of 'messages' is a map of 'role' and 'content' and an optional 'name', "
+                                    "all strings")
+            if turn["role"] not in CHAT_ROLES:
+                raise ProtocolError(f"a chat role is one of {list(CHAT_ROLES)}, got {capped(turn['role'], 80)!r}")
+            if len(turn.get("name", "")) > limits.max_setting_chars:
+                raise ProtocolError(f"a message name is {len(turn['name'])} characters, over the limit of "
                                     f"{limits.max_setting_chars}", code="too_large")
             chars += len(turn["content"])
         if chars > limits.max_prompt_chars:
