@@ -78,8 +78,8 @@ def direct(tiny):
 
 def test_models_list_and_retrieve(client):
     models = client.models.list()
-    assert [m.id for m in models.data] == ["paradec"] and models.data[0].object == "model"
-    assert client.models.retrieve("paradec").id == "paradec"
+    assert [m.id for m in models.data] == ["paradec-tiny"] and models.data[0].object == "model"  # --model's name
+    assert client.models.retrieve("paradec-tiny").id == "paradec-tiny"
     with pytest.raises(openai.NotFoundError, match="gpt-4o") as caught:
         client.models.retrieve("gpt-4o")
     assert caught.value.body["code"] == "model_not_found"
