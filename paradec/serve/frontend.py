@@ -436,7 +436,8 @@ class Frontend:
             elif (self.stall_timeout_s is not None and self.flights
                   and now - max(self.last_progress, self.busy_since) > self.stall_timeout_s):
                 await self._lost(f"the engine made no progress for {self.stall_timeout_s:g} s with "
-                                 f"{len(self.flights)} requests in flight", stalled=True)
+                                 f"{len(self.flights)} requests in flight (the stall timeout must exceed the "
+                                 f"longest step; with several ranks, the longest batch)", stalled=True)
         elif self.state in ("starting", "restarting") and self.engine is not None:
             if not self.engine.is_alive():
                 self._give_up(f"the engine exited while starting (code {self.engine.exitcode})")

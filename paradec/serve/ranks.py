@@ -4,11 +4,14 @@ them). Each batch is broadcast to every rank and decoded with the think blocks s
 ranks (``paradec.generate`` under a process group); rank 0 sends the results.
 
 Under several ranks progress is not reported between steps (the ranks do not stop to talk
-mid-canvas): a streaming request gets its final result only, and an abort takes effect when its
-batch ends. A rank that dies fails the batch in flight (``RankFailure``, after
-``rank_timeout_s``) and ends the engine, which the frontend reports as ENGINE_DEAD (and starts
-again). Each rank dies with rank 0 (``PR_SET_PDEATHSIG``) and shares its process group, which the
-frontend kills as one; SIGTERM to rank 0 ends the ranks at once (a stop does not wait for a batch).
+mid-canvas): a streaming request gets its final result only, an abort takes effect when its
+batch ends, and the engine's progress (what the frontend's stall watch sees) moves once per
+batch: ``--stall-timeout-s`` must exceed the longest batch. A rank that dies fails the batch in
+flight (``RankFailure``, after ``rank_timeout_s``) and ends the engine, which the frontend
+reports as ENGINE_DEAD (and starts again). Each rank dies with rank 0 (``PR_SET_PDEATHSIG``) and
+shares its process group, which the frontend kills as one; SIGTERM to rank 0 ends the ranks at
+once (a stop does not wait for a batch). Without ``OMP_NUM_THREADS``, each rank takes its share
+of the cores, as torchrun arranges (N ranks each on every core are many times slower on a CPU).
 """
 
 from __future__ import annotations
@@ -67,6 +70,11 @@ def _follow(rank: int, world_size: int, port: int, model_path: str, device: str 
 def _wire(rank: int, world_size: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
+    if "OMP_NUM_THREADS" not in os.environ:  # as torchrun does: ranks share the cores, not each take all of them
+        import torch
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // world_size))
 
 
 def run_ranks(nproc: int, model_path: str, requests_address: str, outputs_address: str, max_batch: int = 8,
