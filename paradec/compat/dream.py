@@ -48,6 +48,7 @@ import torch
 
 import paradec
 from paradec.decoding.schedule import LINSPACE_EPS
+from paradec.compat import left_padded_prompts
 from paradec.errors import ConfigError, InputError
 
 ALGS = {"origin": None, "maskgit_plus": "confidence", "topk_margin": "margin", "entropy": "entropy"}
@@ -95,7 +96,7 @@ def diffusion_generate(model, inputs: torch.Tensor | None = None, generation_con
     explicit_max_length = kwargs.get("max_length") is not None
     ids = _input_ids(inputs)
     b, length = ids.shape
-    prompts = _prompts(ids, attention_mask)
+    prompts = left_padded_prompts(ids, attention_mask)
     max_new = _max_new_tokens(model, s, explicit_max_length, length)
     alg, temperature = s["alg"], s["temperature"]
     if alg not in ALGS:
@@ -176,22 +177,6 @@ def _input_ids(inputs) -> torch.Tensor:
         raise InputError(f"inputs must be integer token ids of shape [batch, length], got {ids.dtype} of shape "
                          f"{list(ids.shape)}")
     return ids[None] if ids.dim() == 1 else ids
-
-
-def _prompts(ids: torch.Tensor, attention_mask) -> list[list[int]]:
-    rows = ids.cpu()
-    if attention_mask is None:
-        return rows.tolist()
-    mask = torch.as_tensor(attention_mask).cpu()
-    if mask.shape != ids.shape:
-        raise InputError(f"attention_mask must have the inputs' shape {list(ids.shape)}, got {list(mask.shape)}")
-    mask = mask.bool()
-    if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
-        raise InputError("attention_mask: only left padding is supported (zeros before a row's tokens), as "
-                         "Dream pads")
-    if not bool(mask.any(1).all()):
-        raise InputError("attention_mask: a row has no tokens")
-    return [row[keep].tolist() for row, keep in zip(rows, mask)]
 
 
 def _max_new_tokens(model, s: dict, explicit_max_length: bool, length: int) -> int:

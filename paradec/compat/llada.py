@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 import paradec
+from paradec.compat import left_padded_prompts
 from paradec.errors import ConfigError, InputError
 from paradec.models.attention import PROMPT
 from paradec.models.loading import DiffusionModel
@@ -99,7 +100,7 @@ def generate(model: DiffusionModel, prompt: torch.Tensor, attention_mask: torch.
     if ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dim() != 2 or ids.numel() == 0:
         raise InputError(f"prompt must be integer token ids of shape [batch, length], got {ids.dtype} of shape "
                          f"{list(ids.shape)}")
-    prompts = _prompts(ids, attention_mask)
+    prompts = left_padded_prompts(ids, attention_mask)
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
     overrides = dict(answer_len=gen_length, steps=steps, schedule="uniform", attention="canvas",
@@ -117,14 +118,3 @@ def generate(model: DiffusionModel, prompt: torch.Tensor, attention_mask: torch.
     return torch.cat((ids.cpu(), canvas), dim=1).to(ids.device)
 
 
-def _prompts(ids: torch.Tensor, attention_mask) -> list[list[int]]:
-    rows = ids.cpu()
-    if attention_mask is None:
-        return rows.tolist()
-    mask = torch.as_tensor(attention_mask).cpu()
-    if mask.shape != ids.shape:
-        raise InputError(f"attention_mask must have the prompt's shape {list(ids.shape)}, got {list(mask.shape)}")
-    mask = mask.bool()
-    if bool((mask[:, :-1] & ~mask[:, 1:]).any()) or not bool(mask.any(1).all()):
-        raise InputError("attention_mask: only left padding is supported (zeros before each row's tokens)")
-    return [row[keep].tolist() for row, keep in zip(rows, mask)]
