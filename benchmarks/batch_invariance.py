@@ -1,5 +1,5 @@
 """Does a request's answer depend on what shares its batch? Per op, end to end, and the cost of
-paradec's batch-invariant mode (issue 27; ``paradec.batch_invariant``).
+paradec's batch-invariant mode (issue 27; ``paradec.ops.batch_invariant``).
 
 On one GPU, bf16:
 
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from harness import banner, capture_graph, emit_json, median_ms
-from paradec import batch_invariant as bi
+from paradec.ops import batch_invariant as bi
 
 SEQ = 32  # rows of one sequence's cached step (a 32-token window or block)
 

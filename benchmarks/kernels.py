@@ -20,7 +20,7 @@ import torch
 
 from harness import banner, capture_graph, copy_bandwidth_gbs, emit_json, median_ms
 from paradec import ops
-from paradec.decoding.selection import TOPK
+from paradec.ops.selection import TOPK
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import MISSING, dataclass, field, fields, replace
 
-from paradec.decoding.scoring import SCORE_ON
 from paradec.errors import ConfigError
+from paradec.ops.scoring import SCORE_ON
 
 MODES = ("nap", "ao", "ar_order", "random", "block")
 POLICIES = ("confidence", "margin", "entropy", "threshold", "factor")

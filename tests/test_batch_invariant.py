@@ -1,4 +1,4 @@
-"""paradec.batch_invariant: each kernel against its plain-torch twin, and bit-for-bit the same rows
+"""paradec.ops.batch_invariant: each kernel against its plain-torch twin, and bit-for-bit the same rows
 whatever shares the call (issue 27).
 
 On a GPU the kernels run compiled (``@pytest.mark.cuda``). Without one, where triton is
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from paradec import batch_invariant as bi
+from paradec.ops import batch_invariant as bi
 
 HERE = Path(__file__).parent
 cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -178,7 +178,7 @@ def test_kernels_in_the_triton_interpreter(tmp_path):
     """The kernels' logic (indexing, splits, key order, routing) on the CPU: a child process with
     TRITON_INTERPRET=1 runs every check (bf16 and fp32; the interpreter computes bf16 dots in fp32)."""
     code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import test_batch_invariant as t; "
-            "from paradec import batch_invariant as bi; bi.DEVICES.add('cpu'); torch.set_num_threads(1); "
+            "from paradec.ops import batch_invariant as bi; bi.DEVICES.add('cpu'); torch.set_num_threads(1); "
             "t.run_all('cpu', [torch.bfloat16, torch.float32], __import__('pathlib').Path(sys.argv[2])); print('ok')")
     env = dict(os.environ, TRITON_INTERPRET="1", PARADEC_BATCH_INVARIANT="0")
     done = subprocess.run([sys.executable, "-c", code, str(HERE), str(tmp_path)], env=env, capture_output=True,

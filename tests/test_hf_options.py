@@ -15,7 +15,7 @@ import paradec
 from paradec import ConfigError, GenerationConfig, InputError, ops
 from paradec.api import _result, build_layout
 from paradec.decoding.runner import DecodeOutput
-from paradec.decoding.scoring import Sampling, Scores, sampling_keep, score_logits
+from paradec.ops.scoring import Sampling, Scores, sampling_keep, score_logits
 
 from tiny import tiny_checkpoint
 

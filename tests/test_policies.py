@@ -13,8 +13,8 @@ import numpy as np
 
 from paradec import ops
 from paradec.decoding.schedule import group_schedule
-from paradec.decoding.scoring import score_logits
-from paradec.decoding.selection import FACTOR, THRESHOLD, TOPK, rank_in_groups
+from paradec.ops.scoring import score_logits
+from paradec.ops.selection import FACTOR, THRESHOLD, TOPK, rank_in_groups
 
 
 @given(length=st.integers(1, 300), steps=st.integers(1, 400), kind=st.sampled_from(["uniform", "linspace"]))

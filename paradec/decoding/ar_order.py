@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from paradec.decoding.selection import TOPK, Candidates
+from paradec.decoding.selection import Candidates
+from paradec.ops.selection import TOPK
 
 
 def plan(candidates: Candidates) -> tuple[int, torch.Tensor, float]:

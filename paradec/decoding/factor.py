@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from paradec.decoding.selection import FACTOR, Candidates
+from paradec.decoding.selection import Candidates
+from paradec.ops.selection import FACTOR
 
 
 def plan(candidates: Candidates, factor: float) -> tuple[int, torch.Tensor, float]:

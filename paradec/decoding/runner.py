@@ -31,12 +31,13 @@ from paradec.config import RULE_POLICIES, GenerationConfig, window_lengths
 from paradec.decoding import ar_order, confidence, factor, random_order, threshold
 from paradec.decoding.graphs import GraphedSteps, graphs_apply
 from paradec.decoding.schedule import group_schedule
-from paradec.decoding.scoring import Sampling
-from paradec.decoding.selection import FACTOR, Candidates, rank_in_groups
+from paradec.decoding.selection import Candidates
 from paradec.errors import ConfigError
 from paradec.models.attention import PAD, PROMPT
-from paradec.models.transformer import PromptCache
+from paradec.models.cache import PromptCache
 from paradec.models.loading import DiffusionModel
+from paradec.ops.scoring import Sampling
+from paradec.ops.selection import FACTOR, rank_in_groups
 
 
 CHECK_EVERY = 4  # graph replays between completion checks when a rule decides how much commits

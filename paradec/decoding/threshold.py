@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from paradec.decoding.selection import THRESHOLD, Candidates
+from paradec.decoding.selection import Candidates
+from paradec.ops.selection import THRESHOLD
 
 
 def plan(candidates: Candidates, threshold: float) -> tuple[int, torch.Tensor, float]:

@@ -1,4 +1,5 @@
-"""Token choice and confidence scores from the logits of masked positions (plain torch).
+"""Token choice and confidence scores from the logits of masked positions (plain torch): the
+twin of the score kernel (``score_twin``) and the sampling settings and scores it shares with it.
 
 The chosen token is the argmax, or at temperature T > 0 a Gumbel-max sample computed in
 float64: argmax(logits / T + g), g = -log(-log u), the same draw as LLaDA's
@@ -150,3 +151,13 @@ def score_logits(
         margin=torch.where(empty, zero, top2[:, 0] - second),
         neg_entropy=torch.where(empty, zero, neg_entropy),
     )
+
+
+def score_twin(logits: torch.Tensor, rows: torch.Tensor, mask_id: int, stop_ids: torch.Tensor, bar_stop: torch.Tensor,
+               temperature: float = 0.0, noise: torch.Tensor | None = None,
+               sampling: Sampling | None = None) -> Scores:
+    """The score kernel's arguments (``paradec.ops.score``) on ``score_logits``: logits [R, V];
+    rows [N]; stop_ids [S]; bar_stop [N]; noise [N, V] float64 uniforms (temperature > 0)."""
+    s = sampling or Sampling()
+    return score_logits(logits[rows], mask_id, tuple(stop_ids.tolist()), bar_stop, temperature, noise,
+                        s.top_k, s.top_p, s.score_on)

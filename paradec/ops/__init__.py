@@ -1,16 +1,18 @@
-"""paradec's kernels (``paradec._C``, built from ``csrc/``), their plain-torch twins and fake
-kernels. Which one runs is chosen once, at import, and said in one log line; the tests compare
-the two on fresh random inputs.
+"""paradec's kernels (``torch.ops.paradec.*`` from ``paradec._C``, built from ``csrc/``), their
+plain-torch twins (``paradec.ops.scoring``, ``paradec.ops.selection``) and fake kernels
+(``paradec.ops.fake``). Which one runs is chosen once, at import, and said in one log line; the
+tests compare the two on fresh random inputs. ``paradec.ops.batch_invariant`` holds the model's
+batch-invariant kernels. A leaf: nothing here imports from paradec beyond ``paradec._C``.
 
 - ``score``: per masked row, the chosen token, its probability, the top-1 minus top-2
   probability and the negative entropy; rows are addressed by index (Dream's shift needs no
-  copy); twin: ``paradec.decoding.scoring.score_logits``. The kernel knows greedy choice and
-  plain temperature sampling; a request with ``top_k`` / ``top_p`` or ``score_on="sampling"``
-  is scored by the twin on every device (``Sampling.plain``), so such a request's tokens never
+  copy); twin: ``paradec.ops.scoring.score_twin``. The kernel knows greedy choice and plain
+  temperature sampling; a request with ``top_k`` / ``top_p`` or ``score_on="sampling"`` is
+  scored by the twin on every device (``Sampling.plain``), so such a request's tokens never
   depend on which path ran. ``rank_temperature`` adds Gumbel noise to the ranking after either.
 - ``select_commit``: per segment, commit by rule (top-k quota, threshold, factor, each with a
   floor), ties to the lowest position, writing tokens and step into the canvas and trace in
-  place; twin: ``paradec.decoding.selection`` ranking and the same rules.
+  place; twin: ``paradec.ops.selection.select_commit_twin``.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import os
 
 import torch
 
-from paradec.decoding.scoring import Sampling, Scores, score_logits
-from paradec.decoding.selection import FACTOR, THRESHOLD, TOPK, rank_in_groups
+from paradec.ops.scoring import Sampling, Scores, score_twin
+from paradec.ops.selection import TOPK, check_quota, select_commit_twin
 
 log = logging.getLogger("paradec")
 
@@ -40,17 +42,7 @@ NATIVE, WHY = _load()
 log.info("paradec ops: %s (%s)", "native kernels" if NATIVE else "plain-torch twins", WHY)
 
 if NATIVE:
-
-    @torch.library.register_fake("paradec::score")
-    def _score_fake(logits, rows, mask_id, stop_ids, bar_stop, temperature, noise):
-        n = rows.shape[0]
-        real = logits.new_empty(n, dtype=torch.float32)
-        return rows.new_empty(n), real, torch.empty_like(real), torch.empty_like(real)
-
-    @torch.library.register_fake("paradec::select_commit")
-    def _select_fake(canvas, trace, batch_index, column, key, score, confidence, quota, floor, tokens, rule, param,
-                     step):
-        return score.new_empty(score.shape[0], dtype=torch.bool)
+    from paradec.ops import fake  # noqa: F401 - registers the fake kernels of torch.ops.paradec.*
 
 
 def native_on(device: torch.device) -> bool:
@@ -89,41 +81,16 @@ def score(logits: torch.Tensor, rows: torch.Tensor, mask_id: int, stop_ids: torc
     return scores
 
 
-def score_twin(logits, rows, mask_id, stop_ids, bar_stop, temperature=0.0, noise=None,
-               sampling: Sampling | None = None) -> Scores:
-    s = sampling or Sampling()
-    return score_logits(logits[rows], mask_id, tuple(stop_ids.tolist()), bar_stop, temperature, noise,
-                        s.top_k, s.top_p, s.score_on)
-
-
 def select_commit(canvas, trace, batch_index, column, key, score, confidence, quota, floor, tokens, rule: int,
                   param: float, step: int) -> torch.Tensor:
     """Commits in place; returns [N] bool, the candidates committed."""
     if native_on(canvas.device):
         if canvas.device.type == "cuda" and not torch.cuda.is_current_stream_capturing() and rule == TOPK:
-            _check_quota(key, quota)  # the CUDA kernel cannot check without a host sync
+            check_quota(key, quota)  # the CUDA kernel cannot check without a host sync
         return torch.ops.paradec.select_commit(canvas, trace, batch_index, column, key, score, confidence, quota,
                                                floor, tokens, rule, param, step)
     return select_commit_twin(canvas, trace, batch_index, column, key, score, confidence, quota, floor, tokens,
                               rule, param, step)
-
-
-def select_commit_twin(canvas, trace, batch_index, column, key, score, confidence, quota, floor, tokens, rule,
-                       param, step) -> torch.Tensor:
-    rank = rank_in_groups(key, score, column)
-    if rule == TOPK:
-        _check_quota(key, quota)
-        committed = rank < quota
-    elif rule == THRESHOLD:
-        committed = (confidence >= param) | (rank < floor)  # in float32, as the kernel compares
-    elif rule == FACTOR:
-        committed = (confidence >= 1.0 - param / (rank + 2).float()) | (rank < floor)
-    else:
-        raise ValueError(f"rule must be {TOPK} (top-k), {THRESHOLD} (threshold) or {FACTOR} (factor), got {rule}")
-    b, c = batch_index[committed], column[committed]
-    canvas[b, c] = tokens[committed]
-    trace[b, c] = step
-    return committed
 
 
 def _check_indices(rows: torch.Tensor, num_rows: int, stop_ids: torch.Tensor, vocab: int) -> None:
@@ -138,13 +105,3 @@ def _check_indices(rows: torch.Tensor, num_rows: int, stop_ids: torch.Tensor, vo
             raise ValueError(f"score: rows must lie in [0, {num_rows}), got [{low}, {high}]")
     if stop_ids.numel() and (values[-2] < 0 or values[-1] >= vocab):
         raise ValueError(f"score: stop_ids must lie in [0, {vocab}), got {stop_ids.tolist()}")
-
-
-def _check_quota(key: torch.Tensor, quota: torch.Tensor) -> None:
-    if not key.numel():
-        return
-    size = torch.bincount(key)[key]  # [N] candidates in each one's segment
-    if bool((quota > size).any()):
-        i = int((quota > size).nonzero()[0, 0])
-        raise ValueError(f"select_commit: quota {int(quota[i])} of segment key {int(key[i])} is larger than "
-                         f"its {int(size[i])} candidates")
