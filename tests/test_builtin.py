@@ -78,6 +78,11 @@ def test_longcot_decodes_one_region():
     assert result.answer is not None
 
 
+def test_the_built_in_long_cot_model_decodes_one_region_by_default():
+    result = paradec.generate(paradec.load("paradec-tiny-longcot"), arith.test_problems()[1].question, tokens_per_step=8)
+    assert result.blocks == [] and result.summary.startswith("path 1 :")
+
+
 def test_main_job_on_four_ranks(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", str(EXAMPLE)]
     start = time.perf_counter()

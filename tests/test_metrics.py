@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import paradec
-from paradec.metrics import decode_order, global_arness, local_arness
+from paradec.metrics import decode_order, global_arness, local_arness, without_fill
 
 from tiny import tiny_checkpoint
 
@@ -57,3 +57,10 @@ def test_ar_order_scores_one_and_random_far_less(model, tokens_per_step):
     rnd = paradec.generate(model, "a b c", mode="random", answer_len=48, tokens_per_step=tokens_per_step, seed=3)
     assert global_arness(ar.trace) == 1.0 and local_arness(ar.trace) == 1.0
     assert global_arness(rnd.trace) < 0.4 and local_arness(rnd.trace) < 0.4
+
+
+def test_arness_leaves_out_eos_fill():
+    # body [1, 6): EOS (id 0) decoded at position 2; 3..5 are fill. body [7, 10): EOS at 8.
+    trace = [-1, 0, 1, 2, 2, 2, -1, 3, 4, 4]
+    tokens = [9, 5, 0, 0, 0, 0, 9, 5, 0, 0]
+    assert without_fill(trace, tokens, [(1, 6), (7, 10)], {0}) == [-1, 0, 1, -1, -1, -1, -1, 3, 4, -1]
