@@ -3,6 +3,10 @@ on CUDA when a GPU is there)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -320,3 +324,20 @@ def test_select_quota_larger_than_segment_is_refused():
     for impl, error in ((torch.ops.paradec.select_commit, RuntimeError), (ops.select_commit_twin, ValueError)):
         with pytest.raises(error, match="quota 3 of segment key 0 is larger than its 2 candidates"):
             impl(*args)
+
+
+def test_ops_is_a_leaf():
+    """paradec.ops (the dispatch, its twins, fake kernels, batch_invariant) imports nothing from
+    paradec beyond paradec._C: not decoding, models, api nor config. A fresh interpreter imports
+    it under a bare ``paradec`` package (paradec/__init__.py imports the whole library)."""
+    package_dir = Path(ops.__file__).parents[1]
+    code = (
+        "import sys, types; package = types.ModuleType('paradec'); package.__path__ = [sys.argv[1]]; "
+        "sys.modules['paradec'] = package; import paradec.ops, paradec.ops.batch_invariant; "
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('paradec.'))))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code, str(package_dir)], capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert "paradec.ops.selection" in loaded and "paradec.ops.batch_invariant" in loaded
+    outside = [m for m in loaded if m != "paradec._C" and not m.startswith("paradec.ops")]
+    assert not outside, f"paradec.ops imports {outside}"
