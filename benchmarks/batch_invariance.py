@@ -61,7 +61,7 @@ def row_check(fn, x: torch.Tensor, unit: int = SEQ, sizes=(1, 64, 128, 256)) -> 
 # --- 1. ops ----------------------------------------------------------------------------------------
 def ops_section(args) -> list[dict]:
     from paradec import ops
-    from paradec.models.transformer import _add_norm, apply_rotary, rotate, swiglu
+    from paradec.models.transformer import apply_rotary, fused_add_norm, rotate, swiglu
 
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
@@ -85,7 +85,7 @@ def ops_section(args) -> list[dict]:
     x = torch.randn(256, 2 * d, device=dev, dtype=dt)
     wn = 1 + 0.1 * torch.randn(d, device=dev, dtype=dt)
     record("rms_norm", "F.rms_norm (eager)", row_check(lambda t: F.rms_norm(t[:, :d], (d,), wn, 1e-5), x))
-    record("add+rms_norm", "compiled (default)", row_check(lambda t: _add_norm(t[:, :d], t[:, d:], wn, 1e-5)[1], x))
+    record("add+rms_norm", "compiled (default)", row_check(lambda t: fused_add_norm(t[:, :d], t[:, d:], wn, 1e-5)[1], x))
     record("rms_norm", "bi.rms_norm", row_check(lambda t: bi.rms_norm(t[:, :d], wn, 1e-5), x))
     record("add+rms_norm", "bi.add_rms_norm", row_check(lambda t: bi.add_rms_norm(t[:, :d], t[:, d:], wn, 1e-5)[1], x))
     g = torch.randn(256, 2 * inter, device=dev, dtype=dt)

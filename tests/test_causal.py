@@ -25,7 +25,7 @@ def plain_causal_greedy(module, prompt: torch.Tensor, n: int) -> torch.Tensor:
         b, t = seq.shape
         positions = torch.arange(t).expand(b, t)
         mask = torch.ones(t, t, dtype=torch.bool).tril().expand(b, 1, t, t)
-        hidden, _ = module._layers(module.embed(seq), positions, mask, None)
+        hidden, _ = module.run_layers(module.embed(seq), positions, mask, None)
         seq = torch.cat((seq, module.lm_head(module.norm(hidden[:, -1])).argmax(-1, keepdim=True)), 1)
     return seq[:, prompt.shape[1]:]
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
 import paradec
 from paradec.models import AttentionSpec, build, count_parameters, reference_config
 from paradec.models.attention import PAD
-from paradec.models.transformer import PromptCache
+from paradec.models.cache import PromptCache
 
 from reference import isolated_allowed, reference_logits
 from tiny import tiny_checkpoint
@@ -272,3 +275,47 @@ def test_padding_rows_do_not_change_real_rows(tiny):
     got = model(padded_ids[None], padded_pos[None], padded_seg[None], "isolated",
                 logits_at=positions[None])[0]
     torch.testing.assert_close(got, alone, **FP32)
+
+
+ROOT = Path(paradec.__file__).parent.parent
+
+
+def _models_privates() -> set[str]:
+    """Private names that paradec/models/ defines: methods of its classes and its modules'
+    own functions, classes and variables (``_name``, not ``__dunder__``)."""
+    names = set()
+    for path in (ROOT / "paradec" / "models").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = list(tree.body)
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef):
+                top += [n for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        for node in top:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def test_nothing_outside_models_reaches_a_private_of_models():
+    """Decoding, serving and the benchmarks use the models' public methods (``run_layers``,
+    ``gather_rows``, the helpers of ``paradec.models.cache`` …): no ``x._name`` access and no
+    ``from paradec.models… import _name`` for a private name that paradec/models/ defines.
+    (An object's own ``self._name`` is its own business.)"""
+    privates = _models_privates()
+    assert {"_check", "_qkv"} <= privates  # the scan sees methods
+    models = ROOT / "paradec" / "models"
+    offenders = []
+    for path in [*(ROOT / "paradec").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")]:
+        if models in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in privates:
+                if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}")
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("paradec.models"):
+                offenders += [f"{path.relative_to(ROOT)}:{node.lineno} import {a.name}"
+                              for a in node.names if a.name.startswith("_")]
+    assert not offenders, offenders

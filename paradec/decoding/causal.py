@@ -17,7 +17,8 @@ import torch
 
 from paradec.errors import InputError
 from paradec.models.attention import PAD, PROMPT
-from paradec.models.transformer import DiffusionTransformer, PromptCache
+from paradec.models.cache import PromptCache
+from paradec.models.transformer import DiffusionTransformer
 
 CAPTURE_SLOTS = 2  # warm-up steps before a capture
 
@@ -95,7 +96,7 @@ class StaticCausalDecoder:
         mask = (keys[None, :] <= slots[:, None]).expand(b, 1, p, len(keys))  # causal over the slots
         self.key_segments.fill_(PAD)
         self.key_segments[:, :p] = PROMPT
-        hidden, _ = self.module._layers(self.module.embed(prompt_ids), positions, mask, self.cache, slots)
+        hidden, _ = self.module.run_layers(self.module.embed(prompt_ids), positions, mask, self.cache, slots)
         return self._next(hidden[:, -1])
 
     def _step(self) -> None:
@@ -106,7 +107,7 @@ class StaticCausalDecoder:
         slot = self.cursor.view(1)
         self.key_segments.index_fill_(1, slot, PROMPT)
         mask = (self.key_segments != PAD)[:, None, None, :]  # [B, 1, 1, capacity]
-        hidden, _ = m._layers(m.embed(self.token), self.cursor.expand(b, 1), mask, self.cache, slot)
+        hidden, _ = m.run_layers(m.embed(self.token), self.cursor.expand(b, 1), mask, self.cache, slot)
         nxt = self._next(hidden[:, -1])  # [B]
         self.cursor += 1
         self.out.index_copy_(1, self.cursor.view(1), nxt[:, None])

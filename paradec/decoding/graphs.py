@@ -33,7 +33,7 @@ import torch
 from paradec import ops
 from paradec.decoding.selection import Candidates
 from paradec.models.attention import PAD, PROMPT, attention_mask
-from paradec.models.transformer import BlockCache, PromptCache
+from paradec.models.cache import BlockCache, PromptCache, copy_cache, empty_cache
 from paradec.ops.selection import FACTOR
 
 _PENDING = -7  # trace value select_commit writes inside a graph; replaced by the step counter
@@ -112,11 +112,11 @@ class GraphedSteps:
         base = 0 if phase_cache is None else phase_cache.num_tokens
         if self.per_block:
             if with_phase_cache:
-                _copy_cache(self.phase_cache, phase_cache, base)
+                copy_cache(self.phase_cache, phase_cache, base)
                 self._load_block_prompts(phase_cache)
             return
         if with_phase_cache and phase_cache is not None:
-            _copy_cache(self.cache, phase_cache, base)
+            copy_cache(self.cache, phase_cache, base)
         elif with_phase_cache:
             self.cache.lengths.copy_(r.prompt_lens)
         if self.windowed:
@@ -230,7 +230,7 @@ class GraphedSteps:
                 columns = torch.cat([torch.arange(*r.layout.blocks[g], device=device) for g in phase])
             self.refresh_cols = columns  # [W]
             if self.per_block:
-                self.phase_cache = _empty_cache(kv_like, cfg, b, base, len(columns), phase_cache.segments.dtype)
+                self.phase_cache = empty_cache(kv_like, cfg, b, base, len(columns), phase_cache.segments.dtype)
                 self._build_blocks(kv_like, cfg, b, base, windows)
                 step_width = len(phase) * self.block_width
             else:
@@ -249,9 +249,9 @@ class GraphedSteps:
                 self.slot_of[columns] = self.refresh_slots
                 self.slot_of[self.extra_cols] = self.extra_start + torch.arange(len(self.extra_cols), device=device)
                 self.step_slots = torch.zeros(step_width, dtype=torch.long, device=device)
-                self.cache = _empty_cache(kv_like, cfg, b, self.extra_start + len(self.extra_cols), 0, torch.long)
+                self.cache = empty_cache(kv_like, cfg, b, self.extra_start + len(self.extra_cols), 0, torch.long)
         else:
-            self.cache = _empty_cache(kv_like, cfg, b, base, step_width, torch.long)
+            self.cache = empty_cache(kv_like, cfg, b, base, step_width, torch.long)
         self.step_cols = torch.zeros(step_width, dtype=torch.long, device=device)
         self.step_valid = torch.zeros(step_width, dtype=torch.bool, device=device)
         self.window_cols = torch.zeros(window_width, dtype=torch.long, device=device)
@@ -377,7 +377,7 @@ class GraphedSteps:
         if self.per_block:
             keys = torch.cat((self.phase_cache.segments, segments), 1)
             mask = attention_mask(segments, keys, r.config.attention)
-            hidden, kv = module._layers(x, positions, mask, self.phase_cache)
+            hidden, kv = module.run_layers(x, positions, mask, self.phase_cache)
             for i, layer_kv in enumerate(kv):
                 for buffer, new in zip(self.blocks.kv[i], layer_kv):  # [B, Hkv, W, D] -> each column's slot
                     hkv, d = new.shape[1], new.shape[3]
@@ -385,12 +385,12 @@ class GraphedSteps:
             cache = self.phase_cache
         else:
             mask = None if self.refresh_dense else attention_mask(segments, self._refresh_keys(), r.config.attention)
-            hidden, _ = module._layers(x, positions, mask, self.cache, self.refresh_slots)
+            hidden, _ = module.run_layers(x, positions, mask, self.cache, self.refresh_slots)
             if self.canvas_offset:  # the prompt was forwarded: its last hidden state as of now
                 self.cache.last_hidden.copy_(hidden[self.batch, r.prompt_lens - 1])
             cache = self.cache
         logits_at = self._logits_at()
-        logits = module.head(module._gather_rows(hidden, positions, segments, logits_at, cache, False))
+        logits = module.head(module.gather_rows(hidden, positions, segments, logits_at, cache, False))
         self._commit(logits, logits_at)
 
     def _step(self) -> None:
@@ -459,21 +459,6 @@ def _blocks_apart(runner, phase: list[int], phase_cache: PromptCache | None) -> 
         return False
     prompt, blocks = phase_cache.num_tokens, sum(end - start for start, end in (layout.blocks[g] for g in phase))
     return len(phase) * prompt + blocks <= SIDE_BY_SIDE_MAX_KEYS * (prompt + blocks)
-
-
-def _empty_cache(like: torch.Tensor, cfg, batch: int, cached: int, reserve: int, seg_dtype) -> PromptCache:
-    kv = like.new_zeros(cfg.num_layers, 2, batch, cfg.num_kv_heads, cached + reserve, cfg.head_dim)
-    return PromptCache(kv=kv, segments=torch.full((batch, cached), PAD, dtype=seg_dtype, device=like.device),
-                       lengths=torch.zeros(batch, dtype=torch.long, device=like.device),
-                       last_hidden=like.new_zeros(batch, cfg.hidden_size))
-
-
-def _copy_cache(dst: PromptCache, src: PromptCache, n: int) -> None:
-    """The first ``n`` tokens of ``src`` into ``dst`` (its other slots untouched)."""
-    dst.kv[..., :n, :].copy_(src.kv[..., :n, :])
-    dst.segments[:, :n].copy_(src.segments)
-    dst.lengths.copy_(src.lengths)
-    dst.last_hidden.copy_(src.last_hidden)
 
 
 def _fill(columns: torch.Tensor, valid: torch.Tensor, values: torch.Tensor) -> None:

@@ -34,7 +34,7 @@ from paradec.decoding.schedule import group_schedule
 from paradec.decoding.selection import Candidates
 from paradec.errors import ConfigError
 from paradec.models.attention import PAD, PROMPT
-from paradec.models.transformer import PromptCache
+from paradec.models.cache import PromptCache
 from paradec.models.loading import DiffusionModel
 from paradec.ops.scoring import Sampling
 from paradec.ops.selection import FACTOR, rank_in_groups

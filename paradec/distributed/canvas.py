@@ -28,7 +28,7 @@ from paradec.distributed.guard import Guard
 from paradec.distributed.placement import SUMMARY_RANK, Placement
 from paradec.errors import ConfigError
 from paradec.models.loading import DiffusionModel
-from paradec.models.transformer import PromptCache
+from paradec.models.cache import PromptCache
 
 _GUARD: Guard | None = None
 

@@ -28,7 +28,7 @@ from paradec.distributed.env import DistEnv
 from paradec.distributed.placement import SUMMARY_RANK
 from paradec.models.attention import PAD, PROMPT
 from paradec.models.loading import DiffusionModel
-from paradec.models.transformer import PromptCache
+from paradec.models.cache import PromptCache
 
 CHOICES = ("auto", "broadcast", "recompute")
 _PROBE_TOKENS = (128, 512)

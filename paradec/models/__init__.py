@@ -2,9 +2,10 @@
 loading, and autoregressive models for baselines."""
 
 from paradec.models.attention import AttentionSpec
+from paradec.models.cache import PromptCache
 from paradec.models.loading import DiffusionModel, build, builtin_models, load, reference_config
 from paradec.models.spec import ModelSpec
-from paradec.models.transformer import PromptCache, TransformerConfig, count_parameters
+from paradec.models.transformer import TransformerConfig, count_parameters
 
 __all__ = [
     "AttentionSpec",

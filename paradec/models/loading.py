@@ -30,7 +30,8 @@ from safetensors import SafetensorError, safe_open
 from paradec.errors import CheckpointError, ConfigError, InputError
 from paradec.models import dream, llada
 from paradec.models.spec import DEFAULT_SUMMARY_HEADER, DEFAULT_THINK_HEADER, ModelSpec
-from paradec.models.transformer import DiffusionTransformer, PromptCache, TransformerConfig
+from paradec.models.cache import PromptCache
+from paradec.models.transformer import DiffusionTransformer, TransformerConfig
 
 FAMILIES: dict[str, ModuleType] = {t: fam for fam in (llada, dream) for t in fam.MODEL_TYPES}
 CONFIGS_DIR = Path(__file__).parent / "configs"

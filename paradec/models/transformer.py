@@ -18,6 +18,7 @@ from torch import nn
 from paradec.ops import batch_invariant as bi
 from paradec.errors import InputError
 from paradec.models.attention import PAD, PROMPT, attention_mask, check_mode
+from paradec.models.cache import BlockCache, PromptCache, kv_buffer
 
 
 @dataclass(frozen=True)
@@ -146,14 +147,14 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 rotate = fused(apply_rotary)
 swiglu = fused(silu_mul)
-_add_norm = fused(add_rms_norm)
+fused_add_norm = fused(add_rms_norm)
 
 
 def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """``add_rms_norm``: fused (compiled) by default, the batch-invariant kernel in that mode."""
     if bi.active(x):
         return bi.add_rms_norm(x, residual, weight, eps)
-    return _add_norm(x, residual, weight, eps)
+    return fused_add_norm(x, residual, weight, eps)
 
 
 def attend(q, keys, values, mask, gqa: bool) -> torch.Tensor:
@@ -269,52 +270,6 @@ class Layer(nn.Module):
         return x + self.mlp(normed)
 
 
-@dataclass
-class PromptCache:
-    """The prompt's KV, computed once under prompt-only attention and reused by every step.
-
-    kv: [L, 2, B, Hkv, C, D], one tensor (so it moves between ranks in one message) whose first
-    P tokens are the prompt's; the C - P tokens after them are scratch room ("reserve") where a
-    forward of up to C - P tokens writes its own k/v in place instead of copying the cache;
-    segments: [B, P], PROMPT or PAD (prompts are right-padded); lengths: [B];
-    last_hidden: [B, d], the final-layer hidden state (before the final norm) of each prompt's
-    last token, which a shifted model (Dream) needs to predict the first position after it.
-    """
-
-    kv: torch.Tensor
-    segments: torch.Tensor
-    lengths: torch.Tensor
-    last_hidden: torch.Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.kv.shape[2]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.segments.shape[1]
-
-    @property
-    def capacity(self) -> int:
-        return self.kv.shape[4]
-
-
-@dataclass
-class BlockCache:
-    """Keys for isolated think blocks decoded side by side, each block over its own keys only:
-    row ``b * m + j`` holds request b's prompt KV in slots ``[0, P)`` and block j's columns
-    after them, in canvas order. Under ``isolated`` attention a block sees exactly these, so its
-    queries need no mask over the other blocks' keys and one batched attention call serves all
-    m blocks (at the cost of m copies of the prompt KV).
-
-    kv: [L, 2, B * m, C, Hkv, D], token-major, so one flat index (row * C + slot) addresses a
-    slot; bias: [B * m, 1, 1, C] additive (0, or -inf on slots that hold no key: prompt padding,
-    shorter blocks), or None when every slot holds one."""
-
-    kv: torch.Tensor
-    bias: torch.Tensor | None
-
-
 class DiffusionTransformer(nn.Module):
     """A masked-diffusion transformer with one forward for every decoding mode."""
 
@@ -346,9 +301,18 @@ class DiffusionTransformer(nn.Module):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
             raise InputError(f"input_ids must lie in [0, {self.cfg.vocab_size}); got [{int(ids.min())}, {int(ids.max())}]")
 
-    def _layers(self, x, positions, mask, cache: PromptCache | None, slots: torch.Tensor | None = None):
-        """Runs every layer; returns hidden [B, T, d] and per-layer new k/v (written into the
-        cache at ``slots`` when given, see ``Attention.forward``). mask: boolean, turned here
+    def run_layers(
+        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: PromptCache | None,
+        slots: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Every layer over embedded inputs, without the final norm and head.
+
+        x: [B, T, d] (``embed`` of the ids); positions: [B, T]; mask: [B, 1, T, K] boolean,
+        True where a query sees a key, K = cache.num_tokens + T (or C, the cache's capacity,
+        with ``slots``), or None; cache: the KV the queries also attend to, or None; slots: [T]
+        cache slots where these tokens' k/v are written first (a static cache, see
+        ``Attention.forward``). Returns hidden [B, T, d] and each layer's new (k, v), each
+        [B, Hkv, T, D] (written into the cache at ``slots`` when given). The mask is turned here
         once into the additive form that attention kernels take (given a boolean one, each
         layer's call would convert it again: ~4.5 µs a layer at an 8B step's shapes); None when
         every query attends to every key (see ``forward``'s ``dense``). In the batch-invariant
@@ -382,8 +346,8 @@ class DiffusionTransformer(nn.Module):
         if check_inputs:
             self._check(prompt_ids, positions, segments)
         mask = attention_mask(segments, segments, "isolated")
-        hidden, kv = self._layers(self.embed(prompt_ids.clamp(min=0)), positions, mask, None)
-        kv = _kv_buffer(None, kv, reserve)
+        hidden, kv = self.run_layers(self.embed(prompt_ids.clamp(min=0)), positions, mask, None)
+        kv = kv_buffer(None, kv, reserve)
         last = hidden[torch.arange(b, device=hidden.device), lengths - 1]  # [B, d]
         return PromptCache(kv=kv, segments=segments, lengths=lengths, last_hidden=last)
 
@@ -404,8 +368,8 @@ class DiffusionTransformer(nn.Module):
         self._check(input_ids, positions, segments)
         key_segments = torch.cat((cache.segments, segments), dim=1)
         mask = attention_mask(segments, key_segments, mode)
-        _, kv = self._layers(self.embed(input_ids.clamp(min=0)), positions, mask, cache)
-        buffer = _kv_buffer(cache.kv[..., : cache.num_tokens, :], kv, reserve)
+        _, kv = self.run_layers(self.embed(input_ids.clamp(min=0)), positions, mask, cache)
+        buffer = kv_buffer(cache.kv[..., : cache.num_tokens, :], kv, reserve)
         return PromptCache(kv=buffer, segments=key_segments, lengths=cache.lengths, last_hidden=cache.last_hidden)
 
     @torch.no_grad()
@@ -454,10 +418,10 @@ class DiffusionTransformer(nn.Module):
                 raise InputError(f"dense=True, but under {mode!r} attention some query may not see some key "
                                  "(padding, or another block's keys)")
             mask = None
-        hidden, _ = self._layers(self.embed(input_ids.clamp(min=0)), positions, mask, cache, slots)
+        hidden, _ = self.run_layers(self.embed(input_ids.clamp(min=0)), positions, mask, cache, slots)
         if logits_at is None:
             logits_at = positions
-        rows = self._gather_rows(hidden, positions, segments, logits_at, cache, check_inputs)
+        rows = self.gather_rows(hidden, positions, segments, logits_at, cache, check_inputs)
         return self.head(rows)
 
     @torch.no_grad()
@@ -478,7 +442,7 @@ class DiffusionTransformer(nn.Module):
             bias = bi.MaskedKeys(bias, *bi.key_order(bias[:, 0, 0] > float("-inf")))
         for i, layer in enumerate(self.layers):
             x = layer.forward_blocks(x, cos, sin, cache.kv[i], bias, slots)
-        return self.head(self._gather_rows(x, positions, segments, logits_at, None, check_inputs=False))
+        return self.head(self.gather_rows(x, positions, segments, logits_at, None, check_inputs=False))
 
     @torch.no_grad()
     def forward_and_cache(
@@ -506,16 +470,16 @@ class DiffusionTransformer(nn.Module):
         check_mode(mode)
         key_segments = segments if cache is None else torch.cat((cache.segments, segments), dim=1)
         mask = attention_mask(segments, key_segments, mode)
-        hidden, kv = self._layers(self.embed(input_ids.clamp(min=0)), positions, mask, cache)
-        rows = self._gather_rows(hidden, positions, segments, logits_at, cache, check_inputs=False)
+        hidden, kv = self.run_layers(self.embed(input_ids.clamp(min=0)), positions, mask, cache)
+        rows = self.gather_rows(hidden, positions, segments, logits_at, cache, check_inputs=False)
         logits = self.head(rows)
         kept = keep.nonzero()[:, 0]  # [K] input columns whose KV is kept
         kept_kv = [(k[:, :, kept], v[:, :, kept]) for k, v in kv]
         if cache is None:
             b = input_ids.shape[0]
             last = hidden[torch.arange(b, device=hidden.device), lengths - 1]  # [B, d]
-            return logits, PromptCache(_kv_buffer(None, kept_kv, reserve), segments[:, kept], lengths, last)
-        buffer = _kv_buffer(cache.kv[..., : cache.num_tokens, :], kept_kv, reserve)
+            return logits, PromptCache(kv_buffer(None, kept_kv, reserve), segments[:, kept], lengths, last)
+        buffer = kv_buffer(cache.kv[..., : cache.num_tokens, :], kept_kv, reserve)
         key_segments = torch.cat((cache.segments, segments[:, kept]), dim=1)
         return logits, PromptCache(buffer, key_segments, cache.lengths, cache.last_hidden)
 
@@ -531,7 +495,7 @@ class DiffusionTransformer(nn.Module):
         row-major order."""
         check_mode(mode)
         mask = attention_mask(segments, segments, mode)
-        hidden, _ = self._layers(self.embed(input_ids.clamp(min=0)), positions, mask, None)  # [B, T, d]
+        hidden, _ = self.run_layers(self.embed(input_ids.clamp(min=0)), positions, mask, None)  # [B, T, d]
         if self.shift_logits:
             if bool(targets[:, 0].any()):
                 raise InputError("a shifted model cannot be trained to predict position 0 of a sequence")
@@ -545,8 +509,17 @@ class DiffusionTransformer(nn.Module):
         logits = self.lm_head(self.norm(hidden))
         return logits * self.cfg.logit_scale if self.cfg.logit_scale != 1.0 else logits
 
-    def _gather_rows(self, hidden, positions, segments, logits_at, cache, check_inputs):
-        """Hidden states that predict ``logits_at``: [B, N, d]."""
+    def gather_rows(
+        self, hidden: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor, logits_at: torch.Tensor,
+        cache: PromptCache | None, check_inputs: bool,
+    ) -> torch.Tensor:
+        """Hidden states that predict ``logits_at``: [B, N, d], for ``head``.
+
+        hidden: [B, T, d] (``run_layers``' output); positions, segments: [B, T] of its columns;
+        logits_at: [B, N] absolute positions (< 0: not wanted; that row is arbitrary). A shifted
+        model reads position p - 1's state, from the columns or, for the first position after
+        the prompt, from ``cache.last_hidden`` ([B, d]). With ``check_inputs`` a wanted position
+        whose state is in neither raises ``InputError``."""
         source = logits_at - int(self.shift_logits)
         if self.shift_logits:
             # Dream's convention: position 0 has no predecessor and is read from itself.
@@ -567,20 +540,6 @@ class DiffusionTransformer(nn.Module):
                 f"{int(source[b, n])}, which is neither in the input nor the cached prompt's last token"
             )
         return rows
-
-
-def _kv_buffer(prefix: torch.Tensor | None, kv: list[tuple[torch.Tensor, torch.Tensor]], reserve: int) -> torch.Tensor:
-    """One [L, 2, B, Hkv, C, D] buffer: ``prefix`` ([L, 2, B, Hkv, P, D] or None), then each
-    layer's new k/v ([B, Hkv, T, D]), then ``reserve`` tokens of scratch room."""
-    k0 = kv[0][0]
-    p = 0 if prefix is None else prefix.shape[4]
-    t = k0.shape[2]
-    buffer = k0.new_empty(len(kv), 2, k0.shape[0], k0.shape[1], p + t + reserve, k0.shape[3])
-    if prefix is not None:
-        buffer[..., :p, :] = prefix
-    for i, (k, v) in enumerate(kv):
-        buffer[i, 0, :, :, p : p + t], buffer[i, 1, :, :, p : p + t] = k, v
-    return buffer
 
 
 def count_parameters(module: nn.Module) -> int:
