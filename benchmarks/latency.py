@@ -109,16 +109,16 @@ def decode(model, prompt: list[int], repeats: int, step_times: bool, summary: bo
         "phases_s": {k: round(v, 4) for k, v in output.timings.items()},
         "peak_gib": peak_gib(),
         "resident_gib": resident,
-        "graphs": bool(runner.graphs),
+        "graphs": runner.capture,
     }
-    if step_times and runner.graphs:
-        steps = runner.graphs[tuple(runner.phases[0])]
+    if step_times and runner.capture:
+        steps = runner.steps[tuple(runner.phases[0])]
         row["step_ms"] = median_ms(steps.step_graph.replay, warmup=3, repeats=20)
         forward_graph, logits = capture_graph(steps.forward)
         row["forward_ms"] = median_ms(forward_graph.replay, warmup=3, repeats=20)
         forward_graph.reset()
         del logits
-        row["step_tokens"] = int(steps.step_cols[steps.step_valid].unique().numel())  # repeats pad a window
+        row["step_tokens"] = int(steps.step_cols.unique().numel())  # repeats pad a window
         if steps.refresh_graph is not None:
             row["refresh_ms"] = median_ms(steps.refresh_graph.replay, warmup=3, repeats=10)
         del forward_graph, steps

@@ -50,10 +50,10 @@ def main() -> None:
     prompt = torch.randint(200, 30000, (args.prompt_len,)).tolist()
     runner = Runner(model, config, layout, [prompt])
     runner.run()
-    steps = runner.graphs[tuple(runner.phases[0])]
-    forwarded = int(steps.step_cols[steps.step_valid].unique().numel())
+    steps = runner.steps[tuple(runner.phases[0])]
+    forwarded = int(steps.step_cols.unique().numel())
     print(f"step: {forwarded} columns forwarded ({len(steps.step_cols)} with padding), "
-          f"{int(steps.window_valid.sum())} candidates, "
+          f"{int(steps.columns.valid.sum())} candidates, "
           f"{steps.blocks.kv.shape[3] if steps.per_block else steps.cache.capacity} keys, "
           f"attention {_attention(steps)}")
     rows = {"step_graph_ms": median_ms(steps.step_graph.replay)}

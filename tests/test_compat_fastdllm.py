@@ -20,7 +20,6 @@ import torch
 
 import paradec
 from paradec.compat import fastdllm
-from paradec.decoding import graphs, kept, runner
 from paradec.errors import ConfigError, InputError
 from tiny import tiny_checkpoint
 
@@ -94,52 +93,6 @@ def test_tokens_and_nfe_equal_fastdllm(models, case_key):
     x, nfe = _call(models[name], case)
     assert x.tolist() == case["x"]
     assert nfe == case["nfe"]
-
-
-class _Uncaptured:
-    """Stands in for a CUDA graph: each replay runs the step body (as tests/test_windows.py)."""
-
-    def __init__(self, body):
-        self.replay = body
-
-    def reset(self) -> None:
-        self.replay = None
-
-
-def test_graphed_step_bodies_equal_fastdllm(models, monkeypatch):
-    """The static-shape steps that CUDA graphs replay (Fast-dLLM's confidence and factor rule in
-    ``GraphedSteps._commit``), run here uncaptured: the same tokens as Fast-dLLM's code, and the
-    same steps (the nfe Fast-dLLM counts; a graphed rule may replay past a block's end, which
-    ``DecodeOutput.nfe`` counts and the compat layer does not report). Runs whose dual-cache
-    blocks are bounded step eagerly."""
-    from paradec import ops
-
-    if not ops.native_on(torch.device("cpu")):
-        pytest.skip("paradec._C is not built")
-    monkeypatch.setattr(runner, "graphs_apply", lambda c, d: c.cuda_graphs and c.temperature == 0)
-    monkeypatch.setattr(kept, "graphs_apply", lambda c, d: c.cuda_graphs and c.temperature == 0)
-    monkeypatch.setattr(graphs.GraphedSteps, "_capture", lambda self, body: _Uncaptured(body))
-    refreshes = []
-    refresh = graphs.GraphedSteps.refresh
-    monkeypatch.setattr(graphs.GraphedSteps, "refresh", lambda self, step: refreshes.append(step) or refresh(self, step))
-    checked = 0
-    try:
-        for name, i in CASES:
-            case = REFERENCE[name]["cases"][i]
-            cache = _cache_of(case)
-            if cache == "none":  # no windowed cache under canvas attention: eager steps
-                continue
-            before = len(refreshes)
-            x, nfe = _call(models[name], case)
-            _, rules = fastdllm.config_for(cache, **case["args"])
-            assert (len(refreshes) > before) == (rules.window_steps is None), _case_id((name, i))
-            assert x.tolist() == case["x"], _case_id((name, i))
-            assert nfe == case["nfe"], _case_id((name, i))
-            checked += rules.window_steps is None
-    finally:
-        for model in models.values():
-            kept.release_kept(model)
-    assert checked >= 10
 
 
 def test_without_fastdllm_rules_tokens_part(models):

@@ -125,13 +125,20 @@ GRAPH_CASES = {
     "ao": dict(mode="ao", answer_len=16, steps=8),
     "nap windowed none": dict(blocks=2, block_len=12, summary_len=8, window=4, cache="none", tokens_per_step=1),
     "block isolated": dict(mode="block", answer_len=20, block_len=6, tokens_per_step=2, attention="isolated"),
+    "nap sampled": dict(blocks=3, block_len=10, summary_len=6, tokens_per_step=2, temperature=0.9, seed=3),
+    "block sampled top_p": dict(mode="block", answer_len=16, block_len=8, tokens_per_step=2, temperature=1.2,
+                                top_p=0.8, seed=4),
+    "ao rank temperature": dict(mode="ao", answer_len=12, steps=6, temperature=0.7, rank_temperature=0.5, seed=5),
+    "random order": dict(mode="random", answer_len=12, tokens_per_step=3, seed=6),
+    "canvas uncached": dict(blocks=2, block_len=8, summary_len=4, tokens_per_step=2, attention="canvas"),
 }
 
 
 @pytest.mark.parametrize("case", list(GRAPH_CASES))
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_graph_replayed_steps_equal_eager_steps(tmp_path, family, case):
-    """The graphed step is the eager step on a static shape: same tokens, same trace (fp32)."""
+    """Replayed as CUDA graphs or called, the step body gives the same tokens, trace and steps
+    (fp32), sampled steps included (their numbers are drawn on the device)."""
     root, _, _ = tiny_checkpoint(tmp_path, family, seed=5)
     model = paradec.load(root, device="cuda", dtype=torch.float32)
     prompts = ["the 3 + 4 is ?", "a b c d e f g h i j k l"]
@@ -146,7 +153,7 @@ def test_graph_replayed_steps_equal_eager_steps(tmp_path, family, case):
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_one_request_steps_attend_unmasked_and_equal_eager(tmp_path, family):
     """One request under ``canvas`` attention, nothing padded: every query sees every key, so the
-    graphed steps and refreshes attend with no mask; they still equal the eager (masked) steps.
+    graphed steps and refreshes attend with no mask; they still equal the called steps.
     Two requests of different prompt lengths pad the keys, so theirs keep the mask."""
     from paradec.api import build_layout
     from paradec.decoding.runner import Runner
@@ -159,9 +166,22 @@ def test_one_request_steps_attend_unmasked_and_equal_eager(tmp_path, family):
     for prompts, dense in (([[11, 12, 13, 14, 15, 16, 17, 18]], True), ([[11, 12, 13], [21, 22, 23, 24, 25]], False)):
         graphed = Runner(model, config, layout, prompts)
         out = graphed.run()
-        steps = graphed.graphs[tuple(graphed.phases[0])]
+        steps = graphed.steps[tuple(graphed.phases[0])]
         assert (steps.step_dense, steps.refresh_dense) == (dense, dense)
         assert set(steps.step_graphs) == set(steps.refresh_graphs) == {dense}
         eager = Runner(model, dataclasses.replace(config, cuda_graphs=False), layout, prompts).run()
         assert torch.equal(out.canvas, eager.canvas) and torch.equal(out.trace, eager.trace)
         graphed.release()
+
+
+def test_the_sampler_draws_the_same_bits_on_the_gpu():
+    """The counter-based hash runs as int64 tensor arithmetic: the GPU wraps and shifts as the CPU
+    does, so a sampled request decodes the same on either."""
+    from paradec.decoding import sampler
+
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randint(0, 2**62, (64,), generator=g) for _ in range(2)] + [torch.randint(0, 4096, (64,), generator=g)
+                                                                               for _ in range(2)]
+    cpu = sampler.uniform(*parts, sampler.TOKENS, 1000)
+    gpu = sampler.uniform(*(p.cuda() for p in parts), sampler.TOKENS, 1000)
+    assert torch.equal(cpu, gpu.cpu())

@@ -176,9 +176,9 @@ def test_result_fields(model):
     assert len(result.blocks) == 2 and isinstance(result.summary, str)
     assert len(result.trace) == len(result.token_ids)
     assert result.prompt_ids == encode_prompt(model, PROMPTS[0], GenerationConfig(), build_layout(model, GenerationConfig()))
-    for phase in ("prefill", "forward", "unmask", "bookkeeping", "think", "summary", "total"):
+    for phase in ("prefill", "steps", "think", "summary", "total"):
         assert result.timings[phase] >= 0
-    assert result.timings["total"] >= result.timings["forward"]
+    assert result.timings["total"] >= result.timings["steps"] > 0
 
 
 def _eos_heavy(tmp_path, family="llada"):

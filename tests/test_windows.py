@@ -12,7 +12,8 @@ import paradec
 from paradec import GenerationConfig
 from paradec.api import build_layout, encode_prompt
 from paradec.decoding.schedule import group_schedule
-from paradec.models.attention import PROMPT
+from paradec.decoding.plan import make_plan
+from paradec.models.attention import PAD, PROMPT
 
 from test_decoding import check_contract_5
 from tiny import tiny_checkpoint
@@ -135,30 +136,50 @@ def test_a_window_spanning_the_block_is_exact_nap(model, cache):
     assert [r.trace for r in windowed] == [r.trace for r in exact]
 
 
+def _refresh_then_step(model, config, prompts, phase, window, done=0):
+    """A window's refresh (what an unwindowed step forwards, keeping the KV of all but the step
+    columns) and, right after it, a cached step over the window's step columns: both logits
+    [B, N] at the window's positions, and the step columns. ``done``: canvas columns committed
+    (random ids) before the window."""
+    from paradec.decoding.runner import Runner
+
+    layout = build_layout(model, config)
+    state = Runner(model, config, layout, [encode_prompt(model, p, config, layout) for p in prompts]).state
+    state.canvas[:, :done] = torch.randint(10, 40, (len(prompts), done))
+    plan = make_plan(config, layout, model.module.shift_logits)
+    logits_at = state.positions[:, plan.window_columns(phase, window)]  # [B, N]
+    step_cols = torch.tensor(plan.step_columns(phase, window))
+    cache = None
+    if config.attention == "isolated":
+        cache = model.prefill(state.prompt_ids, state.prompt_lens, reserve=layout.length)
+        cols = torch.tensor(plan.block_columns(phase))
+        ids, positions, segments = state.canvas[:, cols], state.positions[:, cols], state.segments[:, cols]
+    else:  # canvas attention: the prompt, then the whole canvas
+        p = state.prompt_ids.shape[1]
+        prompt_pos = torch.arange(p).expand(len(prompts), p)
+        real = prompt_pos < state.prompt_lens[:, None]
+        ids = torch.cat((state.prompt_ids, state.canvas), 1)
+        positions = torch.cat((torch.where(real, prompt_pos, -1), state.positions), 1)
+        segments = torch.cat((torch.where(real, PROMPT, PAD), state.segments), 1)
+        cols = torch.cat((torch.full((p,), -1), torch.arange(layout.length)))
+    keep = ~torch.isin(cols, step_cols)
+    refresh_logits, window_cache = model.module.forward_and_cache(
+        ids, positions, segments, config.attention, cache, logits_at, keep, reserve=len(step_cols),
+        lengths=state.prompt_lens)
+    step_logits = model(state.canvas[:, step_cols], state.positions[:, step_cols], state.segments[:, step_cols],
+                        config.attention, cache=window_cache, logits_at=logits_at)
+    return refresh_logits, step_logits, step_cols
+
+
 @pytest.mark.parametrize("attention", ["canvas", "isolated"])
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_a_cached_step_reproduces_the_refresh(model, attention, cache):
     """Right after a refresh nothing has changed, so a step over the cache must give the
     refresh's logits: the kept KV, its positions, the mask and the shift line up."""
-    from paradec.decoding.runner import Runner
-
     config = GenerationConfig(mode="block", answer_len=16, block_len=4, attention=attention, cache=cache,
                               temperature=0.0)
-    layout = build_layout(model, config)
-    prompts = [encode_prompt(model, p, config, layout) for p in PROMPTS]
     model.module.float()
-    runner = Runner(model, config, layout, prompts)
-    runner.canvas[:, :4] = torch.randint(10, 40, (2, 4))  # the first block is done: test window 1
-    runner._enter_window([0], 1)
-    prompt_cache = None
-    if attention == "isolated":
-        prompt_cache = model.prefill(runner.prompt_ids, runner.prompt_lens, reserve=layout.length)
-    wanted = runner._masked() & runner.in_window
-    logits_at, _, _ = runner._wanted_positions(wanted)
-    refresh_logits, window_cache = runner._refresh([0], prompt_cache, logits_at)
-    columns = runner.step_columns
-    step_logits = model(runner.canvas[:, columns], runner.positions[:, columns], runner.segments[:, columns],
-                        attention, cache=window_cache, logits_at=logits_at)
+    refresh_logits, step_logits, _ = _refresh_then_step(model, config, PROMPTS, [0], 1, done=4)  # block 1 of 4
     # fp32, the same tokens attending to the same keys in another order: summation-order noise.
     torch.testing.assert_close(step_logits, refresh_logits, atol=1e-4, rtol=1e-4)
 
@@ -204,114 +225,100 @@ STATIC_CASES = {
 }
 
 
-class _Uncaptured:
-    """Stands in for a CUDA graph: each replay runs the step body."""
+def _plain_steps(decode):
+    """``decode()`` with the step body's fast paths off: no blocks side by side, every attention
+    through its mask. What the fast paths must reproduce."""
+    from paradec.decoding import step
 
-    def __init__(self, body):
-        self.replay = body
+    choose = step.PhaseSteps._choose_attention
 
-    def reset(self) -> None:
-        self.replay = None
+    def masked(self):
+        choose(self)
+        self.step_dense = self.refresh_dense = False
 
-
-def _skip_without_native_ops() -> None:
-    """The graph step bodies call paradec's native ops (the CI builds them)."""
-    from paradec import ops
-
-    if not ops.native_on(torch.device("cpu")):
-        pytest.skip("paradec._C is not built")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(step, "SIDE_BY_SIDE_MAX_KEYS", 0)
+        patch.setattr(step.PhaseSteps, "_choose_attention", masked)
+        return decode()
 
 
-def _graph_bodies_on_cpu(monkeypatch) -> list:
-    """Makes generate() run the CUDA-graph step bodies here, uncaptured; returns the list that
-    records each GraphedSteps built: (phase, per_block, whether its BlockCache has a bias)."""
-    from paradec.decoding import graphs, runner
+def _recording(monkeypatch) -> list:
+    """Records each PhaseSteps built: (phase, per_block, whether its BlockCache has a bias)."""
+    from paradec.decoding import step
 
     built = []
-    build = graphs.GraphedSteps._build
+    build = step.PhaseSteps._build
 
     def recording_build(self, phase_cache):
         build(self, phase_cache)
         built.append((self.phase, self.per_block, self.per_block and self.blocks.bias is not None))
 
-    monkeypatch.setattr(graphs.GraphedSteps, "_build", recording_build)
-    monkeypatch.setattr(runner, "graphs_apply", lambda c, d: c.cuda_graphs and c.temperature == 0)
-    monkeypatch.setattr(graphs.GraphedSteps, "_capture", lambda self, body: _Uncaptured(body))
+    monkeypatch.setattr(step.PhaseSteps, "_build", recording_build)
     return built
 
 
 @pytest.mark.parametrize("case", list(STATIC_CASES))
-def test_static_steps_equal_eager_steps(model, case, monkeypatch):
-    """The static-shape steps that CUDA graphs replay, run here without capture (each replay
-    calls the step body): same tokens, trace and step count as the eager steps."""
-    from paradec.decoding import graphs
+def test_fast_paths_equal_the_plain_steps(model, case, monkeypatch):
+    """Every case decodes the same with the step body's fast paths (unmasked attention where every
+    key is seen, blocks side by side, BlockCache rows padded to other multiples) as with the
+    plain masked steps: tokens, trace and step count."""
+    from paradec.decoding import step
 
-    _skip_without_native_ops()
     settings = STATIC_CASES[case]
-    eager = paradec.generate(model, PROMPTS, cuda_graphs=False, **settings)
-    _graph_bodies_on_cpu(monkeypatch)
-    monkeypatch.setattr(graphs, "KEY_ALIGN", 16)
-    static = paradec.generate(model, PROMPTS, cuda_graphs=True, **settings)
-    assert "graphs" in static[0].timings
-    assert [r.token_ids for r in static] == [r.token_ids for r in eager]
-    assert [r.trace for r in static] == [r.trace for r in eager]
-    assert [r.steps for r in static] == [r.steps for r in eager]
+    plain = _plain_steps(lambda: paradec.generate(model, PROMPTS, **settings))
+    monkeypatch.setattr(step, "KEY_ALIGN", 16)
+    fast = paradec.generate(model, PROMPTS, **settings)
+    assert "steps" in fast[0].timings
+    assert [(r.token_ids, r.trace, r.steps) for r in fast] == [(r.token_ids, r.trace, r.steps) for r in plain]
 
 
-@pytest.mark.parametrize("case", ["block dual", "block prefix", "block threshold", "nap windowed"])
+@pytest.mark.parametrize("case", ["block dual", "block prefix", "block threshold", "nap windowed", "ao"])
 @pytest.mark.parametrize("prompts", [PROMPTS[1:], PROMPTS], ids=["one request", "two padded"])
-def test_static_steps_attend_unmasked_where_every_key_is_seen(model, case, prompts, monkeypatch):
+def test_steps_attend_unmasked_where_every_key_is_seen(model, case, prompts, monkeypatch):
     """Under ``canvas`` attention one request's steps and refreshes see every key, so they attend
     with no mask (``Model.forward(dense=True)``), windows of every width included; two prompts
-    of different lengths pad the keys and keep it. The tokens equal the eager (masked) steps'."""
-    from paradec.decoding import graphs
+    of different lengths pad the keys and keep it. The tokens equal the masked steps'."""
+    from paradec.decoding import step
 
-    _skip_without_native_ops()
     settings = dict(STATIC_CASES[case], attention="canvas")
-    eager = paradec.generate(model, prompts, cuda_graphs=False, **settings)
-    _graph_bodies_on_cpu(monkeypatch)
-    chosen, choose = [], graphs.GraphedSteps._choose_attention
+    plain = _plain_steps(lambda: paradec.generate(model, prompts, **settings))
+    chosen, choose = [], step.PhaseSteps._choose_attention
 
     def recording_choose(self):
         choose(self)
-        chosen.append((self.step_dense, self.refresh_dense))
+        chosen.append((self.step_dense, self.refresh_dense if self.windowed else self.step_dense))
 
-    monkeypatch.setattr(graphs.GraphedSteps, "_choose_attention", recording_choose)
-    static = paradec.generate(model, prompts, cuda_graphs=True, **settings)
-    assert [(r.token_ids, r.trace, r.steps) for r in static] == [(r.token_ids, r.trace, r.steps) for r in eager]
+    monkeypatch.setattr(step.PhaseSteps, "_choose_attention", recording_choose)
+    fast = paradec.generate(model, prompts, **settings)
+    assert [(r.token_ids, r.trace, r.steps) for r in fast] == [(r.token_ids, r.trace, r.steps) for r in plain]
     one = len(prompts) == 1
     assert chosen and all(flags == (one, one) for flags in chosen)
 
 
 @pytest.mark.parametrize("headerless", ["summary", "block 2", "block 2 on its own rank"])
-def test_static_steps_of_headerless_groups_equal_eager_steps(model, headerless, monkeypatch):
+def test_headerless_groups_decode_like_the_plain_steps(model, headerless, monkeypatch):
     """Without a header, a shifted model's first window reads the column before it from another
     group (the summary's from the last think block): the step forwards that column too, and its
-    key is in the step's cache only then, as in the eager step."""
-    import dataclasses
-
+    key is in the step's cache only then."""
     from paradec.decoding.runner import Runner
 
-    _skip_without_native_ops()
     if headerless == "summary":
         monkeypatch.setattr(model, "summary_header_ids", lambda: [])
     else:
         header = model.think_header_ids
         monkeypatch.setattr(model, "think_header_ids", lambda i: [] if i == 2 else header(i))
-    config = GenerationConfig(blocks=2, block_len=8, summary_len=8, window=4, tokens_per_step=1, cuda_graphs=False)
+    config = GenerationConfig(blocks=2, block_len=8, summary_len=8, window=4, tokens_per_step=1)
     if headerless.endswith("rank"):  # what a rank holding think block 1 alone decodes
         layout = build_layout(model, config)
         prompts, part = [encode_prompt(model, PROMPTS[0], config, layout)], dict(think_blocks=[1], summary=False)
-        eager = Runner(model, config, layout, prompts, **part).run()
-        _graph_bodies_on_cpu(monkeypatch)
-        static = Runner(model, dataclasses.replace(config, cuda_graphs=True), layout, prompts, **part).run()
-        assert torch.equal(static.canvas, eager.canvas) and torch.equal(static.trace, eager.trace)
+        plain = _plain_steps(lambda: Runner(model, config, layout, prompts, **part).run())
+        fast = Runner(model, config, layout, prompts, **part).run()
+        assert torch.equal(fast.canvas, plain.canvas) and torch.equal(fast.trace, plain.trace)
         return
     settings = {k: getattr(config, k) for k in ("blocks", "block_len", "summary_len", "window", "tokens_per_step")}
-    eager = paradec.generate(model, PROMPTS, cuda_graphs=False, **settings)
-    _graph_bodies_on_cpu(monkeypatch)
-    static = paradec.generate(model, PROMPTS, cuda_graphs=True, **settings)
-    assert [(r.token_ids, r.trace) for r in static] == [(r.token_ids, r.trace) for r in eager]
+    plain = _plain_steps(lambda: paradec.generate(model, PROMPTS, **settings))
+    fast = paradec.generate(model, PROMPTS, **settings)
+    assert [(r.token_ids, r.trace) for r in fast] == [(r.token_ids, r.trace) for r in plain]
 
 
 def test_a_reset_runner_decodes_like_a_new_one(model):
@@ -334,7 +341,7 @@ def test_a_reset_runner_decodes_like_a_new_one(model):
 @settings(max_examples=200, deadline=None)
 @given(steps=st.integers(1, 300), lengths=st.lists(st.integers(1, 64), min_size=1, max_size=9))
 def test_steps_are_shared_by_window_length(steps, lengths):
-    from paradec.decoding.runner import split_steps
+    from paradec.decoding.plan import split_steps
 
     if steps < len(lengths):
         steps = len(lengths)  # the config refuses fewer steps than windows
@@ -361,25 +368,15 @@ def test_a_windowed_nap_step_caches_the_headers(model, window):
     before each), not the headers, whose KV is refreshed with the rest of the block; with one
     window spanning the body it forwards the headers too (that step is exact). Right after a
     refresh, the cached step gives the refresh's logits either way."""
-    from paradec.decoding.runner import Runner
-
     config = GenerationConfig(blocks=2, block_len=8, summary_len=4, window=window, cache="dual", temperature=0.0)
     layout = build_layout(model, config)
-    prompts = [encode_prompt(model, p, config, layout) for p in PROMPTS]
     model.module.float()
-    runner = Runner(model, config, layout, prompts)
-    runner._enter_window([0, 1], 0)
-    columns = set(runner.step_columns.tolist())
+    refresh_logits, step_logits, step_cols = _refresh_then_step(model, config, PROMPTS, [0, 1], 0)
+    columns = set(step_cols.tolist())
     for g in (0, 1):
         header = set(range(layout.blocks[g][0], layout.bodies[g][0]))
         shift = {layout.bodies[g][0] - 1} if model.module.shift_logits else set()
         assert header & columns == (header if window == 8 else shift)
-    cache = model.prefill(runner.prompt_ids, runner.prompt_lens, reserve=layout.length)
-    logits_at, _, _ = runner._wanted_positions(runner._masked() & runner.in_window)
-    refresh_logits, window_cache = runner._refresh([0, 1], cache, logits_at)
-    step = runner.step_columns
-    step_logits = model(runner.canvas[:, step], runner.positions[:, step], runner.segments[:, step], "isolated",
-                        cache=window_cache, logits_at=logits_at)
     torch.testing.assert_close(step_logits, refresh_logits, atol=1e-4, rtol=1e-4)
 
 
@@ -387,22 +384,21 @@ def test_a_windowed_nap_step_caches_the_headers(model, window):
 def test_blocks_side_by_side_equal_the_masked_steps(model, prompts, monkeypatch):
     """Windowed isolated think blocks step side by side, each over its own keys (BlockCache:
     no mask for one request, a bias for padded prompts); the summary keeps the masked step.
-    Same tokens, trace and steps as the eager steps."""
-    _skip_without_native_ops()
+    Same tokens, trace and steps as the plain masked steps."""
     settings = dict(blocks=3, block_len=10, summary_len=6, window=4, tokens_per_step=2)
-    eager = paradec.generate(model, prompts, cuda_graphs=False, **settings)
-    built = _graph_bodies_on_cpu(monkeypatch)
-    static = paradec.generate(model, prompts, cuda_graphs=True, **settings)
+    plain = _plain_steps(lambda: paradec.generate(model, prompts, **settings))
+    built = _recording(monkeypatch)
+    fast = paradec.generate(model, prompts, **settings)
     assert built == [([0, 1, 2], True, len(prompts) > 1), ([3], False, False)]
-    assert [r.token_ids for r in static] == [r.token_ids for r in eager]
-    assert [r.trace for r in static] == [r.trace for r in eager]
+    assert [r.token_ids for r in fast] == [r.token_ids for r in plain]
+    assert [r.trace for r in fast] == [r.trace for r in plain]
 
 
 def test_a_long_prompt_keeps_the_masked_step(model, monkeypatch):
     """Six blocks and a prompt long next to them: six copies of its keys would cost more than
-    the mask saves (graphs.SIDE_BY_SIDE_MAX_KEYS), so the think blocks keep the masked step."""
-    built = _graph_bodies_on_cpu(monkeypatch)
-    many = dict(blocks=6, block_len=6, summary_len=4, window=3, tokens_per_step=2, cuda_graphs=True)
+    the mask saves (step.SIDE_BY_SIDE_MAX_KEYS), so the think blocks keep the masked step."""
+    built = _recording(monkeypatch)
+    many = dict(blocks=6, block_len=6, summary_len=4, window=3, tokens_per_step=2)
     paradec.generate(model, " ".join(["a b c d e f g h"] * 20), **many)
     assert [(phase, per_block) for phase, per_block, _ in built] == [([0, 1, 2, 3, 4, 5], False), ([6], False)]
 
@@ -410,34 +406,32 @@ def test_a_long_prompt_keeps_the_masked_step(model, monkeypatch):
 def test_a_headerless_block_of_a_shifted_model_keeps_the_masked_step(model, monkeypatch):
     """A shifted model (Dream) predicts a block's first token from the column before it; with
     no header that is the prompt's last token, outside the block: such a phase keeps the masked
-    step, and decodes like the eager steps."""
-    _skip_without_native_ops()
+    step, and decodes like the plain masked steps."""
     headers = model.think_header_ids
     monkeypatch.setattr(model, "think_header_ids", lambda i: [] if i == 1 else headers(i))
     settings = dict(blocks=3, block_len=12, summary_len=6, window=5, tokens_per_step=1)
-    eager = paradec.generate(model, PROMPTS, cuda_graphs=False, **settings)
-    built = _graph_bodies_on_cpu(monkeypatch)
-    static = paradec.generate(model, PROMPTS, cuda_graphs=True, **settings)
+    plain = _plain_steps(lambda: paradec.generate(model, PROMPTS, **settings))
+    built = _recording(monkeypatch)
+    fast = paradec.generate(model, PROMPTS, **settings)
     assert built[0][1] == (not model.module.shift_logits)
-    assert [r.token_ids for r in static] == [r.token_ids for r in eager]
-    assert [r.trace for r in static] == [r.trace for r in eager]
+    assert [r.token_ids for r in fast] == [r.token_ids for r in plain]
+    assert [r.trace for r in fast] == [r.trace for r in plain]
 
 
 @pytest.mark.parametrize("case", ["prefix, periodic refresh", "unequal headers"])
 def test_blocks_side_by_side_in_other_layouts(model, case, monkeypatch):
     """Side-by-side steps with a prefix cache and periodic refreshes, and with headers of
     different lengths (one request: the bias masks the shorter blocks' empty slots) decode like
-    the eager steps."""
-    _skip_without_native_ops()
+    the plain masked steps."""
     settings = dict(blocks=3, block_len=10, summary_len=6, window=4, tokens_per_step=1)
     if case == "unequal headers":
         headers = model.think_header_ids
         monkeypatch.setattr(model, "think_header_ids", lambda i: headers(i) * i)
     else:
         settings |= dict(cache="prefix", refresh_every=2)
-    eager = paradec.generate(model, PROMPTS[:1], cuda_graphs=False, **settings)
-    built = _graph_bodies_on_cpu(monkeypatch)
-    static = paradec.generate(model, PROMPTS[:1], cuda_graphs=True, **settings)
+    plain = _plain_steps(lambda: paradec.generate(model, PROMPTS[:1], **settings))
+    built = _recording(monkeypatch)
+    fast = paradec.generate(model, PROMPTS[:1], **settings)
     assert built[0][1:] == (True, case == "unequal headers")
-    assert [r.token_ids for r in static] == [r.token_ids for r in eager]
-    assert [r.trace for r in static] == [r.trace for r in eager]
+    assert [r.token_ids for r in fast] == [r.token_ids for r in plain]
+    assert [r.trace for r in fast] == [r.trace for r in plain]

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from paradec.canvas import CanvasLayout
 from paradec.config import GenerationConfig
-from paradec.decoding.graphs import graphs_apply
-from paradec.decoding.runner import FastDLLMRules, Runner
+from paradec.decoding.fastdllm_rules import FastDLLMRules
+from paradec.decoding.runner import Runner
+from paradec.decoding.step import captures
 from paradec.models.loading import DiffusionModel
 
 
@@ -22,7 +23,7 @@ def kept_runner(model: DiffusionModel, config: GenerationConfig, layout: CanvasL
                 think_blocks: list[int] | None = None, summary: bool | None = None,
                 fastdllm: FastDLLMRules | None = None) -> Runner:
     """A runner for these arguments (``Runner``'s); the kept one, reset, when it fits."""
-    if not graphs_apply(config, model.device) or (fastdllm is not None and fastdllm.window_steps is not None):
+    if not captures(config, model.device):
         return Runner(model, config, layout, prompts, think_blocks=think_blocks, summary=summary, fastdllm=fastdllm)
     role = "summary" if think_blocks == [] and summary else "blocks"
     weight = model.module.embed.weight  # graphs hold the addresses of these weights

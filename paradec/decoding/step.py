@@ -1,0 +1,522 @@
+"""One decoding step: inputs -> forward -> scoring -> policy -> selection and in-place commit ->
+EOS fill -> counters, on static shapes. The same body runs everywhere: called directly on a CPU
+(or with ``cuda_graphs=False``), replayed as a CUDA graph on a GPU. "Graphs on or off" means
+replay or call, never different code.
+
+A step launches hundreds of small kernels; on these GPUs a launch costs ~18 µs from the host, so
+an eager 32-token step of an 8B model spends as long launching as computing (DESIGN.md's
+numbers). A replay runs the whole step with one launch and no host synchronisation; the host
+checks for completion every few steps (a top-k schedule says exactly how many are left).
+
+Everything a step reads lives in static buffers that the host refills when a window starts
+(``load``): the forwarded columns, the columns it may commit in, the window's quota table and the
+cache. Two bodies per phase (think blocks, summary, answer region), both reused across windows
+and requests: the *step* and, with a windowed cache, the *refresh* (a window's first step:
+everything the phase forwards, whose KV it writes into the step's cache, a slot per column; a
+step rewrites its own columns' slots). Shapes are those of the phase's largest window: a
+narrower window repeats its last column (which rewrites its own slot with the same KV). An
+unwindowed step forwards every column of the phase (a finished block changes no other block's
+logits under ``isolated``); under ``canvas`` attention with no cache it forwards the prompt and
+the whole canvas. A window where every query sees every key (one request with nothing padded,
+under ``canvas`` attention or in one segment) attends with no mask, which the fastest attention
+kernels take; it gets its own graphs.
+
+Sampled steps draw their numbers on the device (``paradec.decoding.sampler``), keyed by (seed,
+group, the group's step, position), so they are captured like greedy ones.
+
+Windowed isolated think blocks step *side by side*: under ``isolated`` attention block j's
+queries see the prompt and block j only, so the step keeps a ``BlockCache`` (one row per block:
+the prompt's KV, then the block's) and one batched attention call serves every block without a
+mask over the other blocks' keys (three quarters of the keys at m = 4; measured in
+benchmarks/RESULTS.md). The price is m copies of the prompt KV in the step's cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from paradec import ops
+from paradec.config import GenerationConfig
+from paradec.decoding import sampler
+from paradec.decoding.fastdllm_rules import FastDLLMRules, factor_last_commits, vocab_confidence
+from paradec.decoding.plan import Plan
+from paradec.decoding.policies import Candidates, Policy
+from paradec.decoding.state import DecodeState
+from paradec.models.attention import PAD, PROMPT, attention_mask
+from paradec.models.cache import BlockCache, PromptCache, copy_cache, empty_cache
+from paradec.models.loading import DiffusionModel
+from paradec.ops.scoring import Sampling
+from paradec.ops.selection import FACTOR
+
+_PENDING = -7  # trace value select_commit writes; replaced by the step counter (a device value)
+KEY_ALIGN = 8  # a BlockCache's rows are padded to a multiple of this many keys (16 bytes of bf16)
+# Blocks step side by side while the keys they read, m * prompt + blocks, stay within this many
+# times the masked step's prompt + blocks (and so does the step cache's memory). Measured on an
+# H100 at LLaDA-8B shapes, 1024-token canvas, 32-token windows (step ms, side by side / masked):
+# m = 4: 8.15 / 9.15 (prompt 512, ratio 2.1), 9.21 / 10.29 (2048, 3.1); m = 8: 9.96 / 10.39 (512,
+# 3.5), 10.68 / 10.79 (1024, 4.6), 12.10 / 11.58 (2048, 5.8).
+SIDE_BY_SIDE_MAX_KEYS = 4
+
+
+def captures(config: GenerationConfig, device: torch.device) -> bool:
+    """Whether steps on ``device`` replay as CUDA graphs (else the same body is called): a CUDA
+    device whose kernels are the native ones (the torch twins read results on the host) and
+    ``cuda_graphs`` on."""
+    return device.type == "cuda" and ops.native_on(device) and config.cuda_graphs
+
+
+class _Columns:
+    """Static buffers of the columns a step may commit in: cols, valid [N] (padding after the
+    real ones), current [N] (in the groups' current windows: what the quotas count), barred
+    [B, N] (EOS may not be chosen), group, offset [N] (body offset, the sampler's key); rows and
+    batch_index [B * N] index the step's flat logits and their requests."""
+
+    def __init__(self, batch: int, width: int, device: torch.device):
+        self.cols = torch.zeros(width, dtype=torch.long, device=device)
+        self.valid = torch.zeros(width, dtype=torch.bool, device=device)
+        self.current = torch.zeros(width, dtype=torch.bool, device=device)
+        self.barred = torch.zeros(batch, width, dtype=torch.bool, device=device)
+        self.group = torch.zeros(width, dtype=torch.long, device=device)
+        self.offset = torch.zeros(width, dtype=torch.long, device=device)
+        self.rows = torch.arange(batch * width, device=device)  # [B * N] rows of a step's flat logits
+        self.batch_index = torch.arange(batch, device=device).repeat_interleave(width)  # [B * N]
+
+    def load(self, plan: Plan, state: DecodeState, columns: list[int], current: list[int]) -> None:
+        device = self.cols.device
+        _fill(self.cols, self.valid, torch.tensor(columns, dtype=torch.long, device=device))
+        self.current.copy_(torch.isin(self.cols, torch.tensor(current, dtype=torch.long, device=device)) & self.valid)
+        barred = plan.barred(columns) + [False] * (len(self.cols) - len(columns))
+        self.barred.copy_(torch.tensor(barred, device=device).expand_as(self.barred))
+        self.group.copy_(state.groups[self.cols])
+        self.offset.copy_(self.cols - state.body_starts[self.group])
+
+
+class PhaseSteps:
+    """The step bodies of one phase of one runner, their static buffers and (when capturing)
+    their graphs. The runner keeps one per phase and reuses it across its windows and resets.
+
+    phase_cache: the cache the phase starts from — the prompt KV (plus the think blocks' for the
+    summary) under ``isolated``, None under ``canvas`` (the prompt is forwarded)."""
+
+    def __init__(self, model: DiffusionModel, config: GenerationConfig, plan: Plan, state: DecodeState,
+                 phase: list[int], phase_cache: PromptCache | None, policy: Policy, sampling: Sampling,
+                 fastdllm: FastDLLMRules | None, capture: bool, pool=None):
+        self.model, self.config, self.plan, self.state, self.phase = model, config, plan, state, phase
+        self.policy, self.sampling, self.fastdllm, self.capture, self.pool = policy, sampling, fastdllm, capture, pool
+        self.param = float(getattr(config, policy.parameter)) if policy.parameter else 0.0
+        self.windowed = plan.windowed_cache
+        self.per_block = self.windowed and _blocks_apart(plan, phase, phase_cache, model.module.shift_logits)
+        self.step_graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # by whether attention runs unmasked
+        self.refresh_graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self.step_dense = self.refresh_dense = False
+        self._build(phase_cache)
+
+    # --- host side ---------------------------------------------------------------------------
+    def load(self, window: int, phase_cache: PromptCache | None, with_phase_cache: bool) -> None:
+        """Refills the static buffers for window ``window``; with ``with_phase_cache`` (a phase's
+        first window) also copies the phase's cache, which no step overwrites (the slots before
+        the phase's own columns)."""
+        plan, state, phase = self.plan, self.state, self.phase
+        if self.per_block:
+            step_cols = self._block_columns(window)
+            self.step_cols.copy_(step_cols)
+            self.block_slots.copy_(self._slots(step_cols.view(len(phase), -1)))
+        elif self.windowed:  # padded by repeating the last column: it rewrites its own slot with the same k/v
+            step_cols = torch.tensor(plan.step_columns(phase, window), dtype=torch.long, device=state.device)
+            self.step_cols.copy_(torch.cat((step_cols, step_cols[-1:].expand(len(self.step_cols) - len(step_cols)))))
+            self.step_slots.copy_(self.slot_of[self.step_cols + self.canvas_offset])
+        current = plan.window_columns(phase, window)
+        self.columns.load(plan, state, current, current)
+        if self.refresh_columns is not self.columns:
+            self.refresh_columns.load(plan, state, plan.region_columns(phase, window), current)
+        self.quotas.zero_()
+        self.schedule_len.zero_()
+        for g in phase:
+            if window < len(plan.schedules[g]):
+                schedule = plan.schedules[g][window]
+                self.quotas[g, : len(schedule)] = torch.tensor(schedule, device=state.device)
+                self.schedule_len[g] = len(schedule)
+        base = 0 if phase_cache is None else phase_cache.num_tokens
+        if self.per_block:
+            if with_phase_cache:
+                copy_cache(self.phase_cache, phase_cache, base)
+                self._load_block_prompts(phase_cache)
+            return
+        if self.cache is not None and with_phase_cache:
+            if phase_cache is not None:
+                copy_cache(self.cache, phase_cache, base)
+            else:
+                self.cache.lengths.copy_(state.prompt_lens)
+        if self.windowed:
+            segments = self._sequence()[2]
+            self.cache.segments[:, base : self.extra_start].copy_(segments[:, self.refresh_cols])
+            forwarded = torch.isin(self.extra_cols, self.step_cols + self.canvas_offset)
+            self.cache.segments[:, self.extra_start :].copy_(torch.where(forwarded, segments[:, self.extra_cols], PAD))
+        self._choose_attention()
+
+    def _choose_attention(self) -> None:
+        """Whether this window's step and refresh attend with no mask: where every query sees
+        every key (one request, no padding, ``canvas`` attention or one segment) the fastest
+        attention kernels apply. A graph is captured per choice. One host sync per window."""
+        mode = self.config.attention
+        if not self.windowed:
+            segments = self._sequence()[2][:, self.step_cols]
+            keys = segments if self.cache is None else torch.cat((self.cache.segments, segments), 1)
+            self.step_dense = bool(attention_mask(segments, keys, mode).all())
+            return
+        step_segments = self.state.segments[:, self.step_cols]
+        keys, refresh_keys = self.cache.segments, self._refresh_keys()
+        refresh_segments = keys[:, self.refresh_slots]
+        dense = torch.stack((attention_mask(step_segments, keys, mode).all(),
+                             attention_mask(refresh_segments, refresh_keys, mode).all()))
+        self.step_dense, self.refresh_dense = dense.tolist()
+
+    def _refresh_keys(self) -> torch.Tensor:
+        """[B, C] segments of the keys a refresh sees: the step cache's, less the slots of step
+        columns outside the phase (which the refresh does not forward)."""
+        keys = self.cache.segments
+        if len(self.extra_cols) == 0:
+            return keys
+        return torch.cat((keys[:, : self.extra_start], torch.full_like(keys[:, self.extra_start :], PAD)), 1)
+
+    @property
+    def step_graph(self) -> torch.cuda.CUDAGraph | None:
+        """The step graph the current window replays (None before its first replay, or when
+        steps are called rather than replayed)."""
+        return self.step_graphs.get(self.step_dense)
+
+    @property
+    def refresh_graph(self) -> torch.cuda.CUDAGraph | None:
+        return self.refresh_graphs.get(self.refresh_dense)
+
+    def refresh(self) -> None:
+        """A window's first step (or a periodic refresh)."""
+        self._run(self.refresh_graphs, self.refresh_dense, self._refresh_step, 1)
+
+    def step(self, count: int) -> None:
+        """``count`` steps of the current window (a step where no group is active changes nothing)."""
+        self._run(self.step_graphs, self.step_dense, self._step, count)
+
+    def release(self) -> None:
+        """Drops the graphs (their private memory) and the static caches."""
+        for graph in (*self.step_graphs.values(), *self.refresh_graphs.values()):
+            graph.reset()
+        self.step_graphs, self.refresh_graphs = {}, {}
+        self.cache = self.phase_cache = self.blocks = None
+
+    def _run(self, graphs: dict, dense: bool, body, count: int) -> None:
+        if not self.capture:
+            for _ in range(count):
+                body()
+            return
+        if dense not in graphs:
+            graphs[dense] = self._capture(body)
+        for _ in range(count):
+            graphs[dense].replay()
+
+    def _capture(self, body) -> torch.cuda.CUDAGraph:
+        """Captures ``body``. The warm-up runs really commit, so the state is put back."""
+        s = self.state
+        state = (s.canvas, s.trace, s.group_steps, s.window_steps, s.step)
+        saved = [t.clone() for t in state]
+        # Warm-up on the current stream: memory a side stream allocates here stays allocated
+        # after the graph is gone (measured on torch 2.11: hundreds of MiB per capture).
+        for _ in range(2):
+            body()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            body()
+        for tensor, value in zip(state, saved):
+            tensor.copy_(value)
+        return graph
+
+    # --- static buffers ----------------------------------------------------------------------
+    def _build(self, phase_cache: PromptCache | None) -> None:
+        plan, state, phase = self.plan, self.state, self.phase
+        device, b = state.device, state.batch_size
+        windows = plan.num_windows(phase)
+        base = 0 if phase_cache is None else phase_cache.num_tokens
+        module = self.model.module
+        kv_like, cfg = module.embed.weight, module.cfg
+        self.cache = None
+        # Sequence coordinates (what ``_sequence`` returns): the prompt then the canvas under
+        # ``canvas`` attention with nothing cached, else the canvas alone (the prompt is cached).
+        self.canvas_offset = state.prompt_ids.shape[1] if phase_cache is None else 0
+        if self.windowed:
+            # The refresh forwards the phase's columns: the prompt then the canvas under
+            # ``canvas`` attention, the phase's blocks under ``isolated``.
+            if self.canvas_offset:
+                columns = torch.arange(self.canvas_offset + state.canvas.shape[1], device=device)
+            else:
+                columns = torch.tensor(plan.block_columns(phase), dtype=torch.long, device=device)
+            self.refresh_cols = columns  # [W]
+            step_width = max(len(plan.step_columns(phase, k)) for k in range(windows))
+            if self.per_block:
+                self.phase_cache = empty_cache(kv_like, cfg, b, base, len(columns), phase_cache.segments.dtype)
+                self._build_blocks(kv_like, cfg, b, base, windows)
+                step_width = len(phase) * self.block_width
+            else:
+                # The step's cache: the phase cache, then every refresh column's KV in a slot of its
+                # own; the refresh writes them all, a step rewrites its columns' slots, and every
+                # slot is a key (Fast-dLLM's dual cache, replaced in place). Last, a slot for each
+                # step column outside the phase (a shifted model's predecessor of a headerless
+                # group's first window): a key while a step forwards it.
+                in_phase = torch.zeros(self.canvas_offset + state.canvas.shape[1], dtype=torch.bool, device=device)
+                in_phase[columns] = True
+                outside = torch.tensor([c for k in range(windows) for c in plan.step_columns(phase, k)],
+                                       dtype=torch.long, device=device) + self.canvas_offset
+                self.extra_cols = outside[~in_phase[outside]].unique()  # [E]
+                self.extra_start = base + len(columns)
+                self.refresh_slots = base + torch.arange(len(columns), device=device)
+                self.slot_of = torch.full(in_phase.shape, -1, dtype=torch.long, device=device)
+                self.slot_of[columns] = self.refresh_slots
+                self.slot_of[self.extra_cols] = self.extra_start + torch.arange(len(self.extra_cols), device=device)
+                self.step_slots = torch.zeros(step_width, dtype=torch.long, device=device)
+                self.cache = empty_cache(kv_like, cfg, b, self.extra_start + len(self.extra_cols), 0, torch.long)
+            self.step_cols = torch.zeros(step_width, dtype=torch.long, device=device)
+        else:
+            # Every column of the phase's groups, finished or not: a static shape.
+            if self.canvas_offset:
+                self.step_cols = torch.arange(self.canvas_offset + state.canvas.shape[1], device=device)
+            else:
+                self.step_cols = torch.tensor(plan.block_columns(phase), dtype=torch.long, device=device)
+                self.cache = empty_cache(kv_like, cfg, b, base, len(self.step_cols), torch.long)
+        self.columns = _Columns(b, max(len(plan.window_columns(phase, k)) for k in range(windows)), device)
+        self.refresh_columns = self.columns
+        if self.fastdllm is not None and self.fastdllm.window_steps is not None:
+            self.refresh_columns = _Columns(b, max(len(plan.region_columns(phase, k)) for k in range(windows)), device)
+        g = plan.layout.num_groups
+        self.schedule_max = max(len(s) for gr in phase for s in plan.schedules[gr])
+        self.quotas = torch.zeros(g, self.schedule_max, dtype=torch.long, device=device)
+        self.schedule_len = torch.zeros(g, dtype=torch.long, device=device)
+        self.batch = torch.arange(b, device=device)
+
+    # --- blocks side by side (isolated think blocks, see BlockCache) ----------------------------
+    def _build_blocks(self, kv_like, cfg, b: int, base: int, windows: int) -> None:
+        """The per-block cache, the refresh's scatter into it, and the step's query width."""
+        plan, phase, device = self.plan, self.phase, self.state.device
+        m = len(phase)
+        lengths = [plan.layout.blocks[g][1] - plan.layout.blocks[g][0] for g in phase]
+        self.block_width = max(len(plan.step_columns([g], k)) for g in phase for k in range(windows))
+        exact = b == 1 and len(set(lengths)) == 1  # every slot a key: no mask at all
+        slots = base + max(lengths) if exact else _aligned(base + max(lengths))
+        kv = kv_like.new_zeros(cfg.num_layers, 2, b * m, slots, cfg.num_kv_heads, cfg.head_dim)
+        self.blocks = BlockCache(kv=kv, bias=None if exact else kv_like.new_zeros(b * m, 1, 1, slots))
+        self.block_slots = torch.zeros(b * m * self.block_width, dtype=torch.long, device=device)
+        # The refresh forwards every column of the phase: each one's k/v goes to its block's row.
+        self.refresh_dst = self._slots(self.refresh_cols.view(1, -1))  # [B * W]
+
+    def _slots(self, columns: torch.Tensor) -> torch.Tensor:
+        """Flat BlockCache slots (row * C + slot) of canvas ``columns`` ([K, S], any blocks) for
+        every request: [B * K * S], request-major."""
+        state, phase = self.state, self.phase
+        b, m, slots = state.batch_size, len(phase), self.blocks.kv.shape[3]
+        index = {g: j for j, g in enumerate(phase)}
+        block = torch.tensor([index[int(g)] for g in state.groups[columns.reshape(-1)].tolist()], device=state.device)
+        block = block.view(columns.shape)
+        start = torch.tensor([self.plan.layout.blocks[g][0] for g in phase], device=state.device)[block]
+        local = self.phase_cache.num_tokens + columns - start  # [m or 1, S]
+        rows = torch.arange(b, device=state.device).view(b, 1, 1) * m + block[None]  # [B, m or 1, S]
+        return (rows * slots + local[None]).reshape(-1)
+
+    def _block_columns(self, window: int) -> torch.Tensor:
+        """[m * S] each block's step columns, block-major, each block padded to S by repeating
+        its last column (the repeat computes and writes the same k/v as the original)."""
+        out = []
+        for g in self.phase:
+            cols = self.plan.step_columns([g], window)
+            out.extend(cols + cols[-1:] * (self.block_width - len(cols)))
+        return torch.tensor(out, dtype=torch.long, device=self.state.device)
+
+    def _load_block_prompts(self, phase_cache: PromptCache) -> None:
+        """Each block's row starts with its request's prompt KV; the bias masks what holds no key."""
+        device, layout, m = self.state.device, self.plan.layout, len(self.phase)
+        p = phase_cache.num_tokens
+        kv = self.blocks.kv  # [L, 2, B * m, C, Hkv, D]
+        layers, _, rows, slots, hkv, d = kv.shape
+        prompt = phase_cache.kv[..., :p, :].transpose(3, 4)  # [L, 2, B, P, Hkv, D]
+        kv.view(layers, 2, rows // m, m, slots, hkv, d)[:, :, :, :, :p].copy_(prompt[:, :, :, None])
+        if self.blocks.bias is not None:
+            lengths = torch.tensor([layout.blocks[g][1] - layout.blocks[g][0] for g in self.phase], device=device)
+            slot = torch.arange(slots, device=device)
+            prompt_key = phase_cache.segments != PAD  # [B, P]
+            block_key = (slot[None] >= p) & (slot[None] < p + lengths[:, None])  # [m, C]
+            key = block_key[None].repeat(rows // m, 1, 1)  # [B, m, C]
+            key[:, :, :p] = prompt_key[:, None]
+            bias = torch.zeros(key.shape, dtype=kv.dtype, device=device).masked_fill_(~key, float("-inf"))
+            self.blocks.bias.copy_(bias.view(rows, 1, 1, slots))
+
+    # --- device side: the bodies --------------------------------------------------------------
+    def forward(self) -> torch.Tensor:
+        """The model forward of a step alone (what ``benchmarks/latency.py`` compares a whole
+        step against): logits [B, N, V] of the window's columns. Through the model's own
+        ``__call__`` (a wrapper such as LLaDA's guidance, ``paradec.compat.llada.Guided``,
+        applies), except side by side, which only the plain transformer offers."""
+        state, module = self.state, self.model.module
+        logits_at = self._logits_at(self.columns)
+        if self.per_block:
+            cols = self.step_cols
+            return module.forward_blocks(state.canvas[:, cols], state.positions[:, cols], state.segments[:, cols],
+                                         self.blocks, self.block_slots, logits_at)
+        if self.windowed:
+            cols = self.step_cols
+            return self.model(state.canvas[:, cols], state.positions[:, cols], state.segments[:, cols],
+                          self.config.attention, cache=self.cache, logits_at=logits_at, check_inputs=False,
+                          dense=self.step_dense, slots=self.step_slots)
+        ids, positions, segments = (x[:, self.step_cols] for x in self._sequence())
+        return self.model(ids, positions, segments, self.config.attention, cache=self.cache, logits_at=logits_at,
+                      check_inputs=False, dense=self.step_dense)
+
+    def _logits_at(self, columns: _Columns) -> torch.Tensor:
+        return torch.where(columns.valid, self.state.positions[:, columns.cols], -1)  # [B, N]
+
+    def _sequence(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the refresh's (and an unwindowed step's) columns index: [B, L] ids, positions,
+        segments."""
+        state = self.state
+        if self.canvas_offset == 0:
+            return state.canvas, state.positions, state.segments
+        prompt_pos = torch.arange(self.canvas_offset, device=state.device).expand_as(state.prompt_ids)
+        prompt_real = prompt_pos < state.prompt_lens[:, None]
+        ids = torch.cat((state.prompt_ids, state.canvas), 1)
+        positions = torch.cat((torch.where(prompt_real, prompt_pos, -1), state.positions), 1)
+        segments = torch.cat((torch.where(prompt_real, PROMPT, PAD), state.segments), 1)
+        return ids, positions, segments
+
+    def _refresh_step(self) -> None:
+        """A window's first step: forward every column of the phase, writing their KV into the
+        step's cache (the blocks' rows, side by side), and commit from its logits."""
+        module, mode = self.model.module, self.config.attention
+        ids, positions, segments = (x[:, self.refresh_cols] for x in self._sequence())  # [B, W]
+        x = module.embed(ids.clamp(min=0))
+        if self.per_block:
+            keys = torch.cat((self.phase_cache.segments, segments), 1)
+            hidden, kv = module.run_layers(x, positions, attention_mask(segments, keys, mode), self.phase_cache)
+            for i, layer_kv in enumerate(kv):
+                for buffer, new in zip(self.blocks.kv[i], layer_kv):  # [B, Hkv, W, D] -> each column's slot
+                    hkv, d = new.shape[1], new.shape[3]
+                    buffer.view(-1, hkv, d).index_copy_(0, self.refresh_dst, new.transpose(1, 2).reshape(-1, hkv, d))
+            cache = self.phase_cache
+        else:
+            mask = None if self.refresh_dense else attention_mask(segments, self._refresh_keys(), mode)
+            hidden, _ = module.run_layers(x, positions, mask, self.cache, self.refresh_slots)
+            if self.canvas_offset:  # the prompt was forwarded: its last hidden state as of now
+                self.cache.last_hidden.copy_(hidden[self.batch, self.state.prompt_lens - 1])
+            cache = self.cache
+        logits_at = self._logits_at(self.refresh_columns)
+        logits = module.head(module.gather_rows(hidden, positions, segments, logits_at, cache, False))
+        self._commit(logits, logits_at, self.refresh_columns)
+
+    def _step(self) -> None:
+        self._commit(self.forward(), self._logits_at(self.columns), self.columns)
+
+    def _commit(self, logits: torch.Tensor, logits_at: torch.Tensor, columns: _Columns) -> None:
+        """Scoring, the policy, selection and the in-place commit of one step, then EOS filling
+        and the counters. logits: [B, N, V] of ``columns``; logits_at: [B, N]."""
+        state, cfg = self.state, self.config
+        b, n, vocab = logits.shape
+        g_count = self.plan.layout.num_groups
+        flat = logits.reshape(-1, vocab)  # [B * N, V]
+        group = columns.group.expand(b, -1)  # [B, N]
+        masked = (state.canvas[:, columns.cols] == state.mask_id) & columns.valid  # [B, N]
+        left = torch.zeros(b, g_count, dtype=torch.long, device=state.device).scatter_add_(
+            1, group, (masked & columns.current).long())  # [B, G] masked in the current windows
+        active = left > 0
+        masked = masked & active.gather(1, group)
+        noise = priority = None
+        if cfg.temperature > 0:
+            noise = self._uniform(columns, sampler.TOKENS, vocab)  # [B * N, V]
+        if self.policy.draws_order:
+            priority = self._uniform(columns, sampler.ORDER, 1)[:, 0].float()
+        rows = columns.rows
+        scores = ops.score(flat, rows, state.mask_id, state.stop_ids, columns.barred.reshape(-1), cfg.temperature,
+                           noise, self.sampling)
+        if self.fastdllm is not None:
+            scores.confidence = vocab_confidence(flat, rows, scores, state.mask_id)
+        done = state.window_steps  # [B, G]
+        length = self.schedule_len[None].expand(b, -1)  # [B, G]
+        scheduled = self.quotas[torch.arange(g_count, device=state.device)[None], done.clamp(max=self.schedule_max - 1)]
+        quota = torch.where(done < length, torch.minimum(scheduled, left), left)
+        if cfg.steps is not None:
+            remaining = (length - done).clamp(min=1)
+            floor = torch.where(done < length, (left + remaining - 1) // remaining, left)
+        else:
+            floor = torch.ones_like(left)
+        floor = torch.where(active, floor.clamp(min=1), 0)
+        flat_masked = masked.reshape(-1)
+        key = (self.batch[:, None] * g_count + group).reshape(-1)
+        candidates = Candidates(key=key, position=logits_at.reshape(-1), scores=scores,
+                                quota=quota.gather(1, group).reshape(-1), floor=floor.gather(1, group).reshape(-1),
+                                priority=priority)
+        lowest = torch.finfo(torch.float32).min
+        ranking = self.policy.rank(candidates).float().nan_to_num(nan=lowest, neginf=lowest)
+        ranking = torch.where(flat_masked, ranking, -torch.inf)
+        confidence = torch.where(flat_masked, scores.confidence, -torch.inf)
+        floor = candidates.floor
+        if self.fastdllm is not None and self.policy.rule == FACTOR:
+            floor = factor_last_commits(candidates, ranking, flat_masked, self.param, b * g_count)
+        ops.select_commit(state.canvas, state.trace, columns.batch_index, columns.cols.repeat(b), key,
+                          ranking, confidence, candidates.quota, floor, scores.tokens, self.policy.rule, self.param,
+                          _PENDING)
+        state.trace.copy_(torch.where(state.trace == _PENDING, state.step, state.trace))
+        if cfg.eos_closes_block:
+            fill_after_eos(state, self.model.spec.eos_id, state.step)
+        state.group_steps += active.long()
+        state.window_steps += active.long()
+        state.step += active.any().long()
+
+    def _uniform(self, columns: _Columns, salt: int, width: int) -> torch.Tensor:
+        """[B * N, width] the sampler's numbers for every (request, column) of a step."""
+        state = self.state
+        b, n = state.batch_size, len(columns.cols)
+        group = columns.group.expand(b, -1)  # [B, N]
+        return sampler.uniform(state.seeds[:, None].expand(b, n).reshape(-1), group.reshape(-1),
+                               state.group_steps.gather(1, group).reshape(-1), columns.offset.repeat(b), salt, width)
+
+
+def fill_after_eos(state: DecodeState, eos_id: int, step: torch.Tensor) -> None:
+    """An EOS committed at body position p means the text ends there: every masked position after
+    p in that group becomes EOS, committed at ``step`` (a 0-d device tensor: nothing here waits
+    for the host)."""
+    canvas, groups = state.canvas, state.groups
+    c = canvas.shape[1]
+    column = torch.arange(c, device=state.device).expand_as(canvas)
+    is_stop = torch.isin(canvas, state.stop_ids) & state.editable & (state.trace >= 0)
+    first = torch.full((canvas.shape[0], state.layout.num_groups), c, device=state.device)
+    first.scatter_reduce_(1, groups.expand_as(canvas), torch.where(is_stop, column, c), "amin")
+    fill = state.masked() & (column > first.gather(1, groups.expand_as(canvas)))
+    canvas.copy_(torch.where(fill, eos_id, canvas))
+    state.trace.copy_(torch.where(fill, step, state.trace))
+
+
+def _blocks_apart(plan: Plan, phase: list[int], phase_cache: PromptCache | None, shifted: bool) -> bool:
+    """Whether a windowed phase's steps attend block by block (``BlockCache``): isolated think
+    blocks (no summary in the phase, which attends to all of them) over a cached prompt, all with
+    the same number of windows, and a prompt short enough that m copies of its keys stay cheap
+    (see ``SIDE_BY_SIDE_MAX_KEYS``). A shifted model also needs a header on every block: a
+    block's first token is predicted from the column before it, which must be in the block (with
+    no header it is the prompt's last token, whose state only the prompt cache holds)."""
+    layout = plan.layout
+    headed = all(layout.bodies[g][0] > layout.blocks[g][0] for g in phase)
+    if not (
+        phase_cache is not None
+        and layout.num_think_blocks > 0
+        and layout.summary_group not in phase
+        and len({len(plan.windows[g]) for g in phase}) == 1
+        and (headed or not shifted)
+    ):
+        return False
+    prompt, blocks = phase_cache.num_tokens, sum(end - start for start, end in (layout.blocks[g] for g in phase))
+    return len(phase) * prompt + blocks <= SIDE_BY_SIDE_MAX_KEYS * (prompt + blocks)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // KEY_ALIGN) * KEY_ALIGN
+
+
+def _fill(columns: torch.Tensor, valid: torch.Tensor, values: torch.Tensor) -> None:
+    columns.zero_()
+    valid.zero_()
+    columns[: len(values)] = values
+    valid[: len(values)] = True
