@@ -149,10 +149,17 @@ def test_gsm8k_without_data_reads_the_packaged_test_split(tmp_path, monkeypatch)
     assert [e.gold for e in load_examples(get_task("gsm8k"), other).examples] == ["3"]
 
 
-@pytest.mark.parametrize("spread", ["examples", "canvas"])
-def test_eval_over_ranks_equals_one_process(tmp_path, spread, capsys):
-    code, one = _run(tmp_path, "--limit", "5", out="one.jsonl")
+@pytest.fixture(scope="module")
+def one_process(one_thread, tmp_path_factory):
+    """``paradec eval`` of 5 examples in this process: the rows both spreads are compared against."""
+    code, rows = _run(tmp_path_factory.mktemp("one"), "--limit", "5", out="one.jsonl")
     assert code == 0
+    return rows
+
+
+@pytest.mark.parametrize("spread", ["examples", "canvas"])
+def test_eval_over_ranks_equals_one_process(tmp_path, spread, one_process):
+    one = one_process
     argv = ["eval", "--task", "synthetic", "--limit", "5", "--out", str(tmp_path / "two.jsonl"), "--batch-size", "2",
             "--spread", spread, "--device", "cpu", *SMALL]
     assert launch(2, run_eval_cli, (argv,)) == [0, 0]

@@ -28,22 +28,31 @@ def _run(cmd, tmp_path):
     return done.stdout
 
 
-def test_one_process(model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def one_process(model_dir, tmp_path_factory):
+    """The example in one process (with --plot): (stdout, the plot's path). Both tests read it, so
+    the same single run is not started twice."""
+    tmp = tmp_path_factory.mktemp("one")
     out = _run([sys.executable, str(EXAMPLE), "--model", model_dir, "--prompt", "a b c", *ARGS,
-                "--plot", str(tmp_path / "order.png")], tmp_path)
+                "--plot", str(tmp / "order.png")], tmp)
+    return out, tmp / "order.png"
+
+
+def test_one_process(one_process):
+    out, plot = one_process
     for line in ("--- think 1", "--- think 3", "--- summary", "answer:", "NFE", "Global ARness@1"):
         assert line in out
     assert "placement" not in out  # one process: nothing spread
-    assert (tmp_path / "order.png").stat().st_size > 1000
+    assert plot.stat().st_size > 1000
 
 
-def test_two_ranks_under_torchrun(model_dir, tmp_path):
+def test_two_ranks_under_torchrun(model_dir, one_process, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(EXAMPLE), "--model", model_dir, "--prompt", "a b c", *ARGS]
     out = _run(cmd, tmp_path)
     assert "placement: 2 ranks, blocks per rank [[0, 1], [2]], idle []" in out
     assert out.count("--- summary") == 1  # printed on rank 0 only
     assert "rank 1 blocks [2]" in out
-    single = _run([sys.executable, str(EXAMPLE), "--model", model_dir, "--prompt", "a b c", *ARGS], tmp_path)
+    single, _ = one_process  # --plot only adds the picture: the decoded text is the same
     between = lambda text: text[text.index("--- think 1"):text.index("answer:")]  # noqa: E731
     assert between(out) == between(single)  # same blocks and summary as one process

@@ -85,7 +85,7 @@ def test_a_truncated_weights_file_is_a_checkpoint_error(saved, tmp_path, keep):
 @pytest.mark.parametrize("garbage", [
     random.Random(0).randbytes(4096),
     (12).to_bytes(8, "little") + b"not json!!!!" + bytes(64),  # a plausible length, then no header
-])
+], ids=["random-bytes", "no-header"])
 def test_garbage_weights_are_a_checkpoint_error(saved, tmp_path, garbage):
     root = shutil.copytree(saved, tmp_path / "ckpt")
     (root / "model.safetensors").write_bytes(garbage)
