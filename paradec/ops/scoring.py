@@ -93,7 +93,7 @@ def sampling_keep(scaled: torch.Tensor, top_k: int | None, top_p: float | None) 
 def score_logits(
     logits: torch.Tensor,
     mask_id: int,
-    stop_ids: tuple[int, ...],
+    stop_ids: tuple[int, ...] | torch.Tensor,
     bar_stop: torch.Tensor,
     temperature: float = 0.0,
     uniform_noise: torch.Tensor | None = None,
@@ -101,7 +101,8 @@ def score_logits(
     top_p: float | None = None,
     score_on: str = "model",
 ) -> Scores:
-    """logits: [N, V]; bar_stop: [N] bool, rows where stop ids are barred;
+    """logits: [N, V]; stop_ids: ids or an [S] tensor (on the logits' device: no host sync, so a
+    CUDA graph can capture this); bar_stop: [N] bool, rows where stop ids are barred;
     uniform_noise: [N, V] float64 in (0, 1), needed when temperature > 0.
     top_k, top_p: restrict the draw (temperature > 0; greedy choice keeps the argmax anyway);
     score_on: ``model`` scores at temperature 1 unfiltered, ``sampling`` on the draw's own
@@ -114,8 +115,8 @@ def score_logits(
         raise ValueError(f"score_on must be one of {list(SCORE_ON)}, got {score_on!r}")
     logits = logits.float()
     logits[:, mask_id] = float("-inf")
-    if stop_ids:
-        stops = torch.tensor(stop_ids, device=logits.device)
+    stops = torch.as_tensor(stop_ids, dtype=torch.long, device=logits.device)
+    if stops.numel():
         logits[:, stops] = torch.where(bar_stop[:, None], float("-inf"), logits[:, stops])
     positive_inf = torch.isposinf(logits)
     has_inf = positive_inf.any(-1, keepdim=True)
@@ -159,5 +160,5 @@ def score_twin(logits: torch.Tensor, rows: torch.Tensor, mask_id: int, stop_ids:
     """The score kernel's arguments (``paradec.ops.score``) on ``score_logits``: logits [R, V];
     rows [N]; stop_ids [S]; bar_stop [N]; noise [N, V] float64 uniforms (temperature > 0)."""
     s = sampling or Sampling()
-    return score_logits(logits[rows], mask_id, tuple(stop_ids.tolist()), bar_stop, temperature, noise,
+    return score_logits(logits[rows], mask_id, stop_ids, bar_stop, temperature, noise,
                         s.top_k, s.top_p, s.score_on)
