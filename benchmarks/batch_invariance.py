@@ -61,7 +61,7 @@ def row_check(fn, x: torch.Tensor, unit: int = SEQ, sizes=(1, 64, 128, 256)) -> 
 # --- 1. ops ----------------------------------------------------------------------------------------
 def ops_section(args) -> list[dict]:
     from paradec import ops
-    from paradec.models.transformer import apply_rotary, fused_add_norm, rotate, swiglu
+    from paradec.models.layers import apply_rotary, fused_add_norm, rotate, swiglu
 
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16

@@ -8,7 +8,7 @@ from an AR model and keeps its shift: the logits at position i - 1 predict token
 from __future__ import annotations
 
 from paradec.errors import CheckpointError, require_key as _get
-from paradec.models.transformer import TransformerConfig
+from paradec.models.transformer_config import TransformerConfig
 
 MODEL_TYPES = ("dream",)
 SHIFT_LOGITS = True

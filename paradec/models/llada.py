@@ -9,7 +9,7 @@ ff_out, RMSNorm, RoPE, no causal mask, an untied output head ``transformer.ff_ou
 from __future__ import annotations
 
 from paradec.errors import CheckpointError, require_key as _get
-from paradec.models.transformer import TransformerConfig
+from paradec.models.transformer_config import TransformerConfig
 
 MODEL_TYPES = ("llada",)
 SHIFT_LOGITS = False

@@ -31,7 +31,8 @@ from paradec.errors import CheckpointError, ConfigError, InputError
 from paradec.models import dream, llada
 from paradec.models.spec import DEFAULT_SUMMARY_HEADER, DEFAULT_THINK_HEADER, ModelSpec
 from paradec.models.cache import PromptCache
-from paradec.models.transformer import DiffusionTransformer, TransformerConfig
+from paradec.models.transformer import DiffusionTransformer
+from paradec.models.transformer_config import TransformerConfig
 
 FAMILIES: dict[str, ModuleType] = {t: fam for fam in (llada, dream) for t in fam.MODEL_TYPES}
 CONFIGS_DIR = Path(__file__).parent / "configs"
