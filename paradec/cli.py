@@ -22,7 +22,6 @@ import torch
 
 from paradec import __version__
 from paradec import config as C
-from paradec.config import GenerationConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _CHOICES = {"mode": C.MODES, "policy": C.POLICIES, "attention": C.ATTENTIONS, "schedule": C.SCHEDULES,
@@ -31,20 +30,27 @@ _CHOICES = {"mode": C.MODES, "policy": C.POLICIES, "attention": C.ATTENTIONS, "s
 _TYPES = {"int": int, "float": float, "str": str}
 
 
+_GROUPS = (("generation settings, per request (GenerationConfig; a flag left out takes the checkpoint's own "
+            "default, then paradec's)", C.RequestParams),
+           ("generation settings, runtime", C.RuntimeSettings),
+           ("generation settings, distributed (torchrun)", C.DistributedSettings))
+
+
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per GenerationConfig field; ``--name/--no-name`` for booleans; default: unset."""
-    group = parser.add_argument_group(
-        "generation settings (GenerationConfig); a flag left out takes the checkpoint's own default, then paradec's")
-    for f in dataclasses.fields(GenerationConfig):
-        flag = "--" + f.name.replace("_", "-")
-        base = str(f.type).replace(" | None", "")
-        text = f"{f.metadata['help']} (paradec's default: {f.default})".replace("%", "%%")
-        unset = {"dest": f"gen_{f.name}", "default": argparse.SUPPRESS, "help": text}  # absent unless given
-        if base == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **unset)
-        else:
-            group.add_argument(flag, type=_TYPES[base], choices=_CHOICES.get(f.name),
-                               metavar=None if f.name in _CHOICES else base.upper(), **unset)
+    """One flag per GenerationConfig field, grouped by the config's parts; ``--name/--no-name``
+    for booleans; default: unset (the checkpoint's own default, then paradec's)."""
+    for title, part in _GROUPS:
+        group = parser.add_argument_group(title)
+        for f in dataclasses.fields(part):
+            flag = "--" + f.name.replace("_", "-")
+            base = str(f.type).replace(" | None", "")
+            text = f"{f.metadata['help']} (paradec's default: {f.default})".replace("%", "%%")
+            unset = {"dest": f"gen_{f.name}", "default": argparse.SUPPRESS, "help": text}  # absent unless given
+            if base == "bool":
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, **unset)
+            else:
+                group.add_argument(flag, type=_TYPES[base], choices=_CHOICES.get(f.name),
+                                   metavar=None if f.name in _CHOICES else base.upper(), **unset)
 
 
 def generation_overrides(args: argparse.Namespace) -> dict:

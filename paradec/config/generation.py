@@ -1,0 +1,123 @@
+"""``GenerationConfig``: the flat config users write, and how overrides apply to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from functools import cached_property
+
+from paradec.config.choices import TOPK_POLICIES
+from paradec.config.params import DistributedSettings, RequestParams, RuntimeSettings, normalise_request
+from paradec.config.validation import validate
+from paradec.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class GenerationConfig(DistributedSettings, RuntimeSettings, RequestParams):
+    """How to decode: every field of the three parts, flat — the request's decoding parameters
+    (``RequestParams``: mode, canvas, budgets, policy, sampling, EOS rules, Hugging Face habits),
+    this process's runtime settings (``RuntimeSettings``: windows, cache, CUDA graphs) and the
+    distributed settings (``DistributedSettings``: prompt KV, gather, results, rank timeout), in
+    that order. Each part's docstring says what its fields do; ``config.request``,
+    ``config.runtime`` and ``config.distributed`` are the parts of this config.
+
+    Made, it has passed ``paradec.config.validate`` (every check that needs no context); every
+    bad value is refused before any work starts, with the field's name and its allowed range in
+    the message. ``GenerationConfig.build(config, **overrides)`` applies overrides the way
+    ``paradec.generate(**settings)`` does (dependent settings follow their condition).
+    """
+
+    def __post_init__(self) -> None:
+        normalise_request(self)
+        validate(self)
+
+    @classmethod
+    def build(cls, config: GenerationConfig | None = None, **overrides) -> GenerationConfig:
+        """``config`` (or the defaults) with ``overrides`` applied; unknown names are refused."""
+        unknown = sorted(set(overrides) - set(DEFAULTS))
+        if unknown:
+            raise ConfigError(f"unknown generation settings {unknown}; known: {sorted(DEFAULTS)}")
+        base = config or cls()
+        return replace(base, **_resolve_overrides(base, dict(overrides)))
+
+    @cached_property
+    def request(self) -> RequestParams:
+        """This config's per-request decoding parameters."""
+        return RequestParams(**_values(self, RequestParams))
+
+    @cached_property
+    def runtime(self) -> RuntimeSettings:
+        """This config's runtime settings."""
+        return RuntimeSettings(**_values(self, RuntimeSettings))
+
+    @cached_property
+    def distributed(self) -> DistributedSettings:
+        """This config's distributed settings."""
+        return DistributedSettings(**_values(self, DistributedSettings))
+
+    @property
+    def window_len(self) -> int | None:
+        """Tokens a group decodes at a time; None: its whole body."""
+        return self.block_len if self.mode == "block" else self.window
+
+    @property
+    def cache_mode(self) -> str | None:
+        """The windowed cache in use (``dual`` unless set), None when not windowed."""
+        if self.window_len is None:
+            return None
+        return self.cache or "dual"
+
+
+DEFAULTS = {f.name: f.default for f in fields(GenerationConfig)}
+# settings an override drops back to their default when it turns their condition off
+_DROPPED_WITH = {
+    "threshold": lambda c: c["policy"] == "threshold",
+    "factor": lambda c: c["policy"] == "factor",
+    "top_k": lambda c: c["temperature"] > 0,
+    "top_p": lambda c: c["temperature"] > 0,
+    "score_on": lambda c: c["temperature"] > 0,
+    "rank_temperature": lambda c: c["temperature"] > 0 and c["policy"] in TOPK_POLICIES
+    and c["mode"] not in ("ar_order", "random"),
+}
+_PARTS = (("Per-request decoding parameters (paradec.config.RequestParams)", RequestParams),
+          ("Runtime settings (paradec.config.RuntimeSettings)", RuntimeSettings),
+          ("Distributed settings (paradec.config.DistributedSettings)", DistributedSettings))
+
+
+def _values(config: GenerationConfig, part: type) -> dict:
+    return {f.name: getattr(config, f.name) for f in fields(part)}
+
+
+def _resolve_overrides(base: GenerationConfig, overrides: dict) -> dict:
+    """What ``build`` applies: ``threshold``/``factor`` given without ``policy`` imply their policy;
+    ``max_new_tokens`` sets the answer text's region of the resulting mode (and a region length
+    given later drops it); settings whose condition the overrides turn off drop to defaults."""
+    for name in ("threshold", "factor"):
+        if name in overrides and "policy" not in overrides and base.policy != name:
+            overrides["policy"] = name
+    mode = overrides.get("mode", base.mode)
+    target = "summary_len" if mode == "nap" else "answer_len"
+    given = overrides.get("max_new_tokens", base.max_new_tokens)
+    if target in overrides and "max_new_tokens" in overrides and overrides["max_new_tokens"] is not None \
+            and overrides[target] != overrides["max_new_tokens"]:
+        raise ConfigError(f"max_new_tokens={overrides['max_new_tokens']} and {target}={overrides[target]} disagree: "
+                          f"in mode={mode!r} max_new_tokens is the {target}; give one of them")
+    if target in overrides and "max_new_tokens" not in overrides:
+        overrides["max_new_tokens"] = None  # the region's length given later wins
+    elif given is not None:
+        overrides[target] = given
+    merged = {name: getattr(base, name) for name in DEFAULTS} | overrides
+    for name, applies in _DROPPED_WITH.items():
+        if name not in overrides and merged[name] != DEFAULTS[name] and not applies(merged):
+            overrides[name] = DEFAULTS[name]
+    return overrides
+
+
+def settings_help() -> str:
+    """One line per setting — name, type, default, what it does — from the fields' own help,
+    under a heading per part."""
+    lines = []
+    for heading, part in _PARTS:
+        lines.append(f"  {heading}:")
+        for f in fields(part):
+            lines.append(f"    {f.name} ({f.type}, default {f.default!r}): {f.metadata['help']}")
+    return "\n".join(lines)
