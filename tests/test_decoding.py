@@ -135,11 +135,13 @@ def test_top_k_commits_exactly_the_schedule(model):
         assert counts == expected
 
 
+@pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_isolated_block_is_the_same_alone_or_with_the_others(model, temperature):
-    """Contract 3: a think block's tokens do not depend on which other blocks are decoded."""
+def test_isolated_block_is_the_same_alone_or_with_the_others(model, temperature, window):
+    """Contract 3: a think block's tokens do not depend on which other blocks are decoded, with
+    whole blocks or windows (a windowed dual-cache phase steps and refreshes side by side)."""
     config = GenerationConfig(blocks=3, block_len=6, summary_len=3, tokens_per_step=2,
-                              temperature=temperature, seed=5)
+                              temperature=temperature, seed=5, window=window)
     layout = build_layout(model, config)
     prompt = encode_prompt(model, PROMPTS[0], config, layout)
     together = Runner(model, config, layout, [prompt]).run()

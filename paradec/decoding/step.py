@@ -28,7 +28,10 @@ Windowed isolated think blocks step *side by side*: under ``isolated`` attention
 queries see the prompt and block j only, so the step keeps a ``BlockCache`` (one row per block:
 the prompt's KV, then the block's) and one batched attention call serves every block without a
 mask over the other blocks' keys (three quarters of the keys at m = 4; measured in
-benchmarks/RESULTS.md). The price is m copies of the prompt KV in the step's cache.
+benchmarks/RESULTS.md), and the window's refresh runs the same way, each block's columns over
+its own row. The price is m copies of the prompt KV in the step's cache. A block's row never
+sees another block's keys, so a block decodes alone as it does beside the others (bit for bit
+where the kernels are batch-invariant: ``paradec.ops.batch_invariant``).
 """
 
 from __future__ import annotations
@@ -139,7 +142,6 @@ class PhaseSteps:
         base = 0 if phase_cache is None else phase_cache.num_tokens
         if self.per_block:
             if with_phase_cache:
-                copy_cache(self.phase_cache, phase_cache, base)
                 self._load_block_prompts(phase_cache)
             return
         if self.cache is not None and with_phase_cache:
@@ -202,7 +204,7 @@ class PhaseSteps:
         for graph in (*self.step_graphs.values(), *self.refresh_graphs.values()):
             graph.reset()
         self.step_graphs, self.refresh_graphs = {}, {}
-        self.cache = self.phase_cache = self.blocks = None
+        self.cache = self.blocks = None
 
     def _run(self, graphs: dict, dense: bool, body, count: int) -> None:
         if not self.capture:
@@ -253,7 +255,6 @@ class PhaseSteps:
             self.refresh_cols = columns  # [W]
             step_width = max(len(plan.step_columns(phase, k)) for k in range(windows))
             if self.per_block:
-                self.phase_cache = empty_cache(kv_like, cfg, b, base, len(columns), phase_cache.segments.dtype)
                 self._build_blocks(kv_like, cfg, b, base, windows)
                 step_width = len(phase) * self.block_width
             else:
@@ -304,8 +305,14 @@ class PhaseSteps:
         kv = kv_like.new_zeros(cfg.num_layers, 2, b * m, slots, cfg.num_kv_heads, cfg.head_dim)
         self.blocks = BlockCache(kv=kv, bias=None if exact else kv_like.new_zeros(b * m, 1, 1, slots))
         self.block_slots = torch.zeros(b * m * self.block_width, dtype=torch.long, device=device)
-        # The refresh forwards every column of the phase: each one's k/v goes to its block's row.
-        self.refresh_dst = self._slots(self.refresh_cols.view(1, -1))  # [B * W]
+        # The refresh forwards every column of every block, side by side too: block-major, each
+        # block padded to the longest by repeating its last column (same k/v to the same slot).
+        self.prompt_slots = base
+        longest = max(lengths)
+        padded = [list(range(*plan.layout.blocks[g])) for g in phase]
+        self.refresh_block_cols = torch.tensor([c for cols in padded for c in cols + cols[-1:] * (longest - len(cols))],
+                                               dtype=torch.long, device=device)  # [m * L]
+        self.refresh_block_slots = self._slots(self.refresh_block_cols.view(m, -1))  # [B * m * L]
 
     def _slots(self, columns: torch.Tensor) -> torch.Tensor:
         """Flat BlockCache slots (row * C + slot) of canvas ``columns`` ([K, S], any blocks) for
@@ -316,7 +323,7 @@ class PhaseSteps:
         block = torch.tensor([index[int(g)] for g in state.groups[columns.reshape(-1)].tolist()], device=state.device)
         block = block.view(columns.shape)
         start = torch.tensor([self.plan.layout.blocks[g][0] for g in phase], device=state.device)[block]
-        local = self.phase_cache.num_tokens + columns - start  # [m or 1, S]
+        local = self.prompt_slots + columns - start  # [m or 1, S]
         rows = torch.arange(b, device=state.device).view(b, 1, 1) * m + block[None]  # [B, m or 1, S]
         return (rows * slots + local[None]).reshape(-1)
 
@@ -386,26 +393,22 @@ class PhaseSteps:
 
     def _refresh_step(self) -> None:
         """A window's first step: forward every column of the phase, writing their KV into the
-        step's cache (the blocks' rows, side by side), and commit from its logits."""
-        module, mode = self.model.module, self.config.attention
-        ids, positions, segments = (x[:, self.refresh_cols] for x in self._sequence())  # [B, W]
-        x = module.embed(ids.clamp(min=0))
-        if self.per_block:
-            keys = torch.cat((self.phase_cache.segments, segments), 1)
-            hidden, kv = module.run_layers(x, positions, attention_mask(segments, keys, mode), self.phase_cache)
-            for i, layer_kv in enumerate(kv):
-                for buffer, new in zip(self.blocks.kv[i], layer_kv):  # [B, Hkv, W, D] -> each column's slot
-                    hkv, d = new.shape[1], new.shape[3]
-                    buffer.view(-1, hkv, d).index_copy_(0, self.refresh_dst, new.transpose(1, 2).reshape(-1, hkv, d))
-            cache = self.phase_cache
-        else:
-            mask = None if self.refresh_dense else attention_mask(segments, self._refresh_keys(), mode)
-            hidden, _ = module.run_layers(x, positions, mask, self.cache, self.refresh_slots)
-            if self.canvas_offset:  # the prompt was forwarded: its last hidden state as of now
-                self.cache.last_hidden.copy_(hidden[self.batch, self.state.prompt_lens - 1])
-            cache = self.cache
+        step's cache, and commit from its logits. Side by side, each block is a row of its own
+        (``forward_blocks``), so a block refreshes alone as it does beside the others."""
+        module, mode, state = self.model.module, self.config.attention, self.state
         logits_at = self._logits_at(self.refresh_columns)
-        logits = module.head(module.gather_rows(hidden, positions, segments, logits_at, cache, False))
+        if self.per_block:  # each block's row: its prompt copy's keys and its own block's, nothing else
+            cols = self.refresh_block_cols
+            logits = module.forward_blocks(state.canvas[:, cols], state.positions[:, cols], state.segments[:, cols],
+                                           self.blocks, self.refresh_block_slots, logits_at)
+            self._commit(logits, logits_at, self.refresh_columns)
+            return
+        ids, positions, segments = (x[:, self.refresh_cols] for x in self._sequence())  # [B, W]
+        mask = None if self.refresh_dense else attention_mask(segments, self._refresh_keys(), mode)
+        hidden, _ = module.run_layers(module.embed(ids.clamp(min=0)), positions, mask, self.cache, self.refresh_slots)
+        if self.canvas_offset:  # the prompt was forwarded: its last hidden state as of now
+            self.cache.last_hidden.copy_(hidden[self.batch, state.prompt_lens - 1])
+        logits = module.head(module.gather_rows(hidden, positions, segments, logits_at, self.cache, False))
         self._commit(logits, logits_at, self.refresh_columns)
 
     def _step(self) -> None:
