@@ -32,11 +32,11 @@ after switching.
 Measured (H200, LLaDA-8B shape, benchmarks/RESULTS.md): with the mode, 8 requests decoded in one
 batch equal each decoded alone (block dual cache and NAP windows); step time 1.04x the default
 at 32 rows a step, 1.39x at 128 (NAP m = 4), 1.16x for AR. Not covered yet: the score kernel's
-confidence/margin/entropy bits depend on its row count (paradec._C); the eager step appends a
-window's keys after the cache while the graphed step writes them into their slots, so graphs on
-and off visit keys in another order; a NAP refresh attends all blocks' queries in one call, so a
-block's queries see the other blocks' (masked) keys inside their row's visible set, and a block
-decoded alone differs from it decoded beside the others.
+confidence/margin/entropy bits depend on its row count (paradec._C), so in this mode scoring
+runs on its plain-torch twin (``paradec.ops.score``: softmax and top-k work row by row; the
+entropy's row sum runs through ``row_sum``). Graphs on and off run the same step body
+(``paradec.decoding.step``); side by side, a think block's step and refresh see its own row of
+keys only, so a block decoded alone meets the kernels a block beside others does, row for row.
 
 A leaf module: it imports nothing from paradec.
 """
@@ -279,6 +279,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     return matmul(flat, weight, bias).view(*lead, weight.shape[0])
+
+
+def row_sum(x: torch.Tensor) -> torch.Tensor:
+    """x: [M, K] fp32 -> [M]: each row's sum, as ``matmul`` with a row of ones (its reduction
+    order comes from K alone). Where torch's own row reduction splits a row across programs
+    when there are few rows (and so rounds otherwise), this does not. Twin: ``x.sum(-1)``."""
+    return matmul(x, torch.ones(1, x.shape[1], dtype=x.dtype, device=x.device))[:, 0]
 
 
 def matmul_twin(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
