@@ -256,28 +256,3 @@ def test_cuda_graphs_on_and_off_agree_in_the_mode():
         off = paradec.generate(model, ["1 + 2", "3 + 4 + 5"], seed=0, cuda_graphs=False, **config)
         release_kept(model)
     assert [r.token_ids for r in on] == [r.token_ids for r in off]
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_scores_of_a_row_do_not_depend_on_the_rows_beside_it():
-    """In the mode, a step's scores (token, confidence, margin, entropy) for 32 rows are the same
-    bits scored alone as among 64, 128 or 256 rows, first or last (the score kernel's are not:
-    its reductions split by row count, so the mode scores on the twin)."""
-    from paradec import ops
-
-    vocab = 126464
-    logits = _randn(256, vocab, seed=31, dtype=torch.bfloat16, device="cuda", scale=3.0)
-    stops = torch.tensor([2, 7], device="cuda")
-    with bi.batch_invariant():
-        def scores(rows):
-            s = ops.score(logits, rows, 5, stops, torch.zeros(len(rows), dtype=torch.bool, device="cuda"))
-            return torch.stack((s.tokens.double(), s.confidence.double(), s.margin.double(), s.neg_entropy.double()))
-
-        alone = scores(torch.arange(32, device="cuda"))
-        for m in (64, 128, 256):
-            first = scores(torch.arange(m, device="cuda"))[:, :32]
-            last = scores(torch.cat((torch.arange(32, m, device="cuda"), torch.arange(32, device="cuda"))))[:, m - 32:]
-            assert torch.equal(first, alone) and torch.equal(last, alone), m
-        terms = _randn(40, 5000, seed=32, dtype=torch.float32, device="cuda")
-        torch.testing.assert_close(bi.row_sum(terms), terms.sum(-1), rtol=1e-5, atol=1e-4)  # fp32 sums of 5000

@@ -22,7 +22,6 @@ import os
 
 import torch
 
-from paradec.ops import batch_invariant as bi
 from paradec.ops.scoring import Sampling, Scores, score_twin
 from paradec.ops.selection import TOPK, check_quota, select_commit_twin
 
@@ -67,14 +66,14 @@ def score(logits: torch.Tensor, rows: torch.Tensor, mask_id: int, stop_ids: torc
     sampling = sampling or Sampling()
     if sampling.rank_temperature > 0 and noise is None:
         raise ValueError("rank_temperature > 0 draws its noise from the sampling stream: it needs temperature > 0")
-    if sampling.plain and native_on(logits.device) and not bi.active(logits):
+    if sampling.plain and native_on(logits.device):
         if logits.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
             _check_indices(rows, logits.shape[0], stop_ids, logits.shape[1])  # the CUDA kernel cannot (no sync)
         tokens, confidence, margin, neg_entropy = torch.ops.paradec.score(
             logits, rows, mask_id, stop_ids, bar_stop, temperature, noise
         )
         scores = Scores(tokens, confidence, margin, neg_entropy)
-    else:  # the kernel has no filters nor sampling-distribution scores, and its sums split by row count: the twin
+    else:  # the kernel has no top-k/top-p filter nor sampling-distribution scores: the twin, on any device
         scores = score_twin(logits, rows, mask_id, stop_ids, bar_stop, temperature, noise, sampling)
     if sampling.rank_temperature > 0:
         scores.rank_noise = -torch.log(-torch.log(noise[:, mask_id]))

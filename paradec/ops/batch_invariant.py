@@ -32,11 +32,12 @@ after switching.
 Measured (H200, LLaDA-8B shape, benchmarks/RESULTS.md): with the mode, 8 requests decoded in one
 batch equal each decoded alone (block dual cache and NAP windows); step time 1.04x the default
 at 32 rows a step, 1.39x at 128 (NAP m = 4), 1.16x for AR. Not covered yet: the score kernel's
-confidence/margin/entropy bits depend on its row count (paradec._C), so in this mode scoring
-runs on its plain-torch twin (``paradec.ops.score``: softmax and top-k work row by row; the
-entropy's row sum runs through ``row_sum``). Graphs on and off run the same step body
-(``paradec.decoding.step``); side by side, a think block's step and refresh see its own row of
-keys only, so a block decoded alone meets the kernels a block beside others does, row for row.
+confidence/margin/entropy bits depend on its row count (paradec._C; its plain-torch twin's do
+too: routing the mode's scoring to it, measured on the H200, left a row's scores unequal among
+64 rows and cost 1 ms a step at 128 rows). Graphs on and off run one step body
+(``paradec.decoding.step``), and side by side a think block's step and refresh see its own row
+of keys only, so a block decoded alone equals it decoded beside the others in this mode
+(measured 4/4 at LLaDA-8B shape; benchmarks/RESULTS.md).
 
 A leaf module: it imports nothing from paradec.
 """
@@ -279,13 +280,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     return matmul(flat, weight, bias).view(*lead, weight.shape[0])
-
-
-def row_sum(x: torch.Tensor) -> torch.Tensor:
-    """x: [M, K] fp32 -> [M]: each row's sum, as ``matmul`` with a row of ones (its reduction
-    order comes from K alone). Where torch's own row reduction splits a row across programs
-    when there are few rows (and so rounds otherwise), this does not. Twin: ``x.sum(-1)``."""
-    return matmul(x, torch.ones(1, x.shape[1], dtype=x.dtype, device=x.device))[:, 0]
 
 
 def matmul_twin(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

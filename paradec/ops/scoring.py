@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from paradec.ops import batch_invariant as bi
-
 SCORE_ON = ("model", "sampling")
 
 
@@ -145,8 +143,7 @@ def score_logits(
         tokens = logits.argmax(-1)  # the filters always keep the argmax
     top2 = probs.topk(min(2, probs.shape[-1]), dim=-1).values  # [N, 2]
     second = top2[:, 1] if top2.shape[-1] > 1 else torch.zeros_like(top2[:, 0])
-    terms = torch.where(probs > 0, probs * log_probs, 0.0)  # [N, V]
-    neg_entropy = bi.row_sum(terms) if bi.active(terms) else terms.sum(-1)
+    neg_entropy = torch.where(probs > 0, probs * log_probs, 0.0).sum(-1)
     confidence = probs.gather(1, tokens[:, None])[:, 0]
     zero = torch.zeros_like(confidence)
     return Scores(
