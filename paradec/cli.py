@@ -22,9 +22,10 @@ import torch
 
 from paradec import __version__
 from paradec import config as C
+from paradec.decoding import policies
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_CHOICES = {"mode": C.MODES, "policy": C.POLICIES, "attention": C.ATTENTIONS, "schedule": C.SCHEDULES,
+_CHOICES = {"mode": C.MODES, "policy": policies.names(), "attention": C.ATTENTIONS, "schedule": C.SCHEDULES,
             "summary": C.SUMMARY_ORDERS, "prompt_kv": C.PROMPT_KV, "gather": C.GATHERS, "results_on": C.RESULTS_ON,
             "cache": C.CACHES}
 _TYPES = {"int": int, "float": float, "str": str}

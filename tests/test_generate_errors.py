@@ -29,7 +29,7 @@ def model(tmp_path_factory):
         ({"tokens_per_step": -1}, r"tokens_per_step must be an int >= 1"),
         ({"threshold": 0.0}, r"threshold must lie in \(0, 1\], got 0.0"),
         ({"threshold": 1.5}, r"threshold must lie in \(0, 1\], got 1.5"),
-        ({"policy": "greedy"}, r"policy must be one of \['confidence', 'margin', 'entropy', 'threshold', 'factor'\], got 'greedy'"),
+        ({"policy": "greedy"}, r"policy must be one of \['confidence', 'entropy', 'factor', 'margin', 'threshold'\], got 'greedy'"),
         ({"mode": "blocks"}, r"mode must be one of \['nap', 'ao', 'ar_order', 'random', 'block'\], got 'blocks'"),
         ({"window": 4, "mode": "ao"}, r"window applies to mode='nap' only"),
         ({"window": 4, "mode": "block"}, r"window applies to mode='nap' only \(block mode's window is block_len\)"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from functools import cached_property
 
-from paradec.config.choices import TOPK_POLICIES
+from paradec.decoding import policies
 from paradec.config.params import DistributedSettings, RequestParams, RuntimeSettings, normalise_request
 from paradec.config.validation import validate
 from paradec.errors import ConfigError
@@ -75,7 +75,7 @@ _DROPPED_WITH = {
     "top_k": lambda c: c["temperature"] > 0,
     "top_p": lambda c: c["temperature"] > 0,
     "score_on": lambda c: c["temperature"] > 0,
-    "rank_temperature": lambda c: c["temperature"] > 0 and c["policy"] in TOPK_POLICIES
+    "rank_temperature": lambda c: c["temperature"] > 0 and c["policy"] in policies.names(by_score=True)
     and c["mode"] not in ("ar_order", "random"),
 }
 _PARTS = (("Per-request decoding parameters (paradec.config.RequestParams)", RequestParams),

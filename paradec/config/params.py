@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
-from paradec.config.choices import (ATTENTIONS, CACHES, GATHERS, MODES, POLICIES, PROMPT_KV, RESULTS_ON,
-                                    RULE_POLICIES, SCHEDULES, SCORE_ON, SUMMARY_ORDERS, TOPK_POLICIES)
+from paradec.config.choices import (ATTENTIONS, CACHES, GATHERS, MODES, PROMPT_KV, RESULTS_ON, SCHEDULES, SCORE_ON,
+                                    SUMMARY_ORDERS)
+from paradec.decoding import policies
 from paradec.errors import ConfigError
 
 
@@ -227,7 +228,7 @@ def check_request(params: RequestParams) -> None:
     other (budgets over block mode's blocks included; nap windows are the runtime's)."""
     check_types(params, RequestParams)
     _choice("mode", params.mode, MODES)
-    _choice("policy", params.policy, POLICIES)
+    _choice("policy", params.policy, policies.names())
     _choice("attention", params.attention, ATTENTIONS)
     _choice("schedule", params.schedule, SCHEDULES)
     _choice("summary", params.summary, SUMMARY_ORDERS)
@@ -252,7 +253,7 @@ def check_request(params: RequestParams) -> None:
         value = getattr(params, name)
         if value != REQUEST_DEFAULTS[name] and not applies(params):
             raise ConfigError(f"{name}={value!r} {_NEEDS[name]}, got policy={params.policy!r}")
-    if params.policy in RULE_POLICIES and params.tokens_per_step is not None:
+    if params.policy in policies.names(rule=True) and params.tokens_per_step is not None:
         raise ConfigError(
             f"tokens_per_step applies to the top-k policies (confidence, margin, entropy); "
             f"policy={params.policy!r} commits by its rule (give steps to bound the steps)"
@@ -320,8 +321,8 @@ def _check_sampling(params: RequestParams) -> None:
         if params.mode in ("ar_order", "random"):
             raise ConfigError(f"rank_temperature ranks by the policy's score: mode={params.mode!r} does not rank "
                               f"by it (use nap, ao or block)")
-        if params.policy not in TOPK_POLICIES:
-            raise ConfigError(f"rank_temperature applies to the top-k policies {list(TOPK_POLICIES)}, got "
+        if params.policy not in policies.names(by_score=True):
+            raise ConfigError(f"rank_temperature applies to the top-k policies {list(policies.names(by_score=True))}, got "
                               f"policy={params.policy!r} (a rule commits by its threshold, not by a ranking)")
         if greedy:
             raise ConfigError("rank_temperature draws its ranking noise from the sampling stream, which greedy "
