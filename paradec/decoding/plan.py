@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from paradec.canvas import CanvasLayout
 from paradec.config import GenerationConfig, window_lengths
 from paradec.decoding.schedule import group_schedule
-from paradec.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -95,16 +94,10 @@ class Plan:
 def make_plan(config: GenerationConfig, layout: CanvasLayout, shifted: bool, think_blocks: list[int] | None = None,
               summary: bool | None = None) -> Plan:
     """The plan of a runner that decodes ``think_blocks`` (default all) and, when ``summary``
-    (default: when it decodes every think block), the summary."""
+    (default: when it decodes every think block), the summary; the arguments validated
+    (``paradec.config.validate``)."""
     m = layout.num_think_blocks
     groups = list(range(m)) if think_blocks is None else sorted(think_blocks)
-    if not set(groups) <= set(range(m)) or (m == 0 and think_blocks):
-        raise ConfigError(f"think_blocks must be a subset of range({m}), got {think_blocks}")
-    if (len(groups) < m or summary is not None) and config.attention == "canvas":
-        raise ConfigError(
-            "attention='canvas' needs every think block on one device (each block attends to all "
-            "the others); decoding blocks apart needs attention='isolated'"
-        )
     with_summary = m > 0 and (len(groups) == m if summary is None else summary)
     if m == 0:
         phases = [[0]]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from paradec.canvas import CanvasLayout
-from paradec.config import GenerationConfig
+from paradec.config import GenerationConfig, validate
 from paradec.decoding import policies
 from paradec.decoding.fastdllm_rules import FastDLLMRules
 from paradec.decoding.plan import make_plan
@@ -69,10 +69,9 @@ class Runner:
     ):
         self.model, self.config, self.layout, self.fastdllm = model, config, layout, fastdllm
         self.device = model.device
-        self.plan = make_plan(config, layout, model.module.shift_logits, think_blocks, summary)
         self.window_cap = None if fastdllm is None else fastdllm.window_steps  # steps a window may take at most
-        if self.window_cap is not None and not self.plan.windowed_cache:
-            raise ConfigError("FastDLLMRules.window_steps bounds a windowed cache's windows (cache='prefix' or 'dual')")
+        validate(config, layout=layout, think_blocks=think_blocks, summary=summary, window_steps=self.window_cap)
+        self.plan = make_plan(config, layout, model.module.shift_logits, think_blocks, summary)
         self.policy = policies.of(config)
         self.sampling = Sampling.of(config)  # the request's top_k / top_p / score_on / rank_temperature
         self.capture = captures(config, self.device)
