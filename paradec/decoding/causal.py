@@ -117,7 +117,7 @@ class StaticCausalDecoder:
         return self.module.head(hidden).argmax(-1)  # [B, V] -> [B]
 
     def _capture(self) -> None:
-        for _ in range(CAPTURE_SLOTS):  # warm-up on the current stream (see paradec.decoding.graphs)
+        for _ in range(CAPTURE_SLOTS):  # warm-up on the current stream (see paradec.decoding.step)
             self._step()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
