@@ -256,3 +256,59 @@ def test_cuda_graphs_on_and_off_agree_in_the_mode():
         off = paradec.generate(model, ["1 + 2", "3 + 4 + 5"], seed=0, cuda_graphs=False, **config)
         release_kept(model)
     assert [r.token_ids for r in on] == [r.token_ids for r in off]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_8b_width_decodes_the_same_in_any_company():
+    """LLaDA-8B's widths (4096 hidden, 32 heads, 12288 MLP, 126464 vocab; 2 of its 32 layers),
+    random bf16 weights, in the mode (the ``batch_invariant=True`` setting): requests of mixed
+    lengths batched equal each alone (block with the dual cache, NAP windows side by side), each
+    think block decoded alone equals it beside the others, and graphs on equal graphs off."""
+    import paradec
+    from paradec.api import build_layout, encode_prompt
+    from paradec.decoding.kept import release_kept
+    from paradec.decoding.runner import Runner
+    from paradec.models import build, reference_config
+
+    tiny = paradec.load("paradec-tiny")
+    model = build(reference_config("llada-8b-instruct") | {"n_layers": 2}, device="cuda", dtype=torch.bfloat16,
+                  seed=0, tokenizer=tiny.tokenizer)
+    texts = ["1 + 2 + 3 =", "what is 12 times 7, and then add 5 to it?", "9 - 4", "two plus two is four; three"]
+    settings = {"block": dict(mode="block", answer_len=64, block_len=16, cache="dual", tokens_per_step=4,
+                              attention="canvas", eos_closes_block=False, batch_invariant=True),
+                "nap": dict(mode="nap", blocks=4, block_len=32, summary_len=16, window=16, tokens_per_step=4,
+                            eos_closes_block=False, batch_invariant=True)}
+    for name, config in settings.items():
+        release_kept(model)
+        batch = paradec.generate(model, texts, seed=0, **config)
+        off = paradec.generate(model, texts, seed=0, cuda_graphs=False, **config)
+        assert [r.token_ids for r in off] == [r.token_ids for r in batch], name
+        for r, text in enumerate(texts):
+            assert paradec.generate(model, text, seed=r, **config).token_ids == batch[r].token_ids, (name, r)
+    generation = paradec.GenerationConfig(seed=0, **settings["nap"])
+    layout = build_layout(model, generation)
+    ids = [encode_prompt(model, texts[1], generation, layout)]
+    together = Runner(model, generation, layout, ids, summary=False).run().canvas
+    for j in range(4):
+        alone = Runner(model, generation, layout, ids, think_blocks=[j], summary=False).run().canvas
+        s, e = layout.bodies[j]
+        assert torch.equal(alone[0, s:e], together[0, s:e]), j
+    release_kept(model)
+
+
+def test_the_setting_applies_for_the_call_only(tmp_path):
+    """``batch_invariant=True`` turns the mode on while a runner decodes and back off after; on a
+    CPU the tokens do not change."""
+    import paradec
+
+    from tiny import tiny_checkpoint
+
+    root, _, _ = tiny_checkpoint(tmp_path, "llada", seed=4)
+    model = paradec.load(root)
+    seen = []
+    kw = dict(blocks=2, block_len=6, summary_len=3, tokens_per_step=2)
+    with bi.batch_invariant(False):
+        on = paradec.generate(model, "1 2 3", batch_invariant=True, on_step=lambda *_: seen.append(bi.enabled()), **kw)
+        assert not bi.enabled() and seen and all(seen)
+        assert paradec.generate(model, "1 2 3", **kw).token_ids == on.token_ids

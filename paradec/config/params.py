@@ -141,17 +141,20 @@ class RuntimeSettings:
     everything (and again every ``refresh_every`` steps when set). Reusing it is
     Fast-dLLM's approximation wherever a cached token attends to the window (always under
     ``canvas`` attention, where the prompt does; inside a think block under ``isolated``): the
-    result can differ from ``cache="none"``, which is exact. cuda_graphs: on a CUDA device, replay the steps of a
-    window as CUDA graphs (captured once per shape, no host synchronisation inside a step; the
-    host checks for completion every few steps) where a step has static shapes: greedy
-    (temperature 0), the forward reusing a cache (``isolated`` attention, or a windowed
-    ``prefix``/``dual`` cache), no ``random`` order. Elsewhere steps run eagerly.
+    result can differ from ``cache="none"``, which is exact. cuda_graphs: on a CUDA device, replay
+    the steps as CUDA graphs (captured once per shape, no host synchronisation inside a step; the
+    host checks for completion every few steps); off, or on a CPU, the same step body is called.
+    batch_invariant: on a GPU, kernels whose rounding does not depend on how many rows share a
+    call (``paradec.ops.batch_invariant``), so a request decodes the same batched, alone or
+    spread (bf16 costs 1.04-1.40x a step); None: the process's setting
+    (``PARADEC_BATCH_INVARIANT=1``); a CPU is unaffected.
     """
 
     window: int | None = _setting(None, "nap: decode each block this many body tokens at a time (None: the whole block)")
     cache: str | None = _setting(None, "windowed decoding's KV reuse: none, prefix or dual (default dual when windowed)")
     refresh_every: int | None = _setting(None, "windowed cache: recompute the reused KV every n steps (None: at each window's first step only)")
     cuda_graphs: bool = _setting(True, "on CUDA, replay static-shape steps as CUDA graphs")
+    batch_invariant: bool | None = _setting(None, "on a GPU, batch-invariant kernels: a request decodes the same in any batch (None: PARADEC_BATCH_INVARIANT)")
 
     def __post_init__(self) -> None:
         check_runtime(self)
