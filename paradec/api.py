@@ -5,9 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import threading
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,18 +15,18 @@ import torch
 from paradec import hybrid
 from paradec.answers import extract_answer
 from paradec.canvas import CanvasLayout, canvas_layout, check_headers
-from paradec.config import GenerationConfig, settings_help
-from paradec.decoding.kept import kept_runner
+from paradec.config import GenerationConfig, settings_help, validate
+from paradec.decoding.progress import Progress
 from paradec.decoding.runner import DecodeOutput, Runner
 from paradec.distributed import canvas as distributed_canvas
 from paradec.distributed import teardown
 from paradec.distributed.env import current_env, init_distributed, torchrun_without_group
+from paradec.engine import engine_for
 from paradec.errors import ConfigError, InputError
 from paradec.models.loading import DiffusionModel
 
 _PLACEHOLDER = "\u2063PARADEC_USER_TEXT\u2063"
 log = logging.getLogger(__name__)
-_REUSE = threading.Lock()  # one generate() at a time uses a model's kept runner
 _ROLES = ("system", "user", "assistant")
 
 Message = Mapping[str, str]  # {"role": "system" | "user" | "assistant", "content": str, optional "name"}
@@ -114,10 +112,11 @@ def generate(
     undecoded). ``result.answerer`` holds what it wrote; ``result.answer`` is its extracted
     answer. Under torchrun it runs on rank 0, where the results are.
 
-    on_step: called as ``on_step(runner, step)`` between steps with the canvas so far
-    (``runner.committed()`` counts each block's committed tokens); it may raise to stop. One
-    process only (not under torchrun). progress: a tqdm bar over the canvas's committed tokens
-    (one process only).
+    on_step: called as ``on_step(progress)`` between steps with a read-only view of the decode
+    (``paradec.decoding.progress.Progress``: ``step``; ``canvas`` and ``trace``, [B, C] copies of
+    the tokens so far and of the step that committed each; ``committed()``, [B, G] committed
+    tokens per block); it may raise to stop. One process only (not under torchrun). progress: a
+    tqdm bar over the canvas's committed tokens (one process only).
 
     streamer: receives the answer text as it is committed, with transformers' streamer protocol
     (``TextStreamer``, ``TextIteratorStreamer``): ``put(prompt_ids)`` first (a ``[1, P]`` tensor, which
@@ -147,19 +146,16 @@ def generate(
     _check_model(model)
     config = resolve_config(model, config, **overrides)
     env = _process_env(model)
-    summary = _check_answerer(answerer, answer_tokens, config, env) or with_summary
+    summary = _check_answerer(answerer, answer_tokens) or with_summary
     single, batch = split_prompts(prompts)
     _check_text_options(model, config, env, streamer, answerer, single)
     layout = build_layout(model, config)
     n = config.num_return_sequences
     encoded = [ids for p in batch for ids in [encode_prompt(model, p, config, layout)] * n]
     batch = [p for p in batch for _ in range(n)]  # prompt-major: request p*n + i is prompt p's sample i
-    longest = max(map(len, encoded))
-    if longest + layout.length > model.spec.max_length:
-        raise ConfigError(
-            f"prompt ({longest} tokens) + canvas ({layout.length} tokens) exceeds the model's maximum "
-            f"length {model.spec.max_length}; shorten blocks/block_len/summary_len/answer_len"
-        )
+    validate(config, layout=layout, ranks=env.world_size, answerer=answerer is not None,
+             prompt_tokens=max(map(len, encoded)), max_length=model.spec.max_length)
+    engine = engine_for(model)
     placement = rank_timings = None
     if on_step is not None and env.distributed:
         raise ConfigError("on_step runs in one process only; under torchrun progress is not reported per step")
@@ -176,19 +172,13 @@ def generate(
         on_step = watcher
     try:
         if env.distributed:
-            with _REUSE:  # the kept runners are this process's
-                spread = distributed_canvas.decode(model, config, layout, encoded, env, summary=summary)
+            spread = distributed_canvas.decode(engine, config, layout, encoded, env, summary=summary)
             if spread is None:
                 return None  # results live on rank 0 (results_on="all" sends them everywhere)
             output, placement, rank_timings = spread.output, spread.placement, spread.rank_timings
-        elif _REUSE.acquire(blocking=False):
-            try:
-                runner = kept_runner(model, config, layout, encoded, summary=None if summary else False)
+        else:
+            with engine.runner(config, layout, encoded, summary=None if summary else False) as runner:
                 output = _run(runner, on_step)
-            finally:
-                _REUSE.release()
-        else:  # another thread is decoding with the kept runner
-            output = _run(Runner(model, config, layout, encoded, summary=None if summary else False), on_step)
         if bar is not None:
             bar.close()
         results = [
@@ -226,20 +216,16 @@ def generate(
 generate.__doc__ += settings_help() + "\n"
 
 
-def _check_answerer(answerer, answer_tokens: int, config: GenerationConfig, env) -> bool:
-    """Validates an answerer before any work; returns whether the summary is decoded anyway
-    (True without an answerer)."""
+def _check_answerer(answerer, answer_tokens: int) -> bool:
+    """Checks an answerer and its budget (``validate`` checks the config it needs); returns
+    whether the summary is decoded anyway (True without an answerer)."""
     if answerer is None:
         return True
     if not isinstance(answerer, hybrid.ARModel):
         raise InputError(f"answerer must be a paradec.models.ar.ARModel (ARModel.load(path)), got "
                          f"{type(answerer).__name__}")
-    if not config.canvas:
-        raise ConfigError(f"an answerer reads think blocks: it needs mode='nap', got mode={config.mode!r}")
     if isinstance(answer_tokens, bool) or not isinstance(answer_tokens, int) or answer_tokens < 1:
         raise ConfigError(f"answer_tokens must be an int >= 1, got {answer_tokens!r}")
-    if env.distributed and config.results_on != "rank0":
-        raise ConfigError("an answerer runs on rank 0 where the results are: use results_on='rank0'")
     return False
 
 
@@ -299,11 +285,11 @@ class _Watcher:
         if streamer is not None:
             streamer.put(torch.tensor([prompt_ids]))
 
-    def __call__(self, runner, step: int) -> None:
+    def __call__(self, progress: Progress) -> None:
         if self.inner is not None:
-            self.inner(runner, step)
-        trace = runner.trace[:, self.start:self.end].cpu()  # [B, L]
-        ids = runner.canvas[:, self.start:self.end].cpu()
+            self.inner(progress)
+        trace = progress.trace[:, self.start:self.end].cpu()  # [B, L]
+        ids = progress.canvas[:, self.start:self.end].cpu()
         settled = []
         for r in range(trace.shape[0]):
             committed = int((trace[r] >= 0).long().cumprod(0).sum())  # the left-to-right committed prefix
@@ -316,8 +302,9 @@ class _Watcher:
             if r == 0 and self.streamer is not None:
                 safe = at if at is not None else len(text) if ended is not None else len(text) - _held(text, self.stop)
                 self._send(prefix, len(prefix) if safe == len(text) else _whole_tokens(self.decode, prefix, text[:safe]))
-        if self.stop and all(settled) and bool((runner.trace[:, self.others.to(runner.trace.device)] >= 0).all()):
-            raise _StopEarly(step)
+        others = progress.trace[:, self.others.to(progress.trace.device)]  # [B, K]
+        if self.stop and all(settled) and bool((others >= 0).all()):
+            raise _StopEarly(progress.step)
 
     def _send(self, ids: list[int], upto: int) -> None:
         if upto > self.sent:
@@ -408,12 +395,12 @@ class _ProgressBar:
         total = batch * sum(end - start for start, end in layout.bodies)
         self.bar = tqdm(total=total, unit="tok", desc="paradec.generate")
 
-    def __call__(self, runner, step: int) -> None:
-        done = int(runner.committed().sum())
+    def __call__(self, progress: Progress) -> None:
+        done = int(progress.committed().sum())
         self.bar.update(done - self.done)
         self.done = done
         if self.inner is not None:
-            self.inner(runner, step)
+            self.inner(progress)
 
     def close(self) -> None:
         self.bar.update(self.bar.total - self.done)

@@ -79,13 +79,13 @@ def run_counting_captures(rank, world_size, model_dir, requests, config, out_dir
     from paradec.decoding import runner
 
     captures = []
-    original = runner.GraphedSteps.__init__
+    original = runner.PhaseSteps.__init__
 
     def counting(self, *args, **kwargs):
         captures.append(True)
         original(self, *args, **kwargs)
 
-    runner.GraphedSteps.__init__ = counting
+    runner.PhaseSteps.__init__ = counting
     model = paradec.load(model_dir, device="cuda", dtype=torch.float32)
     outs = [paradec.generate(model, prompts, **config) for prompts in requests]
     tokens = None if outs[0] is None else [[(r.token_ids, r.trace) for r in out] for out in outs]
@@ -111,24 +111,26 @@ def run_expecting_errors(rank, world_size, model_dir, scenarios, out_dir):
 
 
 def run_with_fault(rank, world_size, model_dir, config, fault_rank, fault, out_dir):
-    """``fault_rank`` dies (``kill``) or raises (``raise``) at its second think step."""
+    """``fault_rank`` dies (``kill``) or raises (``raise``) before its second think step (where
+the runner asks the guard whether to go on)."""
     import time
 
     import paradec
-    from paradec.decoding.runner import Runner
+    from paradec.distributed.guard import Guard
 
     model = paradec.load(model_dir)
     if rank == fault_rank:
-        original = Runner._step
+        original, checks = Guard.check, []
 
-        def faulty(self, active, phase, cache, window_cache, step):
-            if step == 1:
+        def faulty(self):
+            checks.append(True)
+            if len(checks) == 2:
                 if fault == "kill":
                     os._exit(9)
                 raise ValueError("planted failure")
-            return original(self, active, phase, cache, window_cache, step)
+            return original(self)
 
-        Runner._step = faulty
+        Guard.check = faulty
     start = time.monotonic()
     try:
         paradec.generate(model, "a b c", **config)

@@ -126,11 +126,10 @@ def test_prompt_kv_cost_model(monkeypatch, non_owner_per_token, expected):
     from paradec.distributed import prompt_kv
     from paradec.distributed.env import DistEnv
 
-    rates = prompt_kv._Rates(link_bytes_per_s=1e9, prefill=[(0.01, 1e-5), (0.01, non_owner_per_token)])
-    monkeypatch.setattr(prompt_kv, "_measure", lambda model, env: rates)
+    rates = prompt_kv.Rates(link_bytes_per_s=1e9, prefill=[(0.01, 1e-5), (0.01, non_owner_per_token)])
     monkeypatch.setattr(prompt_kv, "kv_bytes_per_token", lambda model: 1000)
     env = DistEnv(rank=1, local_rank=1, world_size=2, device=torch.device("cpu"), backend="gloo")
-    costs = prompt_kv.estimate(object(), env, 2048)
+    costs = prompt_kv.estimate(rates, object(), env, 2048)
     assert costs.broadcast_s == pytest.approx(0.01 + 1e-5 * 2048 + 2048 * 1000 / 1e9)
     assert costs.recompute_s == pytest.approx(0.01 + non_owner_per_token * 2048)
     assert costs.choice == expected

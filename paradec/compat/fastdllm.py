@@ -27,8 +27,8 @@ Fast-dLLM's own decisions where paradec's differ (``FastDLLMRules``, applied by 
 confidence is the probability over the whole vocabulary, the mask id's mass included; its factor
 rule takes a block's last masked position too when that one alone fails its bound; its dual cache
 with a rule leaves what a block did not finish in ``steps / num_blocks`` forwards masked, to later
-blocks' first steps (those runs step eagerly, without CUDA graphs). Everything else is paradec's
-engine unchanged: the same caches, the same graphed steps, the same kernels.
+blocks' first steps. Everything else is paradec's engine unchanged: the same caches, the same
+step body (replayed as CUDA graphs on a GPU), the same kernels.
 
 Refused by name, never ignored: ``temperature > 0`` (Fast-dLLM draws its Gumbel noise from
 torch's global generator over every forwarded position — twice a step in
@@ -47,10 +47,10 @@ from __future__ import annotations
 
 import torch
 
-from paradec.api import _REUSE, build_layout, encode_prompt
+from paradec.api import build_layout, encode_prompt
 from paradec.config import GenerationConfig
-from paradec.decoding.kept import kept_runner
-from paradec.decoding.runner import FastDLLMRules, Runner
+from paradec.decoding.fastdllm_rules import FastDLLMRules
+from paradec.engine import engine_for
 from paradec.errors import ConfigError, InputError
 from paradec.models.loading import DiffusionModel
 
@@ -147,16 +147,11 @@ def _decode(cache, model, prompt, steps, gen_length, block_length, temperature, 
     if ids.shape[1] + layout.length > model.spec.max_length:
         raise ConfigError(f"prompt ({ids.shape[1]} tokens) + gen_length ({gen_length}) exceeds the model's maximum "
                           f"length {model.spec.max_length}")
-    if _REUSE.acquire(blocking=False):  # the model's kept runner (its CUDA graphs), as paradec.generate uses it
-        try:
-            output = kept_runner(model, config, layout, prompts, fastdllm=rules).run()
-        finally:
-            _REUSE.release()
-    else:  # another thread is decoding with the kept runner
-        output = Runner(model, config, layout, prompts, fastdllm=rules).run()
+    with engine_for(model).runner(config, layout, prompts, fastdllm=rules) as runner:  # the model's kept runner
+        output = runner.run()  # (its CUDA graphs) when free, as paradec.generate uses it
     x = torch.cat((ids.to(model.device), output.canvas), dim=1)  # [B, L + gen_length]
     # Fast-dLLM counts the forwards its loops make: the steps (under CUDA graphs a rule's replays past a
-    # block's end run too and count in output.nfe, not in output.steps; eager, the two are equal).
+    # block's end run too and count in output.nfe, not in output.steps; called steps, the two are equal).
     return x, output.steps
 
 

@@ -31,12 +31,12 @@ from paradec.config import GenerationConfig, validate
 from paradec.decoding import policies
 from paradec.decoding.fastdllm_rules import FastDLLMRules
 from paradec.decoding.plan import make_plan
+from paradec.decoding.progress import Progress
 from paradec.decoding.state import DecodeState
 from paradec.decoding.step import PhaseSteps, captures
 from paradec.errors import ConfigError
 from paradec.models.cache import PromptCache
 from paradec.models.loading import DiffusionModel
-from paradec.ops import batch_invariant as bi
 from paradec.ops.scoring import Sampling
 
 
@@ -119,16 +119,8 @@ class Runner:
         gathered think blocks. should_abort: called between steps; it raises to stop the run
         (another rank failed). on_step: called as ``on_step(runner, step)`` between steps (between
         batches of graph replays when steps replay as CUDA graphs), with ``canvas`` and ``trace``
-        as committed so far; it may raise to stop the run (a server's abort). With the config's
-        ``batch_invariant`` set, the run (prefill, captures, steps) uses that kernel mode, which is
-        process-wide while it lasts (``paradec.ops.batch_invariant``).
+        as committed so far; it may raise to stop the run (a server's abort).
         """
-        if self.config.batch_invariant is None:
-            return self._run(cache, start, should_abort, on_step)
-        with bi.batch_invariant(self.config.batch_invariant):
-            return self._run(cache, start, should_abort, on_step)
-
-    def _run(self, cache, start, should_abort, on_step) -> DecodeOutput:
         state = self.state
         t_start = self._clock()
         if cache is None and self.config.attention == "isolated":
@@ -158,7 +150,7 @@ class Runner:
                     if should_abort is not None:
                         should_abort()
                     if on_step is not None:
-                        on_step(self, step)
+                        on_step(Progress(self, step))
                     if not loaded:
                         steps.load(window, cache, with_phase_cache=window == 0)
                         loaded = True

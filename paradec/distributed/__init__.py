@@ -7,11 +7,11 @@ from paradec.distributed.placement import Placement
 
 
 def teardown() -> None:
-    """Stops failure detection and ends the process group."""
-    from paradec.distributed.canvas import close_guard
+    """Stops failure detection (every engine's guard) and ends the process group."""
     from paradec.distributed.env import teardown as end_process_group
+    from paradec.engine import close_guards  # the engine builds on this package
 
-    close_guard()
+    close_guards()
     end_process_group()
 
 

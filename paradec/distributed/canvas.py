@@ -4,7 +4,8 @@ Each rank decodes its own think blocks with a copy of the prompt KV; ranks do no
 thinking. At summary time rank 0 gathers the blocks' tokens (and, with ``gather="kv"``, their
 KV), decodes the summary over prompt + all blocks, and holds the result. Under ``isolated``
 attention a block's tokens do not depend on where it was decoded, so the output equals the
-one-process run token for token.
+one-process run token for token. The model's engine (``paradec.engine.Engine``) holds what
+outlives a call: the kept runners, this rank's guard, the measured prompt-KV rates.
 """
 
 from __future__ import annotations
@@ -12,25 +13,26 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from paradec.canvas import CanvasLayout
 from paradec.config import GenerationConfig
-from paradec.decoding.kept import kept_runner
 from paradec.decoding.runner import DecodeOutput, Runner
 from paradec.distributed import prompt_kv
 from paradec.distributed.env import DistEnv
 from paradec.distributed.guard import Guard
 from paradec.distributed.placement import SUMMARY_RANK, Placement
 from paradec.errors import ConfigError
-from paradec.models.loading import DiffusionModel
 from paradec.models.cache import PromptCache
+from paradec.models.loading import DiffusionModel
 
-_GUARD: Guard | None = None
+if TYPE_CHECKING:
+    from paradec.engine import Engine
 
 
 @dataclass
@@ -40,73 +42,48 @@ class DistributedOutput:
     rank_timings: list[dict]
 
 
-def guard_for(env: DistEnv, timeout_s: float) -> Guard:
-    """This process's guard (one per process, kept across calls)."""
-    global _GUARD
-    if _GUARD is None:
-        _GUARD = Guard(env.rank, env.world_size, timeout_s)
-    _GUARD.timeout_s = timeout_s
-    return _GUARD
-
-
-def close_guard() -> None:
-    global _GUARD
-    if _GUARD is not None:
-        _GUARD.close()
-        _GUARD = None
-
-
-def decode(model: DiffusionModel, config: GenerationConfig, layout: CanvasLayout, prompts: list[list[int]],
+def decode(engine: Engine, config: GenerationConfig, layout: CanvasLayout, prompts: list[list[int]],
            env: DistEnv, summary: bool = True) -> DistributedOutput | None:
-    """Decodes on every rank; returns the output on rank 0 (every rank with
-    ``results_on="all"``), None elsewhere. summary: False leaves the summary undecoded (an AR
-    answerer reads the gathered blocks instead)."""
-    if config.attention != "isolated":
-        raise ConfigError(
-            f"attention={config.attention!r} cannot be spread over {env.world_size} ranks: every block "
-            "attends to every other, so all blocks must sit on one device; use attention='isolated' "
-            "or run one process"
-        )
-    if not config.canvas:
-        raise ConfigError(f"mode={config.mode!r} has no think blocks to spread; run it in one process")
-    if config.summary == "concurrent":
-        raise ConfigError(
-            "summary='concurrent' attends to every think block at every step, so it cannot be spread "
-            "over ranks; use summary='after' or run one process"
-        )
-    guard = guard_for(env, config.rank_timeout_s)
+    """Decodes on every rank with ``engine``'s model; returns the output on rank 0 (every rank
+    with ``results_on="all"``), None elsewhere. summary: False leaves the summary undecoded (an
+    AR answerer reads the gathered blocks instead). ``config`` must have passed
+    ``validate(config, ranks=env.world_size)`` (``paradec.generate`` validates before any work)."""
+    guard = engine.guard(env, config.rank_timeout_s)
     guard.new_run()
     try:
-        return _decode(model, config, layout, prompts, env, guard, summary)
+        with ExitStack() as runners:  # the engine's runners this call holds (kept ones wait for it)
+            return _decode(engine, config, layout, prompts, env, guard, runners, summary)
     except BaseException as error:
         guard.report(error)
         raise
 
 
-def _decode(model, config, layout, prompts, env: DistEnv, guard: Guard, with_summary: bool = True
-            ) -> DistributedOutput | None:
+def _decode(engine: Engine, config: GenerationConfig, layout: CanvasLayout, prompts: list[list[int]], env: DistEnv,
+            guard: Guard, runners: ExitStack, with_summary: bool) -> DistributedOutput | None:
+    model = engine.model
     clock = _Clock(env)
     started = clock.last
     with guard.meeting("start"):
         _check_agreement(model, config, prompts, env)
     placement = Placement.plan(layout.num_think_blocks, env.world_size)
     mine = list(placement.blocks_of_rank[env.rank])
-    local = kept_runner(model, config, layout, prompts, think_blocks=mine, summary=False)
+    local = runners.enter_context(engine.runner(config, layout, prompts, think_blocks=mine, summary=False, wait=True))
     timings = {"rank": env.rank, "blocks": mine}
 
     how = config.prompt_kv
     if how == "auto":
         with guard.meeting("measure"):
-            costs = prompt_kv.estimate(model, env, local.prompt_ids.shape[1])
+            costs = prompt_kv.estimate(engine.prompt_kv_rates(env), model, env, local.state.prompt_ids.shape[1])
         how = costs.choice
         timings |= {"predicted_broadcast_s": costs.broadcast_s, "predicted_recompute_s": costs.recompute_s}
     with guard.meeting("prompt-kv") if how == "broadcast" else nullcontext():
         clock.start()
-        cache = prompt_kv.prefill(model, env, local.prompt_ids, local.prompt_lens, how, reserve=layout.length)
+        cache = prompt_kv.prefill(model, env, local.state.prompt_ids, local.state.prompt_lens, how, reserve=layout.length)
         timings["prefill"] = clock.lap()
         guard.tick()
         if how == "broadcast":
-            cache = prompt_kv.broadcast(model, env, cache, local.prompt_ids, local.prompt_lens, reserve=layout.length)
+            cache = prompt_kv.broadcast(model, env, cache, local.state.prompt_ids, local.state.prompt_lens,
+                                        reserve=layout.length)
             timings["broadcast"] = clock.lap()
 
     forwards = 0
@@ -131,7 +108,8 @@ def _decode(model, config, layout, prompts, env: DistEnv, guard: Guard, with_sum
     if env.rank == SUMMARY_RANK:
         first_step = int(trace.max()) + 1
         if with_summary:
-            summary = kept_runner(model, config, layout, prompts, think_blocks=[], summary=True)
+            summary = runners.enter_context(engine.runner(config, layout, prompts, think_blocks=[], summary=True,
+                                                          wait=True))
             cache_for_summary = cache if blocks_kv is None else blocks_kv
             output = summary.run(cache=cache_for_summary, start=(canvas, trace, first_step),
                                  should_abort=guard.check)  # the others wait at "done": each step is progress
@@ -193,7 +171,8 @@ def _own_blocks_kv(model: DiffusionModel, local: Runner, cache: PromptCache, pla
     if span is None:
         return None
     cols = slice(*span)
-    extended = model.module.extend(cache, local.canvas[:, cols], local.positions[:, cols], local.segments[:, cols],
+    state = local.state
+    extended = model.module.extend(cache, state.canvas[:, cols], state.positions[:, cols], state.segments[:, cols],
                                    "isolated")
     return extended.kv[..., cache.num_tokens:, :].contiguous()
 
@@ -225,7 +204,7 @@ def _gather_kv(local: Runner, cache: PromptCache, own_kv: torch.Tensor | None, p
     kv = cache.kv.new_empty(*cache.kv.shape[:4], p + end + reserve, cache.kv.shape[5])
     kv[..., :p, :] = cache.kv[..., :p, :]
     kv[..., p : p + end, :] = torch.cat(tails, dim=4)
-    segments = torch.cat((cache.segments, local.segments[:, :end]), dim=1)
+    segments = torch.cat((cache.segments, local.state.segments[:, :end]), dim=1)
     return PromptCache(kv=kv, segments=segments, lengths=cache.lengths, last_hidden=cache.last_hidden)
 
 

@@ -52,14 +52,18 @@ class RankFailure(ParadecError, RuntimeError):
 
 
 class Guard:
-    def __init__(self, rank: int, world_size: int, timeout_s: float, heartbeat_s: float = 0.5):
+    """One rank's failure detection for the distributed decodes of one engine
+    (``paradec.engine.Engine.guard``). name: the guard's own keys in the store; the ranks' guards
+    of one engine share it."""
+
+    def __init__(self, rank: int, world_size: int, timeout_s: float, name: str, heartbeat_s: float = 0.5):
         self.rank, self.world_size = rank, world_size
         self._heartbeat_max = heartbeat_s
         self.timeout_s = timeout_s
         self.run = 0
         self.progress = 0  # advanced by this rank's decoding; published by the heartbeat thread
-        # keys of this incarnation of the job (torchrun keeps its store across restarts)
-        self._ns = f"paradec/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        # keys of this guard in this incarnation of the job (torchrun keeps its store across restarts)
+        self._ns = f"paradec/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"
         self.store = _client(timeout_s)
         try:
             self.store.delete_key(f"{self._ns}/gone/{rank}")

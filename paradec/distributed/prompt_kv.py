@@ -8,9 +8,10 @@ slower than the owner by more than the transfer takes (a slower or busier GPU), 
 the other ranks the prefill's compute. An 8B MHA model's KV is 0.5 MiB per token: a 2k-token
 prompt is ~1 GiB, a few ms over NVLink-class links against tens of ms of prefill.
 
-Cost model (``estimate``): measured once per process on first use, on every rank at once — the
-link, by timing broadcasts of a 16 MiB tensor from the owner; each rank's prefill, as a fixed
-cost plus a cost per token, from timed prefills of this model over 128 and 512 tokens.
+Cost model (``estimate``): ``measure``d on every rank at once — the link, by timing broadcasts
+of a 16 MiB tensor from the owner; each rank's prefill, as a fixed cost plus a cost per token,
+from timed prefills of this model over 128 and 512 tokens — once per model and device: the
+model's engine keeps the rates (``paradec.engine.Engine.prompt_kv_rates``).
 Predicted: broadcast = the owner's prefill + bytes / link rate; recompute = the slowest rank's
 prefill. The cheaper one wins.
 """
@@ -32,7 +33,6 @@ from paradec.models.cache import PromptCache
 
 CHOICES = ("auto", "broadcast", "recompute")
 _PROBE_TOKENS = (128, 512)
-_MEASURED: dict[str, "_Rates"] = {}
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,9 @@ class Costs:
 
 
 @dataclass(frozen=True)
-class _Rates:
+class Rates:
+    """What ``measure`` found: the owner's view of the link, and each rank's prefill cost."""
+
     link_bytes_per_s: float
     prefill: list[tuple[float, float]]  # per rank: (fixed seconds, seconds per token)
 
@@ -60,36 +62,32 @@ def kv_bytes_per_token(model: DiffusionModel) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
 
 
-def estimate(model: DiffusionModel, env: DistEnv, prompt_tokens: int) -> Costs:
+def estimate(rates: Rates, model: DiffusionModel, env: DistEnv, prompt_tokens: int) -> Costs:
     """Predicted seconds until every rank holds the prompt KV, both ways; every rank computes
     the same numbers from the same gathered measurements, so every rank makes the same choice."""
-    rates = _measure(model, env)
     transfer = prompt_tokens * kv_bytes_per_token(model) / rates.link_bytes_per_s
     slowest = max(rates.prefill_s(r, prompt_tokens) for r in range(env.world_size))
     return Costs(rates.prefill_s(SUMMARY_RANK, prompt_tokens) + transfer, slowest)
 
 
-def _measure(model: DiffusionModel, env: DistEnv) -> _Rates:
-    key = f"{env.device}:{model.dtype}:{model.module.cfg!r}"  # the same on every rank
-    if key not in _MEASURED:
-        payload = torch.empty(16 << 20, dtype=torch.uint8, device=env.device)
-        times = []
-        for _ in range(4):
-            _sync(env)
-            t0 = time.perf_counter()
-            dist.broadcast(payload, src=SUMMARY_RANK)
-            _sync(env)
-            times.append(time.perf_counter() - t0)
-        link = torch.tensor([payload.numel() / statistics.median(times[1:])], dtype=torch.float64, device=env.device)
-        dist.broadcast(link, src=SUMMARY_RANK)  # the owner's view of the link, for every rank
-        short, long = (_prefill_seconds(model, env, n) for n in _PROBE_TOKENS)
-        per_token = max(long - short, 0.0) / (_PROBE_TOKENS[1] - _PROBE_TOKENS[0])
-        mine = torch.tensor([short - per_token * _PROBE_TOKENS[0], per_token], dtype=torch.float64,
-                            device=env.device)
-        every = [torch.empty_like(mine) for _ in range(env.world_size)]
-        dist.all_gather(every, mine)
-        _MEASURED[key] = _Rates(float(link), [(float(t[0]), float(t[1])) for t in every])
-    return _MEASURED[key]
+def measure(model: DiffusionModel, env: DistEnv) -> Rates:
+    """The link and every rank's prefill rates, timed now: a collective, every rank at once."""
+    payload = torch.empty(16 << 20, dtype=torch.uint8, device=env.device)
+    times = []
+    for _ in range(4):
+        _sync(env)
+        t0 = time.perf_counter()
+        dist.broadcast(payload, src=SUMMARY_RANK)
+        _sync(env)
+        times.append(time.perf_counter() - t0)
+    link = torch.tensor([payload.numel() / statistics.median(times[1:])], dtype=torch.float64, device=env.device)
+    dist.broadcast(link, src=SUMMARY_RANK)  # the owner's view of the link, for every rank
+    short, long = (_prefill_seconds(model, env, n) for n in _PROBE_TOKENS)
+    per_token = max(long - short, 0.0) / (_PROBE_TOKENS[1] - _PROBE_TOKENS[0])
+    mine = torch.tensor([short - per_token * _PROBE_TOKENS[0], per_token], dtype=torch.float64, device=env.device)
+    every = [torch.empty_like(mine) for _ in range(env.world_size)]
+    dist.all_gather(every, mine)
+    return Rates(float(link), [(float(t[0]), float(t[1])) for t in every])
 
 
 def _prefill_seconds(model: DiffusionModel, env: DistEnv, tokens: int) -> float:

@@ -2,10 +2,13 @@
 socket and sends progress and results back over a PUSH socket.
 
 Scheduling: requests wait in arrival order; the engine decodes the oldest together with every
-waiting request it is *compatible* with — the same generation config, greedy (``temperature``
+waiting request it is *compatible* with, up to ``max_batch``: the same runtime settings (one
+runner steps the batch) and, for now, the same per-request parameters (``config.request``; a
+batch decodes one config — mixed parameters are continuous batching's), greedy (``temperature``
 0, an order other than ``random``) and ``isolated`` attention, where batching cannot change a
 request's tokens (DESIGN.md contract 3; sampled requests decode alone because request r of a
-batch draws from ``seed + r``) — up to ``max_batch``. A batched request gets the tokens it would
+batch draws from ``seed + r``). The distributed settings are the operator's, the same for every
+request. A batched request gets the tokens it would
 get alone; its trace and NFE count the batch's steps (a summary starts once every think block of
 the batch is done), as ``paradec.generate`` on the same batch reports them. Between steps it reads new messages
 (ABORT, more ADDs), streams progress to the requests that asked for it, and stops the batch
@@ -31,7 +34,8 @@ import zmq
 
 import paradec
 from paradec.api import build_layout, encode_prompt, resolve_config
-from paradec.config import GenerationConfig
+from paradec.config import GenerationConfig, RequestParams
+from paradec.decoding.progress import Progress
 from paradec.distributed.guard import RankFailure
 from paradec.errors import ParadecError
 from paradec.serve.protocol import Limits, Message, MessageType, ProtocolError, decode, encode
@@ -54,11 +58,19 @@ class Request:
     deadline: float | None  # time.monotonic() after which the request fails with "timeout"
     arrived: float = field(default_factory=time.monotonic)
 
-    @property
-    def batchable(self) -> bool:
-        c = self.config
-        return (c.temperature == 0 and c.mode != "random" and c.attention == "isolated"
-                and not getattr(c, "rank_temperature", 0))  # random position draws use seed + r too
+    def batches_with(self, other: Request) -> bool:
+        """Whether ``other`` may join this request's batch: the same request parameters (for
+        now) and runtime settings, and parameters whose tokens batching cannot change."""
+        return (other.config.request == self.config.request and other.config.runtime == self.config.runtime
+                and batchable(self.config.request))
+
+
+def batchable(params: RequestParams) -> bool:
+    """Whether a request with these parameters gets the same tokens in a batch as alone: greedy
+    (sampled requests draw from ``seed + r``, r the batch position; so do ``random`` order's and
+    ``rank_temperature``'s position draws) under ``isolated`` attention."""
+    return (params.temperature == 0 and params.mode != "random" and params.attention == "isolated"
+            and params.rank_temperature == 0)
 
 
 class Engine:
@@ -202,13 +214,12 @@ class Engine:
     def _next_batch(self) -> list[Request]:
         first = self.waiting.popleft()
         batch = [first]
-        if first.batchable:
-            for request in list(self.waiting):
-                if len(batch) == self.max_batch:
-                    break
-                if request.batchable and request.config == first.config:
-                    self.waiting.remove(request)
-                    batch.append(request)
+        for request in list(self.waiting):
+            if len(batch) == self.max_batch:
+                break
+            if first.batches_with(request):
+                self.waiting.remove(request)
+                batch.append(request)
         return batch
 
     def _run(self, batch: list[Request]) -> None:
@@ -217,7 +228,8 @@ class Engine:
         lengths = [e - s for s, e in layout.bodies]
         streaming = any(r.stream for r in batch)
 
-        def on_step(runner, step: int) -> None:
+        def on_step(progress: Progress) -> None:
+            step = progress.step
             self.progress += 1
             self._drain(0)
             self._expire()
@@ -230,7 +242,7 @@ class Engine:
             if all(r.id in self.aborted for r in batch):
                 raise _AllAborted
             if streaming:
-                committed = runner.committed()  # [B, G]
+                committed = progress.committed()  # [B, G]
                 for i, r in enumerate(batch):
                     if r.stream and r.id not in self.aborted:
                         self._send(MessageType.OUTPUT, {"id": r.id, "kind": "progress", "step": step,
