@@ -37,6 +37,7 @@ from paradec.decoding.step import PhaseSteps, captures
 from paradec.errors import ConfigError
 from paradec.models.cache import PromptCache
 from paradec.models.loading import DiffusionModel
+from paradec.ops import batch_invariant as bi
 from paradec.ops.scoring import Sampling
 
 
@@ -119,8 +120,16 @@ class Runner:
         gathered think blocks. should_abort: called between steps; it raises to stop the run
         (another rank failed). on_step: called as ``on_step(runner, step)`` between steps (between
         batches of graph replays when steps replay as CUDA graphs), with ``canvas`` and ``trace``
-        as committed so far; it may raise to stop the run (a server's abort).
+        as committed so far; it may raise to stop the run (a server's abort). With the config's
+        ``batch_invariant`` set, the run (prefill, captures, steps) uses that kernel mode, which is
+        process-wide while it lasts (``paradec.ops.batch_invariant``).
         """
+        if self.config.batch_invariant is None:
+            return self._run(cache, start, should_abort, on_step)
+        with bi.batch_invariant(self.config.batch_invariant):
+            return self._run(cache, start, should_abort, on_step)
+
+    def _run(self, cache, start, should_abort, on_step) -> DecodeOutput:
         state = self.state
         t_start = self._clock()
         if cache is None and self.config.attention == "isolated":
