@@ -10,6 +10,8 @@ from paradec.models.ar import ARModel
 
 from tiny import tiny_ar_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest on one thread
+
 
 @pytest.fixture(scope="module")
 def ar_dir(tmp_path_factory):
