@@ -273,9 +273,8 @@ SETTINGS = {
 
 def batch_vs_alone(model, texts, settings) -> dict:
     import paradec
-    from paradec.decoding.kept import release_kept
 
-    release_kept(model)
+    paradec.engine_for(model).release_kept()
     t0 = time.perf_counter()
     batch = paradec.generate(model, texts, seed=0, **settings)
     equal = traces = differing = total = 0
@@ -288,7 +287,7 @@ def batch_vs_alone(model, texts, settings) -> dict:
         total += len(a)
     graphs_off = paradec.generate(model, texts, seed=0, cuda_graphs=False, **settings)
     graph_equal = sum(int(x.token_ids == y.token_ids) for x, y in zip(graphs_off, batch))
-    release_kept(model)
+    paradec.engine_for(model).release_kept()
     return {"requests_equal": equal, "requests": len(texts), "positions_differing": differing, "positions": total,
             "traces_equal": traces,
             "graphs_off_equal": graph_equal, "seconds": time.perf_counter() - t0}

@@ -55,7 +55,7 @@ def run_liveness(rank, world_size, model_dir, config, scenario, out_dir):
     import torch.distributed as dist
 
     import paradec
-    from paradec.decoding.runner import Runner
+    from paradec.decoding.step import PhaseSteps
     from paradec.distributed import canvas
 
     timeout = config["rank_timeout_s"]
@@ -68,14 +68,15 @@ def run_liveness(rank, world_size, model_dir, config, scenario, out_dir):
             json.dump(report, f)
 
     if rank == 1 and scenario == "sigstop":  # frozen at its second think step of the first call
-        original = Runner._step
+        original, calls = PhaseSteps._run, []
 
-        def frozen(self, active, phase, cache, window_cache, step):
-            if step == 1:
+        def frozen(self, *args):
+            calls.append(True)
+            if len(calls) == 2:
                 _stop_here(out_dir, rank)
-            return original(self, active, phase, cache, window_cache, step)
+            return original(self, *args)
 
-        Runner._step = frozen
+        PhaseSteps._run = frozen
     if rank == 1 and scenario == "stop_in_collective":  # frozen inside the gather, after the meeting
         gather = canvas._gather_tokens
 

@@ -128,7 +128,6 @@ def check_model(device: str, dtype: torch.dtype, root_dir: Path, decode=("llada"
     families in ``decode``) a request's tokens the same batched (mixed prompt lengths) as alone,
     in block-dual and NAP-window modes."""
     import paradec
-    from paradec.decoding.kept import release_kept
 
     sys.path.insert(0, str(HERE))
     from tiny import tiny_checkpoint
@@ -154,12 +153,12 @@ def check_model(device: str, dtype: torch.dtype, root_dir: Path, decode=("llada"
                     dict(mode="nap", blocks=2, block_len=12, summary_len=4, window=6, tokens_per_step=2)]
         for config in settings:
             with bi.batch_invariant():
-                release_kept(model)
+                paradec.engine_for(model).release_kept()
                 batch = paradec.generate(model, prompts, seed=3, eos_closes_block=False, **config)
                 for r, prompt in enumerate(prompts):
                     alone = paradec.generate(model, prompt, seed=3 + r, eos_closes_block=False, **config)
                     assert alone.token_ids == batch[r].token_ids and alone.trace == batch[r].trace, (family, config)
-                release_kept(model)
+                paradec.engine_for(model).release_kept()
 
 
 def run_all(device: str, dtypes, root_dir: Path) -> None:
@@ -246,15 +245,14 @@ def test_cuda_model_batch_equals_alone(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_on_and_off_agree_in_the_mode():
     import paradec
-    from paradec.decoding.kept import release_kept
 
     model = paradec.load("paradec-tiny", device="cuda")
     config = dict(mode="nap", blocks=2, block_len=24, summary_len=8, window=8, tokens_per_step=2)
     with bi.batch_invariant():
-        release_kept(model)
+        paradec.engine_for(model).release_kept()
         on = paradec.generate(model, ["1 + 2", "3 + 4 + 5"], seed=0, cuda_graphs=True, **config)
         off = paradec.generate(model, ["1 + 2", "3 + 4 + 5"], seed=0, cuda_graphs=False, **config)
-        release_kept(model)
+        paradec.engine_for(model).release_kept()
     assert [r.token_ids for r in on] == [r.token_ids for r in off]
 
 
@@ -267,7 +265,6 @@ def test_cuda_8b_width_decodes_the_same_in_any_company():
     think block decoded alone equals it beside the others, and graphs on equal graphs off."""
     import paradec
     from paradec.api import build_layout, encode_prompt
-    from paradec.decoding.kept import release_kept
     from paradec.decoding.runner import Runner
     from paradec.models import build, reference_config
 
@@ -280,7 +277,7 @@ def test_cuda_8b_width_decodes_the_same_in_any_company():
                 "nap": dict(mode="nap", blocks=4, block_len=32, summary_len=16, window=16, tokens_per_step=4,
                             eos_closes_block=False, batch_invariant=True)}
     for name, config in settings.items():
-        release_kept(model)
+        paradec.engine_for(model).release_kept()
         batch = paradec.generate(model, texts, seed=0, **config)
         off = paradec.generate(model, texts, seed=0, cuda_graphs=False, **config)
         assert [r.token_ids for r in off] == [r.token_ids for r in batch], name
@@ -294,7 +291,7 @@ def test_cuda_8b_width_decodes_the_same_in_any_company():
         alone = Runner(model, generation, layout, ids, think_blocks=[j], summary=False).run().canvas
         s, e = layout.bodies[j]
         assert torch.equal(alone[0, s:e], together[0, s:e]), j
-    release_kept(model)
+    paradec.engine_for(model).release_kept()
 
 
 def test_the_setting_applies_for_the_call_only(tmp_path):

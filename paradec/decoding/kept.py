@@ -84,9 +84,3 @@ class KeptRunners:
             runner.release()
         self.by_role.clear()
 
-
-def release_kept(model: DiffusionModel) -> None:
-    """Frees the runners ``model``'s engine keeps (their graphs and caches) now."""
-    from paradec.engine import engine_for  # the engine module builds on this one
-
-    engine_for(model).release_kept()

@@ -118,9 +118,10 @@ class Runner:
         under ``isolated``; it may already hold the think blocks' KV (then the summary uses it as
         is). start: (canvas [B, C], trace [B, C], first step) to continue from, such as the
         gathered think blocks. should_abort: called between steps; it raises to stop the run
-        (another rank failed). on_step: called as ``on_step(runner, step)`` between steps (between
-        batches of graph replays when steps replay as CUDA graphs), with ``canvas`` and ``trace``
-        as committed so far; it may raise to stop the run (a server's abort). With the config's
+        (another rank failed). on_step: called as ``on_step(progress)`` between steps (between
+        batches of graph replays when steps replay as CUDA graphs) with a read-only view
+        (``paradec.decoding.progress.Progress``: the step, copies of the canvas and trace as
+        committed so far); it may raise to stop the run (a server's abort). With the config's
         ``batch_invariant`` set, the run (prefill, captures, steps) uses that kernel mode, which is
         process-wide while it lasts (``paradec.ops.batch_invariant``).
         """

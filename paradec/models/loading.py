@@ -63,6 +63,7 @@ class DiffusionModel:
     tokenizer: object | None = None  # a transformers tokenizer; None for shape-only models
     generation: dict = field(default_factory=dict)  # the checkpoint's own generation defaults
     headers: dict = field(default_factory=dict, repr=False, compare=False)  # header text -> ids, read once
+    engine: object | None = field(default=None, init=False, repr=False, compare=False)  # paradec.engine_for sets it
 
     @property
     def device(self) -> torch.device:

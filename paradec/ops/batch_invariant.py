@@ -26,7 +26,7 @@ The switch: ``PARADEC_BATCH_INVARIANT=1`` for a whole process, or ``batch_invari
 (a context manager; process-wide, not per thread) / ``set_batch_invariant``. The model layer
 (``paradec.models.transformer``) asks ``active(x)``: on, Triton importable, ``x`` on CUDA and no
 autograd (training keeps the default kernels). CPU paths never change. CUDA graphs captured in
-one mode keep that mode's kernels: release kept runners (``paradec.decoding.kept.release_kept``)
+one mode keep that mode's kernels: release kept runners (``paradec.engine_for(model).release_kept()``)
 after switching.
 
 Measured (H200, LLaDA-8B shape, benchmarks/RESULTS.md): with the mode, 8 requests decoded in one
