@@ -29,6 +29,8 @@ from paradec.models.loading import DTYPES, load_tokenizer, parse_device, parse_d
 
 from tiny import dream_config, dream_weights, tiny_checkpoint, write_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest on one thread
+
 RAN_VAR = "PARADEC_TEST_CHECKPOINT_CODE_RAN"
 # Qwen2's pre-tokenizer split, as its published tokenizer.json has it.
 QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""

@@ -5,6 +5,7 @@ cannot be honoured refused by name in OpenAI's error shape."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from paradec.train.tasks import arith
 from dist_worker import free_port
 
 openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest on one thread
 
 SMALL = {"blocks": 2, "tokens_per_step": 4}  # a short canvas: quick on the CPU
 QUESTION = arith.test_problems()[30].question  # the tiny model thinks about it: its blocks are not empty
@@ -36,7 +38,10 @@ def served(tmp_path_factory):
     command = [sys.executable, "-m", "paradec", "serve", "--model", "paradec-tiny", "--device", "cpu",
                "--address", address, "--http-port", str(port)]
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        # One thread, as the tests' own models run: two threads on two busy cores made each request
+        # take seconds instead of a fraction of one.
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   env=os.environ | {"OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 180
         while True:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import matplotlib.image
+import pytest
 
 import paradec
 from paradec.api import build_layout
 from paradec.plots import decode_order_png
 
 from tiny import tiny_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest on one thread
 
 
 def test_decode_order_png(tmp_path):
