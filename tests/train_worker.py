@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_train.py: train(TrainConfig(**json)) on this rank (gloo on CPU).
+"""Run under torchrun by tests/train/test_trainer_ddp.py: train(TrainConfig(**json)) on this rank (gloo on CPU).
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 train_worker.py CONFIG.json
 """
