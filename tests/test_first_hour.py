@@ -154,10 +154,10 @@ def test_without_a_chat_template_one_user_message_is_its_text(model):
 
 
 def test_the_server_engine_renders_chat_the_same_way(chat_model):
-    from paradec.serve.engine import Engine
+    from paradec.serve.engine import EngineLoop
 
     messages = [{"role": "user", "content": "a <|endoftext|> b"}]
-    prompt = Engine._prompt(None, type("M", (), {"body": {"messages": messages}, "buffers": []})())
+    prompt = EngineLoop._prompt(None, type("M", (), {"body": {"messages": messages}, "buffers": []})())
     config = GenerationConfig(**SMALL)
     ids = encode_prompt(chat_model, prompt, config, build_layout(chat_model, config))
     assert chat_model.tokenizer.get_vocab()["<|endoftext|>"] not in ids

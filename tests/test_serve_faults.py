@@ -188,9 +188,9 @@ def test_oversize_config_values_are_refused_with_short_errors_and_free_their_slo
 
 
 def test_a_result_too_large_for_a_frame_becomes_an_error(tmp_path):
-    from paradec.serve.engine import Engine
+    from paradec.serve.engine import EngineLoop
 
-    engine = Engine(None, f"ipc://{tmp_path}/r", f"ipc://{tmp_path}/o", limits=Limits(max_frame_bytes=4096),
+    engine = EngineLoop(None, f"ipc://{tmp_path}/r", f"ipc://{tmp_path}/o", limits=Limits(max_frame_bytes=4096),
                     context=zmq.Context())
     sent = []
     engine.outputs.close(0)

@@ -73,7 +73,11 @@ def batchable(params: RequestParams) -> bool:
             and params.rank_temperature == 0)
 
 
-class Engine:
+class EngineLoop:
+    """The engine process's loop: requests from the frontend in, batches of compatible ones
+    decoded through ``paradec.generate`` (the model's ``paradec.Engine`` keeps its runners),
+    progress and results out; liveness is its progress."""
+
     def __init__(self, model, requests_address: str, outputs_address: str, max_batch: int = 8,
                  limits: Limits = Limits(), context: zmq.Context | None = None):
         self.model, self.max_batch, self.limits = model, max_batch, limits
@@ -296,4 +300,4 @@ def run_engine(model_path, requests_address: str, outputs_address: str, max_batc
     logging.basicConfig(level=logging.INFO, format="engine %(levelname)s %(message)s")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model_path(device) if callable(model_path) else paradec.load(model_path, device=device)
-    Engine(model, requests_address, outputs_address, max_batch, limits).serve_forever()
+    EngineLoop(model, requests_address, outputs_address, max_batch, limits).serve_forever()

@@ -29,14 +29,14 @@ import paradec
 from paradec.config import GenerationConfig
 from paradec.distributed import init_distributed, teardown
 from paradec.errors import ParadecError
-from paradec.serve.engine import Engine
+from paradec.serve.engine import EngineLoop
 from paradec.serve.process import die_with_parent
 from paradec.serve.protocol import Limits
 
 IDLE_TIMEOUT_S = 7 * 24 * 3600.0  # ranks wait this long for the next batch (a server idles)
 
 
-class RankZeroEngine(Engine):
+class RankZeroLoop(EngineLoop):
     def _generate(self, prompts: list, config: GenerationConfig, on_step):
         dist.broadcast_object_list([(prompts, config)], src=0)
         return paradec.generate(self.model, prompts, config)
@@ -99,7 +99,7 @@ def run_ranks(nproc: int, model_path: str, requests_address: str, outputs_addres
     env = init_distributed(device, timeout_s=IDLE_TIMEOUT_S)
     try:
         model = paradec.load(model_path, device=env.device)
-        RankZeroEngine(model, requests_address, outputs_address, max_batch, limits).serve_forever()
+        RankZeroLoop(model, requests_address, outputs_address, max_batch, limits).serve_forever()
     finally:
         try:
             dist.broadcast_object_list([None], src=0)  # followers leave their loop
