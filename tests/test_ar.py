@@ -10,7 +10,6 @@ from paradec.models.ar import ARModel
 
 from tiny import tiny_ar_checkpoint
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest on one thread
 
 
 @pytest.fixture(scope="module")

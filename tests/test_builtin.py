@@ -21,7 +21,6 @@ from paradec.train.recipe import BLOCK_LEN, SUMMARY_LEN
 from paradec.train.tasks import arith
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "decode.py"
-pytestmark = pytest.mark.usefixtures("one_thread")  # paradec-tiny decodes fastest on one thread
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,7 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def solved(tiny, one_thread):
+def solved(tiny):
     """The first 32 held-out problems decoded at one token per step per block (the model card's
     setting): the CPU regression check of the shipped weights, and the blocks the shipped answerer
     reads."""

@@ -21,13 +21,13 @@ IDS = [[10, 11, 12, 13, 14], [20, 21, 22, 23, 24]]
 
 
 @pytest.fixture(scope="module")
-def dream_model(tmp_path_factory, one_thread):
+def dream_model(tmp_path_factory):
     root, _, _ = tiny_checkpoint(tmp_path_factory.mktemp("dream"), "dream", seed=33)
     return paradec.load(root)
 
 
 @pytest.fixture(scope="module")
-def llada(tmp_path_factory, one_thread):
+def llada(tmp_path_factory):
     root, _, _ = tiny_checkpoint(tmp_path_factory.mktemp("llada"), "llada", seed=34)
     return paradec.load(root)
 

@@ -18,7 +18,6 @@ from paradec.train.tasks import arith
 from dist_worker import launch, run_eval_cli
 
 SMALL = ["--blocks", "2", "--tokens-per-step", "4", "--no-progress"]  # a short canvas keeps the CPU run quick
-pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model is fastest on one thread
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +149,7 @@ def test_gsm8k_without_data_reads_the_packaged_test_split(tmp_path, monkeypatch)
 
 
 @pytest.fixture(scope="module")
-def one_process(one_thread, tmp_path_factory):
+def one_process(tmp_path_factory):
     """``paradec eval`` of 5 examples in this process: the rows both spreads are compared against."""
     code, rows = _run(tmp_path_factory.mktemp("one"), "--limit", "5", out="one.jsonl")
     assert code == 0

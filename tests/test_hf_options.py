@@ -25,13 +25,13 @@ SMALL_NAP = dict(blocks=2, block_len=6, summary_len=6)
 
 
 @pytest.fixture(scope="module", params=["llada", "dream"])
-def model(request, tmp_path_factory, one_thread):
+def model(request, tmp_path_factory):
     root, _, _ = tiny_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=21)
     return paradec.load(root)
 
 
 @pytest.fixture(scope="module")
-def llada(tmp_path_factory, one_thread):
+def llada(tmp_path_factory):
     root, _, _ = tiny_checkpoint(tmp_path_factory.mktemp("llada"), "llada", seed=12)
     return paradec.load(root)
 

@@ -12,7 +12,6 @@ from paradec.models.ar import ARModel
 from tiny import tiny_ar_checkpoint, tiny_checkpoint
 
 QUESTION = "the 3 + 4 is ?"
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest on one thread
 
 
 @pytest.fixture(scope="module")

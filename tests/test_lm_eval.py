@@ -30,7 +30,6 @@ from paradec.train.tasks import arith  # noqa: E402
 
 SAMPLE = Path(__file__).parent / "data" / "gsm8k_sample.jsonl"
 ARGS = "pretrained=paradec-tiny,device=cpu,blocks=2,tokens_per_step=4"
-pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model is fastest on one thread
 
 
 @pytest.fixture(autouse=True)

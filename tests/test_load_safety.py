@@ -29,7 +29,6 @@ from paradec.models.loading import DTYPES, load_tokenizer, parse_device, parse_d
 
 from tiny import dream_config, dream_weights, tiny_checkpoint, write_checkpoint
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest on one thread
 
 RAN_VAR = "PARADEC_TEST_CHECKPOINT_CODE_RAN"
 # Qwen2's pre-tokenizer split, as its published tokenizer.json has it.

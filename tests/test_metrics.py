@@ -11,7 +11,6 @@ from paradec.metrics import decode_order, global_arness, local_arness, without_f
 
 from tiny import tiny_checkpoint
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest on one thread
 
 
 def test_left_to_right_is_fully_autoregressive():

@@ -23,7 +23,6 @@ from paradec.train.tasks import arith
 from dist_worker import free_port
 
 openai = pytest.importorskip("openai")
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest on one thread
 
 SMALL = {"blocks": 2, "tokens_per_step": 4}  # a short canvas: quick on the CPU
 QUESTION = arith.test_problems()[30].question  # the tiny model thinks about it: its blocks are not empty

@@ -11,7 +11,6 @@ from paradec.plots import decode_order_png
 
 from tiny import tiny_checkpoint
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest on one thread
 
 
 def test_decode_order_png(tmp_path):

@@ -36,7 +36,7 @@ class NearTie(Exception):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, one_thread):
+def models(tmp_path_factory):
     """Tiny LLaDA and Dream checkpoints, each plain and ``-eos``: with the EOS id moved to a
     token the model writes often, so EOS filling and barring have something to do."""
     out = {}

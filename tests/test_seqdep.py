@@ -28,7 +28,6 @@ PROMPT = "what is the a + b ?"
 SEGMENTS = ["a b c = 3 .", "the d is 4 .", "x + y = z ?", "1 2"]  # every word is in the tiny vocabulary
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from paradec.models.saving import save_checkpoint
 
 from tiny import dream_config, llada_config, tiny_checkpoint, write_tokenizer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(params=["llada", "dream", "llada-tied"])

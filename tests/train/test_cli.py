@@ -15,7 +15,6 @@ from paradec.train.__main__ import main
 
 from train.common import ENV, loss_log
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cli(*args, cwd):

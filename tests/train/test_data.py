@@ -23,7 +23,6 @@ from paradec.train.tokenizer import build_word_tokenizer
 
 from train.common import FMT, TINY, reasoning_examples, words
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from paradec.train.objective import NoiseDraw, masked_diffusion_loss
 
 from train.common import FMT, reasoning_examples
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Spy:

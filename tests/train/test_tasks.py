@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from paradec.answers import extract_answer
 from paradec.train.tasks import arith
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEP = re.compile(r"(-?\d+) ([*+-]) (-?\d+) = (-?\d+) \.")
 NUMBER = re.compile(r"-?\d+")

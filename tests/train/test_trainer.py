@@ -27,7 +27,6 @@ from paradec.train.trainer import PackedDataset, TrainConfig, train
 
 from train.common import FMT, TINY, loss_log, train_config, trainer_state
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from paradec.train.trainer import train
 
 from train.common import ENV, TESTS, loss_log, train_config, trainer_state
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _torchrun(config, tmp_path, env):

@@ -16,7 +16,6 @@ from tiny import tiny_checkpoint
 # differences are ~1e-6; 1e-4 (as in test_models.py) still catches a wrong shift, mask or row
 # order, which moves logits by ~1e-1.
 FP32 = dict(rtol=1e-4, atol=1e-4)
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["llada", "dream"])
