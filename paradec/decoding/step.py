@@ -246,18 +246,18 @@ class PhaseSteps:
         # ``canvas`` attention with nothing cached, else the canvas alone (the prompt is cached).
         self.canvas_offset = state.prompt_ids.shape[1] if phase_cache is None else 0
         if self.windowed:
-            # The refresh forwards the phase's columns: the prompt then the canvas under
-            # ``canvas`` attention, the phase's blocks under ``isolated``.
-            if self.canvas_offset:
-                columns = torch.arange(self.canvas_offset + state.canvas.shape[1], device=device)
-            else:
-                columns = torch.tensor(plan.block_columns(phase), dtype=torch.long, device=device)
-            self.refresh_cols = columns  # [W]
             step_width = max(len(plan.step_columns(phase, k)) for k in range(windows))
-            if self.per_block:
+            if self.per_block:  # the refresh forwards each block's columns in its own row
                 self._build_blocks(kv_like, cfg, b, base, windows)
                 step_width = len(phase) * self.block_width
             else:
+                # The refresh forwards the phase's columns: the prompt then the canvas under
+                # ``canvas`` attention, the phase's blocks under ``isolated``.
+                if self.canvas_offset:
+                    columns = torch.arange(self.canvas_offset + state.canvas.shape[1], device=device)
+                else:
+                    columns = torch.tensor(plan.block_columns(phase), dtype=torch.long, device=device)
+                self.refresh_cols = columns  # [W]
                 # The step's cache: the phase cache, then every refresh column's KV in a slot of its
                 # own; the refresh writes them all, a step rewrites its columns' slots, and every
                 # slot is a key (Fast-dLLM's dual cache, replaced in place). Last, a slot for each

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from paradec.ops.scoring import Scores
+from paradec.ops.selection import TOPK
 
 CHECK_EVERY = 4  # graph replays between completion checks when a rule decides how much commits
 
@@ -93,8 +94,6 @@ def get(name: str) -> Policy:
 def names(*, order: bool = False, by_score: bool | None = None, rule: bool | None = None) -> tuple[str, ...]:
     """Registered names, sorted: the selectable policies (``order=False``) or the mode orders;
     ``by_score`` / ``rule`` filter on ranking by a score / committing by a bound."""
-    from paradec.ops.selection import TOPK
-
     return tuple(sorted(
         p.name for p in _load().values()
         if p.order == order and (by_score is None or p.by_score == by_score)
