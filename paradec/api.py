@@ -182,7 +182,7 @@ def generate(
         if bar is not None:
             bar.close()
         results = [
-            _result(model, layout, encoded[r], output.canvas[r].tolist(), output.trace[r].tolist(), output, summary,
+            make_result(model, layout, encoded[r], output.canvas[r].tolist(), output.trace[r].tolist(), output, summary,
                     config.stop)
             for r in range(len(batch))
         ]
@@ -599,8 +599,10 @@ def _single_token_headers(layout: CanvasLayout) -> set[int]:
     return ids
 
 
-def _result(model, layout: CanvasLayout, prompt_ids, canvas: list[int], trace: list[int], output,
-            summary_decoded: bool = True, stop: tuple[str, ...] | None = None) -> GenerationResult:
+def make_result(model, layout: CanvasLayout, prompt_ids, canvas: list[int], trace: list[int], output,
+                summary_decoded: bool = True, stop: tuple[str, ...] | None = None) -> GenerationResult:
+    """One request's result from its decoded canvas and trace (lists of C ints); ``output`` gives
+    nfe, steps and timings (a ``DecodeOutput`` or the like)."""
     stops = set(model.spec.stop_ids)
 
     def body(g: int) -> list[int]:

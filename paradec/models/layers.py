@@ -155,13 +155,19 @@ class Attention(nn.Module):
         cached; when C >= past_len + T this call's k/v are written in place after them (no copy
         of the cache), else concatenated. mask: [B, 1, T, past_len + T], additive (0 or -inf),
         or None: every query sees every key.
-        slots: [T] buffer slots (a device tensor) to write this call's k/v into instead; then
-        every slot of the buffer is a key and mask is [B, 1, T, C] (a static cache).
+        slots: [T] buffer slots (a device tensor) to write this call's k/v into instead, or [B, T]
+        each row's own (a pool of rows, ``paradec.batching``); then every slot of the buffer is a
+        key and mask is [B, 1, T, C] (a static cache).
         Returns the output [B, T, d] and this call's own k/v [B, Hkv, T, D]."""
         b, t, _ = x.shape
         q, k, v = self._qkv(x, cos, sin)
         keys, values = k, v
-        if slots is not None:
+        if slots is not None and slots.dim() == 2:
+            rows = torch.arange(b, device=slots.device)[:, None]
+            past[0][rows, :, slots] = k.transpose(1, 2)  # [B, T, Hkv, D] into each row's slots
+            past[1][rows, :, slots] = v.transpose(1, 2)
+            keys, values = past
+        elif slots is not None:
             past[0].index_copy_(2, slots, k)
             past[1].index_copy_(2, slots, v)
             keys, values = past

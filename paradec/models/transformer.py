@@ -62,7 +62,7 @@ class DiffusionTransformer(nn.Module):
         x: [B, T, d] (``embed`` of the ids); positions: [B, T]; mask: [B, 1, T, K] boolean,
         True where a query sees a key, K = cache.num_tokens + T (or C, the cache's capacity,
         with ``slots``), or None; cache: the KV the queries also attend to, or None; slots: [T]
-        cache slots where these tokens' k/v are written first (a static cache, see
+        (or [B, T], each row's own) cache slots where these tokens' k/v are written first (a static cache, see
         ``Attention.forward``). Returns hidden [B, T, d] and each layer's new (k, v), each
         [B, Hkv, T, D] (written into the cache at ``slots`` when given). The mask is turned here
         once into the additive form that attention kernels take (given a boolean one, each

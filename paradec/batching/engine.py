@@ -1,0 +1,373 @@
+"""Continuous batching: an engine that admits requests into the running batch and retires them
+as they finish, each with its own settings, in the shape of vLLM's engine API (``add``,
+``abort``, ``step``; ``paradec.batching.stream`` wraps it for asyncio).
+
+Every engine step gives each live request one action of its own decode (``Sequence``): new
+requests' prefills (at most ``max_prefill_tokens`` prompt tokens a step, so arrivals stall the
+others by about one step: a bidirectional prompt cannot be prefilled in chunks exactly), the
+summary extensions and window refreshes due, and one step call over every live row. The host
+then reads which canvas positions are still masked (one small copy a step) and moves each
+request on. A finished request's row goes back to the pool at once; a waiting request takes it
+at the next step.
+
+Exactness: a request's tokens equal ``paradec.generate`` of it alone with the same seed, whatever
+shares the batch and whenever it joined — its keys sit in a row of its own, its queries see only
+its row, and its quotas, seeds and counters are its own (DESIGN.md contract 3, extended to
+batching). Bit for bit on a CPU; on a GPU in bf16 only where the kernels are batch-invariant
+(``batch_invariant=True``), as for any batch.
+
+Not served here (refused by name at ``add``): several sequences per request (add one request per
+seed), an answerer, Fast-dLLM's rules, torchrun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from paradec.api import GenerationResult, build_layout, encode_prompt, make_result, resolve_config
+from paradec.batching.pool import KVPool, RowGeometry, rows_that_fit
+from paradec.batching.rows import Rows
+from paradec.batching.sequence import Action, CommitClass, Sequence
+from paradec.batching.step import BatchStep
+from paradec.config import GenerationConfig, validate
+from paradec.decoding.plan import make_plan
+from paradec.decoding.step import captures
+from paradec.errors import ConfigError, InputError
+from paradec.models.loading import DiffusionModel
+from paradec.ops import batch_invariant as bi
+
+log = logging.getLogger("paradec")
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+WIDTH_BUCKET = 32  # step and commit widths round up to a multiple of this many columns
+
+
+@dataclass
+class RequestOutput:
+    """What ``step`` reports for one request: progress (``committed`` tokens per group of
+    ``lengths``) while it decodes, then once ``finished`` its ``result`` — or its ``error``
+    (``"aborted"``)."""
+
+    request_id: str
+    step: int
+    committed: list[int]
+    lengths: list[int]
+    finished: bool = False
+    result: GenerationResult | None = None
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    step_calls: int = 0
+    graph_replays: int = 0
+    called_steps: int = 0  # step calls of a bucket with no graph (captured at warm-up only)
+    wide_calls: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class BatchEngine:
+    """Decodes many requests at once on one model (one device).
+
+    max_batch: rows decoded at once, capped by the KV rows that ``kv_memory_fraction`` of free
+    device memory holds (``kv_rows`` caps it further). max_prompt_tokens / max_canvas_tokens:
+    a row's geometry; longer requests are refused. max_blocks: think blocks a canvas may have.
+    cuda_graphs: replay step calls as CUDA graphs captured by ``warm_up``. batch_invariant: the
+    kernel mode of every call (None: the process's); a request asking for the other is refused.
+    """
+
+    def __init__(self, model: DiffusionModel, *, max_batch: int = 8, max_prompt_tokens: int = 1024,
+                 max_canvas_tokens: int = 2048, max_blocks: int = 16, max_prefill_tokens: int = 4096,
+                 kv_memory_fraction: float = 0.8, kv_rows: int | None = None, cuda_graphs: bool = True,
+                 batch_invariant: bool | None = None):
+        for name, value in (("max_batch", max_batch), ("max_prompt_tokens", max_prompt_tokens),
+                            ("max_canvas_tokens", max_canvas_tokens), ("max_blocks", max_blocks),
+                            ("max_prefill_tokens", max_prefill_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        if not 0 < kv_memory_fraction <= 1:
+            raise ConfigError(f"kv_memory_fraction must lie in (0, 1], got {kv_memory_fraction!r}")
+        if kv_rows is not None and (isinstance(kv_rows, bool) or not isinstance(kv_rows, int) or kv_rows < 1):
+            raise ConfigError(f"kv_rows must be None or an int >= 1, got {kv_rows!r}")
+        self.model, self.module = model, model.module
+        self.max_blocks, self.max_prefill_tokens = max_blocks, max_prefill_tokens
+        self.batch_invariant = batch_invariant
+        cfg, device = self.module.cfg, model.device
+        self.geometry = RowGeometry(max_prompt_tokens, max_canvas_tokens)
+        fit = rows_that_fit(cfg, self.geometry, model.dtype, device, kv_memory_fraction)
+        rows = min(x for x in (max_batch, fit, kv_rows) if x is not None)
+        self.pool = KVPool(cfg, self.geometry, rows, self.module.embed.weight)
+        spec = model.spec
+        self.rows = Rows(rows, self.geometry, max_blocks + 1, cfg.hidden_size, spec.mask_id,
+                         spec.pad_id if spec.pad_id is not None else 0, spec.stop_ids, model.dtype, device)
+        self.capture = captures(GenerationConfig(cuda_graphs=cuda_graphs), device)
+        self.calls = BatchStep(self.module, self.pool, self.rows, spec.eos_id, self.capture)
+        self.waiting: deque[Sequence] = deque()
+        self.live: list[Sequence] = []  # live[i] decodes in pool row i
+        self.ids: set[str] = set()
+        self.stats = EngineStats()
+
+    @property
+    def max_batch(self) -> int:
+        return self.pool.rows
+
+    # --- requests -----------------------------------------------------------------------------
+    def add(self, request_id: str, prompt, config: GenerationConfig | None = None, *, stream: bool = False,
+            **overrides) -> Sequence:
+        """Queues one request (a prompt as ``generate`` takes one) with its own settings; checks
+        everything now: a bad setting, a prompt or canvas a row cannot hold, a used id raise
+        ``ConfigError`` / ``InputError`` naming it, and nothing is queued."""
+        if request_id in self.ids:
+            raise InputError(f"request id {request_id!r} is already in use")
+        config = resolve_config(self.model, config, **overrides)
+        if config.num_return_sequences != 1:
+            raise ConfigError("num_return_sequences must be 1 in the batching engine: add one request per sequence, "
+                              "request i with seed + i")
+        if config.batch_invariant is not None and self.batch_invariant is not None \
+                and config.batch_invariant != self.batch_invariant:
+            raise ConfigError(f"batch_invariant={config.batch_invariant} but this engine decodes with "
+                              f"batch_invariant={self.batch_invariant}")
+        layout = build_layout(self.model, config)
+        ids = encode_prompt(self.model, prompt, config, layout)
+        validate(config, layout=layout, prompt_tokens=len(ids), max_length=self.model.spec.max_length)
+        geo = self.geometry
+        if len(ids) > geo.max_prompt:
+            raise InputError(f"the prompt is {len(ids)} tokens; this engine's rows hold max_prompt_tokens="
+                             f"{geo.max_prompt}")
+        if layout.length > geo.max_canvas:
+            raise InputError(f"the canvas is {layout.length} tokens; this engine's rows hold max_canvas_tokens="
+                             f"{geo.max_canvas}")
+        if layout.num_think_blocks > self.max_blocks:
+            raise ConfigError(f"blocks={layout.num_think_blocks}; this engine decodes at most max_blocks="
+                              f"{self.max_blocks}")
+        plan = make_plan(config, layout, self.module.shift_logits)
+        seq = Sequence(request_id, ids, config, layout, plan, geo.max_prompt, stream=stream)
+        self.waiting.append(seq)
+        self.ids.add(request_id)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request (waiting or decoding); its row is free at once. False when unknown."""
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                self.ids.discard(request_id)
+                return True
+        for seq in self.live:
+            if seq.request_id == request_id:
+                self._retire(seq)
+                return True
+        return False
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.live)
+
+    def warm_up(self, configs: Iterable[GenerationConfig | None] = (None,)) -> int:
+        """Captures the step call's CUDA graphs for every batch bucket and every step and commit
+        width the windows of ``configs`` use (None: the model's defaults), so that serving
+        captures nothing; a bucket met later runs called. Returns the graphs captured (0 on a
+        CPU or with ``cuda_graphs=False``)."""
+        if not self.capture:
+            return 0
+        widths = set()
+        for config in configs:
+            config = resolve_config(self.model, config)
+            layout = build_layout(self.model, config)
+            seq = Sequence("warm-up", [0], config, layout, make_plan(config, layout, self.module.shift_logits),
+                           self.geometry.max_prompt)
+            for seq.phase, phase in enumerate(seq.plan.phases):
+                for seq.window in range(seq.plan.num_windows(phase)):
+                    columns = seq.columns()
+                    widths.add((_round_up(len(columns.step), self.geometry.slots),
+                                _round_up(len(columns.commit), self.geometry.max_canvas)))
+        buckets = sorted({_bucket(n, self.pool.rows) for n in range(1, self.pool.rows + 1)})
+        before = len(self.calls.graphs)
+        with torch.no_grad(), self._kernel_mode():
+            for b in buckets:
+                for width, commit_width in sorted(widths):
+                    self.calls.capture_step(b, width, commit_width)
+        return len(self.calls.graphs) - before
+
+    # --- the loop -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[RequestOutput]:
+        """One engine step: admits waiting requests into free rows, runs one action of every live
+        request, and returns their progress and the results of those that finished."""
+        with self._kernel_mode():
+            return self._step()
+
+    def _kernel_mode(self):
+        """The engine's kernel mode for its calls (the process's when ``batch_invariant`` is None)."""
+        return contextlib.nullcontext() if self.batch_invariant is None else bi.batch_invariant(self.batch_invariant)
+
+    def generate(self, prompts: Iterable, configs: Iterable[GenerationConfig | None] | None = None,
+                 **overrides) -> list[GenerationResult]:
+        """Adds ``prompts`` (with their ``configs``) and steps until they are done: results in order."""
+        prompts = list(prompts)
+        configs = list(configs) if configs is not None else [None] * len(prompts)
+        names = [f"generate-{time.perf_counter_ns()}-{i}" for i in range(len(prompts))]
+        for name, prompt, config in zip(names, prompts, configs):
+            self.add(name, prompt, config, **overrides)
+        results = {}
+        while len(results) < len(names):
+            for out in self.step():
+                if out.finished:
+                    results[out.request_id] = out.result
+        return [results[n] for n in names]
+
+    def _step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
+        self._admit()
+        live, calls = self.live, self.calls
+        by_action: dict[Action, list[Sequence]] = {a: [] for a in Action}
+        for seq in live:
+            by_action[seq.action].append(seq)
+        for seq in by_action[Action.REFRESH] + by_action[Action.STEP]:
+            if seq.loaded != seq.window_key:
+                self.rows.load_window(seq.row, seq.columns())
+                seq.loaded = seq.window_key
+        calls.begin()
+        if by_action[Action.PREFILL]:
+            seqs = by_action[Action.PREFILL]
+            calls.forward_rows([s.row for s in seqs], [s.prompt_slots() for s in seqs], None)
+        if by_action[Action.EXTEND]:
+            seqs = by_action[Action.EXTEND]
+            calls.forward_rows([s.row for s in seqs], [s.extend_slots() for s in seqs], None)
+        if by_action[Action.REFRESH]:
+            seqs = by_action[Action.REFRESH]
+            logits = calls.forward_rows([s.row for s in seqs], [s.columns().refresh for s in seqs],
+                                        self._commit_width(seqs))
+            self._commit(seqs, logits, list(range(len(seqs))))
+            self.stats.wide_calls += 1
+        if by_action[Action.STEP]:
+            self._step_call(by_action[Action.STEP])
+        calls.end()
+        for seq in live:
+            seq.acted()
+        masked = self.rows.masked(len(live)).cpu()  # the step's one host sync
+        outputs = []
+        for seq, row in [(s, s.row) for s in live]:  # rows as read: a finished request's row takes another
+            seq.advance(masked[row])
+            if seq.finished:
+                outputs.append(self._finish(seq, masked[row]))
+            elif seq.stream:
+                outputs.append(RequestOutput(seq.request_id, seq.steps, _committed(seq, masked[row]), _lengths(seq)))
+        self.stats.steps += 1
+        self.stats.seconds["step"] = self.stats.seconds.get("step", 0.0) + time.perf_counter() - started
+        return outputs
+
+    def _admit(self) -> None:
+        budget = self.max_prefill_tokens
+        while self.waiting and len(self.live) < self.pool.rows:
+            seq = self.waiting[0]
+            if seq.isolated and len(seq.prompt_ids) > budget and budget < self.max_prefill_tokens:
+                break  # this step's prefills are full; it comes in next step
+            self.waiting.popleft()
+            if seq.isolated:
+                budget -= len(seq.prompt_ids)
+            seq.row = len(self.live)
+            seq.started = time.perf_counter()
+            self.live.append(seq)
+            self.rows.admit(seq.row, seq, seq.config.seed)
+
+    def _step_call(self, seqs: list[Sequence]) -> None:
+        """One call over the first b live rows (a batch bucket), stepping ``seqs``."""
+        rows = self.rows
+        rows.stepping.zero_()
+        rows.stepping[torch.tensor([s.row for s in seqs])] = True
+        b = _bucket(len(self.live), self.pool.rows)
+        width = _round_up(max(len(s.columns().step) for s in seqs), self.geometry.slots)
+        commit_width = self._commit_width(seqs)
+        key = (b, width, commit_width)
+        self.stats.step_calls += 1
+        if key in self.calls.graphs:
+            self.stats.graph_replays += 1
+        else:
+            self.stats.called_steps += 1
+        logits = self.calls.step_logits(b, width, commit_width)
+        self._commit(seqs, logits, [s.row for s in seqs])
+
+    def _commit(self, seqs: list[Sequence], logits: torch.Tensor, at: list[int]) -> None:
+        """Commits ``seqs``, one call per class; ``seqs[i]``'s logits are ``logits[at[i]]``."""
+        classes: dict[CommitClass, list[int]] = {}
+        for i, seq in enumerate(seqs):
+            classes.setdefault(seq.commit_class, []).append(i)
+        device = self.rows.device
+        for cls, members in classes.items():
+            index = torch.tensor([seqs[i].row for i in members], device=device)
+            self.calls.commit(index, logits[torch.tensor([at[i] for i in members], device=device)], cls)
+
+    def _commit_width(self, seqs: list[Sequence]) -> int:
+        return _round_up(max(len(s.columns().commit) for s in seqs), self.geometry.max_canvas)
+
+    # --- leaving ------------------------------------------------------------------------------
+    def _finish(self, seq: Sequence, masked: torch.Tensor) -> RequestOutput:
+        rows, c = self.rows, seq.layout.length
+        canvas, trace = rows.canvas[seq.row, :c].tolist(), rows.trace[seq.row, :c].tolist()
+        seq.timings["queued"] = seq.started - seq.arrived
+        seq.timings["total"] = time.perf_counter() - seq.started
+        result = make_result(self.model, seq.layout, seq.prompt_ids, canvas, trace, _Decoded(seq), True,
+                             seq.config.stop)
+        self._retire(seq)
+        return RequestOutput(seq.request_id, seq.steps, _committed(seq, masked), _lengths(seq), finished=True,
+                             result=result)
+
+    def _retire(self, seq: Sequence) -> None:
+        """Frees ``seq``'s row: the last live row moves into it."""
+        row, last = seq.row, len(self.live) - 1
+        if row != last:
+            moved = self.live[last]
+            self.pool.move(last, row)
+            self.rows.move(last, row)
+            moved.row = row
+            self.live[row] = moved
+        self.live.pop()
+        self.rows.clear([last])
+        self.ids.discard(seq.request_id)
+        seq.row = -1
+
+
+@dataclass
+class _Decoded:
+    """nfe, steps and timings of one request, as ``make_result`` reads them."""
+
+    seq: Sequence
+
+    @property
+    def nfe(self) -> int:
+        return self.seq.nfe
+
+    @property
+    def steps(self) -> int:
+        return self.seq.steps
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return dict(self.seq.timings)
+
+
+def _committed(seq: Sequence, masked: torch.Tensor) -> list[int]:
+    """Tokens committed in each group's body, from the row's ``masked`` [C] (host)."""
+    layout = seq.layout
+    done = (layout.editable & ~masked[: layout.length]).long()
+    return torch.zeros(layout.num_groups, dtype=torch.long).index_add_(0, layout.groups, done).tolist()
+
+
+def _lengths(seq: Sequence) -> list[int]:
+    return [e - s for s, e in seq.layout.bodies]
+
+
+def _bucket(n: int, limit: int) -> int:
+    """The batch bucket of n live rows (never past the pool's ``limit`` rows)."""
+    return min(next((b for b in BATCH_BUCKETS if b >= n), n), limit)
+
+
+def _round_up(n: int, limit: int) -> int:
+    return min(-(-n // WIDTH_BUCKET) * WIDTH_BUCKET, limit)

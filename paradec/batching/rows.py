@@ -1,0 +1,149 @@
+"""The device state of a batching engine's rows: one pool row per live request, each with its own
+layout, window, quotas, seed and counters, so requests of different settings share every call.
+
+Per row (R rows; S slots a row, ``RowGeometry``; C = max canvas; G = max groups + 1, the last a
+dummy group that padding columns belong to):
+- ids, positions, segments [R, S]: what each slot holds (prompt, canvas, scratch); segments are
+  also the keys' attention segments (PAD: never a key).
+- canvas, trace [R, C]; editable [R, C]; groups [R, C] (G - 1 past the row's canvas).
+- seeds [R]; group_steps, window_steps [R, G]; step [R]: the sampler's keys and the counters.
+- prompt_lens [R]; last_hidden [R, d] (a shifted model's prediction of the first canvas token).
+- canvas_attention [R]: the row attends under ``canvas`` (else ``isolated``); eos_fill [R].
+- the current window: step_slots [R, S] (scratch-padded), commit_cols [R, C] with commit_valid,
+  barred, commit_groups, commit_offsets; quotas [R, G, C], schedule_len [R, G], budgeted [R] (a
+  step budget sets floors, ``steps`` in the config).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from paradec.batching.pool import RowGeometry
+from paradec.batching.sequence import Sequence, WindowColumns
+from paradec.models.attention import PAD, PROMPT
+
+
+class Rows:
+    def __init__(self, rows: int, geometry: RowGeometry, max_groups: int, hidden: int, mask_id: int, pad_id: int,
+                 stop_ids: list[int], dtype: torch.dtype, device: torch.device):
+        r, s, c, g = rows, geometry.slots, geometry.max_canvas, max_groups + 1
+        self.geometry, self.device, self.mask_id, self.pad_id = geometry, device, mask_id, pad_id
+        self.dummy_group = g - 1
+        long = dict(dtype=torch.long, device=device)
+        self.ids = torch.full((r, s), pad_id, **long)
+        self.positions = torch.full((r, s), -1, **long)
+        self.segments = torch.full((r, s), PAD, **long)
+        self.canvas = torch.full((r, c), pad_id, **long)
+        self.trace = torch.full((r, c), -1, **long)
+        self.editable = torch.zeros(r, c, dtype=torch.bool, device=device)
+        self.groups = torch.full((r, c), self.dummy_group, **long)
+        self.seeds = torch.zeros(r, **long)
+        self.group_steps = torch.zeros(r, g, **long)
+        self.window_steps = torch.zeros(r, g, **long)
+        self.step = torch.zeros(r, **long)
+        self.prompt_lens = torch.ones(r, **long)
+        self.last_hidden = torch.zeros(r, hidden, dtype=dtype, device=device)
+        self.canvas_attention = torch.zeros(r, dtype=torch.bool, device=device)
+        self.eos_fill = torch.zeros(r, dtype=torch.bool, device=device)
+        self.body_starts = torch.zeros(r, g, **long)
+        self.stepping = torch.zeros(r, dtype=torch.bool, device=device)  # rows whose action this engine step is STEP
+        self.step_slots = torch.full((r, s), geometry.scratch, **long)
+        self.commit_cols = torch.zeros(r, c, **long)
+        self.commit_valid = torch.zeros(r, c, dtype=torch.bool, device=device)
+        self.barred = torch.zeros(r, c, dtype=torch.bool, device=device)
+        self.commit_groups = torch.full((r, c), self.dummy_group, **long)
+        self.commit_offsets = torch.zeros(r, c, **long)
+        self.quotas = torch.zeros(r, g, c, **long)
+        self.schedule_len = torch.zeros(r, g, **long)
+        self.budgeted = torch.zeros(r, dtype=torch.bool, device=device)
+        self.stop_ids = torch.tensor(stop_ids, **long)
+        self.clear(range(r))
+
+    @property
+    def num_groups(self) -> int:
+        return self.group_steps.shape[1]
+
+    def clear(self, rows) -> None:
+        """Rows holding no request: a dummy prompt key in slot 0 (a padding query sees the prompt,
+        so every query of the row sees one key), nothing else."""
+        for row in rows:
+            self.segments[row].fill_(PAD)
+            self.segments[row, 0] = PROMPT
+            self.editable[row] = False
+            self.step_slots[row].fill_(self.geometry.scratch)
+            self.commit_valid[row] = False
+
+    def admit(self, row: int, seq: Sequence, seed: int) -> None:
+        """Fills row ``row`` for ``seq``: its prompt, its canvas template, its counters."""
+        geo, layout, device = self.geometry, seq.layout, self.device
+        p, c = len(seq.prompt_ids), layout.length
+        canvas_at = slice(geo.max_prompt, geo.max_prompt + c)
+        self.ids[row].fill_(self.pad_id)
+        self.ids[row, :p] = torch.tensor(seq.prompt_ids, device=device)
+        self.positions[row].fill_(-1)
+        self.positions[row, :p] = torch.arange(p, device=device)
+        self.positions[row, canvas_at] = p + torch.arange(c, device=device)
+        self.segments[row].fill_(PAD)
+        self.segments[row, :p] = PROMPT
+        self.segments[row, canvas_at] = layout.segments.to(device)
+        self.canvas[row].fill_(self.pad_id)
+        self.canvas[row, :c] = layout.template.to(device)
+        self.trace[row].fill_(-1)
+        self.editable[row] = False
+        self.editable[row, :c] = layout.editable.to(device)
+        self.groups[row].fill_(self.dummy_group)
+        self.groups[row, :c] = layout.groups.to(device)
+        self.body_starts[row].zero_()
+        self.body_starts[row, : layout.num_groups] = torch.tensor([s for s, _ in layout.bodies], device=device)
+        self.seeds[row] = seed
+        self.group_steps[row] = 0
+        self.window_steps[row] = 0
+        self.step[row] = 0
+        self.prompt_lens[row] = p
+        self.last_hidden[row] = 0
+        self.canvas_attention[row] = seq.config.attention == "canvas"
+        self.eos_fill[row] = seq.config.eos_closes_block
+        self.budgeted[row] = seq.config.steps is not None
+        self.step_slots[row].fill_(self.geometry.scratch)
+        self.commit_valid[row] = False
+
+    def load_window(self, row: int, columns: WindowColumns) -> None:
+        """The row's current window: its step slots, commit columns and quotas; its window
+        counters start over."""
+        device, scratch = self.device, self.geometry.scratch
+        self.step_slots[row].fill_(scratch)
+        self.step_slots[row, : len(columns.step)] = torch.tensor(columns.step, device=device)
+        n = len(columns.commit)
+        cols = torch.tensor(columns.commit, dtype=torch.long, device=device)
+        self.commit_cols[row].zero_()
+        self.commit_cols[row, :n] = cols
+        self.commit_valid[row] = False
+        self.commit_valid[row, :n] = True
+        self.barred[row] = False
+        self.barred[row, :n] = torch.tensor(columns.barred, device=device)
+        self.commit_groups[row].fill_(self.dummy_group)
+        self.commit_groups[row, :n] = self.groups[row, cols]
+        self.commit_offsets[row].zero_()
+        self.commit_offsets[row, :n] = cols - self.body_starts[row, self.groups[row, cols]]
+        self.quotas[row].zero_()
+        self.schedule_len[row].zero_()
+        for g, schedule in columns.schedules.items():
+            self.quotas[row, g, : len(schedule)] = torch.tensor(schedule, device=device)
+            self.schedule_len[row, g] = len(schedule)
+        self.window_steps[row].zero_()
+
+    def move(self, source: int, target: int) -> None:
+        """Row ``source``'s state into row ``target`` (the pool moves the keys)."""
+        for tensor in self._per_row():
+            tensor[target].copy_(tensor[source])
+
+    def masked(self, rows: int) -> torch.Tensor:
+        """[rows, C] bool: body positions still masked in the first ``rows`` rows."""
+        return (self.canvas[:rows] == self.mask_id) & self.editable[:rows]
+
+    def _per_row(self) -> list[torch.Tensor]:
+        return [self.ids, self.positions, self.segments, self.canvas, self.trace, self.editable, self.groups,
+                self.seeds, self.group_steps, self.window_steps, self.step, self.prompt_lens, self.last_hidden,
+                self.canvas_attention, self.eos_fill, self.body_starts, self.stepping, self.step_slots,
+                self.commit_cols, self.commit_valid, self.barred, self.commit_groups, self.commit_offsets,
+                self.quotas, self.schedule_len, self.budgeted]

@@ -1,0 +1,203 @@
+"""The calls of one engine step over the pool's rows, and their commits.
+
+Every forward is the same: each row's query slots [b, T] are gathered from the rows' ids,
+positions and segments, their k/v written into the row's own slots first, and each query attends
+to its row's keys under its row's attention (``isolated`` or ``canvas``); a padding query sits in
+the scratch slot. Two ways to address rows:
+
+- ``step``: the first b rows of the pool, read in place (a view), every row at once with its
+  window's step slots (rows not stepping this engine step forward only padding). This is the
+  call that repeats; on a GPU it replays a CUDA graph captured per (batch bucket, width bucket)
+  at warm-up, and a bucket not captured runs called.
+- ``forward_rows``: any rows (a prefill, the summary's extension, a window's refresh), their
+  keys gathered from the pool and the written slots put back. These are wide and rare (one per
+  window), so they run called.
+
+A commit takes the logits of some rows at their window's commit columns and runs the score
+kernel, the policy's ranking and the selection kernel once per ``CommitClass`` present (the
+kernels take the temperature, the rule and its bound as scalars); quotas, floors, seeds, window
+counters and EOS filling are per row, with the runner's arithmetic
+(``paradec.decoding.step.PhaseSteps``), so a request commits what it commits alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from paradec import ops
+from paradec.batching.pool import KVPool
+from paradec.batching.rows import Rows
+from paradec.batching.sequence import CommitClass
+from paradec.decoding import policies, sampler
+from paradec.decoding.policies import Candidates
+from paradec.models.attention import attention_mask
+from paradec.models.cache import PromptCache
+from paradec.models.transformer import DiffusionTransformer
+
+_PENDING = -7  # trace value select_commit writes; replaced by each row's step counter
+
+
+class BatchStep:
+    def __init__(self, module: DiffusionTransformer, pool: KVPool, rows: Rows, eos_id: int, capture: bool):
+        self.module, self.pool, self.rows, self.eos_id, self.capture = module, pool, rows, eos_id, capture
+        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_pool = torch.cuda.graph_pool_handle() if capture else None
+        self.active = torch.zeros_like(rows.group_steps, dtype=torch.bool)  # [R, G] groups that committed this step
+        self.acting = torch.zeros_like(rows.stepping)  # [R] rows that committed this step
+
+    # --- forwards -----------------------------------------------------------------------------
+    def step_logits(self, b: int, width: int, commit_width: int) -> torch.Tensor:
+        """Logits [b, commit_width, V] of the first b rows' step columns (rows not ``stepping``
+        forward padding only): a graph replay where one was captured for these buckets."""
+        key = (b, width, commit_width)
+        if key in self.graphs:
+            graph, logits = self.graphs[key]
+            graph.replay()
+            return logits
+        return self._step_body(b, width, commit_width)
+
+    def capture_step(self, b: int, width: int, commit_width: int) -> None:
+        """Captures the step call for these buckets (warm-up, never while serving). The state
+        it reads is put back: the warm-up runs write keys into rows' scratch slots only (no row
+        steps), and commit nothing."""
+        if not self.capture or (b, width, commit_width) in self.graphs:
+            return
+        stepping = self.rows.stepping.clone()
+        self.rows.stepping.zero_()
+        for _ in range(2):
+            self._step_body(b, width, commit_width)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            logits = self._step_body(b, width, commit_width)
+        self.rows.stepping.copy_(stepping)
+        self.graphs[(b, width, commit_width)] = (graph, logits)
+
+    def release(self) -> None:
+        for graph, _ in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+
+    def _step_body(self, b: int, width: int, commit_width: int) -> torch.Tensor:
+        rows = self.rows
+        stepping = rows.stepping[:b, None]
+        slots = torch.where(stepping, rows.step_slots[:b, :width], rows.geometry.scratch)  # [b, T]
+        kv = self.pool.kv[:, :, :b]
+        hidden, positions, segments, cache = self._forward(slice(0, b), kv, slots)
+        valid = rows.commit_valid[:b, :commit_width] & stepping
+        return self._logits(slice(0, b), hidden, positions, segments, cache, valid, commit_width)
+
+    def forward_rows(self, index: list[int], queries: list[list[int]], commit_width: int | None) -> torch.Tensor | None:
+        """Forwards each listed row's query slots (scratch-padded to the longest) and, with
+        ``commit_width``, returns logits [b, commit_width, V] at the rows' commit columns."""
+        rows, device = self.rows, self.rows.device
+        width = max(map(len, queries))
+        slots = torch.tensor([q + [rows.geometry.scratch] * (width - len(q)) for q in queries], device=device)
+        at = torch.tensor(index, device=device)
+        kv = self.pool.kv[:, :, at]  # [L, 2, b, Hkv, S, D], gathered
+        hidden, positions, segments, cache = self._forward(at, kv, slots)
+        arange = torch.arange(len(index), device=device)[:, None]
+        self.pool.kv[:, :, at[:, None], :, slots] = kv[:, :, arange, :, slots]  # the written slots, put back
+        last = slots == (rows.prompt_lens[at] - 1)[:, None]  # the prompt's last token, if forwarded
+        found = last.any(1)
+        state = hidden[arange[:, 0], last.float().argmax(1)]
+        rows.last_hidden[at] = torch.where(found[:, None], state, rows.last_hidden[at])
+        if commit_width is None:
+            return None
+        return self._logits(at, hidden, positions, segments, cache, rows.commit_valid[at, :commit_width], commit_width)
+
+    def _forward(self, at, kv: torch.Tensor, slots: torch.Tensor):
+        """The model over rows ``at`` (a slice or index tensor) whose keys are ``kv``."""
+        rows, module, geo = self.rows, self.module, self.rows.geometry
+        rows.ids[:, geo.max_prompt : geo.max_prompt + geo.max_canvas].copy_(rows.canvas)
+        ids, positions, segments = (x[at].gather(1, slots) for x in (rows.ids, rows.positions, rows.segments))
+        keys = rows.segments[at]  # [b, S]
+        mask = torch.where(rows.canvas_attention[at, None, None, None], attention_mask(segments, keys, "canvas"),
+                           attention_mask(segments, keys, "isolated"))
+        cache = PromptCache(kv=kv, segments=keys, lengths=rows.prompt_lens[at], last_hidden=rows.last_hidden[at])
+        hidden, _ = module.run_layers(module.embed(ids.clamp(min=0)), positions, mask, cache, slots)
+        return hidden, positions, segments, cache
+
+    def _logits(self, at, hidden, positions, segments, cache, valid: torch.Tensor, commit_width: int) -> torch.Tensor:
+        rows = self.rows
+        logits_at = torch.where(valid, rows.prompt_lens[at, None] + rows.commit_cols[at, :commit_width], -1)
+        return self.module.head(self.module.gather_rows(hidden, positions, segments, logits_at, cache, False))
+
+    # --- commits ------------------------------------------------------------------------------
+    def begin(self) -> None:
+        self.active.zero_()
+        self.acting.zero_()
+
+    def commit(self, index: torch.Tensor, logits: torch.Tensor, cls: CommitClass) -> None:
+        """Commits rows ``index`` ([b] pool rows) of one class from their logits [b, N, V] at
+        their commit columns."""
+        rows = self.rows
+        b, n, vocab = logits.shape
+        g_count = rows.num_groups
+        policy = policies.get(cls.policy)
+        cols, group = rows.commit_cols[index, :n], rows.commit_groups[index, :n]  # [b, N]
+        masked = (rows.canvas[index].gather(1, cols) == rows.mask_id) & rows.commit_valid[index, :n]
+        left = torch.zeros(b, g_count, dtype=torch.long, device=rows.device).scatter_add_(1, group, masked.long())
+        active = left > 0  # [b, G]
+        masked = masked & active.gather(1, group)
+        noise = priority = None
+        if cls.temperature > 0:
+            noise = self._uniform(index, group, n, sampler.TOKENS, vocab)  # [b * N, V]
+        if policy.draws_order:
+            priority = self._uniform(index, group, n, sampler.ORDER, 1)[:, 0].float()
+        flat = logits.reshape(-1, vocab)
+        scores = ops.score(flat, torch.arange(b * n, device=rows.device), rows.mask_id, rows.stop_ids,
+                           rows.barred[index, :n].reshape(-1), cls.temperature, noise, cls.sampling)
+        done, length = rows.window_steps[index], rows.schedule_len[index]  # [b, G]
+        scheduled = rows.quotas[index].gather(2, done.clamp(max=rows.quotas.shape[2] - 1)[..., None])[..., 0]
+        quota = torch.where(done < length, torch.minimum(scheduled, left), left)
+        remaining = (length - done).clamp(min=1)
+        budget_floor = torch.where(done < length, (left + remaining - 1) // remaining, left)
+        floor = torch.where(rows.budgeted[index, None], budget_floor, torch.ones_like(left))
+        floor = torch.where(active, floor.clamp(min=1), 0)
+        flat_masked = masked.reshape(-1)
+        key = (index[:, None] * g_count + group).reshape(-1)
+        positions = rows.prompt_lens[index, None] + cols
+        candidates = Candidates(key=key, position=positions.reshape(-1), scores=scores,
+                                quota=quota.gather(1, group).reshape(-1), floor=floor.gather(1, group).reshape(-1),
+                                priority=priority)
+        lowest = torch.finfo(torch.float32).min
+        ranking = policy.rank(candidates).float().nan_to_num(nan=lowest, neginf=lowest)
+        ranking = torch.where(flat_masked, ranking, -torch.inf)
+        confidence = torch.where(flat_masked, scores.confidence, -torch.inf)
+        ops.select_commit(rows.canvas, rows.trace, index.repeat_interleave(n), cols.reshape(-1), key, ranking,
+                          confidence, candidates.quota, candidates.floor, scores.tokens, policy.rule, cls.param,
+                          _PENDING)
+        self.active[index] = active
+        self.acting[index] = active.any(1)
+
+    def end(self) -> None:
+        """After every commit of the engine step: the committing step's number in the trace, EOS
+        filling, the counters."""
+        rows = self.rows
+        rows.trace.copy_(torch.where(rows.trace == _PENDING, rows.step[:, None], rows.trace))
+        self._fill_after_eos()
+        rows.group_steps += self.active.long()
+        rows.window_steps += self.active.long()
+        rows.step += self.acting.long()
+
+    def _fill_after_eos(self) -> None:
+        """Every masked position after a committed stop id in a group becomes EOS (rows that
+        asked for it), committed at the row's step."""
+        rows = self.rows
+        canvas, groups = rows.canvas, rows.groups
+        c = canvas.shape[1]
+        column = torch.arange(c, device=rows.device).expand_as(canvas)
+        is_stop = torch.isin(canvas, rows.stop_ids) & rows.editable & (rows.trace >= 0)
+        first = torch.full((canvas.shape[0], rows.num_groups), c, device=rows.device)
+        first.scatter_reduce_(1, groups, torch.where(is_stop, column, c), "amin")
+        fill = (canvas == rows.mask_id) & rows.editable & (column > first.gather(1, groups)) & rows.eos_fill[:, None]
+        canvas.copy_(torch.where(fill, self.eos_id, canvas))
+        rows.trace.copy_(torch.where(fill, rows.step[:, None], rows.trace))
+
+    def _uniform(self, index: torch.Tensor, group: torch.Tensor, n: int, salt: int, width: int) -> torch.Tensor:
+        rows = self.rows
+        b = index.shape[0]
+        seeds = rows.seeds[index, None].expand(b, n).reshape(-1)
+        steps = rows.group_steps[index].gather(1, group).reshape(-1)
+        return sampler.uniform(seeds, group.reshape(-1), steps, rows.commit_offsets[index, :n].reshape(-1), salt, width)
