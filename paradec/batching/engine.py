@@ -37,6 +37,7 @@ from paradec.batching.rows import Rows
 from paradec.batching.sequence import Action, CommitClass, Sequence
 from paradec.batching.step import BatchStep
 from paradec.config import GenerationConfig, validate
+from paradec.decoding import policies
 from paradec.decoding.plan import make_plan
 from paradec.decoding.step import captures
 from paradec.errors import ConfigError, InputError
@@ -45,6 +46,9 @@ from paradec.ops import batch_invariant as bi
 
 log = logging.getLogger("paradec")
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+MAX_STEPS_PER_LOOK = 8  # step calls the host may run before it reads the masks again
+_QUERIES = {Action.PREFILL: Sequence.prompt_slots, Action.EXTEND: Sequence.extend_slots,
+            Action.REFRESH: lambda s: s.columns().refresh, Action.STEP: lambda s: s.columns().step}
 WIDTH_BUCKET = 32  # step and commit widths round up to a multiple of this many columns
 
 
@@ -65,12 +69,18 @@ class RequestOutput:
 
 @dataclass
 class EngineStats:
+    """Counts since the engine started: engine steps; step calls, of which graph replays (the
+    rest ran called: a bucket no warm-up captured); query columns forwarded per action (real
+    ones) and by the step call in all (padding included: buckets, rows not stepping); seconds
+    in ``step``."""
+
     steps: int = 0
     step_calls: int = 0
     graph_replays: int = 0
-    called_steps: int = 0  # step calls of a bucket with no graph (captured at warm-up only)
-    wide_calls: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)
+    forwarded: dict[str, int] = field(default_factory=lambda: {a.value: 0 for a in Action})
+    step_call_columns: int = 0
+    seconds: float = 0.0
+    profile: dict[str, float] = field(default_factory=dict)  # with ``profile``: seconds per part of a step
 
 
 class BatchEngine:
@@ -81,12 +91,14 @@ class BatchEngine:
     a row's geometry; longer requests are refused. max_blocks: think blocks a canvas may have.
     cuda_graphs: replay step calls as CUDA graphs captured by ``warm_up``. batch_invariant: the
     kernel mode of every call (None: the process's); a request asking for the other is refused.
+    profile: synchronise the device between the parts of a step and add up their seconds in
+    ``stats.profile`` (slows the engine; for finding where a step's time goes).
     """
 
     def __init__(self, model: DiffusionModel, *, max_batch: int = 8, max_prompt_tokens: int = 1024,
                  max_canvas_tokens: int = 2048, max_blocks: int = 16, max_prefill_tokens: int = 4096,
                  kv_memory_fraction: float = 0.8, kv_rows: int | None = None, cuda_graphs: bool = True,
-                 batch_invariant: bool | None = None):
+                 batch_invariant: bool | None = None, profile: bool = False):
         for name, value in (("max_batch", max_batch), ("max_prompt_tokens", max_prompt_tokens),
                             ("max_canvas_tokens", max_canvas_tokens), ("max_blocks", max_blocks),
                             ("max_prefill_tokens", max_prefill_tokens)):
@@ -98,7 +110,7 @@ class BatchEngine:
             raise ConfigError(f"kv_rows must be None or an int >= 1, got {kv_rows!r}")
         self.model, self.module = model, model.module
         self.max_blocks, self.max_prefill_tokens = max_blocks, max_prefill_tokens
-        self.batch_invariant = batch_invariant
+        self.batch_invariant, self.profile = batch_invariant, profile
         cfg, device = self.module.cfg, model.device
         self.geometry = RowGeometry(max_prompt_tokens, max_canvas_tokens)
         fit = rows_that_fit(cfg, self.geometry, model.dtype, device, kv_memory_fraction)
@@ -223,7 +235,7 @@ class BatchEngine:
         return [results[n] for n in names]
 
     def _step(self) -> list[RequestOutput]:
-        started = time.perf_counter()
+        started = self._clock = time.perf_counter()
         self._admit()
         live, calls = self.live, self.calls
         by_action: dict[Action, list[Sequence]] = {a: [] for a in Action}
@@ -233,25 +245,35 @@ class BatchEngine:
             if seq.loaded != seq.window_key:
                 self.rows.load_window(seq.row, seq.columns())
                 seq.loaded = seq.window_key
+        self._mark("admit")
         calls.begin()
-        if by_action[Action.PREFILL]:
-            seqs = by_action[Action.PREFILL]
-            calls.forward_rows([s.row for s in seqs], [s.prompt_slots() for s in seqs], None)
-        if by_action[Action.EXTEND]:
-            seqs = by_action[Action.EXTEND]
-            calls.forward_rows([s.row for s in seqs], [s.extend_slots() for s in seqs], None)
-        if by_action[Action.REFRESH]:
-            seqs = by_action[Action.REFRESH]
-            logits = calls.forward_rows([s.row for s in seqs], [s.columns().refresh for s in seqs],
-                                        self._commit_width(seqs))
-            self._commit(seqs, logits, list(range(len(seqs))))
-            self.stats.wide_calls += 1
+        for action in (Action.PREFILL, Action.EXTEND, Action.REFRESH):
+            seqs = by_action[action]
+            if not seqs:
+                continue
+            width = self._commit_width(seqs) if action is Action.REFRESH else None
+            logits = calls.forward_rows([s.row for s in seqs], [_QUERIES[action](s) for s in seqs], width)
+            self._mark(action.value)
+            if logits is not None:
+                self._commit(seqs, logits, list(range(len(seqs))))
+                self._mark("commit")
+        for action, seqs in by_action.items():
+            self.stats.forwarded[action.value] += sum(len(_QUERIES[action](s)) for s in seqs)
+        repeats = 1
         if by_action[Action.STEP]:
+            repeats = self._repeats(by_action[Action.STEP])
             self._step_call(by_action[Action.STEP])
         calls.end()
-        for seq in live:
-            seq.acted()
+        for _ in range(repeats - 1):  # more steps before the host looks: no row's window can end before
+            calls.begin()
+            self._step_call(by_action[Action.STEP])
+            calls.end()
+        self._mark("end")
+        for _ in range(repeats):
+            for seq in live:
+                seq.acted()
         masked = self.rows.masked(len(live)).cpu()  # the step's one host sync
+        self._mark("sync")
         outputs = []
         for seq, row in [(s, s.row) for s in live]:  # rows as read: a finished request's row takes another
             seq.advance(masked[row])
@@ -259,9 +281,38 @@ class BatchEngine:
                 outputs.append(self._finish(seq, masked[row]))
             elif seq.stream:
                 outputs.append(RequestOutput(seq.request_id, seq.steps, _committed(seq, masked[row]), _lengths(seq)))
-        self.stats.steps += 1
-        self.stats.seconds["step"] = self.stats.seconds.get("step", 0.0) + time.perf_counter() - started
+        self.stats.steps += repeats
+        self.stats.seconds += time.perf_counter() - started
+        self._mark("advance")
         return outputs
+
+    def _repeats(self, stepping: list[Sequence]) -> int:
+        """Step calls to run before the host looks again: more than one only when every live
+        request steps with a top-k schedule, none waits for a row, and every window still has
+        that many scheduled steps (a window that ends early steps on as a no-op, which changes
+        nothing) before a periodic refresh."""
+        if len(stepping) != len(self.live) or (self.waiting and len(self.live) < self.pool.rows):
+            return 1
+        repeats = MAX_STEPS_PER_LOOK
+        for seq in stepping:
+            if policies.of(seq.config).check_every is not None:
+                return 1
+            schedules = seq.columns().schedules.values()
+            repeats = min(repeats, max(len(s) for s in schedules) - seq.window_step)
+            every = seq.config.refresh_every
+            if every:
+                repeats = min(repeats, every - seq.window_step % every)
+        return max(1, repeats)
+
+    def _mark(self, name: str) -> None:
+        """With ``profile``: the seconds since the last mark (the device caught up) go to ``name``."""
+        if not self.profile:
+            return
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        now = time.perf_counter()
+        self.stats.profile[name] = self.stats.profile.get(name, 0.0) + now - self._clock
+        self._clock = now
 
     def _admit(self) -> None:
         budget = self.max_prefill_tokens
@@ -285,14 +336,13 @@ class BatchEngine:
         b = _bucket(len(self.live), self.pool.rows)
         width = _round_up(max(len(s.columns().step) for s in seqs), self.geometry.slots)
         commit_width = self._commit_width(seqs)
-        key = (b, width, commit_width)
         self.stats.step_calls += 1
-        if key in self.calls.graphs:
-            self.stats.graph_replays += 1
-        else:
-            self.stats.called_steps += 1
+        self.stats.graph_replays += (b, width, commit_width) in self.calls.graphs
+        self.stats.step_call_columns += b * width
         logits = self.calls.step_logits(b, width, commit_width)
+        self._mark("step")
         self._commit(seqs, logits, [s.row for s in seqs])
+        self._mark("commit")
 
     def _commit(self, seqs: list[Sequence], logits: torch.Tensor, at: list[int]) -> None:
         """Commits ``seqs``, one call per class; ``seqs[i]``'s logits are ``logits[at[i]]``."""
@@ -311,6 +361,7 @@ class BatchEngine:
     def _finish(self, seq: Sequence, masked: torch.Tensor) -> RequestOutput:
         rows, c = self.rows, seq.layout.length
         canvas, trace = rows.canvas[seq.row, :c].tolist(), rows.trace[seq.row, :c].tolist()
+        seq.steps = int(rows.step[seq.row])  # steps that committed (a no-op step past a window's end does not count)
         seq.timings["queued"] = seq.started - seq.arrived
         seq.timings["total"] = time.perf_counter() - seq.started
         result = make_result(self.model, seq.layout, seq.prompt_ids, canvas, trace, _Decoded(seq), True,

@@ -1,0 +1,160 @@
+"""Continuous batching in one process: ``paradec.batching.BatchEngine`` under closed-loop load
+against batched AR on the same device, and a lone request against ``paradec.generate()``.
+
+A closed-loop level of concurrency c keeps c requests in the engine (a finished one is replaced
+at once) until ``--requests`` have finished: throughput, p50/p99 latency (from add to result),
+and the engine's compute per committed token (query columns forwarded per body token, by action,
+padding of the step call included). AR: paradec's ``StaticCausalDecoder`` on the same weights at
+batch = c (``serve_load.ar_level``). ``--mixed`` alternates two settings (top-k 4 tokens a step,
+and the threshold policy) so that every batch holds both. Prints the device, versions, a table
+and one JSON line.
+
+    cd benchmarks && python batch_engine.py                                 # paradec-tiny on this CPU
+    cd benchmarks && python batch_engine.py --shape llada-8b-instruct --data ../../shared/data/gsm8k   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import paradec
+from harness import banner, emit_json, synced
+from paradec.api import resolve_config
+from paradec.batching import BatchEngine
+from serve_load import TINY_CANVAS, ar_level, percentile, random_model
+
+
+def closed_loop(engine: BatchEngine, prompt, configs: list, concurrency: int, requests: int) -> dict:
+    """Keeps ``concurrency`` requests in the engine until ``requests`` finished."""
+    added, latencies, started_at, committed = 0, [], {}, 0
+    before, profile_before = _counts(engine), dict(engine.stats.profile)
+    start = synced()
+    while len(latencies) < requests:
+        while added < requests and len(started_at) < concurrency:
+            name = f"c{concurrency}-{added}"
+            engine.add(name, prompt, configs[added % len(configs)])
+            started_at[name] = time.perf_counter()
+            added += 1
+        for out in engine.step():
+            if out.finished:
+                latencies.append(time.perf_counter() - started_at.pop(out.request_id))
+                committed += sum(len(ids) for ids in out.result.block_token_ids) + len(out.result.summary_token_ids)
+    wall = synced() - start
+    profile = {k: v - profile_before.get(k, 0.0) for k, v in engine.stats.profile.items()}
+    after = _counts(engine)
+    spent = {k: after[k] - before[k] for k in after}
+    body = requests * _body_tokens(engine, prompt, configs)
+    return {"concurrency": concurrency, "requests": requests, "wall_s": wall, "rps": requests / wall,
+            "p50_s": percentile(latencies, 0.5), "p99_s": percentile(latencies, 0.99),
+            "engine_steps": spent["steps"], "ms_per_engine_step": 1e3 * wall / max(1, spent["steps"]),
+            "graph_replays": spent["graph_replays"], "step_calls": spent["step_calls"],
+            "columns_per_body_token": {k: spent[k] / body for k in ("prefill", "extend", "refresh", "step")}
+            | {"step_call_padded": spent["step_call_columns"] / body},
+            "tokens_before_eos": committed, "profile_s": profile}
+
+
+def _counts(engine: BatchEngine) -> dict:
+    s = engine.stats
+    return {"steps": s.steps, "graph_replays": s.graph_replays, "step_calls": s.step_calls,
+            "step_call_columns": s.step_call_columns, **s.forwarded}
+
+
+def _body_tokens(engine: BatchEngine, prompt, configs: list) -> float:
+    """Body tokens of a request (the mean over ``configs``)."""
+    from paradec.api import build_layout
+
+    return statistics.mean(int(build_layout(engine.model, c).editable.sum()) for c in configs)
+
+
+def lone_request(engine: BatchEngine, model, prompt, config, repeats: int) -> dict:
+    """One request alone in the engine against ``paradec.generate()`` of it: medians."""
+    engine_s, direct_s = [], []
+    for _ in range(2):
+        engine.generate([prompt], [config])
+        paradec.generate(model, prompt, config)
+    for _ in range(repeats):
+        start = synced()
+        engine.generate([prompt], [config])
+        engine_s.append(synced() - start)
+        start = synced()
+        paradec.generate(model, prompt, config)
+        direct_s.append(synced() - start)
+    return {"engine_s": statistics.median(engine_s), "generate_s": statistics.median(direct_s)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="paradec-tiny", help="checkpoint or built-in name (ignored with --shape)")
+    p.add_argument("--shape", help="a random-weight model of this published shape, e.g. llada-8b-instruct")
+    p.add_argument("--data", type=Path, default=Path("../../shared/data/gsm8k"), help="GSM8K, for --shape")
+    p.add_argument("--prompt-len", type=int, default=512, help="with --shape: prompt tokens")
+    p.add_argument("--canvas", type=int, default=1024, help="with --shape: canvas body tokens (4 blocks + 128 summary)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests", type=int, default=32, help="finished requests per level")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5, help="lone-request timings")
+    p.add_argument("--mixed", action="store_true", help="alternate top-k and threshold requests")
+    p.add_argument("--no-ar", action="store_true")
+    p.add_argument("--batch-invariant", action="store_true")
+    p.add_argument("--profile", action="store_true", help="time the parts of each engine step (synchronising)")
+    args = p.parse_args()
+    info = banner()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.shape:
+        from latency import gsm8k_tokenizer, nap_shape, packed_prompt
+
+        prompt = packed_prompt(gsm8k_tokenizer(args.data), args.data, args.prompt_len)
+        model = random_model(args.shape, args.data.resolve(), device)
+        settings = nap_shape(args.canvas, 4) | {"tokens_per_step": 4, "window": 32}
+        name = f"{args.shape} (random bf16)"
+    else:
+        from paradec.train.tasks import arith
+
+        model = paradec.load(args.model, device=device)
+        prompt = arith.test_problems()[0].question
+        settings, name = dict(TINY_CANVAS), args.model
+    configs = [resolve_config(model, **settings)]
+    if args.mixed:
+        configs.append(resolve_config(model, **(settings | {"policy": "threshold", "threshold": 0.9,
+                                                            "tokens_per_step": None})))
+    prompt_ids = paradec.api.encode_prompt(model, prompt, configs[0], paradec.api.build_layout(model, configs[0]))
+    canvas = max(paradec.api.build_layout(model, c).length for c in configs)
+    engine = BatchEngine(model, max_batch=args.max_batch, max_prompt_tokens=len(prompt_ids), max_canvas_tokens=canvas,
+                         batch_invariant=True if args.batch_invariant else None, profile=args.profile)
+    start = time.perf_counter()
+    graphs = engine.warm_up(configs)
+    warm_s = time.perf_counter() - start
+    lone = lone_request(engine, model, prompt, configs[0], args.repeats)
+    rows = [closed_loop(engine, prompt, configs, c, max(args.requests, c)) for c in args.concurrency]
+    engine.calls.release()
+    del engine
+    ar_rows = [] if args.no_ar else [ar_level(model, prompt_ids, canvas, c, 3) for c in args.concurrency]
+    print(f"\n{name}, {settings}{' + threshold' if args.mixed else ''}, "
+          f"rows {args.max_batch}; warm-up {warm_s:.1f} s, {graphs} graphs")
+    print(f"lone request: engine {lone['engine_s'] * 1e3:.1f} ms, generate() {lone['generate_s'] * 1e3:.1f} ms "
+          f"({lone['engine_s'] / lone['generate_s']:.3f}x)")
+    print(f"{'c':>3} | {'req/s':>6} | {'p50 s':>6} | {'p99 s':>6} | {'ms/step':>7} | {'cols/token':>10} | "
+          f"{'AR req/s':>8} | {'AR s':>6} | {'x AR':>5} | {'p50/AR':>6}")
+    for i, r in enumerate(rows):
+        ar = ar_rows[i] if ar_rows else None
+        cols = sum(v for k, v in r["columns_per_body_token"].items() if k != "step_call_padded")
+        line = (f"{r['concurrency']:>3} | {r['rps']:>6.2f} | {r['p50_s']:>6.2f} | {r['p99_s']:>6.2f} | "
+                f"{r['ms_per_engine_step']:>7.1f} | {cols:>10.2f} | ")
+        if ar:
+            line += (f"{ar['rps']:>8.2f} | {ar['latency_s']:>6.2f} | {r['rps'] / ar['rps']:>5.2f} | "
+                     f"{r['p50_s'] / ar['latency_s']:>6.2f}")
+        print(line)
+        if r["profile_s"]:
+            print("      " + ", ".join(f"{k} {v:.2f} s" for k, v in r["profile_s"].items()))
+    emit_json({"benchmark": "batch_engine", **info, "model": name, "settings": settings, "mixed": args.mixed,
+               "rows": args.max_batch, "warm_up_s": warm_s, "graphs": graphs, "lone": lone, "levels": rows,
+               "ar": ar_rows, "prompt_tokens": len(prompt_ids), "canvas": canvas})
+
+
+if __name__ == "__main__":
+    main()
