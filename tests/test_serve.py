@@ -18,7 +18,7 @@ import pytest
 import zmq
 
 import paradec
-from paradec.serve import AsyncClient, Client, EngineDead, Progress, ServeError
+from paradec.serve import AsyncClient, Client, EngineDead, Progress, ServedResult, ServeError
 from paradec.serve.frontend import BackgroundFrontend, EngineTarget, check_bind
 from paradec.serve.protocol import Limits, MessageType, ProtocolError, decode, encode
 from paradec.train.tasks import arith
@@ -155,7 +155,7 @@ def test_result_equals_generate_and_progress_streams(server, tiny):
 
 
 def test_fifty_concurrent_clients_all_answered_as_generate_would(server, tiny):
-    # every third request is sampled (decoded alone, from its own seed); the rest greedy (batched)
+    # every third request is sampled (from its own seed), the rest greedy: they share the batch
     settings = [dict(SMALL, temperature=0.8, seed=100 + i) if i % 3 == 0 else dict(SMALL) for i in range(50)]
 
     def ask(i):
@@ -166,13 +166,75 @@ def test_fifty_concurrent_clients_all_answered_as_generate_would(server, tiny):
         results = list(pool.map(ask, range(50)))
     for i, result in enumerate(results):
         direct = paradec.generate(tiny, QUESTIONS[i], **settings[i])
-        # the same tokens; a batch numbers its steps together, so a batched trace may be shifted
+        # the very run it gets alone: continuous batching keeps each request's own steps
         assert result.token_ids == direct.token_ids and result.summary == direct.summary, i
-        if i % 3 == 0:  # decoded alone: the very same run
-            assert result.trace == direct.trace and result.nfe == direct.nfe, i
+        assert result.trace == direct.trace and result.nfe == direct.nfe, i
     with Client(server.address) as client:
         stats = client.stats()
     assert stats["in_flight"] == 0 and stats["finished"] >= 50
+
+
+# --- continuous batching: requests join and leave the running batch --------------------------------
+# 32 steps, then 6 steps (sampled, another policy, 4 tokens a step)
+LONG_16 = {"blocks": 2, "block_len": 16, "summary_len": 16, "tokens_per_step": 1, "eos_closes_block": False}
+QUICK_16 = {"blocks": 2, "block_len": 16, "tokens_per_step": 4, "policy": "margin", "temperature": 0.7, "seed": 3}
+
+
+def _timed(stream) -> list[tuple[float, object]]:
+    """A stream's events, each with when it arrived."""
+    return [(time.monotonic(), event) for event in stream]
+
+
+def _same_run(result, direct) -> None:
+    assert result.token_ids == direct.token_ids and result.trace == direct.trace and result.nfe == direct.nfe
+
+
+def test_a_request_with_other_settings_joins_the_running_batch(server, tiny):
+    joined: list = []
+    with Client(server.address, timeout_s=120) as first, Client(server.address, timeout_s=120) as second:
+        stream = first.stream(QUESTIONS[24], **LONG_16)
+        assert isinstance(next(stream), Progress)  # the first is decoding
+        sent = time.monotonic()
+        thread = threading.Thread(target=lambda: joined.extend(_timed(second.stream(QUESTIONS[25], **QUICK_16))))
+        thread.start()
+        events = _timed(stream)
+        thread.join(120)
+    (a_done, a), (b_done, b) = events[-1], joined[-1]
+    _same_run(a, paradec.generate(tiny, QUESTIONS[24], **LONG_16))
+    _same_run(b, paradec.generate(tiny, QUESTIONS[25], **QUICK_16))  # sampled, another policy and step size
+    b_started = min(t for t, e in joined if isinstance(e, Progress))
+    assert sent < b_started < a_done  # the second decoded while the first did: it did not wait for it
+    assert b_done < a_done  # and left first, the first still decoding (its progress went on meanwhile)
+    assert any(isinstance(e, Progress) and b_done < t for t, e in events)
+    assert b.engine_s["queued"] < a.engine_s["generate"]  # admitted at the next engine step
+
+
+def test_an_abort_leaves_the_other_requests_of_the_batch_decoding(server, tiny):
+    with Client(server.address, timeout_s=120) as doomed, Client(server.address, timeout_s=120) as other:
+        gone = doomed.stream(QUESTIONS[26], **LONG_16)
+        kept = other.stream(QUESTIONS[27], **dict(LONG_16, tokens_per_step=2, policy="entropy"))
+        first = next(gone)
+        assert isinstance(next(kept), Progress)  # both decoding
+        doomed.abort(first.id)
+        with pytest.raises(ServeError, match="aborted"):
+            for _ in gone:
+                pass
+        rest = list(kept)
+    assert isinstance(rest[-1], ServedResult) and any(isinstance(e, Progress) for e in rest[:-1])
+    _same_run(rest[-1], paradec.generate(tiny, QUESTIONS[27], **dict(LONG_16, tokens_per_step=2, policy="entropy")))
+
+
+def test_an_invalid_request_mid_batch_is_refused_alone(server, tiny):
+    with Client(server.address, timeout_s=120) as running, Client(server.address, timeout_s=60) as bad:
+        stream = running.stream(QUESTIONS[28], **LONG_16)
+        assert isinstance(next(stream), Progress)
+        with pytest.raises(ServeError, match="invalid: policy must be one of"):
+            bad.generate(QUESTIONS[29], policy="no-such-policy", **SMALL)
+        with pytest.raises(ServeError, match="invalid: .*max_blocks=16"):  # refused by the batching engine itself
+            bad.generate(QUESTIONS[29], blocks=20, block_len=4)
+        events = list(stream)
+    assert any(isinstance(e, Progress) for e in events[:-1])  # still decoding after the refusals
+    _same_run(events[-1], paradec.generate(tiny, QUESTIONS[28], **LONG_16))
 
 
 def test_busy_when_the_table_is_full():

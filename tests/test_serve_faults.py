@@ -203,6 +203,76 @@ def test_a_result_too_large_for_a_frame_becomes_an_error(tmp_path):
     engine.requests.close(0)
 
 
+def test_a_failed_engine_step_fails_its_requests_and_the_engine_goes_on(tmp_path):
+    import paradec
+    from paradec.serve.engine import EngineLoop
+    from paradec.serve.protocol import Message
+
+    model = paradec.load("paradec-tiny")
+    engine = EngineLoop(model, f"ipc://{tmp_path}/r", f"ipc://{tmp_path}/o", max_batch=2, context=zmq.Context())
+    sent = []
+    engine.outputs.close(0)
+    engine.outputs = type("Sink", (), {"send_multipart": lambda self, frames: sent.append(decode(frames))})()
+    engine._start()
+    prompts = {"a": "1 + 2 = ?", "b": "3 + 4 = ?", "c": QUESTION, "d": "5 + 6 = ?", "e": "7 + 8 = ?", "f": "9 + 1 = ?"}
+
+    def add(request_id):
+        engine._add(Message(MessageType.ADD, {"id": request_id, "prompt": prompts[request_id], "config": SMALL}))
+
+    def finals():
+        ends = {}
+        for m in sent:
+            if m.type == MessageType.ERROR or m.body.get("kind") == "final":
+                assert m.id not in ends, m.body  # one final message per request
+                ends[m.id] = m
+        return ends
+
+    def raising(message):
+        def fail(*_):
+            raise RuntimeError(message)
+        return fail
+
+    for request_id in "abc":
+        add(request_id)
+    engine._work()  # a and b take the two rows (c waits)
+    calls = engine.engine.calls
+    real = calls.step_logits
+    calls.step_logits = raising("injected")  # mid-step: after admission, before the commits
+    engine._work()
+    calls.step_logits = real
+    while engine._busy():  # c decodes in a freed row, alone
+        engine._work()
+    ends = finals()
+    assert {i: (m.type, m.body.get("code")) for i, m in ends.items()} == {
+        "a": (MessageType.ERROR, "failed"), "b": (MessageType.ERROR, "failed"), "c": (MessageType.OUTPUT, None)}
+    assert "RuntimeError: injected" in ends["a"].body["message"]
+    direct = paradec.generate(model, QUESTION, **SMALL)
+    assert ends["c"].buffers[0].tolist() == direct.token_ids and ends["c"].buffers[1].tolist() == direct.trace
+    # a batching engine that cannot even drop the failed requests is replaced: every request in it
+    # fails, the waiting one (f) too
+    for request_id in "def":
+        add(request_id)
+    engine._work()
+    engine.engine.abort = raising("broken")
+    engine.engine.step = raising("injected again")
+    engine._work()
+    assert not engine._busy() and {i: m.body.get("code") for i, m in finals().items() if i in "def"} == {
+        "d": "failed", "e": "failed", "f": "failed"}
+    sent.clear()
+    add("c")
+    add("a")
+    engine._work()
+    engine._work()  # both decoding in the new batching engine
+    engine.live["a"].request.deadline = 0.0  # a's deadline passes mid-decode: it leaves, c goes on
+    engine._expire()
+    while engine._busy():
+        engine._work()
+    ends = finals()
+    assert ends["a"].body["code"] == "timeout" and ends["a"].body["message"].startswith("timed out after")
+    assert ends["c"].buffers[0].tolist() == direct.token_ids
+    engine.requests.close(0)
+
+
 # --- 3. HTTP requests do not share fate; deadlines; lost results are not "finished" ----------------
 
 
@@ -341,6 +411,13 @@ def test_token_comes_from_a_file_or_the_environment_and_is_long_enough(tmp_path,
     assert read_token(argparse.Namespace(token=None, token_file=None)) == TOKEN
     with pytest.raises(ConfigError, match="at least 16"):
         Frontend("tcp://127.0.0.1:1", None, token="short")
+
+
+def test_engine_target_takes_a_kv_memory_fraction_in_range():
+    assert EngineTarget("paradec-tiny", max_batch=2, device="cpu", kv_memory_fraction=0.5).kv_memory_fraction == 0.5
+    for bad in (0, 1.5):
+        with pytest.raises(ConfigError, match="kv_memory_fraction must lie in"):
+            EngineTarget("paradec-tiny", kv_memory_fraction=bad)
 
 
 def test_client_docstring_names_what_exists():

@@ -1,25 +1,40 @@
 """The engine: one process that owns the model, takes requests from the frontend over a DEALER
 socket and sends progress and results back over a PUSH socket.
 
-Scheduling: requests wait in arrival order; the engine decodes the oldest together with every
-waiting request it is *compatible* with, up to ``max_batch``: the same runtime settings (one
-runner steps the batch) and, for now, the same per-request parameters (``config.request``; a
-batch decodes one config — mixed parameters are continuous batching's), greedy (``temperature``
-0, an order other than ``random``) and ``isolated`` attention, where batching cannot change a
-request's tokens (DESIGN.md contract 3; sampled requests decode alone because request r of a
-batch draws from ``seed + r``). The distributed settings are the operator's, the same for every
-request. A batched request gets the tokens it would
-get alone; its trace and NFE count the batch's steps (a summary starts once every think block of
-the batch is done), as ``paradec.generate`` on the same batch reports them. Between steps it reads new messages
-(ABORT, more ADDs), streams progress to the requests that asked for it, and stops the batch
-once every request in it was aborted. Every request it accepted gets exactly one final OUTPUT
-or one ERROR; a result too large for one frame becomes an ERROR ``too_large``.
+Scheduling is continuous batching (``paradec.batching.BatchEngine``): a request is checked when
+it arrives (the wire's limits, then every setting, the prompt and the canvas; a refusal is its
+ERROR at once) and queued in the batching engine, which admits it into a free row of the running
+batch at the next engine step and retires it when it is done, its row going to the next waiting
+request. Requests of any settings share the batch — greedy or sampled, any policy, any canvas —
+and each gets the tokens, trace and NFE that ``paradec.generate`` gives it alone (DESIGN.md
+contract 3: its keys in a row of its own, its seeds and counters its own). At most ``max_batch``
+requests decode at once (fewer where ``kv_memory_fraction`` of the free GPU memory holds fewer
+rows); a row holds a prompt of up to ``Limits.max_prompt_tokens`` and a canvas of up to
+``Limits.max_canvas_tokens`` tokens (each capped by the model's maximum length). The batching
+engine's own bounds (its ``max_blocks`` think blocks, ``BatchEngine``'s defaults) refuse a request
+with ``invalid``, naming the bound.
 
-Liveness is progress: the engine counts what it gets done (steps decoded, messages handled,
-batches ended) and reports the count to the frontend (an ``alive`` OUTPUT, at most every
-``ALIVE_EVERY_S``) from its own decode loop, never from a side thread; a frontend that sees work
-pending and the count standing still knows the engine is stuck. The engine exits when its parent
-(the frontend) is gone (``PR_SET_PDEATHSIG`` set by the frontend, and ``getppid`` checked here).
+Between engine steps (``BatchEngine.step``: one action of every live request, or a few decode
+steps in a row where the batching engine finds that nothing can end sooner) the loop reads new
+messages (ADDs join the batch at the next step, an ABORT frees the request's row at once), fails
+the requests whose deadline passed (``timeout``, waiting or decoding), streams progress
+({"step", "committed", "lengths"}, the request's own step count) to the requests that asked for
+it, and sends each finished request its result, whose ``engine_s`` holds ``queued`` (arrival
+here to admission) and ``generate`` (admission to its last step). A step that raises fails the
+requests it was decoding (``failed``) and the loop goes on with the others. Every request
+accepted gets exactly one final OUTPUT or one ERROR; a result too large for one frame becomes an
+ERROR ``too_large``. The CUDA graphs of the model's default settings are captured before the
+engine reports ``ready``.
+
+An engine of several ranks (``paradec.serve.ranks``) cannot batch this way (a batching engine
+decodes in one process on one device): its rank 0 keeps a batch-by-config scheduler of its own
+over the same message handling (``MessageLoop``).
+
+Liveness is progress: the engine counts what it gets done (engine steps, messages handled) and
+reports the count to the frontend (an ``alive`` OUTPUT, at most every ``ALIVE_EVERY_S``) from its
+own decode loop, never from a side thread; a frontend that sees work pending and the count
+standing still knows the engine is stuck. The engine exits when its parent (the frontend) is
+gone (``PR_SET_PDEATHSIG`` set by the frontend, and ``getppid`` checked here).
 """
 
 from __future__ import annotations
@@ -27,16 +42,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import zmq
 
 import paradec
 from paradec.api import build_layout, encode_prompt, resolve_config
-from paradec.config import GenerationConfig, RequestParams
-from paradec.decoding.progress import Progress
-from paradec.distributed.guard import RankFailure
+from paradec.batching import BatchEngine
+from paradec.batching.sequence import Sequence
+from paradec.config import GenerationConfig
 from paradec.errors import ParadecError
 from paradec.serve.protocol import Limits, Message, MessageType, ProtocolError, decode, encode
 
@@ -45,38 +59,22 @@ ENGINE_IDENTITY = b"engine"
 ALIVE_EVERY_S = 0.2  # the most often the engine reports its progress count
 
 
-class _AllAborted(Exception):
-    """Every request of the running batch was aborted: stop decoding it."""
-
-
 @dataclass
 class Request:
     id: str
-    prompt: str | list[int]
+    prompt: list[int]  # token ids (encoded and checked on arrival)
     config: GenerationConfig
     stream: bool
     deadline: float | None  # time.monotonic() after which the request fails with "timeout"
     arrived: float = field(default_factory=time.monotonic)
 
-    def batches_with(self, other: Request) -> bool:
-        """Whether ``other`` may join this request's batch: the same request parameters (for
-        now) and runtime settings, and parameters whose tokens batching cannot change."""
-        return (other.config.request == self.config.request and other.config.runtime == self.config.runtime
-                and batchable(self.config.request))
 
-
-def batchable(params: RequestParams) -> bool:
-    """Whether a request with these parameters gets the same tokens in a batch as alone: greedy
-    (sampled requests draw from ``seed + r``, r the batch position; so do ``random`` order's and
-    ``rank_temperature``'s position draws) under ``isolated`` attention."""
-    return (params.temperature == 0 and params.mode != "random" and params.attention == "isolated"
-            and params.rank_temperature == 0)
-
-
-class EngineLoop:
-    """The engine process's loop: requests from the frontend in, batches of compatible ones
-    decoded through ``paradec.generate`` (the model's ``paradec.Engine`` keeps its runners),
-    progress and results out; liveness is its progress."""
+class MessageLoop:
+    """What every engine process does with messages: requests from the frontend in (checked
+    against the limits), progress and results out, liveness from its own loop. Scheduling is a
+    subclass's: ``_start`` (before "ready"), ``_queue`` (an accepted request; raising refuses it
+    as ``invalid``), ``_abort``, ``_expire`` (deadlines), ``_busy`` and ``_work`` (one unit of
+    decoding: an engine step, or a whole batch under several ranks)."""
 
     def __init__(self, model, requests_address: str, outputs_address: str, max_batch: int = 8,
                  limits: Limits = Limits(), context: zmq.Context | None = None):
@@ -89,13 +87,40 @@ class EngineLoop:
         self.outputs = self.context.socket(zmq.PUSH)
         self.outputs.setsockopt(zmq.LINGER, 2000)
         self.outputs.connect(outputs_address)
-        self.waiting: deque[Request] = deque()
-        self.aborted: set[str] = set()  # ids of the running batch to stop reporting (and to end with an ERROR)
-        self.errored: set[str] = set()  # ids of the running batch that already got their ERROR
-        self.running: dict[str, Request] = {}
-        self.progress = 0  # steps decoded + messages handled + batches ended: what liveness watches
+        self.progress = 0  # engine steps (or batches) + messages handled: what liveness watches
         self.reported, self.reported_at = -1, 0.0
         self.parent = os.getppid()
+
+    # --- scheduling (a subclass's) -----------------------------------------------------------
+    def _start(self) -> None:
+        """Before the engine reports "ready"."""
+
+    def _queue(self, request: Request) -> None:
+        raise NotImplementedError
+
+    def _abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    def _expire(self) -> None:
+        raise NotImplementedError
+
+    def _busy(self) -> bool:
+        raise NotImplementedError
+
+    def _work(self) -> None:
+        raise NotImplementedError
+
+    def serve_forever(self) -> None:
+        self._start()
+        self._send(MessageType.OUTPUT, {"id": "engine", "kind": "ready", "reply": {"pid": os.getpid()}})
+        while True:
+            self._drain(0 if self._busy() else 50)
+            self._expire()
+            self._alive()
+            if self._busy():
+                self._work()
+                self.progress += 1
+                self._alive()
 
     # --- sending -----------------------------------------------------------------------------
     def _send(self, kind: MessageType, body: dict, buffers=None) -> None:
@@ -122,9 +147,13 @@ class EngineLoop:
 
     def _error(self, request_id: str | None, code: str, message: str) -> None:
         """The request's one ERROR (its final message)."""
-        if request_id is not None:
-            self.errored.add(request_id)
         self._send(MessageType.ERROR, {"id": request_id, "code": code, "message": message})
+
+    def _final(self, request_id: str, result, engine_s: dict) -> None:
+        """The request's result (its final message)."""
+        body = _result_body(result) | {"engine_s": engine_s}
+        self._send(MessageType.OUTPUT, {"id": request_id, "kind": "final", "result": body},
+                   [result.token_ids, result.trace])
 
     # --- receiving ---------------------------------------------------------------------------
     def _drain(self, timeout_ms: int) -> None:
@@ -137,7 +166,7 @@ class EngineLoop:
                 self._handle(decode(frames, self.limits))
             except ProtocolError as e:  # the frontend validated it already; a bug if it gets here
                 self._error(None, e.code, str(e))
-            except Exception:  # noqa: BLE001 - never into a running batch's on_step, never out of the loop
+            except Exception:  # noqa: BLE001 - one message must never take the loop down
                 log.exception("a message could not be handled")
 
     def _handle(self, message: Message) -> None:
@@ -167,15 +196,15 @@ class EngineLoop:
             if len(ids) + layout.length > self.model.spec.max_length:
                 raise ProtocolError(f"prompt ({len(ids)} tokens) + canvas ({layout.length}) exceed the model's "
                                     f"maximum length {self.model.spec.max_length}", code="too_large")
+            timeout = body.get("timeout_s")
+            self._queue(Request(body["id"], ids, config, bool(body.get("stream")),
+                                time.monotonic() + timeout if timeout else None))
         except ProtocolError as e:
             return self._error(body["id"], e.code, str(e))
         except ParadecError as e:
             return self._error(body["id"], "invalid", str(e))
         except Exception as e:  # noqa: BLE001 - a setting of the wrong type (threshold="x"), a chat template's error
             return self._error(body["id"], "invalid", f"{type(e).__name__}: {e}")
-        timeout = body.get("timeout_s")
-        self.waiting.append(Request(body["id"], ids, config, bool(body.get("stream")),
-                                    time.monotonic() + timeout if timeout else None))
 
     def _prompt(self, message: Message) -> str | list:
         """Text, token ids, or chat messages (``encode_prompt`` renders them, their text plain)."""
@@ -186,101 +215,106 @@ class EngineLoop:
             return body["messages"]
         return message.buffers[0].tolist()
 
+
+@dataclass
+class _Live:
+    """A request inside the batching engine: its ``sequence`` there and the last step its
+    progress reported."""
+
+    request: Request
+    sequence: Sequence
+    reported: int = 0
+
+    @property
+    def started(self) -> bool:
+        return self.sequence.started is not None
+
+
+class EngineLoop(MessageLoop):
+    """The engine process's loop: requests from the frontend in, decoded by continuous batching
+    (``paradec.batching.BatchEngine``, one engine step at a time), progress and results out;
+    liveness is its progress. The batching engine is built (and warmed up) at ``serve_forever``."""
+
+    def __init__(self, model, requests_address: str, outputs_address: str, max_batch: int = 8,
+                 limits: Limits = Limits(), context: zmq.Context | None = None, kv_memory_fraction: float = 0.8):
+        super().__init__(model, requests_address, outputs_address, max_batch, limits, context)
+        self.kv_memory_fraction = kv_memory_fraction
+        self.engine: BatchEngine | None = None  # built by _start
+        self.live: dict[str, _Live] = {}  # every request in the batching engine, waiting or decoding
+
+    def _start(self) -> None:
+        """Builds the batching engine and captures the CUDA graphs of the model's defaults."""
+        defaults = resolve_config(self.model)
+        max_length = self.model.spec.max_length
+        self.engine = BatchEngine(self.model, max_batch=self.max_batch,
+                                  max_prompt_tokens=min(self.limits.max_prompt_tokens, max_length),
+                                  max_canvas_tokens=min(self.limits.max_canvas_tokens, max_length),
+                                  kv_memory_fraction=self.kv_memory_fraction, cuda_graphs=defaults.cuda_graphs,
+                                  batch_invariant=defaults.batch_invariant)
+        graphs = self.engine.warm_up()  # the model's default settings
+        log.info("continuous batching: %d rows, %d CUDA graphs captured", self.engine.max_batch, graphs)
+
+    def _queue(self, request: Request) -> None:
+        sequence = self.engine.add(request.id, request.prompt, request.config, stream=request.stream)
+        self.live[request.id] = _Live(request, sequence)
+
     def _abort(self, request_id: str) -> None:
-        for request in list(self.waiting):
-            if request.id == request_id:
-                self.waiting.remove(request)
-                return self._error(request_id, "aborted", "aborted before it started")
-        if request_id in self.running:
-            self.aborted.add(request_id)
-
-    # --- decoding ----------------------------------------------------------------------------
-    def serve_forever(self) -> None:
-        self._send(MessageType.OUTPUT, {"id": "engine", "kind": "ready", "reply": {"pid": os.getpid()}})
-        while True:
-            self._drain(0 if self.waiting else 50)
-            self._expire()
-            self._alive()
-            if self.waiting:
-                self._run(self._next_batch())
-                self.progress += 1
-                self._alive()
-
-    def _generate(self, prompts: list, config: GenerationConfig, on_step):
-        return paradec.generate(self.model, prompts, config, on_step=on_step)
+        live = self.live.pop(request_id, None)
+        if live is None:  # unknown, or finished already
+            return
+        self.engine.abort(request_id)
+        self._error(request_id, "aborted", "aborted while decoding" if live.started else "aborted before it started")
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for request in [r for r in self.waiting if r.deadline is not None and now > r.deadline]:
-            self.waiting.remove(request)
-            self._error(request.id, "timeout", "timed out waiting for the engine")
+        for live in [x for x in self.live.values() if x.request.deadline is not None and now > x.request.deadline]:
+            del self.live[live.request.id]
+            self.engine.abort(live.request.id)
+            self._error(live.request.id, "timeout", f"timed out after {live.sequence.steps} steps" if live.started
+                        else "timed out waiting for the engine")
 
-    def _next_batch(self) -> list[Request]:
-        first = self.waiting.popleft()
-        batch = [first]
-        for request in list(self.waiting):
-            if len(batch) == self.max_batch:
-                break
-            if first.batches_with(request):
-                self.waiting.remove(request)
-                batch.append(request)
-        return batch
+    def _busy(self) -> bool:
+        return bool(self.live)
 
-    def _run(self, batch: list[Request]) -> None:
-        self.running = {r.id: r for r in batch}
-        layout = build_layout(self.model, batch[0].config)
-        lengths = [e - s for s, e in layout.bodies]
-        streaming = any(r.stream for r in batch)
-
-        def on_step(progress: Progress) -> None:
-            step = progress.step
-            self.progress += 1
-            self._drain(0)
-            self._expire()
-            self._alive()
-            now = time.monotonic()
-            for r in batch:
-                if r.deadline is not None and now > r.deadline and r.id not in self.aborted:
-                    self.aborted.add(r.id)
-                    self._error(r.id, "timeout", f"timed out after {step} steps")
-            if all(r.id in self.aborted for r in batch):
-                raise _AllAborted
-            if streaming:
-                committed = progress.committed()  # [B, G]
-                for i, r in enumerate(batch):
-                    if r.stream and r.id not in self.aborted:
-                        self._send(MessageType.OUTPUT, {"id": r.id, "kind": "progress", "step": step,
-                                                        "committed": committed[i].tolist(), "lengths": lengths})
-
-        started = time.monotonic()
+    def _work(self) -> None:
+        """One engine step: new requests join the batch, every live one takes one action."""
         try:
-            results = self._generate([r.prompt for r in batch], batch[0].config, on_step)
-        except _AllAborted:
-            results = None
-        except RankFailure as e:  # a rank is gone: this engine cannot decode any more
-            for r in batch:
-                self._error(r.id, "failed", str(e))
-            raise
-        except Exception as e:  # noqa: BLE001 - one failed batch must not take the engine down
-            log.exception("batch failed")
-            results = None
-            for r in batch:
-                if r.id not in self.aborted:
-                    self.aborted.add(r.id)
-                    self._error(r.id, "failed", f"{type(e).__name__}: {e}")
-        generate_s = time.monotonic() - started
-        for i, r in enumerate(batch):
-            if r.id in self.aborted or results is None:
+            outputs = self.engine.step()
+        except Exception as e:  # noqa: BLE001 - one failed step must not take the engine down
+            log.exception("an engine step failed")
+            return self._failed(f"{type(e).__name__}: {e}")
+        for out in outputs:
+            live = self.live.get(out.request_id)
+            if live is None:  # aborted or timed out already (it got its ERROR)
                 continue
-            body = _result_body(results[i]) | {"engine_s": {"queued": started - r.arrived, "generate": generate_s}}
-            self._send(MessageType.OUTPUT, {"id": r.id, "kind": "final", "result": body},
-                       [results[i].token_ids, results[i].trace])
-        for r in batch:  # aborted ones that did not yet get their ERROR
-            if r.id in self.aborted and r.id not in self.errored:
-                self._error(r.id, "aborted", "aborted while decoding")
-        self.aborted.clear()
-        self.errored.clear()
-        self.running = {}
+            if out.finished:
+                del self.live[out.request_id]
+                if out.result is None:
+                    self._error(out.request_id, "failed", f"the request ended without a result ({out.error})")
+                else:
+                    timings = out.result.timings
+                    self._final(out.request_id, out.result, {"queued": timings.get("queued", 0.0),
+                                                             "generate": timings.get("total", 0.0)})
+            elif live.request.stream and out.step > live.reported:
+                live.reported = out.step
+                self._send(MessageType.OUTPUT, {"id": out.request_id, "kind": "progress", "step": out.step,
+                                                "committed": out.committed, "lengths": out.lengths})
+
+    def _failed(self, reason: str) -> None:
+        """After a step raised: every request it was decoding gets ERROR ``failed`` and leaves the
+        batching engine (rebuilt if even that fails); those still waiting stay queued."""
+        try:
+            for sequence in list(self.engine.live):
+                self.engine.abort(sequence.request_id)
+            waiting = {sequence.request_id for sequence in self.engine.waiting}
+        except Exception:  # noqa: BLE001 - a broken engine: start a new one, nothing survives it
+            log.exception("the batching engine could not drop the failed requests; building a new one")
+            self.engine = None  # its pool freed before the new one takes the memory
+            self._start()  # if this raises too, the engine process ends (the frontend restarts it)
+            waiting = set()
+        for request_id in [i for i in self.live if i not in waiting]:
+            del self.live[request_id]
+            self._error(request_id, "failed", reason)
 
 
 def _result_body(result) -> dict:
@@ -292,7 +326,7 @@ def _result_body(result) -> dict:
 
 
 def run_engine(model_path, requests_address: str, outputs_address: str, max_batch: int = 8,
-               device: str | None = None, limits: Limits = Limits()) -> None:
+               device: str | None = None, limits: Limits = Limits(), kv_memory_fraction: float = 0.8) -> None:
     """The engine process's entry point. model_path: a checkpoint or built-in name, or a callable
     ``model_path(device) -> DiffusionModel``."""
     import torch
@@ -300,4 +334,5 @@ def run_engine(model_path, requests_address: str, outputs_address: str, max_batc
     logging.basicConfig(level=logging.INFO, format="engine %(levelname)s %(message)s")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model_path(device) if callable(model_path) else paradec.load(model_path, device=device)
-    EngineLoop(model, requests_address, outputs_address, max_batch, limits).serve_forever()
+    EngineLoop(model, requests_address, outputs_address, max_batch, limits,
+               kv_memory_fraction=kv_memory_fraction).serve_forever()

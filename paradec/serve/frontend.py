@@ -543,18 +543,23 @@ class BackgroundFrontend:
 class EngineTarget:
     """A picklable engine entry point for the spawned engine process. model: a checkpoint
     directory or built-in name, or a picklable callable ``model(device) -> DiffusionModel``
-    (random weights for benchmarks; one process only)."""
+    (random weights for benchmarks; one process only). max_batch: requests decoded at once.
+    kv_memory_fraction: of the free GPU memory, the share the batching engine's KV rows may take
+    (one process; ranks batch by config and keep no pool)."""
 
     def __init__(self, model, max_batch: int = 8, device: str | None = None, limits: Limits = Limits(),
-                 nproc: int = 1):
+                 nproc: int = 1, kv_memory_fraction: float = 0.8):
+        if not 0 < kv_memory_fraction <= 1:
+            raise ConfigError(f"kv_memory_fraction must lie in (0, 1], got {kv_memory_fraction!r}")
         self.model, self.max_batch, self.device, self.limits, self.nproc = model, max_batch, device, limits, nproc
+        self.kv_memory_fraction = kv_memory_fraction
 
     def __call__(self, requests_address: str, outputs_address: str) -> None:
         if self.nproc == 1:
-            run_engine(self.model, requests_address, outputs_address, self.max_batch, self.device, self.limits)
+            run_engine(self.model, requests_address, outputs_address, self.max_batch, self.device, self.limits,
+                       self.kv_memory_fraction)
         else:
             from paradec.serve.ranks import run_ranks
 
             run_ranks(self.nproc, self.model, requests_address, outputs_address, self.max_batch, self.device,
                       self.limits)
-

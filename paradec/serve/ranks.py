@@ -3,15 +3,27 @@ the frontend; it starts ranks 1..N-1 (gloo on CPU, NCCL on GPUs, wired as torchr
 them). Each batch is broadcast to every rank and decoded with the think blocks spread over the
 ranks (``paradec.generate`` under a process group); rank 0 sends the results.
 
+Scheduling here is batch by config, not the one-process engine's continuous batching (a
+``BatchEngine`` decodes in one process on one device): requests wait in arrival order, and rank 0
+decodes the oldest together with every waiting request it is *compatible* with, up to
+``max_batch`` — the same settings (a batch decodes one config), greedy (``temperature`` 0, an
+order other than ``random``, no ``rank_temperature``) and ``isolated`` attention, where batching
+cannot change a request's tokens (sampled requests decode alone: request r of a batch draws from
+``seed + r``). A batch runs start to finish; requests that arrive meanwhile wait for the next.
+The messages (checks, limits, replies, liveness) are the one-process engine's
+(``paradec.serve.engine.MessageLoop``).
+
 Under several ranks progress is not reported between steps (the ranks do not stop to talk
-mid-canvas): a streaming request gets its final result only, an abort takes effect when its
-batch ends, and the engine's progress (what the frontend's stall watch sees) moves once per
-batch: ``--stall-timeout-s`` must exceed the longest batch. A rank that dies fails the batch in
-flight (``RankFailure``, after ``rank_timeout_s``) and ends the engine, which the frontend
-reports as ENGINE_DEAD (and starts again). Each rank dies with rank 0 (``PR_SET_PDEATHSIG``) and
-shares its process group, which the frontend kills as one; SIGTERM to rank 0 ends the ranks at
-once (a stop does not wait for a batch). Without ``OMP_NUM_THREADS``, each rank takes its share
-of the cores, as torchrun arranges (N ranks each on every core are many times slower on a CPU).
+mid-canvas): a streaming request gets its final result only, an abort or a deadline reaches a
+request still waiting (one that is decoding gets its result when its batch ends; a deadline's
+``timeout`` then comes from the frontend), and the engine's progress (what the frontend's stall
+watch sees) moves once per batch: ``--stall-timeout-s`` must exceed the longest batch. A rank
+that dies fails the batch in flight (``RankFailure``, after ``rank_timeout_s``) and ends the
+engine, which the frontend reports as ENGINE_DEAD (and starts again). Each rank dies with rank 0
+(``PR_SET_PDEATHSIG``) and shares its process group, which the frontend kills as one; SIGTERM to
+rank 0 ends the ranks at once (a stop does not wait for a batch). Without ``OMP_NUM_THREADS``,
+each rank takes its share of the cores, as torchrun arranges (N ranks each on every core are
+many times slower on a CPU).
 """
 
 from __future__ import annotations
@@ -22,24 +34,99 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from collections import deque
 
 import torch.distributed as dist
+import zmq
 
 import paradec
-from paradec.config import GenerationConfig
+from paradec.config import RequestParams
 from paradec.distributed import init_distributed, teardown
+from paradec.distributed.guard import RankFailure
 from paradec.errors import ParadecError
-from paradec.serve.engine import EngineLoop
+from paradec.serve.engine import MessageLoop, Request
 from paradec.serve.process import die_with_parent
 from paradec.serve.protocol import Limits
 
+log = logging.getLogger(__name__)
 IDLE_TIMEOUT_S = 7 * 24 * 3600.0  # ranks wait this long for the next batch (a server idles)
 
 
-class RankZeroLoop(EngineLoop):
-    def _generate(self, prompts: list, config: GenerationConfig, on_step):
-        dist.broadcast_object_list([(prompts, config)], src=0)
-        return paradec.generate(self.model, prompts, config)
+def batchable(params: RequestParams) -> bool:
+    """Whether a request with these parameters gets the same tokens in a batch as alone: greedy
+    (sampled requests draw from ``seed + r``, r the batch position; so do ``random`` order's and
+    ``rank_temperature``'s position draws) under ``isolated`` attention."""
+    return (params.temperature == 0 and params.mode != "random" and params.attention == "isolated"
+            and params.rank_temperature == 0)
+
+
+def batches_with(first: Request, other: Request) -> bool:
+    """Whether ``other`` may join ``first``'s batch: the same request parameters and runtime
+    settings, and parameters whose tokens batching cannot change."""
+    return (other.config.request == first.config.request and other.config.runtime == first.config.runtime
+            and batchable(first.config.request))
+
+
+class RankZeroLoop(MessageLoop):
+    """Rank 0's loop: batches of compatible requests, each broadcast to the ranks and decoded
+    start to finish, no messages read meanwhile (the ranks do not stop to talk mid-canvas)."""
+
+    def __init__(self, model, requests_address: str, outputs_address: str, max_batch: int = 8,
+                 limits: Limits = Limits(), context: zmq.Context | None = None):
+        super().__init__(model, requests_address, outputs_address, max_batch, limits, context)
+        self.waiting: deque[Request] = deque()
+
+    def _queue(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def _abort(self, request_id: str) -> None:
+        for request in list(self.waiting):
+            if request.id == request_id:
+                self.waiting.remove(request)
+                return self._error(request_id, "aborted", "aborted before it started")
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for request in [r for r in self.waiting if r.deadline is not None and now > r.deadline]:
+            self.waiting.remove(request)
+            self._error(request.id, "timeout", "timed out waiting for the engine")
+
+    def _busy(self) -> bool:
+        return bool(self.waiting)
+
+    def _work(self) -> None:
+        self._run(self._next_batch())
+
+    def _next_batch(self) -> list[Request]:
+        first = self.waiting.popleft()
+        batch = [first]
+        for request in list(self.waiting):
+            if len(batch) == self.max_batch:
+                break
+            if batches_with(first, request):
+                self.waiting.remove(request)
+                batch.append(request)
+        return batch
+
+    def _run(self, batch: list[Request]) -> None:
+        prompts, config = [r.prompt for r in batch], batch[0].config
+        started = time.monotonic()
+        try:
+            dist.broadcast_object_list([(prompts, config)], src=0)
+            results = paradec.generate(self.model, prompts, config)
+        except RankFailure as e:  # a rank is gone: this engine cannot decode any more
+            for r in batch:
+                self._error(r.id, "failed", str(e))
+            raise
+        except Exception as e:  # noqa: BLE001 - one failed batch must not take the engine down
+            log.exception("batch failed")
+            for r in batch:
+                self._error(r.id, "failed", f"{type(e).__name__}: {e}")
+            return
+        generate_s = time.monotonic() - started
+        for r, result in zip(batch, results):
+            self._final(r.id, result, {"queued": started - r.arrived, "generate": generate_s})
 
 
 def _follow(rank: int, world_size: int, port: int, model_path: str, device: str | None, parent: int) -> None:

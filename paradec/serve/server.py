@@ -58,6 +58,10 @@ def serve(args: argparse.Namespace) -> int:
         value = getattr(args, name, None)
         if value is not None and not value > 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    kv_memory_fraction = getattr(args, "kv_memory_fraction", None)  # the flag is paradec.cli's to declare
+    kv_memory_fraction = 0.8 if kv_memory_fraction is None else kv_memory_fraction
+    if not 0 < kv_memory_fraction <= 1:
+        raise ConfigError(f"--kv-memory-fraction must lie in (0, 1], got {kv_memory_fraction}")
     if getattr(args, "stall_timeout_s", None) is not None and args.stall_timeout_s < 0:
         raise ConfigError(f"--stall-timeout-s must be >= 0 (0: never), got {args.stall_timeout_s}")
     token = read_token(args)
@@ -65,7 +69,8 @@ def serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--http-host {args.http_host} (not loopback) needs a token (--token-file or PARADEC_TOKEN, "
                           f"at least {MIN_TOKEN_CHARS} characters); HTTP clients then send "
                           f"'Authorization: Bearer <token>'")
-    target = EngineTarget(args.model, args.max_batch, args.device, Limits(), nproc=args.nproc)
+    target = EngineTarget(args.model, args.max_batch, args.device, Limits(), nproc=args.nproc,
+                          kv_memory_fraction=kv_memory_fraction)
     frontend = Frontend(args.address, target, token=token, max_pending=args.max_pending,
                         request_timeout_s=getattr(args, "request_timeout_s", None),
                         stall_timeout_s=getattr(args, "stall_timeout_s", None) or None,
