@@ -102,6 +102,7 @@ def main() -> None:
     p.add_argument("--no-ar", action="store_true")
     p.add_argument("--batch-invariant", action="store_true")
     p.add_argument("--profile", action="store_true", help="time the parts of each engine step (synchronising)")
+    p.add_argument("--partial-refresh", action="store_true", help="the engine's partial_refresh approximation")
     args = p.parse_args()
     info = banner()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -125,7 +126,8 @@ def main() -> None:
     prompt_ids = paradec.api.encode_prompt(model, prompt, configs[0], paradec.api.build_layout(model, configs[0]))
     canvas = max(paradec.api.build_layout(model, c).length for c in configs)
     engine = BatchEngine(model, max_batch=args.max_batch, max_prompt_tokens=len(prompt_ids), max_canvas_tokens=canvas,
-                         batch_invariant=True if args.batch_invariant else None, profile=args.profile)
+                         batch_invariant=True if args.batch_invariant else None, profile=args.profile,
+                         partial_refresh=args.partial_refresh)
     start = time.perf_counter()
     graphs = engine.warm_up(configs)
     warm_s = time.perf_counter() - start
@@ -134,7 +136,8 @@ def main() -> None:
     engine.calls.release()
     del engine
     ar_rows = [] if args.no_ar else [ar_level(model, prompt_ids, canvas, c, 3) for c in args.concurrency]
-    print(f"\n{name}, {settings}{' + threshold' if args.mixed else ''}, "
+    print(f"\n{name}, {settings}{' + threshold' if args.mixed else ''}"
+          f"{', partial refresh' if args.partial_refresh else ''}, "
           f"rows {args.max_batch}; warm-up {warm_s:.1f} s, {graphs} graphs")
     print(f"lone request: engine {lone['engine_s'] * 1e3:.1f} ms, generate() {lone['generate_s'] * 1e3:.1f} ms "
           f"({lone['engine_s'] / lone['generate_s']:.3f}x)")
@@ -152,6 +155,7 @@ def main() -> None:
         if r["profile_s"]:
             print("      " + ", ".join(f"{k} {v:.2f} s" for k, v in r["profile_s"].items()))
     emit_json({"benchmark": "batch_engine", **info, "model": name, "settings": settings, "mixed": args.mixed,
+               "partial_refresh": args.partial_refresh,
                "rows": args.max_batch, "warm_up_s": warm_s, "graphs": graphs, "lone": lone, "levels": rows,
                "ar": ar_rows, "prompt_tokens": len(prompt_ids), "canvas": canvas})
 

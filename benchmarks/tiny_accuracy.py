@@ -10,7 +10,9 @@ same number of forwards (the NFE column says how many).
     python benchmarks/tiny_accuracy.py --tokens-per-step 1 2 3 4 --plots plots/
 
 ``--window W`` also decodes the canvas model W tokens of each block at a time under each of
-``--caches`` (what the reused KV costs in accuracy); ``--only-nap`` skips the long-CoT model.
+``--caches`` (what the reused KV costs in accuracy); with ``--partial-refresh`` also through
+``paradec.batching.BatchEngine``, as it is (``-engine``: the same tokens as ``generate()``) and
+with its ``partial_refresh`` approximation (``-partial``); ``--only-nap`` skips the long-CoT model.
 """
 
 from __future__ import annotations
@@ -31,6 +33,18 @@ from paradec.train.recipe import BLOCK_LEN, SUMMARY_LEN
 from paradec.train.tasks import arith
 
 
+def engine_decode(partial_refresh: bool, rows: int):
+    """``evaluate``'s decode through a ``BatchEngine`` (``partial_refresh`` on or off)."""
+    from paradec.batching import BatchEngine
+
+    def decode(model, questions, **config):
+        engine = BatchEngine(model, max_batch=min(rows, 64), max_prompt_tokens=256, max_canvas_tokens=1024,
+                             partial_refresh=partial_refresh)
+        return engine.generate(questions, **config)
+
+    return decode
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nap", default="paradec-tiny", help="the canvas model")
@@ -45,6 +59,8 @@ def main() -> None:
     p.add_argument("--window", type=int, help="also decode the canvas model with windows of this many tokens")
     p.add_argument("--caches", nargs="+", default=["dual", "prefix"], choices=["none", "prefix", "dual"])
     p.add_argument("--only-nap", action="store_true", help="skip the long-CoT model")
+    p.add_argument("--partial-refresh", action="store_true",
+                   help="with --window: also decode through BatchEngine with and without its partial_refresh")
     args = p.parse_args()
     info = banner()
     problems = arith.test_problems()[: args.limit]
@@ -59,11 +75,17 @@ def main() -> None:
                 if args.window:
                     settings += [(f"w{args.window}-{cache}", canvas | dict(window=args.window, cache=cache))
                                  for cache in args.caches]
+                if args.window and args.partial_refresh:
+                    settings += [(f"w{args.window}-{cache}-{how}", canvas | dict(window=args.window, cache=cache,
+                                                                                 _partial=how == "partial"))
+                                 for cache in args.caches if cache != "none" for how in ("engine", "partial")]
             else:
                 length = CanvasFormat(BLOCK_LEN, SUMMARY_LEN).longcot_len(m)
                 settings = [(rule, dict(mode=rule, answer_len=length, tokens_per_step=m * k)) for rule in ("ao", "ar_order")]
             for rule, config in settings:
-                report = evaluate(model, problems, batch_size=args.batch_size, **config)
+                partial = config.pop("_partial", None)
+                decode = None if partial is None else engine_decode(partial, args.batch_size)
+                report = evaluate(model, problems, batch_size=args.batch_size, decode=decode, **config)
                 row = {"model": name, "rule": rule, "k": k, "per_forward": m * k, "accuracy": report.accuracy,
                        "n": report.n, "nfe": report.nfe, "global_arness": report.global_arness,
                        "block_arness": report.block_arness, "seconds": report.seconds}

@@ -5,6 +5,11 @@ under ``isolated`` attention, then each phase's windows in order; before the sum
 finished think blocks' KV is recomputed (``EXTEND``, the runner's cache extension); a window
 starts with a refresh when the cache is windowed (and every ``refresh_every`` steps), its other
 steps forward the window's step columns; a window ends when none of its positions is masked.
+With ``partial_refresh`` (an approximation under evaluation, off by default: the engine's
+``partial_refresh``) a window's refresh after the phase's first forwards only its own and the
+previous window's step columns, the ones whose tokens changed, and keeps every other column's
+KV from before: fewer columns forwarded per committed token, at a cost in accuracy that
+``benchmarks/tiny_accuracy.py``-style measurement must show.
 The engine gives every live request one action per engine step and tells it, after the step,
 which of its canvas positions are still masked (``advance``).
 
@@ -75,6 +80,7 @@ class Sequence:
     plan: Plan
     max_prompt: int
     stream: bool = False
+    partial_refresh: bool = False  # a window's refresh forwards its and the last window's columns only
     row: int = -1
     phase: int = 0
     window: int = 0
@@ -111,7 +117,6 @@ class Sequence:
         elif self.action is not Action.PREFILL:
             self.window_step += 1
             self.steps += 1
-            self.nfe += 1
 
     def advance(self, masked: torch.Tensor) -> None:
         """Chooses the next action from ``masked`` ([C] bool, host: body positions still masked),
@@ -151,7 +156,9 @@ class Sequence:
             step = canvas(plan.block_columns(phase))
         else:  # canvas attention with nothing cached: the prompt and the whole canvas, every step
             step = self.prompt_slots() + canvas(range(self.layout.length))
-        if self.isolated:
+        if plan.windowed_cache and self.partial_refresh and window > 0:
+            refresh = canvas(sorted(set(plan.step_columns(phase, window - 1)) | set(plan.step_columns(phase, window))))
+        elif self.isolated:
             refresh = canvas(plan.block_columns(phase))
         else:
             refresh = self.prompt_slots() + canvas(range(self.layout.length))

@@ -28,9 +28,11 @@ class EvalReport:
     first_trace: list[int] = field(default_factory=list)  # the first problem's whole trace, fill included
 
 
-def evaluate(model, problems: list[arith.Problem], batch_size: int = 100, **config) -> EvalReport:
+def evaluate(model, problems: list[arith.Problem], batch_size: int = 100, decode=None, **config) -> EvalReport:
     """Decodes every problem with ``config`` (GenerationConfig fields) in batches; a problem is
-    right when the answer extracted from the summary (or the answer region) is its answer."""
+    right when the answer extracted from the summary (or the answer region) is its answer.
+    decode: ``decode(model, questions, **config) -> results`` (default ``paradec.generate``; e.g.
+    a ``paradec.batching.BatchEngine``'s decoding)."""
     if not problems:
         raise paradec.ConfigError("problems is empty: nothing to evaluate")
     # The layout generate() uses: the checkpoint's own defaults, then ``config``.
@@ -42,7 +44,7 @@ def evaluate(model, problems: list[arith.Problem], batch_size: int = 100, **conf
     start = time.perf_counter()
     for lo in range(0, len(problems), batch_size):
         chunk = problems[lo : lo + batch_size]
-        results = paradec.generate(model, [p.question for p in chunk], **config)
+        results = (decode or paradec.generate)(model, [p.question for p in chunk], **config)
         for p, r in zip(chunk, results):
             records.append({"question": p.question, "blocks": r.blocks, "summary": r.summary, "answer": r.answer,
                             "gold": p.answer, "correct": arith.check_answer(r.answer, p)})
