@@ -194,7 +194,9 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--token", help=argparse.SUPPRESS)  # refused by name: ps shows a command line to every user
     v.add_argument("--nproc", type=int, default=1, help="engine ranks (torchrun-style; rank 0 talks to the frontend)")
     v.add_argument("--max-pending", type=int, default=64, help="requests in flight before new ones get 'busy'")
-    v.add_argument("--max-batch", type=int, default=8, help="compatible requests decoded together")
+    v.add_argument("--max-batch", type=int, default=8, help="requests decoded at once (rows of the KV pool)")
+    v.add_argument("--kv-memory-fraction", type=float, default=0.8,
+                   help="share of free GPU memory the KV pool may take (it holds at most --max-batch rows)")
     v.add_argument("--device", help="default: the GPU, else the CPU")
     v.add_argument("--request-timeout-s", type=float, default=600.0, help="deadline of every HTTP request and of "
                    "a ZeroMQ request that sets no timeout_s, from its arrival (waiting included)")

@@ -58,8 +58,7 @@ def serve(args: argparse.Namespace) -> int:
         value = getattr(args, name, None)
         if value is not None and not value > 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    kv_memory_fraction = getattr(args, "kv_memory_fraction", None)  # the flag is paradec.cli's to declare
-    kv_memory_fraction = 0.8 if kv_memory_fraction is None else kv_memory_fraction
+    kv_memory_fraction = args.kv_memory_fraction
     if not 0 < kv_memory_fraction <= 1:
         raise ConfigError(f"--kv-memory-fraction must lie in (0, 1], got {kv_memory_fraction}")
     if getattr(args, "stall_timeout_s", None) is not None and args.stall_timeout_s < 0:
