@@ -43,6 +43,7 @@ from paradec.api import build_layout, encode_prompt
 from paradec.decoding.causal import StaticCausalDecoder
 from paradec.serve import Client, Progress, ServeError
 from paradec.serve.frontend import BackgroundFrontend, EngineTarget
+from paradec.serve.protocol import Limits
 
 TINY_CANVAS = {"blocks": 4, "tokens_per_step": 2}
 
@@ -270,8 +271,12 @@ def main() -> None:
         prompt = arith.test_problems()[0].question
         settings = dict(TINY_CANVAS)
         loader, name = args.model, args.model
+    # the engine's KV rows sized to this benchmark's requests (a server's default rows hold 8k + 8k tokens)
+    limits = Limits(max_prompt_tokens=args.prompt_len + 64, max_canvas_tokens=args.canvas + 64) if args.shape \
+        else Limits(max_prompt_tokens=256, max_canvas_tokens=512)
     server = BackgroundFrontend((f"tcp://127.0.0.1:{free_port()}",
-                                 EngineTarget(loader, max_batch=args.max_batch, device=device)),
+                                 EngineTarget(loader, max_batch=args.max_batch, device=device, warm_up=(settings,),
+                                              limits=limits)),
                                 dict(max_pending=max(64, 2 * max(args.concurrency), args.requests)))
     try:
         served = served_one(server.address, prompt, settings, args.repeats)

@@ -197,6 +197,9 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--max-batch", type=int, default=8, help="requests decoded at once (rows of the KV pool)")
     v.add_argument("--kv-memory-fraction", type=float, default=0.8,
                    help="share of free GPU memory the KV pool may take (it holds at most --max-batch rows)")
+    v.add_argument("--warm-up", type=json.loads, action="append", default=[], metavar="SETTINGS_JSON",
+                   help="request settings whose CUDA graphs are captured before serving, e.g. "
+                        "'{\"blocks\": 4, \"window\": 32}' (repeatable; the model's defaults always are)")
     v.add_argument("--device", help="default: the GPU, else the CPU")
     v.add_argument("--request-timeout-s", type=float, default=600.0, help="deadline of every HTTP request and of "
                    "a ZeroMQ request that sets no timeout_s, from its arrival (waiting included)")

@@ -236,14 +236,16 @@ class EngineLoop(MessageLoop):
     liveness is its progress. The batching engine is built (and warmed up) at ``serve_forever``."""
 
     def __init__(self, model, requests_address: str, outputs_address: str, max_batch: int = 8,
-                 limits: Limits = Limits(), context: zmq.Context | None = None, kv_memory_fraction: float = 0.8):
+                 limits: Limits = Limits(), context: zmq.Context | None = None, kv_memory_fraction: float = 0.8,
+                 warm_up: tuple[dict, ...] = ()):
         super().__init__(model, requests_address, outputs_address, max_batch, limits, context)
-        self.kv_memory_fraction = kv_memory_fraction
+        self.kv_memory_fraction, self.warm_up = kv_memory_fraction, warm_up
         self.engine: BatchEngine | None = None  # built by _start
         self.live: dict[str, _Live] = {}  # every request in the batching engine, waiting or decoding
 
     def _start(self) -> None:
-        """Builds the batching engine and captures the CUDA graphs of the model's defaults."""
+        """Builds the batching engine and captures the CUDA graphs of the model's defaults and of
+        the ``warm_up`` settings."""
         defaults = resolve_config(self.model)
         max_length = self.model.spec.max_length
         self.engine = BatchEngine(self.model, max_batch=self.max_batch,
@@ -251,7 +253,7 @@ class EngineLoop(MessageLoop):
                                   max_canvas_tokens=min(self.limits.max_canvas_tokens, max_length),
                                   kv_memory_fraction=self.kv_memory_fraction, cuda_graphs=defaults.cuda_graphs,
                                   batch_invariant=defaults.batch_invariant)
-        graphs = self.engine.warm_up()  # the model's default settings
+        graphs = self.engine.warm_up([None] + [resolve_config(self.model, **settings) for settings in self.warm_up])
         log.info("continuous batching: %d rows, %d CUDA graphs captured", self.engine.max_batch, graphs)
 
     def _queue(self, request: Request) -> None:
@@ -326,13 +328,14 @@ def _result_body(result) -> dict:
 
 
 def run_engine(model_path, requests_address: str, outputs_address: str, max_batch: int = 8,
-               device: str | None = None, limits: Limits = Limits(), kv_memory_fraction: float = 0.8) -> None:
+               device: str | None = None, limits: Limits = Limits(), kv_memory_fraction: float = 0.8,
+               warm_up: tuple[dict, ...] = ()) -> None:
     """The engine process's entry point. model_path: a checkpoint or built-in name, or a callable
-    ``model_path(device) -> DiffusionModel``."""
+    ``model_path(device) -> DiffusionModel``; warm_up: settings whose graphs to capture first."""
     import torch
 
     logging.basicConfig(level=logging.INFO, format="engine %(levelname)s %(message)s")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model_path(device) if callable(model_path) else paradec.load(model_path, device=device)
     EngineLoop(model, requests_address, outputs_address, max_batch, limits,
-               kv_memory_fraction=kv_memory_fraction).serve_forever()
+               kv_memory_fraction=kv_memory_fraction, warm_up=warm_up).serve_forever()

@@ -545,19 +545,21 @@ class EngineTarget:
     directory or built-in name, or a picklable callable ``model(device) -> DiffusionModel``
     (random weights for benchmarks; one process only). max_batch: requests decoded at once.
     kv_memory_fraction: of the free GPU memory, the share the batching engine's KV rows may take
-    (one process; ranks batch by config and keep no pool)."""
+    (one process; ranks batch by config and keep no pool). warm_up: request settings (dicts)
+    whose shapes the engine captures CUDA graphs for before it reports ready, besides the model's
+    defaults (one process)."""
 
     def __init__(self, model, max_batch: int = 8, device: str | None = None, limits: Limits = Limits(),
-                 nproc: int = 1, kv_memory_fraction: float = 0.8):
+                 nproc: int = 1, kv_memory_fraction: float = 0.8, warm_up: tuple[dict, ...] = ()):
         if not 0 < kv_memory_fraction <= 1:
             raise ConfigError(f"kv_memory_fraction must lie in (0, 1], got {kv_memory_fraction!r}")
         self.model, self.max_batch, self.device, self.limits, self.nproc = model, max_batch, device, limits, nproc
-        self.kv_memory_fraction = kv_memory_fraction
+        self.kv_memory_fraction, self.warm_up = kv_memory_fraction, tuple(warm_up)
 
     def __call__(self, requests_address: str, outputs_address: str) -> None:
         if self.nproc == 1:
             run_engine(self.model, requests_address, outputs_address, self.max_batch, self.device, self.limits,
-                       self.kv_memory_fraction)
+                       self.kv_memory_fraction, self.warm_up)
         else:
             from paradec.serve.ranks import run_ranks
 

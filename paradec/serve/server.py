@@ -20,6 +20,7 @@ import os
 import signal
 from pathlib import Path
 
+from paradec.config import GenerationConfig
 from paradec.errors import ConfigError
 from paradec.serve.frontend import MIN_TOKEN_CHARS, EngineTarget, Frontend, check_token
 from paradec.serve.protocol import Limits
@@ -68,8 +69,12 @@ def serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--http-host {args.http_host} (not loopback) needs a token (--token-file or PARADEC_TOKEN, "
                           f"at least {MIN_TOKEN_CHARS} characters); HTTP clients then send "
                           f"'Authorization: Bearer <token>'")
+    for settings in args.warm_up:
+        if not isinstance(settings, dict):
+            raise ConfigError(f"--warm-up takes a JSON object of request settings, got {settings!r}")
+        GenerationConfig.build(None, **settings)  # a bad setting fails here, not in the engine process
     target = EngineTarget(args.model, args.max_batch, args.device, Limits(), nproc=args.nproc,
-                          kv_memory_fraction=kv_memory_fraction)
+                          kv_memory_fraction=kv_memory_fraction, warm_up=tuple(args.warm_up))
     frontend = Frontend(args.address, target, token=token, max_pending=args.max_pending,
                         request_timeout_s=getattr(args, "request_timeout_s", None),
                         stall_timeout_s=getattr(args, "stall_timeout_s", None) or None,
