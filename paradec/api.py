@@ -276,7 +276,7 @@ class _Watcher:
     def __init__(self, inner, model: DiffusionModel, layout: CanvasLayout, config: GenerationConfig, streamer,
                  prompt_ids: list[int]):
         self.inner, self.streamer, self.stop = inner, streamer, config.stop
-        self.decode = _decoder(model)
+        self.decode = text_decoder(model)
         self.stop_ids = set(model.spec.stop_ids)
         group = layout.num_think_blocks  # the summary in nap, the answer region (group 0) elsewhere
         self.start, self.end = layout.bodies[group]
@@ -297,7 +297,7 @@ class _Watcher:
             ended = next((i for i, t in enumerate(prefix) if t in self.stop_ids), None)
             prefix = prefix[:ended]
             text = self.decode(prefix)
-            at = _find_stop(text, self.stop)
+            at = find_stop(text, self.stop)
             settled.append(at is not None)
             if r == 0 and self.streamer is not None:
                 safe = at if at is not None else len(text) if ended is not None else len(text) - _held(text, self.stop)
@@ -317,11 +317,12 @@ class _Watcher:
             self._send(result.summary_token_ids, len(result.summary_token_ids))
 
 
-def _decoder(model: DiffusionModel):
+def text_decoder(model: DiffusionModel):
+    """ids -> text as results show it (special tokens skipped; ``str`` without a tokenizer)."""
     return (lambda ids: model.tokenizer.decode(ids, skip_special_tokens=True)) if model.tokenizer else str
 
 
-def _find_stop(text: str, stop: tuple[str, ...] | None) -> int | None:
+def find_stop(text: str, stop: tuple[str, ...] | None) -> int | None:
     """Where the earliest stop string begins in ``text``, None when none does."""
     hits = [i for i in (text.find(s) for s in stop or ()) if i >= 0]
     return min(hits) if hits else None
@@ -348,7 +349,7 @@ def _whole_tokens(decode, ids: list[int], text: str) -> int:
 
 
 def _cut_text(text: str, stop: tuple[str, ...] | None) -> tuple[str, bool]:
-    at = _find_stop(text, stop)
+    at = find_stop(text, stop)
     return (text, False) if at is None else (text[:at], True)
 
 
@@ -611,7 +612,7 @@ def make_result(model, layout: CanvasLayout, prompt_ids, canvas: list[int], trac
         cut = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
         return tokens[:cut]
 
-    decode = _decoder(model)
+    decode = text_decoder(model)
     m = layout.num_think_blocks
     groups = layout.groups.tolist()
     block_ids = [body(g) for g in range(m)]

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from paradec.api import GenerationResult, build_layout, encode_prompt, make_result, resolve_config
+from paradec.api import (GenerationResult, build_layout, encode_prompt, find_stop, make_result, resolve_config,
+                         text_decoder)
 from paradec.batching.pool import KVPool, RowGeometry, rows_that_fit
 from paradec.batching.rows import Rows
 from paradec.batching.sequence import Action, CommitClass, Sequence
@@ -54,9 +55,9 @@ WIDTH_BUCKET = 32  # step and commit widths round up to a multiple of this many 
 
 @dataclass
 class RequestOutput:
-    """What ``step`` reports for one request: progress (``committed`` tokens per group of
-    ``lengths``) while it decodes, then once ``finished`` its ``result`` — or its ``error``
-    (``"aborted"``)."""
+    """What ``step`` reports for one request: its progress while it decodes (streamed requests,
+    after every step: the steps that committed so far, ``committed`` tokens per group of
+    ``lengths``), then once, ``finished``, its ``result``. An aborted request reports nothing more."""
 
     request_id: str
     step: int
@@ -64,7 +65,6 @@ class RequestOutput:
     lengths: list[int]
     finished: bool = False
     result: GenerationResult | None = None
-    error: str | None = None
 
 
 @dataclass
@@ -112,6 +112,7 @@ class BatchEngine:
         if kv_rows is not None and (isinstance(kv_rows, bool) or not isinstance(kv_rows, int) or kv_rows < 1):
             raise ConfigError(f"kv_rows must be None or an int >= 1, got {kv_rows!r}")
         self.model, self.module = model, model.module
+        self.decode_text = text_decoder(model)
         self.max_blocks, self.max_prefill_tokens = max_blocks, max_prefill_tokens
         self.batch_invariant, self.partial_refresh, self.profile = batch_invariant, partial_refresh, profile
         cfg, device = self.module.cfg, model.device
@@ -276,11 +277,17 @@ class BatchEngine:
         for _ in range(repeats):
             for seq in live:
                 seq.acted()
-        masked = self.rows.masked(len(live)).cpu()  # the step's one host sync
+        n = len(live)
+        looked = torch.cat((self.rows.masked(n).int(), self.rows.step[:n, None].int()), 1).cpu()  # the one sync
+        masked, steps = looked[:, :-1].bool(), looked[:, -1].tolist()
         self._mark("sync")
         outputs = []
         for seq, row in [(s, s.row) for s in live]:  # rows as read: a finished request's row takes another
-            seq.advance(masked[row])
+            seq.steps = steps[row]
+            if seq.config.stop and self._stopped(seq, row, masked[row]):
+                seq.action = None  # its answer text holds a stop string: done, as generate() stops early
+            else:
+                seq.advance(masked[row])
             if seq.finished:
                 outputs.append(self._finish(seq, masked[row]))
             elif seq.stream:
@@ -296,10 +303,10 @@ class BatchEngine:
         that many scheduled steps (a window that ends early steps on as a no-op, which changes
         nothing) before a periodic refresh."""
         if len(stepping) != len(self.live) or (self.waiting and len(self.live) < self.pool.rows):
-            return 1
+            return 1  # (a stop string is looked for after every step, as generate() does)
         repeats = MAX_STEPS_PER_LOOK
         for seq in stepping:
-            if policies.of(seq.config).check_every is not None:
+            if policies.of(seq.config).check_every is not None or seq.config.stop:
                 return 1
             schedules = seq.columns().schedules.values()
             repeats = min(repeats, max(len(s) for s in schedules) - seq.window_step)
@@ -365,9 +372,9 @@ class BatchEngine:
     def _finish(self, seq: Sequence, masked: torch.Tensor) -> RequestOutput:
         rows, c = self.rows, seq.layout.length
         canvas, trace = rows.canvas[seq.row, :c].tolist(), rows.trace[seq.row, :c].tolist()
-        # steps that committed, and the forwards that did (generate() one step at a time counts the
-        # same); a no-op step of MAX_STEPS_PER_LOOK past a window's early end counts in neither
-        seq.steps = seq.nfe = int(rows.step[seq.row])
+        # nfe: the forwards that committed (= steps, as generate() one step at a time counts); a no-op
+        # step of MAX_STEPS_PER_LOOK past a window's early end counts in neither
+        seq.nfe = seq.steps
         seq.timings["queued"] = seq.started - seq.arrived
         seq.timings["total"] = time.perf_counter() - seq.started
         result = make_result(self.model, seq.layout, seq.prompt_ids, canvas, trace, _Decoded(seq), True,
@@ -375,6 +382,21 @@ class BatchEngine:
         self._retire(seq)
         return RequestOutput(seq.request_id, seq.steps, _committed(seq, masked), _lengths(seq), finished=True,
                              result=result)
+
+    def _stopped(self, seq: Sequence, row: int, masked: torch.Tensor) -> bool:
+        """Whether ``seq`` is done by its stop strings (``generate()``'s test, between steps): the
+        committed left-to-right prefix of its answer text holds one and every other group is done."""
+        layout = seq.layout
+        group = layout.num_think_blocks  # the summary, or the answer region
+        start, end = layout.bodies[group]
+        if bool((masked[: layout.length] & (layout.groups != group)).any()):
+            return False
+        open_at = masked[start:end].nonzero()
+        committed = int(open_at[0, 0]) if len(open_at) else end - start
+        ids = self.rows.canvas[row, start : start + committed].tolist()
+        stops = set(self.model.spec.stop_ids)
+        ids = ids[: next((i for i, t in enumerate(ids) if t in stops), len(ids))]
+        return find_stop(self.decode_text(ids), seq.config.stop) is not None
 
     def _retire(self, seq: Sequence) -> None:
         """Frees ``seq``'s row: the last live row moves into it."""

@@ -71,7 +71,8 @@ class WindowColumns:
 class Sequence:
     """request_id, prompt ids, config, layout and plan of one request; ``row``: its pool row
     while live. The cursor: ``phase``, ``window`` (indices into the plan), ``window_step``
-    (actions taken in the window), ``action`` (the next one; None once finished)."""
+    (actions taken in the window), ``action`` (the next one; None once finished); ``steps``: the
+    steps that committed, as the device counts them (the engine reads them after every look)."""
 
     request_id: str
     prompt_ids: list[int]
@@ -116,7 +117,6 @@ class Sequence:
             self.extended = True
         elif self.action is not Action.PREFILL:
             self.window_step += 1
-            self.steps += 1
 
     def advance(self, masked: torch.Tensor) -> None:
         """Chooses the next action from ``masked`` ([C] bool, host: body positions still masked),
