@@ -299,14 +299,15 @@ class BatchEngine:
 
     def _repeats(self, stepping: list[Sequence]) -> int:
         """Step calls to run before the host looks again: more than one only when every live
-        request steps with a top-k schedule, none waits for a row, and every window still has
+        request steps with a top-k schedule (no stop strings, no streamed progress), none waits for
+        a row, and every window still has
         that many scheduled steps (a window that ends early steps on as a no-op, which changes
         nothing) before a periodic refresh."""
         if len(stepping) != len(self.live) or (self.waiting and len(self.live) < self.pool.rows):
-            return 1  # (a stop string is looked for after every step, as generate() does)
+            return 1  # (stop strings are looked for, and progress streams, after every step)
         repeats = MAX_STEPS_PER_LOOK
         for seq in stepping:
-            if policies.of(seq.config).check_every is not None or seq.config.stop:
+            if policies.of(seq.config).check_every is not None or seq.config.stop or seq.stream:
                 return 1
             schedules = seq.columns().schedules.values()
             repeats = min(repeats, max(len(s) for s in schedules) - seq.window_step)
