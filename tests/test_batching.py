@@ -7,6 +7,7 @@ shifted Dream-style model, CPU)."""
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -448,3 +449,31 @@ def test_a_stop_string_ends_the_decode_as_alone(model):
     kwargs = dict(stop="votes")
     run = check_schedule(model, [(0, "stop", QUESTIONS[0], kwargs)], max_batch=2)
     assert run.results["stop"].finish_reason == "stop"
+
+
+# --- on a GPU -------------------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replays_decode_as_alone():
+    """On a GPU the step call replays CUDA graphs captured at warm-up (one per batch and width
+    bucket) and commits by class; requests of mixed settings joining at different steps still get
+    generate()'s tokens and trace (fp32 paradec-tiny: its kernels do not round by batch size).
+    nfe is not compared: generate()'s replays count no-op steps."""
+    model = paradec.load("paradec-tiny", device="cuda")
+    settings = [dict(blocks=4, tokens_per_step=2), dict(blocks=2, tokens_per_step=1, policy="margin"),
+                dict(blocks=4, policy="threshold", threshold=0.7), dict(mode="block", answer_len=64, block_len=16),
+                dict(blocks=4, tokens_per_step=2, temperature=0.8, seed=5), dict(blocks=3, window=8, tokens_per_step=2)]
+    configs = [resolve_config(model, **kw) for kw in settings]
+    engine = BatchEngine(model, max_batch=4, max_prompt_tokens=128, max_canvas_tokens=512)
+    assert engine.warm_up(configs) > 0
+    results = {}
+    for i, (prompt, config) in enumerate(zip(QUESTIONS, configs)):
+        engine.add(f"r{i}", prompt, config)
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out.result
+    while engine.has_unfinished():
+        results |= {out.request_id: out.result for out in engine.step() if out.finished}
+    for i, (prompt, kw) in enumerate(zip(QUESTIONS, settings)):
+        alone = paradec.generate(model, prompt, **kw)
+        assert (results[f"r{i}"].token_ids, results[f"r{i}"].trace) == (alone.token_ids, alone.trace), kw
+    assert engine.stats.graph_replays == engine.stats.step_calls > 0  # every step call replayed a warm-up graph

@@ -23,6 +23,7 @@ seed), an answerer, Fast-dLLM's rules, torchrun.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -187,13 +188,13 @@ class BatchEngine:
         return bool(self.waiting or self.live)
 
     def warm_up(self, configs: Iterable[GenerationConfig | None] = (None,)) -> int:
-        """Captures the step call's CUDA graphs for every batch bucket and every step and commit
-        width the windows of ``configs`` use (None: the model's defaults), so that serving
+        """Captures the step call's CUDA graphs for every batch bucket and every pair of step and
+        commit widths the windows of ``configs`` use (None: the model's defaults), so that serving
         captures nothing; a bucket met later runs called. Returns the graphs captured (0 on a
         CPU or with ``cuda_graphs=False``)."""
         if not self.capture:
             return 0
-        widths = set()
+        widths, commit_widths = set(), set()
         for config in configs:
             config = resolve_config(self.model, config)
             layout = build_layout(self.model, config)
@@ -202,13 +203,13 @@ class BatchEngine:
             for seq.phase, phase in enumerate(seq.plan.phases):
                 for seq.window in range(seq.plan.num_windows(phase)):
                     columns = seq.columns()
-                    widths.add((_round_up(len(columns.step), self.geometry.slots),
-                                _round_up(len(columns.commit), self.geometry.max_canvas)))
+                    widths.add(_round_up(len(columns.step), self.geometry.slots))
+                    commit_widths.add(_round_up(len(columns.commit), self.geometry.max_canvas))
         buckets = sorted({_bucket(n, self.pool.rows) for n in range(1, self.pool.rows + 1)})
         before = len(self.calls.graphs)
         with torch.no_grad(), self._kernel_mode():
-            for b in buckets:
-                for width, commit_width in sorted(widths):
+            for b in buckets:  # a batch of several settings steps at the widest step and commit widths
+                for width, commit_width in itertools.product(sorted(widths), sorted(commit_widths)):
                     self.calls.capture_step(b, width, commit_width)
         return len(self.calls.graphs) - before
 
