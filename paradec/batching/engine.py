@@ -263,12 +263,13 @@ class BatchEngine:
             if logits is not None:
                 self._commit(seqs, logits, list(range(len(seqs))))
                 self._mark("commit")
-        for action, seqs in by_action.items():
-            self.stats.forwarded[action.value] += sum(len(_QUERIES[action](s)) for s in seqs)
         repeats = 1
         if by_action[Action.STEP]:
             repeats = self._repeats(by_action[Action.STEP])
             self._step_call(by_action[Action.STEP])
+        for action, seqs in by_action.items():
+            calls_made = repeats if action is Action.STEP else 1
+            self.stats.forwarded[action.value] += calls_made * sum(len(_QUERIES[action](s)) for s in seqs)
         calls.end()
         for _ in range(repeats - 1):  # more steps before the host looks: no row's window can end before
             calls.begin()
