@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -26,7 +25,7 @@ import paradec
 from harness import banner, emit_json, synced
 from paradec.api import resolve_config
 from paradec.batching import BatchEngine
-from serve_load import TINY_CANVAS, ar_level, percentile, random_model
+from serve_load import add_workload_arguments, ar_level, percentile, workload
 
 
 def closed_loop(engine: BatchEngine, prompt, configs: list, concurrency: int, requests: int) -> dict:
@@ -89,11 +88,7 @@ def lone_request(engine: BatchEngine, model, prompt, config, repeats: int) -> di
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="paradec-tiny", help="checkpoint or built-in name (ignored with --shape)")
-    p.add_argument("--shape", help="a random-weight model of this published shape, e.g. llada-8b-instruct")
-    p.add_argument("--data", type=Path, default=Path("../../shared/data/gsm8k"), help="GSM8K, for --shape")
-    p.add_argument("--prompt-len", type=int, default=512, help="with --shape: prompt tokens")
-    p.add_argument("--canvas", type=int, default=1024, help="with --shape: canvas body tokens (4 blocks + 128 summary)")
+    add_workload_arguments(p)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=32, help="finished requests per level")
     p.add_argument("--max-batch", type=int, default=32)
@@ -106,19 +101,8 @@ def main() -> None:
     args = p.parse_args()
     info = banner()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.shape:
-        from latency import gsm8k_tokenizer, nap_shape, packed_prompt
-
-        prompt = packed_prompt(gsm8k_tokenizer(args.data), args.data, args.prompt_len)
-        model = random_model(args.shape, args.data.resolve(), device)
-        settings = nap_shape(args.canvas, 4) | {"tokens_per_step": 4, "window": 32}
-        name = f"{args.shape} (random bf16)"
-    else:
-        from paradec.train.tasks import arith
-
-        model = paradec.load(args.model, device=device)
-        prompt = arith.test_problems()[0].question
-        settings, name = dict(TINY_CANVAS), args.model
+    prompt, settings, loader, name = workload(args)
+    model = loader(device) if callable(loader) else paradec.load(loader, device=device)
     configs = [resolve_config(model, **settings)]
     if args.mixed:
         configs.append(resolve_config(model, **(settings | {"policy": "threshold", "threshold": 0.9,

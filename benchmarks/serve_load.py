@@ -238,13 +238,33 @@ def print_open_loop(rows: list[dict]) -> None:
               f"{', '.join(r['errors']) or '-'}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_workload_arguments(p: argparse.ArgumentParser) -> None:
+    """The request these load benchmarks send (``workload``)."""
     p.add_argument("--model", default="paradec-tiny", help="checkpoint or built-in name (ignored with --shape)")
     p.add_argument("--shape", help="a random-weight model of this published shape, e.g. llada-8b-instruct")
     p.add_argument("--data", type=Path, default=Path("../../shared/data/gsm8k"), help="GSM8K, for --shape")
     p.add_argument("--prompt-len", type=int, default=512, help="with --shape: prompt tokens")
     p.add_argument("--canvas", type=int, default=1024, help="with --shape: canvas tokens (4 blocks + 128 summary)")
+
+
+def workload(args) -> tuple:
+    """(prompt, settings, loader, name): with ``--shape`` a GSM8K-packed prompt of token ids and
+    a 4-block canvas with windows of 32 on a random-weight model (``loader(device)``), else an
+    arith question on the built-in model."""
+    if args.shape:
+        from latency import gsm8k_tokenizer, nap_shape, packed_prompt
+
+        prompt = packed_prompt(gsm8k_tokenizer(args.data), args.data, args.prompt_len)  # token ids
+        settings = nap_shape(args.canvas, 4) | {"tokens_per_step": 4, "window": 32}
+        return prompt, settings, partial(random_model, args.shape, args.data.resolve()), f"{args.shape} (random bf16)"
+    from paradec.train.tasks import arith
+
+    return arith.test_problems()[0].question, dict(TINY_CANVAS), args.model, args.model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_workload_arguments(p)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=32, help="requests per concurrency level and per open-loop rate")
     p.add_argument("--max-batch", type=int, default=8)
@@ -258,19 +278,7 @@ def main() -> None:
     args = p.parse_args()
     info = banner()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.shape:
-        from latency import gsm8k_tokenizer, nap_shape, packed_prompt
-
-        prompt = packed_prompt(gsm8k_tokenizer(args.data), args.data, args.prompt_len)  # token ids
-        settings = nap_shape(args.canvas, 4) | {"tokens_per_step": 4, "window": 32}
-        loader = partial(random_model, args.shape, args.data.resolve())
-        name = f"{args.shape} (random bf16)"
-    else:
-        from paradec.train.tasks import arith
-
-        prompt = arith.test_problems()[0].question
-        settings = dict(TINY_CANVAS)
-        loader, name = args.model, args.model
+    prompt, settings, loader, name = workload(args)
     # the engine's KV rows sized to this benchmark's requests (a server's default rows hold 8k + 8k tokens)
     limits = Limits(max_prompt_tokens=args.prompt_len + 64, max_canvas_tokens=args.canvas + 64) if args.shape \
         else Limits(max_prompt_tokens=256, max_canvas_tokens=512)
