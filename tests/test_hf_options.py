@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import paradec
 from paradec import ConfigError, GenerationConfig, InputError, ops
-from paradec.api import _result, build_layout
+from paradec.api import build_layout, make_result
 from paradec.decoding.runner import DecodeOutput
 from paradec.ops.scoring import Sampling, Scores, sampling_keep, score_logits
 
@@ -259,8 +259,8 @@ def test_finish_reason_says_stop_at_an_eos_and_length_otherwise(llada):
     layout = build_layout(llada, config)
     out = DecodeOutput(torch.zeros(1), torch.zeros(1), 3, 3, {})
     eos, word = llada.spec.eos_id, llada.tokenizer.convert_tokens_to_ids("a")
-    ended = _result(llada, layout, [5], [word, word, eos, eos, eos, eos], list(range(6)), out)
-    full = _result(llada, layout, [5], [word] * 6, list(range(6)), out)
+    ended = make_result(llada, layout, [5], [word, word, eos, eos, eos, eos], list(range(6)), out)
+    full = make_result(llada, layout, [5], [word] * 6, list(range(6)), out)
     assert (ended.finish_reason, ended.text) == ("stop", "a a")
     assert (full.finish_reason, full.text) == ("length", "a a a a a a")
 
