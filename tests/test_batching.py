@@ -477,3 +477,88 @@ def test_cuda_graph_replays_decode_as_alone():
         alone = paradec.generate(model, prompt, **kw)
         assert (results[f"r{i}"].token_ids, results[f"r{i}"].trace) == (alone.token_ids, alone.trace), kw
     assert engine.stats.graph_replays == engine.stats.step_calls > 0  # every step call replayed a warm-up graph
+
+
+# --- asyncio -------------------------------------------------------------------------------------
+def test_async_streams_join_and_abort(model):
+    """AsyncBatchEngine: consumers that start at different times each get progress then generate()'s
+    result; one that breaks off frees its request; one aborted from another task hears
+    RequestAborted; a refused request raises at the call, before any output."""
+    import asyncio
+
+    from paradec.batching import AsyncBatchEngine, RequestAborted
+
+    engine = AsyncBatchEngine(make_engine(model, max_batch=3))
+    plans = [(0.0, QUESTIONS[0], SMALL), (0.02, QUESTIONS[1], dict(SMALL, tokens_per_step=2, policy="margin")),
+             (0.04, QUESTIONS[2], dict(mode="block", answer_len=12, block_len=4, temperature=0.7, seed=4))]
+
+    async def consume(delay, prompt, kwargs):
+        await asyncio.sleep(delay)
+        outputs = [out async for out in engine.generate(prompt, **kwargs)]
+        assert [o.finished for o in outputs] == [False] * (len(outputs) - 1) + [True]
+        return outputs[-1].result
+
+    async def break_off():
+        async for _ in engine.generate(QUESTIONS[3], **SMALL, request_id="left"):
+            break
+
+    async def aborted():
+        stream = engine.generate(QUESTIONS[4], **SMALL, request_id="victim")
+        first = await stream.__anext__()
+        assert await engine.abort("victim")
+        with pytest.raises(RequestAborted):
+            await stream.__anext__()
+        return first
+
+    async def main():
+        with pytest.raises(ConfigError, match="threshold"):
+            await anext(engine.generate(QUESTIONS[0], threshold=2, policy="threshold"))
+        results = await asyncio.gather(*(consume(*plan) for plan in plans), break_off(), aborted())
+        assert not engine.engine.has_unfinished()  # the one that broke off and the aborted one left
+        return results[:3]
+
+    for result, (_, prompt, kwargs) in zip(asyncio.run(main()), plans):
+        assert_same(result, solo(model, prompt, kwargs))
+
+
+def test_a_step_that_raises_drops_its_requests_and_the_engine_goes_on(model, monkeypatch):
+    """A step cut short leaves its rows half committed: every live request is dropped (its id is
+    free again), those waiting stay, and the next requests decode exactly."""
+    engine = make_engine(model, max_batch=1)
+    engine.add("live", QUESTIONS[0], **SMALL)
+    engine.add("waiting", QUESTIONS[1], **SMALL)
+    engine.step()  # "live" prefilled
+    real = engine.calls.step_logits
+
+    def broken(*args):
+        raise RuntimeError("device fault")
+
+    monkeypatch.setattr(engine.calls, "step_logits", broken)
+    for _ in range(3):  # the first step or refresh that reaches the step call raises
+        try:
+            engine.step()
+        except RuntimeError as e:
+            assert "device fault" in str(e)
+            break
+    else:
+        pytest.fail("the broken step call never ran")
+    monkeypatch.setattr(engine.calls, "step_logits", real)
+    assert [s.request_id for s in engine.live] == [] and [s.request_id for s in engine.waiting] == ["waiting"]
+    engine.add("live", QUESTIONS[0], **SMALL)  # the dropped id is free
+    results = {}
+    while engine.has_unfinished():
+        results |= {o.request_id: o.result for o in engine.step() if o.finished}
+    assert_same(results["waiting"], solo(model, QUESTIONS[1], SMALL))
+    assert_same(results["live"], solo(model, QUESTIONS[0], SMALL))
+
+
+def test_generate_runs_on_an_idle_engine_only(model):
+    engine = make_engine(model, max_batch=2)
+    with pytest.raises(ConfigError, match="one config per prompt"):
+        engine.generate(QUESTIONS[:2], [None])
+    with pytest.raises(InputError, match="empty"):  # the second is refused at add: the first is not left queued
+        engine.generate([QUESTIONS[0], " "], [GenerationConfig(**SMALL)] * 2)
+    assert not engine.has_unfinished()
+    engine.add("mine", QUESTIONS[0], **SMALL)
+    with pytest.raises(ConfigError, match="idle engine"):
+        engine.generate(QUESTIONS[1:2])

@@ -3,6 +3,6 @@ settings, admitting and retiring them between steps; ``AsyncBatchEngine`` stream
 asyncio code."""
 
 from paradec.batching.engine import BatchEngine, RequestOutput
-from paradec.batching.stream import AsyncBatchEngine
+from paradec.batching.stream import AsyncBatchEngine, RequestAborted
 
-__all__ = ["AsyncBatchEngine", "BatchEngine", "RequestOutput"]
+__all__ = ["AsyncBatchEngine", "BatchEngine", "RequestAborted", "RequestOutput"]

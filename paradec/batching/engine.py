@@ -6,25 +6,27 @@ Every engine step gives each live request one action of its own decode (``Sequen
 requests' prefills (at most ``max_prefill_tokens`` prompt tokens a step, so arrivals stall the
 others by about one step: a bidirectional prompt cannot be prefilled in chunks exactly), the
 summary extensions and window refreshes due, and one step call over every live row. The host
-then reads which canvas positions are still masked (one small copy a step) and moves each
-request on. A finished request's row goes back to the pool at once; a waiting request takes it
+then reads which canvas positions are still masked and each row's step count (one copy a look:
+after every step, or every few steps when no request streams, stops or commits by a rule) and
+moves each request on. A finished request's row goes back to the pool at once; a waiting request takes it
 at the next step.
 
-Exactness: a request's tokens equal ``paradec.generate`` of it alone with the same seed, whatever
-shares the batch and whenever it joined — its keys sit in a row of its own, its queries see only
+Exactness: a request's tokens and trace equal ``paradec.generate`` of it alone with the same seed
+(and its steps and nfe as ``generate()`` counts them stepping one at a time: on a CPU, or with
+``cuda_graphs=False``), whatever shares the batch and whenever it joined — its keys sit in a row of its own, its queries see only
 its row, and its quotas, seeds and counters are its own (DESIGN.md contract 3, extended to
 batching). Bit for bit on a CPU; on a GPU in bf16 only where the kernels are batch-invariant
 (``batch_invariant=True``), as for any batch.
 
-Not served here (refused by name at ``add``): several sequences per request (add one request per
-seed), an answerer, Fast-dLLM's rules, torchrun.
+Not served here: several sequences per request (``add`` refuses ``num_return_sequences > 1``: add
+one request per seed); an answerer, Fast-dLLM's rules and torchrun are ``generate()``'s alone
+(``add`` takes none of them).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import logging
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -35,7 +37,7 @@ import torch
 from paradec.api import (GenerationResult, build_layout, encode_prompt, find_stop, make_result, resolve_config,
                          text_decoder)
 from paradec.batching.pool import KVPool, RowGeometry, rows_that_fit
-from paradec.batching.rows import Rows
+from paradec.batching.rows import Rows, to_device
 from paradec.batching.sequence import Action, CommitClass, Sequence
 from paradec.batching.step import BatchStep
 from paradec.config import GenerationConfig, validate
@@ -46,7 +48,6 @@ from paradec.errors import ConfigError, InputError
 from paradec.models.loading import DiffusionModel
 from paradec.ops import batch_invariant as bi
 
-log = logging.getLogger("paradec")
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 MAX_STEPS_PER_LOOK = 8  # step calls the host may run before it reads the masks again
 _QUERIES = {Action.PREFILL: Sequence.prompt_slots, Action.EXTEND: Sequence.extend_slots,
@@ -217,9 +218,17 @@ class BatchEngine:
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
         """One engine step: admits waiting requests into free rows, runs one action of every live
-        request, and returns their progress and the results of those that finished."""
+        request, and returns their progress and the results of those that finished. If it raises,
+        every request that was live is dropped (its state is half a step); waiting ones stay."""
         with self._kernel_mode():
-            return self._step()
+            try:
+                return self._step()
+            except BaseException:
+                # a step cut short leaves its rows half committed: the live requests are dropped
+                # (their ids freed; the caller hears of it from this exception), those waiting stay
+                for seq in list(self.live):
+                    self._retire(seq)
+                raise
 
     def _kernel_mode(self):
         """The engine's kernel mode for its calls (the process's when ``batch_invariant`` is None)."""
@@ -227,12 +236,24 @@ class BatchEngine:
 
     def generate(self, prompts: Iterable, configs: Iterable[GenerationConfig | None] | None = None,
                  **overrides) -> list[GenerationResult]:
-        """Adds ``prompts`` (with their ``configs``) and steps until they are done: results in order."""
+        """Adds ``prompts`` (with their ``configs``) and steps until they are done: results in
+        order. For an idle engine (the results of other requests would be lost here); if one
+        prompt is refused, none is decoded."""
+        if self.has_unfinished():
+            raise ConfigError("BatchEngine.generate runs on an idle engine: step the requests already added "
+                              "(or abort them) first")
         prompts = list(prompts)
         configs = list(configs) if configs is not None else [None] * len(prompts)
+        if len(configs) != len(prompts):
+            raise ConfigError(f"configs must give one config per prompt: {len(configs)} for {len(prompts)} prompts")
         names = [f"generate-{time.perf_counter_ns()}-{i}" for i in range(len(prompts))]
-        for name, prompt, config in zip(names, prompts, configs):
-            self.add(name, prompt, config, **overrides)
+        try:
+            for name, prompt, config in zip(names, prompts, configs):
+                self.add(name, prompt, config, **overrides)
+        except BaseException:
+            for name in names:
+                self.abort(name)
+            raise
         results = {}
         while len(results) < len(names):
             for out in self.step():
@@ -286,7 +307,7 @@ class BatchEngine:
         outputs = []
         for seq, row in [(s, s.row) for s in live]:  # rows as read: a finished request's row takes another
             seq.steps = steps[row]
-            if seq.config.stop and self._stopped(seq, row, masked[row]):
+            if seq.config.stop and self._stopped(seq, masked[row]):
                 seq.action = None  # its answer text holds a stop string: done, as generate() stops early
             else:
                 seq.advance(masked[row])
@@ -345,8 +366,9 @@ class BatchEngine:
     def _step_call(self, seqs: list[Sequence]) -> None:
         """One call over the first b live rows (a batch bucket), stepping ``seqs``."""
         rows = self.rows
-        rows.stepping.zero_()
-        rows.stepping[torch.tensor([s.row for s in seqs])] = True
+        stepping = torch.zeros(rows.stepping.shape, dtype=torch.bool)
+        stepping[[s.row for s in seqs]] = True
+        rows.stepping.copy_(stepping, non_blocking=True)
         b = _bucket(len(self.live), self.pool.rows)
         width = _round_up(max(len(s.columns().step) for s in seqs), self.geometry.slots)
         commit_width = self._commit_width(seqs)
@@ -365,8 +387,8 @@ class BatchEngine:
             classes.setdefault(seq.commit_class, []).append(i)
         device = self.rows.device
         for cls, members in classes.items():
-            index = torch.tensor([seqs[i].row for i in members], device=device)
-            self.calls.commit(index, logits[torch.tensor([at[i] for i in members], device=device)], cls)
+            index = to_device([seqs[i].row for i in members], device)
+            self.calls.commit(index, logits[to_device([at[i] for i in members], device)], cls)
 
     def _commit_width(self, seqs: list[Sequence]) -> int:
         return _round_up(max(len(s.columns().commit) for s in seqs), self.geometry.max_canvas)
@@ -386,7 +408,7 @@ class BatchEngine:
         return RequestOutput(seq.request_id, seq.steps, _committed(seq, masked), _lengths(seq), finished=True,
                              result=result)
 
-    def _stopped(self, seq: Sequence, row: int, masked: torch.Tensor) -> bool:
+    def _stopped(self, seq: Sequence, masked: torch.Tensor) -> bool:
         """Whether ``seq`` is done by its stop strings (``generate()``'s test, between steps): the
         committed left-to-right prefix of its answer text holds one and every other group is done."""
         layout = seq.layout
@@ -396,7 +418,7 @@ class BatchEngine:
             return False
         open_at = masked[start:end].nonzero()
         committed = int(open_at[0, 0]) if len(open_at) else end - start
-        ids = self.rows.canvas[row, start : start + committed].tolist()
+        ids = self.rows.canvas[seq.row, start : start + committed].tolist()
         stops = set(self.model.spec.stop_ids)
         ids = ids[: next((i for i, t in enumerate(ids) if t in stops), len(ids))]
         return find_stop(self.decode_text(ids), seq.config.stop) is not None

@@ -23,6 +23,12 @@ from paradec.batching.sequence import Sequence, WindowColumns
 from paradec.models.attention import PAD, PROMPT
 
 
+def to_device(values: list, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor without waiting for the device (a plain ``torch.tensor(...,
+    device=cuda)`` synchronises the stream: the host would wait for the step in flight)."""
+    return torch.tensor(values).to(device, non_blocking=True)
+
+
 class Rows:
     def __init__(self, rows: int, geometry: RowGeometry, max_groups: int, hidden: int, mask_id: int, pad_id: int,
                  stop_ids: list[int], dtype: torch.dtype, device: torch.device):
@@ -79,22 +85,22 @@ class Rows:
         p, c = len(seq.prompt_ids), layout.length
         canvas_at = slice(geo.max_prompt, geo.max_prompt + c)
         self.ids[row].fill_(self.pad_id)
-        self.ids[row, :p] = torch.tensor(seq.prompt_ids, device=device)
+        self.ids[row, :p] = to_device(seq.prompt_ids, device)
         self.positions[row].fill_(-1)
         self.positions[row, :p] = torch.arange(p, device=device)
         self.positions[row, canvas_at] = p + torch.arange(c, device=device)
         self.segments[row].fill_(PAD)
         self.segments[row, :p] = PROMPT
-        self.segments[row, canvas_at] = layout.segments.to(device)
+        self.segments[row, canvas_at] = layout.segments.to(device, non_blocking=True)
         self.canvas[row].fill_(self.pad_id)
-        self.canvas[row, :c] = layout.template.to(device)
+        self.canvas[row, :c] = layout.template.to(device, non_blocking=True)
         self.trace[row].fill_(-1)
         self.editable[row] = False
-        self.editable[row, :c] = layout.editable.to(device)
+        self.editable[row, :c] = layout.editable.to(device, non_blocking=True)
         self.groups[row].fill_(self.dummy_group)
-        self.groups[row, :c] = layout.groups.to(device)
+        self.groups[row, :c] = layout.groups.to(device, non_blocking=True)
         self.body_starts[row].zero_()
-        self.body_starts[row, : layout.num_groups] = torch.tensor([s for s, _ in layout.bodies], device=device)
+        self.body_starts[row, : layout.num_groups] = to_device([s for s, _ in layout.bodies], device)
         self.seeds[row] = seed
         self.group_steps[row] = 0
         self.window_steps[row] = 0
@@ -112,15 +118,15 @@ class Rows:
         counters start over."""
         device, scratch = self.device, self.geometry.scratch
         self.step_slots[row].fill_(scratch)
-        self.step_slots[row, : len(columns.step)] = torch.tensor(columns.step, device=device)
+        self.step_slots[row, : len(columns.step)] = to_device(columns.step, device)
         n = len(columns.commit)
-        cols = torch.tensor(columns.commit, dtype=torch.long, device=device)
+        cols = to_device(columns.commit, device)
         self.commit_cols[row].zero_()
         self.commit_cols[row, :n] = cols
         self.commit_valid[row] = False
         self.commit_valid[row, :n] = True
         self.barred[row] = False
-        self.barred[row, :n] = torch.tensor(columns.barred, device=device)
+        self.barred[row, :n] = to_device(columns.barred, device)
         self.commit_groups[row].fill_(self.dummy_group)
         self.commit_groups[row, :n] = self.groups[row, cols]
         self.commit_offsets[row].zero_()
@@ -128,7 +134,7 @@ class Rows:
         self.quotas[row].zero_()
         self.schedule_len[row].zero_()
         for g, schedule in columns.schedules.items():
-            self.quotas[row, g, : len(schedule)] = torch.tensor(schedule, device=device)
+            self.quotas[row, g, : len(schedule)] = to_device(schedule, device)
             self.schedule_len[row, g] = len(schedule)
         self.window_steps[row].zero_()
 

@@ -67,7 +67,7 @@ class WindowColumns:
     schedules: dict[int, list[int]]  # group -> the window's quota list
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     """request_id, prompt ids, config, layout and plan of one request; ``row``: its pool row
     while live. The cursor: ``phase``, ``window`` (indices into the plan), ``window_step``

@@ -26,7 +26,7 @@ import torch
 
 from paradec import ops
 from paradec.batching.pool import KVPool
-from paradec.batching.rows import Rows
+from paradec.batching.rows import Rows, to_device
 from paradec.batching.sequence import CommitClass
 from paradec.decoding import policies, sampler
 from paradec.decoding.policies import Candidates
@@ -92,8 +92,8 @@ class BatchStep:
         ``commit_width``, returns logits [b, commit_width, V] at the rows' commit columns."""
         rows, device = self.rows, self.rows.device
         width = max(map(len, queries))
-        slots = torch.tensor([q + [rows.geometry.scratch] * (width - len(q)) for q in queries], device=device)
-        at = torch.tensor(index, device=device)
+        slots = to_device([q + [rows.geometry.scratch] * (width - len(q)) for q in queries], device)
+        at = to_device(index, device)
         kv = self.pool.kv[:, :, at]  # [L, 2, b, Hkv, S, D], gathered
         hidden, positions, segments, cache = self._forward(at, kv, slots)
         arange = torch.arange(len(index), device=device)[:, None]

@@ -5,8 +5,10 @@ drive paradec without its ZeroMQ frontend).
 
 The engine steps in one background task, only while requests are live, each step in a thread
 (``asyncio.to_thread``) so the event loop stays free; ``add`` and ``abort`` take the same lock as
-a step, so they land between steps. A consumer that stops iterating (``break``, cancellation)
-aborts its request, freeing its row.
+a step, in a thread too, so they land between steps without blocking the loop. A consumer that
+stops iterating (``break``, cancellation) aborts its request, freeing its row; one whose request
+another task aborted gets ``RequestAborted``. Requests stream their progress, so the engine looks
+after every step while any is live.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from collections.abc import AsyncIterator
 from paradec.batching.engine import BatchEngine, RequestOutput
 
 _IDS = itertools.count()
+
+
+class RequestAborted(Exception):
+    """The request was aborted (``AsyncBatchEngine.abort``) while its consumer waited for it."""
 
 
 class AsyncBatchEngine:
@@ -37,8 +43,7 @@ class AsyncBatchEngine:
         (``finished``, with ``result``)."""
         request_id = request_id if request_id is not None else f"async-{next(_IDS)}"
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        with self._lock:
-            self.engine.add(request_id, prompt, config, stream=True, **overrides)
+        await asyncio.to_thread(self._locked, self.engine.add, request_id, prompt, config, stream=True, **overrides)
         self._queues[request_id] = queue
         self._start()
         finished = False
@@ -53,17 +58,18 @@ class AsyncBatchEngine:
                     return
         finally:
             self._queues.pop(request_id, None)
-            if not finished:
+            if not finished:  # no await here: this also runs when the consumer's task is cancelled
                 with self._lock:
                     self.engine.abort(request_id)
 
     async def abort(self, request_id: str) -> bool:
-        """Stops a request; its ``generate`` ends (with CancelledError) at its next output."""
-        with self._lock:
-            known = self.engine.abort(request_id)
+        """Stops a request; its ``generate`` raises ``RequestAborted`` next (outputs not yet read are dropped)."""
+        known = await asyncio.to_thread(self._locked, self.engine.abort, request_id)
         queue = self._queues.pop(request_id, None)
         if queue is not None:
-            queue.put_nowait(asyncio.CancelledError(f"request {request_id!r} was aborted"))
+            while not queue.empty():  # outputs from before the abort are not delivered
+                queue.get_nowait()
+            queue.put_nowait(RequestAborted(f"request {request_id!r} was aborted"))
         return known
 
     def _start(self) -> None:
@@ -72,21 +78,26 @@ class AsyncBatchEngine:
 
     async def _step_while_live(self) -> None:
         while True:
-            with self._lock:
-                live = self.engine.has_unfinished()
-            if not live:
-                return
             try:
-                outputs = await asyncio.to_thread(self._step)
-            except Exception as error:  # noqa: BLE001 - every waiting consumer hears of it, then the stepping stops
+                outputs, live = await asyncio.to_thread(self._step)
+            except Exception as error:  # noqa: BLE001 - the step's requests were dropped: their consumers hear why
                 for queue in self._queues.values():
                     queue.put_nowait(error)
-                raise
+                self._queues.clear()
+                return
             for output in outputs:
                 queue = self._queues.get(output.request_id)
                 if queue is not None:
                     queue.put_nowait(output)
+            if not live:
+                return
 
-    def _step(self) -> list[RequestOutput]:
+    def _step(self) -> tuple[list[RequestOutput], bool]:
+        """One engine step (none when idle) and whether requests are left, under the lock."""
         with self._lock:
-            return self.engine.step()
+            outputs = self.engine.step() if self.engine.has_unfinished() else []
+            return outputs, self.engine.has_unfinished()
+
+    def _locked(self, call, *args, **kwargs):
+        with self._lock:
+            return call(*args, **kwargs)

@@ -44,6 +44,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import torch
 import zmq
 
 import paradec
@@ -291,12 +292,9 @@ class EngineLoop(MessageLoop):
                 continue
             if out.finished:
                 del self.live[out.request_id]
-                if out.result is None:
-                    self._error(out.request_id, "failed", f"the request ended without a result ({out.error})")
-                else:
-                    timings = out.result.timings
-                    self._final(out.request_id, out.result, {"queued": timings.get("queued", 0.0),
-                                                             "generate": timings.get("total", 0.0)})
+                timings = out.result.timings
+                self._final(out.request_id, out.result, {"queued": timings.get("queued", 0.0),
+                                                         "generate": timings.get("total", 0.0)})
             elif live.request.stream and out.step > live.reported:
                 live.reported = out.step
                 self._send(MessageType.OUTPUT, {"id": out.request_id, "kind": "progress", "step": out.step,
@@ -312,6 +310,8 @@ class EngineLoop(MessageLoop):
         except Exception:  # noqa: BLE001 - a broken engine: start a new one, nothing survives it
             log.exception("the batching engine could not drop the failed requests; building a new one")
             self.engine = None  # its pool freed before the new one takes the memory
+            if self.model.device.type == "cuda":
+                torch.cuda.empty_cache()  # else free memory, which sizes the new pool, counts the old one's
             self._start()  # if this raises too, the engine process ends (the frontend restarts it)
             waiting = set()
         for request_id in [i for i in self.live if i not in waiting]:
@@ -332,8 +332,6 @@ def run_engine(model_path, requests_address: str, outputs_address: str, max_batc
                warm_up: tuple[dict, ...] = ()) -> None:
     """The engine process's entry point. model_path: a checkpoint or built-in name, or a callable
     ``model_path(device) -> DiffusionModel``; warm_up: settings whose graphs to capture first."""
-    import torch
-
     logging.basicConfig(level=logging.INFO, format="engine %(levelname)s %(message)s")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model_path(device) if callable(model_path) else paradec.load(model_path, device=device)
