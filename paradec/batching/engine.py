@@ -5,7 +5,8 @@ as they finish, each with its own settings, in the shape of vLLM's engine API (`
 Every engine step gives each live request one action of its own decode (``Sequence``): new
 requests' prefills (at most ``max_prefill_tokens`` prompt tokens a step, so arrivals stall the
 others by about one step: a bidirectional prompt cannot be prefilled in chunks exactly), the
-summary extensions and window refreshes due, and one step call over every live row. The host
+summary extensions and window refreshes due (and steps far wider than the others'), and one step
+call over every live row. The host
 then reads which canvas positions are still masked and each row's step count (one copy a look:
 after every step, or every few steps when no request streams, stops or commits by a rule) and
 moves each request on. A finished request's row goes back to the pool at once; a waiting request takes it
@@ -50,6 +51,10 @@ from paradec.ops import batch_invariant as bi
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 MAX_STEPS_PER_LOOK = 8  # step calls the host may run before it reads the masks again
+# A step forwarding more than this many times the narrowest stepping row's columns (an unwindowed
+# canvas: every column of its phase, or under canvas attention the prompt too) runs in a call of
+# its own rather than widening the step call of every row.
+WIDE_STEP = 2
 _QUERIES = {Action.PREFILL: Sequence.prompt_slots, Action.EXTEND: Sequence.extend_slots,
             Action.REFRESH: lambda s: s.columns().refresh, Action.STEP: lambda s: s.columns().step}
 WIDTH_BUCKET = 32  # step and commit widths round up to a multiple of this many columns
@@ -274,11 +279,15 @@ class BatchEngine:
                 seq.loaded = seq.window_key
         self._mark("admit")
         calls.begin()
-        for action in (Action.PREFILL, Action.EXTEND, Action.REFRESH):
-            seqs = by_action[action]
+        stepping = by_action[Action.STEP]
+        narrowest = min((len(s.columns().step) for s in stepping), default=0)
+        wide = [s for s in stepping if len(s.columns().step) > WIDE_STEP * narrowest]
+        by_action[Action.STEP] = [s for s in stepping if s not in wide]
+        for action, seqs in ((Action.PREFILL, by_action[Action.PREFILL]), (Action.EXTEND, by_action[Action.EXTEND]),
+                             (Action.REFRESH, by_action[Action.REFRESH]), (Action.STEP, wide)):
             if not seqs:
                 continue
-            width = self._commit_width(seqs) if action is Action.REFRESH else None
+            width = self._commit_width(seqs) if action in (Action.REFRESH, Action.STEP) else None
             logits = calls.forward_rows([s.row for s in seqs], [_QUERIES[action](s) for s in seqs], width)
             self._mark(action.value)
             if logits is not None:
@@ -291,6 +300,7 @@ class BatchEngine:
         for action, seqs in by_action.items():
             calls_made = repeats if action is Action.STEP else 1
             self.stats.forwarded[action.value] += calls_made * sum(len(_QUERIES[action](s)) for s in seqs)
+        self.stats.forwarded[Action.STEP.value] += sum(len(s.columns().step) for s in wide)
         calls.end()
         for _ in range(repeats - 1):  # more steps before the host looks: no row's window can end before
             calls.begin()
