@@ -196,8 +196,9 @@ class BatchEngine:
     def warm_up(self, configs: Iterable[GenerationConfig | None] = (None,)) -> int:
         """Captures the step call's CUDA graphs for every batch bucket and every pair of step and
         commit widths the windows of ``configs`` use (None: the model's defaults), so that serving
-        captures nothing; a bucket met later runs called. Returns the graphs captured (0 on a
-        CPU or with ``cuda_graphs=False``)."""
+        captures nothing; a bucket met later runs called (so does a ``canvas``-attention request
+        without a window, whose steps forward its prompt: their width depends on the prompt).
+        Returns the graphs captured (0 on a CPU or with ``cuda_graphs=False``)."""
         if not self.capture:
             return 0
         widths, commit_widths = set(), set()
