@@ -305,10 +305,11 @@ def main() -> None:
     overhead = (served["served_s"] - direct["direct_s"]) / served["served_s"]
     wire = (served["served_s"] - served["engine_generate_s"]) / served["served_s"]  # outside generate() in the engine
     print(f"\n{name}, {settings}, max batch {args.max_batch}, {args.requests} requests per level")
-    print(f"one request: served {served['served_s'] * 1e3:.1f} ms end to end, of which generate() in the engine "
+    print(f"one request: served {served['served_s'] * 1e3:.1f} ms end to end, of which decoding in the engine "
           f"{served['engine_generate_s'] * 1e3:.1f} ms (its decode loop {served['engine_decode_s'] * 1e3:.1f} ms); "
-          f"direct generate() {direct['direct_s'] * 1e3:.1f} ms (its decode loop {direct['direct_decode_s'] * 1e3:.1f} ms)")
-    print(f"overhead against direct generate(): {overhead * 100:.1f}% of end-to-end; outside generate() "
+          f"direct generate() {direct['direct_s'] * 1e3:.1f} ms "
+          f"(its decode loop {direct['direct_decode_s'] * 1e3:.1f} ms)")
+    print(f"overhead against direct generate(): {overhead * 100:.1f}% of end-to-end; outside the engine's decoding "
           f"(wire, frontend, queue): {wire * 100:.1f}% — of which waiting in the engine "
           f"{served['engine_queued_s'] * 1e3:.2f} ms; a client-frontend round trip "
           f"{served['frontend_round_trip_s'] * 1e3:.2f} ms")

@@ -5,19 +5,18 @@ as they finish, each with its own settings, in the shape of vLLM's engine API (`
 Every engine step gives each live request one action of its own decode (``Sequence``): new
 requests' prefills (at most ``max_prefill_tokens`` prompt tokens a step, so arrivals stall the
 others by about one step: a bidirectional prompt cannot be prefilled in chunks exactly), the
-summary extensions and window refreshes due (and steps far wider than the others'), and one step
-call over every live row. The host
-then reads which canvas positions are still masked and each row's step count (one copy a look:
-after every step, or every few steps when no request streams, stops or commits by a rule) and
-moves each request on. A finished request's row goes back to the pool at once; a waiting request takes it
-at the next step.
+summary extensions and window refreshes due (and steps far wider than the others'), and one
+step call over every live row. The host then reads which canvas positions are still masked and
+each row's step count (one copy a look: after every step, or every few steps when no request
+streams, stops or commits by a rule) and moves each request on. A finished request's row goes
+back to the pool at once; a waiting request takes it at the next step.
 
-Exactness: a request's tokens and trace equal ``paradec.generate`` of it alone with the same seed
-(and its steps and nfe as ``generate()`` counts them stepping one at a time: on a CPU, or with
-``cuda_graphs=False``), whatever shares the batch and whenever it joined — its keys sit in a row of its own, its queries see only
-its row, and its quotas, seeds and counters are its own (DESIGN.md contract 3, extended to
-batching). Bit for bit on a CPU; on a GPU in bf16 only where the kernels are batch-invariant
-(``batch_invariant=True``), as for any batch.
+Exactness (DESIGN.md contract 7): a request's tokens and trace equal ``paradec.generate`` of it
+alone with the same seed, and so do its steps and nfe as ``generate()`` counts them stepping one
+at a time (on a CPU, or with ``cuda_graphs=False``), whatever shares the batch and whenever it
+joined: its keys sit in a row of its own, its queries see only its row, and its quotas, seeds
+and counters are its own. Bit for bit on a CPU; on a GPU in bf16 only where the kernels are
+batch-invariant (``batch_invariant=True``), as for any batch.
 
 Not served here: several sequences per request (``add`` refuses ``num_return_sequences > 1``: add
 one request per seed); an answerer, Fast-dLLM's rules and torchrun are ``generate()``'s alone
@@ -55,9 +54,9 @@ MAX_STEPS_PER_LOOK = 8  # step calls the host may run before it reads the masks 
 # canvas: every column of its phase, or under canvas attention the prompt too) runs in a call of
 # its own rather than widening the step call of every row.
 WIDE_STEP = 2
+WIDTH_BUCKET = 32  # step and commit widths round up to a multiple of this many columns
 _QUERIES = {Action.PREFILL: Sequence.prompt_slots, Action.EXTEND: Sequence.extend_slots,
             Action.REFRESH: lambda s: s.columns().refresh, Action.STEP: lambda s: s.columns().step}
-WIDTH_BUCKET = 32  # step and commit widths round up to a multiple of this many columns
 
 
 @dataclass
