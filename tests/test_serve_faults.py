@@ -420,6 +420,21 @@ def test_engine_target_takes_a_kv_memory_fraction_in_range():
             EngineTarget("paradec-tiny", kv_memory_fraction=bad)
 
 
+@pytest.mark.parametrize("flags,names", [
+    (["--warm-up", "[1, 2]"], "--warm-up takes a JSON object"),
+    (["--warm-up", '{"blocks": 0}'], "blocks"),
+    (["--warm-up", '{"no_such_setting": 1}'], "no_such_setting"),
+    (["--kv-memory-fraction", "0"], "--kv-memory-fraction must lie in"),
+])
+def test_serve_refuses_bad_warm_up_and_pool_flags_before_starting(flags, names):
+    from paradec.cli import parser
+    from paradec.serve.server import serve
+
+    args = parser().parse_args(["serve", "--model", "paradec-tiny", "--device", "cpu", *flags])
+    with pytest.raises(ConfigError, match=names):
+        serve(args)
+
+
 def test_client_docstring_names_what_exists():
     import paradec.serve
     import paradec.serve.client as client
