@@ -170,7 +170,7 @@ class BatchEngine:
             raise ConfigError(f"blocks={layout.num_think_blocks}; this engine decodes at most max_blocks="
                               f"{self.max_blocks}")
         plan = make_plan(config, layout, self.module.shift_logits)
-        seq = Sequence(request_id, ids, config, layout, plan, geo.max_prompt, stream=stream,
+        seq = Sequence(request_id, ids, config, layout, plan, stream=stream,
                        partial_refresh=self.partial_refresh)
         self.waiting.append(seq)
         self.ids.add(request_id)
@@ -204,8 +204,7 @@ class BatchEngine:
         for config in configs:
             config = resolve_config(self.model, config)
             layout = build_layout(self.model, config)
-            seq = Sequence("warm-up", [0], config, layout, make_plan(config, layout, self.module.shift_logits),
-                           self.geometry.max_prompt)
+            seq = Sequence("warm-up", [0], config, layout, make_plan(config, layout, self.module.shift_logits))
             for seq.phase, phase in enumerate(seq.plan.phases):
                 for seq.window in range(seq.plan.num_windows(phase)):
                     columns = seq.columns()

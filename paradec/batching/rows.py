@@ -4,7 +4,8 @@ layout, window, quotas, seed and counters, so requests of different settings sha
 Per row (R rows; S slots a row, ``RowGeometry``; C = max canvas; G = max groups + 1, the last a
 dummy group that padding columns belong to):
 - ids, positions, segments [R, S]: what each slot holds (prompt, canvas, scratch); segments are
-  also the keys' attention segments (PAD: never a key).
+  also the keys' attention segments (PAD: never a key). canvas_slots [R, C]: each canvas
+  column's slot (after the row's prompt); extent [R] (host): the row's keys lie in [0, extent).
 - canvas, trace [R, C]; editable [R, C]; groups [R, C] (G - 1 past the row's canvas).
 - seeds [R]; group_steps, window_steps [R, G]; step [R]: the sampler's keys and the counters.
 - prompt_lens [R]; last_hidden [R, d] (a shifted model's prediction of the first canvas token).
@@ -40,6 +41,8 @@ class Rows:
         self.positions = torch.full((r, s), -1, **long)
         self.segments = torch.full((r, s), PAD, **long)
         self.canvas = torch.full((r, c), pad_id, **long)
+        self.canvas_slots = torch.full((r, c), geometry.scratch, **long)  # the slot of each canvas column
+        self.extent = torch.ones(r, dtype=torch.long)  # host: slots [0, extent) hold the row's keys
         self.trace = torch.full((r, c), -1, **long)
         self.editable = torch.zeros(r, c, dtype=torch.bool, device=device)
         self.groups = torch.full((r, c), self.dummy_group, **long)
@@ -78,12 +81,14 @@ class Rows:
             self.editable[row] = False
             self.step_slots[row].fill_(self.geometry.scratch)
             self.commit_valid[row] = False
+            self.canvas_slots[row].fill_(self.geometry.scratch)
+            self.extent[row] = 1
 
     def admit(self, row: int, seq: Sequence, seed: int) -> None:
         """Fills row ``row`` for ``seq``: its prompt, its canvas template, its counters."""
         geo, layout, device = self.geometry, seq.layout, self.device
         p, c = len(seq.prompt_ids), layout.length
-        canvas_at = slice(geo.max_prompt, geo.max_prompt + c)
+        canvas_at = slice(p, p + c)
         self.ids[row].fill_(self.pad_id)
         self.ids[row, :p] = to_device(seq.prompt_ids, device)
         self.positions[row].fill_(-1)
@@ -92,6 +97,8 @@ class Rows:
         self.segments[row].fill_(PAD)
         self.segments[row, :p] = PROMPT
         self.segments[row, canvas_at] = layout.segments.to(device, non_blocking=True)
+        self.canvas_slots[row] = (p + torch.arange(self.canvas.shape[1], device=device)).clamp(max=geo.scratch)
+        self.extent[row] = p + c
         self.canvas[row].fill_(self.pad_id)
         self.canvas[row, :c] = layout.template.to(device, non_blocking=True)
         self.trace[row].fill_(-1)
@@ -148,7 +155,8 @@ class Rows:
         return (self.canvas[:rows] == self.mask_id) & self.editable[:rows]
 
     def _per_row(self) -> list[torch.Tensor]:
-        return [self.ids, self.positions, self.segments, self.canvas, self.trace, self.editable, self.groups,
+        return [self.ids, self.positions, self.segments, self.canvas, self.canvas_slots, self.extent, self.trace,
+                self.editable, self.groups,
                 self.seeds, self.group_steps, self.window_steps, self.step, self.prompt_lens, self.last_hidden,
                 self.canvas_attention, self.eos_fill, self.body_starts, self.stepping, self.step_slots,
                 self.commit_cols, self.commit_valid, self.barred, self.commit_groups, self.commit_offsets,

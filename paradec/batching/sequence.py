@@ -14,7 +14,7 @@ The engine gives every live request one action per engine step and tells it, aft
 which of its canvas positions are still masked (``advance``).
 
 Columns are named by pool slot (``paradec.batching.pool.RowGeometry``): prompt token i in slot
-i, canvas column c in slot ``max_prompt + c``.
+i, canvas column c in slot ``P + c`` for a prompt of P tokens (the row's keys end at P + C).
 """
 
 from __future__ import annotations
@@ -79,7 +79,6 @@ class Sequence:
     config: GenerationConfig
     layout: CanvasLayout
     plan: Plan
-    max_prompt: int
     stream: bool = False
     partial_refresh: bool = False  # a window's refresh forwards its and the last window's columns only
     row: int = -1
@@ -174,4 +173,4 @@ class Sequence:
         return self._canvas_slots(range(self.layout.blocks[self.layout.num_think_blocks - 1][1]))
 
     def _canvas_slots(self, columns) -> list[int]:
-        return [self.max_prompt + c for c in columns]
+        return [len(self.prompt_ids) + c for c in columns]

@@ -54,7 +54,7 @@ class BatchStep:
             graph, logits = self.graphs[key]
             graph.replay()
             return logits
-        return self._step_body(b, width, commit_width)
+        return self._step_body(b, width, commit_width, self._key_width(slice(0, b)))
 
     def capture_step(self, b: int, width: int, commit_width: int) -> None:
         """Captures the step call for these buckets (warm-up, never while serving). The state
@@ -64,12 +64,13 @@ class BatchStep:
             return
         stepping = self.rows.stepping.clone()
         self.rows.stepping.zero_()
+        keys = self.rows.geometry.slots  # a graph serves any requests: every slot of the rows
         for _ in range(2):
-            self._step_body(b, width, commit_width)
+            self._step_body(b, width, commit_width, keys)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            logits = self._step_body(b, width, commit_width)
+            logits = self._step_body(b, width, commit_width, keys)
         self.rows.stepping.copy_(stepping)
         self.graphs[(b, width, commit_width)] = (graph, logits)
 
@@ -78,12 +79,14 @@ class BatchStep:
             graph.reset()
         self.graphs.clear()
 
-    def _step_body(self, b: int, width: int, commit_width: int) -> torch.Tensor:
+    def _step_body(self, b: int, width: int, commit_width: int, keys: int) -> torch.Tensor:
         rows = self.rows
         stepping = rows.stepping[:b, None]
-        slots = torch.where(stepping, rows.step_slots[:b, :width], rows.geometry.scratch)  # [b, T]
-        kv = self.pool.kv[:, :, :b]
-        hidden, positions, segments, cache = self._forward(slice(0, b), kv, slots)
+        # [b, T]; padding queries write the last slot attended over (the scratch slot when all are)
+        slots = torch.where(stepping, rows.step_slots[:b, :width], keys - 1)
+        slots = torch.where(slots == rows.geometry.scratch, keys - 1, slots)
+        kv = self.pool.kv[:, :, :b, :, :keys]  # a view: writes land in the pool
+        hidden, positions, segments, cache = self._forward(slice(0, b), kv, slots, keys)
         valid = rows.commit_valid[:b, :commit_width] & stepping
         return self._logits(slice(0, b), hidden, positions, segments, cache, valid, commit_width)
 
@@ -94,8 +97,10 @@ class BatchStep:
         width = max(map(len, queries))
         slots = to_device([q + [rows.geometry.scratch] * (width - len(q)) for q in queries], device)
         at = to_device(index, device)
-        kv = self.pool.kv[:, :, at]  # [L, 2, b, Hkv, S, D], gathered
-        hidden, positions, segments, cache = self._forward(at, kv, slots)
+        keys = self._key_width(index)
+        kv = self.pool.kv[:, :, at, :, :keys]  # [L, 2, b, Hkv, K, D], gathered: the rows' keys and one spare slot
+        slots = torch.where(slots == rows.geometry.scratch, keys - 1, slots)  # padding queries write the spare
+        hidden, positions, segments, cache = self._forward(at, kv, slots, keys)
         arange = torch.arange(len(index), device=device)[:, None]
         self.pool.kv[:, :, at[:, None], :, slots] = kv[:, :, arange, :, slots]  # the written slots, put back
         last = slots == (rows.prompt_lens[at] - 1)[:, None]  # the prompt's last token, if forwarded
@@ -106,12 +111,18 @@ class BatchStep:
             return None
         return self._logits(at, hidden, positions, segments, cache, rows.commit_valid[at, :commit_width], commit_width)
 
-    def _forward(self, at, kv: torch.Tensor, slots: torch.Tensor):
-        """The model over rows ``at`` (a slice or index tensor) whose keys are ``kv``."""
-        rows, module, geo = self.rows, self.module, self.rows.geometry
-        rows.ids[:, geo.max_prompt : geo.max_prompt + geo.max_canvas].copy_(rows.canvas)
+    def _key_width(self, at) -> int:
+        """Slots a call over rows ``at`` attends over: every row's keys and one slot past the
+        longest row's, a key of none, where its padding queries write."""
+        return min(int(self.rows.extent[at].max()) + 1, self.rows.geometry.slots)
+
+    def _forward(self, at, kv: torch.Tensor, slots: torch.Tensor, width: int):
+        """The model over rows ``at`` (a slice or index tensor) whose first ``width`` slots are
+        ``kv`` (a padding query's slot is the last of them, or the scratch slot)."""
+        rows, module = self.rows, self.module
+        rows.ids.scatter_(1, rows.canvas_slots, rows.canvas)  # the canvas as committed so far, after each prompt
         ids, positions, segments = (x[at].gather(1, slots) for x in (rows.ids, rows.positions, rows.segments))
-        keys = rows.segments[at]  # [b, S]
+        keys = rows.segments[at, :width]  # [b, K]
         mask = torch.where(rows.canvas_attention[at, None, None, None], attention_mask(segments, keys, "canvas"),
                            attention_mask(segments, keys, "isolated"))
         cache = PromptCache(kv=kv, segments=keys, lengths=rows.prompt_lens[at], last_hidden=rows.last_hidden[at])
