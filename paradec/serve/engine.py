@@ -6,8 +6,9 @@ it arrives (the wire's limits, then every setting, the prompt and the canvas; a 
 ERROR at once) and queued in the batching engine, which admits it into a free row of the running
 batch at the next engine step and retires it when it is done, its row going to the next waiting
 request. Requests of any settings share the batch — greedy or sampled, any policy, any canvas —
-and each gets the tokens, trace and NFE that ``paradec.generate`` gives it alone (DESIGN.md
-contract 3: its keys in a row of its own, its seeds and counters its own). At most ``max_batch``
+and each gets the tokens and trace that ``paradec.generate`` gives it alone (DESIGN.md
+contract 7: its keys in a row of its own, its seeds and counters its own; steps and NFE as
+``generate()`` counts them stepping one at a time). At most ``max_batch``
 requests decode at once (fewer where ``kv_memory_fraction`` of the free GPU memory holds fewer
 rows); a row holds a prompt of up to ``Limits.max_prompt_tokens`` and a canvas of up to
 ``Limits.max_canvas_tokens`` tokens (each capped by the model's maximum length). The batching
@@ -23,8 +24,8 @@ it, and sends each finished request its result, whose ``engine_s`` holds ``queue
 here to admission) and ``generate`` (admission to its last step). A step that raises fails the
 requests it was decoding (``failed``) and the loop goes on with the others. Every request
 accepted gets exactly one final OUTPUT or one ERROR; a result too large for one frame becomes an
-ERROR ``too_large``. The CUDA graphs of the model's default settings are captured before the
-engine reports ``ready``.
+ERROR ``too_large``. The CUDA graphs of the model's default settings, and of the operator's
+``warm_up`` settings, are captured before the engine reports ``ready``.
 
 An engine of several ranks (``paradec.serve.ranks``) cannot batch this way (a batching engine
 decodes in one process on one device): its rank 0 keeps a batch-by-config scheduler of its own
