@@ -30,11 +30,11 @@ from paradec.batching.rows import Rows, to_device
 from paradec.batching.sequence import CommitClass
 from paradec.decoding import policies, sampler
 from paradec.decoding.policies import Candidates
+from paradec.decoding.step import PENDING, fill_after_eos
 from paradec.models.attention import attention_mask
 from paradec.models.cache import PromptCache
 from paradec.models.transformer import DiffusionTransformer
 
-_PENDING = -7  # trace value select_commit writes; replaced by each row's step counter
 
 
 class BatchStep:
@@ -178,7 +178,7 @@ class BatchStep:
         confidence = torch.where(flat_masked, scores.confidence, -torch.inf)
         ops.select_commit(rows.canvas, rows.trace, index.repeat_interleave(n), cols.reshape(-1), key, ranking,
                           confidence, candidates.quota, candidates.floor, scores.tokens, policy.rule, cls.param,
-                          _PENDING)
+                          PENDING)
         self.active[index] = active
         self.acting[index] = active.any(1)
 
@@ -186,25 +186,12 @@ class BatchStep:
         """After every commit of the engine step: the committing step's number in the trace, EOS
         filling, the counters."""
         rows = self.rows
-        rows.trace.copy_(torch.where(rows.trace == _PENDING, rows.step[:, None], rows.trace))
-        self._fill_after_eos()
+        rows.trace.copy_(torch.where(rows.trace == PENDING, rows.step[:, None], rows.trace))
+        fill_after_eos(rows.canvas, rows.trace, rows.groups, rows.editable, rows.stop_ids, rows.mask_id,
+                       rows.num_groups, self.eos_id, rows.step[:, None], rows.eos_fill[:, None])
         rows.group_steps += self.active.long()
         rows.window_steps += self.active.long()
         rows.step += self.acting.long()
-
-    def _fill_after_eos(self) -> None:
-        """Every masked position after a committed stop id in a group becomes EOS (rows that
-        asked for it), committed at the row's step."""
-        rows = self.rows
-        canvas, groups = rows.canvas, rows.groups
-        c = canvas.shape[1]
-        column = torch.arange(c, device=rows.device).expand_as(canvas)
-        is_stop = torch.isin(canvas, rows.stop_ids) & rows.editable & (rows.trace >= 0)
-        first = torch.full((canvas.shape[0], rows.num_groups), c, device=rows.device)
-        first.scatter_reduce_(1, groups, torch.where(is_stop, column, c), "amin")
-        fill = (canvas == rows.mask_id) & rows.editable & (column > first.gather(1, groups)) & rows.eos_fill[:, None]
-        canvas.copy_(torch.where(fill, self.eos_id, canvas))
-        rows.trace.copy_(torch.where(fill, rows.step[:, None], rows.trace))
 
     def _uniform(self, index: torch.Tensor, group: torch.Tensor, n: int, salt: int, width: int) -> torch.Tensor:
         rows = self.rows

@@ -51,7 +51,7 @@ from paradec.models.loading import DiffusionModel
 from paradec.ops.scoring import Sampling
 from paradec.ops.selection import FACTOR
 
-_PENDING = -7  # trace value select_commit writes; replaced by the step counter (a device value)
+PENDING = -7  # trace value select_commit writes; replaced by the step counter (a device value)
 KEY_ALIGN = 8  # a BlockCache's rows are padded to a multiple of this many keys (16 bytes of bf16)
 # Blocks step side by side while the keys they read, m * prompt + blocks, stay within this many
 # times the masked step's prompt + blocks (and so does the step cache's memory). Measured on an
@@ -461,10 +461,11 @@ class PhaseSteps:
             floor = factor_last_commits(candidates, ranking, flat_masked, self.param, b * g_count)
         ops.select_commit(state.canvas, state.trace, columns.batch_index, columns.cols.repeat(b), key,
                           ranking, confidence, candidates.quota, floor, scores.tokens, self.policy.rule, self.param,
-                          _PENDING)
-        state.trace.copy_(torch.where(state.trace == _PENDING, state.step, state.trace))
+                          PENDING)
+        state.trace.copy_(torch.where(state.trace == PENDING, state.step, state.trace))
         if cfg.eos_closes_block:
-            fill_after_eos(state, self.model.spec.eos_id, state.step)
+            fill_after_eos(state.canvas, state.trace, state.groups, state.editable, state.stop_ids, state.mask_id,
+                           self.plan.layout.num_groups, self.model.spec.eos_id, state.step)
         state.group_steps += active.long()
         state.window_steps += active.long()
         state.step += active.any().long()
@@ -478,19 +479,24 @@ class PhaseSteps:
                                state.group_steps.gather(1, group).reshape(-1), columns.offset.repeat(b), salt, width)
 
 
-def fill_after_eos(state: DecodeState, eos_id: int, step: torch.Tensor) -> None:
+def fill_after_eos(canvas: torch.Tensor, trace: torch.Tensor, groups: torch.Tensor, editable: torch.Tensor,
+                   stop_ids: torch.Tensor, mask_id: int, num_groups: int, eos_id: int, step: torch.Tensor,
+                   rows: torch.Tensor | None = None) -> None:
     """An EOS committed at body position p means the text ends there: every masked position after
-    p in that group becomes EOS, committed at ``step`` (a 0-d device tensor: nothing here waits
-    for the host)."""
-    canvas, groups = state.canvas, state.groups
+    p in that group becomes EOS, committed at ``step`` (a device tensor, 0-d or [B, 1] per row:
+    nothing here waits for the host). canvas, trace: [B, C], in place; groups, editable: [C] or
+    [B, C]; rows: [B, 1] bool, the rows that fill (None: every row)."""
+    groups = groups.expand_as(canvas)
     c = canvas.shape[1]
-    column = torch.arange(c, device=state.device).expand_as(canvas)
-    is_stop = torch.isin(canvas, state.stop_ids) & state.editable & (state.trace >= 0)
-    first = torch.full((canvas.shape[0], state.layout.num_groups), c, device=state.device)
-    first.scatter_reduce_(1, groups.expand_as(canvas), torch.where(is_stop, column, c), "amin")
-    fill = state.masked() & (column > first.gather(1, groups.expand_as(canvas)))
+    column = torch.arange(c, device=canvas.device).expand_as(canvas)
+    is_stop = torch.isin(canvas, stop_ids) & editable & (trace >= 0)
+    first = torch.full((canvas.shape[0], num_groups), c, device=canvas.device)
+    first.scatter_reduce_(1, groups, torch.where(is_stop, column, c), "amin")
+    fill = (canvas == mask_id) & editable & (column > first.gather(1, groups))
+    if rows is not None:
+        fill = fill & rows
     canvas.copy_(torch.where(fill, eos_id, canvas))
-    state.trace.copy_(torch.where(fill, step, state.trace))
+    trace.copy_(torch.where(fill, step, trace))
 
 
 def _blocks_apart(plan: Plan, phase: list[int], phase_cache: PromptCache | None, shifted: bool) -> bool:

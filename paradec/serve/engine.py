@@ -40,6 +40,7 @@ gone (``PR_SET_PDEATHSIG`` set by the frontend, and ``getppid`` checked here).
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import time
@@ -71,7 +72,7 @@ class Request:
     arrived: float = field(default_factory=time.monotonic)
 
 
-class MessageLoop:
+class MessageLoop(abc.ABC):
     """What every engine process does with messages: requests from the frontend in (checked
     against the limits), progress and results out, liveness from its own loop. Scheduling is a
     subclass's: ``_start`` (before "ready"), ``_queue`` (an accepted request; raising refuses it
@@ -97,20 +98,25 @@ class MessageLoop:
     def _start(self) -> None:
         """Before the engine reports "ready"."""
 
+    @abc.abstractmethod
     def _queue(self, request: Request) -> None:
-        raise NotImplementedError
+        """An accepted request; raising refuses it as ``invalid``."""
 
+    @abc.abstractmethod
     def _abort(self, request_id: str) -> None:
-        raise NotImplementedError
+        """ABORT: the request gets its ERROR and is decoded no further."""
 
+    @abc.abstractmethod
     def _expire(self) -> None:
-        raise NotImplementedError
+        """Requests past their deadline get ERROR ``timeout``."""
 
+    @abc.abstractmethod
     def _busy(self) -> bool:
-        raise NotImplementedError
+        """Whether there is decoding to do."""
 
+    @abc.abstractmethod
     def _work(self) -> None:
-        raise NotImplementedError
+        """One unit of decoding: an engine step, or a whole batch under several ranks."""
 
     def serve_forever(self) -> None:
         self._start()
