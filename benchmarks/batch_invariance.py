@@ -317,6 +317,44 @@ def blocks_alone(model, text, settings) -> dict:
     return {"blocks_equal": equal, "blocks": config.blocks, "block_positions_differing": differing}
 
 
+def engine_vs_alone(model, texts, settings: list[dict]) -> dict:
+    """The continuous-batching engine (paradec.batching, CUDA graphs from its warm-up): request
+    i with settings[i % len(settings)] and seed i joins the running batch one engine step after
+    the one before; each result against ``generate()`` of the request alone."""
+    import paradec
+    from paradec.api import build_layout, resolve_config
+    from paradec.batching import BatchEngine
+
+    t0 = time.perf_counter()
+    invariant = bi.enabled()
+    configs = [resolve_config(model, seed=i, batch_invariant=invariant, **settings[i % len(settings)])
+               for i in range(len(texts))]
+    engine = BatchEngine(model, max_batch=len(texts), max_prompt_tokens=max(64, max(map(len, texts))),
+                         max_canvas_tokens=max(build_layout(model, c).length for c in configs),
+                         batch_invariant=invariant)
+    engine.warm_up(configs)
+    results = {}
+    for i, (text, config) in enumerate(zip(texts, configs)):
+        engine.add(str(i), text, config)
+        results.update({o.request_id: o.result for o in engine.step() if o.finished})
+    while engine.has_unfinished():
+        results.update({o.request_id: o.result for o in engine.step() if o.finished})
+    replays, calls = engine.stats.graph_replays, engine.stats.step_calls
+    del engine
+    equal = traces = differing = total = 0
+    for i, (text, config) in enumerate(zip(texts, configs)):
+        alone = paradec.generate(model, text, config)
+        a, b = alone.token_ids, results[str(i)].token_ids
+        equal += int(a == b)
+        traces += int(alone.trace == results[str(i)].trace)
+        differing += sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
+        total += len(a)
+    paradec.engine_for(model).release_kept()
+    return {"requests_equal": equal, "requests": len(texts), "positions_differing": differing, "positions": total,
+            "traces_equal": traces, "graph_replays": replays, "step_calls": calls,
+            "seconds": time.perf_counter() - t0}
+
+
 def e2e_section(args) -> list[dict]:
     out = []
     texts = prompts(8)
@@ -343,6 +381,17 @@ def e2e_section(args) -> list[dict]:
                       f"{row['graphs_off_equal']:>10}/{row['requests']:<5} {blocks:>22} {row['traces_equal']:>10}/{row['requests']:<2}"
                       f"   ({row['seconds']:.0f} s)",
                       flush=True)
+        mixed = list(SETTINGS[name].values())  # the engine: both modes' requests in one batch
+        for invariant in (False, True):
+            with bi.batch_invariant(invariant):
+                row = {"model": name, "mode": "engine_mixed", "lengths": "mixed", "invariant": invariant,
+                       **engine_vs_alone(model, texts, mixed)}
+            out.append(row)
+            kernels = "invariant" if invariant else "default"
+            print(f"  {name:9} {'engine mixed':13} {kernels:9} {row['requests_equal']:>3}/{row['requests']:<2} "
+                  f"{row['positions_differing']:>9}/{row['positions']:<10} {'-':>16} {'-':>22} "
+                  f"{row['traces_equal']:>10}/{row['requests']:<2}   ({row['graph_replays']}/{row['step_calls']} "
+                  f"step calls replayed, {row['seconds']:.0f} s)", flush=True)
     return out
 
 

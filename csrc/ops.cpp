@@ -3,7 +3,8 @@
 // paradec::score — one pass over each addressed logits row: the chosen token (argmax, or the
 //   Gumbel-max sample argmax(x / T - log(-log u)) in float64), its probability, the top-1 minus
 //   top-2 probability and the negative entropy, by an online softmax. Barred ids (the mask id
-//   always, the stop ids on rows that ask) are never chosen.
+//   always, the stop ids on rows that ask) are never chosen. row_invariant: each row's reduction order
+//   depends on V alone, never on how many rows share the call (the CPU kernel's always does).
 // paradec::select_commit — per segment (key), rank candidates by score (ties: lowest position),
 //   commit by rule (top-k quota, threshold, factor; each with a floor), and write the committed
 //   tokens and the step into the canvas and trace in place.
@@ -191,7 +192,7 @@ void check_score_args(const Tensor& logits, const Tensor& rows, int64_t mask_id,
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> score_cpu(const Tensor& logits, const Tensor& rows, int64_t mask_id,
                                                      const Tensor& stop_ids, const Tensor& bar_stop, double temperature,
-                                                     const c10::optional<Tensor>& noise) {
+                                                     const c10::optional<Tensor>& noise, bool /*row_invariant*/) {
   check_score_args(logits, rows, mask_id, stop_ids, bar_stop, temperature, noise);
   const int64_t N = rows.size(0), V = logits.size(1), R = logits.size(0);
   auto rows_c = rows.contiguous();
@@ -308,7 +309,7 @@ Tensor select_commit_cpu(Tensor& canvas, Tensor& trace, const Tensor& batch_inde
 
 TORCH_LIBRARY(paradec, m) {
   m.def("score(Tensor logits, Tensor rows, int mask_id, Tensor stop_ids, Tensor bar_stop, float temperature, "
-        "Tensor? noise) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? noise, bool row_invariant=False) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("select_commit(Tensor(a!) canvas, Tensor(b!) trace, Tensor batch_index, Tensor column, Tensor key, "
         "Tensor score, Tensor confidence, Tensor quota, Tensor floor, Tensor tokens, int rule, float param, "
         "int step) -> Tensor");

@@ -556,6 +556,11 @@ int row_splits(int64_t N, int64_t V, int64_t slots) {
   return static_cast<int>(best);
 }
 
+// Blocks per row when a row's bits must not depend on the rows beside it (row_invariant): from V
+// alone, slices about 4096 wide (at most 64), so the partial states and their merge run in one
+// order whatever N is.
+int invariant_splits(int64_t V) { return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(64, V / 4096))); }
+
 // Whether each of N greedy 2-byte rows gets one block of kRowThreads threads: when they fill one or
 // two waves of the GPU's `slots` such blocks at least 85% (and a row holds two 16-byte loads per
 // thread). A row read by one block needs no finish kernel and no partial states, and a third as
@@ -570,7 +575,8 @@ bool whole_rows(int64_t N, int64_t V, int64_t slots) {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, const Tensor& rows, int64_t mask_id,
                                                       const Tensor& stop_ids, const Tensor& bar_stop,
-                                                      double temperature, const c10::optional<Tensor>& noise) {
+                                                      double temperature, const c10::optional<Tensor>& noise,
+                                                      bool row_invariant) {
   check_score_args(logits, rows, mask_id, stop_ids, bar_stop, temperature, noise);
   PARADEC_CHECK(stop_ids.size(0) <= kMaxStops, "paradec::score: at most ", kMaxStops,
               " stop_ids on CUDA, got ", stop_ids.size(0));
@@ -598,7 +604,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, cons
     int threads = kThreads, splits = 1;
     bool whole = false;
     if constexpr (sizeof(scalar_t) == 2) {
-      whole = !sampled && whole_rows(N, V, resident_blocks<scalar_t, false, kRowThreads>(device) * int64_t{sms});
+      whole = !sampled && !row_invariant && whole_rows(N, V, resident_blocks<scalar_t, false, kRowThreads>(device) * int64_t{sms});
       if (whole) {
         partial_kernel = score_partial_kernel<scalar_t, false, kRowThreads>;
         threads = kRowThreads;
@@ -607,7 +613,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> score_cuda(const Tensor& logits, cons
     if (!whole) {
       const int per_sm = sampled ? resident_blocks<scalar_t, true, kThreads>(device)
                                  : resident_blocks<scalar_t, false, kThreads>(device);
-      splits = row_splits(N, V, static_cast<int64_t>(per_sm) * sms);
+      splits = row_invariant ? invariant_splits(V) : row_splits(N, V, static_cast<int64_t>(per_sm) * sms);
     }
     const int64_t span = ((V + splits - 1) / splits + 15) / 16 * 16;  // 16-byte loads stay aligned
     splits = static_cast<int>((V + span - 1) / span);

@@ -121,6 +121,37 @@ def check_attention(device: str, dtype: torch.dtype, d: int = 32, canvas: int = 
     inner = additive.clone()
     inner[:, :, : canvas // 2, -canvas // 2:] = float("-inf")
     torch.testing.assert_close(bi.attention(q, k, v, inner), bi.attention_twin(q, k, v, inner), **TOL[dtype])
+    check_grouped_attention(device, dtype, d)
+
+
+def check_grouped_attention(device: str, dtype: torch.dtype, d: int, seed: int = 0) -> None:
+    """Queries grouped by attention segment: a think block's queries in a row holding the prompt,
+    every block, a summary and padding (masked, queries of all blocks shuffled together) equal
+    the same queries in a row of the prompt and that block alone (unmasked), as a block decoded
+    alone has them; and the twin's answer."""
+    from paradec.models.attention import PAD, PROMPT, SUMMARY, attention_mask
+
+    gen = _gen(seed)
+    prompt, block, blocks, heads, kv_heads = 37, 23, 4, 4, 2
+    layout = [PROMPT] * prompt + [j + 1 for j in range(blocks) for _ in range(block)] + [SUMMARY] * 5 + [PAD] * 3
+    segments = torch.tensor(layout, device=device)[None]
+    c = len(layout)
+    k = _randn(1, kv_heads, c, d, seed=seed + 1, dtype=dtype, device=device)
+    v = _randn(1, kv_heads, c, d, seed=seed + 2, dtype=dtype, device=device)
+    columns = [prompt + j * block + i for j in range(blocks) for i in range(5, 13)] + [c - 5, c - 1]
+    columns = [columns[i] for i in torch.randperm(len(columns), generator=gen).tolist()]
+    q = _randn(1, heads, len(columns), d, seed=seed + 3, dtype=dtype, device=device)
+    query_segments = segments[:, columns]
+    mask = attention_mask(query_segments, segments, "isolated")
+    additive = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
+    got = bi.attention(q, k, v, bi.masked_keys(mask, additive, query_segments - SUMMARY))
+    torch.testing.assert_close(got, bi.attention_twin(q, k, v, additive), **TOL[dtype])
+    for j in range(blocks):
+        keep = torch.tensor(list(range(prompt)) + list(range(prompt + j * block, prompt + (j + 1) * block)),
+                            device=device)
+        mine = [i for i, col in enumerate(columns) if layout[col] == j + 1]
+        alone = bi.attention(q[:, :, mine], k[:, :, keep], v[:, :, keep])
+        assert torch.equal(alone, got[:, :, mine]), j
 
 
 def check_model(device: str, dtype: torch.dtype, root_dir: Path, decode=("llada", "dream")) -> None:
@@ -309,3 +340,92 @@ def test_the_setting_applies_for_the_call_only(tmp_path):
         on = paradec.generate(model, "1 2 3", batch_invariant=True, on_step=lambda *_: seen.append(bi.enabled()), **kw)
         assert not bi.enabled() and seen and all(seen)
         assert paradec.generate(model, "1 2 3", **kw).token_ids == on.token_ids
+
+
+def _engine_equals_alone(model, prompts, settings) -> None:
+    """A BatchEngine in the mode (CUDA graphs captured at warm-up), requests of mixed settings
+    arriving at staggered steps: each request's tokens and trace equal ``generate()`` of it alone."""
+    import paradec
+    from paradec.api import resolve_config
+    from paradec.batching import BatchEngine
+
+    configs = [resolve_config(model, seed=i, eos_closes_block=False, batch_invariant=True, **s)
+               for i, s in enumerate(settings)]
+    alone = [paradec.generate(model, p, c) for p, c in zip(prompts, configs)]
+    engine = BatchEngine(model, max_batch=len(prompts), max_prompt_tokens=128, max_canvas_tokens=512,
+                         batch_invariant=True)
+    engine.warm_up(configs)
+    results = {}
+    for i, (prompt, config) in enumerate(zip(prompts, configs)):
+        engine.add(str(i), prompt, config)
+        for _ in range(i % 3):  # the next request joins a batch already decoding
+            results.update({o.request_id: o.result for o in engine.step() if o.finished})
+    while engine.has_unfinished():
+        results.update({o.request_id: o.result for o in engine.step() if o.finished})
+    assert engine.stats.graph_replays > 0
+    for i, solo in enumerate(alone):
+        got = results[str(i)]
+        assert (got.token_ids, got.trace) == (solo.token_ids, solo.trace), (i, settings[i])
+
+
+ENGINE_SETTINGS = [
+    dict(mode="nap", blocks=4, block_len=32, summary_len=16, window=16, tokens_per_step=4),  # side by side alone
+    dict(mode="block", answer_len=64, block_len=16, cache="dual", tokens_per_step=2, attention="canvas"),
+    dict(mode="nap", blocks=2, block_len=24, summary_len=8, tokens_per_step=2, policy="margin"),
+    dict(mode="nap", blocks=3, block_len=16, summary_len=8, window=8, tokens_per_step=2, temperature=0.8),
+    dict(mode="nap", blocks=4, block_len=24, summary_len=8, policy="threshold", threshold=0.6),
+    dict(mode="block", answer_len=48, block_len=16, cache="prefix", tokens_per_step=4),
+    dict(mode="nap", blocks=2, block_len=24, summary_len=8, tokens_per_step=2, temperature=0.7, top_p=0.9,
+         score_on="sampling"),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("width", ["tiny", "8b"])
+def test_cuda_engine_decodes_each_request_as_alone_in_the_mode(width):
+    """Contract 7 on a GPU in bf16: mixed settings, mixed prompt lengths, staggered arrivals in
+    the continuous-batching engine equal each request decoded alone (whose NAP think blocks
+    step side by side, each in a row of its own, where the engine masks them in one row)."""
+    import paradec
+    from paradec.models import build, reference_config
+
+    tiny = paradec.load("paradec-tiny", device="cuda", dtype=torch.bfloat16)
+    model = tiny if width == "tiny" else build(reference_config("llada-8b-instruct") | {"n_layers": 2},
+                                               device="cuda", dtype=torch.bfloat16, seed=0,
+                                               tokenizer=tiny.tokenizer)
+    prompts = ["1 + 2 + 3 =", "what is 12 times 7, and then add 5 to it?", "9 - 4", "two plus two is four; three",
+               "7 * 8 - 6 =", "a long prompt: " + " ".join(str(i) for i in range(30)), "5 + 5"]
+    _engine_equals_alone(model, prompts, ENGINE_SETTINGS)
+    paradec.engine_for(model).release_kept()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("vocab", [126464, 1000])
+def test_cuda_score_rows_do_not_depend_on_their_neighbours_in_the_mode(vocab):
+    """Scoring in the mode: a row scored alone, among a few or among 512 rows (where the
+    default kernel picks other splits) gives the same token and the same score bits — the
+    kernel (greedy, sampled) and the twin that filtered sampling takes (top-k/top-p, scores on
+    the sampling distribution)."""
+    from paradec import ops
+    from paradec.ops.scoring import Sampling
+
+    logits = _randn(512, vocab, seed=vocab, dtype=torch.bfloat16, device="cuda", scale=3.0)
+    stops = torch.tensor([2, 5], device="cuda")
+    noise = torch.rand(512, vocab, generator=_gen(1), dtype=torch.float64).clamp_(1e-12, 1 - 1e-12).cuda()
+    cases = [(0.0, Sampling()), (0.7, Sampling()), (0.7, Sampling(top_k=50, top_p=0.9, score_on="sampling")),
+             (0.0, Sampling(score_on="sampling"))]
+    with bi.batch_invariant():
+        for temperature, sampling in cases:
+            def scored(rows):
+                rows = torch.as_tensor(rows, device="cuda")
+                bar = rows % 2 == 0
+                out = ops.score(logits, rows, 3, stops, bar, temperature, noise[rows] if temperature else None,
+                                sampling)
+                return torch.stack((out.tokens.double(), out.confidence.double(), out.margin.double(),
+                                    out.neg_entropy.double()), 1)
+
+            every = scored(range(512))
+            for rows in ([0], [511], list(range(7)), list(range(100, 164))):
+                assert torch.equal(scored(rows), every[rows]), (temperature, sampling, rows[:3])

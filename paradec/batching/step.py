@@ -126,7 +126,7 @@ class BatchStep:
         mask = torch.where(rows.canvas_attention[at, None, None, None], attention_mask(segments, keys, "canvas"),
                            attention_mask(segments, keys, "isolated"))
         cache = PromptCache(kv=kv, segments=keys, lengths=rows.prompt_lens[at], last_hidden=rows.last_hidden[at])
-        hidden, _ = module.run_layers(module.embed(ids.clamp(min=0)), positions, mask, cache, slots)
+        hidden, _ = module.run_layers(module.embed(ids.clamp(min=0)), positions, mask, cache, slots, segments)
         return hidden, positions, segments, cache
 
     def _logits(self, at, hidden, positions, segments, cache, valid: torch.Tensor, commit_width: int) -> torch.Tensor:

@@ -405,7 +405,8 @@ class PhaseSteps:
             return
         ids, positions, segments = (x[:, self.refresh_cols] for x in self._sequence())  # [B, W]
         mask = None if self.refresh_dense else attention_mask(segments, self._refresh_keys(), mode)
-        hidden, _ = module.run_layers(module.embed(ids.clamp(min=0)), positions, mask, self.cache, self.refresh_slots)
+        hidden, _ = module.run_layers(module.embed(ids.clamp(min=0)), positions, mask, self.cache, self.refresh_slots,
+                                      segments)
         if self.canvas_offset:  # the prompt was forwarded: its last hidden state as of now
             self.cache.last_hidden.copy_(hidden[self.batch, state.prompt_lens - 1])
         logits = module.head(module.gather_rows(hidden, positions, segments, logits_at, self.cache, False))

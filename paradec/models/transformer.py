@@ -16,7 +16,7 @@ from torch import nn
 
 from paradec.ops import batch_invariant as bi
 from paradec.errors import InputError
-from paradec.models.attention import PAD, PROMPT, attention_mask, check_mode
+from paradec.models.attention import PAD, PROMPT, SUMMARY, attention_mask, check_mode
 from paradec.models.cache import BlockCache, PromptCache, kv_buffer
 from paradec.models.layers import Layer, Linear, RMSNorm, RotaryEmbedding
 from paradec.models.transformer_config import TransformerConfig
@@ -55,7 +55,7 @@ class DiffusionTransformer(nn.Module):
 
     def run_layers(
         self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: PromptCache | None,
-        slots: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None, query_segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Every layer over embedded inputs, without the final norm and head.
 
@@ -68,12 +68,19 @@ class DiffusionTransformer(nn.Module):
         once into the additive form that attention kernels take (given a boolean one, each
         layer's call would convert it again: ~4.5 µs a layer at an 8B step's shapes); None when
         every query attends to every key (see ``forward``'s ``dense``). In the batch-invariant
-        mode the mask also names each row's visible keys, once for every layer (``bi.MaskedKeys``)."""
+        mode the mask also names, once for every layer, the keys each query sees (``bi.MaskedKeys``):
+        query_segments [B, T] (the queries' attention segments, whose queries see the same keys)
+        groups the queries, so that a query attends over its own keys in index order wherever
+        they sit (a think block among the others as in a row of its own); None: one group a row."""
         if mask is not None:  # rows padded to 8 elements in storage: SDPA takes such a slice without a copy
             keys = mask.shape[-1]
             storage = torch.zeros(*mask.shape[:-1], -(-keys // 8) * 8, dtype=x.dtype, device=x.device)
             additive = storage[..., :keys].masked_fill_(~mask, float("-inf"))
-            mask = bi.masked_keys(mask, additive) if bi.active(x) else additive
+            if bi.active(x):
+                groups = None if query_segments is None else query_segments - SUMMARY
+                mask = bi.masked_keys(mask, additive, groups)
+            else:
+                mask = additive
         cos, sin = self.rope(positions)
         new_kv = []
         for i, layer in enumerate(self.layers):
@@ -98,7 +105,7 @@ class DiffusionTransformer(nn.Module):
         if check_inputs:
             self._check(prompt_ids, positions, segments)
         mask = attention_mask(segments, segments, "isolated")
-        hidden, kv = self.run_layers(self.embed(prompt_ids.clamp(min=0)), positions, mask, None)
+        hidden, kv = self.run_layers(self.embed(prompt_ids.clamp(min=0)), positions, mask, None, None, segments)
         kv = kv_buffer(None, kv, reserve)
         last = hidden[torch.arange(b, device=hidden.device), lengths - 1]  # [B, d]
         return PromptCache(kv=kv, segments=segments, lengths=lengths, last_hidden=last)
@@ -120,7 +127,7 @@ class DiffusionTransformer(nn.Module):
         self._check(input_ids, positions, segments)
         key_segments = torch.cat((cache.segments, segments), dim=1)
         mask = attention_mask(segments, key_segments, mode)
-        _, kv = self.run_layers(self.embed(input_ids.clamp(min=0)), positions, mask, cache)
+        _, kv = self.run_layers(self.embed(input_ids.clamp(min=0)), positions, mask, cache, None, segments)
         buffer = kv_buffer(cache.kv[..., : cache.num_tokens, :], kv, reserve)
         return PromptCache(kv=buffer, segments=key_segments, lengths=cache.lengths, last_hidden=cache.last_hidden)
 
@@ -170,7 +177,7 @@ class DiffusionTransformer(nn.Module):
                 raise InputError(f"dense=True, but under {mode!r} attention some query may not see some key "
                                  "(padding, or another block's keys)")
             mask = None
-        hidden, _ = self.run_layers(self.embed(input_ids.clamp(min=0)), positions, mask, cache, slots)
+        hidden, _ = self.run_layers(self.embed(input_ids.clamp(min=0)), positions, mask, cache, slots, segments)
         if logits_at is None:
             logits_at = positions
         rows = self.gather_rows(hidden, positions, segments, logits_at, cache, check_inputs)
@@ -191,7 +198,7 @@ class DiffusionTransformer(nn.Module):
         cos, sin = self.rope(positions)
         bias = cache.bias
         if bias is not None and bi.active(x):  # each row's visible slots, once for every layer
-            bias = bi.MaskedKeys(bias, *bi.key_order(bias[:, 0, 0] > float("-inf")))
+            bias = bi.MaskedKeys(bias, *bi.key_order((bias[:, 0, 0] > float("-inf"))[:, None]))
         for i, layer in enumerate(self.layers):
             x = layer.forward_blocks(x, cos, sin, cache.kv[i], bias, slots)
         return self.head(self.gather_rows(x, positions, segments, logits_at, None, check_inputs=False))
@@ -222,7 +229,7 @@ class DiffusionTransformer(nn.Module):
         check_mode(mode)
         key_segments = segments if cache is None else torch.cat((cache.segments, segments), dim=1)
         mask = attention_mask(segments, key_segments, mode)
-        hidden, kv = self.run_layers(self.embed(input_ids.clamp(min=0)), positions, mask, cache)
+        hidden, kv = self.run_layers(self.embed(input_ids.clamp(min=0)), positions, mask, cache, None, segments)
         rows = self.gather_rows(hidden, positions, segments, logits_at, cache, check_inputs=False)
         logits = self.head(rows)
         kept = keep.nonzero()[:, 0]  # [K] input columns whose KV is kept

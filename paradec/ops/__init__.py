@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from paradec.ops import batch_invariant
 from paradec.ops.scoring import Sampling, Scores, score_twin
 from paradec.ops.selection import TOPK, check_quota, select_commit_twin
 
@@ -62,7 +63,10 @@ def score(logits: torch.Tensor, rows: torch.Tensor, mask_id: int, stop_ids: torc
     scores (the runner passes its config's; default: none). With ``rank_temperature`` the
     ranking noise is the Gumbel transform of each row's uniform at the mask id's column, which
     the token draw never reads (the mask id is barred): it is keyed like the draw (seed, group,
-    step, position), so it does not depend on batching or placement either."""
+    step, position), so it does not depend on batching or placement either. In the
+    batch-invariant mode (``batch_invariant.enabled()``) on a GPU a row's scores do not depend on
+    the rows beside it: the kernel splits each row by V alone, and the twin (top-k/top-p,
+    ``score_on='sampling'``) runs in calls of a fixed row count."""
     sampling = sampling or Sampling()
     if sampling.rank_temperature > 0 and noise is None:
         raise ValueError("rank_temperature > 0 draws its noise from the sampling stream: it needs temperature > 0")
@@ -70,7 +74,7 @@ def score(logits: torch.Tensor, rows: torch.Tensor, mask_id: int, stop_ids: torc
         if logits.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
             _check_indices(rows, logits.shape[0], stop_ids, logits.shape[1])  # the CUDA kernel cannot (no sync)
         tokens, confidence, margin, neg_entropy = torch.ops.paradec.score(
-            logits, rows, mask_id, stop_ids, bar_stop, temperature, noise
+            logits, rows, mask_id, stop_ids, bar_stop, temperature, noise, batch_invariant.enabled()
         )
         scores = Scores(tokens, confidence, margin, neg_entropy)
     else:  # the kernel has no top-k/top-p filter nor sampling-distribution scores: the twin, on any device

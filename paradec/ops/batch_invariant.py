@@ -13,14 +13,18 @@ per row:
   from an fp32 workspace, no atomics on the values.
 - ``rms_norm`` / ``add_rms_norm``: one row per program, block and warps from the row size.
 - ``attention``: a flash-attention forward over a fixed split of the keys (``KV_SPLIT`` keys a
-  program, the splits combined in order by a second kernel). It visits, for each batch row, only
-  the keys that some query of the row may see (``key_order``), in index order, so a prompt's
-  padding (which a batch of mixed lengths has and the request alone does not) moves no key into
-  another tile; keys a query may not see inside that set add exact zeros.
+  program, the splits combined in order by a second kernel). The queries of a row are grouped by
+  attention segment (``masked_keys``; the queries of one segment see the same keys), and each
+  group visits only its own visible keys, in index order (``key_order``): a query's sums run over
+  the same keys in the same tiles whether its row holds padding (a batch of mixed lengths), other
+  think blocks masked away (a batching engine's row) or nothing else (a block in a row of its
+  own, as ``generate()`` steps NAP blocks side by side).
 
 Each kernel has a plain-torch twin beside it (``*_twin``) that the tests compare it with.
 Elementwise work (rotary, SwiGLU, the logit scale) and gathers are row-invariant already and
-stay as they are; paradec's scoring and selection kernels work row by row.
+stay as they are. Scoring (``paradec.ops.score``) asks ``enabled()``: the CUDA score kernel then
+splits each row by V alone, and the plain-torch scoring that filtered sampling takes runs in
+calls of a fixed row count; selection compares values only.
 
 The switch: ``PARADEC_BATCH_INVARIANT=1`` for a whole process, or ``batch_invariant(True)``
 (a context manager; process-wide, not per thread) / ``set_batch_invariant``. The model layer
@@ -30,14 +34,10 @@ one mode keep that mode's kernels: release kept runners (``paradec.engine_for(mo
 after switching.
 
 Measured (H200, LLaDA-8B shape, benchmarks/RESULTS.md): with the mode, 8 requests decoded in one
-batch equal each decoded alone (block dual cache and NAP windows); step time 1.04x the default
-at 32 rows a step, 1.39x at 128 (NAP m = 4), 1.16x for AR. Not covered yet: the score kernel's
-confidence/margin/entropy bits depend on its row count (paradec._C; its plain-torch twin's do
-too: routing the mode's scoring to it, measured on the H200, left a row's scores unequal among
-64 rows and cost 1 ms a step at 128 rows). Graphs on and off run one step body
-(``paradec.decoding.step``), and side by side a think block's step and refresh see its own row
-of keys only, so a block decoded alone equals it decoded beside the others in this mode
-(measured 4/4 at LLaDA-8B shape; benchmarks/RESULTS.md).
+batch equal each decoded alone (block dual cache and NAP windows), and so do 8 requests of mixed
+settings joining a continuous-batching engine (``paradec.batching``); a think block decoded alone
+equals it beside the others; graphs on equal graphs off. Step time 1.04x the default at 32 rows
+a step, 1.39x at 128 (NAP m = 4: the Triton GEMM at 128 rows), 1.18x for AR.
 
 A leaf module: it imports nothing from paradec.
 """
@@ -352,39 +352,70 @@ def add_rms_norm_twin(x, residual, weight, eps):
 KV_SPLIT = 512  # keys a program reduces (a multiple of ATTN_BLOCK_N); fixed, never from the batch
 ATTN_BLOCK_M = 64
 ATTN_BLOCK_N = 64
+# Query groups a mask may name (``masked_keys``): group ids at or past the last share it, which
+# costs invariance between them, never correctness (the mask still applies to every query).
+QUERY_GROUPS = 24
 
 
 @dataclass
 class MaskedKeys:
-    """An additive mask ([B, 1, T, C], 0 or -inf) with, per batch row, the keys some query of the
-    row may see: ``order`` [B, C] int32, those keys first in index order; ``count`` [B] int32."""
+    """An additive mask ([B, 1, T, C], 0 or -inf) with the keys each group of queries may see.
+
+    The queries of a row fall into ``groups`` groups, each of queries that see the same keys
+    (``masked_keys`` groups them by attention segment). ``order`` [B, G, C] int32: per row and
+    group, the keys some query of the group sees first, in index order; ``count`` [B, G] int32;
+    ``perm`` [B, T] int32: the row's queries sorted by group (stable); ``sorted_group`` [B, T]
+    int32: the group of each sorted query (both None with one group a row: the queries in order).
+    A query's keys are thus its own visible keys in index order, split at fixed counts, wherever
+    they sit in the row and whatever other queries see."""
 
     additive: torch.Tensor
     order: torch.Tensor
     count: torch.Tensor
+    perm: torch.Tensor | None = None
+    sorted_group: torch.Tensor | None = None
+
+    @property
+    def groups(self) -> int:
+        return self.order.shape[1]
 
 
 def key_order(visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """visible: [B, C] bool (a key some query of the row may see) -> (order [B, C] int32, the
-    visible keys first and in index order; count [B] int32)."""
-    order = torch.argsort((~visible).to(torch.int8), dim=1, stable=True).to(torch.int32)
-    return order, visible.sum(1, dtype=torch.int32)
+    """visible: [..., C] bool (a key some query may see) -> (order [..., C] int32, the visible
+    keys first and in index order; count [...] int32)."""
+    order = torch.argsort((~visible).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return order, visible.sum(-1, dtype=torch.int32)
 
 
-def masked_keys(mask: torch.Tensor, additive: torch.Tensor | None = None) -> MaskedKeys:
-    """From a boolean mask [B, 1, T, C] (True: may attend) and its additive form."""
+def masked_keys(mask: torch.Tensor, additive: torch.Tensor | None = None,
+                groups: torch.Tensor | None = None) -> MaskedKeys:
+    """From a boolean mask [B, 1, T, C] (True: may attend), its additive form and ``groups``
+    [B, T] (ints >= 0: the queries of a group see the same keys, as queries of one attention
+    segment do; ids past ``QUERY_GROUPS - 1`` share the last group). None: one group a row, the
+    keys some query of the row sees."""
+    b, _, t, c = mask.shape
     if additive is None:
         additive = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
-    return MaskedKeys(additive, *key_order(mask.any(2)[:, 0]))
+    if groups is None:
+        order, count = key_order(mask.any(2)[:, 0])
+        return MaskedKeys(additive, order[:, None], count[:, None])
+    groups = groups.clamp(0, QUERY_GROUPS - 1)
+    visible = torch.zeros(b, QUERY_GROUPS, c, dtype=torch.uint8, device=mask.device)
+    visible.scatter_reduce_(1, groups[:, :, None].expand(b, t, c), mask[:, 0].to(torch.uint8), "amax")
+    order, count = key_order(visible.bool())
+    perm = torch.argsort(groups, dim=1, stable=True)
+    return MaskedKeys(additive, order, count, perm.to(torch.int32), groups.gather(1, perm).to(torch.int32))
 
 
 if HAVE_TRITON:
 
     @triton.jit(do_not_specialize=["T", "C"])
-    def _attn_kernel(Q, K, V, Mask, Order, Count, Part, Stat, T, C, H, group, n_split, qk_scale,
-                     sqb, sqh, sqt, skb, skh, skc, svb, svh, svc, smb, smh, smt, smc, sob,
-                     HAS_ORDER: tl.constexpr, UPCAST: tl.constexpr, D: tl.constexpr,
+    def _attn_kernel(Q, K, V, Mask, Order, Count, Perm, Group, Part, Stat, T, C, H, G, group, n_split, qk_scale,
+                     sqb, sqh, sqt, skb, skh, skc, svb, svh, svc, smb, smh, smt, smc,
+                     HAS_ORDER: tl.constexpr, GROUPED: tl.constexpr, UPCAST: tl.constexpr, D: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+        """One program: BLOCK_M of a row's queries sorted by group, one head, one split of the
+        keys; for each group among its queries, that group's keys of the split."""
         LOG2E: tl.constexpr = 1.4426950408889634
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -392,92 +423,113 @@ if HAVE_TRITON:
         b = bh // H
         h = bh % H
         hk = h // group
-        count = C
-        if HAS_ORDER:
-            count = tl.load(Count + b)
+        pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # sorted query positions
+        pos_in = pos < T
+        if GROUPED:
+            rows = tl.load(Perm + b.to(tl.int64) * T + pos, mask=pos_in, other=0)
+            groups = tl.load(Group + b.to(tl.int64) * T + pos, mask=pos_in, other=-1)
+            g_lo = tl.min(tl.where(pos_in, groups, 2147483647), axis=0)
+            g_hi = tl.max(groups, axis=0)
+        else:
+            rows = pos
+            groups = tl.where(pos_in, 0, -1)
+            g_lo = 0
+            g_hi = 0
+        offs_d = tl.arange(0, BLOCK_D)
+        d_in = offs_d < D
+        q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :],
+                    mask=pos_in[:, None] & d_in[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        k_base = K + b.to(tl.int64) * skb + hk * skh
+        v_base = V + b.to(tl.int64) * svb + hk * svh
         start = pid_s * SPLIT
-        if start < count:
-            end = tl.minimum(start + SPLIT, count)
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            offs_d = tl.arange(0, BLOCK_D)
-            d_in = offs_d < D
-            q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
-                        mask=(offs_m[:, None] < T) & d_in[None, :], other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-            m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-            l_i = tl.zeros((BLOCK_M,), tl.float32)
-            acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-            k_base = K + b.to(tl.int64) * skb + hk * skh
-            v_base = V + b.to(tl.int64) * svb + hk * svh
-            for n0 in range(0, SPLIT, BLOCK_N):  # past ``end``: nothing loaded, exact no-ops
-                offs_n = start + n0 + tl.arange(0, BLOCK_N)
-                valid = offs_n < end
-                if HAS_ORDER:
-                    keys = tl.load(Order + b.to(tl.int64) * C + offs_n, mask=valid, other=0)
-                else:
-                    keys = offs_n
-                k = tl.load(k_base + keys[:, None].to(tl.int64) * skc + offs_d[None, :],
-                            mask=valid[:, None] & d_in[None, :], other=0.0)
-                v = tl.load(v_base + keys[:, None].to(tl.int64) * svc + offs_d[None, :],
-                            mask=valid[:, None] & d_in[None, :], other=0.0)
-                if UPCAST:
-                    s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k))
-                # The mask is always read (a zero with zero strides when there is none): a kernel
-                # compiled without it would contract these multiply-adds differently.
-                bias = tl.load(Mask + b.to(tl.int64) * smb + h * smh + offs_m[:, None] * smt
-                               + keys[None, :].to(tl.int64) * smc,
-                               mask=(offs_m[:, None] < T) & valid[None, :], other=0.0)
-                s = s * qk_scale + bias.to(tl.float32) * LOG2E
-                s = tl.where(valid[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_use)
-                p = tl.exp2(s - m_use[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                if UPCAST:
-                    acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
-            row = (bh.to(tl.int64) * n_split + pid_s) * T + offs_m
-            tl.store(Part + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=(offs_m[:, None] < T))
-            tl.store(Stat + row * 2, m_i, mask=offs_m < T)
-            tl.store(Stat + row * 2 + 1, l_i, mask=offs_m < T)
+        out_row = (bh.to(tl.int64) * n_split + pid_s) * T + pos
+        for g in range(g_lo, g_hi + 1):
+            mine = groups == g
+            count = C
+            if HAS_ORDER:
+                count = tl.load(Count + b * G + g)
+            if (start < count) & (tl.sum(mine.to(tl.int32), axis=0) > 0):
+                end = tl.minimum(start + SPLIT, count)
+                m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+                l_i = tl.zeros((BLOCK_M,), tl.float32)
+                acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+                for n0 in range(0, SPLIT, BLOCK_N):  # past ``end``: nothing loaded, exact no-ops
+                    offs_n = start + n0 + tl.arange(0, BLOCK_N)
+                    valid = offs_n < end
+                    if HAS_ORDER:
+                        keys = tl.load(Order + (b * G + g).to(tl.int64) * C + offs_n, mask=valid, other=0)
+                    else:
+                        keys = offs_n
+                    k = tl.load(k_base + keys[:, None].to(tl.int64) * skc + offs_d[None, :],
+                                mask=valid[:, None] & d_in[None, :], other=0.0)
+                    v = tl.load(v_base + keys[:, None].to(tl.int64) * svc + offs_d[None, :],
+                                mask=valid[:, None] & d_in[None, :], other=0.0)
+                    if UPCAST:
+                        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+                    else:
+                        s = tl.dot(q, tl.trans(k))
+                    # The mask is always read (a zero with zero strides when there is none): a kernel
+                    # compiled without it would contract these multiply-adds differently.
+                    bias = tl.load(Mask + b.to(tl.int64) * smb + h * smh + rows[:, None].to(tl.int64) * smt
+                                   + keys[None, :].to(tl.int64) * smc,
+                                   mask=pos_in[:, None] & valid[None, :], other=0.0)
+                    s = s * qk_scale + bias.to(tl.float32) * LOG2E
+                    s = tl.where(valid[None, :], s, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp2(m_i - m_use)
+                    p = tl.exp2(s - m_use[:, None])
+                    l_i = l_i * alpha + tl.sum(p, axis=1)
+                    if UPCAST:
+                        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+                    else:
+                        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                    m_i = m_new
+                tl.store(Part + out_row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=mine[:, None])
+                tl.store(Stat + out_row * 2, m_i, mask=mine)
+                tl.store(Stat + out_row * 2 + 1, l_i, mask=mine)
 
     @triton.jit(do_not_specialize=["T", "C"])
-    def _attn_combine_kernel(Part, Stat, Count, Out, T, C, H, n_split, sob, sot, soh,
-                             HAS_ORDER: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_M: tl.constexpr, SPLIT: tl.constexpr):
+    def _attn_combine_kernel(Part, Stat, Count, Perm, Group, Out, T, C, H, G, n_split, sob, sot, soh,
+                             HAS_ORDER: tl.constexpr, GROUPED: tl.constexpr, D: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr):
+        """Each query's splits, summed in order (those past its group's keys are not read)."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
-        count = C
-        if HAS_ORDER:
-            count = tl.load(Count + b)
+        pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows_in = pos < T
+        if GROUPED:
+            rows = tl.load(Perm + b.to(tl.int64) * T + pos, mask=rows_in, other=0)
+            groups = tl.load(Group + b.to(tl.int64) * T + pos, mask=rows_in, other=0)
+            count = tl.load(Count + b * G + groups, mask=rows_in, other=0)
+        elif HAS_ORDER:
+            rows = pos
+            count = tl.where(rows_in, tl.load(Count + b), 0)
+        else:
+            rows = pos
+            count = tl.where(rows_in, C, 0)
         used = tl.cdiv(count, SPLIT)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        rows_in = offs_m < T
         m_tot = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        for s in range(0, n_split):  # splits past ``used`` (this row has fewer keys) are not read
-            row = (bh.to(tl.int64) * n_split + s) * T + offs_m
-            here = rows_in & ((offs_m * 0 + s) < used)
+        for s in range(0, n_split):
+            row = (bh.to(tl.int64) * n_split + s) * T + pos
+            here = rows_in & (s < used)
             m_tot = tl.maximum(m_tot, tl.load(Stat + row * 2, mask=here, other=float("-inf")))
         m_use = tl.where(m_tot == float("-inf"), 0.0, m_tot)
         l_tot = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for s in range(0, n_split):
-            row = (bh.to(tl.int64) * n_split + s) * T + offs_m
-            here = rows_in & ((offs_m * 0 + s) < used)
+            row = (bh.to(tl.int64) * n_split + s) * T + pos
+            here = rows_in & (s < used)
             w = tl.exp2(tl.load(Stat + row * 2, mask=here, other=float("-inf")) - m_use)
             l_tot += tl.load(Stat + row * 2 + 1, mask=here, other=0.0) * w
             acc += tl.load(Part + row[:, None] * BLOCK_D + offs_d[None, :], mask=here[:, None], other=0.0) * w[:, None]
         out = acc / tl.where(l_tot == 0.0, 1.0, l_tot)[:, None]
-        tl.store(Out + b.to(tl.int64) * sob + offs_m[:, None] * sot + h * soh + offs_d[None, :],
+        tl.store(Out + b.to(tl.int64) * sob + rows[:, None].to(tl.int64) * sot + h * soh + offs_d[None, :],
                  out.to(Out.dtype.element_ty), mask=rows_in[:, None] & (offs_d[None, :] < D))
 
 
@@ -499,15 +551,16 @@ def _zero(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | MaskedKeys | None = None) -> torch.Tensor:
     """Softmax attention, batch-invariant: q [B, H, T, D]; k, v [B, Hkv, C, D] (H a multiple of
-    Hkv; any strides with a unit last one); mask: additive, broadcastable to [B, H, T, C], or a
-    ``MaskedKeys``, or None (every key). Scale 1/sqrt(D), as SDPA's default. Returns
-    [B, H, T, D] in q's dtype (a view of a [B, T, H, D] tensor, so a transpose back is free)."""
+    Hkv; any strides with a unit last one); mask: additive, broadcastable to [B, H, T, C] (one
+    group of queries a row), or a ``MaskedKeys``, or None (every key). Scale 1/sqrt(D), as
+    SDPA's default. Returns [B, H, T, D] in q's dtype (a view of a [B, T, H, D] tensor, so a
+    transpose back is free)."""
     b, h, t, d = q.shape
     hkv, c = k.shape[1], k.shape[2]
     if h % hkv or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
         raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
     if isinstance(mask, torch.Tensor):
-        mask = MaskedKeys(mask, *key_order((mask > float("-inf")).expand(b, -1, t, c).any(2).any(1)))
+        mask = masked_keys((mask > float("-inf")).expand(b, -1, t, c).any(1, keepdim=True), mask)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     out = torch.empty(b, t, h, d, dtype=q.dtype, device=q.device)
     if b * h * t == 0:
@@ -522,21 +575,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         msb, msh, mst, msc = full.stride()
         if full.shape[1] == 1:
             msh = 0
-        mask_arg, order, count = full, mask.order, mask.count
+        mask_arg, order, count, g = full, mask.order.contiguous(), mask.count.contiguous(), mask.groups
+        grouped = mask.perm is not None
+        perm, groups = (mask.perm.contiguous(), mask.sorted_group.contiguous()) if grouped else (count, count)
     else:  # every key: a zero mask read at one address, so the arithmetic is the masked kernel's
         msb = msh = mst = msc = 0
-        mask_arg, order, count = _zero(q.device, q.dtype), q, q
+        mask_arg = _zero(q.device, q.dtype)
+        order = count = perm = groups = q
+        g, grouped = 1, False
     grid = (triton.cdiv(t, ATTN_BLOCK_M), b * h, n_split)
     upcast = _INTERPRET or q.dtype == torch.float32
-    _attn_kernel[grid](q, k, v, mask_arg, order, count, part, stat, t, c, h, h // hkv, n_split,
+    _attn_kernel[grid](q, k, v, mask_arg, order, count, perm, groups, part, stat, t, c, h, g, h // hkv, n_split,
                        (1.0 / math.sqrt(d)) * 1.4426950408889634,
                        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                       v.stride(0), v.stride(1), v.stride(2), msb, msh, mst, msc, 0,
-                       HAS_ORDER=has_mask, UPCAST=upcast, D=d, BLOCK_D=block_d,
+                       v.stride(0), v.stride(1), v.stride(2), msb, msh, mst, msc,
+                       HAS_ORDER=has_mask, GROUPED=grouped, UPCAST=upcast, D=d, BLOCK_D=block_d,
                        BLOCK_M=ATTN_BLOCK_M, BLOCK_N=ATTN_BLOCK_N, SPLIT=KV_SPLIT, num_warps=4, num_stages=2)
     _attn_combine_kernel[(triton.cdiv(t, ATTN_BLOCK_M), b * h)](
-        part, stat, count, out, t, c, h, n_split, out.stride(0), out.stride(1), out.stride(2),
-        HAS_ORDER=has_mask, D=d, BLOCK_D=block_d, BLOCK_M=ATTN_BLOCK_M, SPLIT=KV_SPLIT, num_warps=4)
+        part, stat, count, perm, groups, out, t, c, h, g, n_split, out.stride(0), out.stride(1), out.stride(2),
+        HAS_ORDER=has_mask, GROUPED=grouped, D=d, BLOCK_D=block_d, BLOCK_M=ATTN_BLOCK_M, SPLIT=KV_SPLIT,
+        num_warps=4)
     return out.transpose(1, 2)
 
 

@@ -7,7 +7,7 @@ import torch
 
 
 @torch.library.register_fake("paradec::score")
-def score_fake(logits, rows, mask_id, stop_ids, bar_stop, temperature, noise):
+def score_fake(logits, rows, mask_id, stop_ids, bar_stop, temperature, noise, row_invariant=False):
     """rows: [N] -> tokens [N] (rows' dtype), confidence, margin, neg_entropy [N] fp32."""
     n = rows.shape[0]
     real = logits.new_empty(n, dtype=torch.float32)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from paradec.ops import batch_invariant
+
 SCORE_ON = ("model", "sampling")
 
 
@@ -160,5 +162,24 @@ def score_twin(logits: torch.Tensor, rows: torch.Tensor, mask_id: int, stop_ids:
     """The score kernel's arguments (``paradec.ops.score``) on ``score_logits``: logits [R, V];
     rows [N]; stop_ids [S]; bar_stop [N]; noise [N, V] float64 uniforms (temperature > 0)."""
     s = sampling or Sampling()
+    if logits.is_cuda and batch_invariant.enabled() and rows.numel():
+        return _in_chunks(logits, rows, mask_id, stop_ids, bar_stop, temperature, noise, s)
     return score_logits(logits[rows], mask_id, stop_ids, bar_stop, temperature, noise,
                         s.top_k, s.top_p, s.score_on)
+
+
+INVARIANT_CHUNK = 32  # rows of every ``score_logits`` call in the batch-invariant mode
+
+
+def _in_chunks(logits, rows, mask_id, stop_ids, bar_stop, temperature, noise, s: Sampling) -> Scores:
+    """``score_logits`` over calls of exactly ``INVARIANT_CHUNK`` rows (the last padded by
+    repeating a row): torch picks how to split a row's sums by the number of rows, so a call of
+    one shape gives each row the same bits whatever its neighbours (the batch-invariant mode)."""
+    n = rows.shape[0]
+    pad = -n % INVARIANT_CHUNK
+    index = torch.cat((torch.arange(n, device=rows.device), torch.zeros(pad, dtype=torch.long, device=rows.device)))
+    parts = [score_logits(logits[rows[at]], mask_id, stop_ids, bar_stop[at], temperature,
+                          None if noise is None else noise[at], s.top_k, s.top_p, s.score_on)
+             for at in index.split(INVARIANT_CHUNK)]
+    return Scores(*(torch.cat([getattr(p, name) for p in parts])[:n]
+                    for name in ("tokens", "confidence", "margin", "neg_entropy")))
