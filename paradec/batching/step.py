@@ -7,11 +7,11 @@ the scratch slot. Two ways to address rows:
 
 - ``step``: the first b rows of the pool, read in place (a view), every row at once with its
   window's step slots (rows not stepping this engine step forward only padding). This is the
-  call that repeats; on a GPU it replays a CUDA graph captured per (batch bucket, width bucket)
-  at warm-up, and a bucket not captured runs called.
-- ``forward_rows``: any rows (a prefill, the summary's extension, a window's refresh), their
-  keys gathered from the pool and the written slots put back. These are wide and rare (one per
-  window), so they run called.
+  call that repeats; on a GPU it replays a CUDA graph captured per (batch bucket, width
+  buckets, key bucket) at warm-up, and a bucket not captured runs called.
+- ``forward_rows``: any rows (a prefill, the summary's extension, a window's refresh), each run
+  of consecutive rows as a view of the pool. These are wide and rare (one per window), so they
+  run called.
 
 A commit takes the logits of some rows at their window's commit columns and runs the score
 kernel, the policy's ranking and the selection kernel once per ``CommitClass`` present (the
@@ -37,34 +37,49 @@ from paradec.models.transformer import DiffusionTransformer
 
 
 
+KEY_BUCKETS = tuple(256 * 2**i for i in range(10))  # key widths a step graph attends over (then every slot)
+
+
+def key_bucket(keys: int, slots: int) -> int:
+    """The key bucket of a call whose rows use ``keys`` slots (their keys and a spare), in a pool
+    of rows of ``slots`` slots: a captured step attends over this many slots, so a server sized
+    for long requests does not attend over all of its slots for short ones."""
+    return min(next((k for k in KEY_BUCKETS if k >= keys), slots), slots)
+
+
 class BatchStep:
     def __init__(self, module: DiffusionTransformer, pool: KVPool, rows: Rows, eos_id: int, capture: bool):
         self.module, self.pool, self.rows, self.eos_id, self.capture = module, pool, rows, eos_id, capture
-        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if capture else None
         self.active = torch.zeros_like(rows.group_steps, dtype=torch.bool)  # [R, G] groups that committed this step
         self.acting = torch.zeros_like(rows.stepping)  # [R] rows that committed this step
 
     # --- forwards -----------------------------------------------------------------------------
+    def step_key(self, b: int, width: int, commit_width: int) -> tuple[int, int, int, int]:
+        """The graph that serves a step call over the first b rows: (b, width, commit_width,
+        keys), keys the first key bucket holding every row's keys and one spare slot."""
+        return b, width, commit_width, key_bucket(self._key_width(slice(0, b)), self.rows.geometry.slots)
+
     def step_logits(self, b: int, width: int, commit_width: int) -> torch.Tensor:
         """Logits [b, commit_width, V] of the first b rows' step columns (rows not ``stepping``
-        forward padding only): a graph replay where one was captured for these buckets."""
-        key = (b, width, commit_width)
+        forward padding only): a graph replay where one was captured for these buckets, else
+        called over exactly the slots the rows use."""
+        key = self.step_key(b, width, commit_width)
         if key in self.graphs:
             graph, logits = self.graphs[key]
             graph.replay()
             return logits
         return self._step_body(b, width, commit_width, self._key_width(slice(0, b)))
 
-    def capture_step(self, b: int, width: int, commit_width: int) -> None:
-        """Captures the step call for these buckets (warm-up, never while serving). The state
-        it reads is put back: the warm-up runs write keys into rows' scratch slots only (no row
-        steps), and commit nothing."""
-        if not self.capture or (b, width, commit_width) in self.graphs:
+    def capture_step(self, b: int, width: int, commit_width: int, keys: int) -> None:
+        """Captures the step call for these buckets (warm-up, on an idle engine: never while
+        serving). The state it reads is put back: the warm-up runs write keys into the rows'
+        slot ``keys - 1``, which no cleared row uses (no row steps), and commit nothing."""
+        if not self.capture or (b, width, commit_width, keys) in self.graphs:
             return
         stepping = self.rows.stepping.clone()
         self.rows.stepping.zero_()
-        keys = self.rows.geometry.slots  # a graph serves any requests: every slot of the rows
         for _ in range(2):
             self._step_body(b, width, commit_width, keys)
         torch.cuda.synchronize()
@@ -72,7 +87,7 @@ class BatchStep:
         with torch.cuda.graph(graph, pool=self.graph_pool):
             logits = self._step_body(b, width, commit_width, keys)
         self.rows.stepping.copy_(stepping)
-        self.graphs[(b, width, commit_width)] = (graph, logits)
+        self.graphs[(b, width, commit_width, keys)] = (graph, logits)
 
     def release(self) -> None:
         for graph, _ in self.graphs.values():
@@ -91,22 +106,33 @@ class BatchStep:
         return self._logits(slice(0, b), hidden, positions, segments, cache, valid, commit_width)
 
     def forward_rows(self, index: list[int], queries: list[list[int]], commit_width: int | None) -> torch.Tensor | None:
-        """Forwards each listed row's query slots (scratch-padded to the longest) and, with
-        ``commit_width``, returns logits [b, commit_width, V] at the rows' commit columns."""
+        """Forwards each listed row's query slots (scratch-padded to the longest of a call) and,
+        with ``commit_width``, returns logits [b, commit_width, V] at the rows' commit columns, in
+        ``index``'s order. Consecutive rows run as one call over a view of the pool (a row's KV
+        is 2 * L * Hkv * S * D values, 0.8 GB at LLaDA-8B's: a gather and put-back of it cost
+        more than a refresh's launches)."""
+        runs, start = [], 0
+        for i in range(1, len(index) + 1):
+            if i == len(index) or index[i] != index[i - 1] + 1:
+                runs.append((start, i))
+                start = i
+        logits = [self._forward_run(index[a], queries[a:b], commit_width) for a, b in runs]
+        return None if commit_width is None else torch.cat(logits)
+
+    def _forward_run(self, first: int, queries: list[list[int]], commit_width: int | None) -> torch.Tensor | None:
+        """``forward_rows`` for pool rows [first, first + len(queries))."""
         rows, device = self.rows, self.rows.device
+        at = slice(first, first + len(queries))
         width = max(map(len, queries))
         slots = to_device([q + [rows.geometry.scratch] * (width - len(q)) for q in queries], device)
-        at = to_device(index, device)
-        keys = self._key_width(index)
-        kv = self.pool.kv[:, :, at, :, :keys]  # [L, 2, b, Hkv, K, D], gathered: the rows' keys and one spare slot
+        keys = self._key_width(at)
+        kv = self.pool.kv[:, :, at, :, :keys]  # [L, 2, b, Hkv, K, D], a view: the rows' keys and one spare slot
         slots = torch.where(slots == rows.geometry.scratch, keys - 1, slots)  # padding queries write the spare
         hidden, positions, segments, cache = self._forward(at, kv, slots, keys)
-        arange = torch.arange(len(index), device=device)[:, None]
-        self.pool.kv[:, :, at[:, None], :, slots] = kv[:, :, arange, :, slots]  # the written slots, put back
+        arange = torch.arange(len(queries), device=device)
         last = slots == (rows.prompt_lens[at] - 1)[:, None]  # the prompt's last token, if forwarded
-        found = last.any(1)
-        state = hidden[arange[:, 0], last.float().argmax(1)]
-        rows.last_hidden[at] = torch.where(found[:, None], state, rows.last_hidden[at])
+        state = hidden[arange, last.float().argmax(1)]
+        rows.last_hidden[at] = torch.where(last.any(1)[:, None], state, rows.last_hidden[at])
         if commit_width is None:
             return None
         return self._logits(at, hidden, positions, segments, cache, rows.commit_valid[at, :commit_width], commit_width)
@@ -158,7 +184,7 @@ class BatchStep:
             priority = self._uniform(index, group, n, sampler.ORDER, 1)[:, 0].float()
         flat = logits.reshape(-1, vocab)
         scores = ops.score(flat, torch.arange(b * n, device=rows.device), rows.mask_id, rows.stop_ids,
-                           rows.barred[index, :n].reshape(-1), cls.temperature, noise, cls.sampling)
+                           rows.barred[index, :n].reshape(-1), cls.temperature, noise, cls.sampling, checked=False)
         done, length = rows.window_steps[index], rows.schedule_len[index]  # [b, G]
         scheduled = rows.quotas[index].gather(2, done.clamp(max=rows.quotas.shape[2] - 1)[..., None])[..., 0]
         quota = torch.where(done < length, torch.minimum(scheduled, left), left)
@@ -178,7 +204,7 @@ class BatchStep:
         confidence = torch.where(flat_masked, scores.confidence, -torch.inf)
         ops.select_commit(rows.canvas, rows.trace, index.repeat_interleave(n), cols.reshape(-1), key, ranking,
                           confidence, candidates.quota, candidates.floor, scores.tokens, policy.rule, cls.param,
-                          PENDING)
+                          PENDING, checked=False)
         self.active[index] = active
         self.acting[index] = active.any(1)
 

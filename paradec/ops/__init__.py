@@ -57,7 +57,8 @@ def native_on(device: torch.device) -> bool:
 
 
 def score(logits: torch.Tensor, rows: torch.Tensor, mask_id: int, stop_ids: torch.Tensor, bar_stop: torch.Tensor,
-          temperature: float = 0.0, noise: torch.Tensor | None = None, sampling: Sampling | None = None) -> Scores:
+          temperature: float = 0.0, noise: torch.Tensor | None = None, sampling: Sampling | None = None,
+          checked: bool = True) -> Scores:
     """logits: [R, V]; rows: [N] rows of ``logits`` to score; stop_ids: [S]; bar_stop: [N];
     noise: [N, V] float64 uniforms (temperature > 0). sampling: the request's filters and
     scores (the runner passes its config's; default: none). With ``rank_temperature`` the
@@ -66,12 +67,13 @@ def score(logits: torch.Tensor, rows: torch.Tensor, mask_id: int, stop_ids: torc
     step, position), so it does not depend on batching or placement either. In the
     batch-invariant mode (``batch_invariant.enabled()``) on a GPU a row's scores do not depend on
     the rows beside it: the kernel splits each row by V alone, and the twin (top-k/top-p,
-    ``score_on='sampling'``) runs in calls of a fixed row count."""
+    ``score_on='sampling'``) runs in calls of a fixed row count. checked=False skips the index
+    check of rows and stop ids that a CUDA call outside a graph capture makes (a host sync)."""
     sampling = sampling or Sampling()
     if sampling.rank_temperature > 0 and noise is None:
         raise ValueError("rank_temperature > 0 draws its noise from the sampling stream: it needs temperature > 0")
     if sampling.plain and native_on(logits.device):
-        if logits.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        if checked and logits.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
             _check_indices(rows, logits.shape[0], stop_ids, logits.shape[1])  # the CUDA kernel cannot (no sync)
         tokens, confidence, margin, neg_entropy = torch.ops.paradec.score(
             logits, rows, mask_id, stop_ids, bar_stop, temperature, noise, batch_invariant.enabled()
@@ -86,10 +88,12 @@ def score(logits: torch.Tensor, rows: torch.Tensor, mask_id: int, stop_ids: torc
 
 
 def select_commit(canvas, trace, batch_index, column, key, score, confidence, quota, floor, tokens, rule: int,
-                  param: float, step: int) -> torch.Tensor:
-    """Commits in place; returns [N] bool, the candidates committed."""
+                  param: float, step: int, checked: bool = True) -> torch.Tensor:
+    """Commits in place; returns [N] bool, the candidates committed. checked=False skips the
+    quota check that the CUDA kernel cannot make itself (a host sync), as ``score``'s does its
+    index check: for callers that build their quotas and rows themselves (the batching engine)."""
     if native_on(canvas.device):
-        if canvas.device.type == "cuda" and not torch.cuda.is_current_stream_capturing() and rule == TOPK:
+        if checked and canvas.device.type == "cuda" and not torch.cuda.is_current_stream_capturing() and rule == TOPK:
             check_quota(key, quota)  # the CUDA kernel cannot check without a host sync
         return torch.ops.paradec.select_commit(canvas, trace, batch_index, column, key, score, confidence, quota,
                                                floor, tokens, rule, param, step)
