@@ -39,7 +39,7 @@ from paradec.api import (GenerationResult, build_layout, encode_prompt, find_sto
 from paradec.batching.pool import KVPool, RowGeometry, rows_that_fit
 from paradec.batching.rows import Rows, to_device
 from paradec.batching.sequence import Action, CommitClass, Sequence
-from paradec.batching.step import BatchStep, key_bucket
+from paradec.batching.step import BatchStep
 from paradec.config import GenerationConfig, validate
 from paradec.decoding import policies
 from paradec.decoding.plan import make_plan
@@ -193,9 +193,8 @@ class BatchEngine:
         return bool(self.waiting or self.live)
 
     def warm_up(self, configs: Iterable[GenerationConfig | None] = (None,)) -> int:
-        """Captures the step call's CUDA graphs for every batch bucket, every pair of step and
-        commit widths the windows of ``configs`` use (None: the model's defaults) and every key
-        bucket a request of these canvases may need (``step.key_bucket``), so that serving
+        """Captures the step call's CUDA graphs for every batch bucket and every pair of step and
+        commit widths the windows of ``configs`` use (None: the model's defaults), so that serving
         captures nothing; a bucket met later runs called (so does a ``canvas``-attention request
         without a window, whose steps forward its prompt: their width depends on the prompt).
         On an idle engine. Returns the graphs captured (0 on a CPU or with ``cuda_graphs=False``)."""
@@ -203,26 +202,22 @@ class BatchEngine:
             raise ConfigError("warm_up runs on an idle engine: finish or abort the requests added first")
         if not self.capture:
             return 0
-        widths, commit_widths, canvases = set(), set(), set()
+        widths, commit_widths = set(), set()
         for config in configs:
             config = resolve_config(self.model, config)
             layout = build_layout(self.model, config)
-            canvases.add(layout.length)
             seq = Sequence("warm-up", [0], config, layout, make_plan(config, layout, self.module.shift_logits))
             for seq.phase, phase in enumerate(seq.plan.phases):
                 for seq.window in range(seq.plan.num_windows(phase)):
                     columns = seq.columns()
                     widths.add(_round_up(len(columns.step), self.geometry.slots))
                     commit_widths.add(_round_up(len(columns.commit), self.geometry.max_canvas))
-        slots = self.geometry.slots
-        # a row's keys: its prompt (1 token or more) and canvas, and a spare slot
-        keys = sorted({key_bucket(n, slots) for n in range(min(canvases) + 2, slots + 1)})
         buckets = sorted({_bucket(n, self.pool.rows) for n in range(1, self.pool.rows + 1)})
         before = len(self.calls.graphs)
         with torch.no_grad(), self._kernel_mode():
             for b in buckets:  # a batch of several settings steps at the widest step and commit widths
-                for shape in itertools.product(sorted(widths), sorted(commit_widths), keys):
-                    self.calls.capture_step(b, *shape)
+                for width, commit_width in itertools.product(sorted(widths), sorted(commit_widths)):
+                    self.calls.capture_step(b, width, commit_width)
         return len(self.calls.graphs) - before
 
     # --- the loop -----------------------------------------------------------------------------
@@ -389,7 +384,7 @@ class BatchEngine:
         width = _round_up(max(len(s.columns().step) for s in seqs), self.geometry.slots)
         commit_width = self._commit_width(seqs)
         self.stats.step_calls += 1
-        self.stats.graph_replays += self.calls.step_key(b, width, commit_width) in self.calls.graphs
+        self.stats.graph_replays += (b, width, commit_width) in self.calls.graphs
         self.stats.step_call_columns += b * width
         logits = self.calls.step_logits(b, width, commit_width)
         self._mark("step")

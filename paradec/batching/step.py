@@ -7,8 +7,8 @@ the scratch slot. Two ways to address rows:
 
 - ``step``: the first b rows of the pool, read in place (a view), every row at once with its
   window's step slots (rows not stepping this engine step forward only padding). This is the
-  call that repeats; on a GPU it replays a CUDA graph captured per (batch bucket, width
-  buckets, key bucket) at warm-up, and a bucket not captured runs called.
+  call that repeats; on a GPU it replays a CUDA graph captured per (batch bucket, width bucket)
+  at warm-up, and a bucket not captured runs called.
 - ``forward_rows``: any rows (a prefill, the summary's extension, a window's refresh), each run
   of consecutive rows as a view of the pool. These are wide and rare (one per window), so they
   run called.
@@ -37,49 +37,35 @@ from paradec.models.transformer import DiffusionTransformer
 
 
 
-KEY_BUCKETS = tuple(256 * 2**i for i in range(10))  # key widths a step graph attends over (then every slot)
-
-
-def key_bucket(keys: int, slots: int) -> int:
-    """The key bucket of a call whose rows use ``keys`` slots (their keys and a spare), in a pool
-    of rows of ``slots`` slots: a captured step attends over this many slots, so a server sized
-    for long requests does not attend over all of its slots for short ones."""
-    return min(next((k for k in KEY_BUCKETS if k >= keys), slots), slots)
-
-
 class BatchStep:
     def __init__(self, module: DiffusionTransformer, pool: KVPool, rows: Rows, eos_id: int, capture: bool):
         self.module, self.pool, self.rows, self.eos_id, self.capture = module, pool, rows, eos_id, capture
-        self.graphs: dict[tuple[int, int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if capture else None
         self.active = torch.zeros_like(rows.group_steps, dtype=torch.bool)  # [R, G] groups that committed this step
         self.acting = torch.zeros_like(rows.stepping)  # [R] rows that committed this step
 
     # --- forwards -----------------------------------------------------------------------------
-    def step_key(self, b: int, width: int, commit_width: int) -> tuple[int, int, int, int]:
-        """The graph that serves a step call over the first b rows: (b, width, commit_width,
-        keys), keys the first key bucket holding every row's keys and one spare slot."""
-        return b, width, commit_width, key_bucket(self._key_width(slice(0, b)), self.rows.geometry.slots)
-
     def step_logits(self, b: int, width: int, commit_width: int) -> torch.Tensor:
         """Logits [b, commit_width, V] of the first b rows' step columns (rows not ``stepping``
-        forward padding only): a graph replay where one was captured for these buckets, else
-        called over exactly the slots the rows use."""
-        key = self.step_key(b, width, commit_width)
+        forward padding only): a graph replay where one was captured for these buckets (over
+        every slot of the rows), else called over exactly the slots the rows use."""
+        key = (b, width, commit_width)
         if key in self.graphs:
             graph, logits = self.graphs[key]
             graph.replay()
             return logits
         return self._step_body(b, width, commit_width, self._key_width(slice(0, b)))
 
-    def capture_step(self, b: int, width: int, commit_width: int, keys: int) -> None:
+    def capture_step(self, b: int, width: int, commit_width: int) -> None:
         """Captures the step call for these buckets (warm-up, on an idle engine: never while
         serving). The state it reads is put back: the warm-up runs write keys into the rows'
-        slot ``keys - 1``, which no cleared row uses (no row steps), and commit nothing."""
-        if not self.capture or (b, width, commit_width, keys) in self.graphs:
+        scratch slots only (no row steps), and commit nothing."""
+        if not self.capture or (b, width, commit_width) in self.graphs:
             return
         stepping = self.rows.stepping.clone()
         self.rows.stepping.zero_()
+        keys = self.rows.geometry.slots  # a graph serves any requests: every slot of the rows
         for _ in range(2):
             self._step_body(b, width, commit_width, keys)
         torch.cuda.synchronize()
@@ -87,7 +73,7 @@ class BatchStep:
         with torch.cuda.graph(graph, pool=self.graph_pool):
             logits = self._step_body(b, width, commit_width, keys)
         self.rows.stepping.copy_(stepping)
-        self.graphs[(b, width, commit_width, keys)] = (graph, logits)
+        self.graphs[(b, width, commit_width)] = (graph, logits)
 
     def release(self) -> None:
         for graph, _ in self.graphs.values():
