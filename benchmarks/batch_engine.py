@@ -97,12 +97,13 @@ def main() -> None:
     p.add_argument("--no-ar", action="store_true")
     p.add_argument("--batch-invariant", action="store_true")
     p.add_argument("--profile", action="store_true", help="time the parts of each engine step (synchronising)")
-    p.add_argument("--partial-refresh", action="store_true", help="the engine's partial_refresh approximation")
+    p.add_argument("--partial-refresh", action="store_true", help="requests with the dual cache's partial_refresh")
     args = p.parse_args()
     info = banner()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prompt, settings, loader, name = workload(args)
     model = loader(device) if callable(loader) else paradec.load(loader, device=device)
+    settings |= {"partial_refresh": True} if args.partial_refresh else {}
     configs = [resolve_config(model, **settings)]
     if args.mixed:
         configs.append(resolve_config(model, **(settings | {"policy": "threshold", "threshold": 0.9,
@@ -110,8 +111,7 @@ def main() -> None:
     prompt_ids = paradec.api.encode_prompt(model, prompt, configs[0], paradec.api.build_layout(model, configs[0]))
     canvas = max(paradec.api.build_layout(model, c).length for c in configs)
     engine = BatchEngine(model, max_batch=args.max_batch, max_prompt_tokens=len(prompt_ids), max_canvas_tokens=canvas,
-                         batch_invariant=True if args.batch_invariant else None, profile=args.profile,
-                         partial_refresh=args.partial_refresh)
+                         batch_invariant=True if args.batch_invariant else None, profile=args.profile)
     start = time.perf_counter()
     graphs = engine.warm_up(configs)
     warm_s = time.perf_counter() - start

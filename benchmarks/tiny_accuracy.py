@@ -10,9 +10,10 @@ same number of forwards (the NFE column says how many).
     python benchmarks/tiny_accuracy.py --tokens-per-step 1 2 3 4 --plots plots/
 
 ``--window W`` also decodes the canvas model W tokens of each block at a time under each of
-``--caches`` (what the reused KV costs in accuracy); with ``--partial-refresh`` also through
-``paradec.batching.BatchEngine``, as it is (``-engine``: the same tokens as ``generate()``) and
-with its ``partial_refresh`` approximation (``-partial``); ``--only-nap`` skips the long-CoT model.
+``--caches`` (what the reused KV costs in accuracy); with ``--partial-refresh`` also with the dual
+cache's ``partial_refresh`` approximation (``-partial``); ``--engine`` decodes every setting
+through ``paradec.batching.BatchEngine`` (the same tokens as ``generate()``); ``--only-nap``
+skips the long-CoT model.
 """
 
 from __future__ import annotations
@@ -33,13 +34,12 @@ from paradec.train.recipe import BLOCK_LEN, SUMMARY_LEN
 from paradec.train.tasks import arith
 
 
-def engine_decode(partial_refresh: bool, rows: int):
-    """``evaluate``'s decode through a ``BatchEngine`` (``partial_refresh`` on or off)."""
+def engine_decode(rows: int):
+    """``evaluate``'s decode through a ``BatchEngine``."""
     from paradec.batching import BatchEngine
 
     def decode(model, questions, **config):
-        engine = BatchEngine(model, max_batch=min(rows, 64), max_prompt_tokens=256, max_canvas_tokens=1024,
-                             partial_refresh=partial_refresh)
+        engine = BatchEngine(model, max_batch=min(rows, 64), max_prompt_tokens=256, max_canvas_tokens=1024)
         return engine.generate(questions, **config)
 
     return decode
@@ -60,7 +60,8 @@ def main() -> None:
     p.add_argument("--caches", nargs="+", default=["dual", "prefix"], choices=["none", "prefix", "dual"])
     p.add_argument("--only-nap", action="store_true", help="skip the long-CoT model")
     p.add_argument("--partial-refresh", action="store_true",
-                   help="with --window: also decode through BatchEngine with and without its partial_refresh")
+                   help="with --window: also decode with the dual cache's partial_refresh")
+    p.add_argument("--engine", action="store_true", help="decode through paradec.batching.BatchEngine")
     args = p.parse_args()
     info = banner()
     problems = arith.test_problems()[: args.limit]
@@ -76,15 +77,13 @@ def main() -> None:
                     settings += [(f"w{args.window}-{cache}", canvas | dict(window=args.window, cache=cache))
                                  for cache in args.caches]
                 if args.window and args.partial_refresh:
-                    settings += [(f"w{args.window}-{cache}-{how}", canvas | dict(window=args.window, cache=cache,
-                                                                                 _partial=how == "partial"))
-                                 for cache in args.caches if cache != "none" for how in ("engine", "partial")]
+                    settings.append((f"w{args.window}-dual-partial",
+                                     canvas | dict(window=args.window, cache="dual", partial_refresh=True)))
             else:
                 length = CanvasFormat(BLOCK_LEN, SUMMARY_LEN).longcot_len(m)
                 settings = [(rule, dict(mode=rule, answer_len=length, tokens_per_step=m * k)) for rule in ("ao", "ar_order")]
+            decode = engine_decode(args.batch_size) if args.engine else None
             for rule, config in settings:
-                partial = config.pop("_partial", None)
-                decode = None if partial is None else engine_decode(partial, args.batch_size)
                 report = evaluate(model, problems, batch_size=args.batch_size, decode=decode, **config)
                 row = {"model": name, "rule": rule, "k": k, "per_forward": m * k, "accuracy": report.accuracy,
                        "n": report.n, "nfe": report.nfe, "global_arness": report.global_arness,

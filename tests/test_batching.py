@@ -114,6 +114,9 @@ MIXED = [  # (arrival step, request id, settings); prompts cycle through QUESTIO
     (0, "nap-window-dual", dict(SMALL, window=4, cache="dual")),
     (1, "nap-window-prefix", dict(SMALL, window=5, cache="prefix")),
     (3, "refresh-every", dict(SMALL, window=6, cache="dual", refresh_every=2)),
+    (3, "partial-refresh", dict(SMALL, window=3, cache="dual", partial_refresh=True)),
+    (5, "partial-refresh-every", dict(SMALL, window=4, partial_refresh=True, refresh_every=2, attention="canvas")),
+    (5, "block-partial-refresh", dict(mode="block", answer_len=16, block_len=4, cache="dual", partial_refresh=True)),
     (4, "block", dict(mode="block", answer_len=16, block_len=4)),
     (4, "block-dual-k2", dict(mode="block", answer_len=16, block_len=8, cache="dual", tokens_per_step=2)),
     (6, "canvas-attention", dict(SMALL, attention="canvas")),
@@ -183,6 +186,8 @@ def request_settings(draw) -> dict:
         s["cache"] = draw(st.sampled_from(["none", "prefix", "dual"]))
         if s["cache"] != "none" and draw(st.booleans()):
             s["refresh_every"] = draw(st.integers(1, 3))
+        if s["cache"] == "dual" and draw(st.booleans()):
+            s["partial_refresh"] = True
     if draw(st.integers(0, 3)) == 0:
         s["attention"] = "canvas"
     if mode in ("nap", "block", "ao"):

@@ -79,6 +79,8 @@ def test_a_part_normalises_as_the_flat_config_does():
     (dict(summary="concurrent", window=4), r"window needs summary='after'"),
     (dict(cache="dual"), r"cache='dual' applies to windowed decoding"),
     (dict(window=8, refresh_every=2, cache="none"), r"refresh_every applies to a windowed cache"),
+    (dict(window=8, cache="prefix", partial_refresh=True), r"partial_refresh applies to the dual cache"),
+    (dict(partial_refresh=True), r"partial_refresh applies to the dual cache .* got cache=None"),
     (dict(block_len=16, window=4, steps=4), r"steps=4 is too few for the think blocks: its 4 windows"),
 ])
 def test_checks_across_parts_run_when_the_config_is_made(settings, message):
@@ -143,3 +145,10 @@ def test_settings_help_lists_every_setting_under_its_part():
     for name in GenerationConfig.__dataclass_fields__:
         assert f"    {name} (" in text
 
+
+
+def test_partial_refresh_is_refused_with_fastdllm_rules():
+    """Fast-dLLM's rules commit a window's refresh over a region of their own; a partial refresh
+    forwards only two windows' columns, so the two are not combined."""
+    with pytest.raises(ConfigError, match="partial_refresh does not combine with Fast-dLLM's rules"):
+        validate(GenerationConfig(window=4, partial_refresh=True), window_steps=2)

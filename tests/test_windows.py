@@ -73,12 +73,15 @@ def test_block_mode_keeps_the_invariants(model, answer_len, block_len, cache, at
     cache=st.sampled_from(["none", "prefix", "dual"]),
     refresh_every=st.sampled_from([None, 2]),
     steps=st.sampled_from([None, 24]),
+    partial=st.booleans(),
 )
-def test_windowed_nap_keeps_the_invariants(model, blocks, block_len, summary_len, window, cache, refresh_every, steps):
+def test_windowed_nap_keeps_the_invariants(model, blocks, block_len, summary_len, window, cache, refresh_every, steps,
+                                          partial):
     if cache == "none":
         refresh_every = None
     config = GenerationConfig(blocks=blocks, block_len=block_len, summary_len=summary_len, window=window,
-                              cache=cache, refresh_every=refresh_every, steps=steps)
+                              cache=cache, refresh_every=refresh_every, steps=steps,
+                              partial_refresh=partial and cache == "dual")
     result = paradec.generate(model, PROMPTS[1], config)
     check_contract_5(model, config, result)
     check_windows(model, config, result)
@@ -218,6 +221,10 @@ STATIC_CASES = {
                             attention="canvas"),
     "nap windowed": dict(blocks=3, block_len=10, summary_len=6, window=4, tokens_per_step=1, refresh_every=3),
     "nap windowed none": dict(blocks=2, block_len=9, summary_len=5, window=4, cache="none", tokens_per_step=2),
+    "nap partial refresh": dict(blocks=3, block_len=10, summary_len=6, window=3, tokens_per_step=1, refresh_every=2,
+                                partial_refresh=True),
+    "block partial refresh": dict(mode="block", answer_len=20, block_len=6, tokens_per_step=2, attention="canvas",
+                                  partial_refresh=True),
     "nap exact": dict(blocks=3, block_len=8, summary_len=5, tokens_per_step=2),
     "nap budget": dict(blocks=2, block_len=10, summary_len=6, steps=9, policy="factor"),
     "ao": dict(mode="ao", answer_len=12, steps=6),
@@ -234,7 +241,7 @@ def _plain_steps(decode):
 
     def masked(self):
         choose(self)
-        self.step_dense = self.refresh_dense = False
+        self.step_dense = self.refresh_dense = self.partial_dense = False
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(step, "SIDE_BY_SIDE_MAX_KEYS", 0)

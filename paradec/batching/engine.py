@@ -97,9 +97,6 @@ class BatchEngine:
     a row's geometry; longer requests are refused. max_blocks: think blocks a canvas may have.
     cuda_graphs: replay step calls as CUDA graphs captured by ``warm_up``. batch_invariant: the
     kernel mode of every call (None: the process's); a request asking for the other is refused.
-    partial_refresh: an approximation under evaluation, off by default — a window's refresh
-    forwards only the columns whose tokens changed (``Sequence``); requests then no longer decode
-    as ``generate()`` does.
     profile: synchronise the device between the parts of a step and add up their seconds in
     ``stats.profile`` (slows the engine; for finding where a step's time goes).
     """
@@ -107,7 +104,7 @@ class BatchEngine:
     def __init__(self, model: DiffusionModel, *, max_batch: int = 8, max_prompt_tokens: int = 1024,
                  max_canvas_tokens: int = 2048, max_blocks: int = 16, max_prefill_tokens: int = 4096,
                  kv_memory_fraction: float = 0.8, kv_rows: int | None = None, cuda_graphs: bool = True,
-                 batch_invariant: bool | None = None, partial_refresh: bool = False, profile: bool = False):
+                 batch_invariant: bool | None = None, profile: bool = False):
         for name, value in (("max_batch", max_batch), ("max_prompt_tokens", max_prompt_tokens),
                             ("max_canvas_tokens", max_canvas_tokens), ("max_blocks", max_blocks),
                             ("max_prefill_tokens", max_prefill_tokens)):
@@ -120,7 +117,7 @@ class BatchEngine:
         self.model, self.module = model, model.module
         self.decode_text = text_decoder(model)
         self.max_blocks, self.max_prefill_tokens = max_blocks, max_prefill_tokens
-        self.batch_invariant, self.partial_refresh, self.profile = batch_invariant, partial_refresh, profile
+        self.batch_invariant, self.profile = batch_invariant, profile
         cfg, device = self.module.cfg, model.device
         self.geometry = RowGeometry(max_prompt_tokens, max_canvas_tokens)
         fit = rows_that_fit(cfg, self.geometry, model.dtype, device, kv_memory_fraction)
@@ -170,8 +167,7 @@ class BatchEngine:
             raise ConfigError(f"blocks={layout.num_think_blocks}; this engine decodes at most max_blocks="
                               f"{self.max_blocks}")
         plan = make_plan(config, layout, self.module.shift_logits)
-        seq = Sequence(request_id, ids, config, layout, plan, stream=stream,
-                       partial_refresh=self.partial_refresh)
+        seq = Sequence(request_id, ids, config, layout, plan, stream=stream)
         self.waiting.append(seq)
         self.ids.add(request_id)
         return seq

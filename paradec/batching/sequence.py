@@ -5,11 +5,8 @@ under ``isolated`` attention, then each phase's windows in order; before the sum
 finished think blocks' KV is recomputed (``EXTEND``, the runner's cache extension); a window
 starts with a refresh when the cache is windowed (and every ``refresh_every`` steps), its other
 steps forward the window's step columns; a window ends when none of its positions is masked.
-With ``partial_refresh`` (an approximation under evaluation, off by default: the engine's
-``partial_refresh``) a window's refresh after the phase's first forwards only its own and the
-previous window's step columns, the ones whose tokens changed, and keeps every other column's
-KV from before: fewer columns forwarded per committed token, at a cost in accuracy that
-``benchmarks/tiny_accuracy.py``-style measurement must show.
+With the request's ``partial_refresh`` (an approximation, off by default) a window's refresh
+after the phase's first forwards only ``Plan.partial_refresh_columns``, as ``generate()`` does.
 The engine gives every live request one action per engine step and tells it, after the step,
 which of its canvas positions are still masked (``advance``).
 
@@ -80,7 +77,6 @@ class Sequence:
     layout: CanvasLayout
     plan: Plan
     stream: bool = False
-    partial_refresh: bool = False  # a window's refresh forwards its and the last window's columns only
     row: int = -1
     phase: int = 0
     window: int = 0
@@ -155,8 +151,8 @@ class Sequence:
             step = canvas(plan.block_columns(phase))
         else:  # canvas attention with nothing cached: the prompt and the whole canvas, every step
             step = self.prompt_slots() + canvas(range(self.layout.length))
-        if plan.windowed_cache and self.partial_refresh and window > 0:
-            refresh = canvas(sorted(set(plan.step_columns(phase, window - 1)) | set(plan.step_columns(phase, window))))
+        if plan.windowed_cache and self.config.partial_refresh and window > 0:
+            refresh = canvas(plan.partial_refresh_columns(phase, window))
         elif self.isolated:
             refresh = canvas(plan.block_columns(phase))
         else:

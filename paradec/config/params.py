@@ -141,7 +141,11 @@ class RuntimeSettings:
     everything (and again every ``refresh_every`` steps when set). Reusing it is
     Fast-dLLM's approximation wherever a cached token attends to the window (always under
     ``canvas`` attention, where the prompt does; inside a think block under ``isolated``): the
-    result can differ from ``cache="none"``, which is exact. cuda_graphs: on a CUDA device, replay
+    result can differ from ``cache="none"``, which is exact. partial_refresh (``dual`` only): a
+    refresh after a phase's first window forwards only that window's and the previous window's
+    columns (the ones whose tokens changed since the last refresh) and keeps every other column's
+    KV: fewer columns forwarded per committed token, one more approximation (its accuracy at toy
+    scale: benchmarks/RESULTS.md). cuda_graphs: on a CUDA device, replay
     the steps as CUDA graphs (captured once per shape, no host synchronisation inside a step; the
     host checks for completion every few steps); off, or on a CPU, the same step body is called.
     batch_invariant: on a GPU, kernels whose rounding does not depend on how many rows share a
@@ -153,6 +157,7 @@ class RuntimeSettings:
     window: int | None = _setting(None, "nap: decode each block this many body tokens at a time (None: the whole block)")
     cache: str | None = _setting(None, "windowed decoding's KV reuse: none, prefix or dual (default dual when windowed)")
     refresh_every: int | None = _setting(None, "windowed cache: recompute the reused KV every n steps (None: at each window's first step only)")
+    partial_refresh: bool = _setting(False, "dual cache: a refresh after a phase's first window forwards only that window's and the previous window's columns")
     cuda_graphs: bool = _setting(True, "on CUDA, replay static-shape steps as CUDA graphs")
     batch_invariant: bool | None = _setting(None, "on a GPU, batch-invariant kernels: a request decodes the same in any batch (None: PARADEC_BATCH_INVARIANT)")
 

@@ -55,6 +55,13 @@ class Plan:
         """Every column of the phase's groups, headers included."""
         return [c for g in phase for c in range(*self.layout.blocks[g])]
 
+    def partial_refresh_columns(self, phase: list[int], window: int) -> list[int]:
+        """What a partial refresh of window ``window`` >= 1 forwards (``partial_refresh``), sorted:
+        its step columns and the phase's columns the previous window's steps forwarded (the
+        tokens committed since the last refresh); every other column keeps its KV."""
+        previous = set(self.step_columns(phase, window - 1)) & set(self.block_columns(phase))
+        return sorted(previous | set(self.step_columns(phase, window)))
+
     def step_columns(self, phase: list[int], window: int) -> list[int]:
         """Canvas columns a cached step of this window forwards, sorted: each group's window
         (``dual``) or its window and the rest of its body (``prefix``); its header when one

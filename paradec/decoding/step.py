@@ -109,9 +109,13 @@ class PhaseSteps:
         self.param = float(getattr(config, policy.parameter)) if policy.parameter else 0.0
         self.windowed = plan.windowed_cache
         self.per_block = self.windowed and _blocks_apart(plan, phase, phase_cache, model.module.shift_logits)
+        # a refresh after the phase's first window forwards Plan.partial_refresh_columns only
+        self.partial = self.windowed and config.partial_refresh and plan.num_windows(phase) > 1
         self.step_graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # by whether attention runs unmasked
         self.refresh_graphs: dict[bool, torch.cuda.CUDAGraph] = {}
-        self.step_dense = self.refresh_dense = False
+        self.partial_graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self.step_dense = self.refresh_dense = self.partial_dense = False
+        self.window = 0
         self._build(phase_cache)
 
     # --- host side ---------------------------------------------------------------------------
@@ -120,14 +124,22 @@ class PhaseSteps:
         first window) also copies the phase's cache, which no step overwrites (the slots before
         the phase's own columns)."""
         plan, state, phase = self.plan, self.state, self.phase
+        self.window = window
         if self.per_block:
-            step_cols = self._block_columns(window)
+            step_cols = self._block_columns(plan.step_columns, window, self.block_width)
             self.step_cols.copy_(step_cols)
             self.block_slots.copy_(self._slots(step_cols.view(len(phase), -1)))
+            if self.partial and window > 0:
+                partial_cols = self._block_columns(plan.partial_refresh_columns, window, self.partial_width)
+                self.partial_cols.copy_(partial_cols)
+                self.partial_slots.copy_(self._slots(partial_cols.view(len(phase), -1)))
         elif self.windowed:  # padded by repeating the last column: it rewrites its own slot with the same k/v
-            step_cols = torch.tensor(plan.step_columns(phase, window), dtype=torch.long, device=state.device)
-            self.step_cols.copy_(torch.cat((step_cols, step_cols[-1:].expand(len(self.step_cols) - len(step_cols)))))
+            self.step_cols.copy_(_padded(plan.step_columns(phase, window), len(self.step_cols), state.device))
             self.step_slots.copy_(self.slot_of[self.step_cols + self.canvas_offset])
+            if self.partial and window > 0:
+                columns = plan.partial_refresh_columns(phase, window)
+                self.partial_cols.copy_(_padded(columns, len(self.partial_cols), state.device))
+                self.partial_slots.copy_(self.slot_of[self.partial_cols + self.canvas_offset])
         current = plan.window_columns(phase, window)
         self.columns.load(plan, state, current, current)
         if self.refresh_columns is not self.columns:
@@ -169,9 +181,11 @@ class PhaseSteps:
         step_segments = self.state.segments[:, self.step_cols]
         keys, refresh_keys = self.cache.segments, self._refresh_keys()
         refresh_segments = keys[:, self.refresh_slots]
+        partial_cols = self.partial_cols if self.partial else self.step_cols
         dense = torch.stack((attention_mask(step_segments, keys, mode).all(),
-                             attention_mask(refresh_segments, refresh_keys, mode).all()))
-        self.step_dense, self.refresh_dense = dense.tolist()
+                             attention_mask(refresh_segments, refresh_keys, mode).all(),
+                             attention_mask(self.state.segments[:, partial_cols], keys, mode).all()))
+        self.step_dense, self.refresh_dense, self.partial_dense = dense.tolist()
 
     def _refresh_keys(self) -> torch.Tensor:
         """[B, C] segments of the keys a refresh sees: the step cache's, less the slots of step
@@ -192,8 +206,12 @@ class PhaseSteps:
         return self.refresh_graphs.get(self.refresh_dense)
 
     def refresh(self) -> None:
-        """A window's first step (or a periodic refresh)."""
-        self._run(self.refresh_graphs, self.refresh_dense, self._refresh_step, 1)
+        """A window's first step (or a periodic refresh); partial after the phase's first window
+        with ``partial_refresh``."""
+        if self.partial and self.window > 0:
+            self._run(self.partial_graphs, self.partial_dense, self._partial_refresh_step, 1)
+        else:
+            self._run(self.refresh_graphs, self.refresh_dense, self._refresh_step, 1)
 
     def step(self, count: int) -> None:
         """``count`` steps of the current window (a step where no group is active changes nothing)."""
@@ -201,9 +219,9 @@ class PhaseSteps:
 
     def release(self) -> None:
         """Drops the graphs (their private memory) and the static caches."""
-        for graph in (*self.step_graphs.values(), *self.refresh_graphs.values()):
+        for graph in (*self.step_graphs.values(), *self.refresh_graphs.values(), *self.partial_graphs.values()):
             graph.reset()
-        self.step_graphs, self.refresh_graphs = {}, {}
+        self.step_graphs, self.refresh_graphs, self.partial_graphs = {}, {}, {}
         self.cache = self.blocks = None
 
     def _run(self, graphs: dict, dense: bool, body, count: int) -> None:
@@ -275,6 +293,10 @@ class PhaseSteps:
                 self.slot_of[self.extra_cols] = self.extra_start + torch.arange(len(self.extra_cols), device=device)
                 self.step_slots = torch.zeros(step_width, dtype=torch.long, device=device)
                 self.cache = empty_cache(kv_like, cfg, b, self.extra_start + len(self.extra_cols), 0, torch.long)
+                if self.partial:
+                    self.partial_width = max(len(plan.partial_refresh_columns(phase, k)) for k in range(1, windows))
+                    self.partial_cols = torch.zeros(self.partial_width, dtype=torch.long, device=device)
+                    self.partial_slots = torch.zeros(self.partial_width, dtype=torch.long, device=device)
             self.step_cols = torch.zeros(step_width, dtype=torch.long, device=device)
         else:
             # Every column of the phase's groups, finished or not: a static shape.
@@ -305,6 +327,10 @@ class PhaseSteps:
         kv = kv_like.new_zeros(cfg.num_layers, 2, b * m, slots, cfg.num_kv_heads, cfg.head_dim)
         self.blocks = BlockCache(kv=kv, bias=None if exact else kv_like.new_zeros(b * m, 1, 1, slots))
         self.block_slots = torch.zeros(b * m * self.block_width, dtype=torch.long, device=device)
+        if self.partial:
+            self.partial_width = max(len(plan.partial_refresh_columns([g], k)) for g in phase for k in range(1, windows))
+            self.partial_cols = torch.zeros(m * self.partial_width, dtype=torch.long, device=device)
+            self.partial_slots = torch.zeros(b * m * self.partial_width, dtype=torch.long, device=device)
         # The refresh forwards every column of every block, side by side too: block-major, each
         # block padded to the longest by repeating its last column (same k/v to the same slot).
         self.prompt_slots = base
@@ -327,13 +353,13 @@ class PhaseSteps:
         rows = torch.arange(b, device=state.device).view(b, 1, 1) * m + block[None]  # [B, m or 1, S]
         return (rows * slots + local[None]).reshape(-1)
 
-    def _block_columns(self, window: int) -> torch.Tensor:
-        """[m * S] each block's step columns, block-major, each block padded to S by repeating
-        its last column (the repeat computes and writes the same k/v as the original)."""
+    def _block_columns(self, columns_of, window: int, width: int) -> torch.Tensor:
+        """[m * width] each block's ``columns_of([g], window)``, block-major, each block padded to
+        ``width`` by repeating its last column (the repeat computes and writes the same k/v)."""
         out = []
         for g in self.phase:
-            cols = self.plan.step_columns([g], window)
-            out.extend(cols + cols[-1:] * (self.block_width - len(cols)))
+            cols = columns_of([g], window)
+            out.extend(cols + cols[-1:] * (width - len(cols)))
         return torch.tensor(out, dtype=torch.long, device=self.state.device)
 
     def _load_block_prompts(self, phase_cache: PromptCache) -> None:
@@ -360,20 +386,25 @@ class PhaseSteps:
         step against): logits [B, N, V] of the window's columns. Through the model's own
         ``__call__`` (a wrapper such as LLaDA's guidance, ``paradec.compat.llada.Guided``,
         applies), except side by side, which only the plain transformer offers."""
-        state, module = self.state, self.model.module
         logits_at = self._logits_at(self.columns)
         if self.per_block:
-            cols = self.step_cols
-            return module.forward_blocks(state.canvas[:, cols], state.positions[:, cols], state.segments[:, cols],
-                                         self.blocks, self.block_slots, logits_at)
+            return self._forward_cached(self.step_cols, self.block_slots, False, logits_at)
         if self.windowed:
-            cols = self.step_cols
-            return self.model(state.canvas[:, cols], state.positions[:, cols], state.segments[:, cols],
-                          self.config.attention, cache=self.cache, logits_at=logits_at, check_inputs=False,
-                          dense=self.step_dense, slots=self.step_slots)
+            return self._forward_cached(self.step_cols, self.step_slots, self.step_dense, logits_at)
         ids, positions, segments = (x[:, self.step_cols] for x in self._sequence())
         return self.model(ids, positions, segments, self.config.attention, cache=self.cache, logits_at=logits_at,
-                      check_inputs=False, dense=self.step_dense)
+                          check_inputs=False, dense=self.step_dense)
+
+    def _forward_cached(self, cols: torch.Tensor, slots: torch.Tensor, dense: bool, logits_at: torch.Tensor):
+        """Logits at ``logits_at`` of canvas columns ``cols`` forwarded over the step's cache,
+        their k/v written at ``slots`` first (side by side: BlockCache slots)."""
+        state = self.state
+        if self.per_block:
+            return self.model.module.forward_blocks(state.canvas[:, cols], state.positions[:, cols],
+                                                    state.segments[:, cols], self.blocks, slots, logits_at)
+        return self.model(state.canvas[:, cols], state.positions[:, cols], state.segments[:, cols],
+                          self.config.attention, cache=self.cache, logits_at=logits_at, check_inputs=False,
+                          dense=dense, slots=slots)
 
     def _logits_at(self, columns: _Columns) -> torch.Tensor:
         return torch.where(columns.valid, self.state.positions[:, columns.cols], -1)  # [B, N]
@@ -414,6 +445,12 @@ class PhaseSteps:
 
     def _step(self) -> None:
         self._commit(self.forward(), self._logits_at(self.columns), self.columns)
+
+    def _partial_refresh_step(self) -> None:
+        """A refresh that forwards ``Plan.partial_refresh_columns`` only, then commits in the window."""
+        logits_at = self._logits_at(self.columns)
+        logits = self._forward_cached(self.partial_cols, self.partial_slots, self.partial_dense, logits_at)
+        self._commit(logits, logits_at, self.columns)
 
     def _commit(self, logits: torch.Tensor, logits_at: torch.Tensor, columns: _Columns) -> None:
         """Scoring, the policy, selection and the in-place commit of one step, then EOS filling
@@ -519,6 +556,11 @@ def _blocks_apart(plan: Plan, phase: list[int], phase_cache: PromptCache | None,
         return False
     prompt, blocks = phase_cache.num_tokens, sum(end - start for start, end in (layout.blocks[g] for g in phase))
     return len(phase) * prompt + blocks <= SIDE_BY_SIDE_MAX_KEYS * (prompt + blocks)
+
+
+def _padded(columns: list[int], width: int, device: torch.device) -> torch.Tensor:
+    """[width] ``columns`` padded by repeating the last one (which rewrites its own slot with the same k/v)."""
+    return torch.tensor(columns + columns[-1:] * (width - len(columns)), dtype=torch.long, device=device)
 
 
 def _aligned(n: int) -> int:
