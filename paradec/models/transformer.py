@@ -198,7 +198,7 @@ class DiffusionTransformer(nn.Module):
         cos, sin = self.rope(positions)
         bias = cache.bias
         if bias is not None and bi.active(x):  # each row's visible slots, once for every layer
-            bias = bi.MaskedKeys(bias, *bi.key_order((bias[:, 0, 0] > float("-inf"))[:, None]))
+            bias = bi.MaskedKeys(bias, *bi.key_order(bias[:, 0, 0] > float("-inf")))
         for i, layer in enumerate(self.layers):
             x = layer.forward_blocks(x, cos, sin, cache.kv[i], bias, slots)
         return self.head(self.gather_rows(x, positions, segments, logits_at, None, check_inputs=False))

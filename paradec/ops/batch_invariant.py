@@ -375,6 +375,10 @@ class MaskedKeys:
     perm: torch.Tensor | None = None
     sorted_group: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        if self.order.dim() == 2:  # one group a row, given as order [B, C] and count [B]
+            self.order, self.count = self.order[:, None], self.count[:, None]
+
     @property
     def groups(self) -> int:
         return self.order.shape[1]
