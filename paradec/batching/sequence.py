@@ -32,7 +32,7 @@ from paradec.ops.scoring import Sampling
 class Action(enum.Enum):
     PREFILL = "prefill"  # the prompt's KV (isolated attention)
     EXTEND = "extend"  # the finished think blocks' KV, before the summary (isolated attention)
-    REFRESH = "refresh"  # a windowed cache's refresh: every column of the phase, then a commit
+    REFRESH = "refresh"  # a windowed cache's refresh (every column of the phase, or a partial one), then a commit
     STEP = "step"  # the window's step columns, then a commit
 
 

@@ -58,7 +58,9 @@ class Plan:
     def partial_refresh_columns(self, phase: list[int], window: int) -> list[int]:
         """What a partial refresh of window ``window`` >= 1 forwards (``partial_refresh``), sorted:
         its step columns and the phase's columns the previous window's steps forwarded (the
-        tokens committed since the last refresh); every other column keeps its KV."""
+        tokens committed since the last refresh, but for EOS filling, which can reach later
+        windows: those keep their KV until their own window's steps); every other column keeps
+        its KV."""
         previous = set(self.step_columns(phase, window - 1)) & set(self.block_columns(phase))
         return sorted(previous | set(self.step_columns(phase, window)))
 

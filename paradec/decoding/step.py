@@ -13,7 +13,9 @@ Everything a step reads lives in static buffers that the host refills when a win
 cache. Two bodies per phase (think blocks, summary, answer region), both reused across windows
 and requests: the *step* and, with a windowed cache, the *refresh* (a window's first step:
 everything the phase forwards, whose KV it writes into the step's cache, a slot per column; a
-step rewrites its own columns' slots). Shapes are those of the phase's largest window: a
+step rewrites its own columns' slots); with ``partial_refresh`` a third, the *partial refresh*
+of a window after the phase's first (``Plan.partial_refresh_columns`` only, into their slots).
+Shapes are those of the phase's largest window: a
 narrower window repeats its last column (which rewrites its own slot with the same KV). An
 unwindowed step forwards every column of the phase (a finished block changes no other block's
 logits under ``isolated``); under ``canvas`` attention with no cache it forwards the prompt and
@@ -169,7 +171,7 @@ class PhaseSteps:
         self._choose_attention()
 
     def _choose_attention(self) -> None:
-        """Whether this window's step and refresh attend with no mask: where every query sees
+        """Whether this window's step, refresh and partial refresh attend with no mask: where every query sees
         every key (one request, no padding, ``canvas`` attention or one segment) the fastest
         attention kernels apply. A graph is captured per choice. One host sync per window."""
         mode = self.config.attention
@@ -328,7 +330,8 @@ class PhaseSteps:
         self.blocks = BlockCache(kv=kv, bias=None if exact else kv_like.new_zeros(b * m, 1, 1, slots))
         self.block_slots = torch.zeros(b * m * self.block_width, dtype=torch.long, device=device)
         if self.partial:
-            self.partial_width = max(len(plan.partial_refresh_columns([g], k)) for g in phase for k in range(1, windows))
+            self.partial_width = max(len(plan.partial_refresh_columns([g], k))
+                                     for g in phase for k in range(1, windows))
             self.partial_cols = torch.zeros(m * self.partial_width, dtype=torch.long, device=device)
             self.partial_slots = torch.zeros(b * m * self.partial_width, dtype=torch.long, device=device)
         # The refresh forwards every column of every block, side by side too: block-major, each
