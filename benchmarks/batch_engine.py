@@ -97,13 +97,11 @@ def main() -> None:
     p.add_argument("--no-ar", action="store_true")
     p.add_argument("--batch-invariant", action="store_true")
     p.add_argument("--profile", action="store_true", help="time the parts of each engine step (synchronising)")
-    p.add_argument("--partial-refresh", action="store_true", help="requests with the dual cache's partial_refresh")
     args = p.parse_args()
     info = banner()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prompt, settings, loader, name = workload(args)
     model = loader(device) if callable(loader) else paradec.load(loader, device=device)
-    settings |= {"partial_refresh": True} if args.partial_refresh else {}
     configs = [resolve_config(model, **settings)]
     if args.mixed:
         configs.append(resolve_config(model, **(settings | {"policy": "threshold", "threshold": 0.9,
@@ -121,7 +119,7 @@ def main() -> None:
     del engine
     ar_rows = [] if args.no_ar else [ar_level(model, prompt_ids, canvas, c, 3) for c in args.concurrency]
     print(f"\n{name}, {settings}{' + threshold' if args.mixed else ''}"
-          f"{', partial refresh' if args.partial_refresh else ''}, "
+          f"{', partial refresh' if settings.get('partial_refresh') else ''}, "
           f"rows {args.max_batch}; warm-up {warm_s:.1f} s, {graphs} graphs")
     print(f"lone request: engine {lone['engine_s'] * 1e3:.1f} ms, generate() {lone['generate_s'] * 1e3:.1f} ms "
           f"({lone['engine_s'] / lone['generate_s']:.3f}x)")
@@ -139,7 +137,7 @@ def main() -> None:
         if r["profile_s"]:
             print("      " + ", ".join(f"{k} {v:.2f} s" for k, v in r["profile_s"].items()))
     emit_json({"benchmark": "batch_engine", **info, "model": name, "settings": settings, "mixed": args.mixed,
-               "partial_refresh": args.partial_refresh,
+               "partial_refresh": bool(settings.get("partial_refresh")),
                "rows": args.max_batch, "warm_up_s": warm_s, "graphs": graphs, "lone": lone, "levels": rows,
                "ar": ar_rows, "prompt_tokens": len(prompt_ids), "canvas": canvas})
 
