@@ -377,7 +377,7 @@ class BatchEngine:
         stepping[[s.row for s in seqs]] = True
         rows.stepping.copy_(to_device(stepping, rows.device))
         b = _bucket(len(self.live), self.pool.rows)
-        width = _round_up(max(len(s.columns().step) for s in seqs), self.geometry.slots)
+        width = self._bucketed(max(len(s.columns().step) for s in seqs), self.geometry.slots)
         commit_width = self._commit_width(seqs)
         self.stats.step_calls += 1
         self.stats.graph_replays += (b, width, commit_width) in self.calls.graphs
@@ -398,7 +398,12 @@ class BatchEngine:
             self.calls.commit(index, logits[to_device([at[i] for i in members], device)], cls)
 
     def _commit_width(self, seqs: list[Sequence]) -> int:
-        return _round_up(max(len(s.columns().commit) for s in seqs), self.geometry.max_canvas)
+        return self._bucketed(max(len(s.columns().commit) for s in seqs), self.geometry.max_canvas)
+
+    def _bucketed(self, n: int, limit: int) -> int:
+        """A call's width: rounded up to a bucket where graphs replay (a few shapes serve every
+        request), exact where steps are called (padding would only add work)."""
+        return _round_up(n, limit) if self.capture else n
 
     # --- leaving ------------------------------------------------------------------------------
     def _finish(self, seq: Sequence, masked: torch.Tensor) -> RequestOutput:
