@@ -441,6 +441,10 @@ def test_engine_generate_and_an_idle_engine(model):
         assert_same(result, solo(model, prompt, kw))
     [again] = engine.generate([prompts[0]], [GenerationConfig(**SMALL)], temperature=0.6, seed=5)  # overrides win
     assert_same(again, solo(model, prompts[0], dict(SMALL, temperature=0.6, seed=5)))
+    engine.add("busy", prompts[0], GenerationConfig(**SMALL))
+    with pytest.raises(ConfigError, match="warm_up runs on an idle engine"):  # its captures would write rows' slots
+        engine.warm_up()
+    assert engine.abort("busy") and engine.warm_up() == 0
 
 
 def test_prompts_as_token_ids_and_messages(model):
