@@ -575,3 +575,29 @@ def test_generate_runs_on_an_idle_engine_only(model):
     engine.add("mine", QUESTIONS[0], **SMALL)
     with pytest.raises(ConfigError, match="idle engine"):
         engine.generate(QUESTIONS[1:2])
+
+
+def test_a_long_prompt_prefills_in_layer_chunks_as_alone(model):
+    """A prompt longer than ``max_prefill_tokens`` runs a chunk of its layers a step (a
+    bidirectional prompt cannot be split by tokens exactly), while a request already decoding
+    keeps stepping and a short one waits for the budget; every result equals generate()'s."""
+    engine = make_engine(model, max_batch=3, max_prefill_tokens=6)
+    layers = len(model.module.layers)
+    long_prompt = QUESTIONS[1] + " " + QUESTIONS[2]
+    chunks = []
+    engine.add("first", QUESTIONS[0], GenerationConfig(**SMALL, attention="canvas"))  # no prefill: decoding at once
+    results = {o.request_id: o.result for o in engine.step() if o.finished}
+    long = engine.add("long", long_prompt, GenerationConfig(**SMALL, seed=1))
+    short = engine.add("short", QUESTIONS[3], GenerationConfig(mode="block", answer_len=8, block_len=4))
+    while engine.has_unfinished():
+        results |= {o.request_id: o.result for o in engine.step() if o.finished}
+        chunks.append((long.prefill_layer, short.row >= 0))
+    prompt_tokens = len(long.prompt_ids)
+    per_step = max(1, 6 * layers // prompt_tokens)
+    assert prompt_tokens > 6 and per_step < layers
+    done = [layer for layer, _ in chunks if layer < layers]  # the chunks before the last
+    assert done == list(range(per_step, layers, per_step))[: len(done)] and len(done) >= 1
+    assert not chunks[0][1]  # the short prompt waited while the long one's prefill took the budget
+    assert_same(results["first"], solo(model, QUESTIONS[0], dict(SMALL, attention="canvas")))
+    assert_same(results["long"], solo(model, long_prompt, dict(SMALL, seed=1)))
+    assert_same(results["short"], solo(model, QUESTIONS[3], dict(mode="block", answer_len=8, block_len=4)))

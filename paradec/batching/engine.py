@@ -4,7 +4,8 @@ as they finish, each with its own settings, in the shape of vLLM's engine API (`
 
 Every engine step gives each live request one action of its own decode (``Sequence``): new
 requests' prefills (at most ``max_prefill_tokens`` prompt tokens a step, so arrivals stall the
-others by about one step: a bidirectional prompt cannot be prefilled in chunks exactly), the
+others by about one step; a longer prompt runs a chunk of its layers a step, since a
+bidirectional prompt cannot be split by tokens exactly), the
 summary extensions and window refreshes due (and steps far wider than the others'), and one
 step call over every live row. The host then reads which canvas positions are still masked and
 each row's step count (one copy a look: after every step, or every few steps when no request
@@ -276,6 +277,7 @@ class BatchEngine:
                 seq.loaded = seq.window_key
         self._mark("admit")
         calls.begin()
+        by_action[Action.PREFILL] = self._prefill_chunks(by_action[Action.PREFILL])
         stepping = by_action[Action.STEP]
         narrowest = min((len(s.columns().step) for s in stepping), default=0)
         wide = [s for s in stepping if len(s.columns().step) > WIDE_STEP * narrowest]
@@ -327,6 +329,26 @@ class BatchEngine:
         self._mark("advance")
         return outputs
 
+    def _prefill_chunks(self, prefilling: list[Sequence]) -> list[Sequence]:
+        """Runs the prefills longer than ``max_prefill_tokens`` a chunk of layers each (as many
+        as keep a step's prefill work within that many tokens through every layer), so that a
+        long prompt stalls the others by about one step at a time; returns the prefills that
+        fit whole, which run batched."""
+        layers = len(self.module.layers)
+        whole = []
+        for seq in prefilling:
+            chunk = max(1, min(layers, self.max_prefill_tokens * layers // len(seq.prompt_ids)))
+            if seq.prefill_layer == 0 and chunk == layers:
+                whole.append(seq)
+                continue
+            end = min(layers, seq.prefill_layer + chunk)
+            hidden = self.calls.prefill_layers(seq.row, seq.prompt_slots(), slice(seq.prefill_layer, end),
+                                               seq.prefill_hidden)
+            self.stats.forwarded[Action.PREFILL.value] += len(seq.prompt_ids) * (end - seq.prefill_layer) // layers
+            seq.prefill_layer, seq.prefill_hidden = end, (hidden if end < layers else None)
+        self._mark("prefill")
+        return whole
+
     def _repeats(self, stepping: list[Sequence]) -> int:
         """Step calls to run before the host looks again: more than one only when every live
         request steps with a top-k schedule (no stop strings, no streamed progress), none waits for
@@ -357,7 +379,8 @@ class BatchEngine:
         self._clock = now
 
     def _admit(self) -> None:
-        budget = self.max_prefill_tokens
+        # a long prompt's prefill in layer chunks takes a step's budget until its last chunk
+        budget = self.max_prefill_tokens * (1 - any(s.prefill_hidden is not None for s in self.live))
         while self.waiting and len(self.live) < self.pool.rows:
             seq = self.waiting[0]
             if seq.isolated and len(seq.prompt_ids) > budget and budget < self.max_prefill_tokens:

@@ -30,7 +30,7 @@ from paradec.ops.scoring import Sampling
 
 
 class Action(enum.Enum):
-    PREFILL = "prefill"  # the prompt's KV (isolated attention)
+    PREFILL = "prefill"  # the prompt's KV (isolated attention), a long prompt in layer chunks
     EXTEND = "extend"  # the finished think blocks' KV, before the summary (isolated attention)
     REFRESH = "refresh"  # a windowed cache's refresh (every column of the phase, or a partial one), then a commit
     STEP = "step"  # the window's step columns, then a commit
@@ -84,6 +84,8 @@ class Sequence:
     steps: int = 0
     nfe: int = 0
     extended: bool = False
+    prefill_layer: int = 0  # layers of the prompt's prefill done (a long prompt takes several engine steps)
+    prefill_hidden: torch.Tensor | None = field(default=None, repr=False)  # [1, P, d] after them, between chunks
     action: Action | None = None
     loaded: tuple[int, int] | None = None  # the (phase, window) whose columns the row's buffers hold
     arrived: float = field(default_factory=time.perf_counter)
@@ -117,6 +119,8 @@ class Sequence:
         """Chooses the next action from ``masked`` ([C] bool, host: body positions still masked),
         moving on through windows and phases that have nothing left; None when done."""
         plan = self.plan
+        if self.prefill_hidden is not None:
+            return  # its prefill's next layers
         while self.phase < len(plan.phases):
             phase = plan.phases[self.phase]
             if self.isolated and plan.is_summary_phase(phase) and not self.extended:

@@ -123,14 +123,31 @@ class BatchStep:
             return None
         return self._logits(at, hidden, positions, segments, cache, rows.commit_valid[at, :commit_width], commit_width)
 
+    def prefill_layers(self, row: int, queries: list[int], layers: slice, x: torch.Tensor | None) -> torch.Tensor:
+        """One row's prefill (its prompt slots ``queries``) through ``layers`` only, from ``x``
+        [1, P, d], the hidden state before them (None: the embedded prompt), writing their keys
+        and values into the row: a long prompt's prefill in layer chunks over several engine
+        steps, exact (a bidirectional prompt cannot be split by tokens). Returns the hidden
+        state after them; after the last layer the row's last prompt state is kept as well."""
+        rows, device = self.rows, self.rows.device
+        at = slice(row, row + 1)
+        keys = self._key_width(at)
+        slots = to_device([queries], device)
+        hidden, *_ = self._forward(at, self.pool.kv[:, :, at, :, :keys], slots, keys, x, layers)
+        if layers.stop is None or layers.stop >= len(self.module.layers):
+            rows.last_hidden[row] = hidden[0, len(queries) - 1]
+        return hidden
+
     def _key_width(self, at) -> int:
         """Slots a call over rows ``at`` attends over: every row's keys and one slot past the
         longest row's, a key of none, where its padding queries write."""
         return min(int(self.rows.extent[at].max()) + 1, self.rows.geometry.slots)
 
-    def _forward(self, at, kv: torch.Tensor, slots: torch.Tensor, width: int):
+    def _forward(self, at, kv: torch.Tensor, slots: torch.Tensor, width: int, x: torch.Tensor | None = None,
+                 layers: slice = slice(None)):
         """The model over rows ``at`` (a slice or index tensor) whose first ``width`` slots are
-        ``kv`` (a padding query's slot is the last of them, or the scratch slot)."""
+        ``kv`` (a padding query's slot is the last of them, or the scratch slot): its ``layers``
+        on ``x``, the hidden state before the first of them (None: the embedded ids)."""
         rows, module = self.rows, self.module
         rows.ids.scatter_(1, rows.canvas_slots, rows.canvas)  # the canvas as committed so far, after each prompt
         ids, positions, segments = (x[at].gather(1, slots) for x in (rows.ids, rows.positions, rows.segments))
@@ -138,7 +155,8 @@ class BatchStep:
         mask = torch.where(rows.canvas_attention[at, None, None, None], attention_mask(segments, keys, "canvas"),
                            attention_mask(segments, keys, "isolated"))
         cache = PromptCache(kv=kv, segments=keys, lengths=rows.prompt_lens[at], last_hidden=rows.last_hidden[at])
-        hidden, _ = module.run_layers(module.embed(ids.clamp(min=0)), positions, mask, cache, slots, segments)
+        x = module.embed(ids.clamp(min=0)) if x is None else x
+        hidden, _ = module.run_layers(x, positions, mask, cache, slots, segments, layers)
         return hidden, positions, segments, cache
 
     def _logits(self, at, hidden, positions, segments, cache, valid: torch.Tensor, commit_width: int) -> torch.Tensor:

@@ -55,9 +55,10 @@ class DiffusionTransformer(nn.Module):
 
     def run_layers(
         self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: PromptCache | None,
-        slots: torch.Tensor | None = None, query_segments: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None, query_segments: torch.Tensor | None = None, layers: slice = slice(None),
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Every layer over embedded inputs, without the final norm and head.
+        """Every layer (or the ``layers`` slice of them: x is then the hidden state before the
+        first) over embedded inputs, without the final norm and head.
 
         x: [B, T, d] (``embed`` of the ids); positions: [B, T]; mask: [B, 1, T, K] boolean,
         True where a query sees a key, K = cache.num_tokens + T (or C, the cache's capacity,
@@ -83,7 +84,8 @@ class DiffusionTransformer(nn.Module):
                 mask = additive
         cos, sin = self.rope(positions)
         new_kv = []
-        for i, layer in enumerate(self.layers):
+        for i in range(len(self.layers))[layers]:
+            layer = self.layers[i]
             past = None if cache is None else (cache.kv[i, 0], cache.kv[i, 1])
             x, kv = layer(x, cos, sin, mask, past, 0 if cache is None else cache.num_tokens, slots)
             new_kv.append(kv)
