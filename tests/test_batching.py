@@ -577,10 +577,13 @@ def test_generate_runs_on_an_idle_engine_only(model):
         engine.generate(QUESTIONS[1:2])
 
 
-def test_a_long_prompt_prefills_in_layer_chunks_as_alone(model):
+@pytest.mark.parametrize("family", ["llada", "shifted"])
+def test_a_long_prompt_prefills_in_layer_chunks_as_alone(family, request):
     """A prompt longer than ``max_prefill_tokens`` runs a chunk of its layers a step (a
     bidirectional prompt cannot be split by tokens exactly), while a request already decoding
-    keeps stepping and a short one waits for the budget; every result equals generate()'s."""
+    keeps stepping and a short one waits for the budget; every result equals generate()'s (a
+    shifted model's first canvas token reads the last prompt state the last chunk leaves)."""
+    model = request.getfixturevalue("model" if family == "llada" else "shifted")
     engine = make_engine(model, max_batch=3, max_prefill_tokens=6)
     layers = len(model.module.layers)
     long_prompt = QUESTIONS[1] + " " + QUESTIONS[2]
