@@ -604,3 +604,19 @@ def test_a_long_prompt_prefills_in_layer_chunks_as_alone(family, request):
     assert_same(results["first"], solo(model, QUESTIONS[0], dict(SMALL, attention="canvas")))
     assert_same(results["long"], solo(model, long_prompt, dict(SMALL, seed=1)))
     assert_same(results["short"], solo(model, QUESTIONS[3], dict(mode="block", answer_len=8, block_len=4)))
+
+
+def test_an_abort_mid_prefill_frees_the_row(model):
+    """Aborting a request whose long prompt is part-way through its layer chunks frees its row
+    and the step's prefill budget: the next request prefills and decodes as alone."""
+    engine = make_engine(model, max_batch=1, max_prefill_tokens=6)
+    long = engine.add("long", QUESTIONS[1] + " " + QUESTIONS[2], GenerationConfig(**SMALL))
+    engine.add("next", QUESTIONS[0], GenerationConfig(**SMALL))
+    engine.step()
+    assert 0 < long.prefill_layer < len(model.module.layers) and long.prefill_hidden is not None
+    assert engine.abort("long") and long.row == -1
+    results = {}
+    while engine.has_unfinished():
+        results |= {o.request_id: o.result for o in engine.step() if o.finished}
+    assert set(results) == {"next"}
+    assert_same(results["next"], solo(model, QUESTIONS[0], SMALL))
