@@ -380,7 +380,8 @@ class BatchEngine:
 
     def _admit(self) -> None:
         # a long prompt's prefill in layer chunks takes a step's budget until its last chunk
-        budget = self.max_prefill_tokens * (1 - any(s.prefill_hidden is not None for s in self.live))
+        chunking = any(s.prefill_hidden is not None for s in self.live)
+        budget = 0 if chunking else self.max_prefill_tokens
         while self.waiting and len(self.live) < self.pool.rows:
             seq = self.waiting[0]
             if seq.isolated and len(seq.prompt_ids) > budget and budget < self.max_prefill_tokens:

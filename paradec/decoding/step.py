@@ -183,11 +183,12 @@ class PhaseSteps:
         step_segments = self.state.segments[:, self.step_cols]
         keys, refresh_keys = self.cache.segments, self._refresh_keys()
         refresh_segments = keys[:, self.refresh_slots]
-        partial_cols = self.partial_cols if self.partial else self.step_cols
-        dense = torch.stack((attention_mask(step_segments, keys, mode).all(),
-                             attention_mask(refresh_segments, refresh_keys, mode).all(),
-                             attention_mask(self.state.segments[:, partial_cols], keys, mode).all()))
-        self.step_dense, self.refresh_dense, self.partial_dense = dense.tolist()
+        checks = [attention_mask(step_segments, keys, mode).all(),
+                  attention_mask(refresh_segments, refresh_keys, mode).all()]
+        if self.partial:
+            checks.append(attention_mask(self.state.segments[:, self.partial_cols], keys, mode).all())
+        self.step_dense, self.refresh_dense, *partial = torch.stack(checks).tolist()
+        self.partial_dense = bool(partial and partial[0])
 
     def _refresh_keys(self) -> torch.Tensor:
         """[B, C] segments of the keys a refresh sees: the step cache's, less the slots of step
