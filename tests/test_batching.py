@@ -461,6 +461,36 @@ def test_a_stop_string_ends_the_decode_as_alone(model):
     assert run.results["stop"].finish_reason == "stop"
 
 
+def test_warm_up_covers_every_step_call_of_its_settings(model, monkeypatch):
+    """Bucketed as with CUDA graphs (CPU: the captures are recorded, the calls run): every step
+    call of requests of the warmed-up settings, mixed and joining at different steps, falls in a
+    (batch, step width, commit width, key) bucket that warm-up captured, so serving captures
+    nothing; short requests in long rows attend over a key bucket short of the row; each
+    request still decodes as alone."""
+    from paradec.batching.engine import key_buckets
+
+    engine = make_engine(model, max_batch=4, max_canvas_tokens=1024)
+    assert key_buckets(engine.geometry.slots) == [256, 512, engine.geometry.slots]
+    engine.capture = True  # widths and keys bucket as on a GPU
+    captured, called = set(), []
+    monkeypatch.setattr(engine.calls, "capture_step", lambda *key: captured.add(key))
+    monkeypatch.setattr(engine.calls, "reserve", lambda logits: None)
+    settings = [dict(SMALL, window=4, cache="dual"), dict(SMALL, window=3, tokens_per_step=2, partial_refresh=True),
+                dict(mode="block", answer_len=16, block_len=8, cache="dual"), dict(SMALL, policy="margin"),
+                dict(blocks=3, block_len=12, summary_len=8, window=4, cache="prefix"),
+                dict(blocks=3, block_len=12, summary_len=8, window=12, cache="dual")]
+    engine.warm_up([resolve_config(model, **kw) for kw in settings])
+    step_logits = engine.calls.step_logits
+    monkeypatch.setattr(engine.calls, "step_logits", lambda *key: called.append(key) or step_logits(*key))
+    schedule = [(i // 2, f"r{i}", QUESTIONS[i], kw) for i, kw in enumerate(settings * 2)]
+    run = Run(engine, schedule)
+    for _, rid, prompt, kwargs in schedule:
+        assert_same(run.results[rid], solo(model, prompt, kwargs), f"{rid}: {kwargs}")
+    assert called and set(called) <= captured
+    assert {keys for *_, keys in called} == {256}  # ~60 of the row's 1089 slots hold keys
+    assert len({(width, commit) for _, width, commit, _ in called}) > 2
+
+
 # --- on a GPU -------------------------------------------------------------------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replays_decode_as_alone():
@@ -490,6 +520,9 @@ def test_cuda_graph_replays_decode_as_alone():
         alone = paradec.generate(model, prompt, **kw)
         assert (results[f"r{i}"].token_ids, results[f"r{i}"].trace) == (alone.token_ids, alone.trace), kw
     assert engine.stats.graph_replays == engine.stats.step_calls > 0  # every step call replayed a warm-up graph
+    buffer = engine.calls.logits_buffer.data_ptr()  # one logits buffer for every graph
+    assert {logits.data_ptr() for _, logits in engine.calls.graphs.values()} == {buffer}
+    assert {keys for *_, keys in engine.calls.graphs} == {256, 512, engine.geometry.slots}
 
 
 # --- asyncio -------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ MAX_STEPS_PER_LOOK = 8  # step calls the host may run before it reads the masks 
 # its own rather than widening the step call of every row.
 WIDE_STEP = 2
 WIDTH_BUCKET = 32  # step and commit widths round up to a multiple of this many columns
+SMALLEST_KEYS = 256  # the smallest key bucket: the keys a step call attends over double from it up to a row's slots
 _QUERIES = {Action.PREFILL: Sequence.prompt_slots, Action.EXTEND: Sequence.extend_slots,
             Action.REFRESH: lambda s: s.columns().refresh, Action.STEP: lambda s: s.columns().step}
 
@@ -190,8 +191,9 @@ class BatchEngine:
         return bool(self.waiting or self.live)
 
     def warm_up(self, configs: Iterable[GenerationConfig | None] = (None,)) -> int:
-        """Captures the step call's CUDA graphs for every batch bucket and every pair of step and
-        commit widths the windows of ``configs`` use (None: the model's defaults), so that serving
+        """Captures the step call's CUDA graphs for every batch bucket, every pair of step and
+        commit widths the windows of ``configs`` use (None: the model's defaults) and every key
+        bucket (``key_buckets``) a row holding one of their canvases can need, so that serving
         captures nothing; a bucket met later runs called (so does a ``canvas``-attention request
         without a window, whose steps forward its prompt: their width depends on the prompt).
         On an idle engine. Returns the graphs captured (0 on a CPU or with ``cuda_graphs=False``)."""
@@ -199,22 +201,31 @@ class BatchEngine:
             raise ConfigError("warm_up runs on an idle engine: finish or abort the requests added first")
         if not self.capture:
             return 0
-        widths, commit_widths = set(), set()
+        shapes, canvas = set(), self.geometry.max_canvas  # (step width, commit width) of each window
         for config in configs:
             config = resolve_config(self.model, config)
             layout = build_layout(self.model, config)
+            canvas = min(canvas, layout.length)
             seq = Sequence("warm-up", [0], config, layout, make_plan(config, layout, self.module.shift_logits))
             for seq.phase, phase in enumerate(seq.plan.phases):
                 for seq.window in range(seq.plan.num_windows(phase)):
                     columns = seq.columns()
-                    widths.add(_round_up(len(columns.step), self.geometry.slots))
-                    commit_widths.add(_round_up(len(columns.commit), self.geometry.max_canvas))
+                    shapes.add((_round_up(len(columns.step), self.geometry.slots),
+                                _round_up(len(columns.commit), self.geometry.max_canvas)))
+        while True:  # a batch of windows steps at their widest step and commit widths: every such pair
+            wider = {(max(a[0], b[0]), max(a[1], b[1])) for a in shapes for b in shapes} | shapes
+            if wider == shapes:
+                break
+            shapes = wider
         buckets = sorted({_bucket(n, self.pool.rows) for n in range(1, self.pool.rows + 1)})
+        # a row's keys end past its canvas and a prompt token at least, and one spare slot follows
+        keys = [k for k in key_buckets(self.geometry.slots) if k >= canvas + 2]
         before = len(self.calls.graphs)
+        self.calls.reserve(max(buckets) * max(commit for _, commit in shapes))
         with torch.no_grad(), self._kernel_mode():
-            for b in buckets:  # a batch of several settings steps at the widest step and commit widths
-                for width, commit_width in itertools.product(sorted(widths), sorted(commit_widths)):
-                    self.calls.capture_step(b, width, commit_width)
+            for b, (width, commit_width), k in itertools.product(buckets, sorted(shapes), keys):
+                if width < k:  # (a wider step forwards slots past the keys: no row has such a window)
+                    self.calls.capture_step(b, width, commit_width, k)
         return len(self.calls.graphs) - before
 
     # --- the loop -----------------------------------------------------------------------------
@@ -403,10 +414,13 @@ class BatchEngine:
         b = _bucket(len(self.live), self.pool.rows)
         width = self._bucketed(max(len(s.columns().step) for s in seqs), self.geometry.slots)
         commit_width = self._commit_width(seqs)
+        keys = self.calls.key_width(slice(0, b))
+        if self.capture:
+            keys = next(k for k in key_buckets(self.geometry.slots) if k >= keys)
         self.stats.step_calls += 1
-        self.stats.graph_replays += (b, width, commit_width) in self.calls.graphs
+        self.stats.graph_replays += (b, width, commit_width, keys) in self.calls.graphs
         self.stats.step_call_columns += b * width
-        logits = self.calls.step_logits(b, width, commit_width)
+        logits = self.calls.step_logits(b, width, commit_width, keys)
         self._mark("step")
         self._commit(seqs, logits, [s.row for s in seqs])
         self._mark("commit")
@@ -507,6 +521,16 @@ def _lengths(seq: Sequence) -> list[int]:
 def _bucket(n: int, limit: int) -> int:
     """The batch bucket of n live rows (never past the pool's ``limit`` rows)."""
     return min(next((b for b in BATCH_BUCKETS if b >= n), n), limit)
+
+
+def key_buckets(slots: int) -> list[int]:
+    """The key widths step graphs are captured for in rows of ``slots`` slots: powers of two
+    from ``SMALLEST_KEYS``, and ``slots`` (a power of two within an eighth of it is left out)."""
+    buckets, k = [], SMALLEST_KEYS
+    while k + k // 8 < slots:
+        buckets.append(k)
+        k *= 2
+    return buckets + [slots]
 
 
 def _round_up(n: int, limit: int) -> int:

@@ -6,9 +6,13 @@ to its row's keys under its row's attention (``isolated`` or ``canvas``); a padd
 the scratch slot. Two ways to address rows:
 
 - ``step``: the first b rows of the pool, read in place (a view), every row at once with its
-  window's step slots (rows not stepping this engine step forward only padding). This is the
-  call that repeats; on a GPU it replays a CUDA graph captured per (batch bucket, width bucket)
-  at warm-up, and a bucket not captured runs called.
+  window's step slots (rows not stepping this engine step forward only padding), attending over
+  the rows' first K slots. This is the call that repeats; on a GPU it replays a CUDA graph
+  captured per (batch bucket, width bucket, commit width bucket, key bucket) at warm-up, and a
+  bucket not captured runs called. The key buckets keep short requests in long rows from
+  attending over every slot of the row (a served 8B row holds 8k + 8k slots; a 512-token prompt
+  and its canvas use 1.5k). Every graph writes its logits into one buffer (``reserve``), so
+  that the graphs' outputs do not each keep [b, commit width, V] of device memory.
 - ``forward_rows``: any rows (a prefill, the summary's extension, a window's refresh), each run
   of consecutive rows as a view of the pool. These are wide and rare (one per window), so they
   run called.
@@ -40,40 +44,53 @@ from paradec.models.transformer import DiffusionTransformer
 class BatchStep:
     def __init__(self, module: DiffusionTransformer, pool: KVPool, rows: Rows, eos_id: int, capture: bool):
         self.module, self.pool, self.rows, self.eos_id, self.capture = module, pool, rows, eos_id, capture
-        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if capture else None
+        self.logits_buffer: torch.Tensor | None = None  # flat: every graph's logits, a view of its start
         self.active = torch.zeros_like(rows.group_steps, dtype=torch.bool)  # [R, G] groups that committed this step
         self.acting = torch.zeros_like(rows.stepping)  # [R] rows that committed this step
 
     # --- forwards -----------------------------------------------------------------------------
-    def step_logits(self, b: int, width: int, commit_width: int) -> torch.Tensor:
+    def step_logits(self, b: int, width: int, commit_width: int, keys: int) -> torch.Tensor:
         """Logits [b, commit_width, V] of the first b rows' step columns (rows not ``stepping``
-        forward padding only): a graph replay where one was captured for these buckets (over
-        every slot of the rows), else called over exactly the slots the rows use."""
-        key = (b, width, commit_width)
+        forward padding only), attending over their first ``keys`` slots (past every row's keys:
+        ``key_width``): a graph replay where one was captured for these buckets, else called."""
+        key = (b, width, commit_width, keys)
         if key in self.graphs:
             graph, logits = self.graphs[key]
             graph.replay()
             return logits
-        return self._step_body(b, width, commit_width, self._key_width(slice(0, b)))
+        return self._step_body(b, width, commit_width, keys)
 
-    def capture_step(self, b: int, width: int, commit_width: int) -> None:
+    def reserve(self, logits: int) -> None:
+        """The graphs' logits buffer: room for ``logits`` rows of V (the most a graph captured
+        next writes, b * commit width), before capturing. A graph keeps the buffer it was
+        captured with; a larger one later is new memory (warm-up reserves once, for all)."""
+        weight = self.module.lm_head.weight  # [V, d]: the logits' width and dtype
+        if self.logits_buffer is None or self.logits_buffer.numel() < logits * weight.shape[0]:
+            self.logits_buffer = weight.new_empty(logits * weight.shape[0])
+
+    def capture_step(self, b: int, width: int, commit_width: int, keys: int) -> None:
         """Captures the step call for these buckets (warm-up, on an idle engine: never while
         serving). The state it reads is put back: the warm-up runs write keys into the rows'
-        scratch slots only (no row steps), and commit nothing."""
-        if not self.capture or (b, width, commit_width) in self.graphs:
+        scratch slots only (no row steps), and commit nothing. The logits land in the reserved
+        buffer (``reserve``; reserved here when too small)."""
+        if not self.capture or (b, width, commit_width, keys) in self.graphs:
             return
+        self.reserve(b * commit_width)
         stepping = self.rows.stepping.clone()
         self.rows.stepping.zero_()
-        keys = self.rows.geometry.slots  # a graph serves any requests: every slot of the rows
         for _ in range(2):
             self._step_body(b, width, commit_width, keys)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
             logits = self._step_body(b, width, commit_width, keys)
+            out = self.logits_buffer[: logits.numel()].view(logits.shape)
+            out.copy_(logits)  # the body's own logits are freed after capture, for the next graph's use
+        del logits
         self.rows.stepping.copy_(stepping)
-        self.graphs[(b, width, commit_width)] = (graph, logits)
+        self.graphs[(b, width, commit_width, keys)] = (graph, out)
 
     def release(self) -> None:
         for graph, _ in self.graphs.values():
@@ -83,7 +100,7 @@ class BatchStep:
     def _step_body(self, b: int, width: int, commit_width: int, keys: int) -> torch.Tensor:
         rows = self.rows
         stepping = rows.stepping[:b, None]
-        # [b, T]; padding queries write the last slot attended over (the scratch slot when all are)
+        # [b, T]; padding queries write the last slot attended over (past every row's keys)
         slots = torch.where(stepping, rows.step_slots[:b, :width], keys - 1)
         slots = torch.where(slots == rows.geometry.scratch, keys - 1, slots)
         kv = self.pool.kv[:, :, :b, :, :keys]  # a view: writes land in the pool
@@ -111,7 +128,7 @@ class BatchStep:
         at = slice(first, first + len(queries))
         width = max(map(len, queries))
         slots = to_device([q + [rows.geometry.scratch] * (width - len(q)) for q in queries], device)
-        keys = self._key_width(at)
+        keys = self.key_width(at)
         kv = self.pool.kv[:, :, at, :, :keys]  # [L, 2, b, Hkv, K, D], a view: the rows' keys and one spare slot
         slots = torch.where(slots == rows.geometry.scratch, keys - 1, slots)  # padding queries write the spare
         hidden, positions, segments, cache = self._forward(at, kv, slots, keys)
@@ -131,14 +148,14 @@ class BatchStep:
         state after them; after the last layer the row's last prompt state is kept as well."""
         rows, device = self.rows, self.rows.device
         at = slice(row, row + 1)
-        keys = self._key_width(at)
+        keys = self.key_width(at)
         slots = to_device([queries], device)
         hidden, *_ = self._forward(at, self.pool.kv[:, :, at, :, :keys], slots, keys, x, layers)
         if layers.stop is None or layers.stop >= len(self.module.layers):
             rows.last_hidden[row] = hidden[0, len(queries) - 1]
         return hidden
 
-    def _key_width(self, at) -> int:
+    def key_width(self, at) -> int:
         """Slots a call over rows ``at`` attends over: every row's keys and one slot past the
         longest row's, a key of none, where its padding queries write."""
         return min(int(self.rows.extent[at].max()) + 1, self.rows.geometry.slots)
