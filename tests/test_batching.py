@@ -462,33 +462,77 @@ def test_a_stop_string_ends_the_decode_as_alone(model):
 
 
 def test_warm_up_covers_every_step_call_of_its_settings(model, monkeypatch):
-    """Bucketed as with CUDA graphs (CPU: the captures are recorded, the calls run): every step
-    call of requests of the warmed-up settings, mixed and joining at different steps, falls in a
-    (batch, step width, commit width, key) bucket that warm-up captured, so serving captures
-    nothing; short requests in long rows attend over a key bucket short of the row; each
-    request still decodes as alone."""
+    """Bucketed as with CUDA graphs (CPU: captures are recorded, a replay runs the body it would
+    have captured): every step call of requests of the warmed-up settings, mixed and joining at
+    different steps, falls in a (batch, step width, commit width, key) bucket that warm-up
+    captured, so serving captures nothing; short requests in long rows attend over a key bucket
+    short of the row; a tiny model's padding is never worth a called step; each request still
+    decodes as alone."""
     from paradec.batching.engine import key_buckets
 
     engine = make_engine(model, max_batch=4, max_canvas_tokens=1024)
     assert key_buckets(engine.geometry.slots) == [256, 512, engine.geometry.slots]
     engine.capture = True  # widths and keys bucket as on a GPU
-    captured, called = set(), []
-    monkeypatch.setattr(engine.calls, "capture_step", lambda *key: captured.add(key))
-    monkeypatch.setattr(engine.calls, "reserve", lambda logits: None)
+    calls, replayed = engine.calls, []
+    monkeypatch.setattr(calls, "capture_step", lambda *key: calls.graphs.setdefault(key, None))
+    monkeypatch.setattr(calls, "reserve", lambda logits: None)
     settings = [dict(SMALL, window=4, cache="dual"), dict(SMALL, window=3, tokens_per_step=2, partial_refresh=True),
                 dict(mode="block", answer_len=16, block_len=8, cache="dual"), dict(SMALL, policy="margin"),
                 dict(blocks=3, block_len=12, summary_len=8, window=4, cache="prefix"),
                 dict(blocks=3, block_len=12, summary_len=8, window=12, cache="dual")]
     engine.warm_up([resolve_config(model, **kw) for kw in settings])
-    step_logits = engine.calls.step_logits
-    monkeypatch.setattr(engine.calls, "step_logits", lambda *key: called.append(key) or step_logits(*key))
+    captured = set(calls.graphs)
+
+    def step_logits(b, width, commit_width, keys, packed=None):
+        replayed.append(((b, width, commit_width, keys), packed))
+        return calls._step_body(b, width, commit_width, keys, packed)
+
+    monkeypatch.setattr(calls, "step_logits", step_logits)
     schedule = [(i // 2, f"r{i}", QUESTIONS[i], kw) for i, kw in enumerate(settings * 2)]
     run = Run(engine, schedule)
     for _, rid, prompt, kwargs in schedule:
         assert_same(run.results[rid], solo(model, prompt, kwargs), f"{rid}: {kwargs}")
-    assert called and set(called) <= captured
-    assert {keys for *_, keys in called} == {256}  # ~60 of the row's 1089 slots hold keys
-    assert len({(width, commit) for _, width, commit, _ in called}) > 2
+    assert replayed and {packed for _, packed in replayed} == {None}
+    assert {key for key, _ in replayed} <= captured
+    assert {keys for (*_, keys), _ in replayed} == {256}  # ~60 of the row's 1089 slots hold keys
+    assert len({(width, commit) for (_, width, commit, _), _ in replayed}) > 2
+    assert engine.stats.graph_replays == engine.stats.step_calls == len(replayed)
+
+
+def test_packed_step_equals_the_padded_one(model):
+    """The step call with its queries packed (only the real columns through the products) gives
+    the padded call's logits at every committed column, on rows in different phases and one
+    row not stepping."""
+    engine = make_engine(model, max_batch=4)
+    for i, kw in enumerate([dict(SMALL, window=4, cache="dual"), dict(SMALL, tokens_per_step=2),
+                            dict(mode="block", answer_len=16, block_len=8), dict(SMALL, window=3, cache="dual")]):
+        engine.add(f"r{i}", QUESTIONS[i], **kw)
+    checked = padding = 0
+    for _ in range(12):
+        engine.step()
+        seqs = [s for s in engine.live if s.action is not None and s.action.value in ("step", "refresh")][1:]
+        if not seqs:
+            continue
+        for seq in seqs:
+            engine.rows.load_window(seq.row, seq.columns())
+            seq.loaded = seq.window_key
+        b, rows = len(engine.live), engine.rows
+        lengths = [0] * b
+        for seq in seqs:
+            lengths[seq.row] = len(seq.columns().step)
+        rows.stepping.zero_()
+        rows.stepping[[s.row for s in seqs]] = True
+        width, commit_width = max(lengths), max(len(s.columns().commit) for s in seqs)
+        keys = engine.calls.key_width(slice(0, b))
+        with torch.no_grad():
+            padded = engine.calls._step_body(b, width, commit_width, keys)
+            packed = engine.calls._step_body(b, width, commit_width, keys, lengths)
+        valid = rows.commit_valid[:b, :commit_width] & rows.stepping[:b, None]
+        torch.testing.assert_close(packed[valid], padded[valid], rtol=1e-5, atol=1e-5)
+        rows.stepping.zero_()
+        checked += 1
+        padding += sum(lengths) < b * width
+    assert checked >= 5 and padding >= 3
 
 
 # --- on a GPU -------------------------------------------------------------------------------------

@@ -56,6 +56,11 @@ MAX_STEPS_PER_LOOK = 8  # step calls the host may run before it reads the masks 
 # its own rather than widening the step call of every row.
 WIDE_STEP = 2
 WIDTH_BUCKET = 32  # step and commit widths round up to a multiple of this many columns
+# A step call runs called with its queries packed, not as its graph, when the graph's padding
+# (rows refreshing this step, a summary's window beside think blocks', a batch bucket) costs
+# this many FLOPs: ~6 ms of an H200's bf16 products, more than a called step's launches cost
+# (~250 padding columns of an 8B model; never at paradec-tiny's size, whose steps stay graphs).
+PACK_SAVING = 4e12
 SMALLEST_KEYS = 256  # the smallest key bucket: the keys a step call attends over double from it up to a row's slots
 _QUERIES = {Action.PREFILL: Sequence.prompt_slots, Action.EXTEND: Sequence.extend_slots,
             Action.REFRESH: lambda s: s.columns().refresh, Action.STEP: lambda s: s.columns().step}
@@ -78,9 +83,9 @@ class RequestOutput:
 @dataclass
 class EngineStats:
     """Counts since the engine started: engine steps; step calls, of which graph replays (the
-    rest ran called: a bucket no warm-up captured); query columns forwarded per action (real
-    ones) and by the step call in all (padding included: buckets, rows not stepping); seconds
-    in ``step``."""
+    rest ran called: a bucket no warm-up captured, or one whose padding was worth packing
+    away); query columns forwarded per action (real ones) and by the step call in all (a
+    replay's padding included: buckets, rows not stepping); seconds in ``step``."""
 
     steps: int = 0
     step_calls: int = 0
@@ -130,6 +135,7 @@ class BatchEngine:
                          spec.pad_id if spec.pad_id is not None else 0, spec.stop_ids, model.dtype, device)
         self.capture = captures(GenerationConfig(cuda_graphs=cuda_graphs), device)
         self.calls = BatchStep(self.module, self.pool, self.rows, spec.eos_id, self.capture)
+        self.column_flops = 2 * sum(p.numel() for p in self.module.layers.parameters())  # a query's products
         self.waiting: deque[Sequence] = deque()
         self.live: list[Sequence] = []  # live[i] decodes in pool row i
         self.ids: set[str] = set()
@@ -417,10 +423,17 @@ class BatchEngine:
         keys = self.calls.key_width(slice(0, b))
         if self.capture:
             keys = next(k for k in key_buckets(self.geometry.slots) if k >= keys)
+        lengths = [0] * len(self.live)  # each row's real step columns
+        for seq in seqs:
+            lengths[seq.row] = len(seq.columns().step)
+        padding, packed = b * width - sum(lengths), None
+        graph = (b, width, commit_width, keys) in self.calls.graphs
+        if padding and (not graph or padding * self.column_flops >= PACK_SAVING):
+            b, packed = len(self.live), lengths  # called: only the real columns go through the products
+        self.stats.graph_replays += graph and packed is None
         self.stats.step_calls += 1
-        self.stats.graph_replays += (b, width, commit_width, keys) in self.calls.graphs
-        self.stats.step_call_columns += b * width
-        logits = self.calls.step_logits(b, width, commit_width, keys)
+        self.stats.step_call_columns += b * width if packed is None else sum(packed)
+        logits = self.calls.step_logits(b, width, commit_width, keys, packed)
         self._mark("step")
         self._commit(seqs, logits, [s.row for s in seqs])
         self._mark("commit")

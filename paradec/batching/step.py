@@ -36,7 +36,7 @@ from paradec.decoding import policies, sampler
 from paradec.decoding.policies import Candidates
 from paradec.decoding.step import PENDING, fill_after_eos
 from paradec.models.attention import attention_mask
-from paradec.models.cache import PromptCache
+from paradec.models.cache import PackedQueries, PromptCache
 from paradec.models.transformer import DiffusionTransformer
 
 
@@ -51,16 +51,19 @@ class BatchStep:
         self.acting = torch.zeros_like(rows.stepping)  # [R] rows that committed this step
 
     # --- forwards -----------------------------------------------------------------------------
-    def step_logits(self, b: int, width: int, commit_width: int, keys: int) -> torch.Tensor:
+    def step_logits(self, b: int, width: int, commit_width: int, keys: int,
+                    packed: list[int] | None = None) -> torch.Tensor:
         """Logits [b, commit_width, V] of the first b rows' step columns (rows not ``stepping``
         forward padding only), attending over their first ``keys`` slots (past every row's keys:
-        ``key_width``): a graph replay where one was captured for these buckets, else called."""
+        ``key_width``): a graph replay where one was captured for these buckets, else called.
+        ``packed``: each row's real step columns (0 for a row not stepping): called with the
+        queries packed (``PackedQueries``), no padding forwarded but in attention."""
         key = (b, width, commit_width, keys)
-        if key in self.graphs:
+        if packed is None and key in self.graphs:
             graph, logits = self.graphs[key]
             graph.replay()
             return logits
-        return self._step_body(b, width, commit_width, keys)
+        return self._step_body(b, width, commit_width, keys, packed)
 
     def reserve(self, logits: int) -> None:
         """The graphs' logits buffer: room for ``logits`` rows of V (the most a graph captured
@@ -97,14 +100,16 @@ class BatchStep:
             graph.reset()
         self.graphs.clear()
 
-    def _step_body(self, b: int, width: int, commit_width: int, keys: int) -> torch.Tensor:
+    def _step_body(self, b: int, width: int, commit_width: int, keys: int,
+                   packed: list[int] | None = None) -> torch.Tensor:
         rows = self.rows
         stepping = rows.stepping[:b, None]
         # [b, T]; padding queries write the last slot attended over (past every row's keys)
         slots = torch.where(stepping, rows.step_slots[:b, :width], keys - 1)
         slots = torch.where(slots == rows.geometry.scratch, keys - 1, slots)
         kv = self.pool.kv[:, :, :b, :, :keys]  # a view: writes land in the pool
-        hidden, positions, segments, cache = self._forward(slice(0, b), kv, slots, keys)
+        real = None if packed is None else self._real(packed, width)
+        hidden, positions, segments, cache = self._forward(slice(0, b), kv, slots, keys, real=real)
         valid = rows.commit_valid[:b, :commit_width] & stepping
         return self._logits(slice(0, b), hidden, positions, segments, cache, valid, commit_width)
 
@@ -131,7 +136,9 @@ class BatchStep:
         keys = self.key_width(at)
         kv = self.pool.kv[:, :, at, :, :keys]  # [L, 2, b, Hkv, K, D], a view: the rows' keys and one spare slot
         slots = torch.where(slots == rows.geometry.scratch, keys - 1, slots)  # padding queries write the spare
-        hidden, positions, segments, cache = self._forward(at, kv, slots, keys)
+        lengths = [len(q) for q in queries]
+        real = self._real(lengths, width) if sum(lengths) < len(queries) * width else None
+        hidden, positions, segments, cache = self._forward(at, kv, slots, keys, real=real)
         arange = torch.arange(len(queries), device=device)
         last = slots == (rows.prompt_lens[at] - 1)[:, None]  # the prompt's last token, if forwarded
         state = hidden[arange, last.float().argmax(1)]
@@ -160,11 +167,19 @@ class BatchStep:
         longest row's, a key of none, where its padding queries write."""
         return min(int(self.rows.extent[at].max()) + 1, self.rows.geometry.slots)
 
+    def _real(self, lengths: list[int], width: int) -> torch.Tensor:
+        """[N] the real queries of rows padded to ``width``, as indices into the flattened
+        [b, width] layout: row i's first ``lengths[i]`` columns."""
+        real = torch.cat([torch.arange(n) + i * width for i, n in enumerate(lengths)])
+        return to_device(real, self.rows.device)
+
     def _forward(self, at, kv: torch.Tensor, slots: torch.Tensor, width: int, x: torch.Tensor | None = None,
-                 layers: slice = slice(None)):
+                 layers: slice = slice(None), real: torch.Tensor | None = None):
         """The model over rows ``at`` (a slice or index tensor) whose first ``width`` slots are
         ``kv`` (a padding query's slot is the last of them, or the scratch slot): its ``layers``
-        on ``x``, the hidden state before the first of them (None: the embedded ids)."""
+        on ``x``, the hidden state before the first of them (None: the embedded ids). ``real``:
+        [N] the real queries' indices in the flattened [b, T] slots (the rest padding): only they
+        are forwarded (``PackedQueries``); the hidden state of a padding query is then zero."""
         rows, module = self.rows, self.module
         rows.ids.scatter_(1, rows.canvas_slots, rows.canvas)  # the canvas as committed so far, after each prompt
         ids, positions, segments = (x[at].gather(1, slots) for x in (rows.ids, rows.positions, rows.segments))
@@ -172,8 +187,15 @@ class BatchStep:
         mask = torch.where(rows.canvas_attention[at, None, None, None], attention_mask(segments, keys, "canvas"),
                            attention_mask(segments, keys, "isolated"))
         cache = PromptCache(kv=kv, segments=keys, lengths=rows.prompt_lens[at], last_hidden=rows.last_hidden[at])
-        x = module.embed(ids.clamp(min=0)) if x is None else x
-        hidden, _ = module.run_layers(x, positions, mask, cache, slots, segments, layers)
+        if real is None:
+            x = module.embed(ids.clamp(min=0)) if x is None else x
+            hidden, _ = module.run_layers(x, positions, mask, cache, slots, segments, layers)
+            return hidden, positions, segments, cache
+        b, t = slots.shape
+        packed = PackedQueries(rows=real // t, slots=slots.reshape(-1)[real], padded=real, batch=b, width=t)
+        x = module.embed(ids.reshape(-1)[real].clamp(min=0))[None]  # [1, N, d]
+        out, _ = module.run_layers(x, positions.reshape(-1)[real][None], mask, cache, packed, segments, layers)
+        hidden = out.new_zeros(b * t, out.shape[-1]).index_copy_(0, real, out[0]).view(b, t, -1)
         return hidden, positions, segments, cache
 
     def _logits(self, at, hidden, positions, segments, cache, valid: torch.Tensor, commit_width: int) -> torch.Tensor:

@@ -56,6 +56,23 @@ class BlockCache:
     bias: torch.Tensor | None
 
 
+@dataclass(frozen=True)
+class PackedQueries:
+    """A forward's queries packed: only the N real ones of a [B, T] batch of rows (a row pads
+    to the widest), so that every token-wise product (the projections, the MLP) runs over N
+    rows, not B * T; attention alone unpacks them into [B, T] (padding queries zero, their
+    outputs dropped). With a static cache of rows (``paradec.batching``).
+
+    rows, slots: [N] each query's row and the slot its k/v are written into; padded: [N] its
+    index in the flattened [B, T] layout (row * T + column), the mask's rows."""
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    padded: torch.Tensor
+    batch: int
+    width: int
+
+
 def kv_buffer(prefix: torch.Tensor | None, kv: list[tuple[torch.Tensor, torch.Tensor]], reserve: int) -> torch.Tensor:
     """One [L, 2, B, Hkv, C, D] buffer: ``prefix`` ([L, 2, B, Hkv, P, D] or None), then each
     layer's new k/v ([B, Hkv, T, D]), then ``reserve`` tokens of scratch room."""

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from paradec.models.cache import PackedQueries
 from paradec.models.transformer_config import TransformerConfig
 from paradec.ops import batch_invariant as bi
 
@@ -158,10 +159,14 @@ class Attention(nn.Module):
         slots: [T] buffer slots (a device tensor) to write this call's k/v into instead, or [B, T]
         each row's own (a pool of rows, ``paradec.batching``); then every slot of the buffer is a
         key and mask is [B, 1, T, C] (a static cache).
+        slots may also be ``PackedQueries``: x [1, N, d] holds only the real queries of a
+        [B, T] batch of rows (mask [B, 1, T, C] over them, past: the rows' static cache).
         Returns the output [B, T, d] and this call's own k/v [B, Hkv, T, D]."""
         b, t, _ = x.shape
         q, k, v = self._qkv(x, cos, sin)
         keys, values = k, v
+        if isinstance(slots, PackedQueries):
+            return self._packed(q, k, v, mask, past, slots), (k, v)
         if slots is not None and slots.dim() == 2:
             rows = torch.arange(b, device=slots.device)[:, None]
             past[0][rows, :, slots] = k.transpose(1, 2)  # [B, T, Hkv, D] into each row's slots
@@ -181,6 +186,16 @@ class Attention(nn.Module):
             values = torch.cat((past[1][:, :, :past_len], v), dim=2)
         out = attend(q, keys, values, mask, self.num_heads != self.num_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
+
+    def _packed(self, q, k, v, mask, past, packed: PackedQueries) -> torch.Tensor:
+        """``forward`` of packed queries: q [1, H, N, D], k/v [1, Hkv, N, D] -> [1, N, d]."""
+        past[0][packed.rows, :, packed.slots] = k[0].transpose(0, 1)  # [N, Hkv, D] into each query's row and slot
+        past[1][packed.rows, :, packed.slots] = v[0].transpose(0, 1)
+        rows, heads = packed.batch * packed.width, q.shape[1]
+        padded = q.new_zeros(rows, heads, self.head_dim).index_copy_(0, packed.padded, q[0].transpose(0, 1))
+        padded = padded.view(packed.batch, packed.width, heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        out = attend(padded, past[0], past[1], mask, self.num_heads != self.num_kv_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(rows, -1)[packed.padded][None])
 
     def forward_blocks(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor | None,

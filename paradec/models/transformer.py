@@ -17,7 +17,7 @@ from torch import nn
 from paradec.ops import batch_invariant as bi
 from paradec.errors import InputError
 from paradec.models.attention import PAD, PROMPT, SUMMARY, attention_mask, check_mode
-from paradec.models.cache import BlockCache, PromptCache, kv_buffer
+from paradec.models.cache import BlockCache, PackedQueries, PromptCache, kv_buffer
 from paradec.models.layers import Layer, Linear, RMSNorm, RotaryEmbedding
 from paradec.models.transformer_config import TransformerConfig
 
@@ -55,7 +55,8 @@ class DiffusionTransformer(nn.Module):
 
     def run_layers(
         self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: PromptCache | None,
-        slots: torch.Tensor | None = None, query_segments: torch.Tensor | None = None, layers: slice = slice(None),
+        slots: torch.Tensor | PackedQueries | None = None, query_segments: torch.Tensor | None = None,
+        layers: slice = slice(None),
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Every layer (or the ``layers`` slice of them: x is then the hidden state before the
         first) over embedded inputs, without the final norm and head.
@@ -64,7 +65,8 @@ class DiffusionTransformer(nn.Module):
         True where a query sees a key, K = cache.num_tokens + T (or C, the cache's capacity,
         with ``slots``), or None; cache: the KV the queries also attend to, or None; slots: [T]
         (or [B, T], each row's own) cache slots where these tokens' k/v are written first (a static cache, see
-        ``Attention.forward``). Returns hidden [B, T, d] and each layer's new (k, v), each
+        ``Attention.forward``), or ``PackedQueries``: x [1, N, d] and positions [1, N] are then
+        the real queries of a [B, T] batch of rows, the mask and query_segments the batch's. Returns hidden [B, T, d] and each layer's new (k, v), each
         [B, Hkv, T, D] (written into the cache at ``slots`` when given). The mask is turned here
         once into the additive form that attention kernels take (given a boolean one, each
         layer's call would convert it again: ~4.5 µs a layer at an 8B step's shapes); None when
