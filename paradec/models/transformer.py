@@ -66,7 +66,8 @@ class DiffusionTransformer(nn.Module):
         with ``slots``), or None; cache: the KV the queries also attend to, or None; slots: [T]
         (or [B, T], each row's own) cache slots where these tokens' k/v are written first (a static cache, see
         ``Attention.forward``), or ``PackedQueries``: x [1, N, d] and positions [1, N] are then
-        the real queries of a [B, T] batch of rows, the mask and query_segments the batch's. Returns hidden [B, T, d] and each layer's new (k, v), each
+        the real queries of a [B, T] batch of rows, the mask and query_segments the batch's.
+        Returns hidden [B, T, d] (or [1, N, d]) and each layer's new (k, v), each
         [B, Hkv, T, D] (written into the cache at ``slots`` when given). The mask is turned here
         once into the additive form that attention kernels take (given a boolean one, each
         layer's call would convert it again: ~4.5 µs a layer at an 8B step's shapes); None when
