@@ -51,7 +51,8 @@ def closed_loop(engine: BatchEngine, prompt, configs: list, concurrency: int, re
     return {"concurrency": concurrency, "requests": requests, "wall_s": wall, "rps": requests / wall,
             "p50_s": percentile(latencies, 0.5), "p99_s": percentile(latencies, 0.99),
             "engine_steps": spent["steps"], "ms_per_engine_step": 1e3 * wall / max(1, spent["steps"]),
-            "graph_replays": spent["graph_replays"], "step_calls": spent["step_calls"],
+            "graph_replays": spent["graph_replays"], "commit_replays": spent["commit_replays"],
+            "step_calls": spent["step_calls"],
             "columns_per_body_token": {k: spent[k] / body for k in ("prefill", "extend", "refresh", "step")}
             | {"step_call_padded": spent["step_call_columns"] / body},
             "tokens_before_eos": committed, "profile_s": profile}
@@ -59,7 +60,8 @@ def closed_loop(engine: BatchEngine, prompt, configs: list, concurrency: int, re
 
 def _counts(engine: BatchEngine) -> dict:
     s = engine.stats
-    return {"steps": s.steps, "graph_replays": s.graph_replays, "step_calls": s.step_calls,
+    return {"steps": s.steps, "graph_replays": s.graph_replays, "commit_replays": s.commit_replays,
+            "step_calls": s.step_calls,
             "step_call_columns": s.step_call_columns, **s.forwarded}
 
 

@@ -462,19 +462,21 @@ def test_a_stop_string_ends_the_decode_as_alone(model):
 
 
 def test_warm_up_covers_every_step_call_of_its_settings(model, monkeypatch):
-    """Bucketed as with CUDA graphs (CPU: captures are recorded, a replay runs the body it would
+    """Bucketed as with CUDA graphs (CPU: captures are recorded, a replay runs what it would
     have captured): every step call of requests of the warmed-up settings, mixed and joining at
     different steps, falls in a (batch, step width, commit width, key) bucket that warm-up
     captured, so serving captures nothing; short requests in long rows attend over a key bucket
-    short of the row; a tiny model's padding is never worth a called step; each request still
-    decodes as alone."""
+    short of the row; a tiny model's padding is never worth a called step; a step call of one
+    commit class commits as its graph would (every row of the bucket, the stepping ones only);
+    each request still decodes as alone."""
     from paradec.batching.engine import key_buckets
 
     engine = make_engine(model, max_batch=4, max_canvas_tokens=1024)
     assert key_buckets(engine.geometry.slots) == [256, 512, engine.geometry.slots]
     engine.capture = True  # widths and keys bucket as on a GPU
-    calls, replayed = engine.calls, []
+    calls, replayed, committed, last = engine.calls, [], [], {}
     monkeypatch.setattr(calls, "capture_step", lambda *key: calls.graphs.setdefault(key, None))
+    monkeypatch.setattr(calls, "capture_commit", lambda *key: calls.commit_graphs.setdefault(key, None))
     monkeypatch.setattr(calls, "reserve", lambda logits: None)
     settings = [dict(SMALL, window=4, cache="dual"), dict(SMALL, window=3, tokens_per_step=2, partial_refresh=True),
                 dict(mode="block", answer_len=16, block_len=8, cache="dual"), dict(SMALL, policy="margin"),
@@ -485,9 +487,18 @@ def test_warm_up_covers_every_step_call_of_its_settings(model, monkeypatch):
 
     def step_logits(b, width, commit_width, keys, packed=None):
         replayed.append(((b, width, commit_width, keys), packed))
-        return calls._step_body(b, width, commit_width, keys, packed)
+        last["logits"] = calls._step_body(b, width, commit_width, keys, packed)
+        return last["logits"]
+
+    def commit_step(b, commit_width, cls):
+        if (b, commit_width, cls) not in calls.commit_graphs:
+            return False
+        committed.append(cls)
+        calls.commit(calls.all_rows[:b], last["logits"], cls, stepping_only=True)
+        return True
 
     monkeypatch.setattr(calls, "step_logits", step_logits)
+    monkeypatch.setattr(calls, "commit_step", commit_step)
     schedule = [(i // 2, f"r{i}", QUESTIONS[i], kw) for i, kw in enumerate(settings * 2)]
     run = Run(engine, schedule)
     for _, rid, prompt, kwargs in schedule:
@@ -497,6 +508,7 @@ def test_warm_up_covers_every_step_call_of_its_settings(model, monkeypatch):
     assert {keys for (*_, keys), _ in replayed} == {256}  # ~60 of the row's 1089 slots hold keys
     assert len({(width, commit) for (_, width, commit, _), _ in replayed}) > 2
     assert engine.stats.graph_replays == engine.stats.step_calls == len(replayed)
+    assert len(set(committed)) == 2 and 0 < len(committed) < len(replayed)  # top-k and margin; mixed calls
 
 
 def test_packed_step_equals_the_padded_one(model):
@@ -564,6 +576,7 @@ def test_cuda_graph_replays_decode_as_alone():
         alone = paradec.generate(model, prompt, **kw)
         assert (results[f"r{i}"].token_ids, results[f"r{i}"].trace) == (alone.token_ids, alone.trace), kw
     assert engine.stats.graph_replays == engine.stats.step_calls > 0  # every step call replayed a warm-up graph
+    assert 0 < engine.stats.commit_replays < engine.stats.step_calls  # one class: the commit replays too
     buffer = engine.calls.logits_buffer.data_ptr()  # one logits buffer for every graph
     assert {logits.data_ptr() for _, logits in engine.calls.graphs.values()} == {buffer}
     assert {keys for *_, keys in engine.calls.graphs} == {256, 512, engine.geometry.slots}

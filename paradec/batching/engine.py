@@ -84,12 +84,13 @@ class RequestOutput:
 class EngineStats:
     """Counts since the engine started: engine steps; step calls, of which graph replays (the
     rest ran called: a bucket no warm-up captured, or one whose padding was worth packing
-    away); query columns forwarded per action (real ones) and by the step call in all (a
+    away) and commit replays (a replayed call of one commit class); query columns forwarded per action (real ones) and by the step call in all (a
     replay's padding included: buckets, rows not stepping); seconds in ``step``."""
 
     steps: int = 0
     step_calls: int = 0
     graph_replays: int = 0
+    commit_replays: int = 0
     forwarded: dict[str, int] = field(default_factory=lambda: {a.value: 0 for a in Action})
     step_call_columns: int = 0
     seconds: float = 0.0
@@ -201,15 +202,19 @@ class BatchEngine:
         commit widths the windows of ``configs`` use (None: the model's defaults) and every key
         bucket (``key_buckets``) a row holding one of their canvases can need, so that serving
         captures nothing; a bucket met later runs called (so does a ``canvas``-attention request
-        without a window, whose steps forward its prompt: their width depends on the prompt).
-        On an idle engine. Returns the graphs captured (0 on a CPU or with ``cuda_graphs=False``)."""
+        without a window, whose steps forward its prompt: their width depends on the prompt),
+        and the commit of a step call for every batch bucket, commit width and ``CommitClass``
+        of ``configs``. On an idle engine. Returns the step graphs captured (0 on a CPU or with
+        ``cuda_graphs=False``)."""
         if self.has_unfinished():
             raise ConfigError("warm_up runs on an idle engine: finish or abort the requests added first")
         if not self.capture:
             return 0
         shapes, canvas = set(), self.geometry.max_canvas  # (step width, commit width) of each window
+        classes = set()
         for config in configs:
             config = resolve_config(self.model, config)
+            classes.add(CommitClass.of(config))
             layout = build_layout(self.model, config)
             canvas = min(canvas, layout.length)
             seq = Sequence("warm-up", [0], config, layout, make_plan(config, layout, self.module.shift_logits))
@@ -232,6 +237,8 @@ class BatchEngine:
             for b, (width, commit_width), k in itertools.product(buckets, sorted(shapes), keys):
                 if width < k:  # (a wider step forwards slots past the keys: no row has such a window)
                     self.calls.capture_step(b, width, commit_width, k)
+            for b, commit_width, cls in itertools.product(buckets, {c for _, c in shapes}, classes):
+                self.calls.capture_commit(b, commit_width, cls)
         return len(self.calls.graphs) - before
 
     # --- the loop -----------------------------------------------------------------------------
@@ -435,7 +442,11 @@ class BatchEngine:
         self.stats.step_call_columns += b * width if packed is None else sum(packed)
         logits = self.calls.step_logits(b, width, commit_width, keys, packed)
         self._mark("step")
-        self._commit(seqs, logits, [s.row for s in seqs])
+        classes = {s.commit_class for s in seqs}
+        if packed is None and len(classes) == 1 and self.calls.commit_step(b, commit_width, classes.pop()):
+            self.stats.commit_replays += 1
+        else:
+            self._commit(seqs, logits, [s.row for s in seqs])
         self._mark("commit")
 
     def _commit(self, seqs: list[Sequence], logits: torch.Tensor, at: list[int]) -> None:

@@ -12,7 +12,9 @@ the scratch slot. Two ways to address rows:
   bucket not captured runs called. The key buckets keep short requests in long rows from
   attending over every slot of the row (a served 8B row holds 8k + 8k slots; a 512-token prompt
   and its canvas use 1.5k). Every graph writes its logits into one buffer (``reserve``), so
-  that the graphs' outputs do not each keep [b, commit width, V] of device memory.
+  that the graphs' outputs do not each keep [b, commit width, V] of device memory. A step call
+  whose padding costs more than its launches runs called with its queries packed
+  (``PackedQueries``: the products see only real columns).
 - ``forward_rows``: any rows (a prefill, the summary's extension, a window's refresh), each run
   of consecutive rows as a view of the pool. These are wide and rare (one per window), so they
   run called.
@@ -21,7 +23,10 @@ A commit takes the logits of some rows at their window's commit columns and runs
 kernel, the policy's ranking and the selection kernel once per ``CommitClass`` present (the
 kernels take the temperature, the rule and its bound as scalars); quotas, floors, seeds, window
 counters and EOS filling are per row, with the runner's arithmetic
-(``paradec.decoding.step.PhaseSteps``), so a request commits what it commits alone.
+(``paradec.decoding.step.PhaseSteps``), so a request commits what it commits alone. When every
+row of a replayed step call is of one class, its commit replays too: a graph per (batch bucket,
+commit width, class) that warm-up captured, reading the logits buffer (a called commit is ~40
+launches and ~1 ms of host time a step, which a lone request waits for).
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class BatchStep:
         self.graphs: dict[tuple[int, int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if capture else None
         self.logits_buffer: torch.Tensor | None = None  # flat: every graph's logits, a view of its start
+        self.commit_graphs: dict[tuple[int, int, CommitClass], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.all_rows = torch.arange(rows.stepping.shape[0], device=rows.device)  # a commit graph's rows: [:b]
         self.active = torch.zeros_like(rows.group_steps, dtype=torch.bool)  # [R, G] groups that committed this step
         self.acting = torch.zeros_like(rows.stepping)  # [R] rows that committed this step
 
@@ -95,10 +102,41 @@ class BatchStep:
         self.rows.stepping.copy_(stepping)
         self.graphs[(b, width, commit_width, keys)] = (graph, out)
 
+    def commit_step(self, b: int, commit_width: int, cls: CommitClass) -> bool:
+        """Replays the commit of the first b rows' step logits (as a replayed step call leaves
+        them, in the logits buffer) for rows ``stepping``, all of class ``cls``: False when warm-up
+        captured no such graph (the caller commits called)."""
+        graph, logits = self.commit_graphs.get((b, commit_width, cls), (None, None))
+        if graph is None or logits.data_ptr() != self.logits_buffer.data_ptr():
+            return False
+        graph.replay()
+        return True
+
+    def capture_commit(self, b: int, commit_width: int, cls: CommitClass) -> None:
+        """Captures the commit of a replayed step call's logits for rows of class ``cls`` (warm-up,
+        on an idle engine: no row has a masked commit column, so the runs commit nothing)."""
+        key = (b, commit_width, cls)
+        if not self.capture or key in self.commit_graphs:
+            return
+        self.reserve(b * commit_width)
+        vocab = self.module.lm_head.weight.shape[0]
+        logits = self.logits_buffer[: b * commit_width * vocab].view(b, commit_width, vocab)
+        index = self.all_rows[:b]
+        self.commit(index, logits, cls, stepping_only=True)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            self.commit(index, logits, cls, stepping_only=True)
+        self.begin()
+        self.commit_graphs[key] = (graph, logits)
+
     def release(self) -> None:
         for graph, _ in self.graphs.values():
             graph.reset()
+        for graph, _ in self.commit_graphs.values():
+            graph.reset()
         self.graphs.clear()
+        self.commit_graphs.clear()
 
     def _step_body(self, b: int, width: int, commit_width: int, keys: int,
                    packed: list[int] | None = None) -> torch.Tensor:
@@ -208,15 +246,18 @@ class BatchStep:
         self.active.zero_()
         self.acting.zero_()
 
-    def commit(self, index: torch.Tensor, logits: torch.Tensor, cls: CommitClass) -> None:
+    def commit(self, index: torch.Tensor, logits: torch.Tensor, cls: CommitClass, stepping_only: bool = False) -> None:
         """Commits rows ``index`` ([b] pool rows) of one class from their logits [b, N, V] at
-        their commit columns."""
+        their commit columns (with ``stepping_only``, only those of the rows ``stepping``: the
+        others commit nothing, and what they committed this engine step stands)."""
         rows = self.rows
         b, n, vocab = logits.shape
         g_count = rows.num_groups
         policy = policies.get(cls.policy)
         cols, group = rows.commit_cols[index, :n], rows.commit_groups[index, :n]  # [b, N]
         masked = (rows.canvas[index].gather(1, cols) == rows.mask_id) & rows.commit_valid[index, :n]
+        if stepping_only:
+            masked = masked & rows.stepping[index, None]
         left = torch.zeros(b, g_count, dtype=torch.long, device=rows.device).scatter_add_(1, group, masked.long())
         active = left > 0  # [b, G]
         masked = masked & active.gather(1, group)
@@ -248,8 +289,8 @@ class BatchStep:
         ops.select_commit(rows.canvas, rows.trace, index.repeat_interleave(n), cols.reshape(-1), key, ranking,
                           confidence, candidates.quota, candidates.floor, scores.tokens, policy.rule, cls.param,
                           PENDING, checked=False)
-        self.active[index] = active
-        self.acting[index] = active.any(1)
+        self.active[index] |= active  # (a row commits once an engine step: at most a refresh's commit stands)
+        self.acting[index] |= active.any(1)
 
     def end(self) -> None:
         """After every commit of the engine step: the committing step's number in the trace, EOS
