@@ -56,10 +56,15 @@ MAX_STEPS_PER_LOOK = 8  # step calls the host may run before it reads the masks 
 # its own rather than widening the step call of every row.
 WIDE_STEP = 2
 WIDTH_BUCKET = 32  # step and commit widths round up to a multiple of this many columns
-# A step call runs called with its queries packed, not as its graph, when the graph's padding
+# A step call runs called with its queries packed, not as its graph, when its real columns
+# alone make the products compute-bound (PACK_WORK FLOPs, ~12 ms of an H200's bf16 products,
+# which hide a called step's launches: ~500 columns of an 8B model) and the graph's padding
 # (rows refreshing this step, a summary's window beside think blocks', a batch bucket) costs
-# this many FLOPs: ~6 ms of an H200's bf16 products, more than a called step's launches cost
-# (~250 padding columns of an 8B model; never at paradec-tiny's size, whose steps stay graphs).
+# PACK_SAVING more. A smaller call reads the weights in about the time its padding costs, and
+# its launches would not hide (with a 250-column threshold alone, the H200 open-loop benchmark,
+# whose few staggered rows pad, fell from 0.78 to 0.62 req/s at 1 request/s). paradec-tiny's
+# steps never pack.
+PACK_WORK = 8e12
 PACK_SAVING = 4e12
 SMALLEST_KEYS = 256  # the smallest key bucket: the keys a step call attends over double from it up to a row's slots
 _QUERIES = {Action.PREFILL: Sequence.prompt_slots, Action.EXTEND: Sequence.extend_slots,
@@ -435,7 +440,8 @@ class BatchEngine:
             lengths[seq.row] = len(seq.columns().step)
         padding, packed = b * width - sum(lengths), None
         graph = (b, width, commit_width, keys) in self.calls.graphs
-        if padding and (not graph or padding * self.column_flops >= PACK_SAVING):
+        worth = padding * self.column_flops >= PACK_SAVING and sum(lengths) * self.column_flops >= PACK_WORK
+        if padding and (not graph or worth):
             b, packed = len(self.live), lengths  # called: only the real columns go through the products
         self.stats.graph_replays += graph and packed is None
         self.stats.step_calls += 1
