@@ -57,14 +57,14 @@ MAX_STEPS_PER_LOOK = 8  # step calls the host may run before it reads the masks 
 WIDE_STEP = 2
 WIDTH_BUCKET = 32  # step and commit widths round up to a multiple of this many columns
 # A step call runs called with its queries packed, not as its graph, when its real columns
-# alone make the products compute-bound (PACK_WORK FLOPs, ~12 ms of an H200's bf16 products,
-# which hide a called step's launches: ~500 columns of an 8B model) and the graph's padding
-# (rows refreshing this step, a summary's window beside think blocks', a batch bucket) costs
-# PACK_SAVING more. A smaller call reads the weights in about the time its padding costs, and
-# its launches would not hide (with a 250-column threshold alone, the H200 open-loop benchmark,
-# whose few staggered rows pad, fell from 0.78 to 0.62 req/s at 1 request/s). paradec-tiny's
-# steps never pack.
-PACK_WORK = 8e12
+# alone keep the GPU busy well past the host's launches (PACK_WORK FLOPs: ~1,500 columns of an
+# 8B model, ~35 ms of an H200's bf16 products, against an estimated ~12 ms of host time for a
+# called 8B forward's ~800 ops) and the graph's padding (rows refreshing this step, a summary's
+# window beside think blocks', a batch bucket) costs PACK_SAVING more (~250 columns of an 8B
+# model). With the padding rule alone a 32-request batch gained 5 % on the H200 but the
+# open-loop benchmark's few staggered rows got slower (benchmarks/RESULTS.md, session 13).
+# paradec-tiny's steps never pack.
+PACK_WORK = 24e12
 PACK_SAVING = 4e12
 SMALLEST_KEYS = 256  # the smallest key bucket: the keys a step call attends over double from it up to a row's slots
 _QUERIES = {Action.PREFILL: Sequence.prompt_slots, Action.EXTEND: Sequence.extend_slots,
