@@ -461,54 +461,84 @@ def test_a_stop_string_ends_the_decode_as_alone(model):
     assert run.results["stop"].finish_reason == "stop"
 
 
+class GraphStandIn:
+    """CUDA graphs as a CPU stands in for them: warm-up's captures are recorded; a step call
+    that would replay its graph runs the body it captured and leaves its logits in the one
+    shared buffer; a commit graph commits what that buffer holds, the first b rows, stepping
+    ones only (as the captured commit reads it, whatever logits the engine holds)."""
+
+    def __init__(self, engine, monkeypatch):
+        calls, self.calls = engine.calls, engine.calls
+        self.steps, self.commits, self.buffer = [], [], None
+        engine.capture = True  # widths and keys bucket as on a GPU
+        monkeypatch.setattr(calls, "capture_step", lambda *key: calls.graphs.setdefault(key, None))
+        monkeypatch.setattr(calls, "capture_commit", lambda *key: calls.commit_graphs.setdefault(key, None))
+        monkeypatch.setattr(calls, "reserve", lambda logits: None)
+        monkeypatch.setattr(calls, "step_logits", self.step_logits)
+        monkeypatch.setattr(calls, "commit_step", self.commit_step)
+
+    def step_logits(self, b, width, commit_width, keys, packed=None):
+        replay = packed is None and (b, width, commit_width, keys) in self.calls.graphs
+        self.steps.append(((b, width, commit_width, keys), packed, replay))
+        logits = self.calls._step_body(b, width, commit_width, keys, packed)
+        if replay:
+            self.buffer = logits
+        return logits
+
+    def commit_step(self, b, commit_width, cls, logits):
+        if (b, commit_width, cls) not in self.calls.commit_graphs:
+            return False
+        self.commits.append(cls)
+        self.calls.commit(self.calls.all_rows[:b], self.buffer, cls, stepping_only=True)
+        return True
+
+
 def test_warm_up_covers_every_step_call_of_its_settings(model, monkeypatch):
-    """Bucketed as with CUDA graphs (CPU: captures are recorded, a replay runs what it would
-    have captured): every step call of requests of the warmed-up settings, mixed and joining at
-    different steps, falls in a (batch, step width, commit width, key) bucket that warm-up
-    captured, so serving captures nothing; short requests in long rows attend over a key bucket
-    short of the row; a tiny model's padding is never worth a called step; a step call of one
-    commit class commits as its graph would (every row of the bucket, the stepping ones only);
-    each request still decodes as alone."""
+    """Bucketed as with CUDA graphs (``GraphStandIn``): every step call of requests of the
+    warmed-up settings, mixed and joining at different steps, falls in a (batch, step width,
+    commit width, key) bucket that warm-up captured, so serving captures nothing; short requests
+    in long rows attend over a key bucket short of the row; a tiny model's padding is never
+    worth a called step; a step call of one commit class commits as its graph would (every row
+    of the bucket, the stepping ones only); each request still decodes as alone."""
     from paradec.batching.engine import key_buckets
 
     engine = make_engine(model, max_batch=4, max_canvas_tokens=1024)
     assert key_buckets(engine.geometry.slots) == [256, 512, engine.geometry.slots]
-    engine.capture = True  # widths and keys bucket as on a GPU
-    calls, replayed, committed, last = engine.calls, [], [], {}
-    monkeypatch.setattr(calls, "capture_step", lambda *key: calls.graphs.setdefault(key, None))
-    monkeypatch.setattr(calls, "capture_commit", lambda *key: calls.commit_graphs.setdefault(key, None))
-    monkeypatch.setattr(calls, "reserve", lambda logits: None)
+    graphs = GraphStandIn(engine, monkeypatch)
     settings = [dict(SMALL, window=4, cache="dual"), dict(SMALL, window=3, tokens_per_step=2, partial_refresh=True),
                 dict(mode="block", answer_len=16, block_len=8, cache="dual"), dict(SMALL, policy="margin"),
                 dict(blocks=3, block_len=12, summary_len=8, window=4, cache="prefix"),
                 dict(blocks=3, block_len=12, summary_len=8, window=12, cache="dual")]
     engine.warm_up([resolve_config(model, **kw) for kw in settings])
-    captured = set(calls.graphs)
-
-    def step_logits(b, width, commit_width, keys, packed=None):
-        replayed.append(((b, width, commit_width, keys), packed))
-        last["logits"] = calls._step_body(b, width, commit_width, keys, packed)
-        return last["logits"]
-
-    def commit_step(b, commit_width, cls):
-        if (b, commit_width, cls) not in calls.commit_graphs:
-            return False
-        committed.append(cls)
-        calls.commit(calls.all_rows[:b], last["logits"], cls, stepping_only=True)
-        return True
-
-    monkeypatch.setattr(calls, "step_logits", step_logits)
-    monkeypatch.setattr(calls, "commit_step", commit_step)
+    captured = set(engine.calls.graphs)
     schedule = [(i // 2, f"r{i}", QUESTIONS[i], kw) for i, kw in enumerate(settings * 2)]
     run = Run(engine, schedule)
     for _, rid, prompt, kwargs in schedule:
         assert_same(run.results[rid], solo(model, prompt, kwargs), f"{rid}: {kwargs}")
-    assert replayed and {packed for _, packed in replayed} == {None}
-    assert {key for key, _ in replayed} <= captured
-    assert {keys for (*_, keys), _ in replayed} == {256}  # ~60 of the row's 1089 slots hold keys
-    assert len({(width, commit) for (_, width, commit, _), _ in replayed}) > 2
-    assert engine.stats.graph_replays == engine.stats.step_calls == len(replayed)
-    assert len(set(committed)) == 2 and 0 < len(committed) < len(replayed)  # top-k and margin; mixed calls
+    assert graphs.steps and all(replay for *_, replay in graphs.steps)
+    assert {key for key, *_ in graphs.steps} <= captured
+    assert {keys for (*_, keys), *_ in graphs.steps} == {256}  # ~60 of the row's 1089 slots hold keys
+    assert len({(width, commit) for (_, width, commit, _), *_ in graphs.steps}) > 2
+    assert engine.stats.graph_replays == engine.stats.step_calls == len(graphs.steps)
+    assert len(set(graphs.commits)) == 2 and 0 < len(graphs.commits) < len(graphs.steps)  # top-k, margin; mixed
+
+
+def test_a_step_not_warmed_up_runs_and_commits_called(model, monkeypatch):
+    """A request whose step width no warm-up captured (its commit width and class were) runs
+    its step calls called and commits them called, not from the logits of the last replay;
+    beside warmed-up ones, every request decodes as alone."""
+    engine = make_engine(model, max_batch=2, max_canvas_tokens=256)
+    graphs = GraphStandIn(engine, monkeypatch)
+    warmed = dict(mode="block", answer_len=64, block_len=32, cache="dual")
+    engine.warm_up([resolve_config(model, **warmed)])
+    schedule = [(0, "warmed", QUESTIONS[0], warmed),
+                (0, "not-warmed", QUESTIONS[1], dict(mode="block", answer_len=64, block_len=32, cache="prefix"))]
+    run = Run(engine, schedule)
+    for _, rid, prompt, kwargs in schedule:
+        assert_same(run.results[rid], solo(model, prompt, kwargs), f"{rid}: {kwargs}")
+    replays = [replay for *_, replay in graphs.steps]
+    assert any(replays) and not all(replays)
+    assert engine.stats.commit_replays == len(graphs.commits) > 0
 
 
 def test_packed_step_equals_the_padded_one(model):

@@ -63,7 +63,8 @@ WIDTH_BUCKET = 32  # step and commit widths round up to a multiple of this many 
 # window beside think blocks', a batch bucket) costs PACK_SAVING more (~250 columns of an 8B
 # model). With the padding rule alone a 32-request batch gained 5 % on the H200 but the
 # open-loop benchmark's few staggered rows got slower (benchmarks/RESULTS.md, session 13).
-# paradec-tiny's steps never pack.
+# paradec-tiny's replayed steps never pack; a step call with no graph (on a CPU, or a shape
+# not warmed up) always packs its padding away.
 PACK_WORK = 24e12
 PACK_SAVING = 4e12
 SMALLEST_KEYS = 256  # the smallest key bucket: the keys a step call attends over double from it up to a row's slots
@@ -89,8 +90,9 @@ class RequestOutput:
 class EngineStats:
     """Counts since the engine started: engine steps; step calls, of which graph replays (the
     rest ran called: a bucket no warm-up captured, or one whose padding was worth packing
-    away) and commit replays (a replayed call of one commit class); query columns forwarded per action (real ones) and by the step call in all (a
-    replay's padding included: buckets, rows not stepping); seconds in ``step``."""
+    away) and commit replays (a replayed call of one commit class); query columns forwarded
+    per action (real ones) and by the step call in all (a replay's padding included: buckets,
+    rows not stepping); seconds in ``step``."""
 
     steps: int = 0
     step_calls: int = 0
@@ -240,7 +242,7 @@ class BatchEngine:
         self.calls.reserve(max(buckets) * max(commit for _, commit in shapes))
         with torch.no_grad(), self._kernel_mode():
             for b, (width, commit_width), k in itertools.product(buckets, sorted(shapes), keys):
-                if width < k:  # (a wider step forwards slots past the keys: no row has such a window)
+                if width <= k:  # (a wider step forwards slots past the keys: no row has such a window)
                     self.calls.capture_step(b, width, commit_width, k)
             for b, commit_width, cls in itertools.product(buckets, {c for _, c in shapes}, classes):
                 self.calls.capture_commit(b, commit_width, cls)
@@ -443,13 +445,14 @@ class BatchEngine:
         worth = padding * self.column_flops >= PACK_SAVING and sum(lengths) * self.column_flops >= PACK_WORK
         if padding and (not graph or worth):
             b, packed = len(self.live), lengths  # called: only the real columns go through the products
-        self.stats.graph_replays += graph and packed is None
+        replayed = graph and packed is None
+        self.stats.graph_replays += replayed
         self.stats.step_calls += 1
         self.stats.step_call_columns += b * width if packed is None else sum(packed)
         logits = self.calls.step_logits(b, width, commit_width, keys, packed)
         self._mark("step")
-        classes = {s.commit_class for s in seqs}
-        if packed is None and len(classes) == 1 and self.calls.commit_step(b, commit_width, classes.pop()):
+        classes = {s.commit_class for s in seqs}  # a replayed step's logits are what a commit graph reads
+        if replayed and len(classes) == 1 and self.calls.commit_step(b, commit_width, classes.pop(), logits):
             self.stats.commit_replays += 1
         else:
             self._commit(seqs, logits, [s.row for s in seqs])

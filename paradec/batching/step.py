@@ -24,8 +24,8 @@ kernel, the policy's ranking and the selection kernel once per ``CommitClass`` p
 kernels take the temperature, the rule and its bound as scalars); quotas, floors, seeds, window
 counters and EOS filling are per row, with the runner's arithmetic
 (``paradec.decoding.step.PhaseSteps``), so a request commits what it commits alone. When every
-row of a replayed step call is of one class, its commit replays too: a graph per (batch bucket,
-commit width, class) that warm-up captured, reading the logits buffer (a called commit is ~40
+row of a step call that replayed its graph is of one class, its commit replays too: a graph per
+(batch bucket, commit width, class) that warm-up captured, reading the logits buffer (a called commit is ~40
 launches and ~1 ms of host time a step, which a lone request waits for).
 """
 
@@ -102,12 +102,13 @@ class BatchStep:
         self.rows.stepping.copy_(stepping)
         self.graphs[(b, width, commit_width, keys)] = (graph, out)
 
-    def commit_step(self, b: int, commit_width: int, cls: CommitClass) -> bool:
-        """Replays the commit of the first b rows' step logits (as a replayed step call leaves
-        them, in the logits buffer) for rows ``stepping``, all of class ``cls``: False when warm-up
-        captured no such graph (the caller commits called)."""
-        graph, logits = self.commit_graphs.get((b, commit_width, cls), (None, None))
-        if graph is None or logits.data_ptr() != self.logits_buffer.data_ptr():
+    def commit_step(self, b: int, commit_width: int, cls: CommitClass, logits: torch.Tensor) -> bool:
+        """Replays the commit of the first b rows' step ``logits`` (what a replayed step graph
+        returned: a view of the logits buffer) for rows ``stepping``, all of class ``cls``.
+        False, committing nothing, when warm-up captured no such graph or the graph reads other
+        memory than ``logits`` (a buffer reserved anew since): the caller commits called."""
+        graph, read = self.commit_graphs.get((b, commit_width, cls), (None, None))
+        if graph is None or read.data_ptr() != logits.data_ptr() or read.shape != logits.shape:
             return False
         graph.replay()
         return True
@@ -217,7 +218,8 @@ class BatchStep:
         ``kv`` (a padding query's slot is the last of them, or the scratch slot): its ``layers``
         on ``x``, the hidden state before the first of them (None: the embedded ids). ``real``:
         [N] the real queries' indices in the flattened [b, T] slots (the rest padding): only they
-        are forwarded (``PackedQueries``); the hidden state of a padding query is then zero."""
+        are forwarded (``PackedQueries``, from the embedded ids: not with ``x``); the hidden
+        state of a padding query is then zero."""
         rows, module = self.rows, self.module
         rows.ids.scatter_(1, rows.canvas_slots, rows.canvas)  # the canvas as committed so far, after each prompt
         ids, positions, segments = (x[at].gather(1, slots) for x in (rows.ids, rows.positions, rows.segments))

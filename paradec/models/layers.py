@@ -161,7 +161,8 @@ class Attention(nn.Module):
         key and mask is [B, 1, T, C] (a static cache).
         slots may also be ``PackedQueries``: x [1, N, d] holds only the real queries of a
         [B, T] batch of rows (mask [B, 1, T, C] over them, past: the rows' static cache).
-        Returns the output [B, T, d] and this call's own k/v [B, Hkv, T, D]."""
+        Returns the output [B, T, d] ([1, N, d] packed) and this call's own k/v [B, Hkv, T, D]
+        ([1, Hkv, N, D])."""
         b, t, _ = x.shape
         q, k, v = self._qkv(x, cos, sin)
         keys, values = k, v
