@@ -51,10 +51,14 @@ from paradec.ops import batch_invariant as bi
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 MAX_STEPS_PER_LOOK = 8  # step calls the host may run before it reads the masks again
-# A step forwarding more than this many times the narrowest stepping row's columns (an unwindowed
-# canvas: every column of its phase, or under canvas attention the prompt too) runs in a call of
-# its own rather than widening the step call of every row.
+# A step forwarding more than WIDE_STEP times the narrowest stepping row's columns and more than
+# WIDE_COLUMNS (an unwindowed canvas: every column of its phase, or under canvas attention the
+# prompt too) runs in a call of its own rather than widening the step call of every row. A
+# narrower one shares the step call (its graph, or packed): NAP think blocks' windows (m x the
+# window) beside a summary's (one window) are 4x as wide, and called apart each think row ran
+# its steps called (the open-loop benchmark's staggered rows, session 13).
 WIDE_STEP = 2
+WIDE_COLUMNS = 256
 WIDTH_BUCKET = 32  # step and commit widths round up to a multiple of this many columns
 # A step call runs called with its queries packed, not as its graph, when its real columns
 # alone keep the GPU busy well past the host's launches (PACK_WORK FLOPs: ~1,500 columns of an
@@ -311,7 +315,7 @@ class BatchEngine:
         by_action[Action.PREFILL] = self._prefill_chunks(by_action[Action.PREFILL])
         stepping = by_action[Action.STEP]
         narrowest = min((len(s.columns().step) for s in stepping), default=0)
-        wide = [s for s in stepping if len(s.columns().step) > WIDE_STEP * narrowest]
+        wide = [s for s in stepping if len(s.columns().step) > max(WIDE_STEP * narrowest, WIDE_COLUMNS)]
         by_action[Action.STEP] = [s for s in stepping if s not in wide]
         for action, seqs in ((Action.PREFILL, by_action[Action.PREFILL]), (Action.EXTEND, by_action[Action.EXTEND]),
                              (Action.REFRESH, by_action[Action.REFRESH]), (Action.STEP, wide)):
