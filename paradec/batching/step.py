@@ -25,8 +25,8 @@ kernels take the temperature, the rule and its bound as scalars); quotas, floors
 counters and EOS filling are per row, with the runner's arithmetic
 (``paradec.decoding.step.PhaseSteps``), so a request commits what it commits alone. When every
 row of a step call that replayed its graph is of one class, its commit replays too: a graph per
-(batch bucket, commit width, class) that warm-up captured, reading the logits buffer (a called commit is ~40
-launches and ~1 ms of host time a step, which a lone request waits for).
+(batch bucket, commit width, class) that warm-up captured, reading the logits buffer (called, a
+commit's ~40 launches took ~1 ms a step of a lone 8B request on an H200, synchronised).
 """
 
 from __future__ import annotations
