@@ -65,8 +65,9 @@ WIDTH_BUCKET = 32  # step and commit widths round up to a multiple of this many 
 # 8B model, ~35 ms of an H200's bf16 products, against an estimated ~12 ms of host time for a
 # called 8B forward's ~800 ops) and the graph's padding (rows refreshing this step, a summary's
 # window beside think blocks', a batch bucket) costs PACK_SAVING more (~250 columns of an 8B
-# model). With the padding rule alone a 32-request batch gained 5 % on the H200 but the
-# open-loop benchmark's few staggered rows got slower (benchmarks/RESULTS.md, session 13).
+# model). With the padding rule alone a 32-request batch gained 5 % on the H200, while the
+# open-loop benchmark, whose few staggered rows then packed, ran slower than before (one likely
+# cause of two; benchmarks/RESULTS.md, session 13).
 # paradec-tiny's replayed steps never pack; a step call with no graph (on a CPU, or a shape
 # not warmed up) always packs its padding away.
 PACK_WORK = 24e12
