@@ -6,11 +6,15 @@ at once) until ``--requests`` have finished: throughput, p50/p99 latency (from a
 and the engine's compute per committed token (query columns forwarded per body token, by action,
 padding of the step call included). AR: paradec's ``StaticCausalDecoder`` on the same weights at
 batch = c (``serve_load.ar_level``). ``--mixed`` alternates two settings (top-k 4 tokens a step,
-and the threshold policy) so that every batch holds both. Prints the device, versions, a table
-and one JSON line.
+and the threshold policy) so that every batch holds both. ``--open-loop RATE ...``: Poisson
+arrivals, streamed, whose staggered requests sit in different phases (a closed loop's step in
+lockstep): the step calls' padding shows there; ``--no-pack`` keeps every step call that has
+a graph on it (the packing A/B). Prints the device, versions, a table and one JSON line.
 
     cd benchmarks && python batch_engine.py                                 # paradec-tiny on this CPU
     cd benchmarks && python batch_engine.py --shape llada-8b-instruct --data ../../shared/data/gsm8k   # GPU
+    cd benchmarks && python batch_engine.py --shape llada-8b-instruct --data ../../shared/data/gsm8k \
+        --concurrency 8 --open-loop 1 2 [--no-pack]                                           # staggered
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import time
 import torch
 
 import paradec
+import paradec.batching.engine as batching_engine
 from harness import banner, emit_json, synced
 from paradec.api import resolve_config
 from paradec.batching import BatchEngine
-from serve_load import add_workload_arguments, ar_level, percentile, workload
+from serve_load import add_workload_arguments, ar_level, arrival_times, percentile, workload
 
 
 def closed_loop(engine: BatchEngine, prompt, configs: list, concurrency: int, requests: int) -> dict:
@@ -56,6 +61,43 @@ def closed_loop(engine: BatchEngine, prompt, configs: list, concurrency: int, re
             "columns_per_body_token": {k: spent[k] / body for k in ("prefill", "extend", "refresh", "step")}
             | {"step_call_padded": spent["step_call_columns"] / body},
             "tokens_before_eos": committed, "profile_s": profile}
+
+
+def open_loop(engine: BatchEngine, prompt, configs: list, rate: float, requests: int, seed: int) -> dict:
+    """Poisson arrivals of ``rate`` a second (``serve_load.arrival_times``), each request
+    streamed as a served stream is (progress after every step): throughput, latency from
+    arrival, time to first progress, and the step calls' padding (staggered requests sit in
+    different phases, unlike a closed loop's, which step in lockstep)."""
+    arrivals = arrival_times(rate, requests, seed)
+    before, arrived, progressed, first, latencies, added = _counts(engine), {}, set(), [], [], 0
+    start = synced()
+    while len(latencies) < requests:
+        now = time.perf_counter() - start
+        while added < requests and arrivals[added] <= now:
+            name = f"open{rate}-{added}"
+            engine.add(name, prompt, configs[added % len(configs)], stream=True)
+            arrived[name] = start + arrivals[added]
+            added += 1
+        if not engine.has_unfinished():
+            time.sleep(arrivals[added] - now)
+            continue
+        for out in engine.step():
+            at = time.perf_counter() - arrived[out.request_id]
+            if out.request_id not in progressed:  # its first output: progress after its first step
+                progressed.add(out.request_id)
+                first.append(at)
+            if out.finished:
+                latencies.append(at)
+                del arrived[out.request_id]
+    wall = synced() - start
+    after = _counts(engine)
+    spent = {k: after[k] - before[k] for k in after}
+    body = requests * _body_tokens(engine, prompt, configs)
+    return {"rate": rate, "requests": requests, "wall_s": wall, "rps": requests / wall,
+            "p50_s": percentile(latencies, 0.5), "p99_s": percentile(latencies, 0.99),
+            "first_progress_p50_s": percentile(first, 0.5), "engine_steps": spent["steps"],
+            "graph_replays": spent["graph_replays"], "step_calls": spent["step_calls"],
+            "step_call_padded": spent["step_call_columns"] / body, "step_real": spent["step"] / body}
 
 
 def _counts(engine: BatchEngine) -> dict:
@@ -99,7 +141,14 @@ def main() -> None:
     p.add_argument("--no-ar", action="store_true")
     p.add_argument("--batch-invariant", action="store_true")
     p.add_argument("--profile", action="store_true", help="time the parts of each engine step (synchronising)")
+    p.add_argument("--open-loop", type=float, nargs="+", default=[], metavar="RATE",
+                   help="also Poisson arrivals at these rates (requests per second), streamed")
+    p.add_argument("--seed", type=int, default=0, help="the open loop's arrival times")
+    p.add_argument("--no-pack", action="store_true",
+                   help="never pack a step call that has a graph (PACK_SAVING = inf): the packing A/B")
     args = p.parse_args()
+    if args.no_pack:
+        batching_engine.PACK_SAVING = float("inf")
     info = banner()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prompt, settings, loader, name = workload(args)
@@ -117,6 +166,7 @@ def main() -> None:
     warm_s = time.perf_counter() - start
     lone = lone_request(engine, model, prompt, configs[0], args.repeats)
     rows = [closed_loop(engine, prompt, configs, c, max(args.requests, c)) for c in args.concurrency]
+    open_rows = [open_loop(engine, prompt, configs, rate, args.requests, args.seed) for rate in args.open_loop]
     engine.calls.release()
     del engine
     ar_rows = [] if args.no_ar else [ar_level(model, prompt_ids, canvas, c, 3) for c in args.concurrency]
@@ -138,9 +188,18 @@ def main() -> None:
         print(line)
         if r["profile_s"]:
             print("      " + ", ".join(f"{k} {v:.2f} s" for k, v in r["profile_s"].items()))
+    if open_rows:
+        print(f"open loop (Poisson, seed {args.seed}, streamed){', no packing' if args.no_pack else ''}")
+        print(f"{'rate /s':>7} | {'req/s':>6} | {'p50 s':>6} | {'p99 s':>6} | {'1st prog s':>10} | "
+              f"{'replays':>9} | {'step cols/token (real)':>22}")
+        for r in open_rows:
+            print(f"{r['rate']:>7.2f} | {r['rps']:>6.2f} | {r['p50_s']:>6.2f} | {r['p99_s']:>6.2f} | "
+                  f"{r['first_progress_p50_s']:>10.2f} | {r['graph_replays']:>4}/{r['step_calls']:<4} | "
+                  f"{r['step_call_padded']:>13.2f} ({r['step_real']:.2f})")
     emit_json({"benchmark": "batch_engine", **info, "model": name, "settings": settings, "mixed": args.mixed,
                "partial_refresh": bool(settings.get("partial_refresh")),
                "rows": args.max_batch, "warm_up_s": warm_s, "graphs": graphs, "lone": lone, "levels": rows,
+               "open_loop": open_rows, "open_loop_seed": args.seed, "pack": not args.no_pack,
                "ar": ar_rows, "prompt_tokens": len(prompt_ids), "canvas": canvas})
 
 
