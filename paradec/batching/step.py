@@ -10,8 +10,8 @@ the scratch slot. Two ways to address rows:
   the rows' first K slots. This is the call that repeats; on a GPU it replays a CUDA graph
   captured per (batch bucket, width bucket, commit width bucket, key bucket) at warm-up, and a
   bucket not captured runs called. The key buckets keep short requests in long rows from
-  attending over every slot of the row (a served 8B row holds 8k + 8k slots; a 512-token prompt
-  and its canvas use 1.5k). Every graph writes its logits into one buffer (``reserve``), so
+  attending over every slot of the row (a served LLaDA-8B row holds 4k + 4k slots; a 512-token
+  prompt and its canvas use 1.5k). Every graph writes its logits into one buffer (``reserve``), so
   that the graphs' outputs do not each keep [b, commit width, V] of device memory. A step call
   whose padding costs more than its launches runs called with its queries packed
   (``PackedQueries``: the products see only real columns).
