@@ -50,9 +50,7 @@ def closed_loop(engine: BatchEngine, prompt, configs: list, concurrency: int, re
                 committed += sum(len(ids) for ids in out.result.block_token_ids) + len(out.result.summary_token_ids)
     wall = synced() - start
     profile = {k: v - profile_before.get(k, 0.0) for k, v in engine.stats.profile.items()}
-    after = _counts(engine)
-    spent = {k: after[k] - before[k] for k in after}
-    body = requests * _body_tokens(engine, prompt, configs)
+    spent, body = _spent(engine, before), requests * _body_tokens(engine, prompt, configs)
     return {"concurrency": concurrency, "requests": requests, "wall_s": wall, "rps": requests / wall,
             "p50_s": percentile(latencies, 0.5), "p99_s": percentile(latencies, 0.99),
             "engine_steps": spent["steps"], "ms_per_engine_step": 1e3 * wall / max(1, spent["steps"]),
@@ -90,14 +88,18 @@ def open_loop(engine: BatchEngine, prompt, configs: list, rate: float, requests:
                 latencies.append(at)
                 del arrived[out.request_id]
     wall = synced() - start
-    after = _counts(engine)
-    spent = {k: after[k] - before[k] for k in after}
-    body = requests * _body_tokens(engine, prompt, configs)
+    spent, body = _spent(engine, before), requests * _body_tokens(engine, prompt, configs)
     return {"rate": rate, "requests": requests, "wall_s": wall, "rps": requests / wall,
             "p50_s": percentile(latencies, 0.5), "p99_s": percentile(latencies, 0.99),
             "first_progress_p50_s": percentile(first, 0.5), "engine_steps": spent["steps"],
             "graph_replays": spent["graph_replays"], "step_calls": spent["step_calls"],
             "step_call_padded": spent["step_call_columns"] / body, "step_real": spent["step"] / body}
+
+
+def _spent(engine: BatchEngine, before: dict) -> dict:
+    """The engine's counts since ``before`` (``_counts``)."""
+    after = _counts(engine)
+    return {k: after[k] - before[k] for k in after}
 
 
 def _counts(engine: BatchEngine) -> dict:

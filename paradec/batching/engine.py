@@ -140,6 +140,7 @@ class BatchEngine:
         self.batch_invariant, self.profile = batch_invariant, profile
         cfg, device = self.module.cfg, model.device
         self.geometry = RowGeometry(max_prompt_tokens, max_canvas_tokens)
+        self.key_buckets = key_buckets(self.geometry.slots)
         fit = rows_that_fit(cfg, self.geometry, model.dtype, device, kv_memory_fraction)
         rows = min(x for x in (max_batch, fit, kv_rows) if x is not None)
         self.pool = KVPool(cfg, self.geometry, rows, self.module.embed.weight)
@@ -242,7 +243,7 @@ class BatchEngine:
             shapes = wider
         buckets = sorted({_bucket(n, self.pool.rows) for n in range(1, self.pool.rows + 1)})
         # a row's keys end past its canvas and a prompt token at least, and one spare slot follows
-        keys = [k for k in key_buckets(self.geometry.slots) if k >= canvas + 2]
+        keys = [k for k in self.key_buckets if k >= canvas + 2]
         before = len(self.calls.graphs)
         self.calls.reserve(max(buckets) * max(commit for _, commit in shapes))
         with torch.no_grad(), self._kernel_mode():
@@ -441,19 +442,20 @@ class BatchEngine:
         commit_width = self._commit_width(seqs)
         keys = self.calls.key_width(slice(0, b))
         if self.capture:
-            keys = next(k for k in key_buckets(self.geometry.slots) if k >= keys)
+            keys = next(k for k in self.key_buckets if k >= keys)
         lengths = [0] * len(self.live)  # each row's real step columns
         for seq in seqs:
             lengths[seq.row] = len(seq.columns().step)
-        padding, packed = b * width - sum(lengths), None
+        real = sum(lengths)
+        padding, packed = b * width - real, None
         graph = (b, width, commit_width, keys) in self.calls.graphs
-        worth = padding * self.column_flops >= PACK_SAVING and sum(lengths) * self.column_flops >= PACK_WORK
+        worth = padding * self.column_flops >= PACK_SAVING and real * self.column_flops >= PACK_WORK
         if padding and (not graph or worth):
             b, packed = len(self.live), lengths  # called: only the real columns go through the products
         replayed = graph and packed is None
         self.stats.graph_replays += replayed
         self.stats.step_calls += 1
-        self.stats.step_call_columns += b * width if packed is None else sum(packed)
+        self.stats.step_call_columns += b * width if packed is None else real
         logits = self.calls.step_logits(b, width, commit_width, keys, packed)
         self._mark("step")
         classes = {s.commit_class for s in seqs}  # a replayed step's logits are what a commit graph reads
