@@ -15,6 +15,7 @@ import paradec
 from paradec import ConfigError, GenerationConfig, InputError
 from paradec.api import build_layout, encode_prompt, resolve_config
 from paradec.batching import BatchEngine, RequestOutput
+from paradec.batching.sequence import Action
 from paradec.train.tasks import arith
 
 from tiny import tiny_checkpoint
@@ -477,10 +478,11 @@ class GraphStandIn:
         monkeypatch.setattr(calls, "step_logits", self.step_logits)
         monkeypatch.setattr(calls, "commit_step", self.commit_step)
 
-    def step_logits(self, b, width, commit_width, keys, packed=None):
-        replay = packed is None and (b, width, commit_width, keys) in self.calls.graphs
-        self.steps.append(((b, width, commit_width, keys), packed, replay))
-        logits = self.calls._step_body(b, width, commit_width, keys, packed)
+    def step_logits(self, b, width, commit_width, keys, packed=None, refresh=False):
+        key = (b, width, commit_width, keys, refresh)
+        replay = packed is None and key in self.calls.graphs
+        self.steps.append((key, packed, replay))
+        logits = self.calls._step_body(b, width, commit_width, keys, packed, refresh)
         if replay:
             self.buffer = logits
         return logits
@@ -517,8 +519,8 @@ def test_warm_up_covers_every_step_call_of_its_settings(model, monkeypatch):
         assert_same(run.results[rid], solo(model, prompt, kwargs), f"{rid}: {kwargs}")
     assert graphs.steps and all(replay for *_, replay in graphs.steps)
     assert {key for key, *_ in graphs.steps} <= captured
-    assert {keys for (*_, keys), *_ in graphs.steps} == {256}  # ~60 of the row's 1089 slots hold keys
-    assert len({(width, commit) for (_, width, commit, _), *_ in graphs.steps}) > 2
+    assert {key[3] for key, *_ in graphs.steps} == {256}  # ~60 of the row's 1089 slots hold keys
+    assert len({(width, commit) for (_, width, commit, _, _), *_ in graphs.steps}) > 2
     assert engine.stats.graph_replays == engine.stats.step_calls == len(graphs.steps)
     assert 0 < len(graphs.commits) < len(graphs.steps)  # a call of one class replays its commit; a mixed one not
 
@@ -548,9 +550,10 @@ def test_think_and_summary_windows_share_the_step_call(model, monkeypatch):
     engine = make_engine(model, max_batch=4)
     phases, step_call = [], engine._step_call
 
-    def recorded(seqs):
-        phases.append({s.plan.is_summary_phase(s.plan.phases[s.phase]) for s in seqs})
-        return step_call(seqs)
+    def recorded(seqs, action=Action.STEP):
+        if action is Action.STEP:
+            phases.append({s.plan.is_summary_phase(s.plan.phases[s.phase]) for s in seqs})
+        return step_call(seqs, action)
 
     monkeypatch.setattr(engine, "_step_call", recorded)
     settings = dict(blocks=3, block_len=12, summary_len=8, window=4, cache="dual", tokens_per_step=2)
@@ -598,6 +601,46 @@ def test_packed_step_equals_the_padded_one(model):
     assert checked >= 5 and padding >= 3
 
 
+def test_refreshes_of_every_live_row_share_one_step_call(model, monkeypatch):
+    """An engine step in which every live row refreshes (a lone request, requests in lockstep)
+    forwards the refreshes as one step call of the rows' refresh slots, replaying a warm-up
+    graph (``GraphStandIn``), and every request decodes as alone; staggered rows refresh in
+    calls of their own, as before."""
+    engine = make_engine(model, max_batch=4)
+    graphs = GraphStandIn(engine, monkeypatch)
+    settings = [dict(SMALL, window=4, cache="dual"), dict(SMALL, window=3, tokens_per_step=2, partial_refresh=True),
+                dict(mode="block", answer_len=16, block_len=8, cache="dual")]
+    engine.warm_up([resolve_config(model, **kw) for kw in settings])
+    assert any(key[4] for key in engine.calls.graphs)
+    called = []  # forward_rows calls that commit: refreshes in calls of their own
+    forward_rows = engine.calls.forward_rows
+    monkeypatch.setattr(engine.calls, "forward_rows", lambda index, queries, width: called.append(width is not None)
+                        or forward_rows(index, queries, width))
+
+    def refreshes():
+        return [(key, replay) for key, _, replay in graphs.steps if key[4]]
+
+    for i, kw in enumerate(settings):  # alone: every refresh replays its graph
+        graphs.steps.clear()
+        called.clear()
+        (result,) = engine.generate([QUESTIONS[i]], [resolve_config(model, **kw)])
+        assert_same(result, solo(model, QUESTIONS[i], kw), kw)
+        assert len(refreshes()) >= 2 and all(replay for _, replay in refreshes()), kw
+        assert {key[0] for key, _ in refreshes()} == {1}
+        assert called == [False] * (1 + ("summary_len" in kw))  # the prefill (and the summary's extension) only
+    graphs.steps.clear()
+    results = engine.generate(QUESTIONS[:3], [resolve_config(model, **settings[0])] * 3)  # in lockstep
+    for prompt, result in zip(QUESTIONS[:3], results):
+        assert_same(result, solo(model, prompt, settings[0]))
+    assert {key[0] for key, _ in refreshes()} == {4} and all(replay for _, replay in refreshes())
+    called.clear()
+    schedule = [(2 * i, f"r{i}", QUESTIONS[i], settings[i % 3]) for i in range(4)]  # staggered
+    run = Run(engine, schedule)
+    for _, rid, prompt, kwargs in schedule:
+        assert_same(run.results[rid], solo(model, prompt, kwargs), rid)
+    assert any(called)
+
+
 # --- on a GPU -------------------------------------------------------------------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replays_decode_as_alone():
@@ -630,7 +673,7 @@ def test_cuda_graph_replays_decode_as_alone():
     assert 0 < engine.stats.commit_replays < engine.stats.step_calls  # one class: the commit replays too
     buffer = engine.calls.logits_buffer.data_ptr()  # one logits buffer for every graph
     assert {logits.data_ptr() for _, logits in engine.calls.graphs.values()} == {buffer}
-    assert {keys for *_, keys in engine.calls.graphs} == {256, 512, engine.geometry.slots}
+    assert {key[3] for key in engine.calls.graphs} == {256, 512, engine.geometry.slots}
 
 
 # --- asyncio -------------------------------------------------------------------------------------

@@ -93,14 +93,16 @@ class RequestOutput:
 
 @dataclass
 class EngineStats:
-    """Counts since the engine started: engine steps; step calls, of which graph replays (the
-    rest ran called: a bucket no warm-up captured, or one whose padding was worth packing
-    away) and commit replays (a replayed call of one commit class); query columns forwarded
-    per action (real ones) and by the step call in all (a replay's padding included: buckets,
-    rows not stepping); seconds in ``step``."""
+    """Counts since the engine started: engine steps; step calls (of which ``refresh_calls``
+    forwarded the refreshes of every live row), of which graph replays (the rest ran called: a
+    bucket no warm-up captured, or one whose padding was worth packing away) and commit replays
+    (a replayed call of one commit class); query columns forwarded per action (real ones) and by
+    the step calls of steps in all (a replay's padding included: buckets, rows not stepping);
+    seconds in ``step``."""
 
     steps: int = 0
     step_calls: int = 0
+    refresh_calls: int = 0
     graph_replays: int = 0
     commit_replays: int = 0
     forwarded: dict[str, int] = field(default_factory=lambda: {a.value: 0 for a in Action})
@@ -216,15 +218,18 @@ class BatchEngine:
         bucket (``key_buckets``) a row holding one of their canvases can need, so that serving
         captures nothing; a bucket met later runs called (so does a ``canvas``-attention request
         without a window, whose steps forward its prompt: their width depends on the prompt),
-        and the commit of a step call for every batch bucket, commit width and ``CommitClass``
-        of ``configs``. On an idle engine. Returns the step graphs captured (0 on a CPU or with
-        ``cuda_graphs=False``)."""
+        the same call of the windows' refreshes (under ``isolated`` attention: every live row
+        refreshing at once), and the commit of a step call for every batch bucket, commit width
+        and ``CommitClass`` of ``configs``. On an idle engine. Returns the step graphs captured
+        (0 on a CPU or with ``cuda_graphs=False``)."""
         if self.has_unfinished():
             raise ConfigError("warm_up runs on an idle engine: finish or abort the requests added first")
         if not self.capture:
             return 0
-        shapes, canvas = set(), self.geometry.max_canvas  # (step width, commit width) of each window
+        # (width, commit width) of each window's steps, and of its refreshes that can run together
+        shapes, canvas = {False: set(), True: set()}, self.geometry.max_canvas
         classes = set()
+        geo = self.geometry
         for config in configs:
             config = resolve_config(self.model, config)
             classes.add(CommitClass.of(config))
@@ -233,24 +238,22 @@ class BatchEngine:
             seq = Sequence("warm-up", [0], config, layout, make_plan(config, layout, self.module.shift_logits))
             for seq.phase, phase in enumerate(seq.plan.phases):
                 for seq.window in range(seq.plan.num_windows(phase)):
-                    columns = seq.columns()
-                    shapes.add((_round_up(len(columns.step), self.geometry.slots),
-                                _round_up(len(columns.commit), self.geometry.max_canvas)))
-        while True:  # a batch of windows steps at their widest step and commit widths: every such pair
-            wider = {(max(a[0], b[0]), max(a[1], b[1])) for a in shapes for b in shapes} | shapes
-            if wider == shapes:
-                break
-            shapes = wider
+                    columns, commit = seq.columns(), _round_up(len(seq.columns().commit), geo.max_canvas)
+                    shapes[False].add((_round_up(len(columns.step), geo.slots), commit))
+                    if seq.plan.windowed_cache and seq.isolated:
+                        shapes[True].add((_round_up(len(columns.refresh), geo.slots), commit))
         buckets = sorted({_bucket(n, self.pool.rows) for n in range(1, self.pool.rows + 1)})
         # a row's keys end past its canvas and a prompt token at least, and one spare slot follows
         keys = [k for k in self.key_buckets if k >= canvas + 2]
+        commits = {c for pairs in shapes.values() for _, c in pairs}
         before = len(self.calls.graphs)
-        self.calls.reserve(max(buckets) * max(commit for _, commit in shapes))
+        self.calls.reserve(max(buckets) * max(commits))
         with torch.no_grad(), self._kernel_mode():
-            for b, (width, commit_width), k in itertools.product(buckets, sorted(shapes), keys):
-                if width <= k:  # (a wider step forwards slots past the keys: no row has such a window)
-                    self.calls.capture_step(b, width, commit_width, k)
-            for b, commit_width, cls in itertools.product(buckets, {c for _, c in shapes}, classes):
+            for refresh, pairs in shapes.items():
+                for b, (width, commit_width), k in itertools.product(buckets, sorted(_closed(pairs)), keys):
+                    if width <= k:  # (a wider call forwards slots past the keys: no row has such a window)
+                        self.calls.capture_step(b, width, commit_width, k, refresh)
+            for b, commit_width, cls in itertools.product(buckets, commits, classes):
                 self.calls.capture_commit(b, commit_width, cls)
         return len(self.calls.graphs) - before
 
@@ -319,8 +322,12 @@ class BatchEngine:
         narrowest = min((len(s.columns().step) for s in stepping), default=0)
         wide = [s for s in stepping if len(s.columns().step) > max(WIDE_STEP * narrowest, WIDE_COLUMNS)]
         by_action[Action.STEP] = [s for s in stepping if s not in wide]
+        refreshing = by_action[Action.REFRESH]
+        together = len(refreshing) == len(live) and all(s.isolated for s in refreshing)
+        if refreshing and together:  # every live row refreshes (a lone request, or in lockstep): one step call
+            self._step_call(refreshing, Action.REFRESH)
         for action, seqs in ((Action.PREFILL, by_action[Action.PREFILL]), (Action.EXTEND, by_action[Action.EXTEND]),
-                             (Action.REFRESH, by_action[Action.REFRESH]), (Action.STEP, wide)):
+                             (Action.REFRESH, [] if together else refreshing), (Action.STEP, wide)):
             if not seqs:
                 continue
             width = self._commit_width(seqs) if action in (Action.REFRESH, Action.STEP) else None
@@ -431,33 +438,36 @@ class BatchEngine:
             self.live.append(seq)
             self.rows.admit(seq.row, seq, seq.config.seed)
 
-    def _step_call(self, seqs: list[Sequence]) -> None:
-        """One call over the first b live rows (a batch bucket), stepping ``seqs``."""
-        rows = self.rows
+    def _step_call(self, seqs: list[Sequence], action: Action = Action.STEP) -> None:
+        """One call over the first b live rows (a batch bucket), stepping ``seqs``: their step
+        columns, or with ``action`` REFRESH their refresh columns."""
+        rows, queries, refresh = self.rows, _QUERIES[action], action is Action.REFRESH
         stepping = torch.zeros(rows.stepping.shape, dtype=torch.bool)
         stepping[[s.row for s in seqs]] = True
         rows.stepping.copy_(to_device(stepping, rows.device))
         b = _bucket(len(self.live), self.pool.rows)
-        width = self._bucketed(max(len(s.columns().step) for s in seqs), self.geometry.slots)
+        width = self._bucketed(max(len(queries(s)) for s in seqs), self.geometry.slots)
         commit_width = self._commit_width(seqs)
         keys = self.calls.key_width(slice(0, b))
         if self.capture:
             keys = next(k for k in self.key_buckets if k >= keys)
-        lengths = [0] * len(self.live)  # each row's real step columns
+        lengths = [0] * len(self.live)  # each row's real columns
         for seq in seqs:
-            lengths[seq.row] = len(seq.columns().step)
+            lengths[seq.row] = len(queries(seq))
         real = sum(lengths)
         padding, packed = b * width - real, None
-        graph = (b, width, commit_width, keys) in self.calls.graphs
+        graph = (b, width, commit_width, keys, refresh) in self.calls.graphs
         worth = padding * self.column_flops >= PACK_SAVING and real * self.column_flops >= PACK_WORK
         if padding and (not graph or worth):
             b, packed = len(self.live), lengths  # called: only the real columns go through the products
         replayed = graph and packed is None
         self.stats.graph_replays += replayed
         self.stats.step_calls += 1
-        self.stats.step_call_columns += b * width if packed is None else real
-        logits = self.calls.step_logits(b, width, commit_width, keys, packed)
-        self._mark("step")
+        self.stats.refresh_calls += refresh
+        if not refresh:
+            self.stats.step_call_columns += b * width if packed is None else real
+        logits = self.calls.step_logits(b, width, commit_width, keys, packed, refresh)
+        self._mark(action.value)
         classes = {s.commit_class for s in seqs}  # a replayed step's logits are what a commit graph reads
         if replayed and len(classes) == 1 and self.calls.commit_step(b, commit_width, classes.pop(), logits):
             self.stats.commit_replays += 1
@@ -571,6 +581,16 @@ def key_buckets(slots: int) -> list[int]:
         buckets.append(k)
         k *= 2
     return buckets + [slots]
+
+
+def _closed(pairs: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """(width, commit width) pairs closed under their elementwise max: a call of rows in
+    different windows runs at their widest width and widest commit width."""
+    while True:
+        wider = {(max(a[0], b[0]), max(a[1], b[1])) for a in pairs for b in pairs} | pairs
+        if wider == pairs:
+            return pairs
+        pairs = wider
 
 
 def _round_up(n: int, limit: int) -> int:

@@ -10,7 +10,7 @@ dummy group that padding columns belong to):
 - seeds [R]; group_steps, window_steps [R, G]; step [R]: the sampler's keys and the counters.
 - prompt_lens [R]; last_hidden [R, d] (a shifted model's prediction of the first canvas token).
 - canvas_attention [R]: the row attends under ``canvas`` (else ``isolated``); eos_fill [R].
-- the current window: step_slots [R, S] (scratch-padded), commit_cols [R, C] with commit_valid,
+- the current window: step_slots, refresh_slots [R, S] (scratch-padded), commit_cols [R, C] with commit_valid,
   barred, commit_groups, commit_offsets; quotas [R, G, C], schedule_len [R, G], budgeted [R] (a
   step budget sets floors, ``steps`` in the config).
 """
@@ -63,6 +63,7 @@ class Rows:
         self.body_starts = torch.zeros(r, g, **long)
         self.stepping = torch.zeros(r, dtype=torch.bool, device=device)  # rows whose action this engine step is STEP
         self.step_slots = torch.full((r, s), geometry.scratch, **long)
+        self.refresh_slots = torch.full((r, s), geometry.scratch, **long)
         self.commit_cols = torch.zeros(r, c, **long)
         self.commit_valid = torch.zeros(r, c, dtype=torch.bool, device=device)
         self.barred = torch.zeros(r, c, dtype=torch.bool, device=device)
@@ -86,6 +87,7 @@ class Rows:
             self.segments[row, 0] = PROMPT
             self.editable[row] = False
             self.step_slots[row].fill_(self.geometry.scratch)
+            self.refresh_slots[row].fill_(self.geometry.scratch)
             self.commit_valid[row] = False
             self.canvas_slots[row].fill_(self.geometry.scratch)
             self.extent[row] = 1
@@ -124,14 +126,16 @@ class Rows:
         self.eos_fill[row] = seq.config.eos_closes_block
         self.budgeted[row] = seq.config.steps is not None
         self.step_slots[row].fill_(self.geometry.scratch)
+        self.refresh_slots[row].fill_(self.geometry.scratch)
         self.commit_valid[row] = False
 
     def load_window(self, row: int, columns: WindowColumns) -> None:
-        """The row's current window: its step slots, commit columns and quotas; its window
-        counters start over."""
+        """The row's current window: its step and refresh slots, commit columns and quotas; its
+        window counters start over."""
         device, scratch = self.device, self.geometry.scratch
-        self.step_slots[row].fill_(scratch)
-        self.step_slots[row, : len(columns.step)] = to_device(columns.step, device)
+        for table, slots in ((self.step_slots, columns.step), (self.refresh_slots, columns.refresh)):
+            table[row].fill_(scratch)
+            table[row, : len(slots)] = to_device(slots, device)
         n = len(columns.commit)
         cols = to_device(columns.commit, device)
         self.commit_cols[row].zero_()
@@ -165,5 +169,5 @@ class Rows:
                 self.editable, self.groups,
                 self.seeds, self.group_steps, self.window_steps, self.step, self.prompt_lens, self.last_hidden,
                 self.canvas_attention, self.eos_fill, self.body_starts, self.stepping, self.step_slots,
-                self.commit_cols, self.commit_valid, self.barred, self.commit_groups, self.commit_offsets,
-                self.quotas, self.schedule_len, self.budgeted]
+                self.refresh_slots, self.commit_cols, self.commit_valid, self.barred, self.commit_groups,
+                self.commit_offsets, self.quotas, self.schedule_len, self.budgeted]

@@ -9,7 +9,10 @@ the scratch slot. Two ways to address rows:
   window's step slots (rows not stepping this engine step forward only padding), attending over
   the rows' first K slots. This is the call that repeats; on a GPU it replays a CUDA graph
   captured per (batch bucket, width bucket, commit width bucket, key bucket) at warm-up, and a
-  bucket not captured runs called. The key buckets keep short requests in long rows from
+  bucket not captured runs called. An engine step in which every live row refreshes (a lone
+  request, or requests in lockstep) makes the same call of the rows' refresh slots, with graphs
+  of its own (``refresh``): a called refresh's ~800 launches left the GPU idle (a lone 8B
+  request on an H200: 1279 ms with its refreshes called, 906 ms replayed). The key buckets keep short requests in long rows from
   attending over every slot of the row (a served LLaDA-8B row holds 4k + 4k slots; a 512-token
   prompt and its canvas use 1.5k). Every graph writes its logits into one buffer (``reserve``), so
   that the graphs' outputs do not each keep [b, commit width, V] of device memory. A step call
@@ -49,7 +52,8 @@ from paradec.models.transformer import DiffusionTransformer
 class BatchStep:
     def __init__(self, module: DiffusionTransformer, pool: KVPool, rows: Rows, eos_id: int, capture: bool):
         self.module, self.pool, self.rows, self.eos_id, self.capture = module, pool, rows, eos_id, capture
-        self.graphs: dict[tuple[int, int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (b, width, commit width, keys, refresh) -> the graph and its logits (a view of logits_buffer)
+        self.graphs: dict[tuple[int, int, int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if capture else None
         self.logits_buffer: torch.Tensor | None = None  # flat: every graph's logits, a view of its start
         self.commit_graphs: dict[tuple[int, int, CommitClass], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -59,18 +63,19 @@ class BatchStep:
 
     # --- forwards -----------------------------------------------------------------------------
     def step_logits(self, b: int, width: int, commit_width: int, keys: int,
-                    packed: list[int] | None = None) -> torch.Tensor:
-        """Logits [b, commit_width, V] of the first b rows' step columns (rows not ``stepping``
-        forward padding only), attending over their first ``keys`` slots (past every row's keys:
-        ``key_width``): a graph replay where one was captured for these buckets, else called.
-        ``packed``: each row's real step columns (0 for a row not stepping): called with the
-        queries packed (``PackedQueries``), no padding forwarded but in attention."""
-        key = (b, width, commit_width, keys)
+                    packed: list[int] | None = None, refresh: bool = False) -> torch.Tensor:
+        """Logits [b, commit_width, V] of the first b rows' step columns (``refresh``: refresh
+        columns; rows not ``stepping`` forward padding only), attending over their first ``keys``
+        slots (past every row's keys: ``key_width``): a graph replay where one was captured for
+        these buckets, else called. ``packed``: each row's real columns (0 for a row not
+        stepping): called with the queries packed (``PackedQueries``), no padding forwarded but
+        in attention."""
+        key = (b, width, commit_width, keys, refresh)
         if packed is None and key in self.graphs:
             graph, logits = self.graphs[key]
             graph.replay()
             return logits
-        return self._step_body(b, width, commit_width, keys, packed)
+        return self._step_body(b, width, commit_width, keys, packed, refresh)
 
     def reserve(self, logits: int) -> None:
         """The graphs' logits buffer: room for ``logits`` rows of V (the most a graph captured
@@ -80,27 +85,28 @@ class BatchStep:
         if self.logits_buffer is None or self.logits_buffer.numel() < logits * weight.shape[0]:
             self.logits_buffer = weight.new_empty(logits * weight.shape[0])
 
-    def capture_step(self, b: int, width: int, commit_width: int, keys: int) -> None:
-        """Captures the step call for these buckets (warm-up, on an idle engine: never while
-        serving). The state it reads is put back: the warm-up runs write keys into the rows'
-        scratch slots only (no row steps), and commit nothing. The logits land in the reserved
-        buffer (``reserve``; reserved here when too small)."""
-        if not self.capture or (b, width, commit_width, keys) in self.graphs:
+    def capture_step(self, b: int, width: int, commit_width: int, keys: int, refresh: bool = False) -> None:
+        """Captures the step call (``refresh``: of refresh slots) for these buckets (warm-up, on
+        an idle engine: never while serving). The state it reads is put back: the warm-up runs
+        write keys into the rows' scratch slots only (no row steps), and commit nothing. The
+        logits land in the reserved buffer (``reserve``; reserved here when too small)."""
+        key = (b, width, commit_width, keys, refresh)
+        if not self.capture or key in self.graphs:
             return
         self.reserve(b * commit_width)
         stepping = self.rows.stepping.clone()
         self.rows.stepping.zero_()
         for _ in range(2):
-            self._step_body(b, width, commit_width, keys)
+            self._step_body(*key[:4], refresh=refresh)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            logits = self._step_body(b, width, commit_width, keys)
+            logits = self._step_body(*key[:4], refresh=refresh)
             out = self.logits_buffer[: logits.numel()].view(logits.shape)
             out.copy_(logits)  # the body's own logits are freed after capture, for the next graph's use
         del logits
         self.rows.stepping.copy_(stepping)
-        self.graphs[(b, width, commit_width, keys)] = (graph, out)
+        self.graphs[key] = (graph, out)
 
     def commit_step(self, b: int, commit_width: int, cls: CommitClass, logits: torch.Tensor) -> bool:
         """Replays the commit of the first b rows' step ``logits`` (what a replayed step graph
@@ -140,11 +146,12 @@ class BatchStep:
         self.commit_graphs.clear()
 
     def _step_body(self, b: int, width: int, commit_width: int, keys: int,
-                   packed: list[int] | None = None) -> torch.Tensor:
+                   packed: list[int] | None = None, refresh: bool = False) -> torch.Tensor:
         rows = self.rows
         stepping = rows.stepping[:b, None]
+        table = rows.refresh_slots if refresh else rows.step_slots
         # [b, T]; padding queries write the last slot attended over (past every row's keys)
-        slots = torch.where(stepping, rows.step_slots[:b, :width], keys - 1)
+        slots = torch.where(stepping, table[:b, :width], keys - 1)
         slots = torch.where(slots == rows.geometry.scratch, keys - 1, slots)
         kv = self.pool.kv[:, :, :b, :, :keys]  # a view: writes land in the pool
         real = None if packed is None else self._real(packed, width)
