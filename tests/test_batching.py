@@ -641,6 +641,34 @@ def test_refreshes_of_every_live_row_share_one_step_call(model, monkeypatch):
     assert any(called)
 
 
+def test_refresh_graphs_stop_where_a_called_refresh_keeps_the_device_busy(model, monkeypatch):
+    """Warm-up captures a refresh call's graph only for batch buckets whose refresh columns stay
+    within ``PACK_WORK`` (graphs for every bucket ran a served 8B engine out of memory); a
+    lockstep refresh past it runs called, a lone one replays, and both decode as alone."""
+    import paradec.batching.engine as batching_engine
+
+    engine = make_engine(model, max_batch=4)
+    graphs = GraphStandIn(engine, monkeypatch)
+    kw = dict(SMALL, window=4, cache="dual")
+    config = resolve_config(model, **kw)
+    monkeypatch.setattr(batching_engine, "PACK_WORK", float("inf"))
+    engine.warm_up([config])
+    widest = max(key[1] for key in engine.calls.graphs if key[4])
+    assert {key[0] for key in engine.calls.graphs if key[4]} == {1, 2, 4}
+    engine.calls.graphs.clear()
+    monkeypatch.setattr(batching_engine, "PACK_WORK", widest * engine.column_flops)  # one row's refresh
+    engine.warm_up([config])
+    assert {key[0] for key in engine.calls.graphs if key[4]} == {1}
+    assert {key[0] for key in engine.calls.graphs if not key[4]} == {1, 2, 4}
+    (alone,) = engine.generate([QUESTIONS[0]], [config])
+    assert_same(alone, solo(model, QUESTIONS[0], kw))
+    graphs.steps.clear()
+    for prompt, result in zip(QUESTIONS[:3], engine.generate(QUESTIONS[:3], [config] * 3)):
+        assert_same(result, solo(model, prompt, kw))
+    refreshes = [replay for key, _, replay in graphs.steps if key[4]]
+    assert refreshes and not any(refreshes)
+
+
 # --- on a GPU -------------------------------------------------------------------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replays_decode_as_alone():

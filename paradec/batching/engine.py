@@ -219,9 +219,12 @@ class BatchEngine:
         captures nothing; a bucket met later runs called (so does a ``canvas``-attention request
         without a window, whose steps forward its prompt: their width depends on the prompt),
         the same call of the windows' refreshes (under ``isolated`` attention: every live row
-        refreshing at once), and the commit of a step call for every batch bucket, commit width
-        and ``CommitClass`` of ``configs``. On an idle engine. Returns the step graphs captured
-        (0 on a CPU or with ``cuda_graphs=False``)."""
+        refreshing at once) where its columns stay within ``PACK_WORK`` (past it a called
+        forward keeps the GPU busy; at LLaDA-8B's size that is one row's full refresh, and
+        refresh graphs for every batch bucket ran a served 8B engine out of memory on an H200),
+        and the commit of a step call for every batch bucket, commit width and ``CommitClass``
+        of ``configs``. On an idle engine. Returns the step graphs captured (0 on a CPU or with
+        ``cuda_graphs=False``)."""
         if self.has_unfinished():
             raise ConfigError("warm_up runs on an idle engine: finish or abort the requests added first")
         if not self.capture:
@@ -251,7 +254,8 @@ class BatchEngine:
         with torch.no_grad(), self._kernel_mode():
             for refresh, pairs in shapes.items():
                 for b, (width, commit_width), k in itertools.product(buckets, sorted(_closed(pairs)), keys):
-                    if width <= k:  # (a wider call forwards slots past the keys: no row has such a window)
+                    # (a wider call forwards slots past the keys: no row has such a window)
+                    if width <= k and not (refresh and b * width * self.column_flops > PACK_WORK):
                         self.calls.capture_step(b, width, commit_width, k, refresh)
             for b, commit_width, cls in itertools.product(buckets, commits, classes):
                 self.calls.capture_commit(b, commit_width, cls)

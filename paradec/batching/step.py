@@ -11,16 +11,17 @@ the scratch slot. Two ways to address rows:
   captured per (batch bucket, width bucket, commit width bucket, key bucket) at warm-up, and a
   bucket not captured runs called. An engine step in which every live row refreshes (a lone
   request, or requests in lockstep) makes the same call of the rows' refresh slots, with graphs
-  of its own (``refresh``): a called refresh's ~800 launches left the GPU idle (a lone 8B
-  request on an H200: 1279 ms with its refreshes called, 906 ms replayed). The key buckets keep short requests in long rows from
-  attending over every slot of the row (a served LLaDA-8B row holds 4k + 4k slots; a 512-token
-  prompt and its canvas use 1.5k). Every graph writes its logits into one buffer (``reserve``), so
-  that the graphs' outputs do not each keep [b, commit width, V] of device memory. A step call
-  whose padding costs more than its launches runs called with its queries packed
-  (``PackedQueries``: the products see only real columns).
-- ``forward_rows``: any rows (a prefill, the summary's extension, a window's refresh), each run
-  of consecutive rows as a view of the pool. These are wide and rare (one per window), so they
-  run called.
+  of its own (``refresh``, where warm-up captured one): a called refresh's ~800 launches left
+  the GPU idle (a lone 8B request on an H200: 1279 ms with its refreshes called, 906 ms
+  replayed). The key buckets keep short requests in long rows from attending over every slot of
+  the row (a served LLaDA-8B row holds 4k + 4k slots; a 512-token prompt and its canvas use
+  1.5k). Every graph writes its logits into one buffer (``reserve``), so that the graphs'
+  outputs do not each keep [b, commit width, V] of device memory. A step call whose padding
+  costs more than its launches runs called with its queries packed (``PackedQueries``: the
+  products see only real columns).
+- ``forward_rows``: any rows (a prefill, the summary's extension, the refreshes of rows whose
+  neighbours step), each run of consecutive rows as a view of the pool. These are wide and rare
+  (one per window), so they run called.
 
 A commit takes the logits of some rows at their window's commit columns and runs the score
 kernel, the policy's ranking and the selection kernel once per ``CommitClass`` present (the
