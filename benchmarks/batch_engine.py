@@ -9,7 +9,9 @@ batch = c (``serve_load.ar_level``). ``--mixed`` alternates two settings (top-k 
 and the threshold policy) so that every batch holds both. ``--open-loop RATE ...``: Poisson
 arrivals, streamed, whose staggered requests sit in different phases (a closed loop's step in
 lockstep): the step calls' padding shows there; ``--no-pack`` keeps every step call that has
-a graph on it (the packing A/B). Prints the device, versions, a table and one JSON line.
+a graph on it (the packing A/B); ``--no-refresh-graphs`` drops the refresh calls' graphs after
+warm-up, so that refreshes run called (the A/B of replaying them). Prints the device, versions,
+a table and one JSON line.
 
     cd benchmarks && python batch_engine.py                                 # paradec-tiny on this CPU
     cd benchmarks && python batch_engine.py --shape llada-8b-instruct --data ../../shared/data/gsm8k   # GPU
@@ -146,6 +148,8 @@ def main() -> None:
     p.add_argument("--open-loop", type=float, nargs="+", default=[], metavar="RATE",
                    help="also Poisson arrivals at these rates (requests per second), streamed")
     p.add_argument("--seed", type=int, default=0, help="the open loop's arrival times")
+    p.add_argument("--no-refresh-graphs", action="store_true",
+                   help="drop the refresh calls' graphs after warm-up (refreshes run called): that A/B")
     p.add_argument("--no-pack", action="store_true",
                    help="never pack a step call that has a graph (PACK_SAVING = inf): the packing A/B")
     args = p.parse_args()
@@ -166,6 +170,8 @@ def main() -> None:
     start = time.perf_counter()
     graphs = engine.warm_up(configs)
     warm_s = time.perf_counter() - start
+    if args.no_refresh_graphs:  # (key: batch, width, commit width, keys, refresh)
+        engine.calls.graphs = {key: graph for key, graph in engine.calls.graphs.items() if not key[4]}
     lone = lone_request(engine, model, prompt, configs[0], args.repeats)
     rows = [closed_loop(engine, prompt, configs, c, max(args.requests, c)) for c in args.concurrency]
     open_rows = [open_loop(engine, prompt, configs, rate, args.requests, args.seed) for rate in args.open_loop]
@@ -174,7 +180,8 @@ def main() -> None:
     ar_rows = [] if args.no_ar else [ar_level(model, prompt_ids, canvas, c, 3) for c in args.concurrency]
     print(f"\n{name}, {settings}{' + threshold' if args.mixed else ''}"
           f"{', partial refresh' if settings.get('partial_refresh') else ''}, "
-          f"rows {args.max_batch}; warm-up {warm_s:.1f} s, {graphs} graphs")
+          f"rows {args.max_batch}; warm-up {warm_s:.1f} s, {graphs} graphs"
+          f"{' (refresh graphs dropped)' if args.no_refresh_graphs else ''}")
     print(f"lone request: engine {lone['engine_s'] * 1e3:.1f} ms, generate() {lone['generate_s'] * 1e3:.1f} ms "
           f"({lone['engine_s'] / lone['generate_s']:.3f}x)")
     print(f"{'c':>3} | {'req/s':>6} | {'p50 s':>6} | {'p99 s':>6} | {'ms/step':>7} | {'cols/token':>10} | "
@@ -202,6 +209,7 @@ def main() -> None:
                "partial_refresh": bool(settings.get("partial_refresh")),
                "rows": args.max_batch, "warm_up_s": warm_s, "graphs": graphs, "lone": lone, "levels": rows,
                "open_loop": open_rows, "open_loop_seed": args.seed, "pack": not args.no_pack,
+               "refresh_graphs": not args.no_refresh_graphs,
                "ar": ar_rows, "prompt_tokens": len(prompt_ids), "canvas": canvas})
 
 
