@@ -660,8 +660,11 @@ def test_refresh_graphs_stop_where_a_called_refresh_keeps_the_device_busy(model,
     engine.warm_up([config])
     assert {key[0] for key in engine.calls.graphs if key[4]} == {1}
     assert {key[0] for key in engine.calls.graphs if not key[4]} == {1, 2, 4}
+    graphs.steps.clear()
     (alone,) = engine.generate([QUESTIONS[0]], [config])
     assert_same(alone, solo(model, QUESTIONS[0], kw))
+    lone = [(key[0], replay) for key, _, replay in graphs.steps if key[4]]
+    assert lone and all(b == 1 and replay for b, replay in lone)  # a lone refresh stays within the bound
     graphs.steps.clear()
     for prompt, result in zip(QUESTIONS[:3], engine.generate(QUESTIONS[:3], [config] * 3)):
         assert_same(result, solo(model, prompt, kw))

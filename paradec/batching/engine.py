@@ -5,9 +5,10 @@ as they finish, each with its own settings, in the shape of vLLM's engine API (`
 Every engine step gives each live request one action of its own decode (``Sequence``): new
 requests' prefills (at most ``max_prefill_tokens`` prompt tokens a step, so arrivals stall the
 others by about one step; a longer prompt runs a chunk of its layers a step, since a
-bidirectional prompt cannot be split by tokens exactly), the
-summary extensions and window refreshes due (and steps far wider than the others'), and one
-step call over every live row. The host then reads which canvas positions are still masked and
+bidirectional prompt cannot be split by tokens exactly), the summary extensions and window
+refreshes due (and steps far wider than the others'), and one step call over every live row; in
+an engine step where every live row refreshes (a lone request, requests in lockstep), the
+refreshes are that step call. The host then reads which canvas positions are still masked and
 each row's step count (one copy a look: after every step, or every few steps when no request
 streams, stops or commits by a rule) and moves each request on. A finished request's row goes
 back to the pool at once; a waiting request takes it at the next step.

@@ -61,7 +61,8 @@ class Rows:
         self.canvas_attention = torch.zeros(r, dtype=torch.bool, device=device)
         self.eos_fill = torch.zeros(r, dtype=torch.bool, device=device)
         self.body_starts = torch.zeros(r, g, **long)
-        self.stepping = torch.zeros(r, dtype=torch.bool, device=device)  # rows whose action this engine step is STEP
+        # rows the step call forwards: STEP rows, or REFRESH rows in a refresh call
+        self.stepping = torch.zeros(r, dtype=torch.bool, device=device)
         self.step_slots = torch.full((r, s), geometry.scratch, **long)
         self.refresh_slots = torch.full((r, s), geometry.scratch, **long)
         self.commit_cols = torch.zeros(r, c, **long)

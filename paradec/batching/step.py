@@ -19,9 +19,10 @@ the scratch slot. Two ways to address rows:
   outputs do not each keep [b, commit width, V] of device memory. A step call whose padding
   costs more than its launches runs called with its queries packed (``PackedQueries``: the
   products see only real columns).
-- ``forward_rows``: any rows (a prefill, the summary's extension, the refreshes of rows whose
-  neighbours step), each run of consecutive rows as a view of the pool. These are wide and rare
-  (one per window), so they run called.
+- ``forward_rows``: any rows (a prefill, the summary's extension, the refreshes of an engine
+  step in which not every live row refreshes or one attends under ``canvas``), each run of
+  consecutive rows as a view of the pool. These are wide and rare (one per window), so they run
+  called.
 
 A commit takes the logits of some rows at their window's commit columns and runs the score
 kernel, the policy's ranking and the selection kernel once per ``CommitClass`` present (the
