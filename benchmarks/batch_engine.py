@@ -10,9 +10,8 @@ and the threshold policy) so that every batch holds both. ``--open-loop RATE ...
 arrivals, streamed, whose staggered requests sit in different phases (a closed loop's step in
 lockstep): the step calls' padding shows there; ``--no-pack`` keeps every step call that has
 a graph on it (the packing A/B); ``--no-refresh-graphs`` drops the refresh calls' graphs after
-warm-up, so that refreshes run called (the A/B of replaying them); ``--no-grouped-attention``
-runs the rows' attention as SDPA under the row's mask (the A/B of the grouped kernel). Prints
-the device, versions, a table and one JSON line.
+warm-up, so that refreshes run called (the A/B of replaying them). Prints the device, versions,
+a table and one JSON line.
 
     cd benchmarks && python batch_engine.py                                 # paradec-tiny on this CPU
     cd benchmarks && python batch_engine.py --shape llada-8b-instruct --data ../../shared/data/gsm8k   # GPU
@@ -30,7 +29,6 @@ import torch
 
 import paradec
 import paradec.batching.engine as batching_engine
-import paradec.batching.step as batching_step
 from harness import banner, emit_json, synced
 from paradec.api import resolve_config
 from paradec.batching import BatchEngine
@@ -154,11 +152,7 @@ def main() -> None:
                    help="drop the refresh calls' graphs after warm-up (refreshes run called): that A/B")
     p.add_argument("--no-pack", action="store_true",
                    help="never pack a step call that has a graph (PACK_SAVING = inf): the packing A/B")
-    p.add_argument("--no-grouped-attention", action="store_true",
-                   help="the rows' attention as SDPA over every key under the mask: the grouped kernel's A/B")
     args = p.parse_args()
-    if args.no_grouped_attention:
-        batching_step.GROUPED_ATTENTION = False
     if args.no_pack:
         batching_engine.PACK_SAVING = float("inf")
     info = banner()

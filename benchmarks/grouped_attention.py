@@ -1,12 +1,11 @@
 """The batching engine's attention at 8B shapes: a pool row holds the prompt, every think block
 and the summary, and a step's queries (one window a block) see the prompt and their own block.
 Times one attention call (a graph of 32 calls over 8 layers' keys, as a step's layers read
-them) for SDPA with the row's additive mask (the default kernels), the batch-invariant grouped
-kernel, its fast path outside the mode (``MaskedKeys(invariant=False)``: each segment's queries
-over their own keys, the mask not read) at several tile and split sizes, and, for the think
-step, the blocks side by side with no mask (how ``generate()`` steps them: the floor). Each
-variant is checked against the plain-torch twin. Prints the device, versions, a table and one
-JSON line.
+them) for SDPA with the row's additive mask (the default kernels), the batch-invariant kernel
+with the queries grouped by segment (each group over its own keys), and, for the think step,
+the blocks side by side with no mask (how ``generate()`` steps them: the floor); and building
+the invariant kernel's key lists (``masked_keys``, once a call). Each variant is checked
+against the plain-torch twin. Prints the device, versions, a table and one JSON line.
 
     cd benchmarks && python grouped_attention.py                     # needs CUDA and triton
 """
@@ -14,7 +13,6 @@ JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import torch.nn.functional as F
@@ -58,11 +56,6 @@ def main() -> None:
     p.add_argument("--block", type=int, default=224)
     p.add_argument("--summary", type=int, default=128)
     p.add_argument("--window", type=int, default=32)
-    p.add_argument("--tiles", nargs="+", default=[
-        '{}', '{"block_n": 128}', '{"block_n": 128, "warps": 8, "stages": 3}', '{"stages": 3}',
-        '{"split": 256, "stages": 3}', '{"split": 256, "block_n": 128, "warps": 8, "stages": 3}',
-        '{"block_m": 64, "split": 256}', '{"block_m": 16, "warps": 2}', '{"block_m": 16, "stages": 3}'],
-        help="fast path settings (JSON, over bi.FAST_TILES)")
     p.add_argument("--refresh-batches", type=int, nargs="+", default=[1, 8])
     args = p.parse_args()
     info = banner()
@@ -73,7 +66,6 @@ def main() -> None:
     segs = torch.tensor(row_layout(args.prompt, args.blocks, args.block, args.summary, keys), device=dev)
     gen = torch.Generator(device=dev).manual_seed(0)
     rows, records = [], []
-    default_tiles = dict(bi.FAST_TILES)
     cases = [("think", b) for b in args.batches] + [("summary", b) for b in args.batches if b <= 8]
     cases += [("refresh", b) for b in args.refresh_batches]
     for case, b in cases:
@@ -94,14 +86,6 @@ def main() -> None:
             q[i], kv[i, 0], kv[i, 1], attn_mask=additive, enable_gqa=gqa)}
         invariant = bi.masked_keys(mask, additive, q_segs - SUMMARY)
         variants["invariant, grouped"] = lambda i: bi.attention(q[i], kv[i, 0], kv[i, 1], invariant)
-        fast = bi.masked_keys(mask, additive, q_segs - SUMMARY, invariant=False)
-        for setting in args.tiles:
-            tiles = default_tiles | json.loads(setting)
-
-            def run(i, tiles=tiles):
-                bi.FAST_TILES = tiles
-                return bi.attention(q[i], kv[i, 0], kv[i, 1], fast)
-            variants["fast m{block_m} n{block_n} k{split} w{warps} s{stages}".format(**tiles)] = run
         if case == "think":  # generate(): each block's window in a row of its prompt and block
             keep = [torch.cat((torch.arange(args.prompt), torch.arange(args.prompt + j * args.block,
                                                                         args.prompt + (j + 1) * args.block)))
@@ -114,19 +98,17 @@ def main() -> None:
                 out = F.scaled_dot_product_attention(q_side[i], side[i, 0], side[i, 1], enable_gqa=gqa)
                 return out.view(b, args.blocks, args.heads, args.window, -1).transpose(1, 2).flatten(2, 3)
             variants["blocks side by side, no mask"] = blocks_side_by_side
-        build_us = 1e3 * median_ms(lambda: bi.masked_keys(mask, additive, q_segs - SUMMARY, invariant=False))
+        build_us = 1e3 * median_ms(lambda: bi.masked_keys(mask, additive, q_segs - SUMMARY))
         for name, fn in variants.items():
             err = error(fn(0))
             us = timed_us(fn)
             rows.append((case, b, t, name, us, err))
             records.append({"case": case, "batch": b, "queries": t, "variant": name, "us": us, "max_err": err})
-        rows.append((case, b, t, "(masked_keys once a call)", build_us, 0.0))
+        rows.append((case, b, t, "(masked_keys, eager)", build_us, 0.0))
         records.append({"case": case, "batch": b, "variant": "masked_keys", "us": build_us})
-        bi.FAST_TILES = default_tiles
     print(f"\nLLaDA-8B attention shape: {args.heads} heads, {args.kv_heads} kv heads, d {args.head_dim}; a row of "
           f"{args.prompt} prompt + {args.blocks} x {args.block} + {args.summary} summary ({keys} keys), window "
           f"{args.window}, bf16; µs a call (graph of {CALLS} calls over {LAYERS} layers' keys)")
-    print("fast: m query tile, n key tile, k keys a program, w warps, s pipeline stages")
     print(f"{'case':>8} | {'b':>3} | {'T':>5} | {'variant':<34} | {'µs':>8} | {'max err':>8}")
     for case, b, t, name, us, err in rows:
         print(f"{case:>8} | {b:>3} | {t:>5} | {name:<34} | {us:>8.1f} | {err:>8.4f}")

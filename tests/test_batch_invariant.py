@@ -152,22 +152,6 @@ def check_grouped_attention(device: str, dtype: torch.dtype, d: int, seed: int =
         mine = [i for i, col in enumerate(columns) if layout[col] == j + 1]
         alone = bi.attention(q[:, :, mine], k[:, :, keep], v[:, :, keep])
         assert torch.equal(alone, got[:, :, mine]), j
-    check_fast_grouped_attention(q, k, v, mask, additive, query_segments - SUMMARY, dtype)
-
-
-def check_fast_grouped_attention(q, k, v, mask, additive, groups, dtype) -> None:
-    """The grouped kernel's fast path (``invariant=False``: the mask read for the last group only,
-    other tiles and splits) gives the twin's answer: with a group a segment, with segments past
-    ``QUERY_GROUPS`` sharing the last group (whose mask is read), and at every tile and split."""
-    twin = bi.attention_twin(q, k, v, additive)
-    saved = bi.QUERY_GROUPS, bi.FAST_TILES
-    try:
-        for groups_cap, tiles in ((saved[0], {}), (3, dict(block_m=64, split=64)), (2, dict(block_m=16, split=128))):
-            bi.QUERY_GROUPS, bi.FAST_TILES = groups_cap, saved[1] | tiles
-            fast = bi.attention(q, k, v, bi.masked_keys(mask, additive, groups, invariant=False))
-            torch.testing.assert_close(fast, twin, **TOL[dtype])
-    finally:
-        bi.QUERY_GROUPS, bi.FAST_TILES = saved
 
 
 def check_model(device: str, dtype: torch.dtype, root_dir: Path, decode=("llada", "dream")) -> None:

@@ -672,55 +672,6 @@ def test_refresh_graphs_stop_where_a_called_refresh_keeps_the_device_busy(model,
     assert refreshes and not any(refreshes)
 
 
-def check_grouped_attention_decodes_as_alone() -> None:
-    """Where the kernels run (here the CPU, in Triton's interpreter), the rows' attention takes
-    the grouped fast path (each segment's queries over their own keys, the mask not read), and
-    requests of mixed settings joining at different steps still get ``generate()``'s tokens;
-    with ``GROUPED_ATTENTION`` off the rows attend through SDPA under the mask, as before."""
-    import paradec.batching.step as batching_step
-    from paradec.ops import batch_invariant as bi
-
-    bi.DEVICES.add("cpu")
-    bi.FAST_TILES = bi.FAST_TILES | dict(split=64)  # a row's keys in two splits (fewer of the interpreter's no-ops)
-    model = paradec.load("paradec-tiny", dtype=torch.float32)
-    calls = {"fast": 0}
-    attention = bi.attention
-
-    def counted(q, k, v, mask=None):
-        calls["fast"] += isinstance(mask, bi.MaskedKeys) and not mask.invariant
-        return attention(q, k, v, mask)
-
-    bi.attention = counted
-    nap = dict(blocks=2, block_len=6, summary_len=4, window=3, tokens_per_step=3)
-    settings = [dict(nap, cache="dual"), dict(mode="block", answer_len=8, block_len=4, tokens_per_step=2, cache="dual"),
-                dict(nap, attention="canvas")]
-    schedule = [(i, f"r{i}", QUESTIONS[i], settings[i]) for i in range(3)]
-    run = Run(make_engine(model, max_batch=4), schedule)
-    assert calls["fast"] > 0
-    for _, rid, prompt, kwargs in schedule:
-        alone = solo(model, prompt, kwargs)
-        assert run.results[rid].token_ids == alone.token_ids, rid
-    batching_step.GROUPED_ATTENTION, calls["fast"] = False, 0
-    run = Run(make_engine(model, max_batch=4), schedule[:1])
-    assert calls["fast"] == 0 and run.results["r0"].token_ids == solo(model, QUESTIONS[0], settings[0]).token_ids
-
-
-def test_grouped_attention_in_the_triton_interpreter():
-    """``check_grouped_attention_decodes_as_alone`` in a child process (TRITON_INTERPRET=1)."""
-    pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); torch.set_num_threads(1); "
-            "import test_batching as t; t.check_grouped_attention_decodes_as_alone(); print('ok')")
-    env = dict(os.environ, TRITON_INTERPRET="1", PARADEC_BATCH_INVARIANT="0")
-    done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout[-3000:] + done.stderr[-6000:])
-
-
 # --- on a GPU -------------------------------------------------------------------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replays_decode_as_alone():

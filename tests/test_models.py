@@ -319,26 +319,3 @@ def test_nothing_outside_models_reaches_a_private_of_models():
                 offenders += [f"{path.relative_to(ROOT)}:{node.lineno} import {a.name}"
                               for a in node.names if a.name.startswith("_")]
     assert not offenders, offenders
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_kv_rows_written_into_a_pool_equal_indexed_assignment(seed):
-    """``write_rows`` (k/v lines copied into a pool's flat rows) writes what indexed assignment
-    writes, into views of a pool (rows from an offset, a key prefix) and into another layout."""
-    from paradec.models.layers import write_rows
-
-    g = torch.Generator().manual_seed(seed)
-    r, heads, s, d, b, t = 5, 3, 11, 4, 3, 6
-    pool = torch.randn(2, r, heads, s, d, generator=g)
-    first, keys = int(torch.randint(0, r - b + 1, (1,), generator=g)), int(torch.randint(t, s + 1, (1,), generator=g))
-    pairs = torch.randperm(b * keys, generator=g)[: b * t].view(b, t)  # distinct (row, slot) pairs
-    rows, slots = pairs // keys, pairs % keys
-    k, v = torch.randn(2, b, t, heads, d, generator=g)
-    expected = pool.clone()
-    for (row, slot), new_k, new_v in zip(zip(rows.reshape(-1), slots.reshape(-1)), k.reshape(-1, heads, d),
-                                          v.reshape(-1, heads, d)):
-        expected[0, first + row, :, slot], expected[1, first + row, :, slot] = new_k, new_v
-    for layout in ("pool", "slot-major"):
-        got = pool.clone() if layout == "pool" else pool.transpose(2, 3).contiguous().transpose(2, 3)
-        write_rows((got[0, first:first + b, :, :keys], got[1, first:first + b, :, :keys]), rows, slots, k, v)
-        assert torch.equal(got, expected), layout

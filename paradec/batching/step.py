@@ -49,14 +49,6 @@ from paradec.models.attention import attention_mask
 from paradec.models.cache import PackedQueries, PromptCache
 from paradec.models.transformer import DiffusionTransformer
 
-# A call of at most GROUPED_QUERIES queries (a lone row's step) attends on the grouped fast path
-# where the kernels run (a GPU): each segment's queries over their own keys only (``run_layers``'
-# ``grouped``). Measured on an H200 at 8B shapes (benchmarks/grouped_attention.py): a lone think
-# step's attention 33 against SDPA's 48 µs a layer under the row's mask; from 8 rows, or a
-# refresh's 1,024 queries, SDPA was faster. False: SDPA always (``batch_engine.py
-# --no-grouped-attention``, the A/B).
-GROUPED_ATTENTION = True
-GROUPED_QUERIES = 256
 
 
 class BatchStep:
@@ -238,7 +230,6 @@ class BatchStep:
         are forwarded (``PackedQueries``, from the embedded ids: not with ``x``); the hidden
         state of a padding query is then zero."""
         rows, module = self.rows, self.module
-        grouped = GROUPED_ATTENTION and slots.numel() <= GROUPED_QUERIES
         rows.ids.scatter_(1, rows.canvas_slots, rows.canvas)  # the canvas as committed so far, after each prompt
         ids, positions, segments = (x[at].gather(1, slots) for x in (rows.ids, rows.positions, rows.segments))
         keys = rows.segments[at, :width]  # [b, K]
@@ -247,14 +238,12 @@ class BatchStep:
         cache = PromptCache(kv=kv, segments=keys, lengths=rows.prompt_lens[at], last_hidden=rows.last_hidden[at])
         if real is None:
             x = module.embed(ids.clamp(min=0)) if x is None else x
-            hidden, _ = module.run_layers(x, positions, mask, cache, slots, segments, layers,
-                                          grouped=grouped)
+            hidden, _ = module.run_layers(x, positions, mask, cache, slots, segments, layers)
             return hidden, positions, segments, cache
         b, t = slots.shape
         packed = PackedQueries(rows=real // t, slots=slots.reshape(-1)[real], padded=real, batch=b, width=t)
         x = module.embed(ids.reshape(-1)[real].clamp(min=0))[None]  # [1, N, d]
-        out, _ = module.run_layers(x, positions.reshape(-1)[real][None], mask, cache, packed, segments, layers,
-                                   grouped=grouped)
+        out, _ = module.run_layers(x, positions.reshape(-1)[real][None], mask, cache, packed, segments, layers)
         hidden = out.new_zeros(b * t, out.shape[-1]).index_copy_(0, real, out[0]).view(b, t, -1)
         return hidden, positions, segments, cache
 

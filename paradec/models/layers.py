@@ -117,37 +117,12 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps:
 
 def attend(q, keys, values, mask, gqa: bool) -> torch.Tensor:
     """SDPA, or in the batch-invariant mode its kernel (which takes the same additive mask, or a
-    ``bi.MaskedKeys`` naming each row's visible keys), as it does a ``MaskedKeys`` made for its
-    fast path (not invariant: each group of queries over its own keys only). q: [B, H, T, D] ->
-    [B, H, T, D]."""
-    if bi.active(q) or (isinstance(mask, bi.MaskedKeys) and not mask.invariant):
+    ``bi.MaskedKeys`` naming each row's visible keys). q: [B, H, T, D] -> [B, H, T, D]."""
+    if bi.active(q):
         return bi.attention(q, keys, values, mask)
     if isinstance(mask, bi.MaskedKeys):
         mask = mask.additive
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
-
-
-def write_rows(past: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor, slots: torch.Tensor,
-               k: torch.Tensor, v: torch.Tensor) -> None:
-    """Writes k and v ([..., Hkv, D]) into ``past``'s rows ``rows`` at ``slots`` (both [...]),
-    past k/v: [B, Hkv, K, D]. Where they are views of a pool's contiguous rows ([R, Hkv, S, D],
-    S >= K: a batching engine's), as one copy of D-wide lines into the flat rows (``index_copy_``,
-    the kernel ``generate()``'s cache writes take; an assignment indexed by rows and slots runs
-    ``index_put_``); else by indexing."""
-    buffer = past[0]
-    heads, d = buffer.shape[1], buffer.shape[3]
-    row_stride, head_stride = buffer.stride(0), buffer.stride(1)
-    flat = buffer.stride(3) == 1 and buffer.stride(2) == d and head_stride % d == 0 \
-        and row_stride == heads * head_stride
-    if not flat or past[1].stride() != buffer.stride():
-        past[0][rows, :, slots] = k
-        past[1][rows, :, slots] = v
-        return
-    lines = (rows[..., None] * heads + torch.arange(heads, device=rows.device)) * (head_stride // d) + slots[..., None]
-    lines = lines.reshape(-1)  # [N * Hkv]: each (row, head, slot)'s line of D
-    span = buffer.shape[0] * row_stride // d  # the lines of the rows viewed, every slot of theirs
-    for target, new in zip(past, (k, v)):
-        target.as_strided((span, d), (d, 1)).index_copy_(0, lines, new.reshape(-1, d))
 
 
 class Attention(nn.Module):
@@ -194,8 +169,9 @@ class Attention(nn.Module):
         if isinstance(slots, PackedQueries):
             return self._packed(q, k, v, mask, past, slots), (k, v)
         if slots is not None and slots.dim() == 2:
-            rows = torch.arange(b, device=slots.device)[:, None].expand(b, t)
-            write_rows(past, rows, slots, k.transpose(1, 2), v.transpose(1, 2))  # [B, T, Hkv, D] into each row
+            rows = torch.arange(b, device=slots.device)[:, None]
+            past[0][rows, :, slots] = k.transpose(1, 2)  # [B, T, Hkv, D] into each row's slots
+            past[1][rows, :, slots] = v.transpose(1, 2)
             keys, values = past
         elif slots is not None:
             past[0].index_copy_(2, slots, k)
@@ -214,7 +190,8 @@ class Attention(nn.Module):
 
     def _packed(self, q, k, v, mask, past, packed: PackedQueries) -> torch.Tensor:
         """``forward`` of packed queries: q [1, H, N, D], k/v [1, Hkv, N, D] -> [1, N, d]."""
-        write_rows(past, packed.rows, packed.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))  # [N, Hkv, D]
+        past[0][packed.rows, :, packed.slots] = k[0].transpose(0, 1)  # [N, Hkv, D] into each query's row and slot
+        past[1][packed.rows, :, packed.slots] = v[0].transpose(0, 1)
         rows, heads = packed.batch * packed.width, q.shape[1]
         padded = q.new_zeros(rows, heads, self.head_dim).index_copy_(0, packed.padded, q[0].transpose(0, 1))
         padded = padded.view(packed.batch, packed.width, heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]

@@ -56,7 +56,7 @@ class DiffusionTransformer(nn.Module):
     def run_layers(
         self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: PromptCache | None,
         slots: torch.Tensor | PackedQueries | None = None, query_segments: torch.Tensor | None = None,
-        layers: slice = slice(None), grouped: bool = False,
+        layers: slice = slice(None),
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Every layer (or the ``layers`` slice of them: x is then the hidden state before the
         first) over embedded inputs, without the final norm and head.
@@ -75,21 +75,14 @@ class DiffusionTransformer(nn.Module):
         mode the mask also names, once for every layer, the keys each query sees (``bi.MaskedKeys``):
         query_segments [B, T] (the queries' attention segments, whose queries see the same keys)
         groups the queries, so that a query attends over its own keys in index order wherever
-        they sit (a think block among the others as in a row of its own); None: one group a row.
-        ``grouped``: the mask is ``attention_mask``'s of query_segments (every query of a segment
-        sees the same keys), and outside the mode, where the kernels run (a GPU), attention takes
-        their grouped fast path: each segment's queries visit their own keys only (a batching
-        engine's row holds every think block: a block's queries see the prompt and their block,
-        about half the row), not every key of the row under the mask."""
+        they sit (a think block among the others as in a row of its own); None: one group a row."""
         if mask is not None:  # rows padded to 8 elements in storage: SDPA takes such a slice without a copy
             keys = mask.shape[-1]
             storage = torch.zeros(*mask.shape[:-1], -(-keys // 8) * 8, dtype=x.dtype, device=x.device)
             additive = storage[..., :keys].masked_fill_(~mask, float("-inf"))
-            groups = None if query_segments is None else query_segments - SUMMARY
             if bi.active(x):
+                groups = None if query_segments is None else query_segments - SUMMARY
                 mask = bi.masked_keys(mask, additive, groups)
-            elif grouped and groups is not None and bi.usable(x):
-                mask = bi.masked_keys(mask, additive, groups, invariant=False)
             else:
                 mask = additive
         cos, sin = self.rope(positions)

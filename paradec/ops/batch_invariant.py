@@ -95,15 +95,9 @@ def batch_invariant(on: bool = True) -> Iterator[None]:
         set_batch_invariant(previous)
 
 
-def usable(x: torch.Tensor) -> bool:
-    """Whether the kernels can run on ``x`` (Triton importable, ``x`` on a device in ``DEVICES``,
-    no autograd), whatever the mode."""
-    return HAVE_TRITON and x.device.type in DEVICES and not torch.is_grad_enabled()
-
-
 def active(x: torch.Tensor) -> bool:
     """Whether a model op on ``x`` should take the batch-invariant kernels now."""
-    return _state["on"] and usable(x)
+    return _state["on"] and HAVE_TRITON and x.device.type in DEVICES and not torch.is_grad_enabled()
 
 
 # --- matmul ------------------------------------------------------------------------------------
@@ -361,9 +355,6 @@ ATTN_BLOCK_N = 64
 # Query groups a mask may name (``masked_keys``): group ids at or past the last share it, which
 # costs invariance between them, never correctness (the mask still applies to every query).
 QUERY_GROUPS = 24
-# The grouped fast path outside the mode (``MaskedKeys.invariant`` False): query tiles of one
-# think window, key tiles, keys a program reduces, warps and pipeline stages.
-FAST_TILES = dict(block_m=32, block_n=64, split=512, warps=4, stages=2)
 
 
 @dataclass
@@ -376,20 +367,13 @@ class MaskedKeys:
     ``perm`` [B, T] int32: the row's queries sorted by group (stable); ``sorted_group`` [B, T]
     int32: the group of each sorted query (both None with one group a row: the queries in order).
     A query's keys are thus its own visible keys in index order, split at fixed counts, wherever
-    they sit in the row and whatever other queries see.
-
-    ``invariant=False``: the same grouping as a fast path outside the mode. Every query of a
-    group must then see exactly its group's keys (as the queries of one attention segment do
-    under ``attention_mask``): a group's keys are read off one of its queries' mask row, the last
-    group (the one ids past it share) lists every key, and the kernel reads the mask for that
-    group only (``FAST_TILES``)."""
+    they sit in the row and whatever other queries see."""
 
     additive: torch.Tensor
     order: torch.Tensor
     count: torch.Tensor
     perm: torch.Tensor | None = None
     sorted_group: torch.Tensor | None = None
-    invariant: bool = True
 
     def __post_init__(self) -> None:
         if self.order.dim() == 2:  # one group a row, given as order [B, C] and count [B]
@@ -408,56 +392,34 @@ def key_order(visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def masked_keys(mask: torch.Tensor, additive: torch.Tensor | None = None,
-                groups: torch.Tensor | None = None, invariant: bool = True) -> MaskedKeys:
+                groups: torch.Tensor | None = None) -> MaskedKeys:
     """From a boolean mask [B, 1, T, C] (True: may attend), its additive form and ``groups``
     [B, T] (ints >= 0: the queries of a group see the same keys, as queries of one attention
     segment do; ids past ``QUERY_GROUPS - 1`` share the last group). None: one group a row, the
-    keys some query of the row sees. ``invariant``: see ``MaskedKeys``."""
+    keys some query of the row sees."""
     b, _, t, c = mask.shape
     if additive is None:
         additive = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
     if groups is None:
         order, count = key_order(mask.any(2)[:, 0])
-        return MaskedKeys(additive, order[:, None], count[:, None], invariant=invariant)
+        return MaskedKeys(additive, order[:, None], count[:, None])
     groups = groups.clamp(0, QUERY_GROUPS - 1)
-    if not invariant:
-        return _uniform_groups(mask, additive, groups)
     visible = torch.zeros(b, QUERY_GROUPS, c, dtype=torch.uint8, device=mask.device)
     visible.scatter_reduce_(1, groups[:, :, None].expand(b, t, c), mask[:, 0].to(torch.uint8), "amax")
     order, count = key_order(visible.bool())
     perm = torch.argsort(groups, dim=1, stable=True)
-    return MaskedKeys(additive, order, count, perm.to(torch.int32), groups.gather(1, perm).to(torch.int32), invariant)
-
-
-def _uniform_groups(mask: torch.Tensor, additive: torch.Tensor, groups: torch.Tensor) -> MaskedKeys:
-    """``masked_keys(..., invariant=False)``: each group's keys from the mask row of its first
-    query (sorted), compacted by a running count rather than a sort (an argsort of [B, G, C]
-    took ~0.3 ms at 8B shapes, more than the kernel saves a step)."""
-    b, _, t, c = mask.shape
-    perm = torch.argsort(groups, dim=1, stable=True)
-    sorted_group = groups.gather(1, perm)
-    ids = torch.arange(QUERY_GROUPS, device=mask.device).expand(b, -1).contiguous()
-    first = torch.searchsorted(sorted_group, ids).clamp(max=t - 1)  # [B, G]: where each group starts
-    visible = mask[:, 0].gather(1, perm.gather(1, first)[..., None].expand(b, QUERY_GROUPS, c))  # [B, G, C]
-    visible[:, -1] = True  # the shared group: every key, the mask read
-    at = torch.where(visible, visible.cumsum(-1, dtype=torch.int32) - 1, c)  # a visible key's place, or past
-    order = torch.zeros(b, QUERY_GROUPS, c + 1, dtype=torch.int32, device=mask.device)
-    order.scatter_(2, at.long(), torch.arange(c, dtype=torch.int32, device=mask.device).expand(b, QUERY_GROUPS, c))
-    return MaskedKeys(additive, order[..., :c], visible.sum(-1, dtype=torch.int32), perm.to(torch.int32),
-                      sorted_group.to(torch.int32), invariant=False)
+    return MaskedKeys(additive, order, count, perm.to(torch.int32), groups.gather(1, perm).to(torch.int32))
 
 
 if HAVE_TRITON:
 
     @triton.jit(do_not_specialize=["T", "C"])
     def _attn_kernel(Q, K, V, Mask, Order, Count, Perm, Group, Part, Stat, T, C, H, G, group, n_split, qk_scale,
-                     mask_from, sqb, sqh, sqt, skb, skh, skc, svb, svh, svc, smb, smh, smt, smc,
+                     sqb, sqh, sqt, skb, skh, skc, svb, svh, svc, smb, smh, smt, smc,
                      HAS_ORDER: tl.constexpr, GROUPED: tl.constexpr, UPCAST: tl.constexpr, D: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                     FAST: tl.constexpr):
+                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
         """One program: BLOCK_M of a row's queries sorted by group, one head, one split of the
-        keys; for each group among its queries, that group's keys of the split. ``FAST`` (not
-        invariant): the mask is read only for groups from ``mask_from`` on."""
+        keys; for each group among its queries, that group's keys of the split."""
         LOG2E: tl.constexpr = 1.4426950408889634
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -512,18 +474,12 @@ if HAVE_TRITON:
                         s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
                     else:
                         s = tl.dot(q, tl.trans(k))
-                    bias_at = Mask + b.to(tl.int64) * smb + h * smh + rows[:, None].to(tl.int64) * smt \
-                        + keys[None, :].to(tl.int64) * smc
-                    if FAST:  # a group's listed keys are all visible to its queries: nothing to add
-                        s = s * qk_scale
-                        if g >= mask_from:
-                            bias = tl.load(bias_at, mask=pos_in[:, None] & valid[None, :], other=0.0)
-                            s = s + bias.to(tl.float32) * LOG2E
-                    else:
-                        # The mask is always read (a zero with zero strides when there is none): a kernel
-                        # compiled without it would contract these multiply-adds differently.
-                        bias = tl.load(bias_at, mask=pos_in[:, None] & valid[None, :], other=0.0)
-                        s = s * qk_scale + bias.to(tl.float32) * LOG2E
+                    # The mask is always read (a zero with zero strides when there is none): a kernel
+                    # compiled without it would contract these multiply-adds differently.
+                    bias = tl.load(Mask + b.to(tl.int64) * smb + h * smh + rows[:, None].to(tl.int64) * smt
+                                   + keys[None, :].to(tl.int64) * smc,
+                                   mask=pos_in[:, None] & valid[None, :], other=0.0)
+                    s = s * qk_scale + bias.to(tl.float32) * LOG2E
                     s = tl.where(valid[None, :], s, float("-inf"))
                     m_new = tl.maximum(m_i, tl.max(s, axis=1))
                     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -602,9 +558,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Hkv; any strides with a unit last one); mask: additive, broadcastable to [B, H, T, C] (one
     group of queries a row), or a ``MaskedKeys``, or None (every key). Scale 1/sqrt(D), as
     SDPA's default. Returns [B, H, T, D] in q's dtype (a view of a [B, T, H, D] tensor, so a
-    transpose back is free). A ``MaskedKeys`` made with ``invariant=False`` takes the fast path
-    (``FAST_TILES``, the mask read for the last group only): not invariant, the twin's answer
-    all the same."""
+    transpose back is free)."""
     b, h, t, d = q.shape
     hkv, c = k.shape[1], k.shape[2]
     if h % hkv or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
@@ -615,12 +569,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty(b, t, h, d, dtype=q.dtype, device=q.device)
     if b * h * t == 0:
         return out.transpose(1, 2)
-    fast = isinstance(mask, MaskedKeys) and not mask.invariant
-    tiles = FAST_TILES if fast else dict(block_m=ATTN_BLOCK_M, block_n=ATTN_BLOCK_N, split=KV_SPLIT, warps=4,
-                                         stages=2)
-    block_m, split = tiles["block_m"], tiles["split"]
     block_d = max(16, triton.next_power_of_2(d))
-    n_split = max(1, triton.cdiv(c, split))
+    n_split = max(1, triton.cdiv(c, KV_SPLIT))
     part = torch.empty(b * h * n_split * t, block_d, dtype=torch.float32, device=q.device)
     stat = torch.empty(b * h * n_split * t, 2, dtype=torch.float32, device=q.device)
     has_mask = mask is not None
@@ -637,18 +587,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         mask_arg = _zero(q.device, q.dtype)
         order = count = perm = groups = q
         g, grouped = 1, False
-    grid = (triton.cdiv(t, block_m), b * h, n_split)
+    grid = (triton.cdiv(t, ATTN_BLOCK_M), b * h, n_split)
     upcast = _INTERPRET or q.dtype == torch.float32
     _attn_kernel[grid](q, k, v, mask_arg, order, count, perm, groups, part, stat, t, c, h, g, h // hkv, n_split,
-                       (1.0 / math.sqrt(d)) * 1.4426950408889634, g - 1,
+                       (1.0 / math.sqrt(d)) * 1.4426950408889634,
                        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                        v.stride(0), v.stride(1), v.stride(2), msb, msh, mst, msc,
                        HAS_ORDER=has_mask, GROUPED=grouped, UPCAST=upcast, D=d, BLOCK_D=block_d,
-                       BLOCK_M=block_m, BLOCK_N=tiles["block_n"], SPLIT=split, FAST=fast, num_warps=tiles["warps"],
-                       num_stages=tiles["stages"])
-    _attn_combine_kernel[(triton.cdiv(t, block_m), b * h)](
+                       BLOCK_M=ATTN_BLOCK_M, BLOCK_N=ATTN_BLOCK_N, SPLIT=KV_SPLIT, num_warps=4, num_stages=2)
+    _attn_combine_kernel[(triton.cdiv(t, ATTN_BLOCK_M), b * h)](
         part, stat, count, perm, groups, out, t, c, h, g, n_split, out.stride(0), out.stride(1), out.stride(2),
-        HAS_ORDER=has_mask, GROUPED=grouped, D=d, BLOCK_D=block_d, BLOCK_M=block_m, SPLIT=split,
+        HAS_ORDER=has_mask, GROUPED=grouped, D=d, BLOCK_D=block_d, BLOCK_M=ATTN_BLOCK_M, SPLIT=KV_SPLIT,
         num_warps=4)
     return out.transpose(1, 2)
 
