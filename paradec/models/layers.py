@@ -16,6 +16,7 @@ from torch import nn
 from paradec.models.cache import PackedQueries
 from paradec.models.transformer_config import TransformerConfig
 from paradec.ops import batch_invariant as bi
+from paradec.ops import rope_kv
 
 
 class Linear(nn.Linear):
@@ -151,7 +152,7 @@ class Attention(nn.Module):
         past: tuple[torch.Tensor, torch.Tensor] | None,
         past_len: int,
         slots: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """x: [B, T, d]; past k/v: [B, Hkv, C, D] buffers whose first ``past_len`` tokens are
         cached; when C >= past_len + T this call's k/v are written in place after them (no copy
         of the cache), else concatenated. mask: [B, 1, T, past_len + T], additive (0 or -inf),
@@ -162,18 +163,19 @@ class Attention(nn.Module):
         slots may also be ``PackedQueries``: x [1, N, d] holds only the real queries of a
         [B, T] batch of rows (mask [B, 1, T, C] over them, past: the rows' static cache).
         Returns the output [B, T, d] ([1, N, d] packed) and this call's own k/v [B, Hkv, T, D]
-        ([1, Hkv, N, D])."""
+        (None with each row's own slots or packed queries: they are written into the rows only)."""
         b, t, _ = x.shape
+        gqa = self.num_heads != self.num_kv_heads
+        if isinstance(slots, PackedQueries):
+            q = self._qkv_into_rows(x, cos, sin, past, slots.rows[None], slots.slots[None])
+            return self._packed(q, mask, past, slots), None
+        if slots is not None and slots.dim() == 2:
+            rows = torch.arange(b, device=slots.device)[:, None].expand(b, t)
+            out = attend(self._qkv_into_rows(x, cos, sin, past, rows, slots), past[0], past[1], mask, gqa)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
         q, k, v = self._qkv(x, cos, sin)
         keys, values = k, v
-        if isinstance(slots, PackedQueries):
-            return self._packed(q, k, v, mask, past, slots), (k, v)
-        if slots is not None and slots.dim() == 2:
-            rows = torch.arange(b, device=slots.device)[:, None]
-            past[0][rows, :, slots] = k.transpose(1, 2)  # [B, T, Hkv, D] into each row's slots
-            past[1][rows, :, slots] = v.transpose(1, 2)
-            keys, values = past
-        elif slots is not None:
+        if slots is not None:
             past[0].index_copy_(2, slots, k)
             past[1].index_copy_(2, slots, v)
             keys, values = past
@@ -185,13 +187,25 @@ class Attention(nn.Module):
         elif past is not None:
             keys = torch.cat((past[0][:, :, :past_len], k), dim=2)
             values = torch.cat((past[1][:, :, :past_len], v), dim=2)
-        out = attend(q, keys, values, mask, self.num_heads != self.num_kv_heads)
+        out = attend(q, keys, values, mask, gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
 
-    def _packed(self, q, k, v, mask, past, packed: PackedQueries) -> torch.Tensor:
-        """``forward`` of packed queries: q [1, H, N, D], k/v [1, Hkv, N, D] -> [1, N, d]."""
-        past[0][packed.rows, :, packed.slots] = k[0].transpose(0, 1)  # [N, Hkv, D] into each query's row and slot
-        past[1][packed.rows, :, packed.slots] = v[0].transpose(0, 1)
+    def _qkv_into_rows(self, x, cos, sin, past, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """``_qkv``, its k and v written into the rows of a pool (``past``: [R, Hkv, S, D] views)
+        at ``rows`` and ``slots`` ([B, T]): returns q [B, H, T, D]. Outside the batch-invariant
+        mode, on the devices ``paradec.ops.rope_kv`` routes (opt-in), its one kernel rotates and
+        writes."""
+        if rope_kv.usable(x) and not bi.active(x):
+            heads = self.qkv_proj(x).view(*x.shape[:2], -1, self.head_dim)  # [B, T, H + 2 Hkv, D]
+            return rope_kv.rope_kv(heads, cos, sin, past[0], past[1], rows, slots, self.num_heads,
+                                   self.num_kv_heads)
+        q, k, v = self._qkv(x, cos, sin)
+        past[0][rows, :, slots] = k.transpose(1, 2)  # [B, T, Hkv, D] into each column's row and slot
+        past[1][rows, :, slots] = v.transpose(1, 2)
+        return q
+
+    def _packed(self, q, mask, past, packed: PackedQueries) -> torch.Tensor:
+        """``forward`` of packed queries (their k/v already in the rows): q [1, H, N, D] -> [1, N, d]."""
         rows, heads = packed.batch * packed.width, q.shape[1]
         padded = q.new_zeros(rows, heads, self.head_dim).index_copy_(0, packed.padded, q[0].transpose(0, 1))
         padded = padded.view(packed.batch, packed.width, heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]

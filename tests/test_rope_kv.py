@@ -1,0 +1,120 @@
+"""``paradec.ops.rope_kv`` (rotary of q and k fused with writing k and v into pool rows) against
+its plain-torch twin, on fresh random inputs: on a GPU directly; on the CPU in Triton's
+interpreter (a child process with TRITON_INTERPRET=1), where a batching engine also decodes
+through the kernel, each request as it decodes alone."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from paradec.models.layers import RotaryEmbedding
+from paradec.ops import rope_kv as rk
+
+HERE = Path(__file__).parent
+needs_triton = pytest.mark.skipif(not rk.HAVE_TRITON, reason="needs triton")
+
+
+def _inputs(device, dtype, seed, heads, kv_heads, d, b, t, rows_per_call):
+    g = torch.Generator().manual_seed(seed)
+    n = heads + 2 * kv_heads
+    wide = torch.randn(b, t, n + 3, d, generator=g).to(device=device, dtype=dtype)  # a strided view, as a projection's
+    qkv = wide[:, :, 1:n + 1]
+    positions = torch.randint(0, 4000, (b, t), generator=g).to(device)
+    cos, sin = RotaryEmbedding(d, 10000.0).to(device)(positions)
+    r, s = b + 2, t + 5
+    pool = torch.randn(2, r, kv_heads, s + 1, d, generator=g).to(device=device, dtype=dtype)
+    if rows_per_call == "own":  # each call column's row is its batch row, as a step call's
+        rows = torch.arange(b)[:, None].expand(b, t)
+        slots = torch.stack([torch.randperm(s, generator=g)[:t] for _ in range(b)])
+    else:  # any rows, as packed queries' (distinct row and slot pairs)
+        pairs = torch.randperm(r * s, generator=g)[: b * t].view(b, t)
+        rows, slots = pairs // s, pairs % s
+    return qkv, cos, sin, pool, rows.to(device), slots.to(device)
+
+
+def check_rope_kv(device: str, dtype: torch.dtype) -> None:
+    """q, the pool's rows (written slots and untouched ones) equal the twin's: q and k within
+    one rounding of the dtype (the kernel may fuse a multiply-add), v exactly."""
+    tol = dict(rtol=0, atol=0) if dtype == torch.float32 and device == "cpu" else \
+        {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.bfloat16: dict(rtol=8e-3, atol=8e-3)}[dtype]
+    cases = [(8, 8, 32, 2, 7, "own"), (28, 4, 128, 3, 5, "any"), (4, 2, 24, 1, 9, "own"), (6, 2, 16, 2, 1, "any")]
+    for seed, (heads, kv_heads, d, b, t, rows_per_call) in enumerate(cases):
+        qkv, cos, sin, pool, rows, slots = _inputs(device, dtype, seed, heads, kv_heads, d, b, t, rows_per_call)
+        twin_pool = pool.clone()
+        got = rk.rope_kv(qkv, cos, sin, pool[0, :, :, 1:], pool[1, :, :, 1:], rows, slots, heads, kv_heads)
+        want = rk.rope_kv_twin(qkv, cos, sin, twin_pool[0, :, :, 1:], twin_pool[1, :, :, 1:], rows, slots, heads,
+                               kv_heads)
+        assert got.shape == (b, heads, t, d) and got.is_contiguous()
+        torch.testing.assert_close(got, want, **tol)
+        torch.testing.assert_close(pool[0], twin_pool[0], **tol)
+        assert torch.equal(pool[1], twin_pool[1])  # v: copied, untouched slots as they were
+        written = torch.zeros(pool.shape[1], pool.shape[3], dtype=torch.bool, device=device)
+        written[rows, slots + 1] = True
+        assert torch.equal(pool[0].transpose(1, 2)[~written], twin_pool[0].transpose(1, 2)[~written])
+    with pytest.raises(ValueError, match="do not fit"):
+        rk.rope_kv(qkv[:, :, 1:], cos, sin, pool[0], pool[1], rows, slots, heads, kv_heads)
+
+
+def check_engine_decodes_as_alone() -> None:
+    """A batching engine whose rows' attention layers rotate and write k/v with the kernel:
+    requests of mixed settings joining at different steps get ``generate()``'s tokens (fp32)."""
+    sys.path.insert(0, str(HERE))
+    import paradec
+    from test_batching import QUESTIONS, Run, make_engine, solo
+
+    calls = {"n": 0}
+    kernel = rk.rope_kv
+
+    def counted(*args):
+        calls["n"] += 1
+        return kernel(*args)
+
+    rk.rope_kv = counted
+    model = paradec.load("paradec-tiny", dtype=torch.float32)
+    nap = dict(blocks=2, block_len=6, summary_len=4, window=3, tokens_per_step=3)
+    settings = [dict(nap, cache="dual"), dict(mode="block", answer_len=8, block_len=4, tokens_per_step=2, cache="dual"),
+                dict(nap, attention="canvas")]
+    schedule = [(i, f"r{i}", QUESTIONS[i], settings[i]) for i in range(3)]
+    run = Run(make_engine(model, max_batch=4), schedule)
+    assert calls["n"] > 0
+    for _, rid, prompt, kwargs in schedule:
+        assert run.results[rid].token_ids == solo(model, prompt, kwargs).token_ids, rid
+
+
+@needs_triton
+def test_in_the_triton_interpreter():
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); torch.set_num_threads(1); "
+            "from paradec.ops import rope_kv; rope_kv.DEVICES.add('cpu'); import test_rope_kv as t; "
+            "[t.check_rope_kv('cpu', d) for d in (torch.float32, torch.bfloat16)]; "
+            "t.check_engine_decodes_as_alone(); print('ok')")
+    env = dict(os.environ, TRITON_INTERPRET="1", PARADEC_BATCH_INVARIANT="0")
+    done = subprocess.run([sys.executable, "-c", code, str(HERE)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout[-3000:] + done.stderr[-6000:])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or not rk.HAVE_TRITON, reason="needs CUDA and triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_against_the_twin(dtype):
+    check_rope_kv("cuda", dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or not rk.HAVE_TRITON, reason="needs CUDA and triton")
+def test_cuda_rotation_equals_the_compiled_one():
+    """The kernel's q and k against the layers' compiled rotation (``layers.rotate``), bit for
+    bit where the two contract the same multiply-adds (reported), within one rounding always."""
+    from paradec.models.layers import rotate
+
+    qkv, cos, sin, pool, rows, slots = _inputs("cuda", torch.bfloat16, 0, 32, 32, 128, 4, 64, "own")
+    q = rk.rope_kv(qkv, cos, sin, pool[0], pool[1], rows, slots, 32, 32)
+    compiled = rotate(qkv[:, :, :64].transpose(1, 2), cos, sin)  # [B, 64, T, D]
+    torch.testing.assert_close(q, compiled[:, :32], rtol=8e-3, atol=8e-3)
+    print("rope_kv q bits equal the compiled rotation's:", torch.equal(q, compiled[:, :32]))
