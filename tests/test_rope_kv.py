@@ -28,51 +28,61 @@ def _inputs(device, dtype, seed, heads, kv_heads, d, b, t, rows_per_call):
     positions = torch.randint(0, 4000, (b, t), generator=g).to(device)
     cos, sin = RotaryEmbedding(d, 10000.0).to(device)(positions)
     r, s = b + 2, t + 5
-    pool = torch.randn(2, r, kv_heads, s + 1, d, generator=g).to(device=device, dtype=dtype)
-    if rows_per_call == "own":  # each call column's row is its batch row, as a step call's
-        rows = torch.arange(b)[:, None].expand(b, t)
+    keys = torch.randn(r, kv_heads, s + 1, d, generator=g).to(device=device, dtype=dtype)
+    values = torch.randn(r, s + 1, kv_heads, d, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
+    if rows_per_call == "own":  # each call column's row is its batch row, as a step call's (rows None)
+        rows = None
         slots = torch.stack([torch.randperm(s, generator=g)[:t] for _ in range(b)])
     else:  # any rows, as packed queries' (distinct row and slot pairs)
         pairs = torch.randperm(r * s, generator=g)[: b * t].view(b, t)
-        rows, slots = pairs // s, pairs % s
-    return qkv, cos, sin, pool, rows.to(device), slots.to(device)
+        rows, slots = (pairs // s).to(device), pairs % s
+    return qkv, cos, sin, (keys, values), rows, slots.to(device)
 
 
 def check_rope_kv(device: str, dtype: torch.dtype) -> None:
     """q, the pool's rows (written slots and untouched ones) equal the twin's: q and k within
-    one rounding of the dtype (the kernel may fuse a multiply-add), v exactly."""
+    one rounding of the dtype (on a GPU the kernel may fuse a multiply-add; Triton's interpreter
+    truncates fp32 to bf16 where a GPU rounds to nearest), v exactly. Keys and values of
+    different layouts (slot-major values), views from slot 1."""
     tol = dict(rtol=0, atol=0) if dtype == torch.float32 and device == "cpu" else \
         {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.bfloat16: dict(rtol=8e-3, atol=8e-3)}[dtype]
     cases = [(8, 8, 32, 2, 7, "own"), (28, 4, 128, 3, 5, "any"), (4, 2, 24, 1, 9, "own"), (6, 2, 16, 2, 1, "any")]
     for seed, (heads, kv_heads, d, b, t, rows_per_call) in enumerate(cases):
-        qkv, cos, sin, pool, rows, slots = _inputs(device, dtype, seed, heads, kv_heads, d, b, t, rows_per_call)
-        twin_pool = pool.clone()
-        got = rk.rope_kv(qkv, cos, sin, pool[0, :, :, 1:], pool[1, :, :, 1:], rows, slots, heads, kv_heads)
-        want = rk.rope_kv_twin(qkv, cos, sin, twin_pool[0, :, :, 1:], twin_pool[1, :, :, 1:], rows, slots, heads,
+        qkv, cos, sin, (keys, values), rows, slots = _inputs(device, dtype, seed, heads, kv_heads, d, b, t,
+                                                             rows_per_call)
+        twin_keys, twin_values = keys.clone(), values.clone()
+        got = rk.rope_kv(qkv, cos, sin, keys[:, :, 1:], values[:, :, 1:], rows, slots, heads, kv_heads)
+        want = rk.rope_kv_twin(qkv, cos, sin, twin_keys[:, :, 1:], twin_values[:, :, 1:], rows, slots, heads,
                                kv_heads)
         assert got.shape == (b, heads, t, d) and got.is_contiguous()
         torch.testing.assert_close(got, want, **tol)
-        torch.testing.assert_close(pool[0], twin_pool[0], **tol)
-        assert torch.equal(pool[1], twin_pool[1])  # v: copied, untouched slots as they were
-        written = torch.zeros(pool.shape[1], pool.shape[3], dtype=torch.bool, device=device)
-        written[rows, slots + 1] = True
-        assert torch.equal(pool[0].transpose(1, 2)[~written], twin_pool[0].transpose(1, 2)[~written])
+        torch.testing.assert_close(keys, twin_keys, **tol)
+        assert torch.equal(values, twin_values)  # v: copied, untouched slots as they were
+        written = torch.zeros(keys.shape[0], keys.shape[2], dtype=torch.bool, device=device)
+        own = torch.arange(b, device=device)[:, None].expand(b, t)
+        written[own if rows is None else rows, slots + 1] = True
+        assert written.sum() == b * t
+        assert torch.equal(keys.transpose(1, 2)[~written], twin_keys.transpose(1, 2)[~written])
     with pytest.raises(ValueError, match="do not fit"):
-        rk.rope_kv(qkv[:, :, 1:], cos, sin, pool[0], pool[1], rows, slots, heads, kv_heads)
+        rk.rope_kv(qkv[:, :, 1:], cos, sin, keys, values, rows, slots, heads, kv_heads)
+    with pytest.raises(ValueError, match="unit last stride"):
+        rk.rope_kv(qkv, cos, sin, keys.transpose(2, 3).contiguous().transpose(2, 3), values, rows, slots, heads,
+                   kv_heads)
 
 
 def check_engine_decodes_as_alone() -> None:
     """A batching engine whose rows' attention layers rotate and write k/v with the kernel:
-    requests of mixed settings joining at different steps get ``generate()``'s tokens (fp32)."""
+    requests of mixed settings joining at different steps (packed calls), and two in lockstep
+    (calls of two rows, each its own), get ``generate()``'s tokens (fp32)."""
     sys.path.insert(0, str(HERE))
     import paradec
     from test_batching import QUESTIONS, Run, make_engine, solo
 
-    calls = {"n": 0}
+    batches = []
     kernel = rk.rope_kv
 
     def counted(*args):
-        calls["n"] += 1
+        batches.append((args[0].shape[0], args[5] is None))  # (B, a column's row its batch row)
         return kernel(*args)
 
     rk.rope_kv = counted
@@ -81,10 +91,12 @@ def check_engine_decodes_as_alone() -> None:
     settings = [dict(nap, cache="dual"), dict(mode="block", answer_len=8, block_len=4, tokens_per_step=2, cache="dual"),
                 dict(nap, attention="canvas")]
     schedule = [(i, f"r{i}", QUESTIONS[i], settings[i]) for i in range(3)]
-    run = Run(make_engine(model, max_batch=4), schedule)
-    assert calls["n"] > 0
-    for _, rid, prompt, kwargs in schedule:
-        assert run.results[rid].token_ids == solo(model, prompt, kwargs).token_ids, rid
+    schedule += [(0, f"lockstep{i}", QUESTIONS[3 + i], settings[0]) for i in range(2)]
+    for part in (schedule[:3], schedule[3:]):
+        run = Run(make_engine(model, max_batch=4), part)
+        for _, rid, prompt, kwargs in part:
+            assert run.results[rid].token_ids == solo(model, prompt, kwargs).token_ids, rid
+    assert (1, False) in batches and (2, True) in batches  # packed calls, and two rows stepping together
 
 
 @needs_triton

@@ -170,8 +170,7 @@ class Attention(nn.Module):
             q = self._qkv_into_rows(x, cos, sin, past, slots.rows[None], slots.slots[None])
             return self._packed(q, mask, past, slots), None
         if slots is not None and slots.dim() == 2:
-            rows = torch.arange(b, device=slots.device)[:, None].expand(b, t)
-            out = attend(self._qkv_into_rows(x, cos, sin, past, rows, slots), past[0], past[1], mask, gqa)
+            out = attend(self._qkv_into_rows(x, cos, sin, past, None, slots), past[0], past[1], mask, gqa)
             return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
         q, k, v = self._qkv(x, cos, sin)
         keys, values = k, v
@@ -190,16 +189,18 @@ class Attention(nn.Module):
         out = attend(q, keys, values, mask, gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
 
-    def _qkv_into_rows(self, x, cos, sin, past, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def _qkv_into_rows(self, x, cos, sin, past, rows: torch.Tensor | None, slots: torch.Tensor) -> torch.Tensor:
         """``_qkv``, its k and v written into the rows of a pool (``past``: [R, Hkv, S, D] views)
-        at ``rows`` and ``slots`` ([B, T]): returns q [B, H, T, D]. Outside the batch-invariant
-        mode, on the devices ``paradec.ops.rope_kv`` routes (opt-in), its one kernel rotates and
-        writes."""
+        at ``rows`` (None: row b for batch row b) and ``slots`` ([B, T]): returns q [B, H, T, D].
+        Outside the batch-invariant mode, on the devices ``paradec.ops.rope_kv`` routes (opt-in),
+        its one kernel rotates and writes."""
         if rope_kv.usable(x) and not bi.active(x):
             heads = self.qkv_proj(x).view(*x.shape[:2], -1, self.head_dim)  # [B, T, H + 2 Hkv, D]
             return rope_kv.rope_kv(heads, cos, sin, past[0], past[1], rows, slots, self.num_heads,
                                    self.num_kv_heads)
         q, k, v = self._qkv(x, cos, sin)
+        if rows is None:
+            rows = torch.arange(x.shape[0], device=slots.device)[:, None]
         past[0][rows, :, slots] = k.transpose(1, 2)  # [B, T, Hkv, D] into each column's row and slot
         past[1][rows, :, slots] = v.transpose(1, 2)
         return q
