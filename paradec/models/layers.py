@@ -135,10 +135,13 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(cfg.hidden_size, sum(cfg.qkv_sizes), bias=cfg.qkv_bias)
         self.o_proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, d] -> the fused projection's heads [B, T, H + 2 Hkv, D]."""
+        return self.qkv_proj(x).view(*x.shape[:2], -1, self.head_dim)
+
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x: [B, T, d] -> rotated q [B, H, T, D], rotated k and v [B, Hkv, T, D]."""
-        b, t, _ = x.shape
-        heads = self.qkv_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H + 2 Hkv, T, D]
+        heads = self._heads(x).transpose(1, 2)  # [B, H + 2 Hkv, T, D]
         rotated = rotate(heads[:, : self.num_heads + self.num_kv_heads], cos, sin)  # q and k at once
         q, k = rotated.split((self.num_heads, self.num_kv_heads), dim=1)
         return q, k, heads[:, self.num_heads + self.num_kv_heads :]
@@ -195,8 +198,7 @@ class Attention(nn.Module):
         Outside the batch-invariant mode, on the devices ``paradec.ops.rope_kv`` routes (opt-in),
         its one kernel rotates and writes."""
         if rope_kv.usable(x) and not bi.active(x):
-            heads = self.qkv_proj(x).view(*x.shape[:2], -1, self.head_dim)  # [B, T, H + 2 Hkv, D]
-            return rope_kv.rope_kv(heads, cos, sin, past[0], past[1], rows, slots, self.num_heads,
+            return rope_kv.rope_kv(self._heads(x), cos, sin, past[0], past[1], rows, slots, self.num_heads,
                                    self.num_kv_heads)
         q, k, v = self._qkv(x, cos, sin)
         if rows is None:

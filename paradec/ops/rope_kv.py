@@ -115,7 +115,7 @@ def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch
     cos, sin = cos.expand(b, 1, t, d), sin.expand(b, 1, t, d)
     slots = slots.contiguous()
     own = rows is None
-    rows = slots if own else rows.contiguous()
+    rows = slots if own else rows.contiguous()  # (own rows: a placeholder pointer, never read)
     _rope_kv_kernel[(b * t, triton.cdiv(n, BLOCK_H))](
         qkv, cos, sin, q, keys, values, rows, slots, t, heads, kv_heads,
         qkv.stride(0), qkv.stride(1), qkv.stride(2), cos.stride(0), cos.stride(2), sin.stride(0), sin.stride(2),
@@ -126,7 +126,7 @@ def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch
 
 
 def rope_kv_twin(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
-                 values: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, heads: int,
+                 values: torch.Tensor, rows: torch.Tensor | None, slots: torch.Tensor, heads: int,
                  kv_heads: int) -> torch.Tensor:
     """The same in plain torch: the rotation (fp32, rounded to qkv's dtype) and indexed
     assignments."""
