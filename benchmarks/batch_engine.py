@@ -10,9 +10,9 @@ and the threshold policy) so that every batch holds both. ``--open-loop RATE ...
 arrivals, streamed, whose staggered requests sit in different phases (a closed loop's step in
 lockstep): the step calls' padding shows there; ``--no-pack`` keeps every step call that has
 a graph on it (the packing A/B); ``--no-refresh-graphs`` drops the refresh calls' graphs after
-warm-up, so that refreshes run called (the A/B of replaying them); ``--rope-kv`` rotates and
-writes the rows' k/v with the fused kernel (opt-in; its A/B). Prints the device, versions, a table
-and one JSON line.
+warm-up, so that refreshes run called (the A/B of replaying them). ``PARADEC_ROPE_KV=0`` and
+``PARADEC_SWIGLU_KERNEL=0`` in the environment turn paradec's two Triton kernels off (their
+A/B; the JSON line says which ran). Prints the device, versions, a table and one JSON line.
 
     cd benchmarks && python batch_engine.py                                 # paradec-tiny on this CPU
     cd benchmarks && python batch_engine.py --shape llada-8b-instruct --data ../../shared/data/gsm8k   # GPU
@@ -33,7 +33,7 @@ import paradec.batching.engine as batching_engine
 from harness import banner, emit_json, synced
 from paradec.api import resolve_config
 from paradec.batching import BatchEngine
-from paradec.ops import rope_kv
+from paradec.ops import rope_kv, swiglu
 from serve_load import add_workload_arguments, ar_level, arrival_times, percentile, workload
 
 
@@ -154,11 +154,7 @@ def main() -> None:
                    help="drop the refresh calls' graphs after warm-up (refreshes run called): that A/B")
     p.add_argument("--no-pack", action="store_true",
                    help="never pack a step call that has a graph (PACK_SAVING = inf): the packing A/B")
-    p.add_argument("--rope-kv", action="store_true",
-                   help="rotate and write the rows' k/v with the fused kernel (paradec.ops.rope_kv, opt-in): its A/B")
     args = p.parse_args()
-    if args.rope_kv:
-        rope_kv.DEVICES.add("cuda")
     if args.no_pack:
         batching_engine.PACK_SAVING = float("inf")
     info = banner()
@@ -215,7 +211,8 @@ def main() -> None:
                "partial_refresh": bool(settings.get("partial_refresh")),
                "rows": args.max_batch, "warm_up_s": warm_s, "graphs": graphs, "lone": lone, "levels": rows,
                "open_loop": open_rows, "open_loop_seed": args.seed, "pack": not args.no_pack,
-               "refresh_graphs": not args.no_refresh_graphs,
+               "refresh_graphs": not args.no_refresh_graphs, "rope_kv": "cuda" in rope_kv.DEVICES,
+               "swiglu_kernel": "cuda" in swiglu.DEVICES,
                "ar": ar_rows, "prompt_tokens": len(prompt_ids), "canvas": canvas})
 
 

@@ -2,7 +2,9 @@
 
 Each product, norm and attention call takes ``paradec.ops.batch_invariant``'s kernel while that
 mode is on; the small elementwise ops (rotation, SwiGLU, add + norm) are compiled into one kernel
-each on CUDA (``fused``).
+each on CUDA (``fused``), but for two Triton kernels of paradec's own: SwiGLU's activation
+(``paradec.ops.swiglu``) and, in the batching engine's rows, the rotation with the KV writes
+(``paradec.ops.rope_kv``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from paradec.models.cache import PackedQueries
 from paradec.models.transformer_config import TransformerConfig
 from paradec.ops import batch_invariant as bi
 from paradec.ops import rope_kv
+from paradec.ops import swiglu as swiglu_kernel
 
 
 class Linear(nn.Linear):
@@ -243,7 +246,10 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)  # [..., 2 I]
+        if swiglu_kernel.usable(gate_up):
+            return self.down_proj(swiglu_kernel.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(swiglu(gate, up))
 
 

@@ -11,8 +11,10 @@ column and layer, far below the memory's rate.
 halves of D) and rounds to the input's dtype; its plain-torch twin is ``rope_kv_twin``. A leaf
 module: it imports nothing from paradec.
 
-Opt-in for now (``PARADEC_ROPE_KV=1``, or ``batch_engine.py --rope-kv``): checked against its
-twin and decoding as alone in Triton's interpreter, not yet run or timed on a GPU.
+On by default on CUDA; ``PARADEC_ROPE_KV=0`` routes back to the compiled rotation and indexed
+assignments (the A/B). On the H200, 8 rows in lockstep: 1.83 -> 2.05 requests/s (RESULTS.md,
+session 16). Multiply-adds are not contracted (``enable_fp_fusion=False``), so fp32 results equal
+the twin's bit for bit on any Triton version.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     HAVE_TRITON = False
 
 # Where ``usable`` routes; the tests add "cpu" to run the kernel in Triton's interpreter.
-DEVICES = {"cuda"} if os.environ.get("PARADEC_ROPE_KV", "0") == "1" else set()
+DEVICES = {"cuda"} if os.environ.get("PARADEC_ROPE_KV", "1") != "0" else set()
 BLOCK_H = 16  # heads a program
 
 
@@ -121,7 +123,7 @@ def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch
         qkv.stride(0), qkv.stride(1), qkv.stride(2), cos.stride(0), cos.stride(2), sin.stride(0), sin.stride(2),
         q.stride(0), q.stride(2), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
         values.stride(1), values.stride(2), HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK=BLOCK_H,
-        OWN_ROWS=own, num_warps=4)
+        OWN_ROWS=own, num_warps=4, enable_fp_fusion=False)
     return q
 
 
