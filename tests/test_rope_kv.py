@@ -54,7 +54,7 @@ def check_rope_kv(device: str, dtype: torch.dtype) -> None:
         got = rk.rope_kv(qkv, cos, sin, keys[:, :, 1:], values[:, :, 1:], rows, slots, heads, kv_heads)
         want = rk.rope_kv_twin(qkv, cos, sin, twin_keys[:, :, 1:], twin_values[:, :, 1:], rows, slots, heads,
                                kv_heads)
-        assert got.shape == (b, heads, t, d) and got.transpose(1, 2).is_contiguous()  # [B, T, H, D] storage
+        assert got.shape == (b, heads, t, d) and got.is_contiguous()
         torch.testing.assert_close(got, want, **tol)
         torch.testing.assert_close(keys, twin_keys, **tol)
         assert torch.equal(values, twin_values)  # v: copied, untouched slots as they were

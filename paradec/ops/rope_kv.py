@@ -108,12 +108,10 @@ def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch
     layer's rows, any strides with a unit last one); rows, slots: [B, T], the row and slot each
     column's k and v go to (rows None: row b for batch row b). Rows and slots must lie in the
     pool: as in any kernel, they are not bounds-checked. Writes the rotated k and the v there;
-    returns the rotated q, [B, H, T, D], a view of [B, T, H, D] storage: attention kernels take
-    it so and write their output in its layout, so the output's [B, T, H * D] for the o projection
-    is a view, not a copy."""
+    returns the rotated q, [B, H, T, D] (contiguous, as attention kernels take it)."""
     _check(qkv, cos, sin, keys, values, rows, slots, heads, kv_heads)
     b, t, n, d = qkv.shape
-    q = qkv.new_empty(b, t, heads, d).transpose(1, 2)
+    q = qkv.new_empty(b, heads, t, d)
     if b * t == 0:
         return q
     cos, sin = cos.expand(b, 1, t, d), sin.expand(b, 1, t, d)
