@@ -11,8 +11,8 @@ arrivals, streamed, whose staggered requests sit in different phases (a closed l
 lockstep): the step calls' padding shows there; ``--no-pack`` keeps every step call that has
 a graph on it (the packing A/B); ``--no-refresh-graphs`` drops the refresh calls' graphs after
 warm-up, so that refreshes run called (the A/B of replaying them). ``PARADEC_ROPE_KV=0`` and
-``PARADEC_SWIGLU_KERNEL=0`` in the environment turn paradec's two Triton kernels off (their
-A/B; the JSON line says which ran). Prints the device, versions, a table and one JSON line.
+``PARADEC_SWIGLU_KERNEL=0`` in the environment turn the rotation/KV-write and SwiGLU Triton
+kernels off (their A/B; the JSON line says which ran). Prints the device, versions, a table and one JSON line.
 
     cd benchmarks && python batch_engine.py                                 # paradec-tiny on this CPU
     cd benchmarks && python batch_engine.py --shape llada-8b-instruct --data ../../shared/data/gsm8k   # GPU
@@ -211,8 +211,9 @@ def main() -> None:
                "partial_refresh": bool(settings.get("partial_refresh")),
                "rows": args.max_batch, "warm_up_s": warm_s, "graphs": graphs, "lone": lone, "levels": rows,
                "open_loop": open_rows, "open_loop_seed": args.seed, "pack": not args.no_pack,
-               "refresh_graphs": not args.no_refresh_graphs, "rope_kv": "cuda" in rope_kv.DEVICES,
-               "swiglu_kernel": "cuda" in swiglu.DEVICES,
+               "refresh_graphs": not args.no_refresh_graphs,
+               "rope_kv": device == "cuda" and rope_kv.HAVE_TRITON and "cuda" in rope_kv.DEVICES,
+               "swiglu_kernel": device == "cuda" and swiglu.HAVE_TRITON and "cuda" in swiglu.DEVICES,
                "ar": ar_rows, "prompt_tokens": len(prompt_ids), "canvas": canvas})
 
 

@@ -4,9 +4,9 @@ what the host was doing, for a lone request in the engine, the same request thro
 
 Each case runs once to warm up, is timed unprofiled (median of ``--repeats``), then runs once
 under torch.profiler. On a GPU the timeline is the CUDA kernels (those inside graph replays
-included); on the CPU, where ops run synchronously, it is the top-level ATen ops. A gap of more
-than 20 µs between them is idle device time, attributed to the innermost engine method the host
-was in at the gap's middle (methods wrapped in ``record_function`` while this script runs).
+included); on the CPU, where ops run synchronously, it is the top-level operators (ATen's and
+paradec's own). A gap of more than 20 µs between them is idle device time, attributed to the
+innermost engine method the host was in at the gap's middle (methods wrapped in ``record_function`` while this script runs).
 
     cd benchmarks && python engine_profile.py                                  # paradec-tiny, this CPU
     cd benchmarks && python engine_profile.py --shape llada-8b-instruct --data ../../shared/data/gsm8k
@@ -87,13 +87,14 @@ def host_ranges():
             setattr(cls, name, method)
 
 
-def innermost(t: float, spans: list[tuple[float, float, str]], starts: list[float], look: int = 4000) -> str:
-    """The shortest span (sorted by start) that holds time ``t``: the innermost range."""
-    best = None
-    for s, e, n in spans[max(0, bisect.bisect_right(starts, t) - look): bisect.bisect_right(starts, t)]:
-        if s <= t <= e and (best is None or e - s < best[1] - best[0]):
-            best = (s, e, n)
-    return best[2] if best else "(no engine method)"
+def innermost(t: float, spans: list[tuple[float, float, str]], starts: list[float]) -> str:
+    """The innermost range holding time ``t``. The ranges (sorted by start) nest, as one thread's
+    do, so it is the latest-starting one that holds ``t``."""
+    for i in range(bisect.bisect_right(starts, t) - 1, -1, -1):
+        s, e, n = spans[i]
+        if t <= e:
+            return n
+    return "(no engine method)"
 
 
 def profile_case(run, cuda: bool, top: int) -> dict:
@@ -106,11 +107,11 @@ def profile_case(run, cuda: bool, top: int) -> dict:
     events = prof.events()
     if cuda:
         device = [(e.time_range.start, e.time_range.end, e.name) for e in events
-                  if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0
-                  and not e.name.startswith("cudaGraph")]
-    else:  # top-level ATen ops: what a synchronous device runs
-        device = [(e.time_range.start, e.time_range.end, e.name) for e in events if e.name.startswith("aten::")
-                  and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+                  if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0]
+    else:  # top-level operators (ATen's and paradec's own): what a synchronous device runs
+        ops = ("aten::", "paradec::")
+        device = [(e.time_range.start, e.time_range.end, e.name) for e in events if e.name.startswith(ops)
+                  and (e.cpu_parent is None or not e.cpu_parent.name.startswith(ops))]
     device.sort()
     spans = sorted((e.time_range.start, e.time_range.end, e.name[2:]) for e in events if e.name.startswith("W:"))
     starts = [s for s, _, _ in spans]
@@ -177,7 +178,7 @@ def main() -> None:
         cells = [r[key] if key else r["kinds_ms"].get(row, 0.0) for r in results.values()]
         print(f"{row:<22}" + "".join(f" | {c:>24.1f}" for c in cells))
     emit_json({"benchmark": "engine_profile", **info, "model": name, "settings": settings, "rows": args.rows,
-               "timeline": "cuda kernels" if cuda else "top-level aten ops", "cases": results})
+               "timeline": "cuda kernels" if cuda else "top-level aten and paradec ops", "cases": results})
 
 
 if __name__ == "__main__":

@@ -111,11 +111,39 @@ def test_in_the_triton_interpreter():
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout[-3000:] + done.stderr[-6000:])
 
 
+def test_only_the_kernels_dtypes_route_to_it(monkeypatch):
+    """float64 (which the fp32 rotation would round) keeps the compiled or eager path, as autograd
+    and devices outside DEVICES do."""
+    with torch.no_grad():
+        assert not rk.usable(torch.zeros(2, 4))  # the CPU is not in DEVICES by default
+        monkeypatch.setattr(rk, "DEVICES", {"cpu"})
+        assert [rk.usable(torch.zeros(2, 4, dtype=d)) for d in (torch.float32, torch.bfloat16, torch.float16)] \
+            == [rk.HAVE_TRITON] * 3
+        assert not rk.usable(torch.zeros(2, 4, dtype=torch.float64))
+    assert not rk.usable(torch.zeros(2, 4))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or not rk.HAVE_TRITON, reason="needs CUDA and triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_against_the_twin(dtype):
     check_rope_kv("cuda", dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not rk.HAVE_TRITON, reason="needs 2 GPUs and triton")
+def test_cuda_on_a_second_gpu():
+    """Tensors on cuda:1 while cuda:0 is current: the kernel launches on their GPU and matches
+    the twin there."""
+    qkv, cos, sin, pool, rows, slots = _inputs("cuda:1", torch.bfloat16, 3, 8, 2, 64, 2, 5, "any")
+    twin_pool = [x.clone() for x in pool]
+    with torch.cuda.device(0):
+        q = rk.rope_kv(qkv, cos, sin, pool[0], pool[1], rows, slots, 8, 2)
+    want = rk.rope_kv_twin(qkv, cos, sin, twin_pool[0], twin_pool[1], rows, slots, 8, 2)
+    assert q.device == qkv.device
+    torch.testing.assert_close(q, want, rtol=8e-3, atol=8e-3)
+    torch.testing.assert_close(pool[0], twin_pool[0], rtol=8e-3, atol=8e-3)
+    assert torch.equal(pool[1], twin_pool[1])
 
 
 @pytest.mark.cuda

@@ -2,9 +2,10 @@
 
 Each product, norm and attention call takes ``paradec.ops.batch_invariant``'s kernel while that
 mode is on; the small elementwise ops (rotation, SwiGLU, add + norm) are compiled into one kernel
-each on CUDA (``fused``), but for two Triton kernels of paradec's own: SwiGLU's activation
-(``paradec.ops.swiglu``) and, in the batching engine's rows, the rotation with the KV writes
-(``paradec.ops.rope_kv``).
+each on CUDA (``fused``). Without autograd on CUDA, two single-purpose Triton kernels take
+their place, each with its own switch: SwiGLU's activation (``paradec.ops.swiglu``) and, in the
+batching engine's rows, the rotation with the KV writes (``paradec.ops.rope_kv``, which also
+replaces the indexed writes into the rows).
 """
 
 from __future__ import annotations

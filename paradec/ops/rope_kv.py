@@ -20,6 +20,7 @@ the twin's bit for bit on any Triton version.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 
@@ -37,9 +38,13 @@ DEVICES = {"cuda"} if os.environ.get("PARADEC_ROPE_KV", "1") != "0" else set()
 BLOCK_H = 16  # heads a program
 
 
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def usable(x: torch.Tensor) -> bool:
-    """Whether ``rope_kv`` can run on ``x`` (Triton importable, a device in ``DEVICES``, no autograd)."""
-    return HAVE_TRITON and x.device.type in DEVICES and not torch.is_grad_enabled()
+    """Whether ``rope_kv`` can run on ``x``: Triton importable, a device in ``DEVICES``, a dtype in
+    ``DTYPES`` (the rotation runs in fp32) and no autograd."""
+    return HAVE_TRITON and x.device.type in DEVICES and x.dtype in DTYPES and not torch.is_grad_enabled()
 
 
 if HAVE_TRITON:
@@ -118,13 +123,20 @@ def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch
     slots = slots.contiguous()
     own = rows is None
     rows = slots if own else rows.contiguous()  # (own rows: a placeholder pointer, never read)
+    with torch.cuda.device(qkv.device) if qkv.is_cuda else nullcontext():  # the tensors' GPU, not the current one
+        _launch(qkv, cos, sin, q, keys, values, rows, slots, heads, kv_heads, own)
+    return q
+
+
+def _launch(qkv, cos, sin, q, keys, values, rows, slots, heads, kv_heads, own) -> None:
+    b, t, n, d = qkv.shape
     _rope_kv_kernel[(b * t, triton.cdiv(n, BLOCK_H))](
         qkv, cos, sin, q, keys, values, rows, slots, t, heads, kv_heads,
         qkv.stride(0), qkv.stride(1), qkv.stride(2), cos.stride(0), cos.stride(2), sin.stride(0), sin.stride(2),
         q.stride(0), q.stride(2), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
         values.stride(1), values.stride(2), HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK=BLOCK_H,
         OWN_ROWS=own, num_warps=4, enable_fp_fusion=False)
-    return q
+
 
 
 def rope_kv_twin(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,

@@ -15,6 +15,7 @@ to the compiled or eager path (the A/B).
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +34,13 @@ DEVICES = {"cuda"} if os.environ.get("PARADEC_SWIGLU_KERNEL", "1") != "0" else s
 BLOCK = 1024  # features a program
 
 
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def usable(x: torch.Tensor) -> bool:
-    """Whether ``silu_mul`` can run on ``x`` (Triton importable, a device in ``DEVICES``, no autograd)."""
-    return HAVE_TRITON and x.device.type in DEVICES and not torch.is_grad_enabled()
+    """Whether ``silu_mul`` can run on ``x``: Triton importable, a device in ``DEVICES``, a dtype in
+    ``DTYPES`` (the kernel computes in fp32) and no autograd."""
+    return HAVE_TRITON and x.device.type in DEVICES and x.dtype in DTYPES and not torch.is_grad_enabled()
 
 
 if HAVE_TRITON:
@@ -59,18 +64,20 @@ def _halves(gate_up: torch.Tensor) -> int:
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up: [..., 2 I], gate then up (the fused projection's output; a unit last stride and
-    columns one stride apart, as a Linear's output or a slice of its columns) -> [..., I],
-    contiguous."""
+    """gate_up: [..., 2 I], gate then up -> [..., I], contiguous. Read in place when its lines have
+    a unit last stride and lie one stride apart (a Linear's output, or a slice of its columns);
+    any other layout is copied first."""
     inter = _halves(gate_up)
+    out = gate_up.new_empty(*gate_up.shape[:-1], inter)
+    if not out.numel():
+        return out
     lines = gate_up.reshape(-1, 2 * inter)  # a view for a Linear's output: no copy
     if lines.stride(-1) != 1:
         lines = lines.contiguous()
-    out = gate_up.new_empty(lines.shape[0], inter)
-    if out.numel():
+    with torch.cuda.device(lines.device) if lines.is_cuda else nullcontext():  # the tensor's GPU, not the current one
         _silu_mul_kernel[(lines.shape[0], triton.cdiv(inter, BLOCK))](
-            lines, out, inter, lines.stride(0), out.stride(0), BLOCK=BLOCK, num_warps=4)
-    return out.view(*gate_up.shape[:-1], inter)
+            lines, out, inter, lines.stride(0), inter, BLOCK=BLOCK, num_warps=4)
+    return out
 
 
 def silu_mul_twin(gate_up: torch.Tensor) -> torch.Tensor:
