@@ -6,7 +6,8 @@ Each case runs once to warm up, is timed unprofiled (median of ``--repeats``), t
 under torch.profiler. On a GPU the timeline is the CUDA kernels (those inside graph replays
 included); on the CPU, where ops run synchronously, it is the top-level operators (ATen's and
 paradec's own). A gap of more than 20 µs between them is idle device time, attributed to the
-innermost engine method the host was in at the gap's middle (methods wrapped in ``record_function`` while this script runs).
+innermost engine method the host was in at the gap's middle (methods wrapped in
+``record_function`` while this script runs).
 
     cd benchmarks && python engine_profile.py                                  # paradec-tiny, this CPU
     cd benchmarks && python engine_profile.py --shape llada-8b-instruct --data ../../shared/data/gsm8k
