@@ -98,6 +98,12 @@ def innermost(t: float, spans: list[tuple[float, float, str]], starts: list[floa
     return "(no engine method)"
 
 
+def is_range(event) -> bool:
+    """A ``record_function`` range (ours, or inductor's around a compiled graph): on the device's
+    timeline it spans kernels, it is not one."""
+    return getattr(event, "is_user_annotation", False) or event.name.startswith("W:")
+
+
 def profile_case(run, cuda: bool, top: int) -> dict:
     """One profiled run: kernel ms by kind and name, device busy, idle gaps by host range (ms)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -108,7 +114,8 @@ def profile_case(run, cuda: bool, top: int) -> dict:
     events = prof.events()
     if cuda:
         device = [(e.time_range.start, e.time_range.end, e.name) for e in events
-                  if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0]
+                  if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0
+                  and not is_range(e)]
     else:  # top-level operators (ATen's and paradec's own): what a synchronous device runs
         ops = ("aten::", "paradec::")
         device = [(e.time_range.start, e.time_range.end, e.name) for e in events if e.name.startswith(ops)
@@ -136,6 +143,9 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=8, help="requests decoded in lockstep (the engine's rows)")
     p.add_argument("--repeats", type=int, default=3, help="unprofiled timings per case (median)")
     p.add_argument("--top", type=int, default=12, help="kernels listed per case")
+    p.add_argument("--row-tokens", type=int, nargs=2, metavar=("PROMPT", "CANVAS"),
+                   help="a KV row's prompt and canvas slots (default: the request's; `paradec serve` sizes rows "
+                        "at 4096 4096, whose key buckets are coarser)")
     args = p.parse_args()
     if args.rows < 1 or args.repeats < 1:
         p.error("--rows and --repeats must be at least 1")
@@ -146,8 +156,11 @@ def main() -> None:
     model = loader(device) if callable(loader) else paradec.load(loader, device=device)
     config = resolve_config(model, **settings)
     layout = paradec.api.build_layout(model, config)
-    engine = BatchEngine(model, max_batch=args.rows, max_canvas_tokens=layout.length,
-                         max_prompt_tokens=len(paradec.api.encode_prompt(model, prompt, config, layout)))
+    need = (len(paradec.api.encode_prompt(model, prompt, config, layout)), layout.length)
+    row_prompt, row_canvas = args.row_tokens or need
+    if row_prompt < need[0] or row_canvas < need[1]:
+        p.error(f"--row-tokens must hold the request: at least {need[0]} {need[1]}")
+    engine = BatchEngine(model, max_batch=args.rows, max_canvas_tokens=row_canvas, max_prompt_tokens=row_prompt)
     engine.warm_up([config])
     cases = {
         "engine, lone": lambda: engine.generate([prompt], [config]),
@@ -179,6 +192,7 @@ def main() -> None:
         cells = [r[key] if key else r["kinds_ms"].get(row, 0.0) for r in results.values()]
         print(f"{row:<22}" + "".join(f" | {c:>24.1f}" for c in cells))
     emit_json({"benchmark": "engine_profile", **info, "model": name, "settings": settings, "rows": args.rows,
+               "row_tokens": [row_prompt, row_canvas], "key_buckets": engine.key_buckets,
                "timeline": "cuda kernels" if cuda else "top-level aten and paradec ops", "cases": results})
 
 
