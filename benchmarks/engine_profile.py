@@ -42,7 +42,7 @@ WRAPPED = [
                                    "_stopped", "_retire", "_repeats")),
     (batching_step.BatchStep, ("forward_rows", "step_logits", "commit", "commit_step", "key_width", "begin", "end",
                                "prefill_layers", "_forward")),
-    (batching_rows.Rows, ("load_window", "admit", "masked", "clear", "move")),
+    (batching_rows.Rows, ("load_windows", "admit", "masked", "clear", "move")),
     (batching_sequence.Sequence, ("advance", "acted")),
 ]
 KINDS = [  # (kind, substrings of a kernel's lower-cased name), first match wins

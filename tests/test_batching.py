@@ -565,6 +565,64 @@ def test_think_and_summary_windows_share_the_step_call(model, monkeypatch):
     assert engine.stats.step_call_columns == engine.stats.forwarded["step"]  # every step went through the step call
 
 
+def _window_tables_one_by_one(rows, loads) -> dict[str, torch.Tensor]:
+    """The plain twin of ``Rows.load_windows``: each row's window written entry by entry."""
+    tables = {n: getattr(rows, n).clone() for n in ("step_slots", "refresh_slots", "commit_cols", "commit_valid",
+                                                     "barred", "commit_groups", "commit_offsets", "quotas",
+                                                     "schedule_len", "window_steps")}
+    for row, columns in loads:
+        for name, slots in (("step_slots", columns.step), ("refresh_slots", columns.refresh)):
+            tables[name][row] = rows.geometry.scratch
+            tables[name][row, : len(slots)] = torch.tensor(slots)
+        n = len(columns.commit)
+        tables["commit_cols"][row] = 0
+        tables["commit_cols"][row, :n] = torch.tensor(columns.commit)
+        tables["commit_valid"][row] = False
+        tables["commit_valid"][row, :n] = True
+        tables["barred"][row] = False
+        tables["barred"][row, :n] = torch.tensor(columns.barred)
+        tables["commit_groups"][row] = rows.dummy_group
+        tables["commit_groups"][row, :n] = rows.groups[row, columns.commit]
+        tables["commit_offsets"][row] = 0
+        tables["commit_offsets"][row, :n] = torch.tensor(columns.commit) - rows.body_starts[
+            row, rows.groups[row, columns.commit]]
+        tables["quotas"][row] = 0
+        tables["schedule_len"][row] = 0
+        for g, schedule in columns.schedules.items():
+            tables["quotas"][row, g, : len(schedule)] = torch.tensor(schedule)
+            tables["schedule_len"][row, g] = len(schedule)
+        tables["window_steps"][row] = 0
+    return tables
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=4, unique=True), st.integers(0, 2**31))
+def test_rows_load_windows_together_as_one_by_one(model, loaded, seed):
+    """Rows of different settings and phases load their windows in one call over tables that held
+    other windows (random values): every table equals the row-by-row twin's, rows not loaded
+    untouched."""
+    engine = make_engine(model, max_batch=4)
+    for i, kw in enumerate([dict(SMALL, window=4, cache="dual"), dict(SMALL, tokens_per_step=2),
+                            dict(mode="block", answer_len=16, block_len=8), dict(blocks=3, block_len=6)]):
+        engine.add(f"r{i}", QUESTIONS[i], **kw)
+    for _ in range(1 + seed % 5):
+        engine.step()
+    rows = engine.rows
+    g = torch.Generator().manual_seed(seed)
+    for name in ("step_slots", "refresh_slots", "commit_cols", "commit_groups", "commit_offsets", "quotas",
+                 "schedule_len", "window_steps"):
+        getattr(rows, name).copy_(torch.randint(0, 50, getattr(rows, name).shape, generator=g))
+    for name in ("commit_valid", "barred"):
+        getattr(rows, name).copy_(torch.rand(getattr(rows, name).shape, generator=g) < 0.5)
+    live = {s.row: s for s in engine.live if s.action is not None}
+    loads = [(row, live[row].columns()) for row in loaded if row in live]
+    assert loads  # every request still decodes after five steps
+    want = _window_tables_one_by_one(rows, loads)
+    rows.load_windows(loads)
+    for name, table in want.items():
+        assert torch.equal(getattr(rows, name), table), name
+
+
 def test_packed_step_equals_the_padded_one(model):
     """The step call with its queries packed (only the real columns through the products) gives
     the padded call's logits at every committed column, on rows in different phases and one
@@ -579,8 +637,8 @@ def test_packed_step_equals_the_padded_one(model):
         seqs = [s for s in engine.live if s.action is not None and s.action.value in ("step", "refresh")][1:]
         if not seqs:
             continue
+        engine.rows.load_windows([(seq.row, seq.columns()) for seq in seqs])
         for seq in seqs:
-            engine.rows.load_window(seq.row, seq.columns())
             seq.loaded = seq.window_key
         b, rows = len(engine.live), engine.rows
         lengths = [0] * b

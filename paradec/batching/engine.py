@@ -316,10 +316,10 @@ class BatchEngine:
         by_action: dict[Action, list[Sequence]] = {a: [] for a in Action}
         for seq in live:
             by_action[seq.action].append(seq)
-        for seq in by_action[Action.REFRESH] + by_action[Action.STEP]:
-            if seq.loaded != seq.window_key:
-                self.rows.load_window(seq.row, seq.columns())
-                seq.loaded = seq.window_key
+        loading = [s for s in by_action[Action.REFRESH] + by_action[Action.STEP] if s.loaded != s.window_key]
+        self.rows.load_windows([(seq.row, seq.columns()) for seq in loading])
+        for seq in loading:
+            seq.loaded = seq.window_key
         self._mark("admit")
         calls.begin()
         by_action[Action.PREFILL] = self._prefill_chunks(by_action[Action.PREFILL])

@@ -62,6 +62,9 @@ class WindowColumns:
     commit: list[int]  # canvas columns a step may commit in (the window's)
     barred: list[bool]  # per commit column: EOS may not be chosen
     schedules: dict[int, list[int]]  # group -> the window's quota list
+    commit_at: torch.Tensor  # [n] long, host: ``commit`` as a tensor (indexes the row's masks)
+    commit_groups: torch.Tensor  # [n] long, host: each commit column's group
+    commit_offsets: torch.Tensor  # [n] long, host: each commit column's offset in its group's body
 
 
 @dataclass(eq=False)
@@ -126,7 +129,7 @@ class Sequence:
             if self.isolated and plan.is_summary_phase(phase) and not self.extended:
                 self.action = Action.EXTEND
                 return
-            if self.window < plan.num_windows(phase) and bool(masked[self.columns().commit].any()):
+            if self.window < plan.num_windows(phase) and bool(masked[self.columns().commit_at].any()):
                 every = self.config.refresh_every
                 periodic = bool(every and self.window_step % every == 0)
                 refresh = plan.windowed_cache and (self.window_step == 0 or periodic)
@@ -163,7 +166,11 @@ class Sequence:
             refresh = self.prompt_slots() + canvas(range(self.layout.length))
         commit = plan.window_columns(phase, window)
         schedules = {g: plan.schedules[g][window] for g in phase if window < len(plan.schedules[g])}
-        return WindowColumns(step=step, refresh=refresh, commit=commit, barred=plan.barred(commit), schedules=schedules)
+        commit_at = torch.tensor(commit, dtype=torch.long)
+        groups = self.layout.groups[commit_at]
+        body_starts = torch.tensor([start for start, _ in self.layout.bodies], dtype=torch.long)
+        return WindowColumns(step=step, refresh=refresh, commit=commit, barred=plan.barred(commit), schedules=schedules,
+                             commit_at=commit_at, commit_groups=groups, commit_offsets=commit_at - body_starts[groups])
 
     def prompt_slots(self) -> list[int]:
         return list(range(len(self.prompt_ids)))
