@@ -146,6 +146,8 @@ def main() -> None:
     p.add_argument("--row-tokens", type=int, nargs=2, metavar=("PROMPT", "CANVAS"),
                    help="a KV row's prompt and canvas slots (default: the request's; `paradec serve` sizes rows "
                         "at 4096 4096, whose key buckets are coarser)")
+    p.add_argument("--key-buckets-per-octave", type=int, default=1,
+                   help="BatchEngine's key_buckets_per_octave (the key widths step graphs are captured for)")
     args = p.parse_args()
     if args.rows < 1 or args.repeats < 1:
         p.error("--rows and --repeats must be at least 1")
@@ -160,8 +162,12 @@ def main() -> None:
     row_prompt, row_canvas = args.row_tokens or need
     if row_prompt < need[0] or row_canvas < need[1]:
         p.error(f"--row-tokens must hold the request: at least {need[0]} {need[1]}")
-    engine = BatchEngine(model, max_batch=args.rows, max_canvas_tokens=row_canvas, max_prompt_tokens=row_prompt)
-    engine.warm_up([config])
+    engine = BatchEngine(model, max_batch=args.rows, max_canvas_tokens=row_canvas, max_prompt_tokens=row_prompt,
+                         key_buckets_per_octave=args.key_buckets_per_octave)
+    start = synced()
+    graphs = engine.warm_up([config])
+    warm_up_s = synced() - start
+    print(f"warm-up: {graphs} step graphs in {warm_up_s:.1f} s; key buckets {engine.key_buckets}")
     cases = {
         "engine, lone": lambda: engine.generate([prompt], [config]),
         "generate(), lone": lambda: paradec.generate(model, prompt, config),
@@ -192,7 +198,8 @@ def main() -> None:
         cells = [r[key] if key else r["kinds_ms"].get(row, 0.0) for r in results.values()]
         print(f"{row:<22}" + "".join(f" | {c:>24.1f}" for c in cells))
     emit_json({"benchmark": "engine_profile", **info, "model": name, "settings": settings, "rows": args.rows,
-               "row_tokens": [row_prompt, row_canvas], "key_buckets": engine.key_buckets,
+               "row_tokens": [row_prompt, row_canvas], "key_buckets": engine.key_buckets, "step_graphs": graphs,
+               "warm_up_s": warm_up_s,
                "timeline": "cuda kernels" if cuda else "top-level aten and paradec ops", "cases": results})
 
 

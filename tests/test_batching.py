@@ -495,6 +495,31 @@ class GraphStandIn:
         return True
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 20000), st.integers(1, 8))
+def test_key_buckets_cover_every_width_within_their_spacing(slots, per_octave):
+    """Increasing widths ending at the row's slots; at one an octave the powers of two; a key
+    width k (1 <= k <= slots) lands in a bucket at most 2^(1/per_octave) times k plus 64 (and
+    an eighth more below the row's slots)."""
+    from paradec.batching.engine import SMALLEST_KEYS, key_buckets
+
+    buckets = key_buckets(slots, per_octave)
+    assert buckets == sorted(set(buckets)) and buckets[-1] == slots
+    assert all(b >= SMALLEST_KEYS for b in buckets[:-1])
+    if per_octave == 1:
+        assert all(b & (b - 1) == 0 for b in buckets[:-1])
+    for k in {1, slots, *range(SMALLEST_KEYS, slots, 97)}:
+        bucket = next(b for b in buckets if b >= k)
+        assert bucket <= max(SMALLEST_KEYS, (k * 2 ** (1 / per_octave) + 64) * 1.125, 1), (k, buckets)
+
+
+def test_key_buckets_per_octave_is_validated(model):
+    for bad in (0, 9, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match="key_buckets_per_octave"):
+            make_engine(model, key_buckets_per_octave=bad)
+    assert make_engine(model, key_buckets_per_octave=4, max_canvas_tokens=1024).key_buckets[:3] == [256, 320, 384]
+
+
 def test_warm_up_covers_every_step_call_of_its_settings(model, monkeypatch):
     """Bucketed as with CUDA graphs (``GraphStandIn``): every step call of requests of the
     warmed-up settings, mixed and joining at different steps, falls in a (batch, step width,
