@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from paradec.batching.pool import RowGeometry
@@ -145,19 +146,19 @@ class Rows:
         values = [self._window_row(columns) for _, columns in loads]  # per row: per table
         shapes = [_used(table, [v[t] for v in values]) for t, (table, _) in enumerate(tables)]
         sizes = [math.prod(shape) for shape in shapes]
-        host = torch.empty(len(loads), sum(sizes), dtype=torch.long)  # [n, the used prefixes]
+        host = np.empty((len(loads), sum(sizes)), dtype=np.int64)  # [n, the used prefixes]; numpy: µs an op
         for i, row_values in enumerate(values):
             at = 0
             for (_, fill), shape, size, value in zip(tables, shapes, sizes, row_values):
-                block = host[i, at: at + size].view(shape)
-                block.fill_(fill)
+                block = host[i, at: at + size].reshape(shape)  # a view
+                block[...] = fill
                 if isinstance(value, dict):  # quotas: group -> its schedule
                     for g, schedule in value.items():
-                        block[g, : len(schedule)] = torch.tensor(schedule, dtype=torch.long)
+                        block[g, : len(schedule)] = schedule
                 elif len(value):
-                    block[: len(value)] = torch.as_tensor(value, dtype=torch.long)
+                    block[: len(value)] = np.asarray(value)
                 at += size
-        staged = to_device(host, self.device)
+        staged = to_device(torch.from_numpy(host), self.device)
         rows = to_device([row for row, _ in loads], self.device)
         at = 0
         for (table, fill), shape, size in zip(tables, shapes, sizes):
