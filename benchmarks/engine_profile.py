@@ -89,10 +89,11 @@ def host_ranges():
 
 
 def innermost(t: float, spans: list[tuple[float, float, str]], starts: list[float]) -> str:
-    """The innermost range holding time ``t``. The ranges (sorted by start) nest, as one thread's
-    do, so it is the latest-starting one that holds ``t``."""
+    """The innermost range holding time ``t``. The ranges (sorted by start, the longer first of
+    two that start together) nest, as one thread's do, so it is the last one in that order that
+    holds ``t``."""
     for i in range(bisect.bisect_right(starts, t) - 1, -1, -1):
-        s, e, n = spans[i]
+        _, e, n = spans[i]
         if t <= e:
             return n
     return "(no engine method)"
@@ -121,7 +122,8 @@ def profile_case(run, cuda: bool, top: int) -> dict:
         device = [(e.time_range.start, e.time_range.end, e.name) for e in events if e.name.startswith(ops)
                   and (e.cpu_parent is None or not e.cpu_parent.name.startswith(ops))]
     device.sort()
-    spans = sorted((e.time_range.start, e.time_range.end, e.name[2:]) for e in events if e.name.startswith("W:"))
+    spans = sorted(((e.time_range.start, e.time_range.end, e.name[2:]) for e in events if e.name.startswith("W:")),
+                   key=lambda span: (span[0], -span[1]))
     starts = [s for s, _, _ in spans]
     by_kind, by_name, idle, busy = Counter(), Counter(), Counter(), 0.0
     end = device[0][0] if device else 0.0

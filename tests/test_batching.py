@@ -510,11 +510,11 @@ def test_key_buckets_cover_every_width_within_their_spacing(slots, per_octave):
         assert all(b & (b - 1) == 0 for b in buckets[:-1])
     for k in {1, slots, *range(SMALLEST_KEYS, slots, 97)}:
         bucket = next(b for b in buckets if b >= k)
-        assert bucket <= max(SMALLEST_KEYS, (k * 2 ** (1 / per_octave) + 64) * 1.125, 1), (k, buckets)
+        assert bucket <= max(SMALLEST_KEYS, k * 2 ** (1 / per_octave) + 64) * 1.125, (k, buckets)
 
 
 def test_key_buckets_per_octave_is_validated(model):
-    for bad in (0, 9, 1.5, True, "2"):
+    for bad in (0, 9, 1.5, 2.0, True, "2"):
         with pytest.raises(ConfigError, match="key_buckets_per_octave"):
             make_engine(model, key_buckets_per_octave=bad)
     assert make_engine(model, key_buckets_per_octave=4, max_canvas_tokens=1024).key_buckets[:3] == [256, 320, 384]

@@ -124,7 +124,7 @@ class BatchEngine:
     ``stats.profile`` (slows the engine; for finding where a step's time goes).
     key_buckets_per_octave: the key widths step calls are captured for (``key_buckets``): more
     waste less attention on keys past the rows' (a 1,571-key row attends over 2,048 at 1, over
-    1,792 at 4) and capture that many times the step graphs at warm-up.
+    1,728 at 4) and capture that many times the step graphs at warm-up.
     """
 
     def __init__(self, model: DiffusionModel, *, max_batch: int = 8, max_prompt_tokens: int = 1024,
@@ -136,7 +136,7 @@ class BatchEngine:
                             ("max_prefill_tokens", max_prefill_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
-        if isinstance(key_buckets_per_octave, bool) or key_buckets_per_octave not in range(1, 9):
+        if type(key_buckets_per_octave) is not int or key_buckets_per_octave not in range(1, 9):
             raise ConfigError(f"key_buckets_per_octave must be an int in [1, 8], got {key_buckets_per_octave!r}")
         if not 0 < kv_memory_fraction <= 1:
             raise ConfigError(f"kv_memory_fraction must lie in (0, 1], got {kv_memory_fraction!r}")

@@ -135,8 +135,9 @@ class Rows:
 
     def load_windows(self, loads: list[tuple[int, WindowColumns]]) -> None:
         """Rows' current windows, ``(row, columns)`` each: their step and refresh slots, commit
-        columns and quotas; their window counters start over. Each table's used prefix is staged
-        on the host for every row and goes over in one transfer; then a fill and a write a table:
+        columns and quotas; their window counters start over; the rows must be distinct. Each
+        table's used prefix is staged on the host for every row and goes over in one transfer
+        (and the row ids in another); then a fill and a write a table:
         rows in lockstep change windows together, and a write a table and row left the GPU idle
         ~1 ms a row (8 rows of an 8B engine on an H200: ~100 ms of a 3.7 s batch;
         benchmarks/RESULTS.md, session 17)."""

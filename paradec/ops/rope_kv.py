@@ -128,7 +128,9 @@ def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch
     return q
 
 
-def _launch(qkv, cos, sin, q, keys, values, rows, slots, heads, kv_heads, own) -> None:
+def _launch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
+            values: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, heads: int, kv_heads: int,
+            own: bool) -> None:
     b, t, n, d = qkv.shape
     _rope_kv_kernel[(b * t, triton.cdiv(n, BLOCK_H))](
         qkv, cos, sin, q, keys, values, rows, slots, t, heads, kv_heads,
@@ -136,7 +138,6 @@ def _launch(qkv, cos, sin, q, keys, values, rows, slots, heads, kv_heads, own) -
         q.stride(0), q.stride(2), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
         values.stride(1), values.stride(2), HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK=BLOCK_H,
         OWN_ROWS=own, num_warps=4, enable_fp_fusion=False)
-
 
 
 def rope_kv_twin(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
