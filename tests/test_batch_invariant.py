@@ -203,12 +203,35 @@ def run_all(device: str, dtypes, root_dir: Path) -> None:
 
 
 # --- on the CPU, in Triton's interpreter ------------------------------------------------------
+def fixed_order_interpreter_dot() -> None:
+    """The interpreter's ``tl.dot`` is numpy's matmul, whose BLAS may round a row differently by
+    its place in the tile (numpy 2.4's OpenBLAS 0.3.31 does: a row alone differs from the same
+    row among others), where a GPU's dot does not. Here each output sums its products in one
+    fixed order (numpy's einsum loop, no BLAS), so the checks test the kernels' logic, not the
+    host BLAS's blocking."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    blas_dot = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.primitive_bitwidth == 8 or b.dtype.primitive_bitwidth == 8:  # fp8 and ints: as before
+            return blas_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        acc = d.data.dtype
+        products = np.einsum("...ik,...kj->...ij", a.data.astype(acc), b.data.astype(acc))
+        return interpreter.TensorHandle(products + d.data, d.dtype.scalar)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
 @needs_triton
 def test_kernels_in_the_triton_interpreter(tmp_path):
     """The kernels' logic (indexing, splits, key order, routing) on the CPU: a child process with
-    TRITON_INTERPRET=1 runs every check (bf16 and fp32; the interpreter computes bf16 dots in fp32)."""
+    TRITON_INTERPRET=1 runs every check (bf16 and fp32; the interpreter computes bf16 dots in fp32,
+    in a fixed order: ``fixed_order_interpreter_dot``)."""
     code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import test_batch_invariant as t; "
             "from paradec.ops import batch_invariant as bi; bi.DEVICES.add('cpu'); torch.set_num_threads(1); "
+            "t.fixed_order_interpreter_dot(); "
             "t.run_all('cpu', [torch.bfloat16, torch.float32], __import__('pathlib').Path(sys.argv[2])); print('ok')")
     env = dict(os.environ, TRITON_INTERPRET="1", PARADEC_BATCH_INVARIANT="0")
     done = subprocess.run([sys.executable, "-c", code, str(HERE), str(tmp_path)], env=env, capture_output=True,
