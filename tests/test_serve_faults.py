@@ -595,3 +595,68 @@ def test_kill_9_of_the_frontend_ends_the_engine_and_its_ranks(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_arrivals_into_an_idle_batch_start_together_and_a_flood_cannot_hold_the_loop(tmp_path, monkeypatch):
+    """Requests a few ms apart into an idle batch start in one engine step (they then decode in
+    lockstep); a client flooding ADDs holds the loop at most ``COALESCE_MAX_S``, and not at
+    all while requests decode. (Gaps scaled up, so a loaded machine's scheduling cannot break
+    a burst.)"""
+    import paradec
+    from paradec.serve import engine as served
+    from paradec.serve.engine import EngineLoop
+
+    monkeypatch.setattr(served, "COALESCE_GAP_S", 0.1)
+    monkeypatch.setattr(served, "COALESCE_MAX_S", 0.5)
+    context = zmq.Context()
+    frontend = context.socket(zmq.ROUTER)
+    frontend.bind(f"ipc://{tmp_path}/r")
+    engine = EngineLoop(paradec.load("paradec-tiny"), f"ipc://{tmp_path}/r", f"ipc://{tmp_path}/o", max_batch=64,
+                        context=context)
+    engine.outputs.close(0)
+    engine.outputs = type("Sink", (), {"send_multipart": lambda self, frames: None})()
+    engine._start()
+    ids = iter(range(10_000))
+
+    def send(gap_s: float, count: int) -> threading.Thread:
+        def run():
+            for _ in range(count):  # ROUTER: the engine's identity first
+                frontend.send_multipart([b"engine"] + encode(MessageType.ADD, {"id": f"r{next(ids)}",
+                                                                               "prompt": QUESTION, "config": SMALL}))
+                time.sleep(gap_s)
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    def drop_all():
+        for request_id in list(engine.live):
+            engine._abort(request_id)
+
+    try:
+        burst = send(0.01, 4)  # 4 arrivals 10 ms apart, the first while the loop waits
+        engine._drain(2000)
+        burst.join()
+        assert len(engine.engine.waiting) == 4 and not engine.engine.live
+        engine._work()
+        assert len(engine.engine.live) == 4 and not engine.engine.waiting  # one step admitted them all
+        flood = send(0.01, 30)
+        time.sleep(0.02)
+        start = time.monotonic()
+        engine._drain(0)  # decoding: what has arrived, no waiting for more
+        assert time.monotonic() - start < 0.05
+        flood.join()
+        engine._drain(0)
+        drop_all()
+        flood = send(0.01, 200)  # 2 s of arrivals into an idle batch
+        time.sleep(0.02)
+        start = time.monotonic()
+        engine._drain(0)
+        assert time.monotonic() - start < 0.5 + 0.2  # cut off at COALESCE_MAX_S, though arrivals go on
+        assert 0 < len(engine.engine.waiting) < 100
+        flood.join()
+        engine._drain(0)
+        drop_all()
+    finally:
+        engine.requests.close(0)
+        frontend.close(0)
+        context.term()
