@@ -10,7 +10,8 @@ and the threshold policy) so that every batch holds both. ``--open-loop RATE ...
 arrivals, streamed, whose staggered requests sit in different phases (a closed loop's step in
 lockstep): the step calls' padding shows there; ``--no-pack`` keeps every step call that has
 a graph on it (the packing A/B); ``--no-refresh-graphs`` drops the refresh calls' graphs after
-warm-up, so that refreshes run called (the A/B of replaying them). ``PARADEC_ROPE_KV=0`` and
+warm-up, so that refreshes run called (the A/B of replaying them); ``--no-packed-graphs`` drops
+the packed step graphs (``PACKED_STEP``), so that staggered rows' step calls replay padded. ``PARADEC_ROPE_KV=0`` and
 ``PARADEC_SWIGLU_KERNEL=0`` in the environment turn the rotation/KV-write and SwiGLU Triton
 kernels off (their A/B; the JSON line says which ran). Prints the device, versions, a table and one JSON line.
 
@@ -96,8 +97,8 @@ def open_loop(engine: BatchEngine, prompt, configs: list, rate: float, requests:
     return {"rate": rate, "requests": requests, "wall_s": wall, "rps": requests / wall,
             "p50_s": percentile(latencies, 0.5), "p99_s": percentile(latencies, 0.99),
             "first_progress_p50_s": percentile(first, 0.5), "engine_steps": spent["steps"],
-            "graph_replays": spent["graph_replays"], "step_calls": spent["step_calls"],
-            "step_call_padded": spent["step_call_columns"] / body, "step_real": spent["step"] / body}
+            "graph_replays": spent["graph_replays"], "packed_replays": spent["packed_replays"],
+            "step_calls": spent["step_calls"], "step_call_padded": spent["step_call_columns"] / body, "step_real": spent["step"] / body}
 
 
 def _spent(engine: BatchEngine, before: dict) -> dict:
@@ -109,7 +110,7 @@ def _spent(engine: BatchEngine, before: dict) -> dict:
 def _counts(engine: BatchEngine) -> dict:
     s = engine.stats
     return {"steps": s.steps, "graph_replays": s.graph_replays, "commit_replays": s.commit_replays,
-            "step_calls": s.step_calls,
+            "packed_replays": s.packed_replays, "step_calls": s.step_calls,
             "step_call_columns": s.step_call_columns, **s.forwarded}
 
 
@@ -152,6 +153,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="the open loop's arrival times")
     p.add_argument("--no-refresh-graphs", action="store_true",
                    help="drop the refresh calls' graphs after warm-up (refreshes run called): that A/B")
+    p.add_argument("--no-packed-graphs", action="store_true",
+                   help="drop the packed step graphs after warm-up (padded replays): that A/B")
     p.add_argument("--no-pack", action="store_true",
                    help="never pack a step call that has a graph (PACK_SAVING = inf): the packing A/B")
     args = p.parse_args()
@@ -172,8 +175,10 @@ def main() -> None:
     start = time.perf_counter()
     graphs = engine.warm_up(configs)
     warm_s = time.perf_counter() - start
-    if args.no_refresh_graphs:  # (key: batch, width, commit width, keys, refresh)
+    if args.no_refresh_graphs:  # (key: batch, width, commit width, keys, refresh, packed to)
         engine.calls.graphs = {key: graph for key, graph in engine.calls.graphs.items() if not key[4]}
+    if args.no_packed_graphs:
+        engine.calls.graphs = {key: graph for key, graph in engine.calls.graphs.items() if key[5] is None}
     lone = lone_request(engine, model, prompt, configs[0], args.repeats)
     rows = [closed_loop(engine, prompt, configs, c, max(args.requests, c)) for c in args.concurrency]
     open_rows = [open_loop(engine, prompt, configs, rate, args.requests, args.seed) for rate in args.open_loop]
@@ -183,7 +188,8 @@ def main() -> None:
     print(f"\n{name}, {settings}{' + threshold' if args.mixed else ''}"
           f"{', partial refresh' if settings.get('partial_refresh') else ''}, "
           f"rows {args.max_batch}; warm-up {warm_s:.1f} s, {graphs} graphs"
-          f"{' (refresh graphs dropped)' if args.no_refresh_graphs else ''}")
+          f"{' (refresh graphs dropped)' if args.no_refresh_graphs else ''}"
+          f"{' (packed graphs dropped)' if args.no_packed_graphs else ''}")
     print(f"lone request: engine {lone['engine_s'] * 1e3:.1f} ms, generate() {lone['generate_s'] * 1e3:.1f} ms "
           f"({lone['engine_s'] / lone['generate_s']:.3f}x)")
     print(f"{'c':>3} | {'req/s':>6} | {'p50 s':>6} | {'p99 s':>6} | {'ms/step':>7} | {'cols/token':>10} | "
@@ -211,7 +217,7 @@ def main() -> None:
                "partial_refresh": bool(settings.get("partial_refresh")),
                "rows": args.max_batch, "warm_up_s": warm_s, "graphs": graphs, "lone": lone, "levels": rows,
                "open_loop": open_rows, "open_loop_seed": args.seed, "pack": not args.no_pack,
-               "refresh_graphs": not args.no_refresh_graphs,
+               "refresh_graphs": not args.no_refresh_graphs, "packed_graphs": not args.no_packed_graphs,
                "rope_kv": device == "cuda" and rope_kv.HAVE_TRITON and "cuda" in rope_kv.DEVICES,
                "swiglu_kernel": device == "cuda" and swiglu.HAVE_TRITON and "cuda" in swiglu.DEVICES,
                "ar": ar_rows, "prompt_tokens": len(prompt_ids), "canvas": canvas})

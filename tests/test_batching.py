@@ -472,17 +472,20 @@ class GraphStandIn:
         calls, self.calls = engine.calls, engine.calls
         self.steps, self.commits, self.buffer = [], [], None
         engine.capture = True  # widths and keys bucket as on a GPU
-        monkeypatch.setattr(calls, "capture_step", lambda *key: calls.graphs.setdefault(key, None))
+        monkeypatch.setattr(calls, "capture_step", lambda b, width, commit, keys, refresh=False, packed_to=None:
+                            calls.graphs.setdefault((b, width, commit, keys, refresh, packed_to), None))
         monkeypatch.setattr(calls, "capture_commit", lambda *key: calls.commit_graphs.setdefault(key, None))
         monkeypatch.setattr(calls, "reserve", lambda logits: None)
         monkeypatch.setattr(calls, "step_logits", self.step_logits)
         monkeypatch.setattr(calls, "commit_step", self.commit_step)
 
-    def step_logits(self, b, width, commit_width, keys, packed=None, refresh=False):
-        key = (b, width, commit_width, keys, refresh)
-        replay = packed is None and key in self.calls.graphs
+    def step_logits(self, b, width, commit_width, keys, packed=None, refresh=False, packed_to=None):
+        key = (b, width, commit_width, keys, refresh, packed_to)
+        replay = (packed is None or packed_to is not None) and key in self.calls.graphs
         self.steps.append((key, packed, replay))
-        logits = self.calls._step_body(b, width, commit_width, keys, packed, refresh)
+        if packed_to is not None:
+            self.calls._pack(packed, width, packed_to)
+        logits = self.calls._step_body(b, width, commit_width, keys, packed, refresh, packed_to)
         if replay:
             self.buffer = logits
         return logits
@@ -545,9 +548,44 @@ def test_warm_up_covers_every_step_call_of_its_settings(model, monkeypatch):
     assert graphs.steps and all(replay for *_, replay in graphs.steps)
     assert {key for key, *_ in graphs.steps} <= captured
     assert {key[3] for key, *_ in graphs.steps} == {256}  # ~60 of the row's 1089 slots hold keys
-    assert len({(width, commit) for (_, width, commit, _, _), *_ in graphs.steps}) > 2
+    assert len({(width, commit) for (_, width, commit, *_), *_ in graphs.steps}) > 2
     assert engine.stats.graph_replays == engine.stats.step_calls == len(graphs.steps)
     assert 0 < len(graphs.commits) < len(graphs.steps)  # a call of one class replays its commit; a mixed one not
+
+
+def test_packed_graphs_replay_the_padded_steps_of_staggered_rows_as_alone(model, monkeypatch):
+    """Rows in different phases pad each other's step call (a summary's window beside think
+    blocks', a row refreshing or prefilling): where the padding reaches ``PACKED_STEP``
+    columns the call replays a packed graph warm-up captured (its real columns and padding up
+    to a bucket through the products), commits as a replayed call does, forwards fewer columns
+    than the padded call would, and every request decodes as alone. (Buckets scaled to the tiny
+    model's widths.)"""
+    from paradec.batching import engine as batching
+
+    monkeypatch.setattr(batching, "PACKED_STEP", 8)
+    monkeypatch.setattr(batching, "PACKED_FINE", 48)
+    assert batching.packed_buckets(129) == [8, 16, 24, 32, 40, 48, 64, 96]
+    assert [batching._packed_bucket(n) for n in (1, 8, 9, 48, 49, 65)] == [8, 8, 16, 48, 64, 96]
+    engine = make_engine(model, max_batch=4, max_canvas_tokens=256)
+    graphs = GraphStandIn(engine, monkeypatch)
+    settings = [dict(SMALL, window=4, cache="dual"), dict(blocks=3, block_len=12, summary_len=8, window=4, cache="dual"),
+                dict(SMALL, window=4, cache="dual", policy="margin")]
+    engine.warm_up([resolve_config(model, **kw) for kw in settings])
+    assert any(key[5] is not None for key in engine.calls.graphs)
+    assert not any(key[4] and key[5] is not None for key in engine.calls.graphs)  # no packed refresh graphs
+    schedule = [(i, f"r{i}", QUESTIONS[i], kw) for i, kw in enumerate(settings * 2)]
+    run = Run(engine, schedule)
+    for _, rid, prompt, kwargs in schedule:
+        assert_same(run.results[rid], solo(model, prompt, kwargs), f"{rid}: {kwargs}")
+    packed = [(key, lengths) for key, lengths, replay in graphs.steps if replay and key[5] is not None]
+    assert packed and engine.stats.packed_replays == len(packed)
+    for (b, width, *_, packed_to), lengths in packed:
+        assert len(lengths) == b and sum(lengths) <= packed_to <= b * width - batching.PACKED_STEP
+        assert packed_to == batching._packed_bucket(sum(lengths))
+    assert all(replay for *_, replay in graphs.steps)
+    padded = sum(key[0] * key[1] for key, _, _ in graphs.steps if not key[4])
+    assert engine.stats.step_call_columns < padded
+    assert graphs.commits  # a packed replay of one class commits as its graph would
 
 
 def test_a_step_not_warmed_up_runs_and_commits_called(model, monkeypatch):
@@ -649,9 +687,9 @@ def test_rows_load_windows_together_as_one_by_one(model, loaded, seed):
 
 
 def test_packed_step_equals_the_padded_one(model):
-    """The step call with its queries packed (only the real columns through the products) gives
-    the padded call's logits at every committed column, on rows in different phases and one
-    row not stepping."""
+    """The step call with its queries packed (only the real columns through the products, or
+    padded up to a packed graph's bucket from its static index) gives the padded call's logits
+    at every committed column, on rows in different phases and one row not stepping."""
     engine = make_engine(model, max_batch=4)
     for i, kw in enumerate([dict(SMALL, window=4, cache="dual"), dict(SMALL, tokens_per_step=2),
                             dict(mode="block", answer_len=16, block_len=8), dict(SMALL, window=3, cache="dual")]):
@@ -673,11 +711,19 @@ def test_packed_step_equals_the_padded_one(model):
         rows.stepping[[s.row for s in seqs]] = True
         width, commit_width = max(lengths), max(len(s.columns().commit) for s in seqs)
         keys = engine.calls.key_width(slice(0, b))
+        bucket = -(-sum(lengths) // 8) * 8
         with torch.no_grad():
             padded = engine.calls._step_body(b, width, commit_width, keys)
             packed = engine.calls._step_body(b, width, commit_width, keys, lengths)
+            if bucket <= b * width:  # a packed graph's body: padding up to a bucket, from the static index
+                engine.calls._pack(lengths, width, bucket)
+                bucketed = engine.calls._step_body(b, width, commit_width, keys, lengths, packed_to=bucket)
         valid = rows.commit_valid[:b, :commit_width] & rows.stepping[:b, None]
         torch.testing.assert_close(packed[valid], padded[valid], rtol=1e-5, atol=1e-5)
+        if bucket <= b * width:
+            torch.testing.assert_close(bucketed[valid], padded[valid], rtol=1e-5, atol=1e-5)
+            index = engine.calls.packed_index[:bucket].tolist()
+            assert len(set(index)) == bucket and index[: sum(lengths)] == engine.calls._real(lengths, width).tolist()
         rows.stepping.zero_()
         checked += 1
         padding += sum(lengths) < b * width
@@ -759,7 +805,7 @@ def test_refresh_graphs_stop_where_a_called_refresh_keeps_the_device_busy(model,
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replays_decode_as_alone():
     """On a GPU the step call replays CUDA graphs captured at warm-up (one per batch and width
-    bucket) and commits by class; requests of mixed settings joining at different steps still get
+    bucket, and packed ones for staggered rows' padding) and commits by class; requests of mixed settings joining at different steps still get
     generate()'s tokens and trace in the batch-invariant mode (the default kernels round by shape
     even in fp32: a masked row of think blocks and generate()'s blocks side by side take different
     attention kernels; measured: a windowed NAP request differed). nfe is not compared:
@@ -784,6 +830,7 @@ def test_cuda_graph_replays_decode_as_alone():
         alone = paradec.generate(model, prompt, **kw)
         assert (results[f"r{i}"].token_ids, results[f"r{i}"].trace) == (alone.token_ids, alone.trace), kw
     assert engine.stats.graph_replays == engine.stats.step_calls > 0  # every step call replayed a warm-up graph
+    assert engine.stats.packed_replays > 0  # staggered rows' padded steps: packed graphs
     assert 0 < engine.stats.commit_replays < engine.stats.step_calls  # one class: the commit replays too
     buffer = engine.calls.logits_buffer.data_ptr()  # one logits buffer for every graph
     assert {logits.data_ptr() for _, logits in engine.calls.graphs.values()} == {buffer}

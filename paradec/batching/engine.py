@@ -73,6 +73,14 @@ WIDTH_BUCKET = 32  # step and commit widths round up to a multiple of this many 
 # not warmed up) always packs its padding away.
 PACK_WORK = 24e12
 PACK_SAVING = 4e12
+# A step call whose padding reaches PACKED_STEP columns replays a packed graph instead, where
+# warm-up captured one: its real columns and padding up to a packed bucket (a multiple of
+# PACKED_STEP up to PACKED_FINE columns, of 4 x PACKED_STEP past them) go through the products.
+# Rows in different phases pad each other: a NAP summary's window (32 columns) steps beside think
+# blocks' (4 x 32), and rows refreshing or prefilling step nothing, so staggered requests (every
+# served closed loop, any open loop) forwarded up to ~a quarter of their step columns as padding.
+PACKED_STEP = 128
+PACKED_FINE = 1024
 SMALLEST_KEYS = 256  # the smallest key bucket: the keys a step call attends over double from it up to a row's slots
 _QUERIES = {Action.PREFILL: Sequence.prompt_slots, Action.EXTEND: Sequence.extend_slots,
             Action.REFRESH: lambda s: s.columns().refresh, Action.STEP: lambda s: s.columns().step}
@@ -95,11 +103,11 @@ class RequestOutput:
 @dataclass
 class EngineStats:
     """Counts since the engine started: engine steps; step calls (of which ``refresh_calls``
-    forwarded the refreshes of every live row), of which graph replays (the rest ran called: a
-    bucket no warm-up captured, or one whose padding was worth packing away) and commit replays
-    (a replayed call of one commit class); query columns forwarded per action (real ones) and by
-    the step calls of steps in all (a replay's padding included: buckets, rows not stepping);
-    seconds in ``step``."""
+    forwarded the refreshes of every live row), of which graph replays (``packed_replays`` of
+    them packed graphs; the rest ran called: a bucket no warm-up captured, or one whose padding
+    was worth packing away) and commit replays (a replayed call of one commit class); query
+    columns forwarded per action (real ones) and by the step calls of steps in all (a replay's
+    padding included: buckets, rows not stepping); seconds in ``step``."""
 
     steps: int = 0
     step_calls: int = 0
@@ -108,6 +116,7 @@ class EngineStats:
     commit_replays: int = 0
     forwarded: dict[str, int] = field(default_factory=lambda: {a.value: 0 for a in Action})
     step_call_columns: int = 0
+    packed_replays: int = 0
     seconds: float = 0.0
     profile: dict[str, float] = field(default_factory=dict)  # with ``profile``: seconds per part of a step
 
@@ -263,6 +272,8 @@ class BatchEngine:
                     # (a wider call forwards slots past the keys: no row has such a window)
                     if width <= k and not (refresh and b * width * self.column_flops > PACK_WORK):
                         self.calls.capture_step(b, width, commit_width, k, refresh)
+                        for n in ([] if refresh else packed_buckets(b * width)):
+                            self.calls.capture_step(b, width, commit_width, k, refresh, n)
             for b, commit_width, cls in itertools.product(buckets, commits, classes):
                 self.calls.capture_commit(b, commit_width, cls)
         return len(self.calls.graphs) - before
@@ -465,18 +476,24 @@ class BatchEngine:
         for seq in seqs:
             lengths[seq.row] = len(queries(seq))
         real = sum(lengths)
-        padding, packed = b * width - real, None
-        graph = (b, width, commit_width, keys, refresh) in self.calls.graphs
+        padding, packed, packed_to = b * width - real, None, _packed_bucket(real)
+        graph = (b, width, commit_width, keys, refresh, None) in self.calls.graphs
+        packed_graph = (b, width, commit_width, keys, refresh, packed_to) in self.calls.graphs
         worth = padding * self.column_flops >= PACK_SAVING and real * self.column_flops >= PACK_WORK
-        if padding and (not graph or worth):
-            b, packed = len(self.live), lengths  # called: only the real columns go through the products
-        replayed = graph and packed is None
+        if packed_graph:  # the real columns and a bucket's padding through the products, replayed
+            packed = lengths + [0] * (b - len(lengths))
+        elif padding and (not graph or worth):
+            b, packed, packed_to = len(self.live), lengths, None  # called: only the real columns
+        else:
+            packed_to = None
+        replayed = (graph and packed is None) or packed_graph
         self.stats.graph_replays += replayed
+        self.stats.packed_replays += packed_graph
         self.stats.step_calls += 1
         self.stats.refresh_calls += refresh
         if not refresh:
-            self.stats.step_call_columns += b * width if packed is None else real
-        logits = self.calls.step_logits(b, width, commit_width, keys, packed, refresh)
+            self.stats.step_call_columns += b * width if packed is None else packed_to or real
+        logits = self.calls.step_logits(b, width, commit_width, keys, packed, refresh, packed_to)
         self._mark(action.value)
         classes = {s.commit_class for s in seqs}  # a replayed step's logits are what a commit graph reads
         if replayed and len(classes) == 1 and self.calls.commit_step(b, commit_width, classes.pop(), logits):
@@ -594,6 +611,20 @@ def key_buckets(slots: int, per_octave: int = 1) -> list[int]:
             return sorted(set(buckets)) + [slots]
         buckets.append(width)
     raise AssertionError("unreachable: the widths grow past any slots")
+
+
+def packed_buckets(columns: int) -> list[int]:
+    """The packed graphs' query counts for a step call of ``columns`` columns (b x width):
+    multiples of ``PACKED_STEP`` up to ``PACKED_FINE``, then of 4 x ``PACKED_STEP``, each at
+    least ``PACKED_STEP`` short of ``columns``."""
+    return [n for n in range(PACKED_STEP, columns - PACKED_STEP + 1, PACKED_STEP)
+            if n <= PACKED_FINE or n % (4 * PACKED_STEP) == 0]
+
+
+def _packed_bucket(real: int) -> int:
+    """The smallest packed graph's query count holding ``real`` columns (``packed_buckets``)."""
+    step = PACKED_STEP if real <= PACKED_FINE else 4 * PACKED_STEP
+    return -(-real // step) * step
 
 
 def _closed(pairs: set[tuple[int, int]]) -> set[tuple[int, int]]:

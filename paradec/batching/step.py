@@ -18,7 +18,9 @@ the scratch slot. Two ways to address rows:
   1.5k). Every graph writes its logits into one buffer (``reserve``), so that the graphs'
   outputs do not each keep [b, commit width, V] of device memory. A step call whose padding
   costs more than its launches runs called with its queries packed (``PackedQueries``: the
-  products see only real columns).
+  products see only real columns); one of staggered rows (a summary's window beside think
+  blocks', rows refreshing) replays a packed graph where warm-up captured one: its real queries
+  and padding up to a bucket, their indices in a static buffer (``packed_index``).
 - ``forward_rows``: any rows (a prefill, the summary's extension, the refreshes of an engine
   step in which not every live row refreshes or one attends under ``canvas``), each run of
   consecutive rows as a view of the pool. These are wide and rare (one per window), so they run
@@ -36,6 +38,7 @@ commit's ~40 launches took ~1 ms a step of a lone 8B request on an H200, synchro
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from paradec import ops
@@ -54,30 +57,39 @@ from paradec.models.transformer import DiffusionTransformer
 class BatchStep:
     def __init__(self, module: DiffusionTransformer, pool: KVPool, rows: Rows, eos_id: int, capture: bool):
         self.module, self.pool, self.rows, self.eos_id, self.capture = module, pool, rows, eos_id, capture
-        # (b, width, commit width, keys, refresh) -> the graph and its logits (a view of logits_buffer)
-        self.graphs: dict[tuple[int, int, int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (b, width, commit width, keys, refresh, packed to) -> the graph and its logits (a view of
+        # logits_buffer); packed to: None, or the queries a packed graph forwards (``packed_index``)
+        self.graphs: dict[tuple[int, int, int, int, bool, int | None],
+                          tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if capture else None
         self.logits_buffer: torch.Tensor | None = None  # flat: every graph's logits, a view of its start
         self.commit_graphs: dict[tuple[int, int, CommitClass], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.all_rows = torch.arange(rows.stepping.shape[0], device=rows.device)  # a commit graph's rows: [:b]
         self.active = torch.zeros_like(rows.group_steps, dtype=torch.bool)  # [R, G] groups that committed this step
         self.acting = torch.zeros_like(rows.stepping)  # [R] rows that committed this step
+        # a packed step's queries as indices into its flattened [b, width] slots: the real ones,
+        # then distinct padding ones up to the call's bucket (what a packed graph reads)
+        self.packed_index = torch.zeros(rows.stepping.shape[0] * rows.geometry.slots, dtype=torch.long,
+                                        device=rows.device)
 
     # --- forwards -----------------------------------------------------------------------------
-    def step_logits(self, b: int, width: int, commit_width: int, keys: int,
-                    packed: list[int] | None = None, refresh: bool = False) -> torch.Tensor:
+    def step_logits(self, b: int, width: int, commit_width: int, keys: int, packed: list[int] | None = None,
+                    refresh: bool = False, packed_to: int | None = None) -> torch.Tensor:
         """Logits [b, commit_width, V] of the first b rows' step columns (``refresh``: refresh
         columns; rows not ``stepping`` forward padding only), attending over their first ``keys``
         slots (past every row's keys: ``key_width``): a graph replay where one was captured for
         these buckets, else called. ``packed``: each row's real columns (0 for a row not
-        stepping): called with the queries packed (``PackedQueries``), no padding forwarded but
-        in attention."""
-        key = (b, width, commit_width, keys, refresh)
-        if packed is None and key in self.graphs:
+        stepping): the queries packed (``PackedQueries``), no padding forwarded but in attention
+        (called), or with ``packed_to`` padding up to that many queries in all (a packed graph's
+        bucket: replayed where warm-up captured it)."""
+        if packed_to is not None:
+            self._pack(packed, width, packed_to)
+        key = (b, width, commit_width, keys, refresh, packed_to)
+        if (packed is None or packed_to is not None) and key in self.graphs:
             graph, logits = self.graphs[key]
             graph.replay()
             return logits
-        return self._step_body(b, width, commit_width, keys, packed, refresh)
+        return self._step_body(b, width, commit_width, keys, packed, refresh, packed_to)
 
     def reserve(self, logits: int) -> None:
         """The graphs' logits buffer: room for ``logits`` rows of V (the most a graph captured
@@ -87,23 +99,28 @@ class BatchStep:
         if self.logits_buffer is None or self.logits_buffer.numel() < logits * weight.shape[0]:
             self.logits_buffer = weight.new_empty(logits * weight.shape[0])
 
-    def capture_step(self, b: int, width: int, commit_width: int, keys: int, refresh: bool = False) -> None:
-        """Captures the step call (``refresh``: of refresh slots) for these buckets (warm-up, on
-        an idle engine: never while serving). The state it reads is put back: the warm-up runs
-        write keys into the rows' scratch slots only (no row steps), and commit nothing. The
-        logits land in the reserved buffer (``reserve``; reserved here when too small)."""
-        key = (b, width, commit_width, keys, refresh)
+    def capture_step(self, b: int, width: int, commit_width: int, keys: int, refresh: bool = False,
+                     packed_to: int | None = None) -> None:
+        """Captures the step call (``refresh``: of refresh slots; ``packed_to``: of that many
+        packed queries, ``step_logits``) for these buckets (warm-up, on an idle engine: never
+        while serving). The state it reads is put back: the warm-up runs write keys into the
+        rows' scratch slots only (no row steps), and commit nothing. The logits land in the
+        reserved buffer (``reserve``; reserved here when too small)."""
+        key = (b, width, commit_width, keys, refresh, packed_to)
         if not self.capture or key in self.graphs:
             return
         self.reserve(b * commit_width)
         stepping = self.rows.stepping.clone()
         self.rows.stepping.zero_()
+        if packed_to is not None:
+            self._pack([0] * b, width, packed_to)  # padding only (no row steps); replays fill it first
+        body = dict(refresh=refresh, packed_to=packed_to)
         for _ in range(2):
-            self._step_body(*key[:4], refresh=refresh)
+            self._step_body(*key[:4], **body)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            logits = self._step_body(*key[:4], refresh=refresh)
+            logits = self._step_body(*key[:4], **body)
             out = self.logits_buffer[: logits.numel()].view(logits.shape)
             out.copy_(logits)  # the body's own logits are freed after capture, for the next graph's use
         del logits
@@ -147,8 +164,8 @@ class BatchStep:
         self.graphs.clear()
         self.commit_graphs.clear()
 
-    def _step_body(self, b: int, width: int, commit_width: int, keys: int,
-                   packed: list[int] | None = None, refresh: bool = False) -> torch.Tensor:
+    def _step_body(self, b: int, width: int, commit_width: int, keys: int, packed: list[int] | None = None,
+                   refresh: bool = False, packed_to: int | None = None) -> torch.Tensor:
         rows = self.rows
         stepping = rows.stepping[:b, None]
         table = rows.refresh_slots if refresh else rows.step_slots
@@ -156,7 +173,10 @@ class BatchStep:
         slots = torch.where(stepping, table[:b, :width], keys - 1)
         slots = torch.where(slots == rows.geometry.scratch, keys - 1, slots)
         kv = self.pool.kv[:, :, :b, :, :keys]  # a view: writes land in the pool
-        real = None if packed is None else self._real(packed, width)
+        if packed_to is not None:
+            real = self.packed_index[:packed_to]  # as ``_pack`` left it
+        else:
+            real = None if packed is None else self._real(packed, width)
         hidden, positions, segments, cache = self._forward(slice(0, b), kv, slots, keys, real=real)
         valid = rows.commit_valid[:b, :commit_width] & stepping
         return self._logits(slice(0, b), hidden, positions, segments, cache, valid, commit_width)
@@ -214,6 +234,18 @@ class BatchStep:
         """Slots a call over rows ``at`` attends over: every row's keys and one slot past the
         longest row's, a key of none, where its padding queries write."""
         return min(int(self.rows.extent[at].max()) + 1, self.rows.geometry.slots)
+
+    def _pack(self, lengths: list[int], width: int, n: int) -> None:
+        """``packed_index[:n]``: the real queries of rows padded to ``width`` (row i's first
+        ``lengths[i]`` columns, as indices into the flattened [b, width] layout), then the first
+        padding ones, distinct, up to ``n`` (their keys go to the spare slot, their outputs are
+        never read)."""
+        b = len(lengths)
+        real = np.arange(width)[None, :] < np.asarray(lengths)[:, None]  # [b, width]
+        if not int(real.sum()) <= n <= b * width:
+            raise ValueError(f"{int(real.sum())} real queries cannot pack into {n} of {b} x {width}")
+        index = np.concatenate((np.flatnonzero(real), np.flatnonzero(~real)))[:n]
+        self.packed_index[:n].copy_(to_device(torch.from_numpy(index), self.rows.device))
 
     def _real(self, lengths: list[int], width: int) -> torch.Tensor:
         """[N] the real queries of rows padded to ``width``, as indices into the flattened
