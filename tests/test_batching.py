@@ -564,7 +564,9 @@ def test_packed_graphs_replay_the_padded_steps_of_staggered_rows_as_alone(model,
 
     monkeypatch.setattr(batching, "PACKED_STEP", 8)
     monkeypatch.setattr(batching, "PACKED_FINE", 48)
-    assert batching.packed_buckets(129) == [8, 16, 24, 32, 40, 48, 64, 96]
+    assert batching.packed_buckets(129, 10**9) == [8, 16, 24, 32, 40, 48, 64, 96]
+    assert batching.packed_buckets(129, 40) == [8, 16, 24, 32, 40]
+    assert batching.packed_buckets(129, 50) == [8, 16, 24, 32, 40, 48, 64]
     assert [batching._packed_bucket(n) for n in (1, 8, 9, 48, 49, 65)] == [8, 8, 16, 48, 64, 96]
     engine = make_engine(model, max_batch=4, max_canvas_tokens=256)
     graphs = GraphStandIn(engine, monkeypatch)

@@ -79,6 +79,7 @@ PACK_SAVING = 4e12
 # Rows in different phases pad each other: a NAP summary's window (32 columns) steps beside think
 # blocks' (4 x 32), and rows refreshing or prefilling step nothing, so staggered requests (every
 # served closed loop, any open loop) forwarded up to ~a quarter of their step columns as padding.
+# Buckets stop past PACK_WORK's columns (~1,500 at 8B): a call of more keeps the GPU busy called.
 PACKED_STEP = 128
 PACKED_FINE = 1024
 SMALLEST_KEYS = 256  # the smallest key bucket: the keys a step call attends over double from it up to a row's slots
@@ -237,22 +238,23 @@ class BatchEngine:
         refreshing at once) where its columns stay within ``PACK_WORK`` (past it a called
         forward keeps the GPU busy; at LLaDA-8B's size that is one row's full refresh, and
         refresh graphs for every batch bucket ran a served 8B engine out of memory on an H200),
-        and the commit of a step call for every batch bucket, commit width and ``CommitClass``
-        of ``configs``. On an idle engine. Returns the step graphs captured (0 on a CPU or with
+        the step calls' packed graphs (``PACKED_STEP``; at the key buckets of rows holding the
+        widest canvas) and the commit of a step call for every batch bucket, commit width and
+        ``CommitClass`` of ``configs``. On an idle engine. Returns the step graphs captured (0 on a CPU or with
         ``cuda_graphs=False``)."""
         if self.has_unfinished():
             raise ConfigError("warm_up runs on an idle engine: finish or abort the requests added first")
         if not self.capture:
             return 0
         # (width, commit width) of each window's steps, and of its refreshes that can run together
-        shapes, canvas = {False: set(), True: set()}, self.geometry.max_canvas
+        shapes, canvas, widest = {False: set(), True: set()}, self.geometry.max_canvas, 0
         classes = set()
         geo = self.geometry
         for config in configs:
             config = resolve_config(self.model, config)
             classes.add(CommitClass.of(config))
             layout = build_layout(self.model, config)
-            canvas = min(canvas, layout.length)
+            canvas, widest = min(canvas, layout.length), max(widest, layout.length)
             seq = Sequence("warm-up", [0], config, layout, make_plan(config, layout, self.module.shift_logits))
             for seq.phase, phase in enumerate(seq.plan.phases):
                 for seq.window in range(seq.plan.num_windows(phase)):
@@ -263,16 +265,20 @@ class BatchEngine:
         buckets = sorted({_bucket(n, self.pool.rows) for n in range(1, self.pool.rows + 1)})
         # a row's keys end past its canvas and a prompt token at least, and one spare slot follows
         keys = [k for k in self.key_buckets if k >= canvas + 2]
+        # packed graphs only where the widest canvas's rows attend (~4x fewer graphs): padding
+        # costs most in the longest calls, and shorter rows' calls replay padded as before
+        packed_keys = [k for k in keys if k >= widest + 2]
         commits = {c for pairs in shapes.values() for _, c in pairs}
         before = len(self.calls.graphs)
         self.calls.reserve(max(buckets) * max(commits))
+        most = PACK_WORK / self.column_flops  # (the most columns a packed graph need hold)
         with torch.no_grad(), self._kernel_mode():
             for refresh, pairs in shapes.items():
                 for b, (width, commit_width), k in itertools.product(buckets, sorted(_closed(pairs)), keys):
                     # (a wider call forwards slots past the keys: no row has such a window)
                     if width <= k and not (refresh and b * width * self.column_flops > PACK_WORK):
                         self.calls.capture_step(b, width, commit_width, k, refresh)
-                        for n in ([] if refresh else packed_buckets(b * width)):
+                        for n in ([] if refresh or k not in packed_keys else packed_buckets(b * width, most)):
                             self.calls.capture_step(b, width, commit_width, k, refresh, n)
             for b, commit_width, cls in itertools.product(buckets, commits, classes):
                 self.calls.capture_commit(b, commit_width, cls)
@@ -613,12 +619,18 @@ def key_buckets(slots: int, per_octave: int = 1) -> list[int]:
     raise AssertionError("unreachable: the widths grow past any slots")
 
 
-def packed_buckets(columns: int) -> list[int]:
+def packed_buckets(columns: int, most: float) -> list[int]:
     """The packed graphs' query counts for a step call of ``columns`` columns (b x width):
     multiples of ``PACKED_STEP`` up to ``PACKED_FINE``, then of 4 x ``PACKED_STEP``, each at
-    least ``PACKED_STEP`` short of ``columns``."""
-    return [n for n in range(PACKED_STEP, columns - PACKED_STEP + 1, PACKED_STEP)
-            if n <= PACKED_FINE or n % (4 * PACKED_STEP) == 0]
+    least ``PACKED_STEP`` short of ``columns``, and up to the first at or past ``most`` (a call
+    of more real columns keeps the device busy called: ``PACK_WORK``)."""
+    buckets = []
+    for n in range(PACKED_STEP, columns - PACKED_STEP + 1, PACKED_STEP):
+        if n <= PACKED_FINE or n % (4 * PACKED_STEP) == 0:
+            buckets.append(n)
+            if n >= most:
+                break
+    return buckets
 
 
 def _packed_bucket(real: int) -> int:

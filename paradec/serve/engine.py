@@ -282,8 +282,10 @@ class EngineLoop(MessageLoop):
                                   max_canvas_tokens=min(self.limits.max_canvas_tokens, max_length),
                                   kv_memory_fraction=self.kv_memory_fraction, cuda_graphs=defaults.cuda_graphs,
                                   batch_invariant=defaults.batch_invariant)
+        started = time.monotonic()
         graphs = self.engine.warm_up([None] + [resolve_config(self.model, **settings) for settings in self.warm_up])
-        log.info("continuous batching: %d rows, %d CUDA graphs captured", self.engine.max_batch, graphs)
+        log.info("continuous batching: %d rows, %d CUDA graphs captured in %.1f s", self.engine.max_batch, graphs,
+                 time.monotonic() - started)
 
     def _queue(self, request: Request) -> None:
         sequence = self.engine.add(request.id, request.prompt, request.config, stream=request.stream)
