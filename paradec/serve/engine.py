@@ -17,8 +17,7 @@ with ``invalid``, naming the bound.
 
 Between engine steps (``BatchEngine.step``: one action of every live request, or a few decode
 steps in a row where the batching engine finds that nothing can end sooner) the loop reads new
-messages (ADDs join the batch at the next step, an ABORT frees the request's row at once; into
-an idle batch, arrivals a few ms apart start together, ``COALESCE_GAP_S``), fails
+messages (ADDs join the batch at the next step, an ABORT frees the request's row at once), fails
 the requests whose deadline passed (``timeout``, waiting or decoding), streams progress
 ({"step", "committed", "lengths"}, the request's own step count) to the requests that asked for
 it, and sends each finished request its result, whose ``engine_s`` holds ``queued`` (arrival
@@ -61,13 +60,6 @@ from paradec.serve.protocol import Limits, Message, MessageType, ProtocolError, 
 log = logging.getLogger(__name__)
 ENGINE_IDENTITY = b"engine"
 ALIVE_EVERY_S = 0.2  # the most often the engine reports its progress count
-# Arrivals into an idle batch are coalesced: after one, the loop waits up to COALESCE_GAP_S for
-# the next (at most COALESCE_MAX_S in all) before it steps, so that a burst (closed-loop clients
-# answered in one step resubmit within ~ms of each other) starts in one engine step and decodes
-# in lockstep: its window refreshes share one call. Admitted a step apart, requests refresh at
-# different steps and every step call forwards the refreshing rows as padding.
-COALESCE_GAP_S = 0.003
-COALESCE_MAX_S = 0.02
 
 
 @dataclass
@@ -126,11 +118,6 @@ class MessageLoop(abc.ABC):
     def _work(self) -> None:
         """One unit of decoding: an engine step, or a whole batch under several ranks."""
 
-    def _coalescing(self) -> bool:
-        """Whether requests wait to start the next unit of work, nothing is decoding and more
-        could start beside them (arrivals are then coalesced: ``COALESCE_GAP_S``)."""
-        return False
-
     def serve_forever(self) -> None:
         self._start()
         self._send(MessageType.OUTPUT, {"id": "engine", "kind": "ready", "reply": {"pid": os.getpid()}})
@@ -178,12 +165,9 @@ class MessageLoop(abc.ABC):
 
     # --- receiving ---------------------------------------------------------------------------
     def _drain(self, timeout_ms: int) -> None:
-        """Handles every message that arrives within ``timeout_ms`` (0: only those waiting), and
-        while arrivals wait to start an idle batch (``_coalescing``), those that follow within
-        ``COALESCE_GAP_S`` of each other, for at most ``COALESCE_MAX_S``: a flood of messages
-        cannot hold the loop longer."""
-        until = None  # the end of this coalescing
+        """Handles every message that arrives within ``timeout_ms`` (0: only those waiting)."""
         while self.requests.poll(timeout_ms):
+            timeout_ms = 0
             frames = self.requests.recv_multipart()
             self.progress += 1
             try:
@@ -192,11 +176,6 @@ class MessageLoop(abc.ABC):
                 self._error(None, e.code, str(e))
             except Exception:  # noqa: BLE001 - one message must never take the loop down
                 log.exception("a message could not be handled")
-            timeout_ms = 0
-            if self._coalescing():
-                now = time.monotonic()
-                until = until if until is not None else now + COALESCE_MAX_S
-                timeout_ms = max(0, int(1000 * min(COALESCE_GAP_S, until - now)))
 
     def _handle(self, message: Message) -> None:
         if message.type == MessageType.ADD:
@@ -308,10 +287,6 @@ class EngineLoop(MessageLoop):
 
     def _busy(self) -> bool:
         return bool(self.live)
-
-    def _coalescing(self) -> bool:
-        # only into an idle batch: a flood of arrivals must not stall the requests decoding
-        return not self.engine.live and 0 < len(self.engine.waiting) < self.engine.max_batch
 
     def _work(self) -> None:
         """One engine step: new requests join the batch, every live one takes one action."""
