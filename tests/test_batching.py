@@ -6,6 +6,8 @@ shifted Dream-style model, CPU)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -570,7 +572,8 @@ def test_packed_graphs_replay_the_padded_steps_of_staggered_rows_as_alone(model,
     assert [batching._packed_bucket(n) for n in (1, 8, 9, 48, 49, 65)] == [8, 8, 16, 48, 64, 96]
     engine = make_engine(model, max_batch=4, max_canvas_tokens=256)
     graphs = GraphStandIn(engine, monkeypatch)
-    settings = [dict(SMALL, window=4, cache="dual"), dict(blocks=3, block_len=12, summary_len=8, window=4, cache="dual"),
+    settings = [dict(SMALL, window=4, cache="dual"),
+                dict(blocks=3, block_len=12, summary_len=8, window=4, cache="dual"),
                 dict(SMALL, window=4, cache="dual", policy="margin")]
     engine.warm_up([resolve_config(model, **kw) for kw in settings])
     assert any(key[5] is not None for key in engine.calls.graphs)
@@ -807,8 +810,8 @@ def test_refresh_graphs_stop_where_a_called_refresh_keeps_the_device_busy(model,
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replays_decode_as_alone():
     """On a GPU the step call replays CUDA graphs captured at warm-up (one per batch and width
-    bucket, and packed ones for staggered rows' padding) and commits by class; requests of mixed settings joining at different steps still get
-    generate()'s tokens and trace in the batch-invariant mode (the default kernels round by shape
+    bucket, and packed ones for staggered rows' padding) and commits by class; requests of mixed
+    settings joining at different steps still get generate()'s tokens and trace in the batch-invariant mode (the default kernels round by shape
     even in fp32: a masked row of think blocks and generate()'s blocks side by side take different
     attention kernels; measured: a windowed NAP request differed). nfe is not compared:
     generate()'s replays count no-op steps."""
@@ -879,6 +882,87 @@ def test_async_streams_join_and_abort(model):
 
     for result, (_, prompt, kwargs) in zip(asyncio.run(main()), plans):
         assert_same(result, solo(model, prompt, kwargs))
+
+
+def test_async_requests_added_as_the_stepper_ends_and_consumers_cancelled_mid_add(model):
+    """The background stepper does not end while the engine holds a request: one added after its
+    last step looked (the add lands in a thread between that step and the stepper's check) is
+    stepped and finishes. A consumer cancelled while its request is being added leaves nothing
+    decoding; two streams cannot share a request id; every wait is bounded."""
+    import asyncio
+
+    from paradec.batching import AsyncBatchEngine
+
+    engine = make_engine(model, max_batch=2)
+    streams = AsyncBatchEngine(engine)
+    real_step = streams._step
+    raced, late = [], {}  # late: the queue of the request added behind the stepper's back
+
+    def step_then_add():  # a step that found nothing left, and an add right after it
+        outputs, live = real_step()
+        if not live and not raced:
+            raced.append(engine.add("late", QUESTIONS[1], stream=True, **SMALL))
+            streams._queues["late"] = late["queue"]
+        return outputs, live
+
+    async def first_then_late():
+        late["queue"] = asyncio.Queue()
+        streams._step = step_then_add
+        first = [out async for out in streams.generate(QUESTIONS[0], request_id="first", **SMALL)]
+        outputs = []
+        while not outputs or not outputs[-1].finished:
+            outputs.append(await asyncio.wait_for(late["queue"].get(), 60))
+        return first[-1].result, outputs[-1].result
+
+    async def cancelled_mid_add():
+        streams._step = real_step
+        add, started = engine.add, asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def slow_add(*args, **kwargs):  # the add's thread is still running when the consumer is cancelled
+            loop.call_soon_threadsafe(started.set)
+            time.sleep(0.2)
+            return add(*args, **kwargs)
+
+        engine.add = slow_add
+        task = asyncio.ensure_future(anext(streams.generate(QUESTIONS[2], request_id="gone", **SMALL)))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.5)  # the add finished in its thread, then was aborted
+        engine.add = add
+        assert "gone" not in engine.ids and not engine.has_unfinished()
+        one = streams.generate(QUESTIONS[3], request_id="twice", **SMALL)
+        await anext(one)
+        with pytest.raises(InputError, match="twice"):
+            await anext(streams.generate(QUESTIONS[3], request_id="twice", **SMALL))
+        rest = [out async for out in one]
+        assert rest[-1].finished and not engine.has_unfinished()
+
+    async def main():
+        results = await asyncio.wait_for(first_then_late(), 120)
+        await asyncio.wait_for(cancelled_mid_add(), 120)
+        return results
+
+    first, late_result = asyncio.run(main())
+    assert raced and not engine.has_unfinished()
+    assert_same(first, solo(model, QUESTIONS[0], SMALL))
+    assert_same(late_result, solo(model, QUESTIONS[1], SMALL))
+
+
+def test_request_ids_and_stream_flags_are_checked(model):
+    """A request id must be a non-empty string and ``stream`` a bool: anything else is refused
+    by name and nothing is queued (an id of None could not be aborted apart from a lookup miss)."""
+    engine = make_engine(model, max_batch=2)
+    for bad in (None, 3, b"r", "", ("r",)):
+        with pytest.raises(InputError, match="request_id"):
+            engine.add(bad, QUESTIONS[0], **SMALL)
+    for bad in ("yes", 1, None):
+        with pytest.raises(InputError, match="stream"):
+            engine.add("r", QUESTIONS[0], stream=bad, **SMALL)
+    assert not engine.has_unfinished() and not engine.ids
+    assert engine.abort(None) is False and engine.abort(3) is False
 
 
 def test_a_step_that_raises_drops_its_requests_and_the_engine_goes_on(model, monkeypatch):

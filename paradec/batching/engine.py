@@ -181,10 +181,15 @@ class BatchEngine:
     def add(self, request_id: str, prompt, config: GenerationConfig | None = None, *, stream: bool = False,
             **overrides) -> Sequence:
         """Queues one request (a prompt as ``generate`` takes one) with its own settings; checks
-        everything now: a bad setting, a prompt or canvas a row cannot hold, a used id raise
-        ``ConfigError`` / ``InputError`` naming it, and nothing is queued."""
+        everything now: a bad setting, a prompt or canvas a row cannot hold, an id that is not a
+        non-empty string or is in use raise ``ConfigError`` / ``InputError`` naming it, and
+        nothing is queued."""
+        if not isinstance(request_id, str) or not request_id:
+            raise InputError(f"request_id must be a non-empty string, got {request_id!r}")
         if request_id in self.ids:
             raise InputError(f"request id {request_id!r} is already in use")
+        if not isinstance(stream, bool):
+            raise InputError(f"stream must be True or False, got {stream!r}")
         config = resolve_config(self.model, config, **overrides)
         if config.num_return_sequences != 1:
             raise ConfigError("num_return_sequences must be 1 in the batching engine: add one request per sequence, "

@@ -6,9 +6,9 @@ drive paradec without its ZeroMQ frontend).
 The engine steps in one background task, only while requests are live, each step in a thread
 (``asyncio.to_thread``) so the event loop stays free; ``add`` and ``abort`` take the same lock as
 a step, in a thread too, so they land between steps without blocking the loop. A consumer that
-stops iterating (``break``, cancellation) aborts its request, freeing its row; one whose request
-another task aborted gets ``RequestAborted``. Requests stream their progress, so the engine looks
-after every step while any is live.
+stops iterating (``break``, cancellation, even while its request is being added) aborts its
+request, freeing its row; one whose request another task aborted gets ``RequestAborted``.
+Requests stream their progress, so the engine looks after every step while any is live.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from paradec.batching.engine import BatchEngine, RequestOutput
+from paradec.errors import InputError
 
 _IDS = itertools.count()
 
@@ -42,9 +43,20 @@ class AsyncBatchEngine:
         output) and yields its progress after each step it takes part in, then its final output
         (``finished``, with ``result``)."""
         request_id = request_id if request_id is not None else f"async-{next(_IDS)}"
+        if request_id in self._queues:
+            raise InputError(f"request id {request_id!r} is already in use")
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        await asyncio.to_thread(self._locked, self.engine.add, request_id, prompt, config, stream=True, **overrides)
-        self._queues[request_id] = queue
+        self._queues[request_id] = queue  # before the add: no step's output for it can go unheard
+        adding = asyncio.ensure_future(asyncio.to_thread(self._locked, self.engine.add, request_id, prompt, config,
+                                                         stream=True, **overrides))
+        try:
+            await asyncio.shield(adding)
+        except BaseException:
+            self._drop_queue(request_id, queue)
+            if not adding.done():  # cancelled while its add runs in a thread: once added, it is aborted
+                adding.add_done_callback(lambda f: f.cancelled() or f.exception() is not None
+                                         or self._locked(self.engine.abort, request_id))
+            raise
         self._start()
         finished = False
         try:
@@ -57,10 +69,14 @@ class AsyncBatchEngine:
                 if finished:
                     return
         finally:
-            self._queues.pop(request_id, None)
+            self._drop_queue(request_id, queue)
             if not finished:  # no await here: this also runs when the consumer's task is cancelled
                 with self._lock:
                     self.engine.abort(request_id)
+
+    def _drop_queue(self, request_id: str, queue: asyncio.Queue) -> None:
+        if self._queues.get(request_id) is queue:
+            del self._queues[request_id]
 
     async def abort(self, request_id: str) -> bool:
         """Stops a request; its ``generate`` raises ``RequestAborted`` next (outputs not yet read are dropped)."""
@@ -89,7 +105,9 @@ class AsyncBatchEngine:
                 queue = self._queues.get(output.request_id)
                 if queue is not None:
                     queue.put_nowait(output)
-            if not live:
+            # asked again here, in the event loop: a request added after that step (its add done
+            # in a thread) whose generate() saw this task not yet done is stepped by it
+            if not live and not self.engine.has_unfinished():
                 return
 
     def _step(self) -> tuple[list[RequestOutput], bool]:
