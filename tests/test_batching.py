@@ -811,10 +811,10 @@ def test_refresh_graphs_stop_where_a_called_refresh_keeps_the_device_busy(model,
 def test_cuda_graph_replays_decode_as_alone():
     """On a GPU the step call replays CUDA graphs captured at warm-up (one per batch and width
     bucket, and packed ones for staggered rows' padding) and commits by class; requests of mixed
-    settings joining at different steps still get generate()'s tokens and trace in the batch-invariant mode (the default kernels round by shape
-    even in fp32: a masked row of think blocks and generate()'s blocks side by side take different
-    attention kernels; measured: a windowed NAP request differed). nfe is not compared:
-    generate()'s replays count no-op steps."""
+    settings joining at different steps still get generate()'s tokens and trace in the
+    batch-invariant mode (the default kernels round by shape even in fp32: a masked row of think
+    blocks and generate()'s blocks side by side take different attention kernels; measured: a
+    windowed NAP request differed). nfe is not compared: generate()'s replays count no-op steps."""
     model = paradec.load("paradec-tiny", device="cuda")
     settings = [dict(blocks=4, tokens_per_step=2), dict(blocks=2, tokens_per_step=1, policy="margin"),
                 dict(blocks=4, policy="threshold", threshold=0.7), dict(mode="block", answer_len=64, block_len=16),
