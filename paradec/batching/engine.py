@@ -190,7 +190,7 @@ class BatchEngine:
             raise InputError(f"request id {request_id!r} is already in use")
         if not isinstance(stream, bool):
             raise InputError(f"stream must be True or False, got {stream!r}")
-        config = resolve_config(self.model, config, **overrides)
+        config = resolve_config(self.model, _checked(config), **overrides)
         if config.num_return_sequences != 1:
             raise ConfigError("num_return_sequences must be 1 in the batching engine: add one request per sequence, "
                               "request i with seed + i")
@@ -198,13 +198,20 @@ class BatchEngine:
                 and config.batch_invariant != self.batch_invariant:
             raise ConfigError(f"batch_invariant={config.batch_invariant} but this engine decodes with "
                               f"batch_invariant={self.batch_invariant}")
+        geo = self.geometry
+        # the row's bounds before the canvas is built (a canvas of 10**9 tokens would take the memory first)
+        if config.canvas and config.blocks > self.max_blocks:
+            raise ConfigError(f"blocks={config.blocks}; this engine decodes at most max_blocks={self.max_blocks}")
+        body = config.blocks * config.block_len + config.summary_len if config.canvas else config.answer_len
+        if body > geo.max_canvas:
+            raise InputError(f"the canvas holds {body} body tokens; this engine's rows hold max_canvas_tokens="
+                             f"{geo.max_canvas}")
         layout = build_layout(self.model, config)
         ids = encode_prompt(self.model, prompt, config, layout)
-        validate(config, layout=layout, prompt_tokens=len(ids), max_length=self.model.spec.max_length)
-        geo = self.geometry
         if len(ids) > geo.max_prompt:
             raise InputError(f"the prompt is {len(ids)} tokens; this engine's rows hold max_prompt_tokens="
                              f"{geo.max_prompt}")
+        validate(config, layout=layout, prompt_tokens=len(ids), max_length=self.model.spec.max_length)
         if layout.length > geo.max_canvas:
             raise InputError(f"the canvas is {layout.length} tokens; this engine's rows hold max_canvas_tokens="
                              f"{geo.max_canvas}")
@@ -249,6 +256,9 @@ class BatchEngine:
         ``cuda_graphs=False``)."""
         if self.has_unfinished():
             raise ConfigError("warm_up runs on an idle engine: finish or abort the requests added first")
+        if isinstance(configs, (str, bytes, GenerationConfig)):
+            raise ConfigError(f"configs must be an iterable of GenerationConfig or None, got {type(configs).__name__}")
+        configs = [resolve_config(self.model, _checked(config)) for config in configs]  # checked on every device
         if not self.capture:
             return 0
         # (width, commit width) of each window's steps, and of its refreshes that can run together
@@ -317,7 +327,7 @@ class BatchEngine:
         if self.has_unfinished():
             raise ConfigError("BatchEngine.generate runs on an idle engine: step the requests already added "
                               "(or abort them) first")
-        prompts = list(prompts)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)  # one text is one prompt
         configs = list(configs) if configs is not None else [None] * len(prompts)
         if len(configs) != len(prompts):
             raise ConfigError(f"configs must give one config per prompt: {len(configs)} for {len(prompts)} prompts")
@@ -330,10 +340,15 @@ class BatchEngine:
                 self.abort(name)
             raise
         results = {}
-        while len(results) < len(names):
-            for out in self.step():
-                if out.finished:
-                    results[out.request_id] = out.result
+        try:
+            while len(results) < len(names):
+                for out in self.step():
+                    if out.finished:
+                        results[out.request_id] = out.result
+        except BaseException:  # a step that raised (or an interrupt): none of these stays queued
+            for name in names:
+                self.abort(name)
+            raise
         return [results[n] for n in names]
 
     def _step(self) -> list[RequestOutput]:
@@ -574,6 +589,14 @@ class BatchEngine:
         self.rows.clear([last])
         self.ids.discard(seq.request_id)
         seq.row = -1
+
+
+def _checked(config):
+    """``config`` if it is a GenerationConfig or None."""
+    if config is not None and not isinstance(config, GenerationConfig):
+        raise ConfigError(f"config must be a GenerationConfig or None, got {type(config).__name__} (settings go "
+                          "as keyword arguments)")
+    return config
 
 
 @dataclass

@@ -36,19 +36,28 @@ class AsyncBatchEngine:
         self._lock = threading.Lock()
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._stepper: asyncio.Task | None = None
+        self._adding: set[str] = set()  # requests whose add runs in a thread
+        self._doomed: set[str] = set()  # of those, the ones aborted meanwhile
 
     async def generate(self, prompt, config=None, *, request_id: str | None = None,
                        **overrides) -> AsyncIterator[RequestOutput]:
         """Adds one request (``BatchEngine.add``'s arguments; a bad one raises here, before any
         output) and yields its progress after each step it takes part in, then its final output
         (``finished``, with ``result``)."""
-        request_id = request_id if request_id is not None else f"async-{next(_IDS)}"
+        if "stream" in overrides:
+            raise InputError("stream: every AsyncBatchEngine request streams its progress; leave the argument out")
+        while request_id is None:  # a generated id, in use by no other request
+            candidate = f"async-{next(_IDS)}"
+            if candidate not in self._queues and candidate not in self.engine.ids:
+                request_id = candidate
         if request_id in self._queues:
             raise InputError(f"request id {request_id!r} is already in use")
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = queue  # before the add: no step's output for it can go unheard
         adding = asyncio.ensure_future(asyncio.to_thread(self._locked, self.engine.add, request_id, prompt, config,
                                                          stream=True, **overrides))
+        self._adding.add(request_id)
+        adding.add_done_callback(lambda _: self._adding.discard(request_id))
         try:
             await asyncio.shield(adding)
         except BaseException:
@@ -57,6 +66,11 @@ class AsyncBatchEngine:
                 adding.add_done_callback(lambda f: f.cancelled() or f.exception() is not None
                                          or self._locked(self.engine.abort, request_id))
             raise
+        if request_id in self._doomed:  # aborted while it was being added
+            self._doomed.discard(request_id)
+            await asyncio.to_thread(self._locked, self.engine.abort, request_id)
+            self._drop_queue(request_id, queue)
+            raise RequestAborted(f"request {request_id!r} was aborted")
         self._start()
         finished = False
         try:
@@ -79,10 +93,16 @@ class AsyncBatchEngine:
             del self._queues[request_id]
 
     async def abort(self, request_id: str) -> bool:
-        """Stops a request; its ``generate`` raises ``RequestAborted`` next (outputs not yet read are dropped)."""
+        """Stops a request (one being added too); its ``generate`` raises ``RequestAborted`` next
+        (outputs not yet read are dropped). False, changing nothing, for an unknown request or
+        one that finished (its result is still read)."""
         known = await asyncio.to_thread(self._locked, self.engine.abort, request_id)
-        queue = self._queues.pop(request_id, None)
-        if queue is not None:
+        if not known and request_id in self._adding:  # aborted as its add lands
+            self._doomed.add(request_id)
+            known = True
+        queue = self._queues.get(request_id)
+        if known and queue is not None:
+            del self._queues[request_id]
             while not queue.empty():  # outputs from before the abort are not delivered
                 queue.get_nowait()
             queue.put_nowait(RequestAborted(f"request {request_id!r} was aborted"))
@@ -94,13 +114,11 @@ class AsyncBatchEngine:
 
     async def _step_while_live(self) -> None:
         while True:
-            try:
-                outputs, live = await asyncio.to_thread(self._step)
-            except Exception as error:  # noqa: BLE001 - the step's requests were dropped: their consumers hear why
-                for queue in self._queues.values():
+            outputs, live, error, dropped = await asyncio.to_thread(self._step)
+            for request_id in dropped:  # a step that raised dropped its live requests: their consumers hear why
+                queue = self._queues.pop(request_id, None)
+                if queue is not None:
                     queue.put_nowait(error)
-                self._queues.clear()
-                return
             for output in outputs:
                 queue = self._queues.get(output.request_id)
                 if queue is not None:
@@ -110,11 +128,18 @@ class AsyncBatchEngine:
             if not live and not self.engine.has_unfinished():
                 return
 
-    def _step(self) -> tuple[list[RequestOutput], bool]:
-        """One engine step (none when idle) and whether requests are left, under the lock."""
+    def _step(self) -> tuple[list[RequestOutput], bool, Exception | None, set[str]]:
+        """One engine step (none when idle) under the lock: its outputs, whether requests are
+        left, and if it raised, the error and the requests it dropped (the waiting ones stay)."""
         with self._lock:
-            outputs = self.engine.step() if self.engine.has_unfinished() else []
-            return outputs, self.engine.has_unfinished()
+            if not self.engine.has_unfinished():
+                return [], False, None, set()
+            before = set(self.engine.ids)
+            try:
+                outputs = self.engine.step()
+            except Exception as error:  # noqa: BLE001 - handed to the consumers of the requests dropped
+                return [], self.engine.has_unfinished(), error, before - self.engine.ids
+            return outputs, self.engine.has_unfinished(), None, set()
 
     def _locked(self, call, *args, **kwargs):
         with self._lock:

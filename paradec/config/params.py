@@ -254,8 +254,8 @@ def check_request(params: RequestParams) -> None:
     if not (0 <= params.summary_min_tokens <= params.summary_len):
         raise ConfigError(f"summary_min_tokens must lie in [0, summary_len={params.summary_len}], "
                           f"got {params.summary_min_tokens}")
-    if params.seed < 0:
-        raise ConfigError(f"seed must be an int >= 0, got {params.seed!r}")
+    if not 0 <= params.seed < 2**63:  # the samplers' keys are int64
+        raise ConfigError(f"seed must be an int in [0, 2**63), got {params.seed!r}")
     _check_sampling(params)
     for name, applies in DEPENDENTS.items():
         value = getattr(params, name)
