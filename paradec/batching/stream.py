@@ -7,8 +7,10 @@ The engine steps in one background task, only while requests are live, each step
 (``asyncio.to_thread``) so the event loop stays free; ``add`` and ``abort`` take the same lock as
 a step, in a thread too, so they land between steps without blocking the loop. A consumer that
 stops iterating (``break``, cancellation, even while its request is being added) aborts its
-request, freeing its row; one whose request another task aborted gets ``RequestAborted``.
-Requests stream their progress, so the engine looks after every step while any is live.
+request, freeing its row; one whose request another task aborted gets ``RequestAborted``. A
+step that raises drops the requests it was decoding, whose consumers get its error; the
+waiting ones go on. Requests stream their progress, so the engine looks after every step while
+any is live.
 """
 
 from __future__ import annotations
