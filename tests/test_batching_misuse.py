@@ -156,7 +156,7 @@ def test_ids_are_free_again_after_finish_and_abort_even_within_the_same_step(mod
 
 # --- add: settings the engine cannot serve ----------------------------------------------------
 def test_a_seed_past_int64_is_refused_at_add_and_never_drops_the_batch(model):
-    """A seed the rows' int64 seeds cannot hold must be refused at ``add``, by name. (BUG: it is
+    """A seed the rows' int64 seeds cannot hold must be refused at ``add``, by name. (before session 19: it is
     accepted, and the step that admits it raises ``ValueError: Overflow when unpacking long
     long``, which drops every live request with it.)"""
     engine = make_engine(model, max_batch=2)
@@ -181,7 +181,7 @@ def test_the_largest_int64_seed_decodes_as_alone(model):
 
 
 @pytest.mark.parametrize("prompt,kwargs,error,name", [
-    # a canvas far past the rows: refused by the engine's limit, not after building it (BUG: a
+    # a canvas far past the rows: refused by the engine's limit, not after building it (before session 19: a
     # block_len of 10**7 takes ~20 s and 1.5 GB to be refused, 10**9 gets the process killed)
     pytest.param(QUESTIONS[0], dict(blocks=2, block_len=10**5, summary_len=6), (InputError, ConfigError),
                  "max_canvas_tokens", id="block_len"),
@@ -193,7 +193,7 @@ def test_the_largest_int64_seed_decodes_as_alone(model):
     # past the model's length the message names only that, after building every header)
     pytest.param(QUESTIONS[0], dict(blocks=100, block_len=1, summary_len=1), ConfigError, "max_blocks",
                  id="blocks"),
-    # a prompt past the rows and past the model: named max_prompt_tokens (BUG: names the model's length)
+    # a prompt past the rows and past the model: named max_prompt_tokens (before session 19: names the model's length)
     pytest.param([7] * 600, dict(SMALL), (InputError, ConfigError), "max_prompt_tokens", id="prompt"),
 ])
 def test_a_request_that_can_never_fit_is_refused_by_the_limit_before_its_canvas_is_built(model, monkeypatch,
@@ -220,7 +220,7 @@ def test_a_request_that_can_never_fit_is_refused_by_the_limit_before_its_canvas_
 
 
 def test_a_prompt_of_bytes_is_refused(model):
-    """``b"..."`` is text in the wrong type, not token ids (BUG: b"abc" decodes as ids [97, 98, 99])."""
+    """``b"..."`` is text in the wrong type, not token ids (before session 19: b"abc" decodes as ids [97, 98, 99])."""
     engine = make_engine(model)
     for prompt in (b"12 + 3 = ?", bytearray(b"12")):
         with pytest.raises(InputError, match="bytes|bytearray|str"):
@@ -229,7 +229,7 @@ def test_a_prompt_of_bytes_is_refused(model):
 
 
 def test_a_config_that_is_not_a_generation_config_is_refused_by_name(model):
-    """``add(..., config={...})``: a ConfigError naming ``config`` (BUG: AttributeError
+    """``add(..., config={...})``: a ConfigError naming ``config`` (before session 19: AttributeError
     "'dict' object has no attribute 'mode'")."""
     engine = make_engine(model)
     for config in ({"steps": 3}, "nap", 3):
@@ -239,7 +239,7 @@ def test_a_config_that_is_not_a_generation_config_is_refused_by_name(model):
 
 
 def test_warm_up_checks_its_configs_on_every_device(model):
-    """A config warm_up cannot use is refused on a CPU too (BUG: with no graphs to capture it
+    """A config warm_up cannot use is refused on a CPU too (before session 19: with no graphs to capture it
     returns 0 before looking at them, so a deployment script checked on a CPU fails on the GPU)."""
     engine = make_engine(model)
     assert engine.warm_up([None, GenerationConfig(**TINY)]) == 0
@@ -346,7 +346,7 @@ def test_a_call_that_raises_once_drops_only_the_live_requests(model, monkeypatch
 
 def test_engine_generate_leaves_nothing_queued_when_a_step_raises(model, monkeypatch):
     """``generate`` owns the requests it adds: if a step raises (or the caller is interrupted)
-    they are all gone and the engine is idle for the next call (BUG: those still waiting stay
+    they are all gone and the engine is idle for the next call (before session 19: those still waiting stay
     queued under generate-made ids, and every later ``generate`` raises "runs on an idle engine")."""
     engine = make_engine(model, max_batch=2)
     _raise_once(monkeypatch, engine.calls, "commit")
@@ -358,7 +358,7 @@ def test_engine_generate_leaves_nothing_queued_when_a_step_raises(model, monkeyp
 
 
 def test_engine_generate_takes_one_string_as_one_prompt(model):
-    """``generate("...")``: one prompt, as ``paradec.generate`` takes it, or a refusal (BUG: the
+    """``generate("...")``: one prompt, as ``paradec.generate`` takes it, or a refusal (before session 19: the
     string is iterated, and each character decodes as a prompt of its own)."""
     engine = make_engine(model, max_batch=2)
     try:
@@ -462,7 +462,7 @@ def test_async_same_id_twice_at_once_and_bad_requests_spare_the_others(model):
 
 
 def test_async_a_huge_seed_is_refused_and_the_other_streams_finish(model):
-    """(BUG: seed=2**63 is accepted; the step admitting it raises ValueError into every stream,
+    """(before session 19: seed=2**63 is accepted; the step admitting it raises ValueError into every stream,
     and the requests decoding beside it are lost.)"""
     streams = AsyncBatchEngine(make_engine(model, max_batch=2))
 
@@ -480,7 +480,7 @@ def test_async_a_huge_seed_is_refused_and_the_other_streams_finish(model):
 
 
 def test_async_stream_keyword_is_refused_by_name(model):
-    """Every async request streams: ``stream=`` is refused by name (BUG: TypeError
+    """Every async request streams: ``stream=`` is refused by name (before session 19: TypeError
     "to_thread() got multiple values for keyword argument 'stream'")."""
     streams = AsyncBatchEngine(make_engine(model))
 
@@ -494,7 +494,7 @@ def test_async_stream_keyword_is_refused_by_name(model):
 
 
 def test_async_generated_ids_never_collide_with_given_ones(model):
-    """A stream without a request_id gets a fresh one (BUG: ids are "async-<n>" from a counter,
+    """A stream without a request_id gets a fresh one (before session 19: ids are "async-<n>" from a counter,
     refused as "already in use" when a caller chose that name)."""
     streams = AsyncBatchEngine(make_engine(model, max_batch=2))
 
@@ -518,7 +518,7 @@ async def _collect_rest(stream):
 
 def test_async_abort_of_a_finished_request_keeps_its_result(model):
     """``abort`` of a request the engine already finished returns False and must not take the
-    unread result away (BUG: the queued final output is dropped and the consumer gets
+    unread result away (before session 19: the queued final output is dropped and the consumer gets
     RequestAborted although abort said it knew no such request)."""
     streams = AsyncBatchEngine(make_engine(model))
 
@@ -537,7 +537,7 @@ def test_async_abort_of_a_finished_request_keeps_its_result(model):
 
 def test_async_a_step_error_reaches_only_the_requests_it_dropped(model, monkeypatch):
     """A step that raises drops the live requests (their consumers get the error); a request
-    still waiting for a row was not part of it and decodes on, as alone (BUG: the stepper puts
+    still waiting for a row was not part of it and decodes on, as alone (before session 19: the stepper puts
     the error into every queue and stops, so waiting requests fail too)."""
     engine = make_engine(model, max_batch=2)
     streams = AsyncBatchEngine(engine)
@@ -644,3 +644,36 @@ def test_async_aborted_stream_hears_request_aborted_and_the_id_is_free(model):
 
     outputs = asyncio.run(main())
     assert_same(outputs[-1].result, solo(model, QUESTIONS[1], TINY))
+
+
+def test_async_an_unusable_id_and_an_abort_during_a_refused_add(model):
+    """A stream's request id that is not a non-empty string is refused by name (not a TypeError
+    from a lookup), and an abort that lands while an add is being refused leaves nothing behind:
+    the same id decodes afterwards."""
+    streams = AsyncBatchEngine(make_engine(model))
+    engine = streams.engine
+
+    async def main():
+        for bad in (["a"], 3, ""):
+            with pytest.raises(InputError, match="request_id"):
+                await asyncio.wait_for(anext(streams.generate(QUESTIONS[0], request_id=bad, **TINY)), 10)
+        add, started = engine.add, asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def slow_refusal(*args, **kwargs):
+            loop.call_soon_threadsafe(started.set)
+            time.sleep(0.2)
+            raise InputError("refused")
+
+        engine.add = slow_refusal
+        refused = asyncio.ensure_future(anext(streams.generate(QUESTIONS[0], request_id="x", **TINY)))
+        await started.wait()
+        assert await streams.abort("x")  # it may still be added: aborted as it lands
+        with pytest.raises(InputError, match="refused"):
+            await asyncio.wait_for(refused, 10)
+        engine.add = add
+        outputs = [out async for out in streams.generate(QUESTIONS[0], request_id="x", **TINY)]
+        assert outputs[-1].finished and not streams._doomed and not engine.has_unfinished()
+        return outputs[-1].result
+
+    assert_same(asyncio.run(asyncio.wait_for(main(), 120)), solo(model, QUESTIONS[0], TINY))

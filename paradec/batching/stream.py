@@ -46,6 +46,8 @@ class AsyncBatchEngine:
         """Adds one request (``BatchEngine.add``'s arguments; a bad one raises here, before any
         output) and yields its progress after each step it takes part in, then its final output
         (``finished``, with ``result``)."""
+        if request_id is not None and (not isinstance(request_id, str) or not request_id):
+            raise InputError(f"request_id must be a non-empty string, got {request_id!r}")
         if "stream" in overrides:
             raise InputError("stream: every AsyncBatchEngine request streams its progress; leave the argument out")
         while request_id is None:  # a generated id, in use by no other request
@@ -64,9 +66,11 @@ class AsyncBatchEngine:
             await asyncio.shield(adding)
         except BaseException:
             self._drop_queue(request_id, queue)
-            if not adding.done():  # cancelled while its add runs in a thread: once added, it is aborted
-                adding.add_done_callback(lambda f: f.cancelled() or f.exception() is not None
-                                         or self._locked(self.engine.abort, request_id))
+            if adding.done():  # refused: an abort meanwhile has nothing left to do
+                self._doomed.discard(request_id)
+            else:  # cancelled while its add runs in a thread: once added, it is aborted (off the loop)
+                loop = asyncio.get_running_loop()
+                adding.add_done_callback(lambda f: self._abort_added(loop, f, request_id))
             raise
         if request_id in self._doomed:  # aborted while it was being added
             self._doomed.discard(request_id)
@@ -89,6 +93,13 @@ class AsyncBatchEngine:
             if not finished:  # no await here: this also runs when the consumer's task is cancelled
                 with self._lock:
                     self.engine.abort(request_id)
+
+    def _abort_added(self, loop: asyncio.AbstractEventLoop, add: asyncio.Future, request_id: str) -> None:
+        """After the add of a request whose consumer left mid-add: abort it if it was added, in
+        a thread (the lock may be held by a step)."""
+        self._doomed.discard(request_id)
+        if not add.cancelled() and add.exception() is None:
+            loop.run_in_executor(None, self._locked, self.engine.abort, request_id)
 
     def _drop_queue(self, request_id: str, queue: asyncio.Queue) -> None:
         if self._queues.get(request_id) is queue:
