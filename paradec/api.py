@@ -515,7 +515,7 @@ def _token_ids(prompt) -> list[int]:
             raise InputError(f"a prompt's token ids must be 1-D, got shape {list(prompt.shape)}")
         prompt = prompt.tolist()
     if not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, bytearray)):
-        raise InputError(f"a prompt must be a string (str), token ids or chat messages, got {type(prompt).__name__}")
+        raise InputError(f"a prompt must be a string, token ids or chat messages, got {type(prompt).__name__}")
     ids = []
     for t in prompt:
         if isinstance(t, bool) or not hasattr(t, "__index__"):
