@@ -98,7 +98,8 @@ def open_loop(engine: BatchEngine, prompt, configs: list, rate: float, requests:
             "p50_s": percentile(latencies, 0.5), "p99_s": percentile(latencies, 0.99),
             "first_progress_p50_s": percentile(first, 0.5), "engine_steps": spent["steps"],
             "graph_replays": spent["graph_replays"], "packed_replays": spent["packed_replays"],
-            "step_calls": spent["step_calls"], "step_call_padded": spent["step_call_columns"] / body, "step_real": spent["step"] / body}
+            "step_calls": spent["step_calls"], "step_call_padded": spent["step_call_columns"] / body,
+            "step_real": spent["step"] / body}
 
 
 def _spent(engine: BatchEngine, before: dict) -> dict:

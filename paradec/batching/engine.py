@@ -184,8 +184,7 @@ class BatchEngine:
         everything now: a bad setting, a prompt or canvas a row cannot hold, an id that is not a
         non-empty string or is in use raise ``ConfigError`` / ``InputError`` naming it, and
         nothing is queued."""
-        if not isinstance(request_id, str) or not request_id:
-            raise InputError(f"request_id must be a non-empty string, got {request_id!r}")
+        check_request_id(request_id)
         if request_id in self.ids:
             raise InputError(f"request id {request_id!r} is already in use")
         if not isinstance(stream, bool):
@@ -202,10 +201,9 @@ class BatchEngine:
         # the row's bounds before the canvas is built (a canvas of 10**9 tokens would take the memory first)
         if config.canvas and config.blocks > self.max_blocks:
             raise ConfigError(f"blocks={config.blocks}; this engine decodes at most max_blocks={self.max_blocks}")
-        body = config.blocks * config.block_len + config.summary_len if config.canvas else config.answer_len
-        if body > geo.max_canvas:
-            raise InputError(f"the canvas holds {body} body tokens; this engine's rows hold max_canvas_tokens="
-                             f"{geo.max_canvas}")
+        if config.body_tokens > geo.max_canvas:
+            raise InputError(f"the canvas holds {config.body_tokens} body tokens; this engine's rows hold "
+                             f"max_canvas_tokens={geo.max_canvas}")
         layout = build_layout(self.model, config)
         ids = encode_prompt(self.model, prompt, config, layout)
         if len(ids) > geo.max_prompt:
@@ -265,8 +263,7 @@ class BatchEngine:
         shapes, canvas, widest = {False: set(), True: set()}, self.geometry.max_canvas, 0
         classes = set()
         geo = self.geometry
-        for config in configs:
-            config = resolve_config(self.model, config)
+        for config in configs:  # (resolved above)
             classes.add(CommitClass.of(config))
             layout = build_layout(self.model, config)
             canvas, widest = min(canvas, layout.length), max(widest, layout.length)
@@ -589,6 +586,11 @@ class BatchEngine:
         self.rows.clear([last])
         self.ids.discard(seq.request_id)
         seq.row = -1
+
+
+def check_request_id(request_id) -> None:
+    if not isinstance(request_id, str) or not request_id:
+        raise InputError(f"request_id must be a non-empty string, got {request_id!r}")
 
 
 def _checked(config):

@@ -20,7 +20,7 @@ import itertools
 import threading
 from collections.abc import AsyncIterator
 
-from paradec.batching.engine import BatchEngine, RequestOutput
+from paradec.batching.engine import BatchEngine, RequestOutput, check_request_id
 from paradec.errors import InputError
 
 _IDS = itertools.count()
@@ -46,8 +46,8 @@ class AsyncBatchEngine:
         """Adds one request (``BatchEngine.add``'s arguments; a bad one raises here, before any
         output) and yields its progress after each step it takes part in, then its final output
         (``finished``, with ``result``)."""
-        if request_id is not None and (not isinstance(request_id, str) or not request_id):
-            raise InputError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id is not None:
+            check_request_id(request_id)  # (before it is looked up among the streams)
         if "stream" in overrides:
             raise InputError("stream: every AsyncBatchEngine request streams its progress; leave the argument out")
         while request_id is None:  # a generated id, in use by no other request

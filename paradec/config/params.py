@@ -111,6 +111,12 @@ class RequestParams:
     def canvas(self) -> bool:
         return self.mode == "nap"
 
+    @property
+    def body_tokens(self) -> int:
+        """Tokens the request decodes (its canvas's blocks and summary, or its answer), headers
+        not counted: known before its layout is built."""
+        return self.blocks * self.block_len + self.summary_len if self.canvas else self.answer_len
+
     def phase_budgets(self) -> list[tuple[str, int, int | None]]:
         """(phase, body tokens per block, steps or None) for each phase, in order."""
         if not self.canvas:

@@ -187,7 +187,7 @@ class MessageLoop(abc.ABC):
         body = message.body
         try:
             config = resolve_config(self.model, **(body.get("config") or {}))
-            body_tokens = config.blocks * config.block_len + config.summary_len if config.canvas else config.answer_len
+            body_tokens = config.body_tokens
             if body_tokens > self.limits.max_canvas_tokens or (config.canvas and config.blocks > 256):
                 raise ProtocolError(f"the canvas holds {body_tokens} tokens in {config.blocks if config.canvas else 1} "
                                     f"region(s); the limits are {self.limits.max_canvas_tokens} tokens and 256 blocks",
