@@ -138,6 +138,13 @@ def lone_request(engine: BatchEngine, model, prompt, config, repeats: int) -> di
     return {"engine_s": statistics.median(engine_s), "generate_s": statistics.median(direct_s)}
 
 
+def refresh_label(config) -> str:
+    """How a dual cache's refreshes run, for the table's heading ('' without one)."""
+    if config.cache_mode != "dual":
+        return ""
+    return ", partial refresh" if config.refreshes_partially else ", full refresh"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_workload_arguments(p)
@@ -187,7 +194,7 @@ def main() -> None:
     del engine
     ar_rows = [] if args.no_ar else [ar_level(model, prompt_ids, canvas, c, 3) for c in args.concurrency]
     print(f"\n{name}, {settings}{' + threshold' if args.mixed else ''}"
-          f"{', partial refresh' if settings.get('partial_refresh') else ''}, "
+          f"{refresh_label(configs[0])}, "
           f"rows {args.max_batch}; warm-up {warm_s:.1f} s, {graphs} graphs"
           f"{' (refresh graphs dropped)' if args.no_refresh_graphs else ''}"
           f"{' (packed graphs dropped)' if args.no_packed_graphs else ''}")
@@ -215,7 +222,7 @@ def main() -> None:
                   f"{r['first_progress_p50_s']:>10.2f} | {r['graph_replays']:>4}/{r['step_calls']:<4} | "
                   f"{r['step_call_padded']:>13.2f} ({r['step_real']:.2f})")
     emit_json({"benchmark": "batch_engine", **info, "model": name, "settings": settings, "mixed": args.mixed,
-               "partial_refresh": bool(settings.get("partial_refresh")),
+               "partial_refresh": configs[0].refreshes_partially,
                "rows": args.max_batch, "warm_up_s": warm_s, "graphs": graphs, "lone": lone, "levels": rows,
                "open_loop": open_rows, "open_loop_seed": args.seed, "pack": not args.no_pack,
                "refresh_graphs": not args.no_refresh_graphs, "packed_graphs": not args.no_packed_graphs,

@@ -245,20 +245,21 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, default=Path("../../shared/data/gsm8k"), help="GSM8K, for --shape")
     p.add_argument("--prompt-len", type=int, default=512, help="with --shape: prompt tokens")
     p.add_argument("--canvas", type=int, default=1024, help="with --shape: canvas tokens (4 blocks + 128 summary)")
-    p.add_argument("--partial-refresh", action="store_true",
-                   help="with --shape: requests with the dual cache's partial_refresh (fewer columns per token)")
+    p.add_argument("--full-refresh", action="store_true",
+                   help="with --shape: requests asking the dual cache's full refresh (partial_refresh=False; "
+                        "nap's default refreshes partially, with fewer columns per token)")
 
 
 def workload(args) -> tuple:
     """(prompt, settings, loader, name): with ``--shape`` a GSM8K-packed prompt of token ids and
-    a 4-block canvas with windows of 32 (``--partial-refresh``: refreshed partially) on a
+    a 4-block canvas with windows of 32 (``--full-refresh``: refreshed in full) on a
     random-weight model (``loader(device)``), else an arith question on the built-in model."""
     if args.shape:
         from latency import gsm8k_tokenizer, nap_shape, packed_prompt
 
         prompt = packed_prompt(gsm8k_tokenizer(args.data), args.data, args.prompt_len)  # token ids
         settings = nap_shape(args.canvas, 4) | {"tokens_per_step": 4, "window": 32}
-        settings |= {"partial_refresh": True} if args.partial_refresh else {}
+        settings |= {"partial_refresh": False} if args.full_refresh else {}
         return prompt, settings, partial(random_model, args.shape, args.data.resolve()), f"{args.shape} (random bf16)"
     from paradec.train.tasks import arith
 

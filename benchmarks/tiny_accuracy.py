@@ -10,8 +10,8 @@ same number of forwards (the NFE column says how many).
     python benchmarks/tiny_accuracy.py --tokens-per-step 1 2 3 4 --plots plots/
 
 ``--window W`` also decodes the canvas model W tokens of each block at a time under each of
-``--caches`` (what the reused KV costs in accuracy); with ``--partial-refresh`` also with the dual
-cache's ``partial_refresh`` approximation (``-partial``); ``--engine`` decodes every setting
+``--caches``, refreshed in full (what the reused KV costs in accuracy); with ``--partial-refresh``
+also with the dual cache's partial refresh (``-partial``, nap's default for windows); ``--engine`` decodes every setting
 through ``paradec.batching.BatchEngine`` (the same tokens as ``generate()``); ``--only-nap``
 skips the long-CoT model.
 """
@@ -74,7 +74,8 @@ def main() -> None:
                 canvas = dict(mode="nap", blocks=m, block_len=BLOCK_LEN, summary_len=SUMMARY_LEN, tokens_per_step=k)
                 settings = [("nap", canvas)]
                 if args.window:
-                    settings += [(f"w{args.window}-{cache}", canvas | dict(window=args.window, cache=cache))
+                    settings += [(f"w{args.window}-{cache}",  # the full refresh: dual's default is partial
+                                  canvas | dict(window=args.window, cache=cache, partial_refresh=False))
                                  for cache in args.caches]
                 if args.window and args.partial_refresh:
                     settings.append((f"w{args.window}-dual-partial",

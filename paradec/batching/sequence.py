@@ -5,8 +5,9 @@ under ``isolated`` attention, then each phase's windows in order; before the sum
 finished think blocks' KV is recomputed (``EXTEND``, the runner's cache extension); a window
 starts with a refresh when the cache is windowed (and every ``refresh_every`` steps), its other
 steps forward the window's step columns; a window ends when none of its positions is masked.
-With the request's ``partial_refresh`` (an approximation, off by default) a window's refresh
-after the phase's first forwards only ``Plan.partial_refresh_columns``, as ``generate()`` does.
+When the request refreshes partially (``GenerationConfig.refreshes_partially``: an
+approximation, the default for ``nap`` windows) a window's refresh after the phase's first
+forwards only ``Plan.partial_refresh_columns``, as ``generate()`` does.
 The engine gives every live request one action per engine step and tells it, after the step,
 which of its canvas positions are still masked (``advance``).
 
@@ -158,7 +159,7 @@ class Sequence:
             step = canvas(plan.block_columns(phase))
         else:  # canvas attention with nothing cached: the prompt and the whole canvas, every step
             step = self.prompt_slots() + canvas(range(self.layout.length))
-        if plan.windowed_cache and self.config.partial_refresh and window > 0:
+        if plan.windowed_cache and self.config.refreshes_partially and window > 0:
             refresh = canvas(plan.partial_refresh_columns(phase, window))
         elif self.isolated:
             refresh = canvas(plan.block_columns(phase))

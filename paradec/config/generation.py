@@ -66,6 +66,15 @@ class GenerationConfig(DistributedSettings, RuntimeSettings, RequestParams):
             return None
         return self.cache or "dual"
 
+    @property
+    def refreshes_partially(self) -> bool:
+        """Whether a dual-cache refresh after a phase's first window is partial: ``partial_refresh``,
+        or when None, ``nap`` windows with the dual cache and no ``refresh_every`` (with
+        Fast-dLLM's rules a step body refreshes partially only when ``partial_refresh`` is True)."""
+        if self.partial_refresh is not None:
+            return self.partial_refresh
+        return self.mode == "nap" and self.cache_mode == "dual" and self.refresh_every is None
+
 
 DEFAULTS = {f.name: f.default for f in fields(GenerationConfig)}
 # settings an override drops back to their default when it turns their condition off

@@ -150,8 +150,11 @@ class RuntimeSettings:
     result can differ from ``cache="none"``, which is exact. partial_refresh (``dual`` only): a
     refresh after a phase's first window forwards only that window's and the previous window's
     columns (the ones whose tokens changed since the last refresh) and keeps every other column's
-    KV: fewer columns forwarded per committed token, one more approximation (its accuracy at toy
-    scale: benchmarks/RESULTS.md). cuda_graphs: on a CUDA device, replay
+    KV: fewer columns forwarded per committed token (~11 instead of ~15 at the 8B benchmark's
+    canvas), one more approximation, with no accuracy cost measured at toy scale
+    (benchmarks/RESULTS.md). None (the default) turns it on for ``nap`` windows with the dual
+    cache and no ``refresh_every``; block mode, Fast-dLLM's semi-autoregressive baseline, keeps
+    its full refresh, as do Fast-dLLM's rules; ``False`` asks for the full refresh. cuda_graphs: on a CUDA device, replay
     the steps as CUDA graphs (captured once per shape, no host synchronisation inside a step; the
     host checks for completion every few steps); off, or on a CPU, the same step body is called.
     batch_invariant: on a GPU, kernels whose rounding does not depend on how many rows share a
@@ -163,7 +166,7 @@ class RuntimeSettings:
     window: int | None = _setting(None, "nap: decode each block this many body tokens at a time (None: the whole block)")
     cache: str | None = _setting(None, "windowed decoding's KV reuse: none, prefix or dual (default dual when windowed)")
     refresh_every: int | None = _setting(None, "windowed cache: recompute the reused KV every n steps (None: at each window's first step only)")
-    partial_refresh: bool = _setting(False, "dual cache: a refresh after a phase's first window forwards only that window's and the previous window's columns")
+    partial_refresh: bool | None = _setting(None, "dual cache: a refresh after a phase's first window forwards only that window's and the previous window's columns (None: on for mode='nap' without refresh_every, off for block mode)")
     cuda_graphs: bool = _setting(True, "on CUDA, replay static-shape steps as CUDA graphs")
     batch_invariant: bool | None = _setting(None, "on a GPU, batch-invariant kernels: a request decodes the same in any batch (None: PARADEC_BATCH_INVARIANT)")
 

@@ -111,8 +111,10 @@ class PhaseSteps:
         self.param = float(getattr(config, policy.parameter)) if policy.parameter else 0.0
         self.windowed = plan.windowed_cache
         self.per_block = self.windowed and _blocks_apart(plan, phase, phase_cache, model.module.shift_logits)
-        # a refresh after the phase's first window forwards Plan.partial_refresh_columns only
-        self.partial = self.windowed and config.partial_refresh and plan.num_windows(phase) > 1
+        # a refresh after the phase's first window forwards Plan.partial_refresh_columns only (with
+        # Fast-dLLM's rules only when asked for by name)
+        self.partial = (self.windowed and config.refreshes_partially and (fastdllm is None or config.partial_refresh)
+                        and plan.num_windows(phase) > 1)
         self.step_graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # by whether attention runs unmasked
         self.refresh_graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self.partial_graphs: dict[bool, torch.cuda.CUDAGraph] = {}
