@@ -11,9 +11,9 @@ same number of forwards (the NFE column says how many).
 
 ``--window W`` also decodes the canvas model W tokens of each block at a time under each of
 ``--caches``, refreshed in full (what the reused KV costs in accuracy); with ``--partial-refresh``
-also with the dual cache's partial refresh (``-partial``, nap's default for windows); ``--engine`` decodes every setting
-through ``paradec.batching.BatchEngine`` (the same tokens as ``generate()``); ``--only-nap``
-skips the long-CoT model.
+also with the dual cache's partial refresh (``-partial``, nap's default for windows);
+``--engine`` decodes every setting through ``paradec.batching.BatchEngine`` (the same tokens as
+``generate()``); ``--only-nap`` skips the long-CoT model.
 """
 
 from __future__ import annotations

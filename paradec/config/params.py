@@ -154,9 +154,10 @@ class RuntimeSettings:
     canvas), one more approximation, with no accuracy cost measured at toy scale
     (benchmarks/RESULTS.md). None (the default) turns it on for ``nap`` windows with the dual
     cache and no ``refresh_every``; block mode, Fast-dLLM's semi-autoregressive baseline, keeps
-    its full refresh, as do Fast-dLLM's rules; ``False`` asks for the full refresh. cuda_graphs: on a CUDA device, replay
-    the steps as CUDA graphs (captured once per shape, no host synchronisation inside a step; the
-    host checks for completion every few steps); off, or on a CPU, the same step body is called.
+    its full refresh, as do Fast-dLLM's rules; ``False`` asks for the full refresh.
+    cuda_graphs: on a CUDA device, replay the steps as CUDA graphs (captured once per shape, no
+    host synchronisation inside a step; the host checks for completion every few steps); off, or
+    on a CPU, the same step body is called.
     batch_invariant: on a GPU, kernels whose rounding does not depend on how many rows share a
     call (``paradec.ops.batch_invariant``), so a request decodes the same batched, alone or
     spread (bf16 costs 1.04-1.40x a step); None: the process's setting
