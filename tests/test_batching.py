@@ -114,7 +114,8 @@ def check_schedule(model, schedule, **engine_kwargs) -> Run:
 
 # --- 1. staggered arrivals with mixed settings --------------------------------------------------
 MIXED = [  # (arrival step, request id, settings); prompts cycle through QUESTIONS
-    (0, "nap-window-dual", dict(SMALL, window=4, cache="dual")),
+    (0, "nap-window-dual", dict(SMALL, window=4, cache="dual")),  # refreshed partially: nap's default
+    (2, "nap-window-full-refresh", dict(SMALL, window=4, cache="dual", partial_refresh=False)),
     (1, "nap-window-prefix", dict(SMALL, window=5, cache="prefix")),
     (3, "refresh-every", dict(SMALL, window=6, cache="dual", refresh_every=2)),
     (3, "partial-refresh", dict(SMALL, window=3, cache="dual", partial_refresh=True)),
@@ -189,8 +190,8 @@ def request_settings(draw) -> dict:
         s["cache"] = draw(st.sampled_from(["none", "prefix", "dual"]))
         if s["cache"] != "none" and draw(st.booleans()):
             s["refresh_every"] = draw(st.integers(1, 3))
-        if s["cache"] == "dual" and draw(st.booleans()):
-            s["partial_refresh"] = True
+        if s["cache"] == "dual":
+            s["partial_refresh"] = draw(st.sampled_from([None, False, True]))
     if draw(st.integers(0, 3)) == 0:
         s["attention"] = "canvas"
     if mode in ("nap", "block", "ao"):

@@ -147,6 +147,31 @@ def test_settings_help_lists_every_setting_under_its_part():
 
 
 
+@pytest.mark.parametrize("settings, partial", [
+    (dict(window=4), True),  # nap windows: the dual cache, refreshed partially
+    (dict(window=4, cache="dual", partial_refresh=None), True),
+    (dict(window=4, refresh_every=2), False),  # a periodic refresh is a full one
+    (dict(window=4, cache="prefix"), False),
+    (dict(window=4, cache="none"), False),
+    (dict(window=4, partial_refresh=False), False),
+    (dict(), False),  # whole blocks: nothing cached, nothing refreshed
+    (dict(mode="block", answer_len=16, block_len=4), False),  # Fast-dLLM's baseline keeps its refresh
+    (dict(mode="block", answer_len=16, block_len=4, partial_refresh=True), True),
+    (dict(window=4, refresh_every=2, partial_refresh=True), True),
+])
+def test_partial_refresh_defaults_to_on_for_nap_windows(settings, partial):
+    config = GenerationConfig(**settings)
+    assert config.refreshes_partially is partial
+    assert GenerationConfig.build(config, blocks=3).refreshes_partially is partial  # survives overrides
+
+
+def test_the_default_refresh_combines_with_fastdllm_rules():
+    """Left unset, partial_refresh does not clash with Fast-dLLM's rules (their step body refreshes
+    in full); only asking for it by name is refused."""
+    validate(GenerationConfig(window=4), window_steps=2)
+    validate(GenerationConfig(window=4, partial_refresh=False), window_steps=2)
+
+
 def test_partial_refresh_is_refused_with_fastdllm_rules():
     """Fast-dLLM's rules commit a window's refresh over a region of their own; a partial refresh
     forwards only two windows' columns, so the two are not combined."""

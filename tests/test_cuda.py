@@ -126,6 +126,7 @@ GRAPH_CASES = {
     "nap windowed none": dict(blocks=2, block_len=12, summary_len=8, window=4, cache="none", tokens_per_step=1),
     "nap partial refresh": dict(blocks=3, block_len=12, summary_len=8, window=4, tokens_per_step=1, refresh_every=3,
                                 partial_refresh=True),
+    "nap default refresh": dict(blocks=3, block_len=12, summary_len=8, window=4, tokens_per_step=2),
     "block partial refresh": dict(mode="block", answer_len=24, block_len=8, tokens_per_step=2, attention="canvas",
                                   partial_refresh=True),
     "block isolated": dict(mode="block", answer_len=20, block_len=6, tokens_per_step=2, attention="isolated"),

@@ -73,7 +73,7 @@ def test_block_mode_keeps_the_invariants(model, answer_len, block_len, cache, at
     cache=st.sampled_from(["none", "prefix", "dual"]),
     refresh_every=st.sampled_from([None, 2]),
     steps=st.sampled_from([None, 24]),
-    partial=st.booleans(),
+    partial=st.sampled_from([None, False, True]),
 )
 def test_windowed_nap_keeps_the_invariants(model, blocks, block_len, summary_len, window, cache, refresh_every, steps,
                                           partial):
@@ -81,7 +81,7 @@ def test_windowed_nap_keeps_the_invariants(model, blocks, block_len, summary_len
         refresh_every = None
     config = GenerationConfig(blocks=blocks, block_len=block_len, summary_len=summary_len, window=window,
                               cache=cache, refresh_every=refresh_every, steps=steps,
-                              partial_refresh=partial and cache == "dual")
+                              partial_refresh=partial if cache == "dual" else None)
     result = paradec.generate(model, PROMPTS[1], config)
     check_contract_5(model, config, result)
     check_windows(model, config, result)
@@ -223,6 +223,9 @@ STATIC_CASES = {
     "nap windowed none": dict(blocks=2, block_len=9, summary_len=5, window=4, cache="none", tokens_per_step=2),
     "nap partial refresh": dict(blocks=3, block_len=10, summary_len=6, window=3, tokens_per_step=1, refresh_every=2,
                                 partial_refresh=True),
+    "nap default refresh": dict(blocks=3, block_len=10, summary_len=6, window=3, tokens_per_step=2),
+    "nap full refresh": dict(blocks=3, block_len=10, summary_len=6, window=3, tokens_per_step=2,
+                             partial_refresh=False),
     "block partial refresh": dict(mode="block", answer_len=20, block_len=6, tokens_per_step=2, attention="canvas",
                                   partial_refresh=True),
     "nap exact": dict(blocks=3, block_len=8, summary_len=5, tokens_per_step=2),
@@ -442,3 +445,24 @@ def test_blocks_side_by_side_in_other_layouts(model, case, monkeypatch):
     assert built[0][1:] == (True, case == "unequal headers")
     assert [r.token_ids for r in fast] == [r.token_ids for r in plain]
     assert [r.trace for r in fast] == [r.trace for r in plain]
+
+
+def test_nap_windows_refresh_partially_by_default(model):
+    """partial_refresh left unset decodes nap windows as partial_refresh=True does (tokens, trace,
+    forwards), and forwards fewer columns a forward than the full refresh, partial_refresh=False
+    (whose tokens may differ)."""
+    settings = dict(blocks=3, block_len=12, summary_len=6, window=3, tokens_per_step=1)
+    columns = []  # query columns of every forward, counted at the first layer
+    hook = model.module.layers[0].register_forward_pre_hook(lambda _, args: columns.append(args[0].shape[:-1].numel()))
+    try:
+        runs = {}
+        for name, partial in (("default", None), ("partial", True), ("full", False)):
+            columns.clear()
+            runs[name] = (paradec.generate(model, PROMPTS[0], **settings, partial_refresh=partial), sum(columns))
+    finally:
+        hook.remove()
+    (default, default_cols), (partial, partial_cols), (full, full_cols) = runs["default"], runs["partial"], runs["full"]
+    assert default.token_ids == partial.token_ids
+    assert default.trace == partial.trace
+    assert (default.nfe, default_cols) == (partial.nfe, partial_cols)
+    assert full_cols / full.nfe > default_cols / default.nfe  # the full refresh: more columns a forward
