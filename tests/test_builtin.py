@@ -30,10 +30,10 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def solved(tiny):
-    """The first 32 held-out problems decoded at one token per step per block (the model card's
+    """The first 16 held-out problems decoded at one token per step per block (the model card's
     setting): the CPU regression check of the shipped weights, and the blocks the shipped answerer
-    reads."""
-    problems = arith.test_problems()[:32]
+    reads (16 take ~26 s on 2 cores; 32 took ~52 s, the suite's slowest fixture)."""
+    problems = arith.test_problems()[:16]
     return problems, paradec.generate(tiny, [p.question for p in problems], tokens_per_step=1)
 
 
@@ -66,7 +66,7 @@ def test_a_path_that_is_not_a_model_still_says_so():
 
 def test_tiny_still_solves_held_out_problems(solved):
     # A regression check of the shipped weights on the CPU: the card reports 0.993 on all 600 at
-    # one token per step per block (H100, fp32); 32 problems must stay at or above 0.9.
+    # one token per step per block (H100, fp32); 16 problems must stay at or above 0.9 (one miss).
     problems, results = solved
     right = sum(arith.check_answer(r.answer, p) for r, p in zip(results, problems))
     assert right / len(problems) >= 0.9, [r.summary for r in results]
