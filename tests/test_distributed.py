@@ -30,6 +30,11 @@ SCENARIOS = [
     # every rank gets the results
     {"prompts": PROMPTS, "config": {"blocks": 4, "block_len": 4, "summary_len": 2, "seed": 4,
                                      "prompt_kv": "broadcast", "results_on": "all"}},
+    # windows with the dual cache: refreshed partially (nap's default), then in full; sampled
+    {"prompts": PROMPTS, "config": {"blocks": 3, "block_len": 9, "summary_len": 4, "window": 3, "temperature": 0.7,
+                                     "seed": 5, "gather": "kv"}},
+    {"prompts": [PROMPTS[0]], "config": {"blocks": 3, "block_len": 8, "summary_len": 4, "window": 3,
+                                          "partial_refresh": False, "seed": 6, "gather": "tokens"}},
 ]
 
 
