@@ -115,7 +115,6 @@ def check_schedule(model, schedule, **engine_kwargs) -> Run:
 # --- 1. staggered arrivals with mixed settings --------------------------------------------------
 MIXED = [  # (arrival step, request id, settings); prompts cycle through QUESTIONS
     (0, "nap-window-dual", dict(SMALL, window=4, cache="dual")),  # refreshed partially: nap's default
-    (2, "nap-window-full-refresh", dict(SMALL, window=4, cache="dual", partial_refresh=False)),
     (1, "nap-window-prefix", dict(SMALL, window=5, cache="prefix")),
     (3, "refresh-every", dict(SMALL, window=6, cache="dual", refresh_every=2)),
     (3, "partial-refresh", dict(SMALL, window=3, cache="dual", partial_refresh=True)),
@@ -137,6 +136,7 @@ MIXED = [  # (arrival step, request id, settings); prompts cycle through QUESTIO
     (18, "steps-budget", dict(SMALL, steps=8)),
     (19, "nap-default", dict()),  # the checkpoint's canvas (4 x 40 + 8): late, so that it mostly decodes alone
     (20, "threshold-steps", dict(SMALL, policy="threshold", threshold=0.95, steps=6)),
+    (2, "nap-window-full-refresh", dict(SMALL, window=4, cache="dual", partial_refresh=False)),
 ]
 
 
@@ -145,6 +145,11 @@ def test_staggered_mixed_settings_equal_solo(model, max_batch):
     schedule = [(at, rid, QUESTIONS[i % len(QUESTIONS)], kw) for i, (at, rid, kw) in enumerate(MIXED)]
     run = check_schedule(model, schedule, max_batch=max_batch)
     assert run.joined_mid_decode >= len(MIXED) // 2  # the arrivals really were staggered
+    # the full-refresh request's prompt is one whose tokens the refresh changes, so an engine
+    # that refreshed it partially (nap's default) would not match it alone
+    _, _, prompt, full = schedule[-1]
+    default = {k: v for k, v in full.items() if k != "partial_refresh"}
+    assert solo(model, prompt, full).token_ids != solo(model, prompt, default).token_ids
 
 
 def test_shifted_model_staggered_mixed_settings_equal_solo(shifted):

@@ -167,9 +167,8 @@ def test_partial_refresh_defaults_to_on_for_nap_windows(settings, partial):
 
 def test_the_default_refresh_combines_with_fastdllm_rules():
     """Left unset, partial_refresh does not clash with Fast-dLLM's rules (their step body refreshes
-    in full); only asking for it by name is refused."""
+    in full: test_windows); only asking for it by name is refused."""
     validate(GenerationConfig(window=4), window_steps=2)
-    validate(GenerationConfig(window=4, partial_refresh=False), window_steps=2)
 
 
 def test_partial_refresh_is_refused_with_fastdllm_rules():

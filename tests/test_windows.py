@@ -466,3 +466,19 @@ def test_nap_windows_refresh_partially_by_default(model):
     assert default.trace == partial.trace
     assert (default.nfe, default_cols) == (partial.nfe, partial_cols)
     assert full_cols / full.nfe > default_cols / default.nfe  # the full refresh: more columns a forward
+
+
+def test_fastdllm_rules_refresh_in_full_unless_asked(model):
+    """With Fast-dLLM's rules a runner's nap windows refresh in full when partial_refresh is left
+    unset (their window_steps refuses a partial refresh asked for by name); without the rules the
+    same config's think phase refreshes partially."""
+    from paradec.decoding.fastdllm_rules import FastDLLMRules
+    from paradec.decoding.runner import Runner
+
+    config = GenerationConfig(blocks=2, block_len=8, summary_len=4, window=2, tokens_per_step=1)
+    layout = build_layout(model, config)
+    prompts = [encode_prompt(model, PROMPTS[0], config, layout)]
+    for rules, partial in ((FastDLLMRules(window_steps=4), False), (None, True)):
+        runner = Runner(model, config, layout, prompts, fastdllm=rules)
+        runner.run()
+        assert [steps.partial for steps in runner.steps.values()] == [partial, partial], rules

@@ -13,7 +13,8 @@ Everything a step reads lives in static buffers that the host refills when a win
 cache. Two bodies per phase (think blocks, summary, answer region), both reused across windows
 and requests: the *step* and, with a windowed cache, the *refresh* (a window's first step:
 everything the phase forwards, whose KV it writes into the step's cache, a slot per column; a
-step rewrites its own columns' slots); with ``partial_refresh`` a third, the *partial refresh*
+step rewrites its own columns' slots); when the config refreshes partially
+(``GenerationConfig.refreshes_partially``: nap windows' default) a third, the *partial refresh*
 of a window after the phase's first (``Plan.partial_refresh_columns`` only, into their slots).
 Shapes are those of the phase's largest window: a
 narrower window repeats its last column (which rewrites its own slot with the same KV). An
@@ -113,7 +114,7 @@ class PhaseSteps:
         self.per_block = self.windowed and _blocks_apart(plan, phase, phase_cache, model.module.shift_logits)
         # a refresh after the phase's first window forwards Plan.partial_refresh_columns only (with
         # Fast-dLLM's rules only when asked for by name)
-        self.partial = (self.windowed and config.refreshes_partially and (fastdllm is None or config.partial_refresh)
+        self.partial = (self.windowed and config.refreshes_partially and (fastdllm is None or config.partial_refresh is True)
                         and plan.num_windows(phase) > 1)
         self.step_graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # by whether attention runs unmasked
         self.refresh_graphs: dict[bool, torch.cuda.CUDAGraph] = {}
@@ -212,7 +213,7 @@ class PhaseSteps:
 
     def refresh(self) -> None:
         """A window's first step (or a periodic refresh); partial after the phase's first window
-        with ``partial_refresh``."""
+        when the config refreshes partially."""
         if self.partial and self.window > 0:
             self._run(self.partial_graphs, self.partial_dense, self._partial_refresh_step, 1)
         else:

@@ -69,6 +69,7 @@ class EvalReport:
 def header(task: Task, data: str | None, model_name: str, config: GenerationConfig, prompt_template: str,
            answerer: str | None, answer_tokens: int) -> dict:
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IN_HEADER}
+    settings["refreshes_partially"] = config.refreshes_partially  # what partial_refresh=None resolved to
     return {HEADER: 1, "task": task.name, "data": data, "model": model_name, "prompt_template": prompt_template,
             "answerer": answerer, "answer_tokens": answer_tokens if answerer else None, "config": settings}
 
