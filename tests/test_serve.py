@@ -404,3 +404,22 @@ def test_http_bad_input_health_and_metrics(http):
     with urllib.request.urlopen(f"{http}/metrics", timeout=30) as response:
         metrics = response.read().decode()
     assert 'paradec_requests_total{outcome="finished"}' in metrics and "paradec_engine_healthy 1" in metrics
+
+
+def test_ranks_batch_requests_by_how_their_refresh_resolves():
+    """Under several ranks requests batch when they decode alike: partial_refresh left unset and
+    its resolved value share a batch; the full refresh does not join the default's."""
+    from paradec import GenerationConfig
+    from paradec.serve.engine import Request
+    from paradec.serve.ranks import batches_with
+
+    def request(**settings):
+        return Request("r", [1, 2], GenerationConfig(**settings), stream=False, deadline=None)
+
+    nap = dict(window=4)  # nap windows: unset is the partial refresh
+    unset, partial, full = request(**nap), request(**nap, partial_refresh=True), request(**nap, partial_refresh=False)
+    assert batches_with(unset, partial) and batches_with(partial, unset)
+    assert not batches_with(unset, full) and not batches_with(full, partial)
+    block = dict(mode="block", answer_len=8, block_len=4)  # block mode: unset is the full refresh
+    assert batches_with(request(**block), request(**block, partial_refresh=False))
+    assert not batches_with(request(**block), request(**block, partial_refresh=True))

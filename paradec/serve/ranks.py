@@ -28,6 +28,7 @@ many times slower on a CPU).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -41,7 +42,7 @@ import torch.distributed as dist
 import zmq
 
 import paradec
-from paradec.config import RequestParams
+from paradec.config import RequestParams, RuntimeSettings
 from paradec.distributed import init_distributed, teardown
 from paradec.distributed.guard import RankFailure
 from paradec.errors import ParadecError
@@ -63,9 +64,15 @@ def batchable(params: RequestParams) -> bool:
 
 def batches_with(first: Request, other: Request) -> bool:
     """Whether ``other`` may join ``first``'s batch: the same request parameters and runtime
-    settings, and parameters whose tokens batching cannot change."""
-    return (other.config.request == first.config.request and other.config.runtime == first.config.runtime
+    settings (``partial_refresh`` as it resolves: unset decodes as its default), and parameters
+    whose tokens batching cannot change."""
+    return (other.config.request == first.config.request and _runtime(other) == _runtime(first)
             and batchable(first.config.request))
+
+
+def _runtime(request: Request) -> RuntimeSettings:
+    config = request.config
+    return dataclasses.replace(config.runtime, partial_refresh=config.refreshes_partially)
 
 
 class RankZeroLoop(MessageLoop):
