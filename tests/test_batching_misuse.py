@@ -671,7 +671,23 @@ def test_async_an_unusable_id_and_an_abort_during_a_refused_add(model):
         assert await streams.abort("x")  # it may still be added: aborted as it lands
         with pytest.raises(InputError, match="refused"):
             await asyncio.wait_for(refused, 10)
-        engine.add = add
+        # again, with the abort's answer arriving after the refusal has ended the add (a loaded
+        # machine's order, where the abort once answered False for a request it saw being added)
+        abort = engine.abort
+
+        def slow_abort(request_id):
+            known = abort(request_id)
+            time.sleep(0.3)
+            return known
+
+        started.clear()
+        engine.abort = slow_abort
+        refused = asyncio.ensure_future(anext(streams.generate(QUESTIONS[0], request_id="x", **TINY)))
+        await started.wait()
+        assert await streams.abort("x")
+        with pytest.raises(InputError, match="refused"):
+            await asyncio.wait_for(refused, 10)
+        engine.add, engine.abort = add, abort
         outputs = [out async for out in streams.generate(QUESTIONS[0], request_id="x", **TINY)]
         assert outputs[-1].finished and not streams._doomed and not engine.has_unfinished()
         return outputs[-1].result

@@ -38,7 +38,7 @@ class AsyncBatchEngine:
         self._lock = threading.Lock()
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._stepper: asyncio.Task | None = None
-        self._adding: set[str] = set()  # requests whose add runs in a thread
+        self._adding: dict[str, asyncio.Future] = {}  # requests whose add runs in a thread: the add
         self._doomed: set[str] = set()  # of those, the ones aborted meanwhile
 
     async def generate(self, prompt, config=None, *, request_id: str | None = None,
@@ -60,8 +60,8 @@ class AsyncBatchEngine:
         self._queues[request_id] = queue  # before the add: no step's output for it can go unheard
         adding = asyncio.ensure_future(asyncio.to_thread(self._locked, self.engine.add, request_id, prompt, config,
                                                          stream=True, **overrides))
-        self._adding.add(request_id)
-        adding.add_done_callback(lambda _: self._adding.discard(request_id))
+        self._adding[request_id] = adding
+        adding.add_done_callback(lambda _: self._adding.pop(request_id, None))
         try:
             await asyncio.shield(adding)
         except BaseException:
@@ -109,10 +109,14 @@ class AsyncBatchEngine:
         """Stops a request (one being added too); its ``generate`` raises ``RequestAborted`` next
         (outputs not yet read are dropped). False, changing nothing, for an unknown request or
         one that finished (its result is still read)."""
+        adding = self._adding.get(request_id)  # (looked up first: the add may end while the abort waits)
         known = await asyncio.to_thread(self._locked, self.engine.abort, request_id)
-        if not known and request_id in self._adding:  # aborted as its add lands
-            self._doomed.add(request_id)
-            known = True
+        if not known and adding is not None:
+            if not adding.done():  # aborted as its add lands
+                self._doomed.add(request_id)
+            # an add refused meanwhile leaves nothing to stop; one that succeeded was found above
+            # unless its request has finished since
+            known = not adding.done() or adding.cancelled() or adding.exception() is not None
         queue = self._queues.get(request_id)
         if known and queue is not None:
             del self._queues[request_id]
