@@ -599,6 +599,29 @@ def test_packed_graphs_replay_the_padded_steps_of_staggered_rows_as_alone(model,
     assert graphs.commits  # a packed replay of one class commits as its graph would
 
 
+def test_warm_up_leaves_out_packed_graphs_no_call_selects(model, monkeypatch):
+    """A step call ``width`` wide holds a row of more than ``width - WIDTH_BUCKET`` columns, so it
+    never selects a packed graph below ``least_packed(width)``: warm-up captures none of those,
+    and every one at or above it that ``packed_buckets`` lists. (Buckets scaled to the tiny
+    model's widths.)"""
+    from paradec.batching import engine as batching
+
+    monkeypatch.setattr(batching, "PACKED_STEP", 8)
+    monkeypatch.setattr(batching, "PACKED_FINE", 48)
+    assert [batching.least_packed(w) for w in (32, 64, 96)] == [8, 40, 96]
+    engine = make_engine(model, max_batch=4, max_canvas_tokens=256)
+    GraphStandIn(engine, monkeypatch)
+    # think windows of 4 x 20 columns (a step call 96 wide) beside summaries' windows of 20 (32)
+    engine.warm_up([resolve_config(model, **dict(SMALL, blocks=4, block_len=20, window=20, cache="dual"))])
+    packed = [key for key in engine.calls.graphs if key[5] is not None]
+    most = batching.PACK_WORK / engine.column_flops
+    for b, width, commit, keys, refresh, _ in {key[:5] + (None,) for key in packed}:
+        listed = batching.packed_buckets(b * width, most)
+        kept = sorted(key[5] for key in packed if key[:5] == (b, width, commit, keys, refresh))
+        assert kept == [n for n in listed if n >= batching.least_packed(width)]
+    assert any(key[1] == 96 for key in packed)  # where the buckets below 96 are left out
+
+
 def test_a_step_not_warmed_up_runs_and_commits_called(model, monkeypatch):
     """A request whose step width no warm-up captured (its commit width and class were) runs
     its step calls called and commits them called, not from the logits of the last replay;

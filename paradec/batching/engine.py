@@ -249,7 +249,7 @@ class BatchEngine:
         forward keeps the GPU busy; at LLaDA-8B's size that is one row's full refresh, and
         refresh graphs for every batch bucket ran a served 8B engine out of memory on an H200),
         the step calls' packed graphs (``PACKED_STEP``; at the key buckets of rows holding the
-        widest canvas) and the commit of a step call for every batch bucket, commit width and
+        widest canvas, from ``least_packed`` of the call's width) and the commit of a step call for every batch bucket, commit width and
         ``CommitClass`` of ``configs``. On an idle engine. Returns the step graphs captured (0 on a CPU or with
         ``cuda_graphs=False``)."""
         if self.has_unfinished():
@@ -291,7 +291,8 @@ class BatchEngine:
                     if width <= k and not (refresh and b * width * self.column_flops > PACK_WORK):
                         self.calls.capture_step(b, width, commit_width, k, refresh)
                         for n in ([] if refresh or k not in packed_keys else packed_buckets(b * width, most)):
-                            self.calls.capture_step(b, width, commit_width, k, refresh, n)
+                            if n >= least_packed(width):
+                                self.calls.capture_step(b, width, commit_width, k, refresh, n)
             for b, commit_width, cls in itertools.product(buckets, commits, classes):
                 self.calls.capture_commit(b, commit_width, cls)
         return len(self.calls.graphs) - before
@@ -661,6 +662,12 @@ def packed_buckets(columns: int, most: float) -> list[int]:
             if n >= most:
                 break
     return buckets
+
+
+def least_packed(width: int) -> int:
+    """The smallest packed graph a step call ``width`` wide can replay: its widest row has more
+    than ``width - WIDTH_BUCKET`` columns (else the call would be a bucket narrower)."""
+    return _packed_bucket(width - WIDTH_BUCKET + 1)
 
 
 def _packed_bucket(real: int) -> int:
