@@ -35,7 +35,7 @@ from harness import banner, emit_json, synced
 from paradec.api import resolve_config
 from paradec.batching import BatchEngine
 from paradec.ops import rope_kv, swiglu
-from serve_load import add_workload_arguments, ar_level, arrival_times, percentile, workload
+from serve_load import add_workload_arguments, ar_level, arrival_times, percentile, refresh_label, workload
 
 
 def closed_loop(engine: BatchEngine, prompt, configs: list, concurrency: int, requests: int) -> dict:
@@ -136,13 +136,6 @@ def lone_request(engine: BatchEngine, model, prompt, config, repeats: int) -> di
         paradec.generate(model, prompt, config)
         direct_s.append(synced() - start)
     return {"engine_s": statistics.median(engine_s), "generate_s": statistics.median(direct_s)}
-
-
-def refresh_label(config) -> str:
-    """How a dual cache's refreshes run, for the table's heading ('' without one)."""
-    if config.cache_mode != "dual":
-        return ""
-    return ", partial refresh" if config.refreshes_partially else ", full refresh"
 
 
 def main() -> None:

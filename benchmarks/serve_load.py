@@ -250,6 +250,13 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
                         "nap's default refreshes partially, with fewer columns per token)")
 
 
+def refresh_label(config) -> str:
+    """How a dual cache's refreshes run, for a table's heading ('' without one)."""
+    if config.cache_mode != "dual":
+        return ""
+    return ", partial refresh" if config.refreshes_partially else ", full refresh"
+
+
 def workload(args) -> tuple:
     """(prompt, settings, loader, name): with ``--shape`` a GSM8K-packed prompt of token ids and
     a 4-block canvas with windows of 32 (``--full-refresh``: refreshed in full) on a
@@ -308,7 +315,8 @@ def main() -> None:
     comparison = compare(rows, ar_rows)
     overhead = (served["served_s"] - direct["direct_s"]) / served["served_s"]
     wire = (served["served_s"] - served["engine_generate_s"]) / served["served_s"]  # outside generate() in the engine
-    print(f"\n{name}, {settings}, max batch {args.max_batch}, {args.requests} requests per level")
+    print(f"\n{name}, {settings}{refresh_label(config)}, max batch {args.max_batch}, "
+          f"{args.requests} requests per level")
     print(f"one request: served {served['served_s'] * 1e3:.1f} ms end to end, of which decoding in the engine "
           f"{served['engine_generate_s'] * 1e3:.1f} ms (its decode loop {served['engine_decode_s'] * 1e3:.1f} ms); "
           f"direct generate() {direct['direct_s'] * 1e3:.1f} ms "
@@ -329,7 +337,8 @@ def main() -> None:
         print(f"\nopen loop (Poisson arrivals, seed {args.seed}; tokens/s: canvas body tokens of completed "
               f"requests over the wall from the first arrival to the last answer)")
         print_open_loop(open_rows)
-    emit_json({"benchmark": "serve_load", **info, "model": name, "settings": settings, "max_batch": args.max_batch,
+    emit_json({"benchmark": "serve_load", **info, "model": name, "settings": settings,
+               "partial_refresh": config.refreshes_partially, "max_batch": args.max_batch,
                **served, **direct, "overhead": overhead, "outside_decode": wire, "rows": rows,
                "ar_model": ar_model, "ar_prompt_tokens": len(prompt_ids), "ar_new_tokens": ar_new_tokens,
                "ar_rows": ar_rows, "comparison": comparison, "open_loop_seed": args.seed, "open_loop": open_rows})
