@@ -693,3 +693,73 @@ def test_async_an_unusable_id_and_an_abort_during_a_refused_add(model):
         return outputs[-1].result
 
     assert_same(asyncio.run(asyncio.wait_for(main(), 120)), solo(model, QUESTIONS[0], TINY))
+
+
+def test_async_abort_that_looks_before_the_add_lands_still_stops_it(model):
+    """The engine's abort may run before a request's add takes the engine (both wait on its
+    lock) and answer after the add has landed: the abort still stops the request and answers
+    True (it once answered False and left the request decoding to the end)."""
+    import threading
+
+    streams = AsyncBatchEngine(make_engine(model))
+    engine, locked = streams.engine, streams._locked
+    looked, answered = threading.Event(), threading.Event()
+    step = engine.step
+
+    def ordered(call, *args, **kwargs):
+        if call == engine.add:
+            looked.wait(10)  # the add takes the engine after the abort has looked
+        known = locked(call, *args, **kwargs)
+        if call == engine.abort and not looked.is_set():
+            looked.set()
+            time.sleep(0.2)  # ... and the abort's answer reaches the loop after the add has landed
+            answered.set()
+        return known
+
+    def held_step():  # no step before that answer: the request cannot finish meanwhile
+        answered.wait(10)
+        return step()
+
+    streams._locked, engine.step = ordered, held_step
+    long = dict(blocks=2, block_len=16, summary_len=8, tokens_per_step=1)  # 24 steps and more
+
+    async def main():
+        stream = streams.generate(QUESTIONS[0], request_id="x", **long)
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0)  # the add is on its way
+        assert await streams.abort("x")
+        with pytest.raises(RequestAborted):
+            await asyncio.wait_for(first, 30)
+        assert (engine.has_unfinished(), streams._doomed, streams._adding) == (False, set(), {})
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_async_an_id_whose_aborted_add_still_runs_is_in_use(model):
+    """An abort answered mid-add frees the request's stream, but its add still runs: the same
+    id is refused until that add has landed (a second request of it once took the first one's
+    abort and was stopped), and then decodes as alone."""
+    streams = AsyncBatchEngine(make_engine(model))
+    engine, locked, late = streams.engine, streams._locked, [True]
+
+    def first_add_late(call, *args, **kwargs):
+        if call == engine.add and late[0]:
+            late[0] = False
+            time.sleep(0.3)  # the first add reaches the engine late
+        return locked(call, *args, **kwargs)
+
+    streams._locked = first_add_late
+
+    async def main():
+        first = asyncio.ensure_future(anext(streams.generate(QUESTIONS[0], request_id="x", **TINY)))
+        await asyncio.sleep(0.05)
+        assert await streams.abort("x")
+        with pytest.raises(InputError, match="already in use"):
+            await anext(streams.generate(QUESTIONS[1], request_id="x", **TINY))
+        with pytest.raises(RequestAborted):
+            await asyncio.wait_for(first, 30)
+        assert not streams._doomed and not streams._adding
+        outputs = [out async for out in streams.generate(QUESTIONS[1], request_id="x", **TINY)]
+        return outputs[-1].result
+
+    assert_same(asyncio.run(asyncio.wait_for(main(), 120)), solo(model, QUESTIONS[1], TINY))

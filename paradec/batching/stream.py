@@ -54,7 +54,7 @@ class AsyncBatchEngine:
             candidate = f"async-{next(_IDS)}"
             if candidate not in self._queues and candidate not in self.engine.ids:
                 request_id = candidate
-        if request_id in self._queues:
+        if request_id in self._queues or request_id in self._adding:  # (an aborted add may still run)
             raise InputError(f"request id {request_id!r} is already in use")
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = queue  # before the add: no step's output for it can go unheard
@@ -114,9 +114,11 @@ class AsyncBatchEngine:
         if not known and adding is not None:
             if not adding.done():  # aborted as its add lands
                 self._doomed.add(request_id)
-            # an add refused meanwhile leaves nothing to stop; one that succeeded was found above
-            # unless its request has finished since
-            known = not adding.done() or adding.cancelled() or adding.exception() is not None
+                known = True
+            elif adding.cancelled() or adding.exception() is not None:  # refused meanwhile: nothing to stop
+                known = True
+            else:  # added after the engine's abort looked (False if it has finished since)
+                known = await asyncio.to_thread(self._locked, self.engine.abort, request_id)
         queue = self._queues.get(request_id)
         if known and queue is not None:
             del self._queues[request_id]
