@@ -45,7 +45,8 @@ class AsyncBatchEngine:
                        **overrides) -> AsyncIterator[RequestOutput]:
         """Adds one request (``BatchEngine.add``'s arguments; a bad one raises here, before any
         output) and yields its progress after each step it takes part in, then its final output
-        (``finished``, with ``result``)."""
+        (``finished``, with ``result``). An id is in use while its request streams, and while an
+        add of it that was aborted is still running."""
         if request_id is not None:
             check_request_id(request_id)  # (before it is looked up among the streams)
         if "stream" in overrides:
