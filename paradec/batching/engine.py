@@ -249,9 +249,9 @@ class BatchEngine:
         forward keeps the GPU busy; at LLaDA-8B's size that is one row's full refresh, and
         refresh graphs for every batch bucket ran a served 8B engine out of memory on an H200),
         the step calls' packed graphs (``PACKED_STEP``; at the key buckets of rows holding the
-        widest canvas, from ``least_packed`` of the call's width) and the commit of a step call for every batch bucket, commit width and
-        ``CommitClass`` of ``configs``. On an idle engine. Returns the step graphs captured (0 on a CPU or with
-        ``cuda_graphs=False``)."""
+        widest canvas, from ``least_packed`` of the call's width) and the commit of a step call
+        for every batch bucket, commit width and ``CommitClass`` of ``configs``. On an idle
+        engine. Returns the step graphs captured (0 on a CPU or with ``cuda_graphs=False``)."""
         if self.has_unfinished():
             raise ConfigError("warm_up runs on an idle engine: finish or abort the requests added first")
         if isinstance(configs, (str, bytes, GenerationConfig)):
@@ -290,9 +290,10 @@ class BatchEngine:
                     # (a wider call forwards slots past the keys: no row has such a window)
                     if width <= k and not (refresh and b * width * self.column_flops > PACK_WORK):
                         self.calls.capture_step(b, width, commit_width, k, refresh)
-                        for n in ([] if refresh or k not in packed_keys else packed_buckets(b * width, most)):
-                            if n >= least_packed(width):
-                                self.calls.capture_step(b, width, commit_width, k, refresh, n)
+                        packed = [] if refresh or k not in packed_keys else packed_buckets(b * width, most)
+                        least = least_packed(width)
+                        for n in (n for n in packed if n >= least):
+                            self.calls.capture_step(b, width, commit_width, k, refresh, n)
             for b, commit_width, cls in itertools.product(buckets, commits, classes):
                 self.calls.capture_commit(b, commit_width, cls)
         return len(self.calls.graphs) - before

@@ -114,8 +114,8 @@ class PhaseSteps:
         self.per_block = self.windowed and _blocks_apart(plan, phase, phase_cache, model.module.shift_logits)
         # a refresh after the phase's first window forwards Plan.partial_refresh_columns only (with
         # Fast-dLLM's rules only when asked for by name)
-        self.partial = (self.windowed and config.refreshes_partially and (fastdllm is None or config.partial_refresh is True)
-                        and plan.num_windows(phase) > 1)
+        self.partial = (self.windowed and config.refreshes_partially
+                        and (fastdllm is None or config.partial_refresh is True) and plan.num_windows(phase) > 1)
         self.step_graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # by whether attention runs unmasked
         self.refresh_graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self.partial_graphs: dict[bool, torch.cuda.CUDAGraph] = {}
