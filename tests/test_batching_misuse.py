@@ -744,23 +744,27 @@ def test_async_an_id_whose_aborted_add_still_runs_is_in_use(model):
     """An abort answered mid-add frees the request's stream, but its add still runs: the same
     id is refused until that add has landed (a second request of it once took the first one's
     abort and was stopped), and then decodes as alone."""
+    import threading
+
     streams = AsyncBatchEngine(make_engine(model))
-    engine, locked, late = streams.engine, streams._locked, [True]
+    engine, locked, late, release = streams.engine, streams._locked, [True], threading.Event()
 
     def first_add_late(call, *args, **kwargs):
         if call == engine.add and late[0]:
             late[0] = False
-            time.sleep(0.3)  # the first add reaches the engine late
+            release.wait(10)  # the first add reaches the engine once the test lets it
         return locked(call, *args, **kwargs)
 
     streams._locked = first_add_late
 
     async def main():
         first = asyncio.ensure_future(anext(streams.generate(QUESTIONS[0], request_id="x", **TINY)))
-        await asyncio.sleep(0.05)
+        while "x" not in streams._adding:  # its add is on its way (held)
+            await asyncio.sleep(0)
         assert await streams.abort("x")
         with pytest.raises(InputError, match="already in use"):
             await anext(streams.generate(QUESTIONS[1], request_id="x", **TINY))
+        release.set()
         with pytest.raises(RequestAborted):
             await asyncio.wait_for(first, 30)
         assert not streams._doomed and not streams._adding
