@@ -919,6 +919,7 @@ def test_async_requests_added_as_the_stepper_ends_and_consumers_cancelled_mid_ad
     stepped and finishes. A consumer cancelled while its request is being added leaves nothing
     decoding; two streams cannot share a request id; every wait is bounded."""
     import asyncio
+    import threading
 
     from paradec.batching import AsyncBatchEngine
 
@@ -948,10 +949,15 @@ def test_async_requests_added_as_the_stepper_ends_and_consumers_cancelled_mid_ad
         add, started = engine.add, asyncio.Event()
         loop = asyncio.get_running_loop()
 
+        go, landed = threading.Event(), threading.Event()
+
         def slow_add(*args, **kwargs):  # the add's thread is still running when the consumer is cancelled
             loop.call_soon_threadsafe(started.set)
-            time.sleep(0.2)
-            return add(*args, **kwargs)
+            go.wait(10)
+            try:
+                return add(*args, **kwargs)
+            finally:
+                landed.set()
 
         engine.add = slow_add
         task = asyncio.ensure_future(anext(streams.generate(QUESTIONS[2], request_id="gone", **SMALL)))
@@ -959,9 +965,13 @@ def test_async_requests_added_as_the_stepper_ends_and_consumers_cancelled_mid_ad
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await asyncio.sleep(0.5)  # the add finished in its thread, then was aborted
+        go.set()
+        await loop.run_in_executor(None, landed.wait, 10)  # the add finished in its thread, then is aborted
         engine.add = add
-        assert "gone" not in engine.ids and not engine.has_unfinished()
+        deadline = time.monotonic() + 10
+        while "gone" in engine.ids or engine.has_unfinished():
+            assert time.monotonic() < deadline, "the request added after its consumer left was not aborted"
+            await asyncio.sleep(0.01)
         one = streams.generate(QUESTIONS[3], request_id="twice", **SMALL)
         await anext(one)
         with pytest.raises(InputError, match="twice"):

@@ -422,7 +422,8 @@ def test_async_break_cancel_and_unknown_abort_free_their_rows(model):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert "cancelled" not in engine.ids and not engine.waiting
+        # (aborted at once, or in a thread where the cancel came as the add landed)
+        await asyncio.wait_for(_until(lambda: "cancelled" not in engine.ids and not engine.waiting), 10)
         outputs = await asyncio.wait_for(keeper, 30)
         assert not engine.has_unfinished() and not streams._queues
         return outputs[-1].result
@@ -772,3 +773,29 @@ def test_async_an_id_whose_aborted_add_still_runs_is_in_use(model):
         return outputs[-1].result
 
     assert_same(asyncio.run(asyncio.wait_for(main(), 120)), solo(model, QUESTIONS[1], TINY))
+
+
+def test_async_a_consumer_cancelled_as_its_add_lands_aborts_the_request(model):
+    """A consumer cancelled after its request's add succeeded but before its ``generate`` saw
+    that (the cancel in the same loop iteration as the add's end) aborts the request: it once
+    stayed in the engine with no consumer and, with no stepper started, never left."""
+    streams = AsyncBatchEngine(make_engine(model))
+    engine = streams.engine
+
+    async def consume():
+        async for _ in streams.generate(QUESTIONS[0], request_id="late", **SMALL):
+            pass
+
+    async def main():
+        task = asyncio.ensure_future(consume())
+        while "late" not in streams._adding:  # its add is on its way
+            await asyncio.sleep(0)
+        streams._adding["late"].add_done_callback(lambda add: task.cancel())  # runs before generate resumes
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+        await asyncio.wait_for(_until(lambda: "late" not in engine.ids and not engine.has_unfinished()), 10)
+        assert not streams._queues and not streams._doomed and not streams._adding
+        return await asyncio.wait_for(_collect(streams, QUESTIONS[0], request_id="late", **SMALL), 30)
+
+    outputs = asyncio.run(main())
+    assert_same(outputs[-1].result, solo(model, QUESTIONS[0], SMALL))

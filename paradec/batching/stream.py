@@ -65,12 +65,12 @@ class AsyncBatchEngine:
         adding.add_done_callback(lambda _: self._adding.pop(request_id, None))
         try:
             await asyncio.shield(adding)
-        except BaseException:
+        except BaseException:  # refused, or cancelled while (or just after) its add ran in a thread
             self._drop_queue(request_id, queue)
-            if adding.done():  # refused: an abort meanwhile has nothing left to do
-                self._doomed.discard(request_id)
-            else:  # cancelled while its add runs in a thread: once added, it is aborted (off the loop)
-                loop = asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()  # once added, it is aborted (off the loop)
+            if adding.done():
+                self._abort_added(loop, adding, request_id)
+            else:
                 adding.add_done_callback(lambda f: self._abort_added(loop, f, request_id))
             raise
         if request_id in self._doomed:  # aborted while it was being added
@@ -96,8 +96,9 @@ class AsyncBatchEngine:
                     self.engine.abort(request_id)
 
     def _abort_added(self, loop: asyncio.AbstractEventLoop, add: asyncio.Future, request_id: str) -> None:
-        """After the add of a request whose consumer left mid-add: abort it if it was added, in
-        a thread (the lock may be held by a step)."""
+        """After the add of a request that was refused or whose consumer left mid-add (or as the
+        add landed, before its ``generate`` resumed): abort it if it was added, in a thread (the
+        lock may be held by a step)."""
         self._doomed.discard(request_id)
         if not add.cancelled() and add.exception() is None:
             loop.run_in_executor(None, self._locked, self.engine.abort, request_id)
