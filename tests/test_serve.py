@@ -175,8 +175,10 @@ def test_fifty_concurrent_clients_all_answered_as_generate_would(server, tiny):
 
 
 # --- continuous batching: requests join and leave the running batch --------------------------------
-# 32 steps, then 6 steps (sampled, another policy, 4 tokens a step)
+# 32 steps (144 with blocks of 64), then 6 steps (sampled, another policy, 4 tokens a step)
 LONG_16 = {"blocks": 2, "block_len": 16, "summary_len": 16, "tokens_per_step": 1, "eos_closes_block": False}
+# 144 steps: still decoding after another request's whole decode, on a loaded machine too
+LONG_64 = dict(LONG_16, block_len=64)
 QUICK_16 = {"blocks": 2, "block_len": 16, "tokens_per_step": 4, "policy": "margin", "temperature": 0.7, "seed": 3}
 
 
@@ -192,7 +194,7 @@ def _same_run(result, direct) -> None:
 def test_a_request_with_other_settings_joins_the_running_batch(server, tiny):
     joined: list = []
     with Client(server.address, timeout_s=120) as first, Client(server.address, timeout_s=120) as second:
-        stream = first.stream(QUESTIONS[24], **LONG_16)
+        stream = first.stream(QUESTIONS[24], **LONG_64)
         assert isinstance(next(stream), Progress)  # the first is decoding
         sent = time.monotonic()
         thread = threading.Thread(target=lambda: joined.extend(_timed(second.stream(QUESTIONS[25], **QUICK_16))))
@@ -200,7 +202,7 @@ def test_a_request_with_other_settings_joins_the_running_batch(server, tiny):
         events = _timed(stream)
         thread.join(120)
     (a_done, a), (b_done, b) = events[-1], joined[-1]
-    _same_run(a, paradec.generate(tiny, QUESTIONS[24], **LONG_16))
+    _same_run(a, paradec.generate(tiny, QUESTIONS[24], **LONG_64))
     _same_run(b, paradec.generate(tiny, QUESTIONS[25], **QUICK_16))  # sampled, another policy and step size
     b_started = min(t for t, e in joined if isinstance(e, Progress))
     assert sent < b_started < a_done  # the second decoded while the first did: it did not wait for it
@@ -211,7 +213,7 @@ def test_a_request_with_other_settings_joins_the_running_batch(server, tiny):
 
 def test_an_abort_leaves_the_other_requests_of_the_batch_decoding(server, tiny):
     with Client(server.address, timeout_s=120) as doomed, Client(server.address, timeout_s=120) as other:
-        gone = doomed.stream(QUESTIONS[26], **LONG_16)
+        gone = doomed.stream(QUESTIONS[26], **LONG_64)
         kept = other.stream(QUESTIONS[27], **dict(LONG_16, tokens_per_step=2, policy="entropy"))
         first = next(gone)
         assert isinstance(next(kept), Progress)  # both decoding
