@@ -446,7 +446,12 @@ def test_client_docstring_names_what_exists():
 # --- 6. liveness is progress: a stopped engine is found, its requests end, it is replaced -----------
 
 
-def test_stopped_engine_fails_its_requests_in_time_and_is_restarted(server):
+def test_stopped_engine_fails_its_requests_in_time_and_is_restarted(server, monkeypatch):
+    import paradec.serve.client
+
+    # the client waits 10 s past a deadline before its own TimeoutError: an error within 1.5 + 8 s
+    # is the server's, however late a loaded machine's frontend thread delivers it
+    monkeypatch.setattr(paradec.serve.client, "GRACE_S", 10.0)
     first_pid = server.frontend.engine.pid
     server.call(lambda: setattr(server.frontend, "stall_timeout_s", STALL_S))
     with Client(server.address, timeout_s=120) as waiting, Client(server.address) as late, \
@@ -458,7 +463,7 @@ def test_stopped_engine_fails_its_requests_in_time_and_is_restarted(server):
             start = time.monotonic()
             with pytest.raises(ServeError, match="timeout"):  # the deadline runs from arrival, enforced here
                 late.generate(QUESTION, timeout_s=1.5, **SMALL)
-            assert time.monotonic() - start < 1.5 + 2.5
+            assert time.monotonic() - start < 1.5 + 8
             with pytest.raises(ServeError, match="stalled"):
                 for _ in stream:
                     pass
