@@ -176,7 +176,7 @@ def main() -> None:
     start = time.perf_counter()
     graphs = engine.warm_up(configs)
     warm_s = time.perf_counter() - start
-    if args.no_refresh_graphs:  # (key: batch, width, commit width, keys, refresh, packed to)
+    if args.no_refresh_graphs:  # (key: batch, width, commit width, keys, refresh, packed to, delayed)
         engine.calls.graphs = {key: graph for key, graph in engine.calls.graphs.items() if not key[4]}
     if args.no_packed_graphs:
         engine.calls.graphs = {key: graph for key, graph in engine.calls.graphs.items() if key[5] is None}
@@ -215,7 +215,7 @@ def main() -> None:
                   f"{r['first_progress_p50_s']:>10.2f} | {r['graph_replays']:>4}/{r['step_calls']:<4} | "
                   f"{r['step_call_padded']:>13.2f} ({r['step_real']:.2f})")
     emit_json({"benchmark": "batch_engine", **info, "model": name, "settings": settings, "mixed": args.mixed,
-               "partial_refresh": configs[0].refreshes_partially,
+               "partial_refresh": configs[0].refreshes_partially, "delayed_kv": configs[0].delayed_kv,
                "rows": args.max_batch, "warm_up_s": warm_s, "graphs": graphs, "lone": lone, "levels": rows,
                "open_loop": open_rows, "open_loop_seed": args.seed, "pack": not args.no_pack,
                "refresh_graphs": not args.no_refresh_graphs, "packed_graphs": not args.no_packed_graphs,

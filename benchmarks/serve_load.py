@@ -248,25 +248,30 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full-refresh", action="store_true",
                    help="with --shape: requests asking the dual cache's full refresh (partial_refresh=False; "
                         "nap's default refreshes partially, with fewer columns per token)")
+    p.add_argument("--delayed-kv", action="store_true",
+                   help="requests asking delayed KV inside their windows (delayed_kv=True: a step forwards only "
+                        "the masked columns and those committed at the previous step)")
 
 
 def refresh_label(config) -> str:
     """How a dual cache's refreshes run, for a table's heading ('' without one)."""
+    delayed = ", delayed KV" if config.delayed_kv else ""
     if config.cache_mode != "dual":
-        return ""
-    return ", partial refresh" if config.refreshes_partially else ", full refresh"
+        return delayed
+    return (", partial refresh" if config.refreshes_partially else ", full refresh") + delayed
 
 
 def workload(args) -> tuple:
     """(prompt, settings, loader, name): with ``--shape`` a GSM8K-packed prompt of token ids and
-    a 4-block canvas with windows of 32 (``--full-refresh``: refreshed in full) on a
-    random-weight model (``loader(device)``), else an arith question on the built-in model."""
+    a 4-block canvas with windows of 32 (``--full-refresh``: refreshed in full; ``--delayed-kv``:
+    with delayed KV) on a random-weight model (``loader(device)``), else an arith question on the built-in model."""
     if args.shape:
         from latency import gsm8k_tokenizer, nap_shape, packed_prompt
 
         prompt = packed_prompt(gsm8k_tokenizer(args.data), args.data, args.prompt_len)  # token ids
         settings = nap_shape(args.canvas, 4) | {"tokens_per_step": 4, "window": 32}
         settings |= {"partial_refresh": False} if args.full_refresh else {}
+        settings |= {"delayed_kv": True} if args.delayed_kv else {}
         return prompt, settings, partial(random_model, args.shape, args.data.resolve()), f"{args.shape} (random bf16)"
     from paradec.train.tasks import arith
 
@@ -338,7 +343,8 @@ def main() -> None:
               f"requests over the wall from the first arrival to the last answer)")
         print_open_loop(open_rows)
     emit_json({"benchmark": "serve_load", **info, "model": name, "settings": settings,
-               "partial_refresh": config.refreshes_partially, "max_batch": args.max_batch,
+               "partial_refresh": config.refreshes_partially, "delayed_kv": config.delayed_kv,
+               "max_batch": args.max_batch,
                **served, **direct, "overhead": overhead, "outside_decode": wire, "rows": rows,
                "ar_model": ar_model, "ar_prompt_tokens": len(prompt_ids), "ar_new_tokens": ar_new_tokens,
                "ar_rows": ar_rows, "comparison": comparison, "open_loop_seed": args.seed, "open_loop": open_rows})

@@ -11,7 +11,8 @@ same number of forwards (the NFE column says how many).
 
 ``--window W`` also decodes the canvas model W tokens of each block at a time under each of
 ``--caches``, refreshed in full (what the reused KV costs in accuracy); with ``--partial-refresh``
-also with the dual cache's partial refresh (``-partial``, nap's default for windows);
+also with the dual cache's partial refresh (``-partial``, nap's default for windows); with
+``--delayed-kv`` also with delayed KV on top of that default (``-delayed``);
 ``--engine`` decodes every setting through ``paradec.batching.BatchEngine`` (the same tokens as
 ``generate()``); ``--only-nap`` skips the long-CoT model.
 """
@@ -61,6 +62,8 @@ def main() -> None:
     p.add_argument("--only-nap", action="store_true", help="skip the long-CoT model")
     p.add_argument("--partial-refresh", action="store_true",
                    help="with --window: also decode with the dual cache's partial_refresh")
+    p.add_argument("--delayed-kv", action="store_true",
+                   help="with --window: also decode with the dual cache's default (partial) refresh and delayed_kv")
     p.add_argument("--engine", action="store_true", help="decode through paradec.batching.BatchEngine")
     args = p.parse_args()
     info = banner()
@@ -80,6 +83,9 @@ def main() -> None:
                 if args.window and args.partial_refresh:
                     settings.append((f"w{args.window}-dual-partial",
                                      canvas | dict(window=args.window, cache="dual", partial_refresh=True)))
+                if args.window and args.delayed_kv:
+                    settings.append((f"w{args.window}-dual-delayed",
+                                     canvas | dict(window=args.window, cache="dual", delayed_kv=True)))
             else:
                 length = CanvasFormat(BLOCK_LEN, SUMMARY_LEN).longcot_len(m)
                 settings = [(rule, dict(mode=rule, answer_len=length, tokens_per_step=m * k)) for rule in ("ao", "ar_order")]

@@ -136,6 +136,11 @@ MIXED = [  # (arrival step, request id, settings); prompts cycle through QUESTIO
     (18, "steps-budget", dict(SMALL, steps=8)),
     (19, "nap-default", dict()),  # the checkpoint's canvas (4 x 40 + 8): late, so that it mostly decodes alone
     (20, "threshold-steps", dict(SMALL, policy="threshold", threshold=0.95, steps=6)),
+    (1, "delayed-kv", dict(SMALL, window=5, delayed_kv=True)),
+    (6, "delayed-kv-threshold-canvas", dict(SMALL, window=6, delayed_kv=True, policy="threshold", threshold=0.8,
+                                            attention="canvas")),
+    (8, "delayed-kv-prefix-every", dict(mode="block", answer_len=16, block_len=8, cache="prefix", refresh_every=3,
+                                        delayed_kv=True)),
     (2, "nap-window-full-refresh", dict(SMALL, window=4, cache="dual", partial_refresh=False)),
 ]
 
@@ -165,6 +170,9 @@ def test_shifted_model_staggered_mixed_settings_equal_solo(shifted):
         (5, "concurrent", dict(SMALL, summary="concurrent", policy="margin")),
         (7, "sampled", dict(SMALL, temperature=0.9, top_p=0.8, seed=9)),
         (8, "ar-order", dict(mode="ar_order", answer_len=8)),
+        (3, "delayed-kv", dict(SMALL, window=5, delayed_kv=True)),
+        (6, "delayed-kv-block", dict(mode="block", answer_len=12, block_len=6, delayed_kv=True, policy="threshold",
+                                     threshold=0.5)),
     ]
     schedule = [(at, rid, SHIFTED_PROMPTS[i % 4], kw) for i, (at, rid, kw) in enumerate(mixed)]
     run = check_schedule(shifted, schedule, max_batch=3, max_prompt_tokens=16, max_canvas_tokens=64)
@@ -197,6 +205,8 @@ def request_settings(draw) -> dict:
             s["refresh_every"] = draw(st.integers(1, 3))
         if s["cache"] == "dual":
             s["partial_refresh"] = draw(st.sampled_from([None, False, True]))
+        if s["cache"] != "none" and draw(st.booleans()):
+            s["delayed_kv"] = True
     if draw(st.integers(0, 3)) == 0:
         s["attention"] = "canvas"
     if mode in ("nap", "block", "ao"):
@@ -480,20 +490,21 @@ class GraphStandIn:
         calls, self.calls = engine.calls, engine.calls
         self.steps, self.commits, self.buffer = [], [], None
         engine.capture = True  # widths and keys bucket as on a GPU
-        monkeypatch.setattr(calls, "capture_step", lambda b, width, commit, keys, refresh=False, packed_to=None:
-                            calls.graphs.setdefault((b, width, commit, keys, refresh, packed_to), None))
+        monkeypatch.setattr(calls, "capture_step", lambda b, width, commit, keys, refresh=False, packed_to=None,
+                            delayed=False: calls.graphs.setdefault((b, width, commit, keys, refresh, packed_to,
+                                                                    delayed), None))
         monkeypatch.setattr(calls, "capture_commit", lambda *key: calls.commit_graphs.setdefault(key, None))
         monkeypatch.setattr(calls, "reserve", lambda logits: None)
         monkeypatch.setattr(calls, "step_logits", self.step_logits)
         monkeypatch.setattr(calls, "commit_step", self.commit_step)
 
-    def step_logits(self, b, width, commit_width, keys, packed=None, refresh=False, packed_to=None):
-        key = (b, width, commit_width, keys, refresh, packed_to)
+    def step_logits(self, b, width, commit_width, keys, packed=None, refresh=False, packed_to=None, delayed=False):
+        key = (b, width, commit_width, keys, refresh, packed_to, delayed)
         replay = (packed is None or packed_to is not None) and key in self.calls.graphs
         self.steps.append((key, packed, replay))
         if packed_to is not None:
             self.calls._pack(packed, width, packed_to)
-        logits = self.calls._step_body(b, width, commit_width, keys, packed, refresh, packed_to)
+        logits = self.calls._step_body(b, width, commit_width, keys, packed, refresh, packed_to, delayed)
         if replay:
             self.buffer = logits
         return logits
@@ -546,7 +557,8 @@ def test_warm_up_covers_every_step_call_of_its_settings(model, monkeypatch):
     settings = [dict(SMALL, window=4, cache="dual"), dict(SMALL, window=3, tokens_per_step=2, partial_refresh=True),
                 dict(mode="block", answer_len=16, block_len=8, cache="dual"), dict(SMALL, policy="margin"),
                 dict(blocks=3, block_len=12, summary_len=8, window=4, cache="prefix"),
-                dict(blocks=3, block_len=12, summary_len=8, window=12, cache="dual")]
+                dict(blocks=3, block_len=12, summary_len=8, window=12, cache="dual"),
+                dict(SMALL, window=5, delayed_kv=True), dict(SMALL, window=10, tokens_per_step=2, delayed_kv=True)]
     engine.warm_up([resolve_config(model, **kw) for kw in settings])
     captured = set(engine.calls.graphs)
     schedule = [(i // 2, f"r{i}", QUESTIONS[i], kw) for i, kw in enumerate(settings * 2)]
@@ -557,6 +569,7 @@ def test_warm_up_covers_every_step_call_of_its_settings(model, monkeypatch):
     assert {key for key, *_ in graphs.steps} <= captured
     assert {key[3] for key, *_ in graphs.steps} == {256}  # ~60 of the row's 1089 slots hold keys
     assert len({(width, commit) for (_, width, commit, *_), *_ in graphs.steps}) > 2
+    assert any(key[6] for key, *_ in graphs.steps)  # delayed-KV rows' calls
     assert engine.stats.graph_replays == engine.stats.step_calls == len(graphs.steps)
     assert 0 < len(graphs.commits) < len(graphs.steps)  # a call of one class replays its commit; a mixed one not
 
@@ -580,7 +593,8 @@ def test_packed_graphs_replay_the_padded_steps_of_staggered_rows_as_alone(model,
     graphs = GraphStandIn(engine, monkeypatch)
     settings = [dict(SMALL, window=4, cache="dual"),
                 dict(blocks=3, block_len=12, summary_len=8, window=4, cache="dual"),
-                dict(SMALL, window=4, cache="dual", policy="margin")]
+                dict(SMALL, window=4, cache="dual", policy="margin"),
+                dict(blocks=3, block_len=12, summary_len=8, window=6, delayed_kv=True)]
     engine.warm_up([resolve_config(model, **kw) for kw in settings])
     assert any(key[5] is not None for key in engine.calls.graphs)
     assert not any(key[4] and key[5] is not None for key in engine.calls.graphs)  # no packed refresh graphs
@@ -590,7 +604,7 @@ def test_packed_graphs_replay_the_padded_steps_of_staggered_rows_as_alone(model,
         assert_same(run.results[rid], solo(model, prompt, kwargs), f"{rid}: {kwargs}")
     packed = [(key, lengths) for key, lengths, replay in graphs.steps if replay and key[5] is not None]
     assert packed and engine.stats.packed_replays == len(packed)
-    for (b, width, *_, packed_to), lengths in packed:
+    for (b, width, _, _, _, packed_to, _), lengths in packed:
         assert len(lengths) == b and sum(lengths) <= packed_to <= b * width - batching.PACKED_STEP
         assert packed_to == batching._packed_bucket(sum(lengths))
     assert all(replay for *_, replay in graphs.steps)
@@ -847,7 +861,8 @@ def test_cuda_graph_replays_decode_as_alone():
     model = paradec.load("paradec-tiny", device="cuda")
     settings = [dict(blocks=4, tokens_per_step=2), dict(blocks=2, tokens_per_step=1, policy="margin"),
                 dict(blocks=4, policy="threshold", threshold=0.7), dict(mode="block", answer_len=64, block_len=16),
-                dict(blocks=4, tokens_per_step=2, temperature=0.8, seed=5), dict(blocks=3, window=8, tokens_per_step=2)]
+                dict(blocks=4, tokens_per_step=2, temperature=0.8, seed=5), dict(blocks=3, window=8, tokens_per_step=2),
+                dict(blocks=4, window=16, tokens_per_step=2, delayed_kv=True)]
     settings = [kw | dict(batch_invariant=True) for kw in settings]
     configs = [resolve_config(model, **kw) for kw in settings]
     engine = BatchEngine(model, max_batch=4, max_prompt_tokens=128, max_canvas_tokens=512, batch_invariant=True)

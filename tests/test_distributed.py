@@ -35,6 +35,9 @@ SCENARIOS = [
                                      "seed": 5, "gather": "kv"}},
     {"prompts": [PROMPTS[0]], "config": {"blocks": 3, "block_len": 8, "summary_len": 4, "window": 3,
                                           "partial_refresh": False, "seed": 6, "gather": "tokens"}},
+    # delayed KV inside the windows (each rank's blocks side by side)
+    {"prompts": PROMPTS, "config": {"blocks": 3, "block_len": 12, "summary_len": 4, "window": 6,
+                                     "delayed_kv": True, "seed": 7, "gather": "tokens"}},
 ]
 
 

@@ -74,14 +74,15 @@ def test_block_mode_keeps_the_invariants(model, answer_len, block_len, cache, at
     refresh_every=st.sampled_from([None, 2]),
     steps=st.sampled_from([None, 24]),
     partial=st.sampled_from([None, False, True]),
+    delayed_kv=st.booleans(),
 )
 def test_windowed_nap_keeps_the_invariants(model, blocks, block_len, summary_len, window, cache, refresh_every, steps,
-                                          partial):
+                                          partial, delayed_kv):
     if cache == "none":
-        refresh_every = None
+        refresh_every, delayed_kv = None, False
     config = GenerationConfig(blocks=blocks, block_len=block_len, summary_len=summary_len, window=window,
                               cache=cache, refresh_every=refresh_every, steps=steps,
-                              partial_refresh=partial if cache == "dual" else None)
+                              partial_refresh=partial if cache == "dual" else None, delayed_kv=delayed_kv)
     result = paradec.generate(model, PROMPTS[1], config)
     check_contract_5(model, config, result)
     check_windows(model, config, result)

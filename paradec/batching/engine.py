@@ -259,8 +259,10 @@ class BatchEngine:
         configs = [resolve_config(self.model, _checked(config)) for config in configs]  # checked on every device
         if not self.capture:
             return 0
-        # (width, commit width) of each window's steps, and of its refreshes that can run together
-        shapes, canvas, widest = {False: set(), True: set()}, self.geometry.max_canvas, 0
+        # (width, commit width) of each window's steps, of its refreshes that can run together and
+        # of its delayed-KV steps (each step's bound), by (refresh, delayed)
+        shapes = {(False, False): set(), (True, False): set(), (False, True): set()}
+        canvas, widest = self.geometry.max_canvas, 0
         classes = set()
         geo = self.geometry
         for config in configs:  # (resolved above)
@@ -271,29 +273,35 @@ class BatchEngine:
             for seq.phase, phase in enumerate(seq.plan.phases):
                 for seq.window in range(seq.plan.num_windows(phase)):
                     columns, commit = seq.columns(), _round_up(len(seq.columns().commit), geo.max_canvas)
-                    shapes[False].add((_round_up(len(columns.step), geo.slots), commit))
+                    shapes[False, False].add((_round_up(len(columns.step), geo.slots), commit))
                     if seq.plan.windowed_cache and seq.isolated:
-                        shapes[True].add((_round_up(len(columns.refresh), geo.slots), commit))
+                        shapes[True, False].add((_round_up(len(columns.refresh), geo.slots), commit))
+                    if seq.delayed:
+                        seq.action = Action.STEP
+                        for seq.window_step in range(1, max(map(len, columns.schedules.values())) + 1):
+                            shapes[False, True].add((_round_up(seq.step_width(), geo.slots), commit))
         buckets = sorted({_bucket(n, self.pool.rows) for n in range(1, self.pool.rows + 1)})
         # a row's keys end past its canvas and a prompt token at least, and one spare slot follows
         keys = [k for k in self.key_buckets if k >= canvas + 2]
         # packed graphs only where the widest canvas's rows attend (~4x fewer graphs): padding
         # costs most in the longest calls, and shorter rows' calls replay padded as before
         packed_keys = [k for k in keys if k >= widest + 2]
+        if shapes[False, True]:  # a delayed row's call may hold other rows too
+            shapes[False, True] |= shapes[False, False]
         commits = {c for pairs in shapes.values() for _, c in pairs}
         before = len(self.calls.graphs)
         self.calls.reserve(max(buckets) * max(commits))
         most = PACK_WORK / self.column_flops  # (the most columns a packed graph need hold)
         with torch.no_grad(), self._kernel_mode():
-            for refresh, pairs in shapes.items():
+            for (refresh, delayed), pairs in shapes.items():
                 for b, (width, commit_width), k in itertools.product(buckets, sorted(_closed(pairs)), keys):
                     # (a wider call forwards slots past the keys: no row has such a window)
                     if width <= k and not (refresh and b * width * self.column_flops > PACK_WORK):
-                        self.calls.capture_step(b, width, commit_width, k, refresh)
+                        self.calls.capture_step(b, width, commit_width, k, refresh, delayed=delayed)
                         packed = [] if refresh or k not in packed_keys else packed_buckets(b * width, most)
                         least = least_packed(width)
                         for n in (n for n in packed if n >= least):
-                            self.calls.capture_step(b, width, commit_width, k, refresh, n)
+                            self.calls.capture_step(b, width, commit_width, k, refresh, n, delayed)
             for b, commit_width, cls in itertools.product(buckets, commits, classes):
                 self.calls.capture_commit(b, commit_width, cls)
         return len(self.calls.graphs) - before
@@ -366,7 +374,9 @@ class BatchEngine:
         by_action[Action.PREFILL] = self._prefill_chunks(by_action[Action.PREFILL])
         stepping = by_action[Action.STEP]
         narrowest = min((len(s.columns().step) for s in stepping), default=0)
-        wide = [s for s in stepping if len(s.columns().step) > max(WIDE_STEP * narrowest, WIDE_COLUMNS)]
+        # (a delayed-KV row's step is packed on the device: always in the step call)
+        wide = [s for s in stepping
+                if not s.delayed and len(s.columns().step) > max(WIDE_STEP * narrowest, WIDE_COLUMNS)]
         by_action[Action.STEP] = [s for s in stepping if s not in wide]
         refreshing = by_action[Action.REFRESH]
         together = len(refreshing) == len(live) and all(s.isolated for s in refreshing)
@@ -387,13 +397,15 @@ class BatchEngine:
             repeats = self._repeats(by_action[Action.STEP])
             self._step_call(by_action[Action.STEP])
         for action, seqs in by_action.items():
-            calls_made = repeats if action is Action.STEP else 1
-            self.stats.forwarded[action.value] += calls_made * sum(len(_QUERIES[action](s)) for s in seqs)
+            if action is Action.STEP:
+                self.stats.forwarded[action.value] += sum(s.step_width(r) for s in seqs for r in range(repeats))
+            else:
+                self.stats.forwarded[action.value] += sum(len(_QUERIES[action](s)) for s in seqs)
         self.stats.forwarded[Action.STEP.value] += sum(len(s.columns().step) for s in wide)
         calls.end()
-        for _ in range(repeats - 1):  # more steps before the host looks: no row's window can end before
+        for ahead in range(1, repeats):  # more steps before the host looks: no row's window can end before
             calls.begin()
-            self._step_call(by_action[Action.STEP])
+            self._step_call(by_action[Action.STEP], ahead=ahead)
             calls.end()
         self._mark("end")
         for _ in range(repeats):
@@ -484,26 +496,28 @@ class BatchEngine:
             self.live.append(seq)
             self.rows.admit(seq.row, seq, seq.config.seed)
 
-    def _step_call(self, seqs: list[Sequence], action: Action = Action.STEP) -> None:
+    def _step_call(self, seqs: list[Sequence], action: Action = Action.STEP, ahead: int = 0) -> None:
         """One call over the first b live rows (a batch bucket), stepping ``seqs``: their step
-        columns, or with ``action`` REFRESH their refresh columns."""
-        rows, queries, refresh = self.rows, _QUERIES[action], action is Action.REFRESH
+        columns (``ahead``: the step that many after their next, with no look between; a
+        delayed-KV row's width follows it), or with ``action`` REFRESH their refresh columns."""
+        rows, refresh = self.rows, action is Action.REFRESH
         stepping = torch.zeros(rows.stepping.shape, dtype=torch.bool)
         stepping[[s.row for s in seqs]] = True
         rows.stepping.copy_(to_device(stepping, rows.device))
         b = _bucket(len(self.live), self.pool.rows)
-        width = self._bucketed(max(len(queries(s)) for s in seqs), self.geometry.slots)
+        lengths = [0] * len(self.live)  # each row's real columns
+        for seq in seqs:
+            lengths[seq.row] = len(seq.columns().refresh) if refresh else seq.step_width(ahead)
+        delayed = not refresh and any(s.delayed for s in seqs)
+        width = self._bucketed(max(lengths), self.geometry.slots)
         commit_width = self._commit_width(seqs)
         keys = self.calls.key_width(slice(0, b))
         if self.capture:
             keys = next(k for k in self.key_buckets if k >= keys)
-        lengths = [0] * len(self.live)  # each row's real columns
-        for seq in seqs:
-            lengths[seq.row] = len(queries(seq))
         real = sum(lengths)
         padding, packed, packed_to = b * width - real, None, _packed_bucket(real)
-        graph = (b, width, commit_width, keys, refresh, None) in self.calls.graphs
-        packed_graph = (b, width, commit_width, keys, refresh, packed_to) in self.calls.graphs
+        graph = (b, width, commit_width, keys, refresh, None, delayed) in self.calls.graphs
+        packed_graph = (b, width, commit_width, keys, refresh, packed_to, delayed) in self.calls.graphs
         worth = padding * self.column_flops >= PACK_SAVING and real * self.column_flops >= PACK_WORK
         if packed_graph:  # the real columns and a bucket's padding through the products, replayed
             packed = lengths + [0] * (b - len(lengths))
@@ -518,7 +532,7 @@ class BatchEngine:
         self.stats.refresh_calls += refresh
         if not refresh:
             self.stats.step_call_columns += b * width if packed is None else packed_to or real
-        logits = self.calls.step_logits(b, width, commit_width, keys, packed, refresh, packed_to)
+        logits = self.calls.step_logits(b, width, commit_width, keys, packed, refresh, packed_to, delayed)
         self._mark(action.value)
         classes = {s.commit_class for s in seqs}  # a replayed step's logits are what a commit graph reads
         if replayed and len(classes) == 1 and self.calls.commit_step(b, commit_width, classes.pop(), logits):

@@ -10,6 +10,8 @@ dummy group that padding columns belong to):
 - seeds [R]; group_steps, window_steps [R, G]; step [R]: the sampler's keys and the counters.
 - prompt_lens [R]; last_hidden [R, d] (a shifted model's prediction of the first canvas token).
 - canvas_attention [R]: the row attends under ``canvas`` (else ``isolated``); eos_fill [R].
+- delayed [R]: the row's steps forward only what can change (``paradec.decoding.delayed``), with
+  step_successor, step_always [R, S] per step slot.
 - the current window: step_slots, refresh_slots [R, S] (scratch-padded), commit_cols [R, C] with commit_valid,
   barred, commit_groups, commit_offsets; quotas [R, G, C], schedule_len [R, G], budgeted [R] (a
   step budget sets floors, ``steps`` in the config).
@@ -67,6 +69,9 @@ class Rows:
         # rows the step call forwards: STEP rows, or REFRESH rows in a refresh call
         self.stepping = torch.zeros(r, dtype=torch.bool, device=device)
         self.step_slots = torch.full((r, s), geometry.scratch, **long)
+        self.delayed = torch.zeros(r, dtype=torch.bool, device=device)
+        self.step_successor = torch.zeros(r, s, dtype=torch.bool, device=device)
+        self.step_always = torch.zeros(r, s, dtype=torch.bool, device=device)
         self.refresh_slots = torch.full((r, s), geometry.scratch, **long)
         self.commit_cols = torch.zeros(r, c, **long)
         self.commit_valid = torch.zeros(r, c, dtype=torch.bool, device=device)
@@ -129,6 +134,7 @@ class Rows:
         self.canvas_attention[row] = seq.config.attention == "canvas"
         self.eos_fill[row] = seq.config.eos_closes_block
         self.budgeted[row] = seq.config.steps is not None
+        self.delayed[row] = seq.delayed
         self.step_slots[row].fill_(self.geometry.scratch)
         self.refresh_slots[row].fill_(self.geometry.scratch)
         self.commit_valid[row] = False
@@ -171,7 +177,8 @@ class Rows:
 
     def _window_tables(self) -> list[tuple[torch.Tensor, int]]:
         scratch, dummy = self.geometry.scratch, self.dummy_group
-        return [(self.step_slots, scratch), (self.refresh_slots, scratch), (self.commit_cols, 0),
+        return [(self.step_slots, scratch), (self.step_successor, 0), (self.step_always, 0),
+                (self.refresh_slots, scratch), (self.commit_cols, 0),
                 (self.commit_valid, 0), (self.barred, 0), (self.commit_groups, dummy), (self.commit_offsets, 0),
                 (self.quotas, 0), (self.schedule_len, 0), (self.window_steps, 0)]
 
@@ -182,7 +189,8 @@ class Rows:
         schedule_len = [0] * (max(columns.schedules, default=-1) + 1)
         for g, schedule in columns.schedules.items():
             schedule_len[g] = len(schedule)
-        return [columns.step, columns.refresh, columns.commit_at, [1] * len(columns.commit), columns.barred,
+        return [columns.step, columns.step_successor, columns.step_always, columns.refresh, columns.commit_at,
+                [1] * len(columns.commit), columns.barred,
                 columns.commit_groups, columns.commit_offsets, columns.schedules, schedule_len, []]
 
     def move(self, source: int, target: int) -> None:
@@ -199,6 +207,7 @@ class Rows:
                 self.editable, self.groups,
                 self.seeds, self.group_steps, self.window_steps, self.step, self.prompt_lens, self.last_hidden,
                 self.canvas_attention, self.eos_fill, self.body_starts, self.stepping, self.step_slots,
+                self.delayed, self.step_successor, self.step_always,
                 self.refresh_slots, self.commit_cols, self.commit_valid, self.barred, self.commit_groups,
                 self.commit_offsets, self.quotas, self.schedule_len, self.budgeted]
 

@@ -27,6 +27,7 @@ from paradec.canvas import CanvasLayout
 from paradec.config import GenerationConfig
 from paradec.decoding import policies
 from paradec.decoding.plan import Plan
+from paradec.ops.selection import TOPK
 from paradec.ops.scoring import Sampling
 
 
@@ -59,6 +60,8 @@ class WindowColumns:
     """The slots a window's actions forward and the canvas columns its steps commit in."""
 
     step: list[int]  # slots a step forwards
+    step_successor: list[bool]  # per step slot, delayed KV: a window column follows it (a shifted model)
+    step_always: list[bool]  # per step slot, delayed KV: outside the phase's blocks (forwarded every step)
     refresh: list[int]  # slots a refresh forwards
     commit: list[int]  # canvas columns a step may commit in (the window's)
     barred: list[bool]  # per commit column: EOS may not be chosen
@@ -100,6 +103,7 @@ class Sequence:
     def __post_init__(self) -> None:
         self.commit_class = CommitClass.of(self.config)
         self.isolated = self.config.attention == "isolated"
+        self.delayed = self.plan.windowed_cache and self.config.delayed_kv  # paradec.decoding.delayed
         self.action = Action.PREFILL if self.isolated else None
         if not self.isolated:
             self.advance(self.layout.editable.clone())
@@ -170,8 +174,24 @@ class Sequence:
         commit_at = torch.tensor(commit, dtype=torch.long)
         groups = self.layout.groups[commit_at]
         body_starts = torch.tensor([start for start, _ in self.layout.bodies], dtype=torch.long)
-        return WindowColumns(step=step, refresh=refresh, commit=commit, barred=plan.barred(commit), schedules=schedules,
+        in_window, in_blocks = set(commit), set(plan.block_columns(phase))
+        step_columns = [s - len(self.prompt_ids) for s in step]
+        successor = [plan.shifted and c + 1 in in_window for c in step_columns]
+        always = [c not in in_blocks for c in step_columns]
+        return WindowColumns(step=step, step_successor=successor, step_always=always, refresh=refresh, commit=commit,
+                             barred=plan.barred(commit), schedules=schedules,
                              commit_at=commit_at, commit_groups=groups, commit_offsets=commit_at - body_starts[groups])
+
+    def step_width(self, ahead: int = 0) -> int:
+        """The columns this request's next step forwards (``ahead``: the step that many after it,
+        with no look between): its step columns, or with delayed KV the bound on the ones that
+        can change (``Plan.delayed_width``), at least one."""
+        step = self.columns().step
+        if not self.delayed or self.action is not Action.STEP:
+            return len(step)
+        by_rule = policies.of(self.config).rule != TOPK
+        bound = self.plan.delayed_width(self.plan.phases[self.phase], self.window, self.window_step + ahead, by_rule)
+        return max(1, min(len(step), bound))
 
     def prompt_slots(self) -> list[int]:
         return list(range(len(self.prompt_ids)))

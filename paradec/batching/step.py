@@ -13,9 +13,11 @@ the scratch slot. Two ways to address rows:
   request, or requests in lockstep) makes the same call of the rows' refresh slots, with graphs
   of its own (``refresh``, where warm-up captured one): a called refresh's ~800 launches left
   the GPU idle (a lone 8B request on an H200: 1279 ms with its refreshes called, 906 ms
-  replayed). The key buckets keep short requests in long rows from attending over every slot of
-  the row (a served LLaDA-8B row holds 4k + 4k slots; a 512-token prompt and its canvas use
-  1.5k). Every graph writes its logits into one buffer (``reserve``), so that the graphs'
+  replayed). A step call with rows decoding with delayed KV (``delayed``) first packs each such
+  row's step slots that can change to the front (``paradec.decoding.delayed``; the other rows
+  keep all of theirs), on the device, so it replays as a graph of its own too. The key buckets
+  keep short requests in long rows from attending over every slot of the row (a served
+  LLaDA-8B row holds 4k + 4k slots; a 512-token prompt and its canvas use 1.5k). Every graph writes its logits into one buffer (``reserve``), so that the graphs'
   outputs do not each keep [b, commit width, V] of device memory. A step call whose padding
   costs more than its launches runs called with its queries packed (``PackedQueries``: the
   products see only real columns); one of staggered rows (a summary's window beside think
@@ -45,7 +47,7 @@ from paradec import ops
 from paradec.batching.pool import KVPool
 from paradec.batching.rows import Rows, to_device
 from paradec.batching.sequence import CommitClass
-from paradec.decoding import policies, sampler
+from paradec.decoding import delayed as delayed_kv, policies, sampler
 from paradec.decoding.policies import Candidates
 from paradec.decoding.step import PENDING, fill_after_eos
 from paradec.models.attention import attention_mask
@@ -57,9 +59,10 @@ from paradec.models.transformer import DiffusionTransformer
 class BatchStep:
     def __init__(self, module: DiffusionTransformer, pool: KVPool, rows: Rows, eos_id: int, capture: bool):
         self.module, self.pool, self.rows, self.eos_id, self.capture = module, pool, rows, eos_id, capture
-        # (b, width, commit width, keys, refresh, packed to) -> the graph and its logits (a view of
-        # logits_buffer); packed to: None, or the queries a packed graph forwards (``packed_index``)
-        self.graphs: dict[tuple[int, int, int, int, bool, int | None],
+        # (b, width, commit width, keys, refresh, packed to, delayed) -> the graph and its logits (a
+        # view of logits_buffer); packed to: None, or the queries a packed graph forwards
+        # (``packed_index``); delayed: rows with delayed KV step (their slots packed first)
+        self.graphs: dict[tuple[int, int, int, int, bool, int | None, bool],
                           tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if capture else None
         self.logits_buffer: torch.Tensor | None = None  # flat: every graph's logits, a view of its start
@@ -74,9 +77,10 @@ class BatchStep:
 
     # --- forwards -----------------------------------------------------------------------------
     def step_logits(self, b: int, width: int, commit_width: int, keys: int, packed: list[int] | None = None,
-                    refresh: bool = False, packed_to: int | None = None) -> torch.Tensor:
+                    refresh: bool = False, packed_to: int | None = None, delayed: bool = False) -> torch.Tensor:
         """Logits [b, commit_width, V] of the first b rows' step columns (``refresh``: refresh
-        columns; rows not ``stepping`` forward padding only), attending over their first ``keys``
+        columns; ``delayed``: a delayed-KV row's those that can change, ``width`` at most; rows
+        not ``stepping`` forward padding only), attending over their first ``keys``
         slots (past every row's keys: ``key_width``): a graph replay where one was captured for
         these buckets, else called. ``packed``: each row's real columns (0 for a row not
         stepping): the queries packed (``PackedQueries``), no padding forwarded but in attention
@@ -84,12 +88,12 @@ class BatchStep:
         bucket: replayed where warm-up captured it)."""
         if packed_to is not None:
             self._pack(packed, width, packed_to)
-        key = (b, width, commit_width, keys, refresh, packed_to)
+        key = (b, width, commit_width, keys, refresh, packed_to, delayed)
         if (packed is None or packed_to is not None) and key in self.graphs:
             graph, logits = self.graphs[key]
             graph.replay()
             return logits
-        return self._step_body(b, width, commit_width, keys, packed, refresh, packed_to)
+        return self._step_body(b, width, commit_width, keys, packed, refresh, packed_to, delayed)
 
     def reserve(self, logits: int) -> None:
         """The graphs' logits buffer: room for ``logits`` rows of V (the most a graph captured
@@ -100,13 +104,13 @@ class BatchStep:
             self.logits_buffer = weight.new_empty(logits * weight.shape[0])
 
     def capture_step(self, b: int, width: int, commit_width: int, keys: int, refresh: bool = False,
-                     packed_to: int | None = None) -> None:
+                     packed_to: int | None = None, delayed: bool = False) -> None:
         """Captures the step call (``refresh``: of refresh slots; ``packed_to``: of that many
         packed queries, ``step_logits``) for these buckets (warm-up, on an idle engine: never
         while serving). The state it reads is put back: the warm-up runs write keys into the
         rows' scratch slots only (no row steps), and commit nothing. The logits land in the
         reserved buffer (``reserve``; reserved here when too small)."""
-        key = (b, width, commit_width, keys, refresh, packed_to)
+        key = (b, width, commit_width, keys, refresh, packed_to, delayed)
         if not self.capture or key in self.graphs:
             return
         self.reserve(b * commit_width)
@@ -114,7 +118,7 @@ class BatchStep:
         self.rows.stepping.zero_()
         if packed_to is not None:
             self._pack([0] * b, width, packed_to)  # padding only (no row steps); replays fill it first
-        body = dict(refresh=refresh, packed_to=packed_to)
+        body = dict(refresh=refresh, packed_to=packed_to, delayed=delayed)
         for _ in range(2):
             self._step_body(*key[:4], **body)
         torch.cuda.synchronize()
@@ -165,12 +169,15 @@ class BatchStep:
         self.commit_graphs.clear()
 
     def _step_body(self, b: int, width: int, commit_width: int, keys: int, packed: list[int] | None = None,
-                   refresh: bool = False, packed_to: int | None = None) -> torch.Tensor:
+                   refresh: bool = False, packed_to: int | None = None, delayed: bool = False) -> torch.Tensor:
         rows = self.rows
         stepping = rows.stepping[:b, None]
-        table = rows.refresh_slots if refresh else rows.step_slots
+        if delayed:
+            table = self._delayed_slots(b, width)
+        else:
+            table = (rows.refresh_slots if refresh else rows.step_slots)[:b, :width]
         # [b, T]; padding queries write the last slot attended over (past every row's keys)
-        slots = torch.where(stepping, table[:b, :width], keys - 1)
+        slots = torch.where(stepping, table, keys - 1)
         slots = torch.where(slots == rows.geometry.scratch, keys - 1, slots)
         kv = self.pool.kv[:, :, :b, :, :keys]  # a view: writes land in the pool
         if packed_to is not None:
@@ -180,6 +187,24 @@ class BatchStep:
         hidden, positions, segments, cache = self._forward(slice(0, b), kv, slots, keys, real=real)
         valid = rows.commit_valid[:b, :commit_width] & stepping
         return self._logits(slice(0, b), hidden, positions, segments, cache, valid, commit_width)
+
+    def _delayed_slots(self, b: int, width: int) -> torch.Tensor:
+        """[b, width] the first b rows' step slots to forward: a delayed-KV row's that can change
+        (``paradec.decoding.delayed.needed``) first, in order, then scratch; another row's all."""
+        rows = self.rows
+        c = rows.canvas.shape[1]
+        table = rows.step_slots[:b]  # [b, S]
+        valid = table != rows.geometry.scratch
+        cols = (table - rows.prompt_lens[:b, None]).clamp(0, c - 1)  # [b, S] their canvas columns (a delayed row's)
+        canvas = rows.canvas[:b]
+        keep = delayed_kv.needed(canvas.gather(1, cols), rows.trace[:b].gather(1, cols), rows.step[:b, None],
+                                 rows.mask_id, valid, canvas.gather(1, (cols + 1).clamp(max=c - 1)),
+                                 rows.step_successor[:b], rows.step_always[:b])
+        keep = torch.where(rows.delayed[:b, None], keep, valid)
+        if not self.capture:  # (rows that still commit: a no-op step past a window's end may drop some)
+            masked = (canvas.gather(1, rows.commit_cols[:b]) == rows.mask_id) & rows.commit_valid[:b]
+            delayed_kv.check_width(keep, width, rows.stepping[:b] & masked.any(1))
+        return delayed_kv.compact(table, keep, width, rows.geometry.scratch)
 
     def forward_rows(self, index: list[int], queries: list[list[int]], commit_width: int | None) -> torch.Tensor | None:
         """Forwards each listed row's query slots (scratch-padded to the longest of a call) and,

@@ -155,6 +155,13 @@ class RuntimeSettings:
     (benchmarks/RESULTS.md). None (the default) turns it on for ``nap`` windows with the dual
     cache and no ``refresh_every``; block mode, Fast-dLLM's semi-autoregressive baseline, keeps
     its full refresh, as do Fast-dLLM's rules; ``False`` asks for the full refresh.
+    delayed_kv (a windowed cache): dKV-Cache's delayed caching inside a window: a step after the
+    window's refresh forwards only the window's still-masked columns and those committed at the
+    previous step (a shifted model's predecessors of masked columns too); a token committed
+    earlier keeps the KV computed one step after its commit until the next refresh. Fewer
+    columns per committed token (~0.74x at the 8B benchmark's canvas, windows of 32, k = 4),
+    another approximation, off by default: at toy scale its accuracy was within noise at most
+    settings but about a point lower at windows of 16, one token a step (benchmarks/RESULTS.md).
     cuda_graphs: on a CUDA device, replay the steps as CUDA graphs (captured once per shape, no
     host synchronisation inside a step; the host checks for completion every few steps); off, or
     on a CPU, the same step body is called.
@@ -168,6 +175,7 @@ class RuntimeSettings:
     cache: str | None = _setting(None, "windowed decoding's KV reuse: none, prefix or dual (default dual when windowed)")
     refresh_every: int | None = _setting(None, "windowed cache: recompute the reused KV every n steps (None: at each window's first step only)")
     partial_refresh: bool | None = _setting(None, "dual cache: a refresh after a phase's first window forwards only that window's and the previous window's columns (None: on for mode='nap' without refresh_every, off for block mode)")
+    delayed_kv: bool = _setting(False, "windowed cache: a step forwards only the window's masked columns and those committed at the previous step; the others keep their KV until the next refresh (dKV-Cache's delayed caching)")
     cuda_graphs: bool = _setting(True, "on CUDA, replay static-shape steps as CUDA graphs")
     batch_invariant: bool | None = _setting(None, "on a GPU, batch-invariant kernels: a request decodes the same in any batch (None: PARADEC_BATCH_INVARIANT)")
 

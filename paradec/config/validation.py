@@ -43,6 +43,9 @@ def validate(config: GenerationConfig, *, layout: CanvasLayout | None = None,
         _check_runner_groups(config, _needs(layout, "think_blocks and summary"), think_blocks, summary)
     if window_steps is not None and config.cache_mode not in ("prefix", "dual"):
         raise ConfigError("FastDLLMRules.window_steps bounds a windowed cache's windows (cache='prefix' or 'dual')")
+    if window_steps is not None and config.delayed_kv:
+        raise ConfigError("delayed_kv does not combine with Fast-dLLM's rules (their refresh commits over a region "
+                          "of its own)")
     if window_steps is not None and config.partial_refresh:
         raise ConfigError("partial_refresh does not combine with Fast-dLLM's rules (their refresh commits over a "
                           "region of its own)")
@@ -71,6 +74,9 @@ def _check_windows(config: GenerationConfig) -> None:
     if config.partial_refresh and config.cache_mode != "dual":
         raise ConfigError(f"partial_refresh applies to the dual cache (cache='dual' with mode='block', or mode='nap' "
                           f"with window set), got cache={config.cache_mode!r}")
+    if config.delayed_kv and config.cache_mode not in ("prefix", "dual"):
+        raise ConfigError(f"delayed_kv applies to a windowed cache (cache='prefix' or 'dual' with mode='block', or "
+                          f"mode='nap' with window set), got cache={config.cache_mode!r}")
     if config.window is not None:  # block mode's windows are the request's own: checked with it
         check_budgets(config, config.window)
 

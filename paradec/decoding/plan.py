@@ -86,6 +86,28 @@ class Plan:
                 columns.add(start - 1)
         return sorted(columns)
 
+    def delayed_width(self, groups: list[int], window: int, action: int, by_rule: bool) -> int:
+        """The most columns a step with delayed KV (``delayed_kv``) forwards for ``groups`` as
+        action ``action`` >= 1 of window ``window`` (action 0 is the window's refresh): per group,
+        what was masked before the previous action, at most its body's step columns less what
+        the actions before that surely committed (a top-k schedule's quotas, or one an action
+        under a rule policy, ``by_rule``); for a shifted model also each masked column's
+        predecessor and a column before the window; never more than the group's step columns.
+        Static, so that steps replay as graphs of this width."""
+        width = 0
+        for g in groups:
+            if window >= len(self.windows[g]):
+                continue
+            columns = self.step_columns([g], window)
+            start, end = self.layout.bodies[g]
+            maskable = sum(start <= c < end for c in columns)
+            schedule = self.schedules[g][window]  # (sums to the window's length)
+            earlier = action - 1  # actions whose commits the previous one's forward already saw
+            committed = min(earlier, sum(schedule)) if by_rule else sum(schedule[:earlier])
+            bound = max(0, maskable - committed)
+            width += min(len(columns), 2 * bound + 1 if self.shifted else bound)
+        return width
+
     def barred(self, columns: list[int]) -> list[bool]:
         """Whether EOS/EOT may not be chosen at each canvas column: in think blocks with
         ``bar_eos_in_blocks``, in the summary's first ``summary_min_tokens`` positions."""

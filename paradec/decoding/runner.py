@@ -171,7 +171,7 @@ class Runner:
                         steps.refresh()
                     else:
                         count = self._count(active, window, window_step)
-                        steps.step(count)
+                        steps.step(count, window_step)
                     after = int(state.step)
                     self.timings[timer] += self._clock() - t_steps
                     nfe += count

@@ -43,7 +43,7 @@ import torch
 
 from paradec import ops
 from paradec.config import GenerationConfig
-from paradec.decoding import sampler
+from paradec.decoding import delayed, sampler
 from paradec.decoding.fastdllm_rules import FastDLLMRules, factor_last_commits, vocab_confidence
 from paradec.decoding.plan import Plan
 from paradec.decoding.policies import Candidates, Policy
@@ -52,7 +52,7 @@ from paradec.models.attention import PAD, PROMPT, attention_mask
 from paradec.models.cache import BlockCache, PromptCache, copy_cache, empty_cache
 from paradec.models.loading import DiffusionModel
 from paradec.ops.scoring import Sampling
-from paradec.ops.selection import FACTOR
+from paradec.ops.selection import FACTOR, TOPK
 
 PENDING = -7  # trace value select_commit writes; replaced by the step counter (a device value)
 KEY_ALIGN = 8  # a BlockCache's rows are padded to a multiple of this many keys (16 bytes of bf16)
@@ -116,7 +116,10 @@ class PhaseSteps:
         # Fast-dLLM's rules only when asked for by name)
         self.partial = (self.windowed and config.refreshes_partially
                         and (fastdllm is None or config.partial_refresh is True) and plan.num_windows(phase) > 1)
+        # delayed KV (``paradec.decoding.delayed``): a step after the refresh forwards what can change
+        self.delayed = self.windowed and config.delayed_kv
         self.step_graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # by whether attention runs unmasked
+        self.delayed_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # by the step's width
         self.refresh_graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self.partial_graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self.step_dense = self.refresh_dense = self.partial_dense = False
@@ -130,6 +133,8 @@ class PhaseSteps:
         the phase's own columns)."""
         plan, state, phase = self.plan, self.state, self.phase
         self.window = window
+        if self.delayed:
+            self._load_delayed(window)
         if self.per_block:
             step_cols = self._block_columns(plan.step_columns, window, self.block_width)
             self.step_cols.copy_(step_cols)
@@ -219,26 +224,34 @@ class PhaseSteps:
         else:
             self._run(self.refresh_graphs, self.refresh_dense, self._refresh_step, 1)
 
-    def step(self, count: int) -> None:
-        """``count`` steps of the current window (a step where no group is active changes nothing)."""
-        self._run(self.step_graphs, self.step_dense, self._step, count)
+    def step(self, count: int, action: int = 1) -> None:
+        """``count`` steps of the current window (a step where no group is active changes
+        nothing), the first of them the window's ``action``-th (its refresh is the 0th): with
+        delayed KV each step's static width follows from it (``Plan.delayed_width``)."""
+        if not self.delayed:
+            self._run(self.step_graphs, self.step_dense, self._step, count)
+            return
+        for a in range(action, action + count):
+            width = self._delayed_width(a)
+            self._run(self.delayed_graphs, width, lambda: self._delayed_step(width), 1)
 
     def release(self) -> None:
         """Drops the graphs (their private memory) and the static caches."""
-        for graph in (*self.step_graphs.values(), *self.refresh_graphs.values(), *self.partial_graphs.values()):
+        graphs = (self.step_graphs, self.refresh_graphs, self.partial_graphs, self.delayed_graphs)
+        for graph in (g for by_key in graphs for g in by_key.values()):
             graph.reset()
-        self.step_graphs, self.refresh_graphs, self.partial_graphs = {}, {}, {}
+        self.step_graphs, self.refresh_graphs, self.partial_graphs, self.delayed_graphs = {}, {}, {}, {}
         self.cache = self.blocks = None
 
-    def _run(self, graphs: dict, dense: bool, body, count: int) -> None:
+    def _run(self, graphs: dict, key, body, count: int) -> None:
         if not self.capture:
             for _ in range(count):
                 body()
             return
-        if dense not in graphs:
-            graphs[dense] = self._capture(body)
+        if key not in graphs:
+            graphs[key] = self._capture(body)
         for _ in range(count):
-            graphs[dense].replay()
+            graphs[key].replay()
 
     def _capture(self, body) -> torch.cuda.CUDAGraph:
         """Captures ``body``. The warm-up runs really commit, so the state is put back."""
@@ -304,6 +317,9 @@ class PhaseSteps:
                     self.partial_cols = torch.zeros(self.partial_width, dtype=torch.long, device=device)
                     self.partial_slots = torch.zeros(self.partial_width, dtype=torch.long, device=device)
             self.step_cols = torch.zeros(step_width, dtype=torch.long, device=device)
+            if self.delayed:  # per step column: real (not padding), a window column follows it, outside the blocks
+                self.step_valid, self.step_successor, self.step_always = (
+                    torch.zeros(step_width, dtype=torch.bool, device=device) for _ in range(3))
         else:
             # Every column of the phase's groups, finished or not: a static shape.
             if self.canvas_offset:
@@ -341,6 +357,7 @@ class PhaseSteps:
         # The refresh forwards every column of every block, side by side too: block-major, each
         # block padded to the longest by repeating its last column (same k/v to the same slot).
         self.prompt_slots = base
+        self.block_starts = torch.tensor([plan.layout.blocks[g][0] for g in phase], device=device)  # [m]
         longest = max(lengths)
         padded = [list(range(*plan.layout.blocks[g])) for g in phase]
         self.refresh_block_cols = torch.tensor([c for cols in padded for c in cols + cols[-1:] * (longest - len(cols))],
@@ -452,6 +469,66 @@ class PhaseSteps:
 
     def _step(self) -> None:
         self._commit(self.forward(), self._logits_at(self.columns), self.columns)
+
+    def _load_delayed(self, window: int) -> None:
+        """The window's per-column flags for delayed KV (``paradec.decoding.delayed.needed``), in
+        ``step_cols``' layout: real columns, those a window column follows (shifted models), and
+        those outside the phase's blocks."""
+        plan, phase = self.plan, self.phase
+        if self.per_block:
+            lists = [plan.step_columns([g], window) for g in phase]
+            width = self.block_width
+        else:
+            lists, width = [plan.step_columns(phase, window)], len(self.step_cols)
+        in_window, in_blocks = set(plan.window_columns(phase, window)), set(plan.block_columns(phase))
+        flags = [[], [], []]
+        for columns in lists:
+            pad = width - len(columns)
+            flags[0] += [True] * len(columns) + [False] * pad
+            flags[1] += [plan.shifted and c + 1 in in_window for c in columns] + [False] * pad
+            flags[2] += [c not in in_blocks for c in columns] + [False] * pad
+        for buffer, values in zip((self.step_valid, self.step_successor, self.step_always), flags):
+            buffer.copy_(torch.tensor(values, dtype=torch.bool))
+
+    def _delayed_width(self, action: int) -> int:
+        """The static width of a delayed-KV step, action ``action`` of the window: the phase's
+        bound (``Plan.delayed_width``), side by side each block's (the widest), at least one."""
+        plan, window, by_rule = self.plan, self.window, self.policy.rule != TOPK
+        if self.per_block:
+            width = max(plan.delayed_width([g], window, action, by_rule) for g in self.phase)
+            return max(1, min(width, self.block_width))
+        return max(1, min(plan.delayed_width(self.phase, window, action, by_rule), len(self.step_cols)))
+
+    def _delayed_step(self, width: int) -> None:
+        """A step with delayed KV: the window's step columns that can change
+        (``paradec.decoding.delayed``), ``width`` of them a row (or a block, side by side),
+        padded by repeating a needed one; then the commit."""
+        state, module = self.state, self.model.module
+        b, m = state.batch_size, len(self.phase) if self.per_block else 1
+        cols = self.step_cols.view(m, -1)  # [m, W] canvas columns
+        flags = [x.view(m, -1) for x in (self.step_valid, self.step_successor, self.step_always)]
+        last = state.canvas.shape[1] - 1
+        keep = delayed.needed(state.canvas[:, cols], state.trace[:, cols], state.step, state.mask_id, flags[0],
+                              state.canvas[:, (cols + 1).clamp(max=last)], flags[1], flags[2])  # [B, m, W]
+        if not self.capture:
+            delayed.check_width(keep, width)
+        every = cols.expand(b, m, -1)
+        first = every.gather(-1, keep.long().argmax(-1, keepdim=True))  # [B, m, 1] a needed column (or any)
+        chosen = delayed.compact(every, keep, width, first)  # [B, m, width]
+        flat = chosen.reshape(b, -1)
+        ids, positions, segments = (x.gather(1, flat) for x in (state.canvas, state.positions, state.segments))
+        logits_at = self._logits_at(self.columns)
+        if self.per_block:
+            slots_per_row = self.blocks.kv.shape[3]
+            rows = self.batch.view(b, 1, 1) * m + torch.arange(m, device=state.device).view(1, m, 1)
+            local = self.prompt_slots + chosen - self.block_starts.view(1, m, 1)
+            slots = (rows * slots_per_row + local).reshape(-1)  # [B * m * width] BlockCache slots
+            logits = module.forward_blocks(ids, positions, segments, self.blocks, slots, logits_at)
+        else:
+            slots = self.slot_of[flat + self.canvas_offset]  # [B, width], each row's own
+            logits = self.model(ids, positions, segments, self.config.attention, cache=self.cache,
+                                logits_at=logits_at, check_inputs=False, slots=slots)
+        self._commit(logits, logits_at, self.columns)
 
     def _partial_refresh_step(self) -> None:
         """A refresh that forwards ``Plan.partial_refresh_columns`` only, then commits in the window."""

@@ -164,7 +164,7 @@ class DiffusionTransformer(nn.Module):
         which the fastest kernels take (an all-true mask still costs its reads: 38 against
         23 µs a layer at an 8B block step's shapes). Checked when ``check_inputs``.
 
-        slots: [T] slots of ``cache`` where these tokens' k/v are written before they attend
+        slots: [T] (or [B, T]) slots of ``cache`` where these tokens' k/v are written before they attend
         (a static cache: every slot is then a key, and ``cache.segments`` covers all of them).
         """
         check_mode(mode)
@@ -172,8 +172,10 @@ class DiffusionTransformer(nn.Module):
             self._check(input_ids, positions, segments)
         if slots is None:
             key_segments = segments if cache is None else torch.cat((cache.segments, segments), dim=1)
-        elif cache is None or cache.capacity != cache.num_tokens or slots.shape != (input_ids.shape[1],):
-            raise InputError("slots needs a cache whose segments cover all its slots and one slot per input column")
+        elif cache is None or cache.capacity != cache.num_tokens or slots.shape not in (input_ids.shape[1:],
+                                                                                        input_ids.shape):
+            raise InputError("slots needs a cache whose segments cover all its slots and one slot per input column "
+                             "([T], or [B, T] per row)")
         else:
             key_segments = cache.segments
         mask = None if dense and not check_inputs else attention_mask(segments, key_segments, mode)

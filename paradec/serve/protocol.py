@@ -56,7 +56,7 @@ REQUEST_SETTINGS = frozenset({
     "mode", "blocks", "block_len", "summary_len", "answer_len", "steps", "tokens_per_step", "schedule",
     "policy", "threshold", "factor", "temperature", "seed", "attention", "summary", "eos_closes_block",
     "bar_eos_in_blocks", "summary_min_tokens", "chat_template", "window", "cache", "refresh_every",
-    "partial_refresh",
+    "partial_refresh", "delayed_kv",
     "max_new_tokens", "stop", "top_k", "top_p", "score_on", "rank_temperature"})
 # Request settings a server does not take: one request gets one result (send n requests instead).
 UNSERVED_SETTINGS = frozenset({"num_return_sequences"})
