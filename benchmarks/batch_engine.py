@@ -158,9 +158,13 @@ def main() -> None:
                    help="drop the packed step graphs after warm-up (padded replays): that A/B")
     p.add_argument("--no-pack", action="store_true",
                    help="never pack a step call that has a graph (PACK_SAVING = inf): the packing A/B")
+    p.add_argument("--no-merged-refreshes", action="store_true",
+                   help="refreshes beside a step call never join it (MERGED_WORK = inf): that A/B")
     args = p.parse_args()
     if args.no_pack:
         batching_engine.PACK_SAVING = float("inf")
+    if args.no_merged_refreshes:
+        batching_engine.MERGED_WORK = float("inf")
     info = banner()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prompt, settings, loader, name = workload(args)
@@ -190,7 +194,8 @@ def main() -> None:
           f"{refresh_label(configs[0])}, "
           f"rows {args.max_batch}; warm-up {warm_s:.1f} s, {graphs} graphs"
           f"{' (refresh graphs dropped)' if args.no_refresh_graphs else ''}"
-          f"{' (packed graphs dropped)' if args.no_packed_graphs else ''}")
+          f"{' (packed graphs dropped)' if args.no_packed_graphs else ''}"
+          f"{' (refreshes never merged)' if args.no_merged_refreshes else ''}")
     print(f"lone request: engine {lone['engine_s'] * 1e3:.1f} ms, generate() {lone['generate_s'] * 1e3:.1f} ms "
           f"({lone['engine_s'] / lone['generate_s']:.3f}x)")
     print(f"{'c':>3} | {'req/s':>6} | {'p50 s':>6} | {'p99 s':>6} | {'ms/step':>7} | {'cols/token':>10} | "
@@ -218,6 +223,7 @@ def main() -> None:
                "partial_refresh": configs[0].refreshes_partially, "delayed_kv": configs[0].delayed_kv,
                "rows": args.max_batch, "warm_up_s": warm_s, "graphs": graphs, "lone": lone, "levels": rows,
                "open_loop": open_rows, "open_loop_seed": args.seed, "pack": not args.no_pack,
+               "merged_refreshes": not args.no_merged_refreshes,
                "refresh_graphs": not args.no_refresh_graphs, "packed_graphs": not args.no_packed_graphs,
                "rope_kv": device == "cuda" and rope_kv.HAVE_TRITON and "cuda" in rope_kv.DEVICES,
                "swiglu_kernel": device == "cuda" and swiglu.HAVE_TRITON and "cuda" in swiglu.DEVICES,

@@ -498,13 +498,14 @@ class GraphStandIn:
         monkeypatch.setattr(calls, "step_logits", self.step_logits)
         monkeypatch.setattr(calls, "commit_step", self.commit_step)
 
-    def step_logits(self, b, width, commit_width, keys, packed=None, refresh=False, packed_to=None, delayed=False):
+    def step_logits(self, b, width, commit_width, keys, packed=None, refresh=False, packed_to=None, delayed=False,
+                    mixed=False):
         key = (b, width, commit_width, keys, refresh, packed_to, delayed)
         replay = (packed is None or packed_to is not None) and key in self.calls.graphs
         self.steps.append((key, packed, replay))
         if packed_to is not None:
             self.calls._pack(packed, width, packed_to)
-        logits = self.calls._step_body(b, width, commit_width, keys, packed, refresh, packed_to, delayed)
+        logits = self.calls._step_body(b, width, commit_width, keys, packed, refresh, packed_to, delayed, mixed)
         if replay:
             self.buffer = logits
         return logits
@@ -661,10 +662,10 @@ def test_think_and_summary_windows_share_the_step_call(model, monkeypatch):
     engine = make_engine(model, max_batch=4)
     phases, step_call = [], engine._step_call
 
-    def recorded(seqs, action=Action.STEP):
+    def recorded(seqs, action=Action.STEP, **kwargs):
         if action is Action.STEP:
             phases.append({s.plan.is_summary_phase(s.plan.phases[s.phase]) for s in seqs})
-        return step_call(seqs, action)
+        return step_call(seqs, action, **kwargs)
 
     monkeypatch.setattr(engine, "_step_call", recorded)
     settings = dict(blocks=3, block_len=12, summary_len=8, window=4, cache="dual", tokens_per_step=2)
@@ -816,6 +817,39 @@ def test_refreshes_of_every_live_row_share_one_step_call(model, monkeypatch):
     for _, rid, prompt, kwargs in schedule:
         assert_same(run.results[rid], solo(model, prompt, kwargs), rid)
     assert any(called)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_staggered_refreshes_join_a_busy_step_call_as_alone(family, model, shifted, monkeypatch):
+    """Where the step call's columns keep the GPU busy called (``MERGED_WORK``; zero here), rows
+    refreshing under ``isolated`` beside rows that step forward their refresh columns in that
+    call, each row its own slots, and commit there: no refresh of such a row runs apart, a
+    ``canvas`` row's still does (its prompt's last state), and every request decodes as alone."""
+    import paradec.batching.engine as batching_engine
+
+    monkeypatch.setattr(batching_engine, "MERGED_WORK", 0)
+    m, prompts = (model, QUESTIONS) if family == "llada" else (shifted, SHIFTED_PROMPTS)
+    settings = [dict(SMALL, window=4), dict(SMALL, window=3, tokens_per_step=2, delayed_kv=True),
+                dict(mode="block", answer_len=16, block_len=8, cache="dual"),
+                dict(SMALL, window=5, attention="canvas"), dict(SMALL, window=4, refresh_every=2, policy="margin")]
+    engine = make_engine(m, max_batch=4, max_prompt_tokens=48, max_canvas_tokens=64)
+    merges = []  # (rows stepping, rows refreshing, of them merged) an engine step
+    merged_refreshes = engine._merged_refreshes
+
+    def recording(stepping, refreshing):
+        merged = merged_refreshes(stepping, refreshing)
+        merges.append((list(stepping), list(refreshing), merged))
+        return merged
+
+    monkeypatch.setattr(engine, "_merged_refreshes", recording)
+    schedule = [(i, f"r{i}", prompts[i % len(prompts)], kw) for i, kw in enumerate(settings * 2)]
+    run = Run(engine, schedule)
+    for _, rid, prompt, kwargs in schedule:
+        assert_same(run.results[rid], solo(m, prompt, kwargs), f"{rid}: {kwargs}")
+    assert sum(len(merged) for *_, merged in merges) > 5  # staggered refreshes joined step calls
+    for stepping, refreshing, merged in merges:
+        assert merged == ([s for s in refreshing if s.isolated] if stepping else [])
+    assert any(not s.isolated for _, refreshing, _ in merges for s in refreshing)  # canvas rows refreshed apart
 
 
 def test_refresh_graphs_stop_where_a_called_refresh_keeps_the_device_busy(model, monkeypatch):

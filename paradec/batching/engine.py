@@ -8,7 +8,8 @@ others by about one step; a longer prompt runs a chunk of its layers a step, sin
 bidirectional prompt cannot be split by tokens exactly), the summary extensions and window
 refreshes due (and steps far wider than the others'), and one step call over every live row; in
 an engine step where every live row refreshes (a lone request, requests in lockstep), the
-refreshes are that step call. The host then reads which canvas positions are still masked and
+refreshes are that step call, and where the step call is busy enough to run called, the
+refreshes beside it join it (``MERGED_WORK``). The host then reads which canvas positions are still masked and
 each row's step count (one copy a look: after every step, or every few steps when no request
 streams, stops or commits by a rule) and moves each request on. A finished request's row goes
 back to the pool at once; a waiting request takes it at the next step.
@@ -82,6 +83,12 @@ PACK_SAVING = 4e12
 # Buckets stop past PACK_WORK's columns (~1,500 at 8B): a call of more keeps the GPU busy called.
 PACKED_STEP = 128
 PACKED_FINE = 1024
+# Rows refreshing (under ``isolated``) beside rows that step join the step call, each row with
+# its own slots, when the call's real columns keep the GPU busy past its launches anyway
+# (MERGED_WORK FLOPs, as PACK_WORK): that call runs called with its queries packed, and each
+# refresh forwarded apart would cost a called forward's ~800 launches more (staggered rows
+# refresh a window apart, a few of them in most engine steps).
+MERGED_WORK = PACK_WORK
 SMALLEST_KEYS = 256  # the smallest key bucket: the keys a step call attends over double from it up to a row's slots
 _QUERIES = {Action.PREFILL: Sequence.prompt_slots, Action.EXTEND: Sequence.extend_slots,
             Action.REFRESH: lambda s: s.columns().refresh, Action.STEP: lambda s: s.columns().step}
@@ -382,8 +389,10 @@ class BatchEngine:
         together = len(refreshing) == len(live) and all(s.isolated for s in refreshing)
         if refreshing and together:  # every live row refreshes (a lone request, or in lockstep): one step call
             self._step_call(refreshing, Action.REFRESH)
+        merged = [] if together else self._merged_refreshes(by_action[Action.STEP], refreshing)
+        apart = [] if together else [s for s in refreshing if s not in merged]
         for action, seqs in ((Action.PREFILL, by_action[Action.PREFILL]), (Action.EXTEND, by_action[Action.EXTEND]),
-                             (Action.REFRESH, [] if together else refreshing), (Action.STEP, wide)):
+                             (Action.REFRESH, apart), (Action.STEP, wide)):
             if not seqs:
                 continue
             width = self._commit_width(seqs) if action in (Action.REFRESH, Action.STEP) else None
@@ -395,7 +404,7 @@ class BatchEngine:
         repeats = 1
         if by_action[Action.STEP]:
             repeats = self._repeats(by_action[Action.STEP])
-            self._step_call(by_action[Action.STEP])
+            self._step_call(by_action[Action.STEP], refreshing=merged)
         for action, seqs in by_action.items():
             if action is Action.STEP:
                 self.stats.forwarded[action.value] += sum(s.step_width(r) for s in seqs for r in range(repeats))
@@ -496,19 +505,35 @@ class BatchEngine:
             self.live.append(seq)
             self.rows.admit(seq.row, seq, seq.config.seed)
 
-    def _step_call(self, seqs: list[Sequence], action: Action = Action.STEP, ahead: int = 0) -> None:
+    def _merged_refreshes(self, stepping: list[Sequence], refreshing: list[Sequence]) -> list[Sequence]:
+        """The refreshing rows that join this engine step's step call (``MERGED_WORK``): under
+        ``isolated`` attention (a ``canvas`` row's refresh forwards its prompt, whose last state
+        ``forward_rows`` keeps), when rows step too and the call's columns are worth it."""
+        merged = [s for s in refreshing if s.isolated]
+        columns = sum(s.step_width() for s in stepping) + sum(len(s.columns().refresh) for s in merged)
+        return merged if stepping and merged and columns * self.column_flops >= MERGED_WORK else []
+
+    def _step_call(self, seqs: list[Sequence], action: Action = Action.STEP, ahead: int = 0,
+                   refreshing: list[Sequence] = ()) -> None:
         """One call over the first b live rows (a batch bucket), stepping ``seqs``: their step
         columns (``ahead``: the step that many after their next, with no look between; a
-        delayed-KV row's width follows it), or with ``action`` REFRESH their refresh columns."""
+        delayed-KV row's width follows it), or with ``action`` REFRESH their refresh columns;
+        ``refreshing``: rows whose refresh columns the step call forwards too (called, packed)."""
         rows, refresh = self.rows, action is Action.REFRESH
         stepping = torch.zeros(rows.stepping.shape, dtype=torch.bool)
-        stepping[[s.row for s in seqs]] = True
+        stepping[[s.row for s in (*seqs, *refreshing)]] = True
         rows.stepping.copy_(to_device(stepping, rows.device))
+        if refreshing:
+            stepping[[s.row for s in seqs]] = False
+            rows.refreshing.copy_(to_device(stepping, rows.device))
         b = _bucket(len(self.live), self.pool.rows)
         lengths = [0] * len(self.live)  # each row's real columns
         for seq in seqs:
             lengths[seq.row] = len(seq.columns().refresh) if refresh else seq.step_width(ahead)
+        for seq in refreshing:
+            lengths[seq.row] = len(seq.columns().refresh)
         delayed = not refresh and any(s.delayed for s in seqs)
+        seqs = [*seqs, *refreshing]
         width = self._bucketed(max(lengths), self.geometry.slots)
         commit_width = self._commit_width(seqs)
         keys = self.calls.key_width(slice(0, b))
@@ -516,8 +541,9 @@ class BatchEngine:
             keys = next(k for k in self.key_buckets if k >= keys)
         real = sum(lengths)
         padding, packed, packed_to = b * width - real, None, _packed_bucket(real)
-        graph = (b, width, commit_width, keys, refresh, None, delayed) in self.calls.graphs
-        packed_graph = (b, width, commit_width, keys, refresh, packed_to, delayed) in self.calls.graphs
+        mixed = bool(refreshing)  # (never captured: such a call keeps the GPU busy called)
+        graph = not mixed and (b, width, commit_width, keys, refresh, None, delayed) in self.calls.graphs
+        packed_graph = not mixed and (b, width, commit_width, keys, refresh, packed_to, delayed) in self.calls.graphs
         worth = padding * self.column_flops >= PACK_SAVING and real * self.column_flops >= PACK_WORK
         if packed_graph:  # the real columns and a bucket's padding through the products, replayed
             packed = lengths + [0] * (b - len(lengths))
@@ -532,7 +558,7 @@ class BatchEngine:
         self.stats.refresh_calls += refresh
         if not refresh:
             self.stats.step_call_columns += b * width if packed is None else packed_to or real
-        logits = self.calls.step_logits(b, width, commit_width, keys, packed, refresh, packed_to, delayed)
+        logits = self.calls.step_logits(b, width, commit_width, keys, packed, refresh, packed_to, delayed, mixed)
         self._mark(action.value)
         classes = {s.commit_class for s in seqs}  # a replayed step's logits are what a commit graph reads
         if replayed and len(classes) == 1 and self.calls.commit_step(b, commit_width, classes.pop(), logits):

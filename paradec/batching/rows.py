@@ -68,6 +68,7 @@ class Rows:
         self.body_starts = torch.zeros(r, g, **long)
         # rows the step call forwards: STEP rows, or REFRESH rows in a refresh call
         self.stepping = torch.zeros(r, dtype=torch.bool, device=device)
+        self.refreshing = torch.zeros(r, dtype=torch.bool, device=device)  # of them, rows refreshing (a mixed call)
         self.step_slots = torch.full((r, s), geometry.scratch, **long)
         self.delayed = torch.zeros(r, dtype=torch.bool, device=device)
         self.step_successor = torch.zeros(r, s, dtype=torch.bool, device=device)

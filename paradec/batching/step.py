@@ -17,16 +17,18 @@ the scratch slot. Two ways to address rows:
   row's step slots that can change to the front (``paradec.decoding.delayed``; the other rows
   keep all of theirs), on the device, so it replays as a graph of its own too. The key buckets
   keep short requests in long rows from attending over every slot of the row (a served
-  LLaDA-8B row holds 4k + 4k slots; a 512-token prompt and its canvas use 1.5k). Every graph writes its logits into one buffer (``reserve``), so that the graphs'
-  outputs do not each keep [b, commit width, V] of device memory. A step call whose padding
+  LLaDA-8B row holds 4k + 4k slots; a 512-token prompt and its canvas use 1.5k). Every graph
+  writes its logits into one buffer (``reserve``), so that the graphs' outputs do not each keep
+  [b, commit width, V] of device memory. A step call whose padding
   costs more than its launches runs called with its queries packed (``PackedQueries``: the
   products see only real columns); one of staggered rows (a summary's window beside think
   blocks', rows refreshing) replays a packed graph where warm-up captured one: its real queries
   and padding up to a bucket, their indices in a static buffer (``packed_index``).
 - ``forward_rows``: any rows (a prefill, the summary's extension, the refreshes of an engine
-  step in which not every live row refreshes or one attends under ``canvas``), each run of
-  consecutive rows as a view of the pool. These are wide and rare (one per window), so they run
-  called.
+  step in which not every live row refreshes or one attends under ``canvas``, unless they join
+  a step call busy enough to run called, ``mixed``: each such row then forwards its refresh
+  slots there), each run of consecutive rows as a view of the pool. These are wide and rare
+  (one per window), so they run called.
 
 A commit takes the logits of some rows at their window's commit columns and runs the score
 kernel, the policy's ranking and the selection kernel once per ``CommitClass`` present (the
@@ -77,10 +79,12 @@ class BatchStep:
 
     # --- forwards -----------------------------------------------------------------------------
     def step_logits(self, b: int, width: int, commit_width: int, keys: int, packed: list[int] | None = None,
-                    refresh: bool = False, packed_to: int | None = None, delayed: bool = False) -> torch.Tensor:
+                    refresh: bool = False, packed_to: int | None = None, delayed: bool = False,
+                    mixed: bool = False) -> torch.Tensor:
         """Logits [b, commit_width, V] of the first b rows' step columns (``refresh``: refresh
-        columns; ``delayed``: a delayed-KV row's those that can change, ``width`` at most; rows
-        not ``stepping`` forward padding only), attending over their first ``keys``
+        columns; ``delayed``: a delayed-KV row's those that can change, ``width`` at most;
+        ``mixed``: the ``refreshing`` rows' refresh columns, called; rows not ``stepping``
+        forward padding only), attending over their first ``keys``
         slots (past every row's keys: ``key_width``): a graph replay where one was captured for
         these buckets, else called. ``packed``: each row's real columns (0 for a row not
         stepping): the queries packed (``PackedQueries``), no padding forwarded but in attention
@@ -93,7 +97,7 @@ class BatchStep:
             graph, logits = self.graphs[key]
             graph.replay()
             return logits
-        return self._step_body(b, width, commit_width, keys, packed, refresh, packed_to, delayed)
+        return self._step_body(b, width, commit_width, keys, packed, refresh, packed_to, delayed, mixed)
 
     def reserve(self, logits: int) -> None:
         """The graphs' logits buffer: room for ``logits`` rows of V (the most a graph captured
@@ -169,13 +173,16 @@ class BatchStep:
         self.commit_graphs.clear()
 
     def _step_body(self, b: int, width: int, commit_width: int, keys: int, packed: list[int] | None = None,
-                   refresh: bool = False, packed_to: int | None = None, delayed: bool = False) -> torch.Tensor:
+                   refresh: bool = False, packed_to: int | None = None, delayed: bool = False,
+                   mixed: bool = False) -> torch.Tensor:
         rows = self.rows
         stepping = rows.stepping[:b, None]
         if delayed:
             table = self._delayed_slots(b, width)
         else:
             table = (rows.refresh_slots if refresh else rows.step_slots)[:b, :width]
+        if mixed:  # some rows refresh in this step call: their refresh slots
+            table = torch.where(rows.refreshing[:b, None], rows.refresh_slots[:b, :width], table)
         # [b, T]; padding queries write the last slot attended over (past every row's keys)
         slots = torch.where(stepping, table, keys - 1)
         slots = torch.where(slots == rows.geometry.scratch, keys - 1, slots)
