@@ -10,13 +10,14 @@ from hypothesis import strategies as st
 
 import paradec
 from paradec import GenerationConfig
-from paradec.api import build_layout, resolve_config
+from paradec.api import resolve_config
 from paradec.batching import BatchEngine
 from paradec.decoding import delayed
-from paradec.decoding.plan import Plan, make_plan
+from paradec.decoding.plan import Plan
 from paradec.decoding.step import PhaseSteps
 from paradec.errors import ConfigError
 
+from test_decoding import check_contract_5
 from tiny import tiny_checkpoint
 
 PROMPTS = ["the 3 + 4 is ?", "a b c d e f g h i j k l"]
@@ -137,42 +138,31 @@ def test_a_bound_that_does_not_hold_is_an_error(model, monkeypatch):
         paradec.generate(model, PROMPTS[0], **CASES["side by side"], delayed_kv=True)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    blocks=st.integers(1, 3),
+    mode=st.sampled_from(["nap", "nap", "block"]),
     block_len=st.integers(2, 12),
-    summary_len=st.integers(1, 6),
     window=st.integers(1, 8),
     cache=st.sampled_from(["prefix", "dual"]),
     budget=st.sampled_from([dict(tokens_per_step=1), dict(tokens_per_step=3), dict(steps=30),
-                            dict(policy="threshold", threshold=0.5), dict(policy="factor", factor=0.8),
+                            dict(steps=12, schedule="linspace"), dict(policy="threshold", threshold=0.5),
+                            dict(policy="factor", factor=0.8),
                             dict(policy="margin", tokens_per_step=2, temperature=0.9, seed=4)]),
-    action=st.integers(1, 14),
+    extra=st.sampled_from([{}, dict(refresh_every=2), dict(eos_closes_block=False), dict(attention="canvas")]),
 )
-def test_the_bound_covers_masked_and_just_committed_columns(model, blocks, block_len, summary_len, window, cache,
-                                                            budget, action):
-    """``Plan.delayed_width``: for any schedule, at action a of a window, at least what a request
-    can still have masked before action a - 1 (its window's columns less the quotas of actions
-    0 .. a - 2, or one an action under a rule policy; under ``prefix`` the rest of its body too),
-    and at most its groups' step columns."""
+def test_the_bound_holds_wherever_a_request_decodes(model, mode, block_len, window, cache, budget, extra):
+    """Decoding any of these settings with delayed KV, no called step needs more columns than
+    ``Plan.delayed_width`` gave it (``delayed.check_width`` raises otherwise: top-k quotas,
+    budgets and floors, rule policies, EOS filling, periodic refreshes, the prefix cache, block
+    mode, a shifted model's predecessors), and contract 5 holds."""
+    canvas = (dict(blocks=2, block_len=block_len, summary_len=4, window=window) if mode == "nap"
+              else dict(mode="block", answer_len=2 * block_len, block_len=block_len))
     try:
-        config = GenerationConfig.build(None, blocks=blocks, block_len=block_len, summary_len=summary_len,
-                                        window=window, cache=cache, delayed_kv=True, **budget)
-        plan = make_plan(config, build_layout(model, config), model.module.shift_logits)
+        config = GenerationConfig.build(None, **canvas, cache=cache, delayed_kv=True, **budget, **extra)
     except ConfigError:
         return  # a budget too small for these windows
-    rule = budget.get("policy") in ("threshold", "factor")
-    for phase in plan.phases:
-        for w in range(plan.num_windows(phase)):
-            groups = [g for g in phase if w < len(plan.windows[g])]
-            least = 0
-            for g in groups:
-                start, end = plan.windows[g][w]
-                committed = min(action - 1, end - start) if rule else sum(plan.schedules[g][w][: action - 1])
-                rest = plan.layout.bodies[g][1] - end if cache == "prefix" else 0
-                least += rest + max(0, end - start - committed)
-            width = plan.delayed_width(phase, w, action, rule)
-            assert least <= width <= sum(len(plan.step_columns([g], w)) for g in groups)
+    result = paradec.generate(model, PROMPTS[1], config)
+    check_contract_5(model, config, result)
 
 
 def test_delayed_kv_is_validated():

@@ -77,6 +77,13 @@ def test_eval_resumes_and_refuses_other_settings(tmp_path, capsys):
     assert code == 0 and _report(capsys)["resumed"] == 3
     assert [r["index"] for r in again[1:]] == [0, 1, 2, 3]
     assert {**again[4], "seconds": 0} == {**rows[4], "seconds": 0}  # the same tokens again
+    # a header written before a setting existed resumes when that setting is at its default
+    header, *records = path.read_text().splitlines()
+    older = json.loads(header)
+    del older["config"]["delayed_kv"]
+    path.write_text("\n".join([json.dumps(older), *records]) + "\n")
+    code, _ = _run(tmp_path, "--limit", "4")
+    assert code == 0 and _report(capsys)["resumed"] == 4
     # other settings are refused by name, nothing is overwritten
     before = path.read_text()
     code = main(["eval", "--task", "synthetic", "--out", str(path), "--limit", "4", "--blocks", "2",

@@ -114,8 +114,9 @@ class EngineStats:
     forwarded the refreshes of every live row), of which graph replays (``packed_replays`` of
     them packed graphs; the rest ran called: a bucket no warm-up captured, or one whose padding
     was worth packing away) and commit replays (a replayed call of one commit class); query
-    columns forwarded per action (real ones) and by the step calls of steps in all (a replay's
-    padding included: buckets, rows not stepping); seconds in ``step``."""
+    columns forwarded per action (real ones; a delayed-KV step's its static width, the needed
+    columns and the padding up to it) and by the step calls of steps in all (a replay's padding
+    included: buckets, rows not stepping); seconds in ``step``."""
 
     steps: int = 0
     step_calls: int = 0

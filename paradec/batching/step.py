@@ -178,7 +178,7 @@ class BatchStep:
         rows = self.rows
         stepping = rows.stepping[:b, None]
         if delayed:
-            table = self._delayed_slots(b, width)
+            table = self._delayed_slots(b, width, rows.refreshing[:b] if mixed else None)
         else:
             table = (rows.refresh_slots if refresh else rows.step_slots)[:b, :width]
         if mixed:  # some rows refresh in this step call: their refresh slots
@@ -195,9 +195,10 @@ class BatchStep:
         valid = rows.commit_valid[:b, :commit_width] & stepping
         return self._logits(slice(0, b), hidden, positions, segments, cache, valid, commit_width)
 
-    def _delayed_slots(self, b: int, width: int) -> torch.Tensor:
+    def _delayed_slots(self, b: int, width: int, refreshing: torch.Tensor | None = None) -> torch.Tensor:
         """[b, width] the first b rows' step slots to forward: a delayed-KV row's that can change
-        (``paradec.decoding.delayed.needed``) first, in order, then scratch; another row's all."""
+        (``paradec.decoding.delayed.needed``) first, in order, then scratch; another row's all
+        (``refreshing`` [b]: rows whose refresh slots the call forwards instead)."""
         rows = self.rows
         c = rows.canvas.shape[1]
         table = rows.step_slots[:b]  # [b, S]
@@ -210,7 +211,8 @@ class BatchStep:
         keep = torch.where(rows.delayed[:b, None], keep, valid)
         if not self.capture:  # (rows that still commit: a no-op step past a window's end may drop some)
             masked = (canvas.gather(1, rows.commit_cols[:b]) == rows.mask_id) & rows.commit_valid[:b]
-            delayed_kv.check_width(keep, width, rows.stepping[:b] & masked.any(1))
+            live = rows.stepping[:b] & masked.any(1)
+            delayed_kv.check_width(keep, width, live if refreshing is None else live & ~refreshing)
         return delayed_kv.compact(table, keep, width, rows.geometry.scratch)
 
     def forward_rows(self, index: list[int], queries: list[list[int]], commit_width: int | None) -> torch.Tensor | None:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 import paradec
 from paradec.api import build_layout
 from paradec.config import GenerationConfig
+from paradec.config.generation import DEFAULTS
 from paradec.distributed.env import current_env, single_process
 from paradec.eval.tasks import DataError, Example, Task
 from paradec.metrics import global_arness, without_fill
@@ -98,10 +99,13 @@ def read_results(path: Path, expected: dict) -> dict[int, dict]:
         return {}
     if not isinstance(rows[0], dict) or rows[0].get(HEADER) != 1:
         raise DataError(f"{path} does not start with a paradec eval header; use another --out")
-    if rows[0] != expected:
-        differ = sorted(k for k in expected if rows[0].get(k) != expected[k])
+    written = dict(rows[0])
+    if isinstance(written.get("config"), dict):  # a setting added since the file was written: its default
+        written["config"] = {k: v for k, v in DEFAULTS.items() if k in expected["config"]} | written["config"]
+    if written != expected:
+        differ = sorted(k for k in expected if written.get(k) != expected[k])
         if "config" in differ:
-            old, new = rows[0].get("config") or {}, expected["config"]
+            old, new = written.get("config") or {}, expected["config"]
             differ += [f"config.{k}" for k in sorted(new) if old.get(k) != new[k]]
         raise DataError(f"{path} was written by a run with other settings ({', '.join(differ)} differ); "
                         f"use another --out, or --no-resume to start it again")
