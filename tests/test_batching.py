@@ -819,8 +819,7 @@ def test_refreshes_of_every_live_row_share_one_step_call(model, monkeypatch):
     assert any(called)
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
-def test_staggered_refreshes_join_a_busy_step_call_as_alone(family, model, shifted, monkeypatch):
+def test_staggered_refreshes_join_a_busy_step_call_as_alone(model, monkeypatch):
     """Where the step call's columns keep the GPU busy called (``MERGED_WORK``; zero here), rows
     refreshing under ``isolated`` beside rows that step forward their refresh columns in that
     call, each row its own slots, and commit there: no refresh of such a row runs apart, a
@@ -828,7 +827,7 @@ def test_staggered_refreshes_join_a_busy_step_call_as_alone(family, model, shift
     import paradec.batching.engine as batching_engine
 
     monkeypatch.setattr(batching_engine, "MERGED_WORK", 0)
-    m, prompts = (model, QUESTIONS) if family == "llada" else (shifted, SHIFTED_PROMPTS)
+    m, prompts = model, QUESTIONS
     settings = [dict(SMALL, window=4), dict(SMALL, window=3, tokens_per_step=2, delayed_kv=True),
                 dict(mode="block", answer_len=16, block_len=8, cache="dual"),
                 dict(SMALL, window=5, attention="canvas"), dict(SMALL, window=4, refresh_every=2, policy="margin")]
