@@ -102,7 +102,7 @@ class Plan:
             start, end = self.layout.bodies[g]
             maskable = sum(start <= c < end for c in columns)
             schedule = self.schedules[g][window]  # (sums to the window's length)
-            earlier = action - 1  # actions whose commits the previous one's forward already saw
+            earlier = action - 1  # the actions before the previous one: what they committed is not forwarded
             committed = min(earlier, sum(schedule)) if by_rule else sum(schedule[:earlier])
             bound = max(0, maskable - committed)
             width += min(len(columns), 2 * bound + 1 if self.shifted else bound)
