@@ -9,10 +9,10 @@ bidirectional prompt cannot be split by tokens exactly), the summary extensions 
 refreshes due (and steps far wider than the others'), and one step call over every live row; in
 an engine step where every live row refreshes (a lone request, requests in lockstep), the
 refreshes are that step call, and where the step call is busy enough to run called, the
-refreshes beside it join it (``MERGED_WORK``). The host then reads which canvas positions are still masked and
-each row's step count (one copy a look: after every step, or every few steps when no request
-streams, stops or commits by a rule) and moves each request on. A finished request's row goes
-back to the pool at once; a waiting request takes it at the next step.
+refreshes beside it join it (``MERGED_WORK``). The host then reads which canvas positions are
+still masked and each row's step count (one copy a look: after every step, or every few steps
+when no request streams, stops or commits by a rule) and moves each request on. A finished
+request's row goes back to the pool at once; a waiting request takes it at the next step.
 
 Exactness (DESIGN.md contract 7): a request's tokens and trace equal ``paradec.generate`` of it
 alone with the same seed, and so do its steps and nfe as ``generate()`` counts them stepping one
@@ -511,8 +511,10 @@ class BatchEngine:
         ``isolated`` attention (a ``canvas`` row's refresh forwards its prompt, whose last state
         ``forward_rows`` keeps), when rows step too and the call's columns are worth it."""
         merged = [s for s in refreshing if s.isolated]
+        if not (stepping and merged):
+            return []
         columns = sum(s.step_width() for s in stepping) + sum(len(s.columns().refresh) for s in merged)
-        return merged if stepping and merged and columns * self.column_flops >= MERGED_WORK else []
+        return merged if columns * self.column_flops >= MERGED_WORK else []
 
     def _step_call(self, seqs: list[Sequence], action: Action = Action.STEP, ahead: int = 0,
                    refreshing: list[Sequence] = ()) -> None:

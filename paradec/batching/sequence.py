@@ -69,6 +69,7 @@ class WindowColumns:
     commit_at: torch.Tensor  # [n] long, host: ``commit`` as a tensor (indexes the row's masks)
     commit_groups: torch.Tensor  # [n] long, host: each commit column's group
     commit_offsets: torch.Tensor  # [n] long, host: each commit column's offset in its group's body
+    delayed_widths: dict[int, int] = field(default_factory=dict)  # action -> a delayed-KV step's width, as met
 
 
 @dataclass(eq=False)
@@ -174,10 +175,7 @@ class Sequence:
         commit_at = torch.tensor(commit, dtype=torch.long)
         groups = self.layout.groups[commit_at]
         body_starts = torch.tensor([start for start, _ in self.layout.bodies], dtype=torch.long)
-        in_window, in_blocks = set(commit), set(plan.block_columns(phase))
-        step_columns = [s - len(self.prompt_ids) for s in step]
-        successor = [plan.shifted and c + 1 in in_window for c in step_columns]
-        always = [c not in in_blocks for c in step_columns]
+        successor, always = plan.delayed_flags(phase, window, [s - len(self.prompt_ids) for s in step])
         return WindowColumns(step=step, step_successor=successor, step_always=always, refresh=refresh, commit=commit,
                              barred=plan.barred(commit), schedules=schedules,
                              commit_at=commit_at, commit_groups=groups, commit_offsets=commit_at - body_starts[groups])
@@ -186,12 +184,15 @@ class Sequence:
         """The columns this request's next step forwards (``ahead``: the step that many after it,
         with no look between): its step columns, or with delayed KV the bound on the ones that
         can change (``Plan.delayed_width``), at least one."""
-        step = self.columns().step
+        columns = self.columns()
         if not self.delayed or self.action is not Action.STEP:
-            return len(step)
-        by_rule = policies.of(self.config).rule != TOPK
-        bound = self.plan.delayed_width(self.plan.phases[self.phase], self.window, self.window_step + ahead, by_rule)
-        return max(1, min(len(step), bound))
+            return len(columns.step)
+        action = self.window_step + ahead
+        if action not in columns.delayed_widths:  # (asked for several times an engine step)
+            by_rule = policies.of(self.config).rule != TOPK
+            bound = self.plan.delayed_width(self.plan.phases[self.phase], self.window, action, by_rule)
+            columns.delayed_widths[action] = max(1, min(len(columns.step), bound))
+        return columns.delayed_widths[action]
 
     def prompt_slots(self) -> list[int]:
         return list(range(len(self.prompt_ids)))

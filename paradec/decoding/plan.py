@@ -108,6 +108,13 @@ class Plan:
             width += min(len(columns), 2 * bound + 1 if self.shifted else bound)
         return width
 
+    def delayed_flags(self, phase: list[int], window: int, columns: list[int]) -> tuple[list[bool], list[bool]]:
+        """Per step column of window ``window`` (canvas ``columns``), what delayed KV reads
+        beyond its tokens (``paradec.decoding.delayed.needed``): whether a window column follows
+        it (a shifted model's predecessor), and whether it lies outside the phase's blocks."""
+        in_window, in_blocks = set(self.window_columns(phase, window)), set(self.block_columns(phase))
+        return [self.shifted and c + 1 in in_window for c in columns], [c not in in_blocks for c in columns]
+
     def barred(self, columns: list[int]) -> list[bool]:
         """Whether EOS/EOT may not be chosen at each canvas column: in think blocks with
         ``bar_eos_in_blocks``, in the summary's first ``summary_min_tokens`` positions."""

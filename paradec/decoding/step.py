@@ -480,13 +480,13 @@ class PhaseSteps:
             width = self.block_width
         else:
             lists, width = [plan.step_columns(phase, window)], len(self.step_cols)
-        in_window, in_blocks = set(plan.window_columns(phase, window)), set(plan.block_columns(phase))
         flags = [[], [], []]
         for columns in lists:
-            pad = width - len(columns)
-            flags[0] += [True] * len(columns) + [False] * pad
-            flags[1] += [plan.shifted and c + 1 in in_window for c in columns] + [False] * pad
-            flags[2] += [c not in in_blocks for c in columns] + [False] * pad
+            pad = [False] * (width - len(columns))
+            successor, always = plan.delayed_flags(phase, window, columns)
+            flags[0] += [True] * len(columns) + pad
+            flags[1] += successor + pad
+            flags[2] += always + pad
         for buffer, values in zip((self.step_valid, self.step_successor, self.step_always), flags):
             buffer.copy_(torch.tensor(values, dtype=torch.bool))
 
