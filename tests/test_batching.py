@@ -179,6 +179,29 @@ def test_shifted_model_staggered_mixed_settings_equal_solo(shifted):
     assert run.joined_mid_decode >= 3
 
 
+@pytest.mark.parametrize("headers", [dict(summary_header=""), dict(think_header="", summary_header="")])
+def test_shifted_model_with_empty_headers_equals_solo(tmp_path, headers):
+    """A checkpoint whose config leaves headers empty: a shifted model predicts a headerless
+    group's first token from the column before it, in another group (the summary's from the last
+    think block, which the summary's cache holds); the step forwards that column and rewrites its
+    KV, in the engine's pool as in ``generate()``'s phase cache."""
+    root, _, _ = tiny_checkpoint(tmp_path, "dream", seed=11, paradec=headers)
+    empty = paradec.load(root)
+    assert empty.summary_header_ids() == []
+    mixed = [
+        (0, "dual", dict(SMALL, window=4, cache="dual")),
+        (1, "full-refresh", dict(SMALL, window=4, cache="dual", partial_refresh=False)),
+        (1, "delayed-kv", dict(SMALL, window=4, delayed_kv=True)),
+        (2, "prefix", dict(SMALL, window=3, cache="prefix")),
+        (3, "exact", dict(SMALL)),
+    ]
+    schedule = [(at, rid, SHIFTED_PROMPTS[i % 4], kw) for i, (at, rid, kw) in enumerate(mixed)]
+    run = Run(make_engine(empty, max_batch=3, max_prompt_tokens=16, max_canvas_tokens=64), schedule)
+    for _, rid, prompt, kwargs in schedule:
+        assert_same(run.results[rid], paradec.generate(empty, prompt, **kwargs), rid)
+    assert run.joined_mid_decode >= 2
+
+
 # --- 2. property: random settings, arrivals and batch sizes -------------------------------------
 POLICIES = [{}, dict(policy="margin"), dict(policy="entropy", tokens_per_step=2), dict(tokens_per_step=3),
             dict(policy="threshold", threshold=0.6), dict(policy="factor", factor=0.7)]

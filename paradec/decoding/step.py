@@ -297,18 +297,23 @@ class PhaseSteps:
                 self.refresh_cols = columns  # [W]
                 # The step's cache: the phase cache, then every refresh column's KV in a slot of its
                 # own; the refresh writes them all, a step rewrites its columns' slots, and every
-                # slot is a key (Fast-dLLM's dual cache, replaced in place). Last, a slot for each
-                # step column outside the phase (a shifted model's predecessor of a headerless
-                # group's first window): a key while a step forwards it.
+                # slot is a key (Fast-dLLM's dual cache, replaced in place). A step column outside
+                # the phase (a shifted model's predecessor of a headerless group's first window)
+                # rewrites its own slot in the phase cache where that holds it (the summary's,
+                # after the think blocks: as the batching engine's pool); else it gets a slot
+                # after them, a key while a step forwards it (a rank without that block).
                 in_phase = torch.zeros(self.canvas_offset + state.canvas.shape[1], dtype=torch.bool, device=device)
                 in_phase[columns] = True
                 outside = torch.tensor([c for k in range(windows) for c in plan.step_columns(phase, k)],
                                        dtype=torch.long, device=device) + self.canvas_offset
-                self.extra_cols = outside[~in_phase[outside]].unique()  # [E]
+                outside = outside[~in_phase[outside]].unique()
+                cached = outside + state.prompt_ids.shape[1] < base  # (base is 0 with no phase cache)
+                self.extra_cols = outside[~cached]  # [E]
                 self.extra_start = base + len(columns)
                 self.refresh_slots = base + torch.arange(len(columns), device=device)
                 self.slot_of = torch.full(in_phase.shape, -1, dtype=torch.long, device=device)
                 self.slot_of[columns] = self.refresh_slots
+                self.slot_of[outside[cached]] = outside[cached] + state.prompt_ids.shape[1]
                 self.slot_of[self.extra_cols] = self.extra_start + torch.arange(len(self.extra_cols), device=device)
                 self.step_slots = torch.zeros(step_width, dtype=torch.long, device=device)
                 self.cache = empty_cache(kv_like, cfg, b, self.extra_start + len(self.extra_cols), 0, torch.long)
