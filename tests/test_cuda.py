@@ -190,3 +190,32 @@ def test_the_sampler_draws_the_same_bits_on_the_gpu():
     cpu = sampler.uniform(*parts, sampler.TOKENS, 1000)
     gpu = sampler.uniform(*(p.cuda() for p in parts), sampler.TOKENS, 1000)
     assert torch.equal(cpu, gpu.cpu())
+
+
+def test_fused_functions_past_the_compile_limit_run_eager():
+    """A process that meets more kinds of input than dynamo compiles a function for (here a
+    limit of 1: fp32, then bf16, then fp32 under grad) runs the new kinds eager with one
+    warning instead of failing (fullgraph), and the kinds compiled before still run compiled."""
+    from paradec.models import layers
+
+    def rotation(x, cos, sin):  # a fresh code object: dynamo's count starts at 0
+        return layers.apply_rotary(x, cos, sin)
+
+    rotate = layers.fused(rotation)
+    x = torch.randn(2, 4, 8, 16, device="cuda")
+    cos, sin = torch.randn(2, 1, 8, 16, device="cuda"), torch.randn(2, 1, 8, 16, device="cuda")
+    with torch._dynamo.config.patch(recompile_limit=1), torch.no_grad():
+        torch.testing.assert_close(rotate(x, cos, sin), layers.apply_rotary(x, cos, sin))  # compiled
+        with pytest.warns(RuntimeWarning, match="recompile limit reached for rotation"):
+            eager = rotate(x.bfloat16(), cos, sin)
+        assert torch.equal(eager, layers.apply_rotary(x.bfloat16(), cos, sin))
+        assert torch.equal(rotate(x[:1].bfloat16(), cos[:1], sin[:1]), layers.apply_rotary(x[:1].bfloat16(),
+                                                                                            cos[:1], sin[:1]))
+        torch.testing.assert_close(rotate(2 * x, cos, sin), layers.apply_rotary(2 * x, cos, sin))
+        compiled = layers._kind(rotation, (x, cos, sin))
+        assert layers._kind(rotation, (x.bfloat16(), cos, sin)) in layers._eager
+    with torch._dynamo.config.patch(recompile_limit=1), torch.enable_grad():
+        grad = x.clone().requires_grad_()
+        assert torch.equal(rotate(grad, cos, sin), layers.apply_rotary(grad, cos, sin))
+        assert layers._kind(rotation, (grad, cos, sin)) in layers._eager
+    assert compiled not in layers._eager

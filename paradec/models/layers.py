@@ -11,6 +11,7 @@ replaces the indexed writes into the rows).
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -85,20 +86,40 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 # 8B step); compiled, each is one fused kernel. The formulas are the same, but a fused kernel
 # keeps its intermediates in fp32 where eager bf16 rounds them, so bf16 logits can differ from
 # eager ones in the last bits. Compiled lazily, for CUDA tensors only (CPU runs stay eager);
-# PARADEC_COMPILE=0 turns it off.
+# PARADEC_COMPILE=0 turns it off. Dynamo compiles a function at most ``recompile_limit`` (8)
+# times, once per kind of input (dtype, rank, layout, grad mode; sizes are dynamic): a process
+# that meets more kinds (models of several dtypes, training then decoding) runs the new kinds
+# eager, with one warning, instead of failing (fullgraph=True raises at the limit).
 _FUSE = os.environ.get("PARADEC_COMPILE", "1") != "0"
 _fused: dict = {}
+_eager: set = set()  # (fn, input kind) that met the recompile limit
 
 
 def fused(fn):
     def call(*tensors):
         if not (_FUSE and tensors[0].is_cuda):
             return fn(*tensors)
+        if _eager and _kind(fn, tensors) in _eager:
+            return fn(*tensors)
         if fn not in _fused:
             _fused[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
-        return _fused[fn](*tensors)
+        try:
+            return _fused[fn](*tensors)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            if not any(kind[0] is fn for kind in _eager):
+                warnings.warn(f"torch.compile's recompile limit reached for {fn.__name__}: its new kinds of "
+                              "input run eager (the same formula, unfused)", RuntimeWarning, stacklevel=2)
+            _eager.add(_kind(fn, tensors))
+            return fn(*tensors)
 
     return call
+
+
+def _kind(fn, args) -> tuple:
+    """What a compiled function's guards tell its inputs apart by (the grad mode, and each
+    tensor's dtype, rank, layout and grad; a number's value), sizes aside."""
+    return (fn, torch.is_grad_enabled(), *((a.dtype, a.dim(), a.is_contiguous(), a.requires_grad)
+                                           if isinstance(a, torch.Tensor) else a for a in args))
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
