@@ -319,3 +319,21 @@ def test_nothing_outside_models_reaches_a_private_of_models():
                 offenders += [f"{path.relative_to(ROOT)}:{node.lineno} import {a.name}"
                               for a in node.names if a.name.startswith("_")]
     assert not offenders, offenders
+
+
+def test_fused_input_kinds_are_no_coarser_than_dynamos_guards():
+    """``layers._kind``: inputs that dynamo compiles apart (sizes of 0 and 1, stride order,
+    dtype, grad mode) are kinds apart, so a kind that met the recompile limit never sends one
+    that compiled eager; sizes past 1 (dynamic) are one kind."""
+    from paradec.models import layers
+
+    x = torch.randn(2, 4, 8, 16)
+    kind = lambda *args: layers._kind(layers.apply_rotary, args)  # noqa: E731
+    with torch.no_grad():
+        base = kind(x)
+        assert base == kind(torch.randn(3, 5, 9, 16))
+        others = [kind(x[:1]), kind(x[:, :, :0]), kind(x.transpose(1, 2)), kind(x.bfloat16()), kind(x[..., ::2]),
+                  kind(x.clone().requires_grad_())]
+    with torch.enable_grad():
+        others.append(kind(x))
+    assert len({base, *others}) == len(others) + 1

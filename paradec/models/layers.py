@@ -87,12 +87,13 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 # keeps its intermediates in fp32 where eager bf16 rounds them, so bf16 logits can differ from
 # eager ones in the last bits. Compiled lazily, for CUDA tensors only (CPU runs stay eager);
 # PARADEC_COMPILE=0 turns it off. Dynamo compiles a function at most ``recompile_limit`` (8)
-# times, once per kind of input (dtype, rank, layout, grad mode; sizes are dynamic): a process
+# times, once per kind of input (dtype, device, layout, grad mode; sizes but 0 and 1 are dynamic): a process
 # that meets more kinds (models of several dtypes, training then decoding) runs the new kinds
 # eager, with one warning, instead of failing (fullgraph=True raises at the limit).
 _FUSE = os.environ.get("PARADEC_COMPILE", "1") != "0"
 _fused: dict = {}
 _eager: set = set()  # (fn, input kind) that met the recompile limit
+_warned: set = set()  # functions whose limit was reported
 
 
 def fused(fn):
@@ -106,7 +107,8 @@ def fused(fn):
         try:
             return _fused[fn](*tensors)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
-            if not any(kind[0] is fn for kind in _eager):
+            if fn not in _warned:
+                _warned.add(fn)
                 warnings.warn(f"torch.compile's recompile limit reached for {fn.__name__}: its new kinds of "
                               "input run eager (the same formula, unfused)", RuntimeWarning, stacklevel=2)
             _eager.add(_kind(fn, tensors))
@@ -116,10 +118,15 @@ def fused(fn):
 
 
 def _kind(fn, args) -> tuple:
-    """What a compiled function's guards tell its inputs apart by (the grad mode, and each
-    tensor's dtype, rank, layout and grad; a number's value), sizes aside."""
-    return (fn, torch.is_grad_enabled(), *((a.dtype, a.dim(), a.is_contiguous(), a.requires_grad)
-                                           if isinstance(a, torch.Tensor) else a for a in args))
+    """What a compiled function's guards tell its inputs apart by, sizes aside: the grad mode,
+    and each tensor's dtype, device, rank, sizes of 0 or 1 (specialised even when dynamic),
+    stride order and grad; a number's value. Finer than the guards is safe (a kind not yet met
+    tries the compiled function first); coarser would send a compiled kind eager."""
+    def tensor(a: torch.Tensor) -> tuple:
+        order = tuple(sorted(range(a.dim()), key=lambda i: -a.stride(i)))
+        return a.dtype, a.device, tuple(n if n < 2 else 2 for n in a.shape), order, a.is_contiguous(), a.requires_grad
+
+    return (fn, torch.is_grad_enabled(), *(tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
