@@ -83,6 +83,28 @@ def test_spread_over_ranks_equals_one_process(model_dir, one_process, world_size
                 assert [x["token_ids"] for x in ranks[r][i]] == [x["token_ids"] for x in got]
 
 
+def test_a_shifted_model_with_a_headerless_summary_spreads_as_one_process(tmp_path):
+    """A Dream-style checkpoint whose summary has no header predicts the summary's first token
+    from the last think column's final state: gathered as tokens the summary rank recomputes it
+    with the blocks' KV; gathered as KV the rank holding the last block sends it (here rank 2)."""
+    root, _, _ = tiny_checkpoint(tmp_path / "dream", "dream", seed=11, paradec={"summary_header": ""})
+    scenarios = [
+        {"prompts": PROMPTS, "config": {"blocks": 3, "block_len": 6, "summary_len": 4, "seed": 8, "gather": "kv"}},
+        {"prompts": [PROMPTS[0]], "config": {"blocks": 3, "block_len": 8, "summary_len": 4, "window": 3,
+                                              "gather": "kv"}},
+        {"prompts": PROMPTS, "config": {"blocks": 3, "block_len": 8, "summary_len": 4, "window": 4,
+                                         "gather": "tokens"}},
+    ]
+    model = paradec.load(root)
+    one_process = [paradec.generate(model, s["prompts"], **s["config"]) for s in scenarios]
+    out = tmp_path / "out"
+    out.mkdir()
+    assert launch(3, run_scenarios, (str(root), scenarios, str(out))) == [0] * 3
+    got = json.loads((out / "rank0.json").read_text())
+    for i, expected in enumerate(one_process):
+        assert [(g["token_ids"], g["trace"]) for g in got[i]] == [(e.token_ids, e.trace) for e in expected], i
+
+
 def test_placement_plan():
     assert Placement.plan(5, 2).blocks_of_rank == ((0, 1, 2), (3, 4))
     assert Placement.plan(2, 4).blocks_of_rank == ((0,), (1,), (), ())

@@ -284,3 +284,23 @@ def test_batched_request_equals_it_alone(models, family, temperature, settings_)
         if note is not None and note.margin < TIE_TOL:
             pytest.skip(f"near tie: {message}")
         raise AssertionError(message)
+
+
+@pytest.mark.parametrize("headers", [dict(summary_header=""), dict(think_header="", summary_header="")],
+                         ids=["headerless-summary", "no-headers"])
+@pytest.mark.parametrize("settings_", [
+    NAP | dict(tokens_per_step=2),
+    NAP | dict(policy="threshold", threshold=0.1, temperature=0.8, seed=3),
+    NAP | dict(block_len=7, window=3, cache="none"),
+    NAP | dict(summary="concurrent"),
+], ids=["nap", "nap-threshold-sampled", "nap-window", "nap-concurrent"])
+def test_a_shifted_model_without_headers_decodes_as_the_reference(tmp_path, headers, settings_):
+    """A Dream-style checkpoint whose config leaves headers empty: each headerless group's first
+    token is predicted from the column before it (the prompt's last, the previous block's, the
+    last think block's: the summary's refresh and exact steps read that one from the cache's
+    extension, ``PromptCache.last_hidden``)."""
+    root, _, _ = tiny_checkpoint(tmp_path, "dream", seed=11, paradec=headers)
+    model = paradec.load(root)
+    assert model.summary_header_ids() == []
+    for prompt in PROMPTS:
+        check(model, prompt, **settings_)

@@ -397,6 +397,9 @@ class BatchEngine:
             if not seqs:
                 continue
             width = self._commit_width(seqs) if action in (Action.REFRESH, Action.STEP) else None
+            if action is Action.EXTEND:  # its last slot's state predicts a headerless summary's first token
+                self.rows.hidden_slot[[s.row for s in seqs]] = to_device([s.extend_slots()[-1] for s in seqs],
+                                                                         self.rows.device)
             logits = calls.forward_rows([s.row for s in seqs], [_QUERIES[action](s) for s in seqs], width)
             self._mark(action.value)
             if logits is not None:

@@ -8,7 +8,9 @@ dummy group that padding columns belong to):
   column's slot (after the row's prompt); extent [R] (host): the row's keys lie in [0, extent).
 - canvas, trace [R, C]; editable [R, C]; groups [R, C] (G - 1 past the row's canvas).
 - seeds [R]; group_steps, window_steps [R, G]; step [R]: the sampler's keys and the counters.
-- prompt_lens [R]; last_hidden [R, d] (a shifted model's prediction of the first canvas token).
+- prompt_lens [R]; last_hidden [R, d], the final state of slot hidden_slot [R] (a shifted model's
+  prediction of the slot after it): the prompt's last, after the summary's extension the last
+  think column (a headerless summary's first token).
 - canvas_attention [R]: the row attends under ``canvas`` (else ``isolated``); eos_fill [R].
 - delayed [R]: the row's steps forward only what can change (``paradec.decoding.delayed``), with
   step_successor, step_always [R, S] per step slot.
@@ -63,6 +65,7 @@ class Rows:
         self.step = torch.zeros(r, **long)
         self.prompt_lens = torch.ones(r, **long)
         self.last_hidden = torch.zeros(r, hidden, dtype=dtype, device=device)
+        self.hidden_slot = torch.zeros(r, **long)
         self.canvas_attention = torch.zeros(r, dtype=torch.bool, device=device)
         self.eos_fill = torch.zeros(r, dtype=torch.bool, device=device)
         self.body_starts = torch.zeros(r, g, **long)
@@ -132,6 +135,7 @@ class Rows:
         self.step[row] = 0
         self.prompt_lens[row] = p
         self.last_hidden[row] = 0
+        self.hidden_slot[row] = p - 1
         self.canvas_attention[row] = seq.config.attention == "canvas"
         self.eos_fill[row] = seq.config.eos_closes_block
         self.budgeted[row] = seq.config.steps is not None
@@ -207,8 +211,8 @@ class Rows:
         return [self.ids, self.positions, self.segments, self.canvas, self.canvas_slots, self.extent, self.trace,
                 self.editable, self.groups,
                 self.seeds, self.group_steps, self.window_steps, self.step, self.prompt_lens, self.last_hidden,
-                self.canvas_attention, self.eos_fill, self.body_starts, self.stepping, self.step_slots,
-                self.delayed, self.step_successor, self.step_always,
+                self.hidden_slot, self.canvas_attention, self.eos_fill, self.body_starts, self.stepping,
+                self.step_slots, self.delayed, self.step_successor, self.step_always,
                 self.refresh_slots, self.commit_cols, self.commit_valid, self.barred, self.commit_groups,
                 self.commit_offsets, self.quotas, self.schedule_len, self.budgeted]
 

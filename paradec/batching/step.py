@@ -242,7 +242,7 @@ class BatchStep:
         real = self._real(lengths, width) if sum(lengths) < len(queries) * width else None
         hidden, positions, segments, cache = self._forward(at, kv, slots, keys, real=real)
         arange = torch.arange(len(queries), device=device)
-        last = slots == (rows.prompt_lens[at] - 1)[:, None]  # the prompt's last token, if forwarded
+        last = slots == rows.hidden_slot[at, None]  # the prompt's last token, or the extension's, if forwarded
         state = hidden[arange, last.float().argmax(1)]
         rows.last_hidden[at] = torch.where(last.any(1)[:, None], state, rows.last_hidden[at])
         if commit_width is None:
@@ -301,7 +301,8 @@ class BatchStep:
         keys = rows.segments[at, :width]  # [b, K]
         mask = torch.where(rows.canvas_attention[at, None, None, None], attention_mask(segments, keys, "canvas"),
                            attention_mask(segments, keys, "isolated"))
-        cache = PromptCache(kv=kv, segments=keys, lengths=rows.prompt_lens[at], last_hidden=rows.last_hidden[at])
+        cache = PromptCache(kv=kv, segments=keys, lengths=rows.hidden_slot[at] + 1,  # (a slot is its position)
+                            last_hidden=rows.last_hidden[at])
         if real is None:
             x = module.embed(ids.clamp(min=0)) if x is None else x
             hidden, _ = module.run_layers(x, positions, mask, cache, slots, segments, layers)

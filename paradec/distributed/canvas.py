@@ -92,16 +92,16 @@ def _decode(engine: Engine, config: GenerationConfig, layout: CanvasLayout, prom
         forwards = out.nfe
     timings |= {"think": clock.lap(), "forwards": forwards}
     guard.tick()
-    own_kv = None
-    if config.gather == "kv":  # before the meeting: every rank computes its blocks' KV at once
-        own_kv = _own_blocks_kv(model, local, cache, placement, env, layout)
+    own_blocks = None
+    if config.gather == "kv":  # before the meeting: every rank computes its blocks' KV (and last state) at once
+        own_blocks = _own_blocks_kv(model, local, cache, placement, env, layout)
         timings["blocks_kv"] = clock.lap()
         guard.tick()
 
     with guard.meeting("gather"):
         timings["wait"] = clock.lap()  # for the slowest rank
         canvas, trace = _gather_tokens(local, env)
-        blocks_kv = _gather_kv(local, cache, own_kv, placement, env, layout) if config.gather == "kv" else None
+        blocks_kv = _gather_kv(local, cache, own_blocks, placement, env, layout) if config.gather == "kv" else None
     timings["gather"] = clock.lap()
 
     output = None
@@ -164,9 +164,10 @@ def _gather_tokens(local: Runner, env: DistEnv) -> tuple[torch.Tensor, torch.Ten
 
 
 def _own_blocks_kv(model: DiffusionModel, local: Runner, cache: PromptCache, placement: Placement, env: DistEnv,
-                   layout: CanvasLayout) -> torch.Tensor | None:
+                   layout: CanvasLayout) -> tuple[torch.Tensor, torch.Tensor] | None:
     """This rank's blocks' KV (exact under ``isolated``: a block sees the prompt and itself),
-    [L, 2, B, Hkv, T_rank, D]; None for a rank without blocks."""
+    [L, 2, B, Hkv, T_rank, D], and its last column's final hidden state [B, d] (the last think
+    block's predicts a headerless summary's first token); None for a rank without blocks."""
     span = _spans(placement, layout)[env.rank]
     if span is None:
         return None
@@ -174,38 +175,48 @@ def _own_blocks_kv(model: DiffusionModel, local: Runner, cache: PromptCache, pla
     state = local.state
     extended = model.module.extend(cache, state.canvas[:, cols], state.positions[:, cols], state.segments[:, cols],
                                    "isolated")
-    return extended.kv[..., cache.num_tokens:, :].contiguous()
+    return extended.kv[..., cache.num_tokens:, :].contiguous(), extended.last_hidden.contiguous()
 
 
-def _gather_kv(local: Runner, cache: PromptCache, own_kv: torch.Tensor | None, placement: Placement,
-               env: DistEnv, layout: CanvasLayout) -> PromptCache | None:
+def _gather_kv(local: Runner, cache: PromptCache, own: tuple[torch.Tensor, torch.Tensor] | None,
+               placement: Placement, env: DistEnv, layout: CanvasLayout) -> PromptCache | None:
     """Every rank sends its blocks' KV to rank 0, which lays the prompt KV and all blocks' KV
-    end to end (a cache for the summary)."""
+    end to end (a cache for the summary), with the last think column's final state, which the
+    rank holding that block sends as well (``PromptCache.last_hidden``)."""
     spans = _spans(placement, layout)
+    end = layout.blocks[layout.num_think_blocks - 1][1]
+    last_rank = next(rank for rank, span in enumerate(spans) if span is not None and span[1] == end)
     if env.rank != SUMMARY_RANK:
-        if own_kv is not None:
-            dist.send(own_kv, dst=SUMMARY_RANK)
+        if own is not None:
+            dist.send(own[0], dst=SUMMARY_RANK)
+            if env.rank == last_rank:
+                dist.send(own[1], dst=SUMMARY_RANK)
         return None
     tails = []
     for rank, span in enumerate(spans):
         if span is None:
             continue
         if rank == SUMMARY_RANK:
-            tails.append(own_kv)
+            tails.append(own[0])
             continue
         shape = list(cache.kv.shape)
         shape[4] = span[1] - span[0]
         received = cache.kv.new_empty(shape)
         dist.recv(received, src=rank)
         tails.append(received)
+    if last_rank == SUMMARY_RANK:
+        last_hidden = own[1]
+    else:
+        last_hidden = torch.empty_like(cache.last_hidden)
+        dist.recv(last_hidden, src=last_rank)
     p = cache.num_tokens
-    end = layout.blocks[layout.num_think_blocks - 1][1]
     reserve = layout.length - end
     kv = cache.kv.new_empty(*cache.kv.shape[:4], p + end + reserve, cache.kv.shape[5])
     kv[..., :p, :] = cache.kv[..., :p, :]
     kv[..., p : p + end, :] = torch.cat(tails, dim=4)
     segments = torch.cat((cache.segments, local.state.segments[:, :end]), dim=1)
-    return PromptCache(kv=kv, segments=segments, lengths=cache.lengths, last_hidden=cache.last_hidden)
+    lengths = local.state.positions[:, end - 1] + 1
+    return PromptCache(kv=kv, segments=segments, lengths=lengths, last_hidden=last_hidden)
 
 
 def _spans(placement: Placement, layout: CanvasLayout) -> list[tuple[int, int] | None]:

@@ -126,15 +126,16 @@ class DiffusionTransformer(nn.Module):
         reserve: int = 0,
     ) -> PromptCache:
         """A new cache holding ``cache`` plus these tokens' KV (finished think blocks, say,
-        before the summary decodes). Exact under ``isolated`` when nothing cached attends to
-        tokens that come later. input_ids, positions, segments: [B, T]."""
+        before the summary decodes), and the last token's hidden state (``PromptCache.lengths``).
+        Exact under ``isolated`` when nothing cached attends to tokens that come later.
+        input_ids, positions, segments: [B, T] (every row's last column a real token)."""
         check_mode(mode)
         self._check(input_ids, positions, segments)
         key_segments = torch.cat((cache.segments, segments), dim=1)
         mask = attention_mask(segments, key_segments, mode)
-        _, kv = self.run_layers(self.embed(input_ids.clamp(min=0)), positions, mask, cache, None, segments)
+        hidden, kv = self.run_layers(self.embed(input_ids.clamp(min=0)), positions, mask, cache, None, segments)
         buffer = kv_buffer(cache.kv[..., : cache.num_tokens, :], kv, reserve)
-        return PromptCache(kv=buffer, segments=key_segments, lengths=cache.lengths, last_hidden=cache.last_hidden)
+        return PromptCache(kv=buffer, segments=key_segments, lengths=positions[:, -1] + 1, last_hidden=hidden[:, -1])
 
     @torch.no_grad()
     def forward(
