@@ -154,7 +154,7 @@ def generate(
     encoded = [ids for p in batch for ids in [encode_prompt(model, p, config, layout)] * n]
     batch = [p for p in batch for _ in range(n)]  # prompt-major: request p*n + i is prompt p's sample i
     validate(config, layout=layout, ranks=env.world_size, answerer=answerer is not None,
-             prompt_tokens=max(map(len, encoded)), max_length=model.spec.max_length)
+             prompt_tokens=max(map(len, encoded)), max_length=model.spec.max_length, shifted=model.spec.shift_logits)
     engine = engine_for(model)
     placement = rank_timings = None
     if on_step is not None and env.distributed:

@@ -105,6 +105,30 @@ def test_a_shifted_model_with_a_headerless_summary_spreads_as_one_process(tmp_pa
         assert [(g["token_ids"], g["trace"]) for g in got[i]] == [(e.token_ids, e.trace) for e in expected], i
 
 
+def test_a_shifted_model_with_headerless_think_blocks_is_not_spread(tmp_path):
+    """Without think headers a shifted model predicts block j's first token from block j - 1's
+    last column, which another rank decodes: spreading is refused by name, one process is not."""
+    from paradec.api import build_layout, resolve_config
+    from paradec.config.validation import validate
+
+    root, _, _ = tiny_checkpoint(tmp_path / "dream", "dream", seed=11, paradec={"think_header": ""})
+    model = paradec.load(root)
+    config = resolve_config(model, blocks=3, block_len=6, summary_len=4)
+    layout = build_layout(model, config)
+    with pytest.raises(paradec.ConfigError, match=r"think blocks \[2, 3\] have no header.*run one process"):
+        validate(config, layout=layout, ranks=2, shifted=True)
+    validate(config, layout=layout, ranks=1, shifted=True)
+    validate(config, layout=layout, ranks=2, shifted=False)  # (LLaDA reads a position's own state)
+    headed = paradec.load(tiny_checkpoint(tmp_path / "headed", "dream", seed=11, paradec={"summary_header": ""})[0])
+    validate(config, layout=build_layout(headed, config), ranks=2, shifted=True)  # (the summary is rank 0's)
+    out = tmp_path / "out"
+    out.mkdir()
+    scenarios = [{"prompts": "a b c", "config": dict(blocks=3, block_len=6, summary_len=4)}]
+    assert launch(2, run_expecting_errors, (str(root), scenarios, str(out))) == [0, 0]
+    for r in range(2):
+        assert "ConfigError: think blocks [2, 3] have no header" in json.loads((out / f"rank{r}.json").read_text())[0]
+
+
 def test_placement_plan():
     assert Placement.plan(5, 2).blocks_of_rank == ((0, 1, 2), (3, 4))
     assert Placement.plan(2, 4).blocks_of_rank == ((0,), (1,), (), ())

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 def validate(config: GenerationConfig, *, layout: CanvasLayout | None = None,
              think_blocks: Sequence[int] | None = None, summary: bool | None = None,
              window_steps: int | None = None, ranks: int = 1, answerer: bool = False,
-             prompt_tokens: int = 0, max_length: int | None = None) -> None:
+             prompt_tokens: int = 0, max_length: int | None = None, shifted: bool = False) -> None:
     """Raises ``ConfigError`` unless ``config`` can decode in this context.
 
     layout: the canvas it decodes (needed by ``think_blocks``, ``summary`` and ``max_length``).
@@ -33,7 +33,8 @@ def validate(config: GenerationConfig, *, layout: CanvasLayout | None = None,
     think block, and the summary when it decodes all of them). window_steps: Fast-dLLM's bound
     on a window's steps (``FastDLLMRules.window_steps``). ranks: how many ranks the think blocks
     are spread over. answerer: an AR answerer reads the think blocks. max_length, prompt_tokens:
-    the model's maximum length, which the longest prompt and the canvas must fit in.
+    the model's maximum length, which the longest prompt and the canvas must fit in. shifted: the
+    model predicts a position from the one before it (Dream; spreading its blocks needs headers).
     """
     check_request(config)
     check_runtime(config)
@@ -51,6 +52,8 @@ def validate(config: GenerationConfig, *, layout: CanvasLayout | None = None,
                           "region of its own)")
     if ranks > 1:
         _check_spread(config, ranks)
+        if shifted:
+            _check_spread_headers(_needs(layout, "shifted"), ranks)
     if answerer:
         _check_answerer(config, ranks)
     if max_length is not None:
@@ -110,6 +113,18 @@ def _check_spread(config: GenerationConfig, ranks: int) -> None:
         raise ConfigError(
             "summary='concurrent' attends to every think block at every step, so it cannot be spread "
             "over ranks; use summary='after' or run one process"
+        )
+
+
+def _check_spread_headers(layout: CanvasLayout, ranks: int) -> None:
+    """A shifted model predicts a headerless block's first token from the column before it, the
+    previous block's last: with the blocks on other ranks that column is still masked there."""
+    headerless = [j + 1 for j in range(1, layout.num_think_blocks) if layout.bodies[j][0] == layout.blocks[j][0]]
+    if headerless:
+        raise ConfigError(
+            f"think blocks {headerless} have no header (the checkpoint's paradec.think_header is empty), so a "
+            "shifted model (Dream) predicts each one's first token from the previous block's last column, which "
+            f"another of the {ranks} ranks may decode; give the blocks a header or run one process"
         )
 
 
