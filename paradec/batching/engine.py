@@ -398,8 +398,9 @@ class BatchEngine:
                 continue
             width = self._commit_width(seqs) if action in (Action.REFRESH, Action.STEP) else None
             if action is Action.EXTEND:  # its last slot's state predicts a headerless summary's first token
-                self.rows.hidden_slot[[s.row for s in seqs]] = to_device([s.extend_slots()[-1] for s in seqs],
-                                                                         self.rows.device)
+                device = self.rows.device  # (device indices: a host list would sync with the stream)
+                self.rows.hidden_slot.index_copy_(0, to_device([s.row for s in seqs], device),
+                                                  to_device([s.extend_slots()[-1] for s in seqs], device))
             logits = calls.forward_rows([s.row for s in seqs], [_QUERIES[action](s) for s in seqs], width)
             self._mark(action.value)
             if logits is not None:

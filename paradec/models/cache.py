@@ -17,12 +17,11 @@ class PromptCache:
     kv: [L, 2, B, Hkv, C, D], one tensor (so it moves between ranks in one message) whose first
     P tokens are the prompt's; the C - P tokens after them are scratch room ("reserve") where a
     forward of up to C - P tokens writes its own k/v in place instead of copying the cache;
-    segments: [B, P], PROMPT or PAD (prompts are right-padded); lengths: [B], each row's cached
-    tokens end there (the prompt's length; after ``extend``, the position after the extension);
-    last_hidden: [B, d], the final-layer hidden state (before the final norm) of the token at
-    position lengths - 1 (the prompt's last, or the extension's last: the finished think blocks'
-    last column), which a shifted model (Dream) needs to predict the position after it when no
-    header follows.
+    segments: [B, P], PROMPT or PAD (prompts are right-padded); lengths: [B] and last_hidden:
+    [B, d], the final-layer hidden state (before the final norm) of each row's token at position
+    lengths - 1: the prompt's last (lengths: the prompt's), or after ``extend`` the extension's
+    last (the finished think blocks' last column), which a shifted model (Dream) needs to predict
+    the position after it when no header follows.
     """
 
     kv: torch.Tensor
