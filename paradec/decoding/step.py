@@ -307,13 +307,14 @@ class PhaseSteps:
                 outside = torch.tensor([c for k in range(windows) for c in plan.step_columns(phase, k)],
                                        dtype=torch.long, device=device) + self.canvas_offset
                 outside = outside[~in_phase[outside]].unique()
-                cached = outside + state.prompt_ids.shape[1] < base  # (base is 0 with no phase cache)
+                prompt = state.prompt_ids.shape[1]  # (a phase cache holds canvas column c at prompt + c)
+                cached = outside + prompt < base  # (base is 0 with no phase cache)
                 self.extra_cols = outside[~cached]  # [E]
                 self.extra_start = base + len(columns)
                 self.refresh_slots = base + torch.arange(len(columns), device=device)
                 self.slot_of = torch.full(in_phase.shape, -1, dtype=torch.long, device=device)
                 self.slot_of[columns] = self.refresh_slots
-                self.slot_of[outside[cached]] = outside[cached] + state.prompt_ids.shape[1]
+                self.slot_of[outside[cached]] = outside[cached] + prompt
                 self.slot_of[self.extra_cols] = self.extra_start + torch.arange(len(self.extra_cols), device=device)
                 self.step_slots = torch.zeros(step_width, dtype=torch.long, device=device)
                 self.cache = empty_cache(kv_like, cfg, b, self.extra_start + len(self.extra_cols), 0, torch.long)
