@@ -154,10 +154,11 @@ def check_grouped_attention(device: str, dtype: torch.dtype, d: int, seed: int =
         assert torch.equal(alone, got[:, :, mine]), j
 
 
-def check_model(device: str, dtype: torch.dtype, root_dir: Path, decode=("llada", "dream")) -> None:
+def check_model(device: str, dtype: torch.dtype, root_dir: Path, decode=("llada", "dream"),
+                modes=("block", "nap")) -> None:
     """The tiny models routed through the kernels: close to the default path, and (for the
     families in ``decode``) a request's tokens the same batched (mixed prompt lengths) as alone,
-    in block-dual and NAP-window modes."""
+    in ``modes``: block-dual and NAP-window."""
     import paradec
 
     sys.path.insert(0, str(HERE))
@@ -188,7 +189,7 @@ def check_model(device: str, dtype: torch.dtype, root_dir: Path, decode=("llada"
                          attention="canvas"),
                     dict(mode="nap", blocks=2, block_len=6 * scale, summary_len=2 * scale, window=3 * scale,
                          tokens_per_step=2)]
-        for config in settings:
+        for config in [c for c in settings if c["mode"] in modes]:
             with bi.batch_invariant():
                 paradec.engine_for(model).release_kept()
                 batch = paradec.generate(model, prompts, seed=3, eos_closes_block=False, **config)
@@ -205,7 +206,7 @@ def run_all(device: str, dtypes, root_dir: Path) -> None:
         check_norms(device, dtype)
         check_attention(device, dtype)
         check_attention(device, dtype, d=16, canvas=3, prompt_lens=(5, 70))
-    check_model(device, dtypes[0], root_dir, decode=("llada",))
+    check_model(device, dtypes[0], root_dir, decode=("llada",), modes=("nap",))
 
 
 # --- on the CPU, in Triton's interpreter ------------------------------------------------------
@@ -234,9 +235,14 @@ def fixed_order_interpreter_dot() -> None:
 def test_kernels_in_the_triton_interpreter(tmp_path):
     """The kernels' logic (indexing, splits, key order, routing) on the CPU: a child process with
     TRITON_INTERPRET=1 runs every check (bf16 and fp32; the interpreter computes bf16 dots in fp32,
-    in a fixed order: ``fixed_order_interpreter_dot``)."""
+    in a fixed order: ``fixed_order_interpreter_dot``). Attention splits the keys every 128 there
+    (``KV_SPLIT``; 512 on a GPU): a program's loop runs its whole split, padding included, and the
+    interpreter runs it a program at a time; every split path is still taken, more splits a row
+    than at 512. The model decodes in NAP windows only (the block-dual decode runs on a GPU).
+    ~100 -> ~61 s on 2 cores."""
     code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import test_batch_invariant as t; "
-            "from paradec.ops import batch_invariant as bi; bi.DEVICES.add('cpu'); torch.set_num_threads(1); "
+            "from paradec.ops import batch_invariant as bi; bi.DEVICES.add('cpu'); bi.KV_SPLIT = 128; "
+            "torch.set_num_threads(1); "
             "t.fixed_order_interpreter_dot(); "
             "t.run_all('cpu', [torch.bfloat16, torch.float32], __import__('pathlib').Path(sys.argv[2])); print('ok')")
     env = dict(os.environ, TRITON_INTERPRET="1", PARADEC_BATCH_INVARIANT="0")
