@@ -490,6 +490,8 @@ def encode_prompt(model: DiffusionModel, prompt: Prompt, config: GenerationConfi
         bad = [t for t in ids if not 0 <= t < model.spec.vocab_size]
         if bad:
             raise InputError(f"prompt token ids must lie in [0, {model.spec.vocab_size}); got {bad[:5]}")
+    if not ids:  # (chat messages with empty content, or text the tokenizer drops, encode to nothing)
+        raise InputError("a prompt encodes to no tokens: give text, token ids or messages with some content")
     structure = {model.spec.mask_id} | _single_token_headers(layout)
     found = sorted(structure & set(ids))
     if found:

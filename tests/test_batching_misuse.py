@@ -76,6 +76,8 @@ BAD_ADDS = [  # (request id, prompt, settings, error, a name the message holds)
     ("new", "", {}, InputError, "empty"),
     ("new", "   ", {}, InputError, "empty"),
     ("new", [], {}, InputError, "empty"),
+    ("new", [{"role": "user", "content": ""}], {}, InputError, "no tokens"),  # chat that encodes to nothing
+    ("new", [{"role": "user", "content": " "}], dict(attention="canvas"), InputError, "no tokens"),
     ("new", [7, 10_000], {}, InputError, "token ids must lie"),  # out of the vocabulary
     ("new", [7, -1], {}, InputError, "token ids must lie"),
     ("new", [7.0, 8.0], {}, InputError, "must be ints"),

@@ -67,6 +67,9 @@ def test_empty_prompts(model):
         paradec.generate(model, [])
     with pytest.raises(InputError, match="a prompt is empty"):
         paradec.generate(model, ["a", []])
+    for attention in ("isolated", "canvas"):  # chat messages that encode to no tokens
+        with pytest.raises(InputError, match="a prompt encodes to no tokens"):
+            paradec.generate(model, [{"role": "user", "content": " "}], attention=attention)
 
 
 def test_canvas_longer_than_the_model(model):
