@@ -649,6 +649,82 @@ def test_async_aborted_stream_hears_request_aborted_and_the_id_is_free(model):
     assert_same(outputs[-1].result, solo(model, QUESTIONS[1], TINY))
 
 
+@pytest.mark.parametrize("ended_by", ["abort", "step error"])
+def test_async_an_id_taken_again_survives_its_old_consumer(model, monkeypatch, ended_by):
+    """A request ended by ``abort`` or by a step that raised frees its id at once; a new request
+    may take it before the old consumer has read why its stream ended. That consumer's leaving
+    then stops nothing (before: it aborted by id, so the new request, and its stream hung)."""
+    engine = make_engine(model, max_batch=2)
+    streams = AsyncBatchEngine(engine)
+    if ended_by == "step error":
+        seen = _raise_once(monkeypatch, engine.calls, "step_logits")
+        seen.append("armed later")  # (armed once the old stream has its first output)
+
+    async def main():
+        old = streams.generate(QUESTIONS[0], request_id="x", **SMALL)
+        await asyncio.wait_for(anext(old), 10)  # a consumer busy with its output as its request ends
+        if ended_by == "abort":
+            assert await streams.abort("x") is True
+        else:
+            seen.clear()
+            await asyncio.wait_for(_until(lambda: "x" not in engine.ids), 10)
+        new = asyncio.ensure_future(_collect(streams, QUESTIONS[1], request_id="x", **TINY))
+        await asyncio.wait_for(_until(lambda: "x" in engine.ids), 10)
+        with pytest.raises((RequestAborted, RuntimeError)):
+            while True:
+                await asyncio.wait_for(anext(old), 10)
+        await old.aclose()
+        return await asyncio.wait_for(new, 30)
+
+    outputs = asyncio.run(main())
+    assert_same(outputs[-1].result, solo(model, QUESTIONS[1], TINY))
+    assert not engine.ids and not streams._queues and not streams._aborting
+
+
+def test_async_a_consumer_leaving_during_a_long_step_does_not_block_the_loop(model, monkeypatch):
+    """Its request is aborted in a thread (the step holds the engine's lock): other coroutines
+    run on meanwhile (before: the loop stood still until the step ended), and a new request with
+    its id waits for that abort, then decodes as alone."""
+    engine = make_engine(model, max_batch=2)
+    streams = AsyncBatchEngine(engine)
+    real_step = engine.step
+
+    def long_step():
+        time.sleep(0.8)  # a big model's long step
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", long_step)
+
+    async def main():
+        async def consume():
+            async for _ in streams.generate(QUESTIONS[0], request_id="x", **SMALL):
+                pass
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.wait_for(_until(lambda: "x" in engine.ids and engine.live), 10)
+        await asyncio.sleep(0.2)  # inside a step
+        lags = []
+
+        async def ticker():
+            while True:
+                start = time.perf_counter()
+                await asyncio.sleep(0.01)
+                lags.append(time.perf_counter() - start)
+
+        tick = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0.02)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        new = await asyncio.wait_for(_collect(streams, QUESTIONS[1], request_id="x", **TINY), 30)
+        tick.cancel()
+        return new, max(lags)
+
+    outputs, lag = asyncio.run(main())
+    assert lag < 0.4, f"the event loop stood still {lag:.2f} s"
+    assert_same(outputs[-1].result, solo(model, QUESTIONS[1], TINY))
+    assert not engine.ids and not streams._aborting
+
+
 def test_async_an_unusable_id_and_an_abort_during_a_refused_add(model):
     """A stream's request id that is not a non-empty string is refused by name (not a TypeError
     from a lookup), and an abort that lands while an add is being refused leaves nothing behind:

@@ -7,7 +7,9 @@ The engine steps in one background task, only while requests are live, each step
 (``asyncio.to_thread``) so the event loop stays free; ``add`` and ``abort`` take the same lock as
 a step, in a thread too, so they land between steps without blocking the loop. A consumer that
 stops iterating (``break``, cancellation, even while its request is being added) aborts its
-request, freeing its row; one whose request another task aborted gets ``RequestAborted``. A
+request, freeing its row (in a thread as well; a new request with its id waits for that abort);
+one whose request another task aborted gets ``RequestAborted`` and aborts nothing more, even
+if a new request has taken its id meanwhile. A
 step that raises drops the requests it was decoding, whose consumers get its error; the
 waiting ones go on. Requests stream their progress, so the engine looks after every step while
 any is live.
@@ -40,17 +42,22 @@ class AsyncBatchEngine:
         self._stepper: asyncio.Task | None = None
         self._adding: dict[str, asyncio.Future] = {}  # requests whose add runs in a thread: the add
         self._doomed: set[str] = set()  # of those, the ones aborted meanwhile
+        # aborts of streams left early, running in a thread: set when landed (the thread removes its entry)
+        self._aborting: dict[str, threading.Event] = {}
 
     async def generate(self, prompt, config=None, *, request_id: str | None = None,
                        **overrides) -> AsyncIterator[RequestOutput]:
         """Adds one request (``BatchEngine.add``'s arguments; a bad one raises here, before any
         output) and yields its progress after each step it takes part in, then its final output
         (``finished``, with ``result``). An id is in use while its request streams, and while an
-        add of it that was aborted is still running."""
+        add of it that was aborted is still running; a request whose id's last stream was left
+        early waits for that stream's abort to land first."""
         if request_id is not None:
             check_request_id(request_id)  # (before it is looked up among the streams)
         if "stream" in overrides:
             raise InputError("stream: every AsyncBatchEngine request streams its progress; leave the argument out")
+        while (landed := self._aborting.get(request_id)) is not None:  # (else it would stop this request)
+            await asyncio.to_thread(landed.wait)
         while request_id is None:  # a generated id, in use by no other request
             candidate = f"async-{next(_IDS)}"
             if candidate not in self._queues and candidate not in self.engine.ids:
@@ -90,18 +97,42 @@ class AsyncBatchEngine:
                 if finished:
                     return
         finally:
+            # still this stream's: left early (break, cancellation). Not so: ``abort`` or a step
+            # that raised ended the request already, and the id may be another request's by now
+            owned = self._queues.get(request_id) is queue
             self._drop_queue(request_id, queue)
-            if not finished:  # no await here: this also runs when the consumer's task is cancelled
-                with self._lock:
-                    self.engine.abort(request_id)
+            if owned and not finished:  # no await here: this also runs when the consumer's task is cancelled
+                self._abort_in_thread(request_id)
 
     def _abort_added(self, loop: asyncio.AbstractEventLoop, add: asyncio.Future, request_id: str) -> None:
         """After the add of a request that was refused or whose consumer left mid-add (or as the
-        add landed, before its ``generate`` resumed): abort it if it was added, in a thread (the
-        lock may be held by a step)."""
+        add landed, before its ``generate`` resumed): abort it if it was added."""
         self._doomed.discard(request_id)
         if not add.cancelled() and add.exception() is None:
-            loop.run_in_executor(None, self._locked, self.engine.abort, request_id)
+            self._abort_in_thread(request_id, loop)
+
+    def _abort_in_thread(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Aborts ``request_id`` in a thread, not blocking the event loop while a step holds the
+        lock; until it lands, a new request with that id waits (``generate``). Without a running
+        loop (a stream closed after its loop ended) there is no loop to block: at once."""
+        landed = threading.Event()
+
+        def abort() -> None:
+            with self._lock:
+                try:
+                    self.engine.abort(request_id)
+                finally:
+                    if self._aborting.get(request_id) is landed:
+                        del self._aborting[request_id]
+                    landed.set()
+
+        try:
+            loop = loop or asyncio.get_running_loop()
+        except RuntimeError:
+            abort()
+            return
+        self._aborting[request_id] = landed
+        loop.run_in_executor(None, abort)
 
     def _drop_queue(self, request_id: str, queue: asyncio.Queue) -> None:
         if self._queues.get(request_id) is queue:
