@@ -164,6 +164,18 @@ def test_wire_takes_roles_and_names():
             encode(MessageType.ADD, {"id": "a", "messages": [bad]})
 
 
+def test_stream_is_a_boolean_or_null():
+    from paradec.serve.http import BadRequest
+
+    for value, expected in [(True, True), (False, False), (None, False)]:
+        assert _settings({"prompt": QUESTION, "stream": value}, chat=False)[2] is expected
+    assert _settings({"prompt": QUESTION}, chat=False)[2] is False
+    for value in ("false", "true", 1, 0, [0], {}, {"a": 1}):
+        with pytest.raises(BadRequest, match="stream must be a boolean") as caught:
+            _settings({"messages": CHAT, "stream": value}, chat=True)
+        assert caught.value.param == "stream" and caught.value.status == 400
+
+
 UNHONOURED = {"logprobs": True, "top_logprobs": 2, "presence_penalty": 0.5, "frequency_penalty": -1.0,
               "logit_bias": {"50": 10}, "n": 2, "response_format": {"type": "json_object"},
               "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "required"}

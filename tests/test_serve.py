@@ -305,6 +305,85 @@ def test_async_client_runs_requests_at_once(server, tiny):
         assert r.token_ids == paradec.generate(tiny, q, **SMALL).token_ids
 
 
+def _settled(address: str, before: dict, aborted: int, timeout_s: float = 30.0) -> dict:
+    """The server's stats once ``aborted`` more requests ended aborted and none is in flight."""
+    deadline = time.monotonic() + timeout_s
+    with Client(address) as client:
+        while True:
+            stats = client.stats()
+            done = stats["aborted"] >= before["aborted"] + aborted and stats["in_flight"] == 0
+            if done or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.1)
+
+
+def test_leaving_a_stream_early_aborts_it_and_its_id_answers_only_the_new_request(server, tiny):
+    """A cancelled generate and a closed stream are aborted at the server; a reused request_id
+    gets its own result (never the left request's), and one still in flight is refused locally."""
+    expected = paradec.generate(tiny, QUESTIONS[31], **SMALL)
+
+    async def main():
+        client = AsyncClient(server.address, timeout_s=120)
+        started = asyncio.Event()
+        try:
+            left = asyncio.ensure_future(client.generate(QUESTIONS[30], request_id="q", **SLOW,
+                                                         on_progress=lambda _: started.set()))
+            await asyncio.wait_for(started.wait(), 60)  # decoding
+            left.cancel()
+            await asyncio.gather(left, return_exceptions=True)
+            reused = await client.generate(QUESTIONS[31], request_id="q", **SMALL)
+            stream = client.stream(QUESTIONS[30], request_id="s", **SLOW)
+            assert isinstance(await stream.__anext__(), Progress) and (await stream.__anext__()).id == "s"
+            await stream.aclose()  # what `break` out of `async for` does (at once with aclose)
+            aborted = client.stream(QUESTIONS[30], request_id="r", **SLOW)
+            assert isinstance(await aborted.__anext__(), Progress)
+            await client.abort("r")
+            with pytest.raises(ServeError, match="already in flight"):  # its final has not come back yet
+                await client.generate(QUESTIONS[31], request_id="r", **SMALL)
+            with pytest.raises(ServeError, match="aborted"):
+                async for _ in aborted:
+                    pass
+            return reused, await client.generate(QUESTIONS[31], request_id="r", **SMALL)
+        finally:
+            client.close()
+
+    before = Client(server.address).stats()
+    results = asyncio.run(main())
+    for result in results:
+        assert result.token_ids == expected.token_ids and result.id in ("q", "r")
+    stats = _settled(server.address, before, aborted=3)
+    assert stats["aborted"] == before["aborted"] + 3 and stats["in_flight"] == 0, (before, stats)
+
+
+def test_a_blocking_client_that_leaves_a_stream_early_aborts_it(server):
+    before = Client(server.address).stats()
+    with Client(server.address, timeout_s=120) as client:
+        for event in client.stream(QUESTIONS[32], **SLOW):
+            assert isinstance(event, Progress)
+            break  # the generator is closed here: its request is aborted
+        stats = _settled(server.address, before, aborted=1)
+        assert stats["aborted"] == before["aborted"] + 1 and stats["in_flight"] == 0, (before, stats)
+        assert client.generate(QUESTIONS[33], **SMALL).answer is not None  # the left request's output is skipped
+
+
+def test_async_client_works_from_one_event_loop_after_another(server):
+    client = AsyncClient(server.address, timeout_s=60)
+    try:
+        for _ in range(2):  # asyncio.run per call: each loop ends, the next one takes the client over
+            assert asyncio.run(client.health(timeout_s=5))["healthy"]
+        assert asyncio.run(client.generate(QUESTIONS[34], **SMALL)).answer is not None
+        kept = asyncio.new_event_loop()  # a loop that stays open keeps the client: a later loop is refused
+        try:
+            assert kept.run_until_complete(client.health(timeout_s=5))["healthy"]
+            with pytest.raises(RuntimeError, match="another event loop that is still open"):
+                asyncio.run(client.health(timeout_s=5))
+        finally:
+            kept.close()
+        assert asyncio.run(client.health(timeout_s=5))["healthy"]  # once it is closed, it is not
+    finally:
+        client.close()
+
+
 def test_engine_killed_mid_request():
     s = Server(restart=False)  # restarting: tests/test_serve_faults.py
     try:

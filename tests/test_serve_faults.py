@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -374,6 +375,48 @@ def test_http_body_limit_is_enforced_before_reading_and_bad_bytes_get_400(http):
     assert _post(f"{http}/v1/completions", b'[' * 100_000)[0] == 400  # not JSON (nested too deep)
 
 
+def test_values_a_message_cannot_carry_are_refused_by_name_before_anything_is_sent():
+    """JSON takes integers past 64 bits and lone surrogates; msgpack does not. HTTP answers 400
+    naming the field (a stream too: before its 200), the clients raise ProtocolError naming it."""
+    import asyncio
+
+    from starlette.testclient import TestClient
+
+    from paradec.serve import AsyncClient
+    from paradec.serve.http import create_app
+
+    web = TestClient(create_app("tcp://127.0.0.1:1", timeout_s=5), raise_server_exceptions=False)  # nobody there
+    chat = [{"role": "user", "content": QUESTION}]
+    cases = [  # (route, body, the param named, what its message says)
+        ("/v1/completions", {"prompt": QUESTION, "max_tokens": 2**64}, "max_tokens",
+         "max_tokens must lie in -2**63 to 2**64 - 1"),
+        ("/v1/completions", {"prompt": QUESTION, "blocks": -2**63 - 1}, "blocks", "got one below that range"),
+        ("/v1/completions", {"prompt": "hi \ud800"}, "prompt", r"lone surrogate '\ud800' at character 3"),
+        ("/v1/completions", {"prompt": QUESTION, "stop": ["####", "\udfff"]}, "stop", "stop[1] is not valid Unicode"),
+        ("/v1/chat/completions", {"messages": chat, "seed": 2**64}, "seed", "seed must lie in"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, "messages",
+         "messages[0].content is not valid Unicode")]
+    for route, body, param, said in cases:
+        for stream in (False, True):
+            response = web.post(route, content=json.dumps({**body, "stream": stream}),
+                                headers={"Content-Type": "application/json"})
+            assert response.status_code == 400, (body, stream, response.text)
+            error = response.json()["error"]
+            assert error["param"] == param and error["type"] == "invalid_request_error", error
+            assert said in error["message"], error["message"]
+    with Client("tcp://127.0.0.1:1") as client:
+        with pytest.raises(ProtocolError, match=re.escape("config.seed must lie in -2**63 to 2**64 - 1")):
+            client.generate(QUESTION, seed=2**64)
+        with pytest.raises(ProtocolError, match="prompt is not valid Unicode text"):
+            client.generate("hi \ud800")
+    asynchronous = AsyncClient("tcp://127.0.0.1:1")
+    try:
+        with pytest.raises(ProtocolError, match=re.escape("config.stop[0] is not valid Unicode text")):
+            asyncio.run(asynchronous.generate(QUESTION, stop=["\udfff"]))
+    finally:
+        asynchronous.close()
+
+
 # --- 10. the rest -------------------------------------------------------------------------------
 
 
@@ -425,6 +468,10 @@ def test_engine_target_takes_a_kv_memory_fraction_in_range():
     (["--warm-up", '{"blocks": 0}'], "blocks"),
     (["--warm-up", '{"no_such_setting": 1}'], "no_such_setting"),
     (["--kv-memory-fraction", "0"], "--kv-memory-fraction must lie in"),
+    (["--request-timeout-s", "inf"], "--request-timeout-s must be a finite number > 0, got inf"),
+    (["--request-timeout-s", "nan"], "--request-timeout-s must be a finite number > 0, got nan"),
+    (["--stall-timeout-s", "inf"], "--stall-timeout-s must be a finite number >= 0"),
+    (["--stall-timeout-s", "nan"], "--stall-timeout-s must be a finite number >= 0"),
 ])
 def test_serve_refuses_bad_warm_up_and_pool_flags_before_starting(flags, names):
     from paradec.cli import parser
@@ -433,6 +480,17 @@ def test_serve_refuses_bad_warm_up_and_pool_flags_before_starting(flags, names):
     args = parser().parse_args(["serve", "--model", "paradec-tiny", "--device", "cpu", *flags])
     with pytest.raises(ConfigError, match=names):
         serve(args)
+
+
+def test_an_infinite_request_timeout_is_refused_where_it_is_set():
+    """inf or nan as every request's deadline would make every request fail: refused at once."""
+    from paradec.serve.http import create_app
+
+    for bad in (float("inf"), float("nan"), 0):
+        with pytest.raises(ConfigError, match="timeout_s must be a finite number > 0 or None"):
+            create_app("tcp://127.0.0.1:1", timeout_s=bad)
+        with pytest.raises(ConfigError, match="request_timeout_s must be a finite number > 0 or None"):
+            Frontend("tcp://127.0.0.1:1", None, request_timeout_s=bad)
 
 
 def test_client_docstring_names_what_exists():

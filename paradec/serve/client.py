@@ -126,8 +126,9 @@ def _event(message: Message) -> Progress | ServedResult | dict:
     return ServedResult(id=body["id"], token_ids=token_ids, trace=trace, **body["result"])
 
 
-def _final(event) -> bool:
-    return not isinstance(event, Progress)
+def _ends(message: Message) -> bool:
+    """Whether ``message`` is its request's last (a result, an ERROR or ENGINE_DEAD; not progress)."""
+    return message.type != MessageType.OUTPUT or message.body["kind"] != "progress"
 
 
 class Client:
@@ -156,17 +157,22 @@ class Client:
 
     def stream(self, prompt, config: GenerationConfig | None = None, timeout_s: float | None = None,
                progress: bool = True, **overrides) -> Iterator[Progress | ServedResult]:
-        """Progress events (with ``progress``), then the result."""
+        """Progress events (with ``progress``), then the result. Leaving the stream before its
+        result (``break``, ``close()``, an exception) aborts the request at the server."""
         request_id = next(self.ids)
         timeout_s = timeout_s if timeout_s is not None else self.timeout_s
         body, buffers = request_body(request_id, prompt, config, overrides, progress, timeout_s, self.token)
         self.socket.send_multipart(encode(MessageType.ADD, body, buffers))
         deadline = None if timeout_s is None else time.monotonic() + timeout_s + GRACE_S  # the server's ERROR first
-        while True:
-            event = self._receive(request_id, deadline)
-            yield event
-            if _final(event):
-                return
+        live = True  # until the server ended it: leaving before then aborts it there
+        try:
+            while live:
+                message = self._receive(request_id, deadline)
+                live = not _ends(message)
+                yield _event(message)
+        finally:
+            if live and not self.socket.closed:  # closed: close() came first, the server drops its requests
+                self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         self.socket.send_multipart(encode(MessageType.ABORT, self._with_token({"id": request_id})))
@@ -180,20 +186,20 @@ class Client:
     def _utility(self, method: str, timeout_s: float) -> dict:
         request_id = next(self.ids)
         self.socket.send_multipart(encode(MessageType.UTILITY, self._with_token({"id": request_id, "method": method})))
-        return self._receive(request_id, time.monotonic() + timeout_s)
+        return _event(self._receive(request_id, time.monotonic() + timeout_s))
 
     def _with_token(self, body: dict) -> dict:
         return {**body, "token": self.token} if self.token is not None else body
 
-    def _receive(self, request_id: str, deadline: float | None):
+    def _receive(self, request_id: str, deadline: float | None) -> Message:
+        """The next message for ``request_id``; others (a request left earlier) are dropped."""
         while True:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not self.socket.poll(None if wait is None else int(wait * 1000)):
-                self.abort(request_id)
-                raise TimeoutError(f"request {request_id} got no answer in time (aborted)")
+                raise TimeoutError(f"request {request_id} got no answer in time")  # a stream aborts it
             message = decode(self.socket.recv_multipart())
             if message.id in (request_id, None):  # None: an ERROR about a message the server could not read
-                return _event(message)
+                return message
 
     def close(self) -> None:
         self.socket.close(linger=0)
@@ -206,18 +212,28 @@ class Client:
 
 
 class AsyncClient:
-    """An asyncio client; any number of requests at once."""
+    """An asyncio client; any number of requests at once, on one event loop at a time (a later
+    loop may take it over once the earlier one is closed: ``asyncio.run`` per call works).
+
+    ``request_id`` is the caller's name for a request, unique among this client's requests in
+    flight; on the wire each request gets an id of its own, never reused, so a request that was
+    left (cancelled, aborted, its stream closed) can never answer a later one of the same name.
+    Leaving a stream before its result aborts the request at the server."""
 
     def __init__(self, address: str, token: str | None = None, timeout_s: float | None = None):
         self.address, self.token, self.timeout_s = address, token or os.environ.get("PARADEC_TOKEN"), timeout_s
         self.context = zmq.asyncio.Context.instance()
+        self.ids = (f"a{os.getpid()}-{id(self):x}-{i}" for i in itertools.count())  # wire ids
+        self.reader: asyncio.Task | None = None
+        self._connect()
+
+    def _connect(self) -> None:
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.RCVHWM, 100_000)  # many requests share it (HTTP): never the slow reader
-        self.socket.connect(address)
-        self.queues: dict[str, asyncio.Queue] = {}
-        self.ids = (f"a{os.getpid()}-{id(self):x}-{i}" for i in itertools.count())
-        self.reader: asyncio.Task | None = None
+        self.socket.connect(self.address)
+        self.queues: dict[str, asyncio.Queue] = {}  # wire id -> its messages
+        self.requests: dict[str, str] = {}  # the caller's request_id -> its wire id, while its stream runs
 
     async def _read(self) -> None:
         while True:
@@ -231,40 +247,60 @@ class AsyncClient:
                 queue.put_nowait(message)
             # id None: the server could not read one of this client's messages, and cannot say which.
             # Every message is checked before it is sent, so this is rare; it is not broadcast (one
-            # request's fault would end all of them): that request ends at its deadline.
+            # request's fault would end all of them): that request ends at its deadline. A wire id
+            # without a queue: a request that was left (aborted); its last messages are dropped.
 
-    def _open(self, request_id: str) -> asyncio.Queue:
-        if request_id in self.queues:
-            raise ServeError("invalid", f"request {request_id!r} is already in flight on this client")
-        if self.reader is None:
-            self.reader = asyncio.get_running_loop().create_task(self._read())
-        self.queues[request_id] = asyncio.Queue()
-        return self.queues[request_id]
+    def _open(self, wire_id: str, request_id: str | None = None) -> asyncio.Queue:
+        """``wire_id``'s queue (and ``request_id`` named as it, refused while in flight), the
+        reader running on this event loop. The reader of an earlier loop that is closed (or a
+        reader that ended) is replaced, with a new connection: the old one's requests died with
+        their loop. An earlier loop still open keeps the client."""
+        loop = asyncio.get_running_loop()
+        if self.reader is None or self.reader.done() or self.reader.get_loop() is not loop:
+            if self.reader is not None and not self.reader.done() and not self.reader.get_loop().is_closed():
+                raise RuntimeError("this AsyncClient is in use on another event loop that is still open; "
+                                   "use one client per event loop (or close that loop first)")
+            if self.reader is not None:
+                self.socket.close(linger=0)
+                self._connect()
+            self.reader = loop.create_task(self._read())
+        if request_id is not None:
+            if request_id in self.requests:
+                raise ServeError("invalid", f"request {request_id!r} is already in flight on this client")
+            self.requests[request_id] = wire_id
+        self.queues[wire_id] = asyncio.Queue()
+        return self.queues[wire_id]
 
     async def stream(self, prompt, config: GenerationConfig | None = None, timeout_s: float | None = None,
                      progress: bool = True, request_id: str | None = None,
                      **overrides) -> AsyncIterator[Progress | ServedResult]:
-        request_id = request_id or next(self.ids)
+        """Progress events (with ``progress``), then the result; events carry ``request_id``
+        (default: a fresh one). Leaving early (``break``, ``aclose()``, cancelled) aborts it."""
+        wire_id = next(self.ids)
+        request_id = request_id or wire_id
         timeout_s = timeout_s if timeout_s is not None else self.timeout_s
-        body, buffers = request_body(request_id, prompt, config, overrides, progress, timeout_s, self.token)
+        body, buffers = request_body(wire_id, prompt, config, overrides, progress, timeout_s, self.token)
         frames = encode(MessageType.ADD, body, buffers)  # refused here when it is malformed or too large
-        queue = self._open(request_id)
+        queue = self._open(wire_id, request_id)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s + GRACE_S  # the server's ERROR first
+        live = True  # until the server ended it: leaving before then aborts it there
         try:
             await self.socket.send_multipart(frames)
-            while True:
+            while live:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
                     message = await asyncio.wait_for(queue.get(), wait)
                 except TimeoutError:
-                    await self.abort(request_id)
                     raise TimeoutError(f"request {request_id} got no answer in time (aborted)") from None
-                event = _event(message)
-                yield event
-                if _final(event):
-                    return
+                live = not _ends(message)
+                message.body["id"] = request_id
+                yield _event(message)
         finally:
-            self.queues.pop(request_id, None)
+            self.queues.pop(wire_id, None)
+            if self.requests.get(request_id) == wire_id:
+                del self.requests[request_id]
+            if live and not self.socket.closed:  # closed: close() came first, the server drops its requests
+                await self._send_abort(wire_id)
 
     async def generate(self, prompt, config: GenerationConfig | None = None, timeout_s: float | None = None,
                        on_progress: Callable[[Progress], None] | None = None, request_id: str | None = None,
@@ -278,7 +314,13 @@ class AsyncClient:
         raise AssertionError("unreachable: a stream ends with its result")
 
     async def abort(self, request_id: str) -> None:
-        body = {"id": request_id, **({"token": self.token} if self.token is not None else {})}
+        """Stops ``request_id`` (its stream then raises ServeError ``aborted``, or gets its
+        result if it finished first); a request not in flight on this client: nothing to do."""
+        if request_id in self.requests:
+            await self._send_abort(self.requests[request_id])
+
+    async def _send_abort(self, wire_id: str) -> None:
+        body = {"id": wire_id, **({"token": self.token} if self.token is not None else {})}
         await self.socket.send_multipart(encode(MessageType.ABORT, body))
 
     async def health(self, timeout_s: float = 10.0) -> dict:
@@ -298,6 +340,6 @@ class AsyncClient:
             self.queues.pop(request_id, None)
 
     def close(self) -> None:
-        if self.reader is not None:
+        if self.reader is not None and not self.reader.done() and not self.reader.get_loop().is_closed():
             self.reader.cancel()
         self.socket.close(linger=0)

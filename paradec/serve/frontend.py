@@ -33,6 +33,7 @@ import asyncio
 import hmac
 import itertools
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -101,6 +102,8 @@ class Frontend:
         engine after one died or stalled."""
         check_bind(address, token)
         check_token(token)
+        if request_timeout_s is not None and not 0 < request_timeout_s < math.inf:  # inf, nan: no request would pass
+            raise ConfigError(f"request_timeout_s must be a finite number > 0 or None, got {request_timeout_s}")
         self.address, self.token, self.max_pending, self.limits = address, token, max_pending, limits
         self.engine_target, self.ready_timeout_s = engine_target, ready_timeout_s
         self.request_timeout_s, self.stall_timeout_s, self.restart = request_timeout_s, stall_timeout_s, restart

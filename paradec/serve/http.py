@@ -26,7 +26,9 @@ neutral values (``presence_penalty: 0``, ``logprobs: false``, ``n: 1``, null, ..
 clients send by default, are accepted. Unknown fields are refused (400), and so are process settings
 (``rank_timeout_s``, ``prompt_kv``, ``gather``, ``results_on``, ``cuda_graphs``), by name. A body
 over ``max_body_bytes`` is refused (413) before it is read (its Content-Length) or as soon as it
-passes the limit (a chunked body); a body that is not UTF-8 JSON gets 400. Every request has a
+passes the limit (a chunked body); a body that is not UTF-8 JSON gets 400, and so does a value no
+message can carry (an integer outside -2**63 to 2**64 - 1, a lone surrogate such as ``"\\ud800"``)
+or a ``stream`` that is not a boolean, by name and before a stream starts. Every request has a
 server-side deadline (``timeout_s``: 504 after it) and a non-streaming request whose client hangs
 up is aborted, as a stream is. All HTTP requests share one ZeroMQ connection to the frontend, and
 nothing one of them sends can break it: every message is checked for size before it is sent.
@@ -46,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import time
 import uuid
 
@@ -56,7 +59,9 @@ from starlette.routing import Route
 
 from paradec.serve.client import AsyncClient, Progress, ServedResult, ServeError
 from paradec.config import GenerationConfig
-from paradec.serve.protocol import PROCESS_SETTINGS, REQUEST_SETTINGS, ProtocolError, capped, check_config
+from paradec.errors import ConfigError
+from paradec.serve.protocol import (PROCESS_SETTINGS, REQUEST_SETTINGS, ProtocolError, capped, check_config,
+                                   unencodable)
 
 _SETTINGS = REQUEST_SETTINGS
 _OPENAI = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "seed", "stop",
@@ -98,6 +103,8 @@ def create_app(address: str, token: str | None = None, timeout_s: float | None =
     """The HTTP app; it talks to the frontend at ``address`` as an AsyncClient. timeout_s: every
     request's deadline (sent as its ``timeout_s``: the frontend enforces it). max_body_bytes: the
     largest request body read. model_name: the one model ``/v1/models`` lists."""
+    if timeout_s is not None and not 0 < timeout_s < math.inf:  # inf, nan: every request would be refused
+        raise ConfigError(f"timeout_s must be a finite number > 0 or None, got {timeout_s}")
     state: dict = {}
     card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "paradec"}
 
@@ -181,7 +188,14 @@ def _settings(body: dict, chat: bool) -> tuple[object, dict, bool, bool]:
         if name in body and not neutral(body[name]):
             raise BadRequest(f"{name}={capped(repr(body[name]), 80)} cannot be honoured: {why}", param=name,
                              code="unsupported_parameter")
+    for name, value in body.items():  # JSON allows what a message cannot carry: refused here, before a stream starts
+        why = unencodable(value, name)
+        if why is not None:
+            raise BadRequest(why, param=name)
     body = {k: v for k, v in body.items() if v is not None or k not in _OPENAI}  # OpenAI's null: not given
+    if not isinstance(body.get("stream", False), bool):
+        raise BadRequest(f"stream must be a boolean (true or false) or null, got {capped(repr(body['stream']), 80)}",
+                         param="stream")
     if not isinstance(body.get("model", ""), str) or len(body.get("model") or "") > 256:
         raise BadRequest("model must be a string of at most 256 characters", param="model")
     key = "messages" if chat else "prompt"
@@ -222,7 +236,7 @@ def _settings(body: dict, chat: bool) -> tuple[object, dict, bool, bool]:
         check_config(overrides)  # each value a bounded scalar, before anything is sent
     except ProtocolError as e:
         raise BadRequest(str(e), 413 if e.code == "too_large" else 400, e.code) from None
-    return prompt, overrides, bool(body.get("stream", False)), options.get("include_usage", False)
+    return prompt, overrides, body.get("stream", False), options.get("include_usage", False)
 
 
 _TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
@@ -264,9 +278,9 @@ async def _read_json(request: Request, limit: int):
         raise BadRequest("the body is not JSON") from None
 
 
-async def _until_done_or_gone(request: Request, task: asyncio.Task, client: AsyncClient, request_id: str):
+async def _until_done_or_gone(request: Request, task: asyncio.Task):
     """``task``'s result; when the HTTP client hangs up first (or the server cancels this
-    handler at shutdown), the request is aborted instead."""
+    handler at shutdown), the task is cancelled instead: its stream aborts the request."""
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.25)
@@ -275,9 +289,7 @@ async def _until_done_or_gone(request: Request, task: asyncio.Task, client: Asyn
             if await request.is_disconnected():
                 raise ServeError("aborted", "the HTTP client hung up")
     finally:
-        if not task.done():
-            task.cancel()
-            await client.abort(request_id)
+        task.cancel()  # a no-op once it is done
 
 
 async def _complete(request: Request, client: AsyncClient, chat: bool, model_name: str,
@@ -295,7 +307,7 @@ async def _complete(request: Request, client: AsyncClient, chat: bool, model_nam
                                  media_type="text/event-stream")
     try:
         task = asyncio.ensure_future(client.generate(prompt, request_id=request_id, **overrides))
-        result = await _until_done_or_gone(request, task, client, request_id)
+        result = await _until_done_or_gone(request, task)
     except ServeError as e:
         return _error(_STATUS.get(e.code, 500), e.code, str(e))
     except ProtocolError as e:  # refused before sending: a malformed chat message, a prompt over the limit
@@ -324,10 +336,11 @@ async def _events(client, request_id, prompt, overrides, chat, created, model, i
         delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
         return {"index": 0, "delta": delta, "finish_reason": finish}
 
+    events = client.stream(prompt, request_id=request_id, **overrides)
     try:
         if chat:
             yield chunk([choice(None, None, role=True)])
-        async for event in client.stream(prompt, request_id=request_id, **overrides):
+        async for event in events:
             if isinstance(event, Progress):
                 yield chunk([choice(None, None)], {"step": event.step, "committed": event.committed,
                                                    "lengths": event.lengths})
@@ -340,8 +353,8 @@ async def _events(client, request_id, prompt, overrides, chat, created, model, i
                                                 else 413 if e.code == "too_large" else 400, e.code, str(e))) + "\n\n"
     except TimeoutError as e:
         yield "data: " + json.dumps(_error_body(504, "timeout", str(e))) + "\n\n"
-    except BaseException:  # the HTTP client went away: stop decoding for it
-        await client.abort(request_id)
+    except BaseException:  # the HTTP client went away: closing the stream aborts the request
+        await events.aclose()
         raise
     yield "data: [DONE]\n\n"
 

@@ -103,17 +103,54 @@ def encode(kind: MessageType, body: dict, buffers: list | None = None, limits: L
     """Frames of one message. The body is checked against the schema first, an ERROR's text is
     cut to ``limits.max_message_chars``, and a frame over ``limits.max_frame_bytes`` is refused
     here (ProtocolError ``too_large``), before anything is sent: the other side would drop it
-    and the connection with it."""
+    and the connection with it. A value msgpack cannot carry (``unencodable``: an integer past 64
+    bits, a lone surrogate) is a ProtocolError ``invalid`` naming its field."""
     if kind in (MessageType.ERROR, MessageType.ENGINE_DEAD) and isinstance(body.get("message"), str):
         body = {**body, "message": capped(body["message"], limits.max_message_chars)}
     arrays = [np.ascontiguousarray(b, dtype="<i4") for b in (buffers or [])]
     _check_body(kind, body, len(arrays), limits)
-    frames = [bytes([kind]), msgpack.packb(body, use_bin_type=True)] + [a.tobytes() for a in arrays]
+    try:
+        packed = msgpack.packb(body, use_bin_type=True)
+    except (OverflowError, UnicodeEncodeError, ValueError, TypeError) as e:  # JSON allows what msgpack cannot hold
+        raise ProtocolError(unencodable(body) or f"the body of a {kind.name} message cannot be encoded as msgpack "
+                            f"({type(e).__name__}: {e})") from None
+    frames = [bytes([kind]), packed] + [a.tobytes() for a in arrays]
     big = [i for i, f in enumerate(frames) if len(f) > limits.max_frame_bytes]
     if big:
         raise ProtocolError(f"frame {big[0]} of this {kind.name} message is {len(frames[big[0]])} bytes, over the "
                             f"limit of {limits.max_frame_bytes}", code="too_large")
     return frames
+
+
+MSGPACK_INTS = (-(1 << 63), (1 << 64) - 1)  # the integers msgpack encodes: int64's least to uint64's largest
+
+
+def unencodable(value, name: str = "") -> str | None:
+    """Why ``value`` cannot be msgpack-encoded, naming where in it (``name``: its own name, e.g.
+    ``"seed"``; a body's fields are named by their keys: ``config.seed``, ``messages[0].content``):
+    an integer outside ``MSGPACK_INTS`` or a string that is not UTF-8 (a lone surrogate such as
+    ``"\\ud800"``, which JSON allows). None when nothing in it is either. Walks maps and lists
+    without recursion (a body may nest as deep as JSON allows)."""
+    stack = [(name, value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, int) and not isinstance(item, bool) and not MSGPACK_INTS[0] <= item <= MSGPACK_INTS[1]:
+            return (f"{where or 'the value'} must lie in -2**63 to 2**64 - 1 (the integers a message can carry); "
+                    f"got one {'below' if item < 0 else 'above'} that range")
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return (f"{where or 'the value'} is not valid Unicode text: it holds a lone surrogate "
+                        f"{item[e.start]!r} at character {e.start}")
+        elif isinstance(item, dict):
+            for key, inner in reversed(item.items()):
+                label = capped(str(key), 80)
+                stack.append((f"{where}.{label}" if where else label, inner))
+                stack.append((f"{where or 'a map'} key {label!r}", key))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((f"{where}[{i}]", inner) for i, inner in reversed(list(enumerate(item))))
+    return None
 
 
 def capped(text: str, limit: int = Limits.max_message_chars) -> str:

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 from pathlib import Path
@@ -55,15 +56,15 @@ def serve(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    for name in ("request_timeout_s", "http_max_body_bytes"):
+    for name in ("request_timeout_s", "http_max_body_bytes"):  # inf and nan too: every request would fail
         value = getattr(args, name, None)
-        if value is not None and not value > 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if value is not None and not 0 < value < math.inf:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
     kv_memory_fraction = args.kv_memory_fraction
     if not 0 < kv_memory_fraction <= 1:
         raise ConfigError(f"--kv-memory-fraction must lie in (0, 1], got {kv_memory_fraction}")
-    if getattr(args, "stall_timeout_s", None) is not None and args.stall_timeout_s < 0:
-        raise ConfigError(f"--stall-timeout-s must be >= 0 (0: never), got {args.stall_timeout_s}")
+    if getattr(args, "stall_timeout_s", None) is not None and not 0 <= args.stall_timeout_s < math.inf:
+        raise ConfigError(f"--stall-timeout-s must be a finite number >= 0 (0: never), got {args.stall_timeout_s}")
     token = read_token(args)
     if args.http_port is not None and args.http_host not in LOOPBACK_HOSTS and not token:
         raise ConfigError(f"--http-host {args.http_host} (not loopback) needs a token (--token-file or PARADEC_TOKEN, "
