@@ -649,6 +649,24 @@ def test_async_aborted_stream_hears_request_aborted_and_the_id_is_free(model):
     assert_same(outputs[-1].result, solo(model, QUESTIONS[1], TINY))
 
 
+def test_async_an_id_is_free_once_its_result_is_out(model):
+    """A consumer that returns from inside ``async for`` on the final output (the stream not yet
+    closed) may reuse the request's id at once (before: "already in use" until the loop's
+    finaliser closed the stream)."""
+    streams = AsyncBatchEngine(make_engine(model, max_batch=2))
+
+    async def first_result(prompt):
+        async for out in streams.generate(prompt, request_id="x", **TINY):
+            if out.finished:
+                return out.result
+
+    async def main():  # (no wait_for around each: its task's extra loop turns would close the stream)
+        return [await first_result(QUESTIONS[i]) for i in (0, 1)]
+
+    for i, result in enumerate(asyncio.run(asyncio.wait_for(main(), 60))):
+        assert_same(result, solo(model, QUESTIONS[i], TINY))
+
+
 @pytest.mark.parametrize("ended_by", ["abort", "step error"])
 def test_async_an_id_taken_again_survives_its_old_consumer(model, monkeypatch, ended_by):
     """A request ended by ``abort`` or by a step that raised frees its id at once; a new request

@@ -355,6 +355,18 @@ def test_leaving_a_stream_early_aborts_it_and_its_id_answers_only_the_new_reques
     assert stats["aborted"] == before["aborted"] + 3 and stats["in_flight"] == 0, (before, stats)
 
 
+def test_async_client_request_id_is_free_once_its_result_is_returned(server, tiny):
+    async def main():
+        client = AsyncClient(server.address, timeout_s=120)
+        try:  # the same name again at once, no loop turn between (before: "already in flight")
+            return [await client.generate(QUESTIONS[i], request_id="same", **SMALL) for i in (35, 36)]
+        finally:
+            client.close()
+
+    for i, result in zip((35, 36), asyncio.run(main())):
+        assert result.id == "same" and result.token_ids == paradec.generate(tiny, QUESTIONS[i], **SMALL).token_ids
+
+
 def test_a_blocking_client_that_leaves_a_stream_early_aborts_it(server):
     before = Client(server.address).stats()
     with Client(server.address, timeout_s=120) as client:

@@ -93,6 +93,8 @@ class AsyncBatchEngine:
                 if isinstance(output, BaseException):
                     raise output
                 finished = output.finished
+                if finished:  # its id is free once its result is out, whenever the consumer closes the stream
+                    self._drop_queue(request_id, queue)
                 yield output
                 if finished:
                     return

@@ -16,6 +16,7 @@ here, before it is sent (``ProtocolError`` ``too_large``): the server would drop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -293,25 +294,33 @@ class AsyncClient:
                 except TimeoutError:
                     raise TimeoutError(f"request {request_id} got no answer in time (aborted)") from None
                 live = not _ends(message)
+                if not live:  # its name is free once its last message is out, whenever the stream is closed
+                    self._release(wire_id, request_id)
                 message.body["id"] = request_id
                 yield _event(message)
         finally:
-            self.queues.pop(wire_id, None)
-            if self.requests.get(request_id) == wire_id:
-                del self.requests[request_id]
+            self._release(wire_id, request_id)
             if live and not self.socket.closed:  # closed: close() came first, the server drops its requests
                 await self._send_abort(wire_id)
 
     async def generate(self, prompt, config: GenerationConfig | None = None, timeout_s: float | None = None,
                        on_progress: Callable[[Progress], None] | None = None, request_id: str | None = None,
                        **overrides) -> ServedResult:
-        async for event in self.stream(prompt, config, timeout_s, progress=on_progress is not None,
-                                       request_id=request_id, **overrides):
-            if isinstance(event, Progress):
-                on_progress(event)
-            else:
-                return event
+        events = self.stream(prompt, config, timeout_s, progress=on_progress is not None, request_id=request_id,
+                             **overrides)
+        async with contextlib.aclosing(events):  # (closed on return, not at the next garbage collection)
+            async for event in events:
+                if isinstance(event, Progress):
+                    on_progress(event)
+                else:
+                    return event
         raise AssertionError("unreachable: a stream ends with its result")
+
+    def _release(self, wire_id: str, request_id: str) -> None:
+        """Forgets a request's queue and its name (the name only while it is still this request's)."""
+        self.queues.pop(wire_id, None)
+        if self.requests.get(request_id) == wire_id:
+            del self.requests[request_id]
 
     async def abort(self, request_id: str) -> None:
         """Stops ``request_id`` (its stream then raises ServeError ``aborted``, or gets its
