@@ -667,6 +667,30 @@ def test_async_an_id_is_free_once_its_result_is_out(model):
         assert_same(result, solo(model, QUESTIONS[i], TINY))
 
 
+def test_async_a_stream_left_as_its_loop_ends_is_aborted_at_once(model):
+    """Where the loop's executor is already shut down, the abort of a stream left early runs at
+    once: nothing is left pending, so a later request with its id does not wait forever."""
+    engine = make_engine(model, max_batch=2)
+    streams = AsyncBatchEngine(engine)
+
+    async def main():
+        stream = streams.generate(QUESTIONS[0], request_id="x", **SMALL)
+        await asyncio.wait_for(anext(stream), 10)
+        loop = asyncio.get_running_loop()
+
+        def shut(*args):
+            raise RuntimeError("Executor shutdown has been called")
+
+        loop.run_in_executor = shut  # (an instance attribute: this loop only)
+        await stream.aclose()
+        del loop.run_in_executor
+        assert "x" not in engine.ids and not streams._aborting
+        return await asyncio.wait_for(_collect(streams, QUESTIONS[1], request_id="x", **TINY), 30)
+
+    outputs = asyncio.run(main())
+    assert_same(outputs[-1].result, solo(model, QUESTIONS[1], TINY))
+
+
 @pytest.mark.parametrize("ended_by", ["abort", "step error"])
 def test_async_an_id_taken_again_survives_its_old_consumer(model, monkeypatch, ended_by):
     """A request ended by ``abort`` or by a step that raised frees its id at once; a new request

@@ -134,7 +134,10 @@ class AsyncBatchEngine:
             abort()
             return
         self._aborting[request_id] = landed
-        loop.run_in_executor(None, abort)
+        try:
+            loop.run_in_executor(None, abort)
+        except RuntimeError:  # its executor is shut down (the loop is ending): at once (else it would wait forever)
+            abort()
 
     def _drop_queue(self, request_id: str, queue: asyncio.Queue) -> None:
         if self._queues.get(request_id) is queue:
