@@ -3,9 +3,7 @@
 A row holds one request's keys and values in a fixed geometry: its prompt in slots
 ``[0, max_prompt)`` (right-padded), its canvas in ``[max_prompt, max_prompt + max_canvas)``
 (column c in slot ``max_prompt + c``), and one scratch slot last, where the padding queries of a
-batched call write what no query ever reads. A row's slots, and the key widths that calls attend
-over (``aligned``), are multiples of ``SLOT_ALIGN``: on an H200, cuDNN's SDPA under a mask took
-1.6x as long over 1,537 keys as over 1,544 (benchmarks/RESULTS.md, session 25). The rows are allocated once, as many as free device
+batched call write what no query ever reads. The rows are allocated once, as many as free device
 memory holds (``rows_that_fit``) up to the engine's cap, so admission asks for a free row and a
 request that can never fit (a prompt or canvas longer than a row) is refused by name.
 
@@ -24,25 +22,16 @@ from paradec.errors import ConfigError
 from paradec.models.transformer_config import TransformerConfig
 
 
-SLOT_ALIGN = 64  # a multiple of attention kernels' key tiles (64 or 128 keys): aligning costs no tile
-
-
-def aligned(keys: int) -> int:
-    """``keys`` rounded up to a multiple of ``SLOT_ALIGN``."""
-    return -(-keys // SLOT_ALIGN) * SLOT_ALIGN
-
-
 @dataclass(frozen=True)
 class RowGeometry:
-    """Slots of one pool row: max_prompt prompt slots, max_canvas canvas slots, unused slots up
-    to a multiple of ``SLOT_ALIGN``, one scratch last."""
+    """Slots of one pool row: max_prompt prompt slots, max_canvas canvas slots, one scratch."""
 
     max_prompt: int
     max_canvas: int
 
     @property
     def slots(self) -> int:
-        return aligned(self.max_prompt + self.max_canvas + 1)
+        return self.max_prompt + self.max_canvas + 1
 
     @property
     def scratch(self) -> int:

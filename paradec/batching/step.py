@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from paradec import ops
-from paradec.batching.pool import KVPool, aligned
+from paradec.batching.pool import KVPool
 from paradec.batching.rows import Rows, to_device
 from paradec.batching.sequence import CommitClass
 from paradec.decoding import delayed as delayed_kv, policies, sampler
@@ -265,10 +265,9 @@ class BatchStep:
         return hidden
 
     def key_width(self, at) -> int:
-        """Slots a call over rows ``at`` attends over: every row's keys and at least one slot past
-        the longest row's, keys of none (the last is where its padding queries write), up to a
-        multiple of ``SLOT_ALIGN``."""
-        return min(aligned(int(self.rows.extent[at].max()) + 1), self.rows.geometry.slots)
+        """Slots a call over rows ``at`` attends over: every row's keys and one slot past the
+        longest row's, a key of none, where its padding queries write."""
+        return min(int(self.rows.extent[at].max()) + 1, self.rows.geometry.slots)
 
     def _pack(self, lengths: list[int], width: int, n: int) -> None:
         """``packed_index[:n]``: the real queries of rows padded to ``width`` (row i's first
