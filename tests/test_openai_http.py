@@ -6,6 +6,7 @@ cannot be honoured refused by name in OpenAI's error shape."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -140,6 +141,36 @@ def test_top_p_passed_on_or_dropped_where_it_is_a_no_op(client, direct):
     assert _settings({"prompt": "q", "top_p": 0.9, "temperature": 0.7}, chat=False)[1]["top_p"] == 0.9
     with pytest.raises(openai.BadRequestError, match="top_p"):  # the engine checks it: it was passed on
         client.completions.create(model="paradec", prompt=QUESTION, top_p=1.5, temperature=0.7, extra_body=SMALL)
+
+
+def test_top_p_and_temperature_out_of_range_are_refused_by_name(client):
+    """Refused even where the value would be dropped (top_p at temperature 0, greedy)."""
+    from paradec.serve.http import BadRequest
+
+    for fields in ({"top_p": -3}, {"top_p": 1.5, "temperature": 0}, {"temperature": -1}):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="paradec", prompt=QUESTION, extra_body=SMALL, **fields)
+        name = next(iter(fields))
+        assert caught.value.body["param"] == name and caught.value.body["message"].startswith(f"{name} must"), fields
+    for name, value in (("temperature", float("inf")), ("top_p", float("nan"))):  # what json.loads reads as well
+        with pytest.raises(BadRequest, match=f"{name} must") as caught:
+            _settings({"prompt": QUESTION, "temperature": 0.7, name: value}, chat=False)
+        assert caught.value.param == name
+
+
+def test_chat_content_as_a_list_of_text_parts(client, direct):
+    parts = [{"role": "user", "content": [{"type": "text", "text": QUESTION}]}]
+    reply = client.chat.completions.create(model="paradec", messages=parts, max_tokens=4, extra_body=SMALL)
+    assert reply.choices[0].message.content == direct.text  # as the same text given as a string
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    with pytest.raises(openai.BadRequestError, match=re.escape("messages[0].content[1] must be a text part")):
+        client.chat.completions.create(model="paradec", messages=[{"role": "user", "content": [
+            {"type": "text", "text": QUESTION}, image]}], extra_body=SMALL)
+
+
+def test_a_stream_the_server_refuses_raises_its_status_in_the_client(client):
+    with pytest.raises(openai.BadRequestError, match="blocks must be"):  # not a 200 stream that ends in an error
+        client.chat.completions.create(model="paradec", messages=CHAT, stream=True, extra_body={"blocks": 0})
 
 
 def test_chat_message_names_and_system_messages(client, direct):

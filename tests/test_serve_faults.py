@@ -333,6 +333,41 @@ def test_an_http_client_that_hangs_up_aborts_its_request(server, http):
     assert after and after["aborted"] == before["aborted"] + 1 and after["finished"] == before["finished"]
 
 
+def test_a_refused_stream_keeps_its_http_status(server, http):
+    """A stream answers 200 only once its request was accepted and started: a refusal (busy,
+    a config the engine refuses, a malformed message) is its status, as without stream."""
+    url = f"{http}/v1/chat/completions"
+    chat = [{"role": "user", "content": QUESTION}]
+    server.call(lambda: setattr(server.frontend, "max_pending", 0))  # every request is refused: busy
+    try:
+        for stream in (True, False):
+            status, text = _post(url, {"messages": chat, "stream": stream, **SMALL})
+            assert status == 503 and json.loads(text)["error"]["code"] == "busy", (stream, text)
+    finally:
+        server.call(lambda: setattr(server.frontend, "max_pending", 8))
+    status, text = _post(url, {"messages": chat, "stream": True, "blocks": 0})  # the engine refuses it
+    assert status == 400 and "blocks must be" in json.loads(text)["error"]["message"], text
+    tool = [{"role": "tool", "content": "42"}]
+    status, text = _post(url, {"messages": tool, "stream": True, **SMALL})  # the wire refuses it
+    assert status == 400 and json.loads(text)["error"]["param"] == "messages", text
+    status, text = _post(url, {"messages": chat, "stream": True, **SMALL})
+    assert status == 200 and text.rstrip().endswith("data: [DONE]") and '"error"' not in text, text
+
+
+def test_an_http_body_that_stalls_gets_408_within_the_deadline(server):
+    from paradec.serve.http import create_app
+
+    url, web, thread = _web(create_app(server.address, timeout_s=0.5))
+    try:
+        start = time.monotonic()
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n"
+        assert _raw_http(url, head, [b'{"prompt": "q'], timeout_s=10) == 408  # 13 of its 100 bytes, then nothing
+        assert time.monotonic() - start < 5
+    finally:
+        web.should_exit = True
+        thread.join(10)
+
+
 # --- 4. process settings are the operator's ------------------------------------------------------
 
 

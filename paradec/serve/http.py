@@ -7,17 +7,19 @@ Starlette (with uvicorn as the server): the maintained ASGI toolkit FastAPI itse
 which is all four routes need — no schema framework on top.
 
 Request bodies take OpenAI's fields (``prompt`` or ``messages`` — roles system, user and
-assistant, each with an optional ``name`` —, ``max_tokens`` or ``max_completion_tokens``,
-``temperature``, ``top_p``, ``seed``, ``stop``, ``stream``, ``stream_options``, ``model``, ``user``,
-``n``: 1) and, as extra fields, any request-level ``GenerationConfig`` setting (``blocks``,
-``block_len``, ``tokens_per_step``, ``window``, ``top_k``, ...; ``protocol.REQUEST_SETTINGS``).
+assistant, each with an optional ``name``, its ``content`` a string or a list of text parts (joined
+by newlines) —, ``max_tokens`` or ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``,
+``stop``, ``stream``, ``stream_options``, ``model``, ``user``, ``n``: 1) and, as extra fields, any
+request-level ``GenerationConfig`` setting (``blocks``, ``block_len``, ``tokens_per_step``,
+``window``, ``top_k``, ...; ``protocol.REQUEST_SETTINGS``).
 ``max_tokens`` is ``max_new_tokens``: it bounds the answer text (the summary in ``nap``), and
 ``finish_reason`` is the result's — ``"length"`` when the text filled that bound, ``"stop"`` when an
 EOS or a ``stop`` string ended it (the engine cuts at stop strings). ``usage.completion_tokens``
 counts the answer text's tokens; the think blocks' tokens are
 ``usage.completion_tokens_details.reasoning_tokens`` and are not counted against ``max_tokens``
 (the canvas shape — ``blocks``, ``block_len`` — sets them); ``total_tokens`` is all three.
-``top_p`` is passed on, and dropped where it changes nothing (1, or temperature 0: greedy).
+``top_p`` is passed on, and dropped where it changes nothing (1, or temperature 0: greedy); outside
+[0, 1] it is refused (400) even then, and so is a ``temperature`` that is not a finite number >= 0.
 What cannot be honoured — ``logprobs``, ``top_logprobs``, ``presence_penalty``,
 ``frequency_penalty``, ``logit_bias``, ``tools``, ``tool_choice``, ``response_format``, ``n`` > 1,
 ``echo``, ``best_of`` > 1, ``suffix`` — is refused (400) by name in OpenAI's error shape
@@ -29,9 +31,12 @@ over ``max_body_bytes`` is refused (413) before it is read (its Content-Length) 
 passes the limit (a chunked body); a body that is not UTF-8 JSON gets 400, and so does a value no
 message can carry (an integer outside -2**63 to 2**64 - 1, a lone surrogate such as ``"\\ud800"``)
 or a ``stream`` that is not a boolean, by name and before a stream starts. Every request has a
-server-side deadline (``timeout_s``: 504 after it) and a non-streaming request whose client hangs
-up is aborted, as a stream is. All HTTP requests share one ZeroMQ connection to the frontend, and
-nothing one of them sends can break it: every message is checked for size before it is sent.
+server-side deadline (``timeout_s``: 504 after it; a body that has not all arrived within it gets
+408) and a non-streaming request whose client hangs up is aborted, as a stream is. A stream answers
+200 only once its first event came (its first step, or its result): a request refused — ``busy``
+(503), a setting the engine refuses (400) — gets its status as without ``stream``. All HTTP requests share one ZeroMQ
+connection to the frontend, and nothing one of them sends can break it: every message is checked
+for size before it is sent.
 With a token (``paradec serve --token-file``), every route but ``/health`` needs
 ``Authorization: Bearer <token>`` (the scheme in any case). ``/health`` shows health only.
 The completion text is the result's ``text`` (the summary in ``nap``, the answer region outside
@@ -124,12 +129,14 @@ def create_app(address: str, token: str | None = None, timeout_s: float | None =
     async def completions(request: Request) -> Response:
         if not authorised(request):
             return _error(401, "unauthorized", "a missing or wrong bearer token")
-        return await _complete(request, client(), chat=False, model_name=model_name, max_body_bytes=max_body_bytes)
+        return await _complete(request, client(), chat=False, model_name=model_name, max_body_bytes=max_body_bytes,
+                               timeout_s=timeout_s)
 
     async def chat(request: Request) -> Response:
         if not authorised(request):
             return _error(401, "unauthorized", "a missing or wrong bearer token")
-        return await _complete(request, client(), chat=True, model_name=model_name, max_body_bytes=max_body_bytes)
+        return await _complete(request, client(), chat=True, model_name=model_name, max_body_bytes=max_body_bytes,
+                               timeout_s=timeout_s)
 
     async def models(request: Request) -> Response:
         if not authorised(request):
@@ -204,10 +211,17 @@ def _settings(body: dict, chat: bool) -> tuple[object, dict, bool, bool]:
         raise BadRequest("messages must be a non-empty list of {role, content, name?}", param="messages")
     if not chat and not isinstance(prompt, str):
         raise BadRequest("prompt must be a string", param="prompt")
+    if chat:
+        prompt = [_text_content(message, i) for i, message in enumerate(prompt)]
     overrides = {k: v for k, v in body.items() if k in _SETTINGS and k not in ("stop", "top_p", "temperature")}
     for name in ("temperature", "top_p"):
         if name in body and (isinstance(body[name], bool) or not isinstance(body[name], int | float)):
             raise BadRequest(f"{name} must be a number, got {capped(repr(body[name]), 80)}", param=name)
+    if "temperature" in body and not 0 <= body["temperature"] < math.inf:  # not: NaN too
+        raise BadRequest(f"temperature must be a finite number >= 0, got {body['temperature']!r}",
+                         param="temperature")
+    if "top_p" in body and not 0 <= body["top_p"] <= 1:  # refused even where it would be dropped (greedy)
+        raise BadRequest(f"top_p must lie in [0, 1] (above 0 when sampling), got {body['top_p']!r}", param="top_p")
     if "temperature" in body:
         overrides["temperature"] = float(body["temperature"])
     temperature = overrides.get("temperature", GenerationConfig.temperature)
@@ -239,8 +253,22 @@ def _settings(body: dict, chat: bool) -> tuple[object, dict, bool, bool]:
     return prompt, overrides, body.get("stream", False), options.get("include_usage", False)
 
 
-_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
-          499: "invalid_request_error", 401: "authentication_error", 503: "server_error", 504: "server_error"}
+def _text_content(message: dict, index: int) -> dict:
+    """A chat message whose ``content`` is a list of text parts (OpenAI's other form) as one
+    string, its parts' text joined by newlines; any other part (an image, audio) is refused."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    for j, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            raise BadRequest(f"messages[{index}].content[{j}] must be a text part {{'type': 'text', 'text': str}}: "
+                             f"this model reads text only", param="messages")
+    return {**message, "content": "\n".join(part["text"] for part in content)}
+
+
+_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 408: "invalid_request_error",
+          413: "invalid_request_error", 499: "invalid_request_error", 401: "authentication_error",
+          503: "server_error", 504: "server_error"}
 
 
 def _error_body(status: int, code: str, message: str, param: str | None = None) -> dict:
@@ -252,15 +280,31 @@ def _error(status: int, code: str, message: str, param: str | None = None) -> JS
     return JSONResponse(_error_body(status, code, message, param), status_code=status)
 
 
-async def _read_json(request: Request, limit: int):
+async def _read_json(request: Request, limit: int, timeout_s: float | None = None):
     """The body as JSON: refused (413) past ``limit`` bytes — by its Content-Length before a byte
-    is read, else as soon as the stream passes the limit — and (400) when it is not UTF-8 JSON."""
+    is read, else as soon as the stream passes the limit —, (408) when it has not all arrived
+    within ``timeout_s`` (a client that stalls mid-body) and (400) when it is not UTF-8 JSON."""
     length = request.headers.get("content-length")
     if length is not None:
         if not length.strip().isdigit():
             raise BadRequest("Content-Length is not a number")
         if int(length) > limit:
             raise BadRequest(f"the body is {int(length)} bytes, over the limit of {limit}", 413, "too_large")
+    try:
+        async with asyncio.timeout(timeout_s):
+            data = await _read_body(request, limit)
+    except TimeoutError:
+        raise BadRequest(f"the body did not arrive within {timeout_s:g} s", 408, "timeout") from None
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"the body is not UTF-8 (byte {e.start})") from None
+    except (ValueError, RecursionError):
+        raise BadRequest("the body is not JSON") from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body's bytes, refused (413) as soon as they pass ``limit``."""
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
@@ -270,12 +314,7 @@ async def _read_json(request: Request, limit: int):
             chunks.append(chunk)
     except ClientDisconnect:  # hung up mid-body: nobody to answer, nothing to log
         raise BadRequest("the client hung up before its body ended", 499, "aborted") from None
-    try:
-        return json.loads(b"".join(chunks).decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise BadRequest(f"the body is not UTF-8 (byte {e.start})") from None
-    except (ValueError, RecursionError):
-        raise BadRequest("the body is not JSON") from None
+    return b"".join(chunks)
 
 
 async def _until_done_or_gone(request: Request, task: asyncio.Task):
@@ -293,36 +332,45 @@ async def _until_done_or_gone(request: Request, task: asyncio.Task):
 
 
 async def _complete(request: Request, client: AsyncClient, chat: bool, model_name: str,
-                    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Response:
+                    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, timeout_s: float | None = None) -> Response:
     try:
-        body = await _read_json(request, max_body_bytes)
+        body = await _read_json(request, max_body_bytes, timeout_s)
         prompt, overrides, stream, include_usage = _settings(body, chat)
     except BadRequest as e:
         return _error(e.status, e.code, str(e), e.param)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     model = body.get("model") or model_name
+    events = client.stream(prompt, progress=stream, request_id=request_id, **overrides)
+    try:  # a stream answers 200 once its first event came: a refusal (busy, invalid) keeps its status
+        first = await _until_done_or_gone(request, asyncio.ensure_future(events.__anext__()))
+    except (ServeError, ProtocolError, TimeoutError) as e:
+        return _failure(e, chat)
     if stream:
-        return StreamingResponse(_events(client, request_id, prompt, overrides, chat, created, model, include_usage),
+        return StreamingResponse(_events(events, first, request_id, chat, created, model, include_usage),
                                  media_type="text/event-stream")
-    try:
-        task = asyncio.ensure_future(client.generate(prompt, request_id=request_id, **overrides))
-        result = await _until_done_or_gone(request, task)
-    except ServeError as e:
-        return _error(_STATUS.get(e.code, 500), e.code, str(e))
-    except ProtocolError as e:  # refused before sending: a malformed chat message, a prompt over the limit
-        return _error(413 if e.code == "too_large" else 400, e.code, str(e), "messages" if chat else "prompt")
-    except TimeoutError as e:
-        return _error(504, "timeout", str(e))
-    choice = ({"index": 0, "message": {"role": "assistant", "content": result.text},
-               "finish_reason": result.finish_reason} if chat
-              else {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None})
+    await events.aclose()  # ended already (its result came): a no-op
+    choice = ({"index": 0, "message": {"role": "assistant", "content": first.text},
+               "finish_reason": first.finish_reason} if chat
+              else {"index": 0, "text": first.text, "finish_reason": first.finish_reason, "logprobs": None})
     return JSONResponse({"id": request_id, "object": "chat.completion" if chat else "text_completion",
-                         "created": created, "model": model, "choices": [choice], "usage": _usage(result),
-                         "paradec": _extra(result)})
+                         "created": created, "model": model, "choices": [choice], "usage": _usage(first),
+                         "paradec": _extra(first)})
 
 
-async def _events(client, request_id, prompt, overrides, chat, created, model, include_usage=False):
+def _failure(error: Exception, chat: bool) -> JSONResponse:
+    """A request that failed before its answer started: its status and OpenAI's error shape."""
+    if isinstance(error, ServeError):
+        return _error(_STATUS.get(error.code, 500), error.code, str(error))
+    if isinstance(error, ProtocolError):  # refused before sending: a malformed chat message, a prompt too long
+        status = 413 if error.code == "too_large" else 400
+        return _error(status, error.code, str(error), "messages" if chat else "prompt")
+    return _error(504, "timeout", str(error))
+
+
+async def _events(events, first, request_id, chat, created, model, include_usage=False):
+    """The stream's server-sent events: ``first`` (the request's first event, already received),
+    then the rest of ``events``, then ``[DONE]``."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choices: list, extra: dict | None = None, **fields) -> str:
@@ -336,18 +384,21 @@ async def _events(client, request_id, prompt, overrides, chat, created, model, i
         delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
         return {"index": 0, "delta": delta, "finish_reason": finish}
 
-    events = client.stream(prompt, request_id=request_id, **overrides)
+    def chunks(event) -> list[str]:
+        if isinstance(event, Progress):
+            return [chunk([choice(None, None)], {"step": event.step, "committed": event.committed,
+                                                 "lengths": event.lengths})]
+        done = [chunk([choice(event.text, event.finish_reason)], {**_extra(event), "usage": _usage(event)})]
+        return done + ([chunk([], usage=_usage(event))] if include_usage else [])
+
     try:
         if chat:
             yield chunk([choice(None, None, role=True)])
+        for text in chunks(first):
+            yield text
         async for event in events:
-            if isinstance(event, Progress):
-                yield chunk([choice(None, None)], {"step": event.step, "committed": event.committed,
-                                                   "lengths": event.lengths})
-            elif isinstance(event, ServedResult):
-                yield chunk([choice(event.text, event.finish_reason)], {**_extra(event), "usage": _usage(event)})
-                if include_usage:
-                    yield chunk([], usage=_usage(event))
+            for text in chunks(event):
+                yield text
     except (ServeError, ProtocolError) as e:
         yield "data: " + json.dumps(_error_body(_STATUS.get(e.code, 500) if isinstance(e, ServeError)
                                                 else 413 if e.code == "too_large" else 400, e.code, str(e))) + "\n\n"
