@@ -233,8 +233,7 @@ def _check_text_options(model: DiffusionModel, config: GenerationConfig, env, st
                         single: bool) -> None:
     """stop strings need a tokenizer; a streamer follows one sequence of one prompt, in one
     process, of the diffusion model's own answer."""
-    if config.stop and model.tokenizer is None:
-        raise InputError("stop strings cut text: this model has no tokenizer (give stop=None)")
+    check_stop(model, config)
     if streamer is None:
         return
     if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
@@ -247,6 +246,12 @@ def _check_text_options(model: DiffusionModel, config: GenerationConfig, env, st
     if answerer is not None:
         raise ConfigError("a streamer follows the diffusion model's answer; with an answerer the text is written "
                           "after decoding (read result.text)")
+
+
+def check_stop(model: DiffusionModel, config: GenerationConfig) -> None:
+    """stop strings cut text: they need a tokenizer (``generate`` and ``BatchEngine.add`` check)."""
+    if config.stop and model.tokenizer is None:
+        raise InputError("stop strings cut text: this model has no tokenizer (give stop=None)")
 
 
 def _run(runner: Runner, on_step) -> DecodeOutput:

@@ -172,6 +172,22 @@ def test_a_seed_past_int64_is_refused_at_add_and_never_drops_the_batch(model):
     assert_same(results["good"], solo(model, QUESTIONS[0], SMALL))
 
 
+def test_stop_strings_for_a_model_without_a_tokenizer_are_refused_at_add(model):
+    """``stop`` cuts text, which needs a tokenizer: refused at ``add`` by name, as ``generate`` refuses it,
+    and the live request decodes on as alone (before: accepted, and its result's text was the ids'
+    ``str`` cut at the stop string, with no tokens and finish_reason "stop")."""
+    bare = paradec.api.DiffusionModel(module=model.module, spec=model.spec, tokenizer=None)
+    kwargs = dict(mode="ao", answer_len=6)
+    engine = make_engine(bare, max_batch=2)
+    engine.add("live", [7, 8, 9], **kwargs)
+    engine.step()
+    before = state(engine)
+    with pytest.raises(InputError, match="stop"):
+        engine.add("stopped", [7, 8, 9], stop="5", **kwargs)
+    assert state(engine) == before
+    assert_same(drain(engine)["live"], paradec.generate(bare, [7, 8, 9], **kwargs))
+
+
 def test_the_largest_int64_seed_decodes_as_alone(model):
     kwargs = dict(TINY, temperature=0.8, seed=2**63 - 1)
     engine = make_engine(model, max_batch=2)
@@ -248,6 +264,22 @@ def test_warm_up_checks_its_configs_on_every_device(model):
     for configs in ([{"steps": 3}], ["nap"]):
         with pytest.raises(ConfigError, match="config"):
             engine.warm_up(configs)
+
+
+@pytest.mark.parametrize("configs", [GenerationConfig(**TINY), "nap", {"steps": 3}, 3, None],
+                         ids=["one-config", "str", "dict", "int", "None"])
+def test_configs_that_are_not_an_iterable_of_configs_are_refused_by_name(model, configs):
+    """``generate(prompts, configs)`` and ``warm_up(configs)`` take an iterable of configs: one config (as
+    ``paradec.generate`` takes it), a string, a mapping or a number is refused naming ``configs``, nothing
+    queued (before: TypeError "'GenerationConfig' object is not iterable", or a string's letters counted
+    as configs: "3 for 1 prompts")."""
+    engine = make_engine(model)
+    if configs is not None:  # (generate's default: the model's settings for every prompt)
+        with pytest.raises(ConfigError, match="configs must be an iterable"):
+            engine.generate(QUESTIONS[:1], configs, **TINY)
+    with pytest.raises(ConfigError, match="configs must be an iterable"):
+        engine.warm_up(configs)
+    assert not engine.has_unfinished() and not engine.ids
 
 
 # --- abort -----------------------------------------------------------------------------------------

@@ -32,13 +32,13 @@ import contextlib
 import itertools
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from paradec.api import (GenerationResult, build_layout, encode_prompt, find_stop, make_result, resolve_config,
-                         text_decoder)
+from paradec.api import (GenerationResult, build_layout, check_stop, encode_prompt, find_stop, make_result,
+                         resolve_config, text_decoder)
 from paradec.batching.pool import KVPool, RowGeometry, rows_that_fit
 from paradec.batching.rows import Rows, to_device
 from paradec.batching.sequence import Action, CommitClass, Sequence
@@ -205,6 +205,7 @@ class BatchEngine:
                 and config.batch_invariant != self.batch_invariant:
             raise ConfigError(f"batch_invariant={config.batch_invariant} but this engine decodes with "
                               f"batch_invariant={self.batch_invariant}")
+        check_stop(self.model, config)
         geo = self.geometry
         # the row's bounds before the canvas is built (a canvas of 10**9 tokens would take the memory first)
         if config.canvas and config.blocks > self.max_blocks:
@@ -262,9 +263,7 @@ class BatchEngine:
         engine. Returns the step graphs captured (0 on a CPU or with ``cuda_graphs=False``)."""
         if self.has_unfinished():
             raise ConfigError("warm_up runs on an idle engine: finish or abort the requests added first")
-        if isinstance(configs, (str, bytes, GenerationConfig)):
-            raise ConfigError(f"configs must be an iterable of GenerationConfig or None, got {type(configs).__name__}")
-        configs = [resolve_config(self.model, _checked(config)) for config in configs]  # checked on every device
+        configs = [resolve_config(self.model, _checked(config)) for config in _config_list(configs)]  # on every device
         if not self.capture:
             return 0
         # (width, commit width) of each window's steps, of its refreshes that can run together and
@@ -343,7 +342,7 @@ class BatchEngine:
             raise ConfigError("BatchEngine.generate runs on an idle engine: step the requests already added "
                               "(or abort them) first")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)  # one text is one prompt
-        configs = list(configs) if configs is not None else [None] * len(prompts)
+        configs = _config_list(configs) if configs is not None else [None] * len(prompts)
         if len(configs) != len(prompts):
             raise ConfigError(f"configs must give one config per prompt: {len(configs)} for {len(prompts)} prompts")
         names = [f"generate-{time.perf_counter_ns()}-{i}" for i in range(len(prompts))]
@@ -648,6 +647,14 @@ def _checked(config):
         raise ConfigError(f"config must be a GenerationConfig or None, got {type(config).__name__} (settings go "
                           "as keyword arguments)")
     return config
+
+
+def _config_list(configs) -> list:
+    """``configs`` (an iterable of GenerationConfig or None) as a list; one config, a string or a
+    mapping is refused by name (each would be iterated as configs)."""
+    if isinstance(configs, (str, bytes, Mapping, GenerationConfig)) or not isinstance(configs, Iterable):
+        raise ConfigError(f"configs must be an iterable of GenerationConfig or None, got {type(configs).__name__}")
+    return list(configs)
 
 
 @dataclass
