@@ -360,12 +360,22 @@ async def _complete(request: Request, client: AsyncClient, chat: bool, model_nam
 
 def _failure(error: Exception, chat: bool) -> JSONResponse:
     """A request that failed before its answer started: its status and OpenAI's error shape."""
+    param = ("messages" if chat else "prompt") if isinstance(error, ProtocolError) else None
+    return _error(_error_status(error), _error_code(error), str(error), param)
+
+
+def _error_status(error: Exception) -> int:
+    """The HTTP status of a request's failure: a ServeError's by its code, a ProtocolError's
+    (refused before sending: a malformed chat message, a prompt too long) 413 or 400, a timeout 504."""
     if isinstance(error, ServeError):
-        return _error(_STATUS.get(error.code, 500), error.code, str(error))
-    if isinstance(error, ProtocolError):  # refused before sending: a malformed chat message, a prompt too long
-        status = 413 if error.code == "too_large" else 400
-        return _error(status, error.code, str(error), "messages" if chat else "prompt")
-    return _error(504, "timeout", str(error))
+        return _STATUS.get(error.code, 500)
+    if isinstance(error, ProtocolError):
+        return 413 if error.code == "too_large" else 400
+    return 504
+
+
+def _error_code(error: Exception) -> str:
+    return error.code if isinstance(error, ServeError | ProtocolError) else "timeout"
 
 
 async def _events(events, first, request_id, chat, created, model, include_usage=False):
@@ -399,11 +409,8 @@ async def _events(events, first, request_id, chat, created, model, include_usage
         async for event in events:
             for text in chunks(event):
                 yield text
-    except (ServeError, ProtocolError) as e:
-        yield "data: " + json.dumps(_error_body(_STATUS.get(e.code, 500) if isinstance(e, ServeError)
-                                                else 413 if e.code == "too_large" else 400, e.code, str(e))) + "\n\n"
-    except TimeoutError as e:
-        yield "data: " + json.dumps(_error_body(504, "timeout", str(e))) + "\n\n"
+    except (ServeError, ProtocolError, TimeoutError) as e:
+        yield "data: " + json.dumps(_error_body(_error_status(e), _error_code(e), str(e))) + "\n\n"
     except BaseException:  # the HTTP client went away: closing the stream aborts the request
         await events.aclose()
         raise
