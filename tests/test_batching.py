@@ -485,7 +485,7 @@ def test_engine_generate_and_an_idle_engine(model):
     steps to nothing."""
     engine = make_engine(model, max_batch=2, max_canvas_tokens=64)
     assert engine.step() == [] and not engine.has_unfinished()  # idle: nothing to do
-    assert engine.warm_up() == 0  # no CUDA graphs on a CPU
+    assert engine.warm_up([GenerationConfig(**SMALL)]) == 0  # no CUDA graphs on a CPU
     settings = [SMALL, dict(blocks=1, block_len=5, summary_len=3),
                 dict(mode="block", answer_len=8, block_len=4, seed=2)]
     prompts = QUESTIONS[:3]
@@ -497,7 +497,7 @@ def test_engine_generate_and_an_idle_engine(model):
     engine.add("busy", prompts[0], GenerationConfig(**SMALL))
     with pytest.raises(ConfigError, match="warm_up runs on an idle engine"):  # its captures would write rows' slots
         engine.warm_up()
-    assert engine.abort("busy") and engine.warm_up() == 0
+    assert engine.abort("busy") and engine.warm_up([GenerationConfig(**SMALL)]) == 0
 
 
 def test_prompts_as_token_ids_and_messages(model):

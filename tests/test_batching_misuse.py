@@ -266,6 +266,23 @@ def test_warm_up_checks_its_configs_on_every_device(model):
             engine.warm_up(configs)
 
 
+def test_warm_up_refuses_configs_its_rows_cannot_decode_by_name(model):
+    """A config add() would refuse for this engine's rows (a canvas past max_canvas_tokens, more
+    blocks than max_blocks, the other kernel mode) is refused by warm_up too, naming the bound,
+    on every device (before: accepted, and on a GPU graphs captured that no request can use)."""
+    engine = make_engine(model, max_blocks=2)
+    for overrides, named in ((dict(TINY, block_len=256), "max_canvas_tokens"), (dict(TINY, blocks=3), "max_blocks")):
+        with pytest.raises((ConfigError, InputError), match=named):
+            engine.add("r", QUESTIONS[0], **overrides)
+        with pytest.raises((ConfigError, InputError), match=named):
+            engine.warm_up([GenerationConfig(**TINY), GenerationConfig(**overrides)])
+    other = make_engine(model, batch_invariant=False)
+    with pytest.raises(ConfigError, match="batch_invariant"):
+        other.warm_up([GenerationConfig(**TINY, batch_invariant=True)])
+    assert engine.warm_up([GenerationConfig(**TINY), GenerationConfig(**dict(TINY, blocks=2))]) == 0
+    assert not engine.has_unfinished() and not engine.ids
+
+
 @pytest.mark.parametrize("configs", [GenerationConfig(**TINY), "nap", {"steps": 3}, 3, None],
                          ids=["one-config", "str", "dict", "int", "None"])
 def test_configs_that_are_not_an_iterable_of_configs_are_refused_by_name(model, configs):

@@ -201,11 +201,27 @@ class BatchEngine:
         if config.num_return_sequences != 1:
             raise ConfigError("num_return_sequences must be 1 in the batching engine: add one request per sequence, "
                               "request i with seed + i")
+        check_stop(self.model, config)
+        layout = self.layout_for(config)
+        ids = encode_prompt(self.model, prompt, config, layout)
+        if len(ids) > self.geometry.max_prompt:
+            raise InputError(f"the prompt is {len(ids)} tokens; this engine's rows hold max_prompt_tokens="
+                             f"{self.geometry.max_prompt}")
+        validate(config, layout=layout, prompt_tokens=len(ids), max_length=self.model.spec.max_length)
+        plan = make_plan(config, layout, self.module.shift_logits)
+        seq = Sequence(request_id, ids, config, layout, plan, stream=stream)
+        self.waiting.append(seq)
+        self.ids.add(request_id)
+        return seq
+
+    def layout_for(self, config: GenerationConfig):
+        """The canvas layout a request of (resolved) ``config`` takes in a row, or a ``ConfigError``
+        / ``InputError`` naming what this engine's rows cannot decode: a kernel mode other than the
+        engine's, more think blocks than ``max_blocks``, a canvas past ``max_canvas_tokens``."""
         if config.batch_invariant is not None and self.batch_invariant is not None \
                 and config.batch_invariant != self.batch_invariant:
             raise ConfigError(f"batch_invariant={config.batch_invariant} but this engine decodes with "
                               f"batch_invariant={self.batch_invariant}")
-        check_stop(self.model, config)
         geo = self.geometry
         # the row's bounds before the canvas is built (a canvas of 10**9 tokens would take the memory first)
         if config.canvas and config.blocks > self.max_blocks:
@@ -214,22 +230,13 @@ class BatchEngine:
             raise InputError(f"the canvas holds {config.body_tokens} body tokens; this engine's rows hold "
                              f"max_canvas_tokens={geo.max_canvas}")
         layout = build_layout(self.model, config)
-        ids = encode_prompt(self.model, prompt, config, layout)
-        if len(ids) > geo.max_prompt:
-            raise InputError(f"the prompt is {len(ids)} tokens; this engine's rows hold max_prompt_tokens="
-                             f"{geo.max_prompt}")
-        validate(config, layout=layout, prompt_tokens=len(ids), max_length=self.model.spec.max_length)
         if layout.length > geo.max_canvas:
             raise InputError(f"the canvas is {layout.length} tokens; this engine's rows hold max_canvas_tokens="
                              f"{geo.max_canvas}")
         if layout.num_think_blocks > self.max_blocks:
             raise ConfigError(f"blocks={layout.num_think_blocks}; this engine decodes at most max_blocks="
                               f"{self.max_blocks}")
-        plan = make_plan(config, layout, self.module.shift_logits)
-        seq = Sequence(request_id, ids, config, layout, plan, stream=stream)
-        self.waiting.append(seq)
-        self.ids.add(request_id)
-        return seq
+        return layout
 
     def abort(self, request_id: str) -> bool:
         """Stops a request (waiting or decoding); its row is free at once. False when unknown."""
@@ -263,7 +270,9 @@ class BatchEngine:
         engine. Returns the step graphs captured (0 on a CPU or with ``cuda_graphs=False``)."""
         if self.has_unfinished():
             raise ConfigError("warm_up runs on an idle engine: finish or abort the requests added first")
-        configs = [resolve_config(self.model, _checked(config)) for config in _config_list(configs)]  # on every device
+        # on every device: a config no request could decode is refused, not captured for
+        configs = [resolve_config(self.model, _checked(config)) for config in _config_list(configs)]
+        layouts = [self.layout_for(config) for config in configs]
         if not self.capture:
             return 0
         # (width, commit width) of each window's steps, of its refreshes that can run together and
@@ -272,9 +281,8 @@ class BatchEngine:
         canvas, widest = self.geometry.max_canvas, 0
         classes = set()
         geo = self.geometry
-        for config in configs:  # (resolved above)
+        for config, layout in zip(configs, layouts):
             classes.add(CommitClass.of(config))
-            layout = build_layout(self.model, config)
             canvas, widest = min(canvas, layout.length), max(widest, layout.length)
             seq = Sequence("warm-up", [0], config, layout, make_plan(config, layout, self.module.shift_logits))
             for seq.phase, phase in enumerate(seq.plan.phases):

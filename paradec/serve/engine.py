@@ -54,7 +54,7 @@ from paradec.api import build_layout, encode_prompt, resolve_config
 from paradec.batching import BatchEngine
 from paradec.batching.sequence import Sequence
 from paradec.config import GenerationConfig
-from paradec.errors import ParadecError
+from paradec.errors import ConfigError, InputError, ParadecError
 from paradec.serve.protocol import Limits, Message, MessageType, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,13 @@ class EngineLoop(MessageLoop):
                                   kv_memory_fraction=self.kv_memory_fraction, cuda_graphs=defaults.cuda_graphs,
                                   batch_invariant=defaults.batch_invariant)
         started = time.monotonic()
-        graphs = self.engine.warm_up([None] + [resolve_config(self.model, **settings) for settings in self.warm_up])
+        configs = [resolve_config(self.model, **settings) for settings in self.warm_up]  # (refused: it fails)
+        try:  # the defaults where the rows hold them (else only requests that ask for less are served)
+            self.engine.layout_for(defaults)
+            configs.insert(0, defaults)
+        except (ConfigError, InputError) as e:
+            log.warning("the model's default settings are not served by these rows: %s", e)
+        graphs = self.engine.warm_up(configs)
         log.info("continuous batching: %d rows, %d CUDA graphs captured in %.1f s", self.engine.max_batch, graphs,
                  time.monotonic() - started)
 
