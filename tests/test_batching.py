@@ -508,6 +508,20 @@ def test_prompts_as_token_ids_and_messages(model):
     assert run.results["messages"].prompt_ids == run.results["text"].prompt_ids  # the same chat-templated prompt
 
 
+def test_engine_generate_takes_one_prompt_in_any_form_as_generate_does(model):
+    """BatchEngine.generate takes what paradec.generate takes: one prompt as text, token ids (a
+    list or a 1-D tensor) or chat messages gives a list of one result; a 2-D tensor is a batch
+    (before: a list of ids or of messages was taken as that many prompts and refused)."""
+    engine = make_engine(model, max_batch=2, max_canvas_tokens=64)
+    ids = model.tokenizer.encode("12 + 3 = ?")
+    messages = [{"role": "user", "content": QUESTIONS[1]}]
+    for prompt in (QUESTIONS[0], ids, torch.tensor(ids), messages):
+        [result] = engine.generate(prompt, [GenerationConfig(**SMALL)])
+        assert_same(result, solo(model, prompt, SMALL))
+    results = engine.generate(torch.tensor([ids, ids[::-1]]), None, **SMALL)
+    assert [r.prompt_ids[-len(ids):] for r in results] == [ids, ids[::-1]]
+
+
 def test_a_stop_string_ends_the_decode_as_alone(model):
     kwargs = dict(stop="votes")
     run = check_schedule(model, [(0, "stop", QUESTIONS[0], kwargs)], max_batch=2)

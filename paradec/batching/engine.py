@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from paradec.api import (GenerationResult, build_layout, check_stop, encode_prompt, find_stop, make_result,
-                         resolve_config, text_decoder)
+                         resolve_config, split_prompts, text_decoder)
 from paradec.batching.pool import KVPool, RowGeometry, rows_that_fit
 from paradec.batching.rows import Rows, to_device
 from paradec.batching.sequence import Action, CommitClass, Sequence
@@ -343,13 +343,13 @@ class BatchEngine:
 
     def generate(self, prompts: Iterable, configs: Iterable[GenerationConfig | None] | None = None,
                  **overrides) -> list[GenerationResult]:
-        """Adds ``prompts`` (with their ``configs``) and steps until they are done: results in
-        order. For an idle engine (the results of other requests would be lost here); if one
+        """Adds ``prompts`` (one prompt or a list, as ``paradec.generate`` takes them; with their
+        ``configs``) and steps until they are done: a list of results in order. For an idle engine (the results of other requests would be lost here); if one
         prompt is refused, none is decoded."""
         if self.has_unfinished():
             raise ConfigError("BatchEngine.generate runs on an idle engine: step the requests already added "
                               "(or abort them) first")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)  # one text is one prompt
+        _, prompts = split_prompts(prompts)  # one prompt (a text, token ids, chat messages) is a list of one
         configs = _config_list(configs) if configs is not None else [None] * len(prompts)
         if len(configs) != len(prompts):
             raise ConfigError(f"configs must give one config per prompt: {len(configs)} for {len(prompts)} prompts")
