@@ -235,3 +235,14 @@ def test_served_result_has_text_and_finish_reason(served, direct):
     assert (result.text, result.finish_reason, result.text_tokens) == (direct.text, direct.finish_reason,
                                                                        len(direct.summary_token_ids))
     assert result.summary == direct.summary and result.summary_tokens == len(direct.summary_token_ids)
+
+
+def test_stream_options_need_a_stream(client, direct):
+    for stream in (False, None):
+        with pytest.raises(openai.BadRequestError, match="stream_options applies to a stream") as caught:
+            client.completions.create(model="paradec", prompt=QUESTION, stream=stream,
+                                      stream_options={"include_usage": True}, extra_body=SMALL)
+        assert caught.value.body["param"] == "stream_options"
+    reply = client.completions.create(model="paradec", prompt=QUESTION, max_tokens=4, stream_options=None,
+                                      extra_body=SMALL)
+    assert reply.choices[0].text == direct.text

@@ -9,9 +9,9 @@ which is all four routes need — no schema framework on top.
 Request bodies take OpenAI's fields (``prompt`` or ``messages`` — roles system, user and
 assistant, each with an optional ``name``, its ``content`` a string or a list of text parts (joined
 by newlines) —, ``max_tokens`` or ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``,
-``stop``, ``stream``, ``stream_options``, ``model``, ``user``, ``n``: 1) and, as extra fields, any
-request-level ``GenerationConfig`` setting (``blocks``, ``block_len``, ``tokens_per_step``,
-``window``, ``top_k``, ...; ``protocol.REQUEST_SETTINGS``).
+``stop``, ``stream``, ``stream_options`` (with ``stream: true`` only), ``model``, ``user``, ``n``: 1)
+and, as extra fields, any request-level ``GenerationConfig`` setting (``blocks``, ``block_len``,
+``tokens_per_step``, ``window``, ``top_k``, ...; ``protocol.REQUEST_SETTINGS``).
 ``max_tokens`` is ``max_new_tokens``: it bounds the answer text (the summary in ``nap``), and
 ``finish_reason`` is the result's — ``"length"`` when the text filled that bound, ``"stop"`` when an
 EOS or a ``stop`` string ended it (the engine cuts at stop strings). ``usage.completion_tokens``
@@ -243,6 +243,9 @@ def _settings(body: dict, chat: bool) -> tuple[object, dict, bool, bool]:
     if any(stop):
         overrides["stop"] = [s for s in stop if s]  # the engine cuts the text and ends decoding where it can
     options = body.get("stream_options", {})
+    if "stream_options" in body and not body.get("stream", False):
+        raise BadRequest("stream_options applies to a stream: give it with stream true, or leave it out (or null)",
+                         param="stream_options")
     if not (isinstance(options, dict) and set(options) <= {"include_usage"}
             and isinstance(options.get("include_usage", False), bool)):
         raise BadRequest("stream_options takes include_usage (a boolean)", param="stream_options")
