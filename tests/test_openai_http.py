@@ -246,3 +246,16 @@ def test_stream_options_need_a_stream(client, direct):
     reply = client.completions.create(model="paradec", prompt=QUESTION, max_tokens=4, stream_options=None,
                                       extra_body=SMALL)
     assert reply.choices[0].text == direct.text
+
+
+def test_engine_refusals_name_the_field_they_are_about(client):
+    """The engine's refusal names a setting by its first words: ``param`` is the body's field of
+    that name (``max_tokens`` for the engine's max_new_tokens); a refusal naming none has null."""
+    cases = [({"seed": -1}, "seed"), ({"extra_body": {"top_k": 0.5}}, "top_k"),
+             ({"extra_body": {"window": 4, "mode": "block"}}, "window"),
+             ({"max_tokens": 4, "extra_body": {"mode": "block", "answer_len": 8}}, "max_tokens"),
+             ({"max_tokens": 100_000}, None)]  # "the canvas holds ... tokens": no field of its own
+    for fields, param in cases:
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.completions.create(model="paradec", prompt=QUESTION, **fields)
+        assert caught.value.status_code in (400, 413) and caught.value.body["param"] == param, (fields, caught.value)

@@ -38,11 +38,12 @@ GRACE_S = 1.0  # a request's timeout_s is the server's to enforce; the client wa
 
 class ServeError(ParadecError):
     """The server refused or failed a request; ``code`` is the ERROR's code (busy, invalid,
-    unauthorized, aborted, timeout, failed, too_large, stalled, shutting_down) or ``engine_dead``."""
+    unauthorized, aborted, timeout, failed, too_large, stalled, shutting_down) or ``engine_dead``;
+    ``message`` is the server's text."""
 
     def __init__(self, code: str, message: str):
         super().__init__(f"{code}: {message}")
-        self.code = code
+        self.code, self.message = code, message
 
 
 class EngineDead(ServeError):

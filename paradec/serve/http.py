@@ -23,7 +23,9 @@ counts the answer text's tokens; the think blocks' tokens are
 What cannot be honoured — ``logprobs``, ``top_logprobs``, ``presence_penalty``,
 ``frequency_penalty``, ``logit_bias``, ``tools``, ``tool_choice``, ``response_format``, ``n`` > 1,
 ``echo``, ``best_of`` > 1, ``suffix`` — is refused (400) by name in OpenAI's error shape
-(``{"error": {"message", "type": "invalid_request_error", "param", "code"}}``), while their
+(``{"error": {"message", "type": "invalid_request_error", "param", "code"}}``; the engine's
+refusal of a setting has as ``param`` the field its message starts with — ``seed must ...``,
+``config.top_k ...`` — when the body set it, else null), while their
 neutral values (``presence_penalty: 0``, ``logprobs: false``, ``n: 1``, null, ...), which some
 clients send by default, are accepted. Unknown fields are refused (400), and so are process settings
 (``rank_timeout_s``, ``prompt_kv``, ``gather``, ``results_on``, ``cuda_graphs``), by name. A body
@@ -54,6 +56,7 @@ import asyncio
 import hmac
 import json
 import math
+import re
 import time
 import uuid
 
@@ -94,6 +97,8 @@ _STATUS = {"busy": 503, "invalid": 400, "too_large": 413, "unauthorized": 401, "
            "failed": 500, "engine_dead": 503, "stalled": 503, "shutting_down": 503}
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+# an engine refusal's first words, when they name a field: "seed must ...", "the prompt holds ...", "config.x ..."
+_NAMED = re.compile(r"(?:(?:a|the) )?(?:config\.)?(\w+)")
 _HEALTH = ("healthy", "state", "in_flight", "max_pending")  # what the open /health shows (no process ids)
 
 
@@ -252,7 +257,8 @@ def _settings(body: dict, chat: bool) -> tuple[object, dict, bool, bool]:
     try:
         check_config(overrides)  # each value a bounded scalar, before anything is sent
     except ProtocolError as e:
-        raise BadRequest(str(e), 413 if e.code == "too_large" else 400, e.code) from None
+        raise BadRequest(str(e), 413 if e.code == "too_large" else 400, e.code,
+                         _param(str(e), {name: name for name in overrides})) from None
     return prompt, overrides, body.get("stream", False), options.get("include_usage", False)
 
 
@@ -348,7 +354,7 @@ async def _complete(request: Request, client: AsyncClient, chat: bool, model_nam
     try:  # a stream answers 200 once its first event came: a refusal (busy, invalid) keeps its status
         first = await _until_done_or_gone(request, asyncio.ensure_future(events.__anext__()))
     except (ServeError, ProtocolError, TimeoutError) as e:
-        return _failure(e, chat)
+        return _failure(e, chat, _fields(overrides, body, chat))
     if stream:
         return StreamingResponse(_events(events, first, request_id, chat, created, model, include_usage),
                                  media_type="text/event-stream")
@@ -361,9 +367,30 @@ async def _complete(request: Request, client: AsyncClient, chat: bool, model_nam
                          "paradec": _extra(first)})
 
 
-def _failure(error: Exception, chat: bool) -> JSONResponse:
+def _fields(overrides: dict, body: dict, chat: bool) -> dict:
+    """The body's field for each name an engine refusal may start with: the settings sent (the
+    answer's bound as the body named it) and the prompt."""
+    fields = {name: name for name in overrides}
+    fields.update({"max_new_tokens": name for name in ("max_tokens", "max_completion_tokens") if name in body})
+    fields["prompt"] = "messages" if chat else "prompt"
+    return fields
+
+
+def _param(message: str, fields: dict) -> str | None:
+    """The body field a refusal's message names by its first words ("seed must ...", "the
+    prompt holds ...", "config.top_k ..."), when the request sent one of that name; else None."""
+    named = _NAMED.match(message)
+    return fields.get(named.group(1)) if named else None
+
+
+def _failure(error: Exception, chat: bool, fields: dict) -> JSONResponse:
     """A request that failed before its answer started: its status and OpenAI's error shape."""
-    param = ("messages" if chat else "prompt") if isinstance(error, ProtocolError) else None
+    if isinstance(error, ProtocolError):
+        param = "messages" if chat else "prompt"
+    elif isinstance(error, ServeError) and error.code in ("invalid", "too_large"):
+        param = _param(error.message, fields)
+    else:
+        param = None
     return _error(_error_status(error), _error_code(error), str(error), param)
 
 
@@ -444,5 +471,6 @@ def _prometheus(stats: dict, healthy: bool) -> str:
               "# HELP paradec_engine_healthy 1 while the engine is up and making progress.",
               "# TYPE paradec_engine_healthy gauge", f"paradec_engine_healthy {int(healthy)}",
               "# HELP paradec_engine_restarts_total Engines started after one died or stalled.",
-              "# TYPE paradec_engine_restarts_total counter", f"paradec_engine_restarts_total {stats.get('restarts', 0)}"]
+              "# TYPE paradec_engine_restarts_total counter",
+              f"paradec_engine_restarts_total {stats.get('restarts', 0)}"]
     return "\n".join(lines) + "\n"
