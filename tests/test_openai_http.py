@@ -1,10 +1,12 @@
-"""The HTTP endpoint as the official ``openai`` Python client sees it, against a real
-``paradec serve --model paradec-tiny --http-port``: /v1/models, max_tokens and finish_reason,
-usage with reasoning tokens, streaming (role first, include_usage), top_p, chat names, and what
-cannot be honoured refused by name in OpenAI's error shape."""
+"""The HTTP endpoint as the official ``openai`` Python client (and lm-evaluation-harness's
+``local-completions`` model) sees it, against a real ``paradec serve --model paradec-tiny
+--http-port``: /v1/models, max_tokens and finish_reason, usage with reasoning tokens, streaming
+(role first, include_usage), every form of ``prompt``, top_p, chat names, and what cannot be
+honoured refused by name in OpenAI's error shape."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -27,6 +29,7 @@ openai = pytest.importorskip("openai")
 
 SMALL = {"blocks": 2, "tokens_per_step": 4}  # a short canvas: quick on the CPU
 QUESTION = arith.test_problems()[30].question  # the tiny model thinks about it: its blocks are not empty
+OTHER = arith.test_problems()[31].question
 CHAT = [{"role": "user", "content": QUESTION}]
 
 
@@ -237,6 +240,54 @@ def test_served_result_has_text_and_finish_reason(served, direct):
     assert result.summary == direct.summary and result.summary_tokens == len(direct.summary_token_ids)
 
 
+@pytest.fixture(scope="module")
+def other(tiny):
+    """What ``paradec.generate`` answers to OTHER, as ``direct`` to QUESTION."""
+    return paradec.generate(tiny, OTHER, max_new_tokens=4, **SMALL)
+
+
+def test_prompt_in_every_openai_form_gets_one_choice_per_prompt(client, direct, other):
+    """A string, a list of strings, token ids, a list of lists of token ids: one choice per
+    prompt at its index, each as ``generate`` answers it alone, usage summed over them."""
+    for prompt, expected in [([QUESTION, OTHER], [direct, other]), (direct.prompt_ids, [direct]),
+                             ([other.prompt_ids, direct.prompt_ids], [other, direct])]:
+        reply = client.completions.create(model="paradec", prompt=prompt, max_tokens=4, extra_body=SMALL)
+        assert [(c.index, c.text, c.finish_reason) for c in reply.choices] == [
+            (i, r.text, r.finish_reason) for i, r in enumerate(expected)]
+        usage = reply.usage
+        assert usage.prompt_tokens == sum(len(r.prompt_ids) for r in expected)
+        assert usage.completion_tokens == sum(len(r.summary_token_ids) for r in expected)
+        reasoning = sum(len(ids) for r in expected for ids in r.block_token_ids)
+        assert usage.completion_tokens_details.reasoning_tokens == reasoning
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens + reasoning
+    chunks = list(client.completions.create(model="paradec", prompt=[QUESTION, OTHER], max_tokens=4, extra_body=SMALL,
+                                            stream=True, stream_options={"include_usage": True}))
+    for index, expected in enumerate([direct, other]):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert "".join(c.text for c in mine) == expected.text and mine[-1].finish_reason == expected.finish_reason
+    assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])  # the usage chunk comes once, at the end
+
+
+def test_malformed_token_id_prompts_are_refused_by_name(served, client, tiny, direct):
+    vocab, ids = tiny.spec.vocab_size, direct.prompt_ids
+    for prompt, said in [([], "prompt must be"), ([[1, 2], []], "prompt[1] is an empty list"),
+                         ([1, True], "prompt[1] must be a token id"), ([[1], [2.0]], "prompt[1][0] must be"),
+                         ([[[1]]], "prompt[0][0] must be"), ([2 ** 40], "prompt[0] must be"), ([-1], "prompt[0]"),
+                         (["a", 1], "prompt[0] must be a token id"),
+                         ([ids, [vocab]], f"prompt[1]: invalid: prompt token ids must lie in [0, {vocab})"),
+                         ([ids, [tiny.spec.mask_id]], "prompt[1]: invalid: the prompt holds the mask id")]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="paradec", prompt=prompt, extra_body=SMALL)
+        assert caught.value.body["param"] == "prompt" and caught.value.body["message"].startswith(said), prompt
+    with urllib.request.urlopen(f"{served[1]}/health", timeout=10) as response:
+        max_pending = json.loads(response.read())["max_pending"]
+    with pytest.raises(openai.BadRequestError, match=f"over the limit of {max_pending}") as caught:
+        client.completions.create(model="paradec", prompt=[QUESTION] * (max_pending + 1), extra_body=SMALL)
+    assert caught.value.body["param"] == "prompt"
+
+
 def test_stream_options_need_a_stream(client, direct):
     for stream in (False, None):
         with pytest.raises(openai.BadRequestError, match="stream_options applies to a stream") as caught:
@@ -259,3 +310,32 @@ def test_engine_refusals_name_the_field_they_are_about(client):
         with pytest.raises(openai.APIStatusError) as caught:
             client.completions.create(model="paradec", prompt=QUESTION, **fields)
         assert caught.value.status_code in (400, 413) and caught.value.body["param"] == param, (fields, caught.value)
+
+
+def test_lm_eval_local_completions_generate_until(served, tiny):
+    """lm-evaluation-harness's own ``local-completions`` model against the server: its batched
+    generate_until (token ids, as it sends by default with a Hugging Face tokenizer: paradec-tiny's)
+    answers each prompt as ``generate`` does alone; its loglikelihood is refused by name."""
+    pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api]")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    lm = LocalCompletionsAPI(base_url=f"{served[1]}/v1/completions", model="paradec-tiny", batch_size=2,
+                             tokenizer_backend="huggingface", tokenizer=tiny.tokenizer.name_or_path, max_retries=1)
+    until = {"until": ["####"], "max_gen_toks": 4, **SMALL}  # paradec's settings ride along as generation kwargs
+    sent = []  # the bodies lm-eval builds, as they go out
+    build = lm._create_payload
+    lm._create_payload = lambda *args, **kwargs: sent.append(build(*args, **kwargs)) or sent[-1]
+    prompts = [QUESTION, OTHER]
+    answers = lm.generate_until([Instance("generate_until", {}, (p, dict(until)), i) for i, p in enumerate(prompts)])
+    stop = ["####", tiny.tokenizer.eos_token]  # lm-eval adds the EOS string to the stop strings
+    assert answers == [paradec.generate(tiny, p, max_new_tokens=4, stop=stop, seed=1234, **SMALL).text
+                       for p in prompts]
+    assert len(sent) == 1 and [type(ids) for ids in sent[0]["prompt"]] == [list, list]  # one body, two prompts
+    assert {k: sent[0][k] for k in ("max_tokens", "temperature", "seed", "stop")} == {
+        "max_tokens": 4, "temperature": 0, "seed": 1234, "stop": stop}
+    requests = pytest.importorskip("requests")
+    with pytest.raises(requests.HTTPError) as caught:
+        lm.loglikelihood([Instance("loglikelihood", {}, (QUESTION, " 28"), 0)])
+    error = caught.value.response.json()["error"]
+    assert error["param"] == "logprobs" and "log-probabilities are not returned" in error["message"]

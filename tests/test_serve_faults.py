@@ -333,6 +333,38 @@ def test_an_http_client_that_hangs_up_aborts_its_request(server, http):
     assert after and after["aborted"] == before["aborted"] + 1 and after["finished"] == before["finished"]
 
 
+def test_one_refused_prompt_fails_the_body_and_aborts_its_other_prompts(server, http):
+    """Several prompts in one body are several requests: one refused (the engine: invalid; the
+    frontend: busy) fails the whole HTTP request with its status, naming the prompt, and the
+    others are aborted, not left decoding; a client that hangs up aborts all of them."""
+    url = f"{http}/v1/completions"
+    for prompts, status, code in [([QUESTION, QUESTION, " "], 400, "invalid"), ([QUESTION] * 3, 503, "busy")]:
+        if code == "busy":
+            server.call(lambda: setattr(server.frontend, "max_pending", 2))
+        try:
+            before = _stats(server.address)
+            answer, text = _post(url, {"prompt": prompts, **LONGER})
+        finally:
+            server.call(lambda: setattr(server.frontend, "max_pending", 8))
+        error = json.loads(text)["error"]
+        assert answer == status and error["code"] == code and error["message"].startswith("prompt[2]: "), text
+        after = _wait(lambda: (s := _stats(server.address))["in_flight"] == 0 and s, 30)
+        assert after["aborted"] == before["aborted"] + 2 and after["finished"] == before["finished"], (before, after)
+    host, port = http.removeprefix("http://").split(":")
+    for stream in (False, True):
+        before = _stats(server.address)
+        body = json.dumps({"prompt": [QUESTION] * 3, "stream": stream, **LONGER}).encode()
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                      + b"\r\n\r\n" + body)
+            assert _wait(lambda: _stats(server.address)["in_flight"] == 3, 30)
+            if stream:
+                assert s.recv(12) == b"HTTP/1.1 200"  # hung up mid-stream
+        after = _wait(lambda: (s := _stats(server.address))["in_flight"] == 0 and s, 30)
+        assert after and after["aborted"] == before["aborted"] + 3 and after["finished"] == before["finished"]
+
+
 def test_a_refused_stream_keeps_its_http_status(server, http):
     """A stream answers 200 only once its request was accepted and started: a refusal (busy,
     a config the engine refuses, a malformed message) is its status, as without stream."""

@@ -12,6 +12,16 @@ by newlines) —, ``max_tokens`` or ``max_completion_tokens``, ``temperature``, 
 ``stop``, ``stream``, ``stream_options`` (with ``stream: true`` only), ``model``, ``user``, ``n``: 1)
 and, as extra fields, any request-level ``GenerationConfig`` setting (``blocks``, ``block_len``,
 ``tokens_per_step``, ``window``, ``top_k``, ...; ``protocol.REQUEST_SETTINGS``).
+``prompt`` takes OpenAI's four forms — a string, a list of strings, a list of token ids, a list of
+lists of token ids (what lm-evaluation-harness's ``local-completions`` sends) — and a malformed one
+(an empty list, a bool, a float, a list nested deeper, an id outside [0, 2**31)) is refused (400,
+``param: "prompt"``) naming where; the engine refuses ids outside its vocabulary. Each prompt is one
+request to the engine and one choice (``index``: its position), at most ``max_prompts`` (the
+frontend's ``max_pending``) in one body; ``usage`` is summed over them, and so is a stream's usage
+chunk, sent once at the end (the choices' chunks interleave, each naming its ``index``). One
+prompt refused (busy, invalid) fails the whole request with its status, naming ``prompt[i]``, and
+the other prompts' requests are aborted; a client that hangs up aborts them all. A chat is one
+conversation.
 ``max_tokens`` is ``max_new_tokens``: it bounds the answer text (the summary in ``nap``), and
 ``finish_reason`` is the result's — ``"length"`` when the text filled that bound, ``"stop"`` when an
 EOS or a ``stop`` string ended it (the engine cuts at stop strings). ``usage.completion_tokens``
@@ -22,7 +32,8 @@ counts the answer text's tokens; the think blocks' tokens are
 [0, 1] it is refused (400) even then, and so is a ``temperature`` that is not a finite number >= 0.
 What cannot be honoured — ``logprobs``, ``top_logprobs``, ``presence_penalty``,
 ``frequency_penalty``, ``logit_bias``, ``tools``, ``tool_choice``, ``response_format``, ``n`` > 1,
-``echo``, ``best_of`` > 1, ``suffix`` — is refused (400) by name in OpenAI's error shape
+``echo``, ``best_of`` > 1, ``suffix`` — is refused (400) by name (lm-evaluation-harness's
+loglikelihood requests, with ``logprobs`` and ``echo``, among them) in OpenAI's error shape
 (``{"error": {"message", "type": "invalid_request_error", "param", "code"}}``; the engine's
 refusal of a setting has as ``param`` the field its message starts with — ``seed must ...``,
 ``config.top_k ...`` — when the body set it, else null), while their
@@ -35,24 +46,26 @@ message can carry (an integer outside -2**63 to 2**64 - 1, a lone surrogate such
 or a ``stream`` that is not a boolean, by name and before a stream starts. Every request has a
 server-side deadline (``timeout_s``: 504 after it; a body that has not all arrived within it gets
 408) and a non-streaming request whose client hangs up is aborted, as a stream is. A stream answers
-200 only once its first event came (its first step, or its result): a request refused — ``busy``
-(503), a setting the engine refuses (400) — gets its status as without ``stream``. All HTTP requests share one ZeroMQ
-connection to the frontend, and nothing one of them sends can break it: every message is checked
-for size before it is sent.
+200 only once every prompt's first event came (its first step, or its result): a request refused —
+``busy`` (503), a setting the engine refuses (400) — gets its status as without ``stream``. All
+HTTP requests share one ZeroMQ connection to the frontend, and nothing one of them sends can break
+it: every message is checked for size before it is sent.
 With a token (``paradec serve --token-file``), every route but ``/health`` needs
 ``Authorization: Bearer <token>`` (the scheme in any case). ``/health`` shows health only.
 The completion text is the result's ``text`` (the summary in ``nap``, the answer region outside
-it); the think blocks come in the extra ``paradec`` object. A chat stream's first chunk carries
-``{"role": "assistant", "content": ""}``; then a stream sends one chunk per step with an empty
-delta and the canvas progress in ``paradec`` (a UI draws the blocks filling in), then the text in
-one delta with the ``finish_reason``, then (with ``stream_options: {"include_usage": true}``) a
-chunk with ``choices: []`` and ``usage``, then ``[DONE]``: concatenated deltas are the whole text,
-as an OpenAI client expects.
+it); the think blocks come in the extra ``paradec`` object, each choice's own (the first's also at
+the top level, where a one-prompt client reads it; in a stream, each chunk's is its choice's). A
+chat stream's first chunk carries ``{"role": "assistant", "content": ""}``; then a stream sends,
+for each prompt, one chunk per step with an empty delta and the canvas progress in ``paradec`` (a
+UI draws the blocks filling in), then the text in one delta with the ``finish_reason``; then (with
+``stream_options: {"include_usage": true}``) a chunk with ``choices: []`` and ``usage``, then
+``[DONE]``: each choice's concatenated deltas are its whole text, as an OpenAI client expects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import math
@@ -97,6 +110,9 @@ _STATUS = {"busy": 503, "invalid": 400, "too_large": 413, "unauthorized": 401, "
            "failed": 500, "engine_dead": 503, "stalled": 503, "shutting_down": 503}
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_MAX_PROMPTS = 64  # the frontend's default max_pending: more prompts than that could never all be in flight
+_TOKEN_IDS = (0, 1 << 31)  # a token id the wire carries (int32, not negative); the engine checks the vocabulary
+_FORMS = "a string, a list of strings, a list of token ids or a list of lists of token ids"
 # an engine refusal's first words, when they name a field: "seed must ...", "the prompt holds ...", "config.x ..."
 _NAMED = re.compile(r"(?:(?:a|the) )?(?:config\.)?(\w+)")
 _HEALTH = ("healthy", "state", "in_flight", "max_pending")  # what the open /health shows (no process ids)
@@ -109,10 +125,13 @@ class BadRequest(Exception):
 
 
 def create_app(address: str, token: str | None = None, timeout_s: float | None = DEFAULT_TIMEOUT_S,
-               model_name: str = "paradec", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
+               model_name: str = "paradec", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               max_prompts: int = DEFAULT_MAX_PROMPTS) -> Starlette:
     """The HTTP app; it talks to the frontend at ``address`` as an AsyncClient. timeout_s: every
     request's deadline (sent as its ``timeout_s``: the frontend enforces it). max_body_bytes: the
-    largest request body read. model_name: the one model ``/v1/models`` lists."""
+    largest request body read. model_name: the one model ``/v1/models`` lists. max_prompts: the
+    most prompts one completions body may hold (each is a request in flight: the frontend's
+    ``max_pending``)."""
     if timeout_s is not None and not 0 < timeout_s < math.inf:  # inf, nan: every request would be refused
         raise ConfigError(f"timeout_s must be a finite number > 0 or None, got {timeout_s}")
     state: dict = {}
@@ -135,7 +154,7 @@ def create_app(address: str, token: str | None = None, timeout_s: float | None =
         if not authorised(request):
             return _error(401, "unauthorized", "a missing or wrong bearer token")
         return await _complete(request, client(), chat=False, model_name=model_name, max_body_bytes=max_body_bytes,
-                               timeout_s=timeout_s)
+                               timeout_s=timeout_s, max_prompts=max_prompts)
 
     async def chat(request: Request) -> Response:
         if not authorised(request):
@@ -184,8 +203,9 @@ def create_app(address: str, token: str | None = None, timeout_s: float | None =
     ])
 
 
-def _settings(body: dict, chat: bool) -> tuple[object, dict, bool, bool]:
-    """(prompt or messages, GenerationConfig overrides, stream, include_usage) from an OpenAI body."""
+def _settings(body: dict, chat: bool, max_prompts: int = DEFAULT_MAX_PROMPTS) -> tuple[list, dict, bool, bool]:
+    """(prompts — one chat's messages, or each of a completions ``prompt`` —, GenerationConfig
+    overrides, stream, include_usage) from an OpenAI body."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     process = sorted(set(body) & PROCESS_SETTINGS)
@@ -214,10 +234,11 @@ def _settings(body: dict, chat: bool) -> tuple[object, dict, bool, bool]:
     prompt = body.get(key)
     if chat and not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt)):
         raise BadRequest("messages must be a non-empty list of {role, content, name?}", param="messages")
-    if not chat and not isinstance(prompt, str):
-        raise BadRequest("prompt must be a string", param="prompt")
-    if chat:
-        prompt = [_text_content(message, i) for i, message in enumerate(prompt)]
+    prompts = [[_text_content(message, i) for i, message in enumerate(prompt)]] if chat else _prompts(prompt)
+    if len(prompts) > max_prompts:
+        raise BadRequest(f"prompt holds {len(prompts)} prompts, over the limit of {max_prompts} (each is a request in "
+                         f"flight, and the server holds at most {max_prompts}); send them in several bodies",
+                         param="prompt")
     overrides = {k: v for k, v in body.items() if k in _SETTINGS and k not in ("stop", "top_p", "temperature")}
     for name in ("temperature", "top_p"):
         if name in body and (isinstance(body[name], bool) or not isinstance(body[name], int | float)):
@@ -259,7 +280,30 @@ def _settings(body: dict, chat: bool) -> tuple[object, dict, bool, bool]:
     except ProtocolError as e:
         raise BadRequest(str(e), 413 if e.code == "too_large" else 400, e.code,
                          _param(str(e), {name: name for name in overrides})) from None
-    return prompt, overrides, body.get("stream", False), options.get("include_usage", False)
+    return prompts, overrides, body.get("stream", False), options.get("include_usage", False)
+
+
+def _prompts(prompt) -> list:
+    """A completions ``prompt`` in any of OpenAI's forms as a list of prompts, each a string or a
+    list of token ids; what is not one of the forms is refused naming where it goes wrong."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not (isinstance(prompt, list) and prompt):
+        raise BadRequest(f"prompt must be {_FORMS} (none empty); got {capped(repr(prompt), 80)}", param="prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return prompt
+    if all(isinstance(p, list) for p in prompt):
+        prompts, names = prompt, [f"prompt[{i}]" for i in range(len(prompt))]
+    else:  # one prompt of token ids
+        prompts, names = [prompt], ["prompt"]
+    for ids, name in zip(prompts, names):
+        if not ids:
+            raise BadRequest(f"{name} is an empty list of token ids", param="prompt")
+        for j, token in enumerate(ids):
+            if type(token) is not int or not _TOKEN_IDS[0] <= token < _TOKEN_IDS[1]:  # not a bool, a float, a list
+                raise BadRequest(f"{name}[{j}] must be a token id (an integer in [0, 2**31)), got "
+                                 f"{capped(repr(token), 80)}: prompt takes {_FORMS}", param="prompt")
+    return prompts
 
 
 def _text_content(message: dict, index: int) -> dict:
@@ -341,30 +385,98 @@ async def _until_done_or_gone(request: Request, task: asyncio.Task):
 
 
 async def _complete(request: Request, client: AsyncClient, chat: bool, model_name: str,
-                    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, timeout_s: float | None = None) -> Response:
+                    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, timeout_s: float | None = None,
+                    max_prompts: int = DEFAULT_MAX_PROMPTS) -> Response:
     try:
         body = await _read_json(request, max_body_bytes, timeout_s)
-        prompt, overrides, stream, include_usage = _settings(body, chat)
+        prompts, overrides, stream, include_usage = _settings(body, chat, max_prompts)
     except BadRequest as e:
         return _error(e.status, e.code, str(e), e.param)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     model = body.get("model") or model_name
-    events = client.stream(prompt, progress=stream, request_id=request_id, **overrides)
-    try:  # a stream answers 200 once its first event came: a refusal (busy, invalid) keeps its status
-        first = await _until_done_or_gone(request, asyncio.ensure_future(events.__anext__()))
-    except (ServeError, ProtocolError, TimeoutError) as e:
-        return _failure(e, chat, _fields(overrides, body, chat))
+    streams = [client.stream(prompt, progress=stream, request_id=f"{request_id}-{index}", **overrides)
+               for index, prompt in enumerate(prompts)]
+    try:  # a stream answers 200 once every prompt's first event came: a refusal (busy, invalid) keeps its status
+        firsts = await _until_done_or_gone(request, asyncio.ensure_future(_first_events(streams)))
+    except _Failed as e:
+        return _failure(e.error, chat, _fields(overrides, body, chat), e.index if len(prompts) > 1 else None)
+    except ServeError as e:  # the HTTP client hung up (every prompt's request is aborted)
+        return _failure(e, chat, {})
     if stream:
-        return StreamingResponse(_events(events, first, request_id, chat, created, model, include_usage),
+        return StreamingResponse(_events(streams, firsts, request_id, chat, created, model, include_usage),
                                  media_type="text/event-stream")
-    await events.aclose()  # ended already (its result came): a no-op
-    choice = ({"index": 0, "message": {"role": "assistant", "content": first.text},
-               "finish_reason": first.finish_reason} if chat
-              else {"index": 0, "text": first.text, "finish_reason": first.finish_reason, "logprobs": None})
+    await _close(streams)  # ended already (their results came): a no-op
+    choices = [{"index": index, "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason, "paradec": _extra(result)} if chat
+               else {"index": index, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None,
+                     "paradec": _extra(result)} for index, result in enumerate(firsts)]
     return JSONResponse({"id": request_id, "object": "chat.completion" if chat else "text_completion",
-                         "created": created, "model": model, "choices": [choice], "usage": _usage(first),
-                         "paradec": _extra(first)})
+                         "created": created, "model": model, "choices": choices, "usage": _usage(firsts),
+                         "paradec": _extra(firsts[0])})
+
+
+class _Failed(Exception):
+    """The request of prompt ``index`` failed with ``error`` (the others are aborted)."""
+
+    def __init__(self, index: int, error: Exception):
+        super().__init__(index, error)
+        self.index, self.error = index, error
+
+
+async def _next_event(streams: list, index: int):
+    """The next event of ``streams[index]``; its failure raised as ``_Failed``."""
+    try:
+        return await streams[index].__anext__()
+    except (ServeError, ProtocolError, TimeoutError) as e:
+        raise _Failed(index, e) from None
+
+
+async def _close(streams: list) -> None:
+    """Closes every stream: a request still in flight is aborted at the server."""
+    for events in streams:
+        await events.aclose()
+
+
+async def _stop(tasks, streams: list) -> None:
+    """Cancels ``tasks`` (each waiting on an event of ``streams``), then closes every stream."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await _close(streams)
+
+
+async def _first_events(streams: list) -> list:
+    """Each stream's first event, in order. When one fails (``_Failed``), or this is cancelled
+    (the HTTP client hung up), every stream is closed: the other prompts' requests are aborted."""
+    tasks = [asyncio.ensure_future(_next_event(streams, index)) for index in range(len(streams))]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        await _stop(tasks, streams)
+        raise
+
+
+async def _merged(streams: list, firsts: list):
+    """(index, event) of every stream as its events come (the prompts' events interleave): each
+    stream's first event (received already), then the rest until its result. A failure raises
+    ``_Failed``; a failure or leaving early closes every stream (their requests are aborted)."""
+    pending: dict[asyncio.Task, int] = {}
+    try:
+        for index, event in enumerate(firsts):
+            yield index, event
+            if isinstance(event, Progress):
+                pending[asyncio.ensure_future(_next_event(streams, index))] = index
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.get):
+                index = pending.pop(task)
+                event = task.result()
+                yield index, event
+                if isinstance(event, Progress):
+                    pending[asyncio.ensure_future(_next_event(streams, index))] = index
+    finally:
+        await _stop(pending, streams)
 
 
 def _fields(overrides: dict, body: dict, chat: bool) -> dict:
@@ -383,15 +495,21 @@ def _param(message: str, fields: dict) -> str | None:
     return fields.get(named.group(1)) if named else None
 
 
-def _failure(error: Exception, chat: bool, fields: dict) -> JSONResponse:
-    """A request that failed before its answer started: its status and OpenAI's error shape."""
+def _failure(error: Exception, chat: bool, fields: dict, index: int | None = None) -> JSONResponse:
+    """A request that failed before its answer started: its status and OpenAI's error shape
+    (``index``: which of several prompts failed, named in the message)."""
     if isinstance(error, ProtocolError):
         param = "messages" if chat else "prompt"
     elif isinstance(error, ServeError) and error.code in ("invalid", "too_large"):
         param = _param(error.message, fields)
     else:
         param = None
-    return _error(_error_status(error), _error_code(error), str(error), param)
+    return _error(_error_status(error), _error_code(error), _message(error, index), param)
+
+
+def _message(error: Exception, index: int | None) -> str:
+    """A failure's text, naming the prompt (``index``) when the body held several."""
+    return str(error) if index is None else f"prompt[{index}]: {error}"
 
 
 def _error_status(error: Exception) -> int:
@@ -408,9 +526,10 @@ def _error_code(error: Exception) -> str:
     return error.code if isinstance(error, ServeError | ProtocolError) else "timeout"
 
 
-async def _events(events, first, request_id, chat, created, model, include_usage=False):
-    """The stream's server-sent events: ``first`` (the request's first event, already received),
-    then the rest of ``events``, then ``[DONE]``."""
+async def _events(streams, firsts, request_id, chat, created, model, include_usage=False):
+    """The stream's server-sent events: every prompt's events as they come (each chunk names its
+    choice's ``index``), then (``include_usage``) one chunk with the usage summed over them, then
+    ``[DONE]``."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choices: list, extra: dict | None = None, **fields) -> str:
@@ -418,41 +537,41 @@ async def _events(events, first, request_id, chat, created, model, include_usage
                  **fields, "paradec": extra or {}}
         return "data: " + json.dumps(event) + "\n\n"
 
-    def choice(text: str | None, finish: str | None, role: bool = False) -> dict:
+    def choice(index: int, text: str | None, finish: str | None, role: bool = False) -> dict:
         if not chat:
-            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
         delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-        return {"index": 0, "delta": delta, "finish_reason": finish}
+        return {"index": index, "delta": delta, "finish_reason": finish}
 
-    def chunks(event) -> list[str]:
-        if isinstance(event, Progress):
-            return [chunk([choice(None, None)], {"step": event.step, "committed": event.committed,
-                                                 "lengths": event.lengths})]
-        done = [chunk([choice(event.text, event.finish_reason)], {**_extra(event), "usage": _usage(event)})]
-        return done + ([chunk([], usage=_usage(event))] if include_usage else [])
-
+    results = []
     try:
         if chat:
-            yield chunk([choice(None, None, role=True)])
-        for text in chunks(first):
-            yield text
-        async for event in events:
-            for text in chunks(event):
-                yield text
-    except (ServeError, ProtocolError, TimeoutError) as e:
-        yield "data: " + json.dumps(_error_body(_error_status(e), _error_code(e), str(e))) + "\n\n"
-    except BaseException:  # the HTTP client went away: closing the stream aborts the request
-        await events.aclose()
-        raise
+            yield chunk([choice(0, None, None, role=True)])
+        async with contextlib.aclosing(_merged(streams, firsts)) as events:  # left early: every request aborted
+            async for index, event in events:
+                if isinstance(event, Progress):
+                    yield chunk([choice(index, None, None)], {"step": event.step, "committed": event.committed,
+                                                              "lengths": event.lengths})
+                else:
+                    results.append(event)
+                    yield chunk([choice(index, event.text, event.finish_reason)],
+                                {**_extra(event), "usage": _usage([event])})
+        if include_usage:
+            yield chunk([], usage=_usage(results))
+    except _Failed as e:
+        error, message = e.error, _message(e.error, e.index if len(streams) > 1 else None)
+        yield "data: " + json.dumps(_error_body(_error_status(error), _error_code(error), message)) + "\n\n"
     yield "data: [DONE]\n\n"
 
 
-def _usage(result: ServedResult) -> dict:
-    """completion_tokens: the answer text's (bounded by max_tokens); reasoning_tokens: the think
-    blocks' (set by the canvas shape, not by max_tokens); total_tokens: all of them."""
-    reasoning = sum(result.block_tokens)
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.text_tokens,
-            "total_tokens": result.prompt_tokens + result.text_tokens + reasoning,
+def _usage(results: list[ServedResult]) -> dict:
+    """Summed over ``results``: completion_tokens, the answer texts' (each bounded by max_tokens);
+    reasoning_tokens, the think blocks' (set by the canvas shape, not by max_tokens); total_tokens,
+    all of them."""
+    prompt = sum(result.prompt_tokens for result in results)
+    completion = sum(result.text_tokens for result in results)
+    reasoning = sum(sum(result.block_tokens) for result in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion + reasoning,
             "completion_tokens_details": {"reasoning_tokens": reasoning}}
 
 

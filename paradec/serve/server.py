@@ -130,7 +130,8 @@ async def _main(frontend: Frontend, args: argparse.Namespace) -> int:
 
             app = create_app(frontend.address, token=frontend.token, timeout_s=getattr(args, "request_timeout_s", None),
                              max_body_bytes=getattr(args, "http_max_body_bytes", None) or (1 << 20),
-                             model_name=str(getattr(args, "model", "paradec")))  # what /v1/models lists
+                             model_name=str(getattr(args, "model", "paradec")),  # what /v1/models lists
+                             max_prompts=frontend.max_pending)
             web = _Uvicorn(uvicorn.Config(app, host=args.http_host, port=args.http_port, log_level="info",
                                           timeout_graceful_shutdown=HTTP_GRACE_S))
             web_task = asyncio.ensure_future(web.serve())
