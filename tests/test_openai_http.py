@@ -1,8 +1,8 @@
 """The HTTP endpoint as the official ``openai`` Python client (and lm-evaluation-harness's
 ``local-completions`` model) sees it, against a real ``paradec serve --model paradec-tiny
 --http-port``: /v1/models, max_tokens and finish_reason, usage with reasoning tokens, streaming
-(role first, include_usage), every form of ``prompt``, top_p, chat names, and what cannot be
-honoured refused by name in OpenAI's error shape."""
+(role first, include_usage), every form of ``prompt``, top_p, chat names, what cannot be honoured
+refused by name in OpenAI's error shape, and the bound on connections."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -339,3 +341,35 @@ def test_lm_eval_local_completions_generate_until(served, tiny):
         lm.loglikelihood([Instance("loglikelihood", {}, (QUESTION, " 28"), 0)])
     error = caught.value.response.json()["error"]
     assert error["param"] == "logprobs" and "log-probabilities are not returned" in error["message"]
+
+
+def test_connections_past_the_bound_get_503_and_serving_goes_on(served):
+    from paradec.serve.server import http_connections
+
+    with urllib.request.urlopen(f"{served[1]}/health", timeout=10) as response:
+        bound = http_connections(json.loads(response.read())["max_pending"])
+    host, port = served[1].removeprefix("http://").split(":")
+    held, statuses = [], []
+    try:
+        for _ in range(bound + 1):  # each one kept open (keep-alive) after its answer
+            held.append(socket.create_connection((host, int(port)), timeout=10))
+            held[-1].sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            statuses.append(int(held[-1].recv(4096).split(b" ")[1]))
+    finally:
+        for connection in held:
+            connection.close()
+    served_first = statuses.count(200)
+    assert statuses == [200] * served_first + [503] * (bound + 1 - served_first)
+    assert bound - 2 <= served_first <= bound  # less only by this module's other clients' idle connections
+    def answers() -> bool:  # once the server saw those connections close
+        try:
+            with urllib.request.urlopen(f"{served[1]}/v1/models", timeout=10) as response:
+                return response.status == 200
+        except urllib.error.HTTPError as e:
+            assert e.code == 503
+            return False
+
+    deadline = time.monotonic() + 10
+    while not answers():
+        assert time.monotonic() < deadline, "the server did not serve again once the connections closed"
+        time.sleep(0.1)

@@ -8,6 +8,9 @@ die with the frontend if it is killed outright (``paradec.serve.process.die_with
 
 The shared secret comes from ``--token-file`` or ``PARADEC_TOKEN``, never from a flag's value
 (a command line is visible to every user in ``ps``), and has at least 16 characters.
+
+HTTP serves at most ``http_connections(--max-pending)`` connections at once; uvicorn answers 503
+to a request on any connection beyond them.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ from paradec.serve.protocol import Limits
 log = logging.getLogger("paradec.serve")
 HTTP_GRACE_S = 2.0  # HTTP connections still open at a stop get this long, then are cancelled
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def http_connections(max_pending: int) -> int:
+    """The HTTP connections served at once: one per request the frontend holds (more are refused
+    busy) and as many again for connections idle between requests (keep-alive), probes and refusals."""
+    return 2 * max_pending
 
 
 def read_token(args: argparse.Namespace) -> str | None:
@@ -132,8 +141,10 @@ async def _main(frontend: Frontend, args: argparse.Namespace) -> int:
                              max_body_bytes=getattr(args, "http_max_body_bytes", None) or (1 << 20),
                              model_name=str(getattr(args, "model", "paradec")),  # what /v1/models lists
                              max_prompts=frontend.max_pending)
+            # uvicorn refuses a request on the connection that reaches limit_concurrency: one past those served
             web = _Uvicorn(uvicorn.Config(app, host=args.http_host, port=args.http_port, log_level="info",
-                                          timeout_graceful_shutdown=HTTP_GRACE_S))
+                                          timeout_graceful_shutdown=HTTP_GRACE_S,
+                                          limit_concurrency=http_connections(frontend.max_pending) + 1))
             web_task = asyncio.ensure_future(web.serve())
             waits.add(web_task)
         done, _ = await asyncio.wait(waits | {stopping}, return_when=asyncio.FIRST_COMPLETED)
