@@ -11,7 +11,6 @@ for every check; tolerances are justified where they are set.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import pytest
 import torch
 
 from paradec.ops import batch_invariant as bi
+
+from interpreted import run_interpreted
 
 HERE = Path(__file__).parent
 cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -199,14 +200,12 @@ def check_model(device: str, dtype: torch.dtype, root_dir: Path, decode=("llada"
                 paradec.engine_for(model).release_kept()
 
 
-def run_all(device: str, dtypes, root_dir: Path) -> None:
-    """Every check (the interpreter's child process); the model decodes one family there (slow)."""
-    for dtype in dtypes:
-        check_matmul(device, dtype)
-        check_norms(device, dtype)
-        check_attention(device, dtype)
-        check_attention(device, dtype, d=16, canvas=3, prompt_lens=(5, 70))
-    check_model(device, dtypes[0], root_dir, decode=("llada",), modes=("nap",))
+def run_kernels(device: str, dtype: torch.dtype) -> None:
+    """Every kernel check at ``dtype`` (an interpreted child's part)."""
+    check_matmul(device, dtype)
+    check_norms(device, dtype)
+    check_attention(device, dtype)
+    check_attention(device, dtype, d=16, canvas=3, prompt_lens=(5, 70))
 
 
 # --- on the CPU, in Triton's interpreter ------------------------------------------------------
@@ -233,22 +232,19 @@ def fixed_order_interpreter_dot() -> None:
 
 @needs_triton
 def test_kernels_in_the_triton_interpreter(tmp_path):
-    """The kernels' logic (indexing, splits, key order, routing) on the CPU: a child process with
-    TRITON_INTERPRET=1 runs every check (bf16 and fp32; the interpreter computes bf16 dots in fp32,
-    in a fixed order: ``fixed_order_interpreter_dot``). Attention splits the keys every 128 there
-    (``KV_SPLIT``; 512 on a GPU): a program's loop runs its whole split, padding included, and the
-    interpreter runs it a program at a time; every split path is still taken, more splits a row
-    than at 512. The model decodes in NAP windows only (the block-dual decode runs on a GPU).
-    ~100 -> ~61 s on 2 cores."""
-    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import test_batch_invariant as t; "
-            "from paradec.ops import batch_invariant as bi; bi.DEVICES.add('cpu'); bi.KV_SPLIT = 128; "
-            "torch.set_num_threads(1); "
-            "t.fixed_order_interpreter_dot(); "
-            "t.run_all('cpu', [torch.bfloat16, torch.float32], __import__('pathlib').Path(sys.argv[2])); print('ok')")
-    env = dict(os.environ, TRITON_INTERPRET="1", PARADEC_BATCH_INVARIANT="0")
-    done = subprocess.run([sys.executable, "-c", code, str(HERE), str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout[-3000:] + done.stderr[-6000:])
+    """The kernels' logic (indexing, splits, key order, routing) on the CPU: interpreted children
+    (``run_interpreted``: bf16, fp32 and the model side by side; the interpreter computes bf16
+    dots in fp32, in a fixed order: ``fixed_order_interpreter_dot``). Attention splits the keys
+    every 128 there (``KV_SPLIT``; 512 on a GPU): a program's loop runs its whole split, padding
+    included, and the interpreter runs it a program at a time; every split path is still taken,
+    more splits a row than at 512. The model decodes in NAP windows only (the block-dual decode
+    runs on a GPU). ~80 s in one child, ~45 s in three, on 2 cores."""
+    setup = ("import test_batch_invariant as t; from paradec.ops import batch_invariant as bi; "
+             "bi.DEVICES.add('cpu'); bi.KV_SPLIT = 128; t.fixed_order_interpreter_dot()")
+    parts = [f"t.run_kernels('cpu', torch.{dtype})" for dtype in ("bfloat16", "float32")]
+    parts.append(f"t.check_model('cpu', torch.bfloat16, __import__('pathlib').Path({str(tmp_path)!r}), "
+                 "decode=('llada',), modes=('nap',))")
+    run_interpreted(setup, parts, env={"PARADEC_BATCH_INVARIANT": "0"})
 
 
 def test_switch():

@@ -5,8 +5,6 @@ through the kernel, each request as it decodes alone."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +15,7 @@ import torch
 from paradec.models.layers import RotaryEmbedding
 from paradec.ops import rope_kv as rk
 
+from interpreted import run_interpreted
 from tiny import tiny_checkpoint
 
 HERE = Path(__file__).parent
@@ -73,10 +72,10 @@ def check_rope_kv(device: str, dtype: torch.dtype) -> None:
                    kv_heads)
 
 
-def check_engine_decodes_as_alone() -> None:
+def check_engine_decodes_as_alone(staggered: bool) -> None:
     """A batching engine whose rows' attention layers rotate and write k/v with the kernel:
-    requests of mixed settings joining at different steps (packed calls), and two in lockstep
-    (calls of two rows, each its own), get ``generate()``'s tokens (fp32)."""
+    requests of mixed settings joining at different steps (``staggered``: packed calls), or two
+    in lockstep (calls of two rows, each its own), get ``generate()``'s tokens (fp32)."""
     sys.path.insert(0, str(HERE))
     import paradec
     from test_batching import QUESTIONS, Run, make_engine, solo
@@ -96,23 +95,19 @@ def check_engine_decodes_as_alone() -> None:
                 dict(nap, attention="canvas")]
     schedule = [(i, f"r{i}", QUESTIONS[i], settings[i]) for i in range(3)]
     schedule += [(0, f"lockstep{i}", QUESTIONS[3 + i], settings[0]) for i in range(2)]
-    for part in (schedule[:3], schedule[3:]):
-        run = Run(make_engine(model, max_batch=4), part)
-        for _, rid, prompt, kwargs in part:
-            assert run.results[rid].token_ids == solo(model, prompt, kwargs).token_ids, rid
-    assert (1, False) in batches and (2, True) in batches  # packed calls, and two rows stepping together
+    part = schedule[:3] if staggered else schedule[3:]
+    run = Run(make_engine(model, max_batch=4), part)
+    for _, rid, prompt, kwargs in part:
+        assert run.results[rid].token_ids == solo(model, prompt, kwargs).token_ids, rid
+    assert ((1, False) if staggered else (2, True)) in batches  # packed calls, or two rows stepping together
 
 
 @needs_triton
 def test_in_the_triton_interpreter():
-    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); torch.set_num_threads(1); "
-            "from paradec.ops import rope_kv; rope_kv.DEVICES.add('cpu'); import test_rope_kv as t; "
-            "[t.check_rope_kv('cpu', d) for d in (torch.float32, torch.bfloat16)]; "
-            "t.check_engine_decodes_as_alone(); print('ok')")
-    env = dict(os.environ, TRITON_INTERPRET="1", PARADEC_BATCH_INVARIANT="0")
-    done = subprocess.run([sys.executable, "-c", code, str(HERE)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout[-3000:] + done.stderr[-6000:])
+    setup = "from paradec.ops import rope_kv; rope_kv.DEVICES.add('cpu'); import test_rope_kv as t"
+    run_interpreted(setup, ["[t.check_rope_kv('cpu', d) for d in (torch.float32, torch.bfloat16)]",
+                            "t.check_engine_decodes_as_alone(staggered=True)",
+                            "t.check_engine_decodes_as_alone(staggered=False)"], env={"PARADEC_BATCH_INVARIANT": "0"})
 
 
 def test_only_the_kernels_dtypes_route_to_it(monkeypatch):

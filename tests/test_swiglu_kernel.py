@@ -5,17 +5,13 @@ through it."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from paradec.ops import swiglu as sk
 
-HERE = Path(__file__).parent
+from interpreted import run_interpreted
+
 needs_triton = pytest.mark.skipif(not sk.HAVE_TRITON, reason="needs triton")
 
 
@@ -84,14 +80,10 @@ def check_mlp_routes_through_the_kernel() -> None:
 
 @needs_triton
 def test_in_the_triton_interpreter():
-    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); torch.set_num_threads(1); "
-            "from paradec.ops import swiglu; swiglu.DEVICES.add('cpu'); import test_swiglu_kernel as t; "
-            "[t.check_silu_mul('cpu', d) for d in (torch.float32, torch.bfloat16, torch.float16)]; "
-            "t.check_kernel_stays_in_its_lines('cpu'); t.check_mlp_routes_through_the_kernel(); print('ok')")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", code, str(HERE)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout[-3000:] + done.stderr[-6000:])
+    setup = "from paradec.ops import swiglu; swiglu.DEVICES.add('cpu'); import test_swiglu_kernel as t"
+    run_interpreted(setup, ["[t.check_silu_mul('cpu', d) for d in (torch.float32, torch.bfloat16, torch.float16)]; "
+                            "t.check_kernel_stays_in_its_lines('cpu'); t.check_mlp_routes_through_the_kernel()"],
+                    timeout_s=600)
 
 
 def test_cpu_runs_stay_off_the_kernel():
