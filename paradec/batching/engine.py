@@ -349,7 +349,8 @@ class BatchEngine:
         if self.has_unfinished():
             raise ConfigError("BatchEngine.generate runs on an idle engine: step the requests already added "
                               "(or abort them) first")
-        _, prompts = split_prompts(prompts)  # one prompt (a text, token ids, chat messages) is a list of one
+        # one prompt (a text, token ids, chat messages) is a list of one; no prompts, no results
+        prompts = [] if isinstance(prompts, list) and not prompts else split_prompts(prompts)[1]
         configs = _config_list(configs) if configs is not None else [None] * len(prompts)
         if len(configs) != len(prompts):
             raise ConfigError(f"configs must give one config per prompt: {len(configs)} for {len(prompts)} prompts")
