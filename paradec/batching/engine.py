@@ -344,8 +344,9 @@ class BatchEngine:
     def generate(self, prompts: Iterable, configs: Iterable[GenerationConfig | None] | None = None,
                  **overrides) -> list[GenerationResult]:
         """Adds ``prompts`` (one prompt or a list, as ``paradec.generate`` takes them; with their
-        ``configs``) and steps until they are done: a list of results in order. For an idle engine (the results of other requests would be lost here); if one
-        prompt is refused, none is decoded."""
+        ``configs``) and steps until they are done: a list of results in order. For an idle
+        engine (the results of other requests would be lost here); if one prompt is refused, none
+        is decoded."""
         if self.has_unfinished():
             raise ConfigError("BatchEngine.generate runs on an idle engine: step the requests already added "
                               "(or abort them) first")
