@@ -361,6 +361,7 @@ def test_connections_past_the_bound_get_503_and_serving_goes_on(served):
     served_first = statuses.count(200)
     assert statuses == [200] * served_first + [503] * (bound + 1 - served_first)
     assert bound - 2 <= served_first <= bound  # less only by this module's other clients' idle connections
+
     def answers() -> bool:  # once the server saw those connections close
         try:
             with urllib.request.urlopen(f"{served[1]}/v1/models", timeout=10) as response:
