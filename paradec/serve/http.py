@@ -279,7 +279,7 @@ def _settings(body: dict, chat: bool, max_prompts: int = DEFAULT_MAX_PROMPTS) ->
         check_config(overrides)  # each value a bounded scalar, before anything is sent
     except ProtocolError as e:
         raise BadRequest(str(e), 413 if e.code == "too_large" else 400, e.code,
-                         _param(str(e), {name: name for name in overrides})) from None
+                         _param(str(e), _fields(overrides, body, chat))) from None
     return prompts, overrides, body.get("stream", False), options.get("include_usage", False)
 
 
@@ -561,6 +561,8 @@ async def _events(streams, firsts, request_id, chat, created, model, include_usa
     except _Failed as e:
         error, message = e.error, _message(e.error, e.index if len(streams) > 1 else None)
         yield "data: " + json.dumps(_error_body(_error_status(error), _error_code(error), message)) + "\n\n"
+    finally:  # (closed before the merge began, at the chat's role chunk: the requests are aborted here)
+        await _close(streams)
     yield "data: [DONE]\n\n"
 
 
