@@ -27,7 +27,7 @@ import pytest
 import zmq
 
 from paradec.config import GenerationConfig
-from paradec.errors import ConfigError
+from paradec.errors import CheckpointError, ConfigError
 from paradec.serve import Client, ServeError
 from paradec.serve.frontend import BackgroundFrontend, EngineTarget, Frontend
 from paradec.serve.process import alive, command_line, descendants, survivors
@@ -547,6 +547,24 @@ def test_serve_refuses_bad_warm_up_and_pool_flags_before_starting(flags, names):
     args = parser().parse_args(["serve", "--model", "paradec-tiny", "--device", "cpu", *flags])
     with pytest.raises(ConfigError, match=names):
         serve(args)
+
+
+@pytest.mark.parametrize("flags,error,names", [
+    # valid settings that the batching engine's rows cannot decode: found only once the model is loaded
+    (["--model", "paradec-tiny", "--warm-up", '{"blocks": 64}'], ConfigError,
+     r'warm-up settings \{"blocks": 64\}: blocks=64; this engine decodes at most max_blocks=16'),
+    (["--model", "/no/such/checkpoint"], CheckpointError, "/no/such/checkpoint: not a checkpoint directory"),
+])
+def test_an_engine_that_cannot_start_fails_serve_with_its_own_error(flags, error, names):
+    """The engine process's error reaches the frontend (and ``paradec serve``'s exit message) with
+    its class and text, not as a bare exit code."""
+    from paradec.cli import parser
+    from paradec.serve.server import serve
+
+    args = parser().parse_args(["serve", "--device", "cpu", "--address", f"tcp://127.0.0.1:{free_port()}", *flags])
+    with pytest.raises(error, match=names) as raised:
+        serve(args)
+    assert str(raised.value).startswith(f"the engine exited while starting (code 1): {error.__name__}: ")
 
 
 def test_an_infinite_request_timeout_is_refused_where_it_is_set():

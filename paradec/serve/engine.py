@@ -41,6 +41,7 @@ gone (``PR_SET_PDEATHSIG`` set by the frontend, and ``getppid`` checked here).
 from __future__ import annotations
 
 import abc
+import json
 import logging
 import os
 import time
@@ -262,7 +263,13 @@ class EngineLoop(MessageLoop):
                                   kv_memory_fraction=self.kv_memory_fraction, cuda_graphs=defaults.cuda_graphs,
                                   batch_invariant=defaults.batch_invariant)
         started = time.monotonic()
-        configs = [resolve_config(self.model, **settings) for settings in self.warm_up]  # (refused: it fails)
+        configs = []
+        for settings in self.warm_up:  # a setting these rows cannot decode fails the start, named
+            try:
+                configs.append(resolve_config(self.model, **settings))
+                self.engine.layout_for(configs[-1])
+            except (ConfigError, InputError) as e:
+                raise type(e)(f"warm-up settings {json.dumps(settings)}: {e}") from None
         try:  # the defaults where the rows hold them (else only requests that ask for less are served)
             self.engine.layout_for(defaults)
             configs.insert(0, defaults)

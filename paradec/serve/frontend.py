@@ -30,6 +30,7 @@ progress message: aborted) or ``undelivered`` (its final message could not be de
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import itertools
 import logging
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 import zmq
 import zmq.asyncio
 
-from paradec.errors import ConfigError
+from paradec.errors import CheckpointError, ConfigError, InputError
 from paradec.serve.engine import ENGINE_IDENTITY, run_engine
 from paradec.serve.process import die_with_parent, kill_group
 from paradec.serve.protocol import Limits, Message, MessageType, ProtocolError, decode, encode
@@ -59,6 +60,8 @@ OUTCOMES = ("finished", "errors", "aborted", "timeout", "stalled", "engine_dead"
 REFUSALS = ("busy", "invalid", "unauthorized", "unavailable")
 CLIENT_QUEUE = 10_000  # messages queued for one client before it counts as not reading (ZeroMQ SNDHWM)
 STOP_GRACE_S = 3.0  # an engine asked to stop (SIGTERM) gets this long before SIGKILL to its group
+MAX_FAILURE_CHARS = 2000  # of the error an exiting engine reports
+START_ERRORS = {cls.__name__: cls for cls in (ConfigError, CheckpointError, InputError)}  # raised again by start()
 
 
 def check_bind(address: str, token: str | None) -> None:
@@ -82,13 +85,21 @@ class Flight:
     started: float
 
 
-def _engine_main(target, parent: int, requests_address: str, outputs_address: str) -> None:
+def _engine_main(target, parent: int, requests_address: str, outputs_address: str, failure) -> None:
     """The engine process: dies with the frontend, leads its own process group (its ranks join
     it, so one killpg ends them all; a terminal's Ctrl-C reaches the frontend alone, which stops
-    everything in order), then runs ``target``."""
+    everything in order), then runs ``target``. What it raises goes to the frontend through
+    ``failure`` (a pipe's sending end) as ``(type name, message)`` before the process exits."""
     die_with_parent(parent)
     os.setpgrp()
-    target(requests_address, outputs_address)
+    try:
+        target(requests_address, outputs_address)
+    except Exception as e:
+        with contextlib.suppress(OSError):  # the frontend may be gone already
+            failure.send((type(e).__name__, str(e)[:MAX_FAILURE_CHARS]))
+        raise
+    finally:
+        failure.close()
 
 
 class Frontend:
@@ -117,6 +128,8 @@ class Frontend:
         self.state = "starting"  # starting | ready | restarting | dead | stopping
         self.engine_ready = asyncio.Event()
         self.engine: multiprocessing.Process | None = None
+        self.failures = None  # the receiving end of the engine process's failure pipe
+        self.engine_error: tuple[str, str] | None = None  # (type name, message) the engine raised, once read
         self.engine_started = 0.0
         self.last_progress = self.busy_since = time.monotonic()
         self.progress = 0
@@ -143,8 +156,8 @@ class Frontend:
             await asyncio.wait_for(self.engine_ready.wait(), self.ready_timeout_s)
         except TimeoutError:
             raise RuntimeError(f"the engine did not start within {self.ready_timeout_s} s") from None
-        if self.state != "ready":
-            raise RuntimeError(f"the engine exited while starting (code {self.engine.exitcode})")
+        if self.state != "ready":  # the engine's own error class where it raised one of paradec's
+            raise START_ERRORS.get(self.engine_error[0] if self.engine_error else "", RuntimeError)(self.dead_reason)
         self.tasks.append(asyncio.create_task(self._clients()))
         log.info("serving on %s (engine pid %d)", self.address, self.engine.pid)
 
@@ -162,10 +175,15 @@ class Frontend:
         """Starts an engine process (from this event-loop thread: its parent-death signal is tied
         to the thread that started it)."""
         ctx = multiprocessing.get_context("spawn")
+        if self.failures is not None:
+            self.failures.close()
+        self.failures, failure = ctx.Pipe(duplex=False)
+        self.engine_error = None
         self.engine = ctx.Process(target=_engine_main, daemon=True,
                                   args=(self.engine_target, os.getpid(), self.engine_requests_address,
-                                        self.engine_outputs_address))
+                                        self.engine_outputs_address, failure))
         self.engine.start()
+        failure.close()  # the engine holds the sending end alone: its exit ends the pipe
         self.engine_started = time.monotonic()
         self.engine_ready.clear()
 
@@ -435,7 +453,7 @@ class Frontend:
                     await self._to_engine(MessageType.ABORT, {"id": internal}, patience_s=0)
         if self.state == "ready":
             if not self.engine.is_alive():
-                await self._lost(f"the engine process exited (code {self.engine.exitcode})", stalled=False)
+                await self._lost(self._exit_reason("the engine process exited"), stalled=False)
             elif (self.stall_timeout_s is not None and self.flights
                   and now - max(self.last_progress, self.busy_since) > self.stall_timeout_s):
                 await self._lost(f"the engine made no progress for {self.stall_timeout_s:g} s with "
@@ -443,7 +461,7 @@ class Frontend:
                                  f"longest step; with several ranks, the longest batch)", stalled=True)
         elif self.state in ("starting", "restarting") and self.engine is not None:
             if not self.engine.is_alive():
-                self._give_up(f"the engine exited while starting (code {self.engine.exitcode})")
+                self._give_up(self._exit_reason("the engine exited while starting"))
             elif now - self.engine_started > self.ready_timeout_s:
                 await self._end_engine(0)
                 self._give_up(f"the engine did not start within {self.ready_timeout_s:g} s")
@@ -451,6 +469,18 @@ class Frontend:
             self.stats["restarts"] += 1
             log.warning("starting a new engine (restart %d)", self.stats["restarts"])
             self._spawn()
+
+    def _exit_reason(self, what: str) -> str:
+        """``what`` with the exited engine's exit code and, where it sent one, the error it raised."""
+        try:
+            if self.engine_error is None and self.failures is not None and self.failures.poll():
+                error = self.failures.recv()
+                if isinstance(error, tuple) and len(error) == 2 and all(isinstance(x, str) for x in error):
+                    self.engine_error = error
+        except (EOFError, OSError):  # it exited without sending one (killed, or os._exit)
+            pass
+        reason = f"{what} (code {self.engine.exitcode})"
+        return reason if self.engine_error is None else f"{reason}: {self.engine_error[0]}: {self.engine_error[1]}"
 
     def _give_up(self, reason: str) -> None:
         self.state, self.dead_reason = "dead", reason
