@@ -213,14 +213,14 @@ def test_stream_is_a_boolean_or_null():
 
 
 UNHONOURED = {"logprobs": True, "top_logprobs": 2, "presence_penalty": 0.5, "frequency_penalty": -1.0,
-              "logit_bias": {"50": 10}, "n": 2, "response_format": {"type": "json_object"},
+              "logit_bias": {"50": 10}, "best_of": 2, "response_format": {"type": "json_object"},
               "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "required"}
 
 
 def test_what_cannot_be_honoured_is_refused_by_name(client, direct):
     for field, value in UNHONOURED.items():
         with pytest.raises(openai.BadRequestError) as caught:
-            client.chat.completions.create(model="paradec", messages=CHAT, **{field: value})
+            client.chat.completions.create(model="paradec", messages=CHAT, extra_body={field: value})
         error = caught.value.body
         assert caught.value.status_code == 400 and error["param"] == field and error["type"] == "invalid_request_error"
         assert error["message"].startswith(f"{field}=") and error["code"] == "unsupported_parameter"
@@ -270,6 +270,55 @@ def test_prompt_in_every_openai_form_gets_one_choice_per_prompt(client, direct, 
     assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
     assert all(c.usage is None for c in chunks[:-1])  # the usage chunk comes once, at the end
+
+
+SAMPLED = dict(SMALL, temperature=0.9)  # the tiny model's samples differ between seeds at this temperature
+
+
+def test_n_choices_per_prompt_are_the_samples_of_num_return_sequences(client, tiny):
+    """``n`` choices of each prompt: choice i * n + j is prompt i's sample j, as
+    ``generate(num_return_sequences=n)`` samples it (seed + j; seed 0 when the body sets none),
+    streamed or not; a prompt's tokens count once in usage."""
+    samples = [paradec.generate(tiny, p, max_new_tokens=4, num_return_sequences=2, seed=7, **SAMPLED)
+               for p in (QUESTION, OTHER)]
+    expected = [r for per_prompt in samples for r in per_prompt]  # prompt-major
+    assert len({tuple(r.blocks) for r in expected}) == 4  # the samples differ: each choice has its own seed
+    reply = client.completions.create(model="paradec", prompt=[QUESTION, OTHER], n=2, seed=7, max_tokens=4,
+                                      extra_body=SAMPLED)
+    assert [(c.index, c.text, c.finish_reason, c.model_extra["paradec"]["blocks"]) for c in reply.choices] == [
+        (k, r.text, r.finish_reason, r.blocks) for k, r in enumerate(expected)]
+    assert reply.usage.prompt_tokens == len(expected[0].prompt_ids) + len(expected[2].prompt_ids)
+    assert reply.usage.completion_tokens == sum(len(r.summary_token_ids) for r in expected)
+
+    unseeded = paradec.generate(tiny, CHAT, max_new_tokens=4, num_return_sequences=3, **SAMPLED)
+    chunks = list(client.chat.completions.create(model="paradec", messages=CHAT, n=3, max_tokens=4, extra_body=SAMPLED,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert all(len(c.choices) == 1 for c in chunks[:-1])  # one choice a chunk
+    assert [(c.choices[0].index, c.choices[0].delta.role) for c in chunks[:3]] == [(j, "assistant") for j in range(3)]
+    assert len({tuple(r.blocks) for r in unseeded}) == 3
+    for j, result in enumerate(unseeded):
+        mine = [c for c in chunks if c.choices and c.choices[0].index == j]
+        assert "".join(c.choices[0].delta.content or "" for c in mine) == result.text
+        assert mine[-1].choices[0].finish_reason == result.finish_reason
+        assert mine[-1].model_extra["paradec"]["blocks"] == result.blocks
+    assert chunks[-1].usage.prompt_tokens == len(unseeded[0].prompt_ids)
+    assert chunks[-1].usage.completion_tokens == sum(len(r.summary_token_ids) for r in unseeded)
+
+
+def test_bad_n_is_refused_by_name(served, client):
+    with urllib.request.urlopen(f"{served[1]}/health", timeout=10) as response:
+        max_pending = json.loads(response.read())["max_pending"]
+    many = max_pending // 2 + 1  # choices for each of two prompts: one request too many
+    cases = [({"n": 0}, "n", "n must be an integer >= 1"),
+             ({"extra_body": {"n": "2"}}, "n", "n must be an integer >= 1"),
+             ({"extra_body": {"n": True}}, "n", "n must be an integer >= 1"),
+             ({"n": many, "prompt": [QUESTION, OTHER]}, "n", f"n={many} choices for each of 2 prompts are"),
+             ({"n": 2, "seed": 2**63 - 1}, "seed", "seed must be an integer in [0, 2**63 - n]"),
+             ({"n": 2, "extra_body": {"seed": "7"}}, "seed", "seed must be an integer")]
+    for fields, param, said in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="paradec", **({"prompt": QUESTION} | fields))
+        assert caught.value.body["param"] == param and caught.value.body["message"].startswith(said), fields
 
 
 def test_malformed_token_id_prompts_are_refused_by_name(served, client, tiny, direct):

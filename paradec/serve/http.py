@@ -9,7 +9,7 @@ which is all four routes need — no schema framework on top.
 Request bodies take OpenAI's fields (``prompt`` or ``messages`` — roles system, user and
 assistant, each with an optional ``name``, its ``content`` a string or a list of text parts (joined
 by newlines) —, ``max_tokens`` or ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``,
-``stop``, ``stream``, ``stream_options`` (with ``stream: true`` only), ``model``, ``user``, ``n``: 1)
+``stop``, ``stream``, ``stream_options`` (with ``stream: true`` only), ``model``, ``user``, ``n``)
 and, as extra fields, any request-level ``GenerationConfig`` setting (``blocks``, ``block_len``,
 ``tokens_per_step``, ``window``, ``top_k``, ...; ``protocol.REQUEST_SETTINGS``).
 ``prompt`` takes OpenAI's four forms — a string, a list of strings, a list of token ids, a list of
@@ -21,7 +21,10 @@ frontend's ``max_pending``) in one body; ``usage`` is summed over them, and so i
 chunk, sent once at the end (the choices' chunks interleave, each naming its ``index``). One
 prompt refused (busy, invalid) fails the whole request with its status, naming ``prompt[i]``, and
 the other prompts' requests are aborted; a client that hangs up aborts them all. A chat is one
-conversation.
+conversation. ``n`` > 1 asks ``n`` choices of each prompt: choice ``i * n + j`` is prompt i's
+sample j, a request of its own decoded with ``seed + j`` (``seed``: the body's, else 0), as
+``generate(num_return_sequences=n)`` samples (greedy decoding gives n equal choices); the prompt's
+tokens count once in ``usage``, and prompts × n is bounded as the prompts are.
 ``max_tokens`` is ``max_new_tokens``: it bounds the answer text (the summary in ``nap``), and
 ``finish_reason`` is the result's — ``"length"`` when the text filled that bound, ``"stop"`` when an
 EOS or a ``stop`` string ended it (the engine cuts at stop strings). ``usage.completion_tokens``
@@ -31,13 +34,13 @@ counts the answer text's tokens; the think blocks' tokens are
 ``top_p`` is passed on, and dropped where it changes nothing (1, or temperature 0: greedy); outside
 [0, 1] it is refused (400) even then, and so is a ``temperature`` that is not a finite number >= 0.
 What cannot be honoured — ``logprobs``, ``top_logprobs``, ``presence_penalty``,
-``frequency_penalty``, ``logit_bias``, ``tools``, ``tool_choice``, ``response_format``, ``n`` > 1,
+``frequency_penalty``, ``logit_bias``, ``tools``, ``tool_choice``, ``response_format``,
 ``echo``, ``best_of`` > 1, ``suffix`` — is refused (400) by name (lm-evaluation-harness's
 loglikelihood requests, with ``logprobs`` and ``echo``, among them) in OpenAI's error shape
 (``{"error": {"message", "type": "invalid_request_error", "param", "code"}}``; the engine's
 refusal of a setting has as ``param`` the field its message starts with — ``seed must ...``,
 ``config.top_k ...`` — when the body set it, else null), while their
-neutral values (``presence_penalty: 0``, ``logprobs: false``, ``n: 1``, null, ...), which some
+neutral values (``presence_penalty: 0``, ``logprobs: false``, null, ...), which some
 clients send by default, are accepted. Unknown fields are refused (400), and so are process settings
 (``rank_timeout_s``, ``prompt_kv``, ``gather``, ``results_on``, ``cuda_graphs``), by name. A body
 over ``max_body_bytes`` is refused (413) before it is read (its Content-Length) or as soon as it
@@ -54,10 +57,11 @@ With a token (``paradec serve --token-file``), every route but ``/health`` needs
 ``Authorization: Bearer <token>`` (the scheme in any case). ``/health`` shows health only.
 The completion text is the result's ``text`` (the summary in ``nap``, the answer region outside
 it); the think blocks come in the extra ``paradec`` object, each choice's own (the first's also at
-the top level, where a one-prompt client reads it; in a stream, each chunk's is its choice's). A
-chat stream's first chunk carries ``{"role": "assistant", "content": ""}``; then a stream sends,
-for each prompt, one chunk per step with an empty delta and the canvas progress in ``paradec`` (a
-UI draws the blocks filling in), then the text in one delta with the ``finish_reason``; then (with
+the top level, where a one-prompt client reads it; in a stream, each chunk's is its choice's).
+Every chunk of a stream holds one choice. A chat stream starts with a chunk per choice carrying
+``{"role": "assistant", "content": ""}``; then a stream sends, for each choice, one chunk per step
+with an empty delta and the canvas progress in ``paradec`` (a UI draws the blocks filling in),
+then the text in one delta with the ``finish_reason``; then (with
 ``stream_options: {"include_usage": true}``) a chunk with ``choices: []`` and ``usage``, then
 ``[DONE]``: each choice's concatenated deltas are its whole text, as an OpenAI client expects.
 """
@@ -86,11 +90,10 @@ from paradec.serve.protocol import (PROCESS_SETTINGS, REQUEST_SETTINGS, Protocol
 
 _SETTINGS = REQUEST_SETTINGS
 _OPENAI = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "seed", "stop",
-           "stream", "user", "top_p", "stream_options"}
+           "stream", "user", "top_p", "stream_options", "n"}
 # OpenAI fields paradec cannot honour: field -> (is its value neutral, why not). A neutral value
 # (what some clients send by default) is accepted and changes nothing; any other is refused by name.
 _UNHONOURED = {
-    "n": (lambda v: v is None or (type(v) is int and v == 1), "one request gets one result; send n requests"),
     "logprobs": (lambda v: v is None or v is False, "token log-probabilities are not returned"),
     "top_logprobs": (lambda v: v is None or (type(v) is int and v == 0), "token log-probabilities are not returned"),
     "presence_penalty": (lambda v: v is None or (type(v) in (int, float) and v == 0),
@@ -160,7 +163,7 @@ def create_app(address: str, token: str | None = None, timeout_s: float | None =
         if not authorised(request):
             return _error(401, "unauthorized", "a missing or wrong bearer token")
         return await _complete(request, client(), chat=True, model_name=model_name, max_body_bytes=max_body_bytes,
-                               timeout_s=timeout_s)
+                               timeout_s=timeout_s, max_prompts=max_prompts)
 
     async def models(request: Request) -> Response:
         if not authorised(request):
@@ -203,9 +206,9 @@ def create_app(address: str, token: str | None = None, timeout_s: float | None =
     ])
 
 
-def _settings(body: dict, chat: bool, max_prompts: int = DEFAULT_MAX_PROMPTS) -> tuple[list, dict, bool, bool]:
+def _settings(body: dict, chat: bool, max_prompts: int = DEFAULT_MAX_PROMPTS) -> tuple[list, dict, bool, bool, int]:
     """(prompts — one chat's messages, or each of a completions ``prompt`` —, GenerationConfig
-    overrides, stream, include_usage) from an OpenAI body."""
+    overrides, stream, include_usage, n: choices per prompt) from an OpenAI body."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     process = sorted(set(body) & PROCESS_SETTINGS)
@@ -239,7 +242,18 @@ def _settings(body: dict, chat: bool, max_prompts: int = DEFAULT_MAX_PROMPTS) ->
         raise BadRequest(f"prompt holds {len(prompts)} prompts, over the limit of {max_prompts} (each is a request in "
                          f"flight, and the server holds at most {max_prompts}); send them in several bodies",
                          param="prompt")
+    n = body.get("n", 1)
+    if type(n) is not int or n < 1:
+        raise BadRequest(f"n must be an integer >= 1, got {capped(repr(n), 80)}", param="n")
+    if len(prompts) * n > max_prompts:
+        raise BadRequest(f"n={n} choices for each of {len(prompts)} prompts are {len(prompts) * n} requests, over the "
+                         f"limit of {max_prompts} (the most the server holds in flight); send fewer", param="n")
     overrides = {k: v for k, v in body.items() if k in _SETTINGS and k not in ("stop", "top_p", "temperature")}
+    if n > 1:  # choice j samples with seed + j, as num_return_sequences does
+        seed = overrides.setdefault("seed", GenerationConfig.seed)
+        if type(seed) is not int or not 0 <= seed <= 2**63 - n:
+            raise BadRequest(f"seed must be an integer in [0, 2**63 - n] with n={n} (choice j samples with seed + j), "
+                             f"got {capped(repr(seed), 80)}", param="seed")
     for name in ("temperature", "top_p"):
         if name in body and (isinstance(body[name], bool) or not isinstance(body[name], int | float)):
             raise BadRequest(f"{name} must be a number, got {capped(repr(body[name]), 80)}", param=name)
@@ -280,7 +294,7 @@ def _settings(body: dict, chat: bool, max_prompts: int = DEFAULT_MAX_PROMPTS) ->
     except ProtocolError as e:
         raise BadRequest(str(e), 413 if e.code == "too_large" else 400, e.code,
                          _param(str(e), _fields(overrides, body, chat))) from None
-    return prompts, overrides, body.get("stream", False), options.get("include_usage", False)
+    return prompts, overrides, body.get("stream", False), options.get("include_usage", False), n
 
 
 def _prompts(prompt) -> list:
@@ -389,22 +403,25 @@ async def _complete(request: Request, client: AsyncClient, chat: bool, model_nam
                     max_prompts: int = DEFAULT_MAX_PROMPTS) -> Response:
     try:
         body = await _read_json(request, max_body_bytes, timeout_s)
-        prompts, overrides, stream, include_usage = _settings(body, chat, max_prompts)
+        prompts, overrides, stream, include_usage, n = _settings(body, chat, max_prompts)
     except BadRequest as e:
         return _error(e.status, e.code, str(e), e.param)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     model = body.get("model") or model_name
-    streams = [client.stream(prompt, progress=stream, request_id=f"{request_id}-{index}", **overrides)
-               for index, prompt in enumerate(prompts)]
+    # choice i * n + j: prompt i's sample j, a request of its own with seed + j (prompt-major, as OpenAI orders them)
+    streams = [client.stream(prompt, progress=stream, request_id=f"{request_id}-{i * n + j}",
+                             **(overrides | ({"seed": overrides["seed"] + j} if j else {})))
+               for i, prompt in enumerate(prompts) for j in range(n)]
+    names = _choice_names(len(prompts), n, chat)
     try:  # a stream answers 200 once every prompt's first event came: a refusal (busy, invalid) keeps its status
         firsts = await _until_done_or_gone(request, asyncio.ensure_future(_first_events(streams)))
     except _Failed as e:
-        return _failure(e.error, chat, _fields(overrides, body, chat), e.index if len(prompts) > 1 else None)
+        return _failure(e.error, chat, _fields(overrides, body, chat), names[e.index])
     except ServeError as e:  # the HTTP client hung up (every prompt's request is aborted)
         return _failure(e, chat, {})
     if stream:
-        return StreamingResponse(_events(streams, firsts, request_id, chat, created, model, include_usage),
+        return StreamingResponse(_events(streams, firsts, request_id, chat, created, model, include_usage, n, names),
                                  media_type="text/event-stream")
     await _close(streams)  # ended already (their results came): a no-op
     choices = [{"index": index, "message": {"role": "assistant", "content": result.text},
@@ -412,8 +429,19 @@ async def _complete(request: Request, client: AsyncClient, chat: bool, model_nam
                else {"index": index, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None,
                      "paradec": _extra(result)} for index, result in enumerate(firsts)]
     return JSONResponse({"id": request_id, "object": "chat.completion" if chat else "text_completion",
-                         "created": created, "model": model, "choices": choices, "usage": _usage(firsts),
-                         "paradec": _extra(firsts[0])})
+                         "created": created, "model": model, "choices": choices,
+                         "usage": _usage(list(enumerate(firsts)), n), "paradec": _extra(firsts[0])})
+
+
+def _choice_names(prompts: int, n: int, chat: bool) -> list[str | None]:
+    """What a failure's message calls each choice: nothing for a body of one, else its prompt
+    (``prompt[i]``) and, with n > 1, its index among the choices."""
+    if prompts * n == 1:
+        return [None]
+    if n == 1:
+        return [f"prompt[{i}]" for i in range(prompts)]
+    return [f"choice {i * n + j}" + ("" if chat else f" (prompt[{i}], sample {j})")
+            for i in range(prompts) for j in range(n)]
 
 
 class _Failed(Exception):
@@ -495,21 +523,21 @@ def _param(message: str, fields: dict) -> str | None:
     return fields.get(named.group(1)) if named else None
 
 
-def _failure(error: Exception, chat: bool, fields: dict, index: int | None = None) -> JSONResponse:
+def _failure(error: Exception, chat: bool, fields: dict, name: str | None = None) -> JSONResponse:
     """A request that failed before its answer started: its status and OpenAI's error shape
-    (``index``: which of several prompts failed, named in the message)."""
+    (``name``: which of several choices failed, named in the message)."""
     if isinstance(error, ProtocolError):
         param = "messages" if chat else "prompt"
     elif isinstance(error, ServeError) and error.code in ("invalid", "too_large"):
         param = _param(error.message, fields)
     else:
         param = None
-    return _error(_error_status(error), _error_code(error), _message(error, index), param)
+    return _error(_error_status(error), _error_code(error), _message(error, name), param)
 
 
-def _message(error: Exception, index: int | None) -> str:
-    """A failure's text, naming the prompt (``index``) when the body held several."""
-    return str(error) if index is None else f"prompt[{index}]: {error}"
+def _message(error: Exception, name: str | None) -> str:
+    """A failure's text, naming its choice (``name``) when the body asked for several."""
+    return str(error) if name is None else f"{name}: {error}"
 
 
 def _error_status(error: Exception) -> int:
@@ -526,10 +554,10 @@ def _error_code(error: Exception) -> str:
     return error.code if isinstance(error, ServeError | ProtocolError) else "timeout"
 
 
-async def _events(streams, firsts, request_id, chat, created, model, include_usage=False):
-    """The stream's server-sent events: every prompt's events as they come (each chunk names its
-    choice's ``index``), then (``include_usage``) one chunk with the usage summed over them, then
-    ``[DONE]``."""
+async def _events(streams, firsts, request_id, chat, created, model, include_usage=False, n=1, names=(None,)):
+    """The stream's server-sent events: a chat's role delta for every choice, then every choice's
+    events as they come (each chunk names its choice's ``index``), then (``include_usage``) one
+    chunk with the usage summed over them, then ``[DONE]``."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choices: list, extra: dict | None = None, **fields) -> str:
@@ -545,34 +573,35 @@ async def _events(streams, firsts, request_id, chat, created, model, include_usa
 
     results = []
     try:
-        if chat:
-            yield chunk([choice(0, None, None, role=True)])
+        for index in range(len(streams) if chat else 0):  # one choice a chunk, as every chunk here
+            yield chunk([choice(index, None, None, role=True)])
         async with contextlib.aclosing(_merged(streams, firsts)) as events:  # left early: every request aborted
             async for index, event in events:
                 if isinstance(event, Progress):
                     yield chunk([choice(index, None, None)], {"step": event.step, "committed": event.committed,
                                                               "lengths": event.lengths})
                 else:
-                    results.append(event)
+                    results.append((index, event))
                     yield chunk([choice(index, event.text, event.finish_reason)],
-                                {**_extra(event), "usage": _usage([event])})
+                                {**_extra(event), "usage": _usage([(0, event)])})
         if include_usage:
-            yield chunk([], usage=_usage(results))
+            yield chunk([], usage=_usage(results, n))
     except _Failed as e:
-        error, message = e.error, _message(e.error, e.index if len(streams) > 1 else None)
+        error, message = e.error, _message(e.error, names[e.index])
         yield "data: " + json.dumps(_error_body(_error_status(error), _error_code(error), message)) + "\n\n"
     finally:  # (closed before the merge began, at the chat's role chunk: the requests are aborted here)
         await _close(streams)
     yield "data: [DONE]\n\n"
 
 
-def _usage(results: list[ServedResult]) -> dict:
-    """Summed over ``results``: completion_tokens, the answer texts' (each bounded by max_tokens);
+def _usage(results: list[tuple[int, ServedResult]], n: int = 1) -> dict:
+    """Summed over ``results`` (each with its choice's index; n choices a prompt): prompt_tokens,
+    each prompt's once; completion_tokens, the answer texts' (each bounded by max_tokens);
     reasoning_tokens, the think blocks' (set by the canvas shape, not by max_tokens); total_tokens,
     all of them."""
-    prompt = sum(result.prompt_tokens for result in results)
-    completion = sum(result.text_tokens for result in results)
-    reasoning = sum(sum(result.block_tokens) for result in results)
+    prompt = sum(result.prompt_tokens for index, result in results if index % n == 0)
+    completion = sum(result.text_tokens for _, result in results)
+    reasoning = sum(sum(result.block_tokens) for _, result in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion + reasoning,
             "completion_tokens_details": {"reasoning_tokens": reasoning}}
 
