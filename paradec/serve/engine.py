@@ -269,7 +269,7 @@ class EngineLoop(MessageLoop):
                 configs.append(resolve_config(self.model, **settings))
                 self.engine.layout_for(configs[-1])
             except (ConfigError, InputError) as e:
-                raise type(e)(f"warm-up settings {json.dumps(settings)}: {e}") from None
+                raise type(e)(f"warm-up settings {json.dumps(settings, default=repr)}: {e}") from None
         try:  # the defaults where the rows hold them (else only requests that ask for less are served)
             self.engine.layout_for(defaults)
             configs.insert(0, defaults)

@@ -95,8 +95,10 @@ def _engine_main(target, parent: int, requests_address: str, outputs_address: st
     try:
         target(requests_address, outputs_address)
     except Exception as e:
+        # no lone surrogates (a path's undecodable bytes): the text goes on to clients in messages that must encode
+        text = str(e)[:MAX_FAILURE_CHARS].encode("utf-8", "backslashreplace").decode()
         with contextlib.suppress(OSError):  # the frontend may be gone already
-            failure.send((type(e).__name__, str(e)[:MAX_FAILURE_CHARS]))
+            failure.send((type(e).__name__, text))
         raise
     finally:
         failure.close()
@@ -182,8 +184,10 @@ class Frontend:
         self.engine = ctx.Process(target=_engine_main, daemon=True,
                                   args=(self.engine_target, os.getpid(), self.engine_requests_address,
                                         self.engine_outputs_address, failure))
-        self.engine.start()
-        failure.close()  # the engine holds the sending end alone: its exit ends the pipe
+        try:
+            self.engine.start()
+        finally:
+            failure.close()  # the engine holds the sending end alone: its exit ends the pipe
         self.engine_started = time.monotonic()
         self.engine_ready.clear()
 
@@ -214,6 +218,9 @@ class Frontend:
         if hasattr(self, "clients"):
             self.clients.close(linger=1000)
         self.context.destroy(linger=0)
+        if self.failures is not None:
+            self.failures.close()
+            self.failures = None
         shutil.rmtree(self.folder, ignore_errors=True)
 
     async def _end_engine(self, grace_s: float) -> None:

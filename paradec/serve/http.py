@@ -19,12 +19,13 @@ lists of token ids (what lm-evaluation-harness's ``local-completions`` sends) �
 request to the engine and one choice (``index``: its position), at most ``max_prompts`` (the
 frontend's ``max_pending``) in one body; ``usage`` is summed over them, and so is a stream's usage
 chunk, sent once at the end (the choices' chunks interleave, each naming its ``index``). One
-prompt refused (busy, invalid) fails the whole request with its status, naming ``prompt[i]``, and
-the other prompts' requests are aborted; a client that hangs up aborts them all. A chat is one
-conversation. ``n`` > 1 asks ``n`` choices of each prompt: choice ``i * n + j`` is prompt i's
-sample j, a request of its own decoded with ``seed + j`` (``seed``: the body's, else 0), as
-``generate(num_return_sequences=n)`` samples (greedy decoding gives n equal choices); the prompt's
-tokens count once in ``usage``, and prompts × n is bounded as the prompts are.
+prompt refused (busy, invalid) fails the whole request with its status, naming ``prompt[i]`` (with
+``n`` > 1, ``choice k``), and the other choices' requests are aborted; a client that hangs up aborts
+them all. A chat is one conversation. ``n`` > 1 asks ``n`` choices of each prompt: choice ``i * n + j`` is prompt i's
+sample j, a request of its own decoded with ``seed + j`` (``seed``: the body's, else 0, not a
+checkpoint's default seed), as ``generate(prompt_i, num_return_sequences=n, seed=seed)`` samples
+prompt i alone (greedy decoding gives n equal choices, where ``generate`` refuses n > 1); the
+prompt's tokens count once in ``usage``, and prompts × n is bounded as the prompts are.
 ``max_tokens`` is ``max_new_tokens``: it bounds the answer text (the summary in ``nap``), and
 ``finish_reason`` is the result's — ``"length"`` when the text filled that bound, ``"stop"`` when an
 EOS or a ``stop`` string ended it (the engine cuts at stop strings). ``usage.completion_tokens``
@@ -49,7 +50,7 @@ message can carry (an integer outside -2**63 to 2**64 - 1, a lone surrogate such
 or a ``stream`` that is not a boolean, by name and before a stream starts. Every request has a
 server-side deadline (``timeout_s``: 504 after it; a body that has not all arrived within it gets
 408) and a non-streaming request whose client hangs up is aborted, as a stream is. A stream answers
-200 only once every prompt's first event came (its first step, or its result): a request refused —
+200 only once every choice's first event came (its first step, or its result): a request refused —
 ``busy`` (503), a setting the engine refuses (400) — gets its status as without ``stream``. All
 HTTP requests share one ZeroMQ connection to the frontend, and nothing one of them sends can break
 it: every message is checked for size before it is sent.
@@ -414,11 +415,11 @@ async def _complete(request: Request, client: AsyncClient, chat: bool, model_nam
                              **(overrides | ({"seed": overrides["seed"] + j} if j else {})))
                for i, prompt in enumerate(prompts) for j in range(n)]
     names = _choice_names(len(prompts), n, chat)
-    try:  # a stream answers 200 once every prompt's first event came: a refusal (busy, invalid) keeps its status
+    try:  # a stream answers 200 once every choice's first event came: a refusal (busy, invalid) keeps its status
         firsts = await _until_done_or_gone(request, asyncio.ensure_future(_first_events(streams)))
     except _Failed as e:
         return _failure(e.error, chat, _fields(overrides, body, chat), names[e.index])
-    except ServeError as e:  # the HTTP client hung up (every prompt's request is aborted)
+    except ServeError as e:  # the HTTP client hung up (every choice's request is aborted)
         return _failure(e, chat, {})
     if stream:
         return StreamingResponse(_events(streams, firsts, request_id, chat, created, model, include_usage, n, names),
@@ -445,7 +446,7 @@ def _choice_names(prompts: int, n: int, chat: bool) -> list[str | None]:
 
 
 class _Failed(Exception):
-    """The request of prompt ``index`` failed with ``error`` (the others are aborted)."""
+    """The request of choice ``index`` failed with ``error`` (the others are aborted)."""
 
     def __init__(self, index: int, error: Exception):
         super().__init__(index, error)
@@ -476,7 +477,7 @@ async def _stop(tasks, streams: list) -> None:
 
 async def _first_events(streams: list) -> list:
     """Each stream's first event, in order. When one fails (``_Failed``), or this is cancelled
-    (the HTTP client hung up), every stream is closed: the other prompts' requests are aborted."""
+    (the HTTP client hung up), every stream is closed: the other choices' requests are aborted."""
     tasks = [asyncio.ensure_future(_next_event(streams, index)) for index in range(len(streams))]
     try:
         return await asyncio.gather(*tasks)
@@ -486,7 +487,7 @@ async def _first_events(streams: list) -> list:
 
 
 async def _merged(streams: list, firsts: list):
-    """(index, event) of every stream as its events come (the prompts' events interleave): each
+    """(index, event) of every stream as its events come (the choices' events interleave): each
     stream's first event (received already), then the rest until its result. A failure raises
     ``_Failed``; a failure or leaving early closes every stream (their requests are aborted)."""
     pending: dict[asyncio.Task, int] = {}
