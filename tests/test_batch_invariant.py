@@ -259,6 +259,20 @@ def test_switch():
     assert bi.enabled() == before
 
 
+def test_without_triton_the_mode_switches_and_only_a_device_op_in_it_raises(monkeypatch):
+    """A CPU-only install (torch's CPU wheels ship no triton) can ask for the mode: CPU paths
+    never change. An op on a device whose kernels are Triton's raises, naming triton."""
+    monkeypatch.setattr(bi, "HAVE_TRITON", False)
+    x = torch.zeros(2)
+    with bi.batch_invariant(True), torch.no_grad():
+        assert bi.enabled() and not bi.active(x)
+        monkeypatch.setattr(bi, "DEVICES", {"cpu"})  # as if x were on CUDA
+        with pytest.raises(RuntimeError, match="the batch-invariant mode on cpu needs triton"):
+            bi.active(x)
+        with torch.enable_grad():
+            assert not bi.active(x)  # training keeps the default kernels: nothing to refuse
+
+
 def test_cpu_model_paths_unchanged(tmp_path):
     """On the CPU the mode changes nothing: the same logits bit for bit."""
     import paradec

@@ -28,8 +28,9 @@ calls of a fixed row count; selection compares values only.
 
 The switch: ``PARADEC_BATCH_INVARIANT=1`` for a whole process, or ``batch_invariant(True)``
 (a context manager; process-wide, not per thread) / ``set_batch_invariant``. The model layer
-(``paradec.models.transformer``) asks ``active(x)``: on, Triton importable, ``x`` on CUDA and no
-autograd (training keeps the default kernels). CPU paths never change. CUDA graphs captured in
+(``paradec.models.transformer``) asks ``active(x)``: on, ``x`` on CUDA and no autograd (training
+keeps the default kernels); there, without triton, it raises. CPU paths never change, so the mode
+switches on a CPU-only machine without triton too. CUDA graphs captured in
 one mode keep that mode's kernels: release kept runners (``paradec.engine_for(model).release_kept()``)
 after switching.
 
@@ -78,9 +79,8 @@ def enabled() -> bool:
 
 
 def set_batch_invariant(on: bool) -> bool:
-    """Turns the mode on or off for the whole process; returns the previous setting."""
-    if on and not HAVE_TRITON:
-        raise RuntimeError("the batch-invariant mode needs triton (it ships with CUDA builds of torch)")
+    """Turns the mode on or off for the whole process; returns the previous setting. Without
+    triton it still switches (CPU paths never change); a CUDA op in the mode then raises."""
     previous, _state["on"] = _state["on"], bool(on)
     return previous
 
@@ -97,7 +97,12 @@ def batch_invariant(on: bool = True) -> Iterator[None]:
 
 def active(x: torch.Tensor) -> bool:
     """Whether a model op on ``x`` should take the batch-invariant kernels now."""
-    return _state["on"] and HAVE_TRITON and x.device.type in DEVICES and not torch.is_grad_enabled()
+    if not (_state["on"] and x.device.type in DEVICES and not torch.is_grad_enabled()):
+        return False
+    if not HAVE_TRITON:
+        raise RuntimeError(f"the batch-invariant mode on {x.device.type} needs triton (it ships with CUDA builds of "
+                           f"torch); install it, or decode with batch_invariant=False")
+    return True
 
 
 # --- matmul ------------------------------------------------------------------------------------
