@@ -6,6 +6,7 @@ refused by name in OpenAI's error shape, and the bound on connections."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -303,6 +304,32 @@ def test_n_choices_per_prompt_are_the_samples_of_num_return_sequences(client, ti
         assert mine[-1].model_extra["paradec"]["blocks"] == result.blocks
     assert chunks[-1].usage.prompt_tokens == len(unseeded[0].prompt_ids)
     assert chunks[-1].usage.completion_tokens == sum(len(r.summary_token_ids) for r in unseeded)
+
+
+def test_a_stream_gets_its_headers_once_accepted_not_once_a_row_is_free(served, client, direct):
+    """Every row busy: a streamed request's 200 comes once the engine queued it (the rows' 8
+    requests still in flight then), and its text follows once a row is free."""
+    from paradec.serve import AsyncClient
+
+    async def occupy_then_stream():
+        rows = AsyncClient(served[0], timeout_s=120)
+        busy = [rows.stream(QUESTION, blocks=4, tokens_per_step=1) for _ in range(8)]
+        try:
+            for stream in busy:
+                await stream.__anext__()  # decoding: every row of the server's 8 is taken
+            chunks = await asyncio.to_thread(client.completions.create, model="paradec", prompt=QUESTION,
+                                             max_tokens=4, extra_body=SMALL, stream=True)  # back with the headers
+            with urllib.request.urlopen(f"{served[1]}/health", timeout=10) as response:
+                in_flight = json.loads(response.read())["in_flight"]
+        finally:
+            for stream in busy:  # aborted: a row frees up
+                await stream.aclose()
+            rows.close()
+        text = "".join(c.choices[0].text for c in await asyncio.to_thread(list, chunks) if c.choices)
+        return in_flight, text
+
+    in_flight, text = asyncio.run(occupy_then_stream())
+    assert in_flight == 9 and text == direct.text
 
 
 def test_bad_n_is_refused_by_name(served, client):

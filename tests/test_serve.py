@@ -307,6 +307,37 @@ def test_async_client_runs_requests_at_once(server, tiny):
         assert r.token_ids == paradec.generate(tiny, q, **SMALL).token_ids
 
 
+def test_accepted_comes_once_the_engine_queued_the_request_even_behind_full_rows(server, tiny):
+    """``stream(accepted=True)``: an ``Accepted`` event first, sent when the engine queued the
+    request (all 8 rows busy here, so before its first step), then its progress and result as
+    without it; a refused request gets its error and no ``Accepted``."""
+    from paradec.serve.client import Accepted
+
+    async def main():
+        client = AsyncClient(server.address, timeout_s=120)
+        try:
+            busy = [client.stream(q, progress=True, **SLOW) for q in QUESTIONS[20:28]]
+            for stream in busy:
+                assert isinstance(await stream.__anext__(), Progress)  # every row decoding
+            events = client.stream(QUESTIONS[28], accepted=True, **SMALL)
+            first = await events.__anext__()
+            in_flight = (await client.stats())["in_flight"]
+            for stream in busy:  # aborted: their rows free up for it
+                await stream.aclose()
+            rest = [event async for event in events]
+            refused = client.stream(QUESTIONS[29], accepted=True, blocks=2, block_len=4, threshold=2.0)
+            with pytest.raises(ServeError, match="invalid"):
+                await refused.__anext__()
+            return first, in_flight, rest
+        finally:
+            client.close()
+
+    first, in_flight, rest = asyncio.run(main())
+    assert isinstance(first, Accepted) and in_flight == 9  # accepted while the 8 others still decode
+    assert all(isinstance(e, Progress) for e in rest[:-1]) and rest[:-1]
+    assert rest[-1].token_ids == paradec.generate(tiny, QUESTIONS[28], **SMALL).token_ids
+
+
 def _settled(address: str, before: dict, aborted: int, timeout_s: float = 30.0) -> dict:
     """The server's stats once ``aborted`` more requests ended aborted and none is in flight."""
     deadline = time.monotonic() + timeout_s

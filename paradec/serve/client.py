@@ -60,6 +60,13 @@ class Progress:
 
 
 @dataclass
+class Accepted:
+    """The engine queued the request (``AsyncClient.stream(accepted=True)``): nothing refused it."""
+
+    id: str
+
+
+@dataclass
 class ServedResult:
     """What ``paradec.generate`` returns, as it crossed the wire."""
 
@@ -88,7 +95,7 @@ class ServedResult:
 
 
 def request_body(request_id: str, prompt, config: GenerationConfig | None, overrides: dict, stream: bool,
-                 timeout_s: float | None, token: str | None) -> tuple[dict, list]:
+                 timeout_s: float | None, token: str | None, accepted: bool = False) -> tuple[dict, list]:
     """An ADD body and its buffers: text prompts as text, token ids as an int32 buffer, chat as
     ``messages``; a GenerationConfig's request settings are sent whole (its process settings only
     where they differ from the defaults, for the server to refuse by name), overrides on top."""
@@ -110,6 +117,8 @@ def request_body(request_id: str, prompt, config: GenerationConfig | None, overr
         body["timeout_s"] = float(timeout_s)
     if token is not None:
         body["token"] = token
+    if accepted:
+        body["accepted"] = True
     return body, buffers
 
 
@@ -122,6 +131,8 @@ def _event(message: Message) -> Progress | ServedResult | dict:
         raise ServeError(body["code"], body["message"])
     if body["kind"] == "progress":
         return Progress(body["id"], body["step"], body["committed"], body["lengths"])
+    if body["kind"] == "accepted":
+        return Accepted(body["id"])
     if body["kind"] == "utility":
         return body["reply"]
     token_ids, trace = (b.tolist() for b in message.buffers)
@@ -130,7 +141,7 @@ def _event(message: Message) -> Progress | ServedResult | dict:
 
 def _ends(message: Message) -> bool:
     """Whether ``message`` is its request's last (a result, an ERROR or ENGINE_DEAD; not progress)."""
-    return message.type != MessageType.OUTPUT or message.body["kind"] != "progress"
+    return message.type != MessageType.OUTPUT or message.body["kind"] not in ("progress", "accepted")
 
 
 class Client:
@@ -274,14 +285,16 @@ class AsyncClient:
         return self.queues[wire_id]
 
     async def stream(self, prompt, config: GenerationConfig | None = None, timeout_s: float | None = None,
-                     progress: bool = True, request_id: str | None = None,
-                     **overrides) -> AsyncIterator[Progress | ServedResult]:
+                     progress: bool = True, request_id: str | None = None, accepted: bool = False,
+                     **overrides) -> AsyncIterator[Progress | ServedResult | Accepted]:
         """Progress events (with ``progress``), then the result; events carry ``request_id``
-        (default: a fresh one). Leaving early (``break``, ``aclose()``, cancelled) aborts it."""
+        (default: a fresh one). With ``accepted``, first an ``Accepted`` event once the engine
+        queued the request (past every refusal; a full engine's queue may hold it a while before
+        its first step). Leaving early (``break``, ``aclose()``, cancelled) aborts it."""
         wire_id = next(self.ids)
         request_id = request_id or wire_id
         timeout_s = timeout_s if timeout_s is not None else self.timeout_s
-        body, buffers = request_body(wire_id, prompt, config, overrides, progress, timeout_s, self.token)
+        body, buffers = request_body(wire_id, prompt, config, overrides, progress, timeout_s, self.token, accepted)
         frames = encode(MessageType.ADD, body, buffers)  # refused here when it is malformed or too large
         queue = self._open(wire_id, request_id)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s + GRACE_S  # the server's ERROR first

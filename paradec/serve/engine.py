@@ -208,6 +208,8 @@ class MessageLoop(abc.ABC):
             timeout = body.get("timeout_s")
             self._queue(Request(body["id"], ids, config, bool(body.get("stream")),
                                 time.monotonic() + timeout if timeout else None))
+            if body.get("accepted"):  # past every refusal: what is left can only end it later (timeout, abort)
+                self._send(MessageType.OUTPUT, {"id": body["id"], "kind": "accepted"})
         except ProtocolError as e:
             return self._error(body["id"], e.code, str(e))
         except ParadecError as e:

@@ -50,8 +50,9 @@ message can carry (an integer outside -2**63 to 2**64 - 1, a lone surrogate such
 or a ``stream`` that is not a boolean, by name and before a stream starts. Every request has a
 server-side deadline (``timeout_s``: 504 after it; a body that has not all arrived within it gets
 408) and a non-streaming request whose client hangs up is aborted, as a stream is. A stream answers
-200 only once every choice's first event came (its first step, or its result): a request refused —
-``busy`` (503), a setting the engine refuses (400) — gets its status as without ``stream``. All
+200 once the engine accepted every choice (queued it, past every refusal; a full engine's queue
+does not hold the headers back): a request refused — ``busy`` (503), a setting the engine refuses
+(400) — gets its status as without ``stream``. All
 HTTP requests share one ZeroMQ connection to the frontend, and nothing one of them sends can break
 it: every message is checked for size before it is sent.
 With a token (``paradec serve --token-file``), every route but ``/health`` needs
@@ -83,7 +84,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from paradec.serve.client import AsyncClient, Progress, ServedResult, ServeError
+from paradec.serve.client import Accepted, AsyncClient, Progress, ServedResult, ServeError
 from paradec.config import GenerationConfig
 from paradec.errors import ConfigError
 from paradec.serve.protocol import (PROCESS_SETTINGS, REQUEST_SETTINGS, ProtocolError, capped, check_config,
@@ -411,11 +412,13 @@ async def _complete(request: Request, client: AsyncClient, chat: bool, model_nam
     created = int(time.time())
     model = body.get("model") or model_name
     # choice i * n + j: prompt i's sample j, a request of its own with seed + j (prompt-major, as OpenAI orders them)
-    streams = [client.stream(prompt, progress=stream, request_id=f"{request_id}-{i * n + j}",
+    streams = [client.stream(prompt, progress=stream, accepted=stream, request_id=f"{request_id}-{i * n + j}",
                              **(overrides | ({"seed": overrides["seed"] + j} if j else {})))
                for i, prompt in enumerate(prompts) for j in range(n)]
     names = _choice_names(len(prompts), n, chat)
-    try:  # a stream answers 200 once every choice's first event came: a refusal (busy, invalid) keeps its status
+    # a stream answers 200 once the engine accepted every choice (its first event): a refusal (busy, invalid)
+    # keeps its status, and a full engine's queue does not hold the headers back
+    try:
         firsts = await _until_done_or_gone(request, asyncio.ensure_future(_first_events(streams)))
     except _Failed as e:
         return _failure(e.error, chat, _fields(overrides, body, chat), names[e.index])
@@ -494,7 +497,7 @@ async def _merged(streams: list, firsts: list):
     try:
         for index, event in enumerate(firsts):
             yield index, event
-            if isinstance(event, Progress):
+            if not isinstance(event, ServedResult):  # Accepted or Progress: more to come
                 pending[asyncio.ensure_future(_next_event(streams, index))] = index
         while pending:
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -502,7 +505,7 @@ async def _merged(streams: list, firsts: list):
                 index = pending.pop(task)
                 event = task.result()
                 yield index, event
-                if isinstance(event, Progress):
+                if not isinstance(event, ServedResult):
                     pending[asyncio.ensure_future(_next_event(streams, index))] = index
     finally:
         await _stop(pending, streams)
@@ -578,6 +581,8 @@ async def _events(streams, firsts, request_id, chat, created, model, include_usa
             yield chunk([choice(index, None, None, role=True)])
         async with contextlib.aclosing(_merged(streams, firsts)) as events:  # left early: every request aborted
             async for index, event in events:
+                if isinstance(event, Accepted):  # the headers went out on these: nothing to show
+                    continue
                 if isinstance(event, Progress):
                     yield chunk([choice(index, None, None)], {"step": event.step, "committed": event.committed,
                                                               "lengths": event.lengths})

@@ -70,7 +70,7 @@ SCHEMAS: dict[MessageType, dict[str, tuple[tuple[type, ...], bool]]] = {
     MessageType.ADD: {"id": (_ID, True), "prompt": ((str, type(None)), False), "messages": ((list,), False),
                       "config": ((dict,), False),
                       "stream": ((bool,), False), "timeout_s": ((int, float, type(None)), False),
-                      "token": ((str,), False)},
+                      "token": ((str,), False), "accepted": ((bool,), False)},
     MessageType.ABORT: {"id": (_ID, True), "token": ((str,), False)},
     MessageType.UTILITY: {"id": (_ID, True), "method": ((str,), True), "token": ((str,), False)},
     MessageType.OUTPUT: {"id": (_ID, True), "kind": ((str,), True), "step": ((int,), False),
@@ -80,7 +80,8 @@ SCHEMAS: dict[MessageType, dict[str, tuple[tuple[type, ...], bool]]] = {
     MessageType.ENGINE_DEAD: {"id": ((str, type(None)), True), "message": ((str,), True)},
 }
 # "ready" and "alive" go from the engine to the frontend only: the engine started; its progress
-OUTPUT_KINDS = ("progress", "final", "utility", "ready", "alive")
+# "accepted": the engine queued the request (sent where its ADD asked, ``accepted: true``)
+OUTPUT_KINDS = ("progress", "final", "utility", "ready", "alive", "accepted")
 UTILITY_METHODS = ("health", "stats")
 ERROR_CODES = ("invalid", "unauthorized", "busy", "aborted", "timeout", "failed", "too_large", "stalled",
                "shutting_down")
