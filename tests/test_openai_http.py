@@ -201,6 +201,63 @@ def test_wire_takes_roles_and_names():
             encode(MessageType.ADD, {"id": "a", "messages": [bad]})
 
 
+def test_chat_messages_as_clients_send_them():
+    """A reply's message echoed back (its null refusal, tool_calls, ...) and ``developer`` (the
+    newer name for system) are taken; what cannot be is refused naming the message and its key."""
+    from paradec.serve.http import BadRequest
+
+    echoed = {"role": "assistant", "content": "6", "refusal": None, "tool_calls": None, "function_call": None,
+              "audio": None, "annotations": [], "name": None}
+    messages = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "q"}, echoed,
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    assert _settings({"messages": messages}, chat=True)[0] == [[
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "6"}, {"role": "user", "content": "a\nb"}]]
+    call = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    for bad, said in [({"role": "tool", "content": "x", "tool_call_id": "c"}, "messages[1].tool_call_id="),
+                      ({"role": "tool", "content": "x"}, "messages[1].role must be one of"),
+                      ({"role": "assistant", "content": None, "tool_calls": call}, "messages[1].tool_calls=["),
+                      ({"role": "assistant", "content": None}, "messages[1].content must be a string"),
+                      ({"content": "x"}, "messages[1].role must be one of"),
+                      ({"role": "user", "content": "x", "name": 3}, "messages[1].name must be a string"),
+                      ({"role": "user", "content": "x", "weight": 1}, "messages[1].weight=1 cannot be taken")]:
+        with pytest.raises(BadRequest) as caught:
+            _settings({"messages": [{"role": "user", "content": "q"}, bad]}, chat=True)
+        assert str(caught.value).startswith(said) and caught.value.param == "messages", (bad, str(caught.value))
+
+
+def test_fields_clients_send_at_their_defaults_are_taken():
+    """OpenAI's and vLLM's fields that paradec does not use are taken at their neutral values
+    (what SDKs and benchmark clients send) and refused by name otherwise."""
+    from paradec.serve.http import BadRequest
+
+    neutral = {"store": False, "metadata": {"run": "a"}, "service_tier": "auto", "reasoning_effort": None,
+               "modalities": ["text"], "min_tokens": 0, "repetition_penalty": 1.0, "ignore_eos": False,
+               "skip_special_tokens": True, "include_stop_str_in_output": False, "stop_token_ids": [],
+               "add_generation_prompt": True, "chat_template_kwargs": {}, "spaces_between_special_tokens": True}
+    assert _settings({"prompt": "q", **neutral}, chat=False)[1] == {}  # nothing reaches the engine
+    for field, value in [("store", True), ("reasoning_effort", "high"), ("min_tokens", 5), ("ignore_eos", True),
+                         ("repetition_penalty", 1.2), ("stop_token_ids", [7]), ("service_tier", "flex")]:
+        with pytest.raises(BadRequest) as caught:
+            _settings({"prompt": "q", field: value}, chat=False)
+        assert caught.value.param == field and caught.value.code == "unsupported_parameter"
+
+
+def test_context_overflow_unknown_routes_and_busy_answer_as_openai_does(served, client):
+    """A prompt and answer past the model's length: 400 context_length_exceeded; an unknown
+    route or method: 404 / 405 in OpenAI's error shape."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="paradec", prompt=QUESTION, max_tokens=600, extra_body=SMALL)
+    assert caught.value.body["code"] == "context_length_exceeded" and "maximum length" in caught.value.body["message"]
+    for method, path, status in [("POST", "/v1/embeddings", 404), ("GET", "/v1/completions", 405)]:
+        request = urllib.request.Request(f"{served[1]}{path}", method=method, data=b"{}" if method == "POST" else None)
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=10)
+        assert caught.value.code == status
+        error = json.loads(caught.value.read())["error"]
+        assert error["code"] == ("not_found" if status == 404 else "method_not_allowed") and path in error["message"]
+
+
 def test_stream_is_a_boolean_or_null():
     from paradec.serve.http import BadRequest
 

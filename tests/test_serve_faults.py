@@ -366,8 +366,9 @@ def test_one_refused_prompt_fails_the_body_and_aborts_its_other_prompts(server, 
 
 
 def test_a_refused_stream_keeps_its_http_status(server, http):
-    """A stream answers 200 only once its request was accepted and started: a refusal (busy,
-    a config the engine refuses, a malformed message) is its status, as without stream."""
+    """A stream answers 200 only once the engine accepted its request: a refusal (busy, a
+    config the engine refuses, a malformed message) is its status, as without stream; busy
+    says when to try again (Retry-After)."""
     url = f"{http}/v1/chat/completions"
     chat = [{"role": "user", "content": QUESTION}]
     server.call(lambda: setattr(server.frontend, "max_pending", 0))  # every request is refused: busy
@@ -375,6 +376,11 @@ def test_a_refused_stream_keeps_its_http_status(server, http):
         for stream in (True, False):
             status, text = _post(url, {"messages": chat, "stream": stream, **SMALL})
             assert status == 503 and json.loads(text)["error"]["code"] == "busy", (stream, text)
+        request = urllib.request.Request(url, json.dumps({"messages": chat, **SMALL}).encode(),
+                                         {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=60)
+        assert caught.value.code == 503 and caught.value.headers["Retry-After"] == "1"
     finally:
         server.call(lambda: setattr(server.frontend, "max_pending", 8))
     status, text = _post(url, {"messages": chat, "stream": True, "blocks": 0})  # the engine refuses it

@@ -56,7 +56,7 @@ from paradec.batching import BatchEngine
 from paradec.batching.sequence import Sequence
 from paradec.config import GenerationConfig
 from paradec.errors import ConfigError, InputError, ParadecError
-from paradec.serve.protocol import Limits, Message, MessageType, ProtocolError, decode, encode
+from paradec.serve.protocol import CONTEXT_EXCEEDED, Limits, Message, MessageType, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
 ENGINE_IDENTITY = b"engine"
@@ -203,8 +203,8 @@ class MessageLoop(abc.ABC):
                 raise ProtocolError(f"the prompt is {len(ids)} tokens, over the limit of "
                                     f"{self.limits.max_prompt_tokens}", code="too_large")
             if len(ids) + layout.length > self.model.spec.max_length:
-                raise ProtocolError(f"prompt ({len(ids)} tokens) + canvas ({layout.length}) exceed the model's "
-                                    f"maximum length {self.model.spec.max_length}", code="too_large")
+                raise ProtocolError(f"prompt ({len(ids)} tokens) + canvas ({layout.length}) {CONTEXT_EXCEEDED} "
+                                    f"{self.model.spec.max_length}", code="too_large")
             timeout = body.get("timeout_s")
             self._queue(Request(body["id"], ids, config, bool(body.get("stream")),
                                 time.monotonic() + timeout if timeout else None))

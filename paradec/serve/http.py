@@ -6,9 +6,11 @@
 Starlette (with uvicorn as the server): the maintained ASGI toolkit FastAPI itself is built on,
 which is all four routes need — no schema framework on top.
 
-Request bodies take OpenAI's fields (``prompt`` or ``messages`` — roles system, user and
-assistant, each with an optional ``name``, its ``content`` a string or a list of text parts (joined
-by newlines) —, ``max_tokens`` or ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``,
+Request bodies take OpenAI's fields (``prompt`` or ``messages`` — roles system (or developer, its
+newer name), user and assistant, each with an optional ``name``, its ``content`` a string or a list
+of text parts (joined by newlines), the fields a client echoes back from a reply (``refusal``,
+``tool_calls``, ...) dropped where null; anything else refused naming ``messages[i]`` and the key —,
+``max_tokens`` or ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``,
 ``stop``, ``stream``, ``stream_options`` (with ``stream: true`` only), ``model``, ``user``, ``n``)
 and, as extra fields, any request-level ``GenerationConfig`` setting (``blocks``, ``block_len``,
 ``tokens_per_step``, ``window``, ``top_k``, ...; ``protocol.REQUEST_SETTINGS``).
@@ -21,11 +23,14 @@ frontend's ``max_pending``) in one body; ``usage`` is summed over them, and so i
 chunk, sent once at the end (the choices' chunks interleave, each naming its ``index``). One
 prompt refused (busy, invalid) fails the whole request with its status, naming ``prompt[i]`` (with
 ``n`` > 1, ``choice k``), and the other choices' requests are aborted; a client that hangs up aborts
-them all. A chat is one conversation. ``n`` > 1 asks ``n`` choices of each prompt: choice ``i * n + j`` is prompt i's
-sample j, a request of its own decoded with ``seed + j`` (``seed``: the body's, else 0, not a
-checkpoint's default seed), as ``generate(prompt_i, num_return_sequences=n, seed=seed)`` samples
-prompt i alone (greedy decoding gives n equal choices, where ``generate`` refuses n > 1); the
-prompt's tokens count once in ``usage``, and prompts × n is bounded as the prompts are.
+them all. A chat is one conversation. Without ``seed`` a request decodes with seed 0, as
+``generate`` does: the same request gets the same answer, sampled or not (where OpenAI's would
+vary); send a seed per request for fresh samples. ``n`` > 1 asks ``n`` choices of each prompt:
+choice ``i * n + j`` is prompt i's sample j, a request of its own decoded with ``seed + j``
+(``seed``: the body's, else 0, not a checkpoint's default seed), as
+``generate(prompt_i, num_return_sequences=n, seed=seed)`` samples prompt i alone (greedy decoding
+gives n equal choices, where ``generate`` refuses n > 1); the prompt's tokens count once in
+``usage``, and prompts × n is bounded as the prompts are.
 ``max_tokens`` is ``max_new_tokens``: it bounds the answer text (the summary in ``nap``), and
 ``finish_reason`` is the result's — ``"length"`` when the text filled that bound, ``"stop"`` when an
 EOS or a ``stop`` string ended it (the engine cuts at stop strings). ``usage.completion_tokens``
@@ -36,13 +41,18 @@ counts the answer text's tokens; the think blocks' tokens are
 [0, 1] it is refused (400) even then, and so is a ``temperature`` that is not a finite number >= 0.
 What cannot be honoured — ``logprobs``, ``top_logprobs``, ``presence_penalty``,
 ``frequency_penalty``, ``logit_bias``, ``tools``, ``tool_choice``, ``response_format``,
-``echo``, ``best_of`` > 1, ``suffix`` — is refused (400) by name (lm-evaluation-harness's
-loglikelihood requests, with ``logprobs`` and ``echo``, among them) in OpenAI's error shape
+``echo``, ``best_of`` > 1, ``suffix``, ``store``, ``reasoning_effort``, ... and vLLM's
+``min_tokens``, ``repetition_penalty``, ``ignore_eos``, ... (``_UNHONOURED``) — is refused (400) by
+name (lm-evaluation-harness's loglikelihood requests, with ``logprobs`` and ``echo``, among them) in
+OpenAI's error shape
 (``{"error": {"message", "type": "invalid_request_error", "param", "code"}}``; the engine's
 refusal of a setting has as ``param`` the field its message starts with — ``seed must ...``,
 ``config.top_k ...`` — when the body set it, else null), while their
-neutral values (``presence_penalty: 0``, ``logprobs: false``, null, ...), which some
-clients send by default, are accepted. Unknown fields are refused (400), and so are process settings
+neutral values (``presence_penalty: 0``, ``logprobs: false``, ``store: false``,
+``repetition_penalty: 1``, null, ...), which some clients send by default, are accepted. A prompt
+and canvas longer than the model's positions get 400 ``context_length_exceeded``, as OpenAI and
+vLLM answer; a 503 (busy, an engine restarting) carries ``Retry-After: 1``; an unknown route or
+method gets 404 / 405 in the same error shape. Unknown fields are refused (400), and so are process settings
 (``rank_timeout_s``, ``prompt_kv``, ``gather``, ``results_on``, ``cuda_graphs``), by name. A body
 over ``max_body_bytes`` is refused (413) before it is read (its Content-Length) or as soon as it
 passes the limit (a chunked body); a body that is not UTF-8 JSON gets 400, and so does a value no
@@ -87,8 +97,8 @@ from starlette.routing import Route
 from paradec.serve.client import Accepted, AsyncClient, Progress, ServedResult, ServeError
 from paradec.config import GenerationConfig
 from paradec.errors import ConfigError
-from paradec.serve.protocol import (PROCESS_SETTINGS, REQUEST_SETTINGS, ProtocolError, capped, check_config,
-                                   unencodable)
+from paradec.serve.protocol import (CHAT_ROLES, CONTEXT_EXCEEDED, PROCESS_SETTINGS, REQUEST_SETTINGS, ProtocolError,
+                                   capped, check_config, unencodable)
 
 _SETTINGS = REQUEST_SETTINGS
 _OPENAI = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "seed", "stop",
@@ -110,6 +120,23 @@ _UNHONOURED = {
     "echo": (lambda v: v is None or v is False, "the prompt is not echoed"),
     "best_of": (lambda v: v is None or (type(v) is int and v == 1), "one request gets one result"),
     "suffix": (lambda v: v is None or v == "", "there is no insertion after a suffix"),
+    "store": (lambda v: v is None or v is False, "completions are not stored"),
+    "metadata": (lambda v: v is None or isinstance(v, dict), "metadata is a map of tags (kept nowhere)"),
+    "service_tier": (lambda v: v in (None, "auto", "default"), "there is one service tier"),
+    "reasoning_effort": (lambda v: v is None, "the think blocks' shape sets the reasoning: blocks, block_len"),
+    "modalities": (lambda v: v is None or v == ["text"], "this model writes text only"),
+    "prediction": (lambda v: v is None, "predicted outputs are not used"),
+    # vLLM's extensions, at their defaults
+    "min_tokens": (lambda v: v is None or (type(v) is int and v == 0), "the answer's length is not bounded below"),
+    "repetition_penalty": (lambda v: v is None or (type(v) in (int, float) and v == 1),
+                           "a diffusion canvas is not sampled left to right: there are no penalties"),
+    "ignore_eos": (lambda v: v is None or v is False, "EOS ends the answer (eos_closes_block sets the think blocks')"),
+    "skip_special_tokens": (lambda v: v is None or v is True, "special tokens are left out of the text"),
+    "spaces_between_special_tokens": (lambda v: v is None or v is True, "special tokens are left out of the text"),
+    "include_stop_str_in_output": (lambda v: v is None or v is False, "the text is cut before a stop string"),
+    "stop_token_ids": (lambda v: v is None or v == [], "stop takes strings"),
+    "add_generation_prompt": (lambda v: v is None or v is True, "the chat template adds the assistant's turn"),
+    "chat_template_kwargs": (lambda v: v is None or v == {}, "the checkpoint's chat template is applied as it is"),
 }
 _STATUS = {"busy": 503, "invalid": 400, "too_large": 413, "unauthorized": 401, "aborted": 499, "timeout": 504,
            "failed": 500, "engine_dead": 503, "stalled": 503, "shutting_down": 503}
@@ -120,7 +147,11 @@ _TOKEN_IDS = (0, 1 << 31)  # a token id the wire carries (int32, not negative); 
 _FORMS = "a string, a list of strings, a list of token ids or a list of lists of token ids"
 # an engine refusal's first words, when they name a field: "seed must ...", "the prompt holds ...", "config.x ..."
 _NAMED = re.compile(r"(?:(?:a|the) )?(?:config\.)?(\w+)")
-_HEALTH = ("healthy", "state", "in_flight", "max_pending")  # what the open /health shows (no process ids)
+_HEALTH = ("healthy", "state", "in_flight", "max_pending")
+# what a client echoes back from an assistant reply (null or empty there): dropped; any other value refused, this why
+_ECHOED = {"refusal": "refusals are not produced", "tool_calls": "tool calls are not produced",
+           "function_call": "tool calls are not produced", "audio": "this model reads text only",
+           "annotations": "annotations are not produced"}  # what the open /health shows (no process ids)
 
 
 class BadRequest(Exception):
@@ -205,7 +236,7 @@ def create_app(address: str, token: str | None = None, timeout_s: float | None =
         Route("/v1/models/{model_id:path}", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-    ])
+    ], exception_handlers={404: _no_route, 405: _no_route})
 
 
 def _settings(body: dict, chat: bool, max_prompts: int = DEFAULT_MAX_PROMPTS) -> tuple[list, dict, bool, bool, int]:
@@ -239,7 +270,7 @@ def _settings(body: dict, chat: bool, max_prompts: int = DEFAULT_MAX_PROMPTS) ->
     prompt = body.get(key)
     if chat and not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt)):
         raise BadRequest("messages must be a non-empty list of {role, content, name?}", param="messages")
-    prompts = [[_text_content(message, i) for i, message in enumerate(prompt)]] if chat else _prompts(prompt)
+    prompts = [[_chat_message(message, i) for i, message in enumerate(prompt)]] if chat else _prompts(prompt)
     if len(prompts) > max_prompts:
         raise BadRequest(f"prompt holds {len(prompts)} prompts, over the limit of {max_prompts} (each is a request in "
                          f"flight, and the server holds at most {max_prompts}); send them in several bodies",
@@ -322,17 +353,37 @@ def _prompts(prompt) -> list:
     return prompts
 
 
-def _text_content(message: dict, index: int) -> dict:
-    """A chat message whose ``content`` is a list of text parts (OpenAI's other form) as one
-    string, its parts' text joined by newlines; any other part (an image, audio) is refused."""
+def _chat_message(message: dict, index: int) -> dict:
+    """An OpenAI chat message as the wire's ``{role, content, name?}``: ``developer`` (OpenAI's
+    newer name for ``system``) as ``system``; the fields a client echoes back from an assistant
+    reply (``refusal``, ``tool_calls``, ...) dropped where null or empty; ``content`` as a list of
+    text parts joined by newlines. Anything else is refused naming ``messages[index]`` and the key."""
+    where = f"messages[{index}]"
+    for key in sorted(set(message) - {"role", "content", "name"}):
+        if key not in _ECHOED or message[key] not in (None, []):
+            why = _ECHOED.get(key, "a message takes role, content and name only")
+            raise BadRequest(f"{where}.{key}={capped(repr(message[key]), 80)} cannot be taken: {why}",
+                             param="messages")
+    message = {k: v for k, v in message.items() if k in ("role", "content") or (k == "name" and v is not None)}
+    role = message.get("role")
+    if role == "developer":
+        role = message["role"] = "system"
+    if role not in CHAT_ROLES:
+        raise BadRequest(f"{where}.role must be one of {list(CHAT_ROLES) + ['developer']}, got {capped(repr(role), 80)}"
+                         + ("; tool calls are not produced" if role in ("tool", "function") else ""), param="messages")
     content = message.get("content")
-    if not isinstance(content, list):
-        return message
-    for j, part in enumerate(content):
-        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-            raise BadRequest(f"messages[{index}].content[{j}] must be a text part {{'type': 'text', 'text': str}}: "
-                             f"this model reads text only", param="messages")
-    return {**message, "content": "\n".join(part["text"] for part in content)}
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise BadRequest(f"{where}.content[{j}] must be a text part {{'type': 'text', 'text': str}}: "
+                                 f"this model reads text only", param="messages")
+        message["content"] = "\n".join(part["text"] for part in content)
+    elif not isinstance(content, str):
+        raise BadRequest(f"{where}.content must be a string or a list of text parts, got {capped(repr(content), 80)}",
+                         param="messages")
+    if not isinstance(message.get("name", ""), str):
+        raise BadRequest(f"{where}.name must be a string, got {capped(repr(message['name']), 80)}", param="messages")
+    return message
 
 
 _TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 408: "invalid_request_error",
@@ -346,7 +397,16 @@ def _error_body(status: int, code: str, message: str, param: str | None = None) 
 
 
 def _error(status: int, code: str, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(_error_body(status, code, message, param), status_code=status)
+    headers = {"Retry-After": "1"} if status == 503 else None  # busy, or an engine restarting: try again
+    return JSONResponse(_error_body(status, code, message, param), status_code=status, headers=headers)
+
+
+async def _no_route(request: Request, exc) -> JSONResponse:
+    """404 and 405 in OpenAI's error shape (Starlette's own are plain text)."""
+    code = "not_found" if exc.status_code == 404 else "method_not_allowed"
+    return _error(exc.status_code, code, f"{request.method} {capped(request.url.path, 256)}: {exc.detail}; "
+                  f"routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, "
+                  f"GET /metrics")
 
 
 async def _read_json(request: Request, limit: int, timeout_s: float | None = None):
@@ -547,6 +607,8 @@ def _message(error: Exception, name: str | None) -> str:
 def _error_status(error: Exception) -> int:
     """The HTTP status of a request's failure: a ServeError's by its code, a ProtocolError's
     (refused before sending: a malformed chat message, a prompt too long) 413 or 400, a timeout 504."""
+    if _context_exceeded(error):
+        return 400
     if isinstance(error, ServeError):
         return _STATUS.get(error.code, 500)
     if isinstance(error, ProtocolError):
@@ -555,7 +617,14 @@ def _error_status(error: Exception) -> int:
 
 
 def _error_code(error: Exception) -> str:
+    if _context_exceeded(error):
+        return "context_length_exceeded"  # OpenAI's code (and status, 400) for a prompt and answer too long
     return error.code if isinstance(error, ServeError | ProtocolError) else "timeout"
+
+
+def _context_exceeded(error: Exception) -> bool:
+    """Whether the engine refused the prompt and canvas as longer than the model's positions."""
+    return isinstance(error, ServeError) and error.code == "too_large" and CONTEXT_EXCEEDED in error.message
 
 
 async def _events(streams, firsts, request_id, chat, created, model, include_usage=False, n=1, names=(None,)):

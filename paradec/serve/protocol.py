@@ -62,6 +62,8 @@ REQUEST_SETTINGS = frozenset({
 UNSERVED_SETTINGS = frozenset({"num_return_sequences"})
 PROCESS_SETTINGS = frozenset(f for f in GenerationConfig.__dataclass_fields__
                              if f not in REQUEST_SETTINGS and f not in UNSERVED_SETTINGS)
+# the engine's refusal of a prompt and canvas longer than the model's positions ends with this
+CONTEXT_EXCEEDED = "exceed the model's maximum length"
 CHAT_ROLES = ("system", "user", "assistant")  # a chat message's roles (paradec.api.encode_prompt's)
 MAX_LIST_ITEMS = 16  # a setting that is a list (stop strings): this many short scalars at most
 # field -> (accepted Python types after msgpack decoding, required)
