@@ -384,6 +384,11 @@ def test_one_prompt_one_result_a_batch_a_list(llada):
     (dict(score_on="logits", temperature=1.0), r"score_on must be one of \['model', 'sampling'\]"),
     (dict(policy="confidence", threshold=0.5), r"threshold=0.5 applies to policy='threshold'"),
     (dict(policy="margin", factor=2.0), r"factor=2.0 applies to policy='factor'"),
+    # given explicitly at their defaults (Fast-dLLM's 0.9): refused as well, never dropped unseen
+    (dict(policy="confidence", threshold=0.9), r"threshold=0.9 applies to policy='threshold'"),
+    (dict(policy="entropy", threshold=0.9), r"threshold=0.9 applies to policy='threshold'"),
+    (dict(policy="margin", factor=1.0), r"factor=1.0 applies to policy='factor'"),
+    (dict(threshold=0.9, factor=1.0), r"factor=1.0 applies to policy='factor' .*, got policy='threshold'"),
     (dict(rank_temperature=1.0), r"rank_temperature draws its ranking noise .* needs temperature > 0"),
     (dict(rank_temperature=1.0, temperature=1.0, policy="threshold"), r"rank_temperature applies to the top-k"),
     (dict(rank_temperature=1.0, temperature=1.0, mode="ar_order"), r"mode='ar_order' does not rank by it"),

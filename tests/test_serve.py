@@ -307,6 +307,20 @@ def test_async_client_runs_requests_at_once(server, tiny):
         assert r.token_ids == paradec.generate(tiny, q, **SMALL).token_ids
 
 
+def test_a_config_sent_whole_carries_threshold_and_factor_only_under_their_policy():
+    """A client's GenerationConfig crosses the wire whole, but a threshold or factor under another
+    policy (its default, unused) is left out: the engine would refuse it as given explicitly."""
+    from paradec.config import GenerationConfig
+    from paradec.serve.client import request_body
+
+    for config, sent in [(GenerationConfig(policy="confidence"), set()),
+                         (GenerationConfig.build(None, threshold=0.8), {"threshold"}),
+                         (GenerationConfig.build(None, factor=2.0), {"factor"})]:
+        settings = request_body("a", "q", config, {}, False, None, None)[0]["config"]
+        assert {"threshold", "factor"} & set(settings) == sent
+        assert GenerationConfig.build(None, **settings) == config  # as the engine builds it
+
+
 def test_accepted_comes_once_the_engine_queued_the_request_even_behind_full_rows(server, tiny):
     """``stream(accepted=True)``: an ``Accepted`` event first, sent when the engine queued the
     request (all 8 rows busy here, so before its first step), then its progress and result as

@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields, replace
 from functools import cached_property
 
 from paradec.decoding import policies
-from paradec.config.params import DistributedSettings, RequestParams, RuntimeSettings, normalise_request
+from paradec.config.params import NEEDS, DistributedSettings, RequestParams, RuntimeSettings, normalise_request
 from paradec.config.validation import validate
 from paradec.errors import ConfigError
 
@@ -97,12 +97,18 @@ def _values(config: GenerationConfig, part: type) -> dict:
 
 
 def _resolve_overrides(base: GenerationConfig, overrides: dict) -> dict:
-    """What ``build`` applies: ``threshold``/``factor`` given without ``policy`` imply their policy;
-    ``max_new_tokens`` sets the answer text's region of the resulting mode (and a region length
-    given later drops it); settings whose condition the overrides turn off drop to defaults."""
+    """What ``build`` applies: ``threshold``/``factor`` given without ``policy`` imply their policy,
+    and given with another policy are refused (whatever their value: one equal to its default
+    would otherwise be dropped unseen); ``max_new_tokens`` sets the answer text's region of the
+    resulting mode (and a region length given later drops it); settings whose condition the
+    overrides turn off drop to defaults."""
     for name in ("threshold", "factor"):
         if name in overrides and "policy" not in overrides and base.policy != name:
             overrides["policy"] = name
+    for name in ("threshold", "factor"):
+        policy = overrides.get("policy", base.policy)
+        if name in overrides and policy != name:
+            raise ConfigError(f"{name}={overrides[name]!r} {NEEDS[name]}, got policy={policy!r}")
     mode = overrides.get("mode", base.mode)
     target = "summary_len" if mode == "nap" else "answer_len"
     given = overrides.get("max_new_tokens", base.max_new_tokens)

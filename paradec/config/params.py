@@ -211,7 +211,7 @@ DEPENDENTS = {
     "threshold": lambda c: c.policy == "threshold",
     "factor": lambda c: c.policy == "factor",
 }
-_NEEDS = {
+NEEDS = {
     "threshold": "applies to policy='threshold' (generate(threshold=...) without policy implies it)",
     "factor": "applies to policy='factor' (generate(factor=...) without policy implies it)",
 }
@@ -278,7 +278,7 @@ def check_request(params: RequestParams) -> None:
     for name, applies in DEPENDENTS.items():
         value = getattr(params, name)
         if value != REQUEST_DEFAULTS[name] and not applies(params):
-            raise ConfigError(f"{name}={value!r} {_NEEDS[name]}, got policy={params.policy!r}")
+            raise ConfigError(f"{name}={value!r} {NEEDS[name]}, got policy={params.policy!r}")
     if params.policy in policies.names(rule=True) and params.tokens_per_step is not None:
         raise ConfigError(
             f"tokens_per_step applies to the top-k policies (confidence, margin, entropy); "

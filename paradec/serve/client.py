@@ -104,6 +104,9 @@ def request_body(request_id: str, prompt, config: GenerationConfig | None, overr
         defaults = GenerationConfig()
         settings = {k: v for k, v in dataclasses.asdict(config).items()
                     if k in REQUEST_SETTINGS or (k in PROCESS_SETTINGS and v != getattr(defaults, k))}
+        for name in ("threshold", "factor"):  # at their defaults under another policy: sent, they would be refused
+            if config.policy != name:
+                settings.pop(name, None)
     settings.update(overrides)
     body = {"id": request_id, "config": settings, "stream": stream}
     buffers = []
