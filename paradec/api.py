@@ -94,6 +94,7 @@ def generate(
     on_step=None,
     progress: bool = False,
     streamer=None,
+    attention_mask=None,
     **overrides,
 ) -> GenerationResult | list[GenerationResult] | list[list[GenerationResult]]:
     """Decode one prompt or a batch with ``config`` and overrides (the settings below).
@@ -102,7 +103,10 @@ def generate(
     (``[{"role": "user", "content": ...}, ...]``, rendered by the tokenizer's chat template, their
     text never tokenised into special tokens) — or a list of prompts. A 2-D tensor ``[batch,
     length]`` is a batch, even of one row (a list of one result comes back); a 1-D tensor is
-    one prompt.
+    one prompt. Padded rows take transformers' ``attention_mask`` (1: a prompt token, 0: padding,
+    on the left or the right), or pass a tokenizer's output (``input_ids`` and ``attention_mask``)
+    as ``prompts``; a row of ids that starts with the pad id (or, among rows of one length, ends
+    with it) without a mask is refused, its pads would be read as prompt.
     Without ``config`` the checkpoint's own defaults (``paradec.generation`` in its config.json,
     e.g. the canvas it was trained on) come first, then paradec's.
 
@@ -147,7 +151,9 @@ def generate(
     config = resolve_config(model, config, **overrides)
     env = _process_env(model)
     summary = _check_answerer(answerer, answer_tokens) or with_summary
-    single, batch = split_prompts(prompts)
+    single, batch = split_prompts(prompts, attention_mask)
+    if attention_mask is None and not (isinstance(prompts, Mapping) and prompts.get("attention_mask") is not None):
+        _check_unpadded(model, batch)
     _check_text_options(model, config, env, streamer, answerer, single)
     layout = build_layout(model, config)
     n = config.num_return_sequences
@@ -427,9 +433,21 @@ def _text(model: DiffusionModel, ids: list[int]) -> str:
     return model.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def resolve_config(model: DiffusionModel, config: GenerationConfig | None = None, **overrides) -> GenerationConfig:
-    """``config`` (default: the checkpoint's own ``paradec.generation`` defaults over paradec's)
-    with ``overrides`` applied: the config ``generate`` decodes with."""
+def resolve_config(model: DiffusionModel, config: GenerationConfig | Mapping | None = None,
+                   **overrides) -> GenerationConfig:
+    """``config`` (default: the checkpoint's own ``paradec.generation`` defaults over paradec's;
+    a mapping: settings over those defaults) with ``overrides`` applied: the config ``generate``
+    decodes with."""
+    if isinstance(config, Mapping):
+        both = sorted(set(config) & set(overrides))
+        if both:
+            raise ConfigError(f"{both} given both in config and as keyword arguments; give each once")
+        config, overrides = None, {**config, **overrides}
+    if config is not None and not isinstance(config, GenerationConfig):
+        hint = (" (transformers' GenerationConfig: paradec takes its own settings; README's table maps the names)"
+                if type(config).__name__ == "GenerationConfig" else "")
+        raise ConfigError(f"config must be a paradec GenerationConfig, a mapping of settings or None, got "
+                          f"{type(config).__module__}.{type(config).__name__}{hint}")
     if config is None:
         config = GenerationConfig.build(None, **model.generation)
     return GenerationConfig.build(config, **overrides)
@@ -444,10 +462,20 @@ def build_layout(model: DiffusionModel, config: GenerationConfig) -> CanvasLayou
     return canvas_layout(config, model.spec.mask_id, headers)
 
 
-def split_prompts(prompts) -> tuple[bool, list]:
+def split_prompts(prompts, attention_mask=None) -> tuple[bool, list]:
     """(whether ``prompts`` is one prompt, the prompts as a list). One prompt is a string, a
     sequence or 1-D integer tensor of token ids, or chat messages (a list of ``{role, content}``);
-    a batch is a list of those or a 2-D integer tensor ``[batch, length]``."""
+    a batch is a list of those or a 2-D integer tensor ``[batch, length]``. ``attention_mask``
+    (transformers'; or a tokenizer's output as ``prompts``) drops each row's padding."""
+    if isinstance(prompts, Mapping) and "input_ids" in prompts:  # a tokenizer's output (BatchEncoding)
+        if attention_mask is not None:
+            raise InputError("attention_mask given twice: in the tokenizer's output (prompts) and as an argument")
+        return split_prompts(prompts["input_ids"], prompts.get("attention_mask"))
+    if attention_mask is not None:
+        return _unpadded(prompts, attention_mask)
+    if isinstance(prompts, (bytes, bytearray)):
+        raise InputError("prompts: bytes were given; decode them to a string (text) or give token ids as a list "
+                         "or a tensor")
     if isinstance(prompts, str):
         return True, [prompts]
     if isinstance(prompts, torch.Tensor) or type(prompts).__module__ == "numpy":
@@ -468,6 +496,49 @@ def split_prompts(prompts) -> tuple[bool, list]:
     if not any(isinstance(p, (str, Sequence, Mapping, torch.Tensor)) for p in prompts):
         return True, [list(prompts)]  # token ids; each is checked by encode_prompt
     return False, list(prompts)
+
+
+def _unpadded(prompts, attention_mask) -> tuple[bool, list]:
+    """Token ids ``[length]`` or ``[batch, length]`` and a mask of their shape (1: a prompt
+    token, 0: padding, on either side of each row): each row's prompt tokens."""
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and any(isinstance(p, (str, Mapping))
+                                                                           for p in prompts)):
+        raise InputError("attention_mask applies to token ids (a tensor or lists of ids, padded to one length), "
+                         "not to text or chat messages")
+    try:
+        ids, mask = _id_tensor(prompts, "prompts"), torch.as_tensor(attention_mask).cpu()
+    except (ValueError, TypeError, RuntimeError) as e:  # ragged lists: not padded to one length
+        raise InputError(f"prompts with attention_mask must be token ids padded to one length: {e}") from None
+    if mask.shape != ids.shape:
+        raise InputError(f"attention_mask has shape {list(mask.shape)}, the prompts {list(ids.shape)}: give one "
+                         f"mask entry per token")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
+        raise InputError("attention_mask holds 1 (a prompt token) and 0 (padding) only")
+    rows = []
+    for r, (row, keep) in enumerate(zip(ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, ids.shape[-1]).bool())):
+        kept = keep.nonzero().flatten().tolist()
+        if not kept:
+            raise InputError(f"attention_mask row {r} masks every token: the prompt would be empty")
+        if kept[-1] - kept[0] + 1 != len(kept):
+            raise InputError(f"attention_mask row {r} has padding between prompt tokens; pad on the left or the "
+                             f"right only")
+        rows.append(row[kept[0] : kept[-1] + 1].tolist())
+    return ids.dim() == 1, rows
+
+
+def _check_unpadded(model: DiffusionModel, batch: list) -> None:
+    """A prompt of token ids that starts with the pad id, or in a batch of equally long rows ends
+    with it, is a padded row without its mask: its pads would be read as prompt tokens."""
+    pad = getattr(model.tokenizer, "pad_token_id", None)
+    rows = {r: p for r, p in enumerate(batch) if isinstance(p, list) and p and all(type(t) is int for t in p)}
+    if pad is None or not rows:
+        return
+    padded_batch = len(rows) == len(batch) > 1 and len({len(p) for p in rows.values()}) == 1
+    for r, ids in rows.items():
+        if ids[0] == pad or (padded_batch and ids[-1] == pad):
+            raise InputError(f"prompt {r} {'starts' if ids[0] == pad else 'ends'} with the pad token id {pad}: its "
+                             f"padding would be read as prompt; pass attention_mask= (as the tokenizer returns it), "
+                             f"the tokenizer's output itself as prompts, or the prompts unpadded")
 
 
 def _id_tensor(t, name: str) -> torch.Tensor:

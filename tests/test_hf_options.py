@@ -5,6 +5,7 @@ and the settings that need another one (tiny random models, CPU)."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -413,3 +414,78 @@ def test_threshold_and_factor_imply_their_policy(llada):
     sampled = GenerationConfig(temperature=1.0, top_p=0.5, top_k=3, score_on="sampling")
     greedy = GenerationConfig.build(sampled, temperature=0)
     assert (greedy.top_p, greedy.top_k, greedy.score_on) == (None, None, "model")
+
+
+# --- what transformers callers pass ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    """paradec-tiny: a real tokenizer whose pad id (0) is also its EOS, as LLaDA's and many are."""
+    return paradec.load("paradec-tiny")
+
+
+TINY = dict(blocks=2, tokens_per_step=4)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_rows_take_an_attention_mask_or_are_refused(tiny, side):
+    """A tokenizer's padded batch: with its attention_mask (as an argument, or the tokenizer's
+    output itself as prompts) each row decodes as its prompt alone; without it, refused naming
+    attention_mask (its pads would be read as prompt)."""
+    from paradec.train.tasks import arith
+
+    questions = [p.question for p in arith.test_problems()[:3]]
+    alone = [paradec.generate(tiny, q, **TINY).token_ids for q in questions]
+    tokenizer, before = tiny.tokenizer, tiny.tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        encoded = tokenizer(questions, padding=True, return_tensors="pt")
+        as_lists = tokenizer(questions, padding=True)  # lists, not tensors
+    finally:
+        tokenizer.padding_side = before
+    assert not bool(encoded["attention_mask"].all())  # some row is padded
+    masked = paradec.generate(tiny, encoded["input_ids"], attention_mask=encoded["attention_mask"], **TINY)
+    assert [r.token_ids for r in masked] == alone
+    assert [r.token_ids for r in paradec.generate(tiny, encoded, **TINY)] == alone
+    assert [r.token_ids for r in paradec.generate(tiny, as_lists["input_ids"],
+                                                  attention_mask=as_lists["attention_mask"], **TINY)] == alone
+    with pytest.raises(InputError, match=f"{'starts' if side == 'left' else 'ends'} with the pad token id 0.*"
+                                         f"attention_mask="):
+        paradec.generate(tiny, encoded["input_ids"], **TINY)
+
+
+def test_a_bad_attention_mask_is_refused_by_name(tiny):
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    for mask, said in [([[1, 1, 1]], "attention_mask has shape"), ([[1, 0, 1, 1], [1] * 4], "row 0 has padding"),
+                       ([[0] * 4, [1] * 4], "row 0 masks every token"), ([[2] * 4, [1] * 4], "holds 1 .* and 0"),
+                       ([[0.5] * 4, [1] * 4], "holds 1 .* and 0")]:
+        with pytest.raises(InputError, match=said):
+            paradec.generate(tiny, ids, attention_mask=mask, **TINY)
+    with pytest.raises(InputError, match="applies to token ids"):
+        paradec.generate(tiny, ["a b", "c d"], attention_mask=[[1, 1], [1, 1]], **TINY)
+    with pytest.raises(InputError, match="attention_mask given twice"):
+        paradec.generate(tiny, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, attention_mask=ids, **TINY)
+    with pytest.raises(InputError, match="bytes were given"):
+        paradec.generate(tiny, b"1 2 3", **TINY)
+
+
+def test_config_as_a_mapping_numpy_scalars_and_foreign_names(tiny):
+    """``config`` may be a mapping of settings; numpy and 0-d tensor numbers are numbers; a
+    transformers GenerationConfig and transformers', LLaDA's, Dream's and Fast-dLLM's own names
+    are refused pointing at paradec's."""
+    import numpy as np
+
+    expected = paradec.generate(tiny, PROMPT, **TINY).token_ids
+    assert paradec.generate(tiny, PROMPT, dict(TINY)).token_ids == expected
+    assert paradec.generate(tiny, PROMPT, {"blocks": 2}, tokens_per_step=4).token_ids == expected
+    assert paradec.generate(tiny, PROMPT, blocks=np.int64(2), tokens_per_step=torch.tensor(4),
+                            temperature=np.float32(0)).token_ids == expected
+    with pytest.raises(ConfigError, match=r"\['blocks'\] given both in config and as keyword arguments"):
+        paradec.generate(tiny, PROMPT, {"blocks": 2}, blocks=3)
+    transformers = pytest.importorskip("transformers")
+    with pytest.raises(ConfigError, match="transformers' GenerationConfig: paradec takes its own settings"):
+        paradec.generate(tiny, PROMPT, transformers.GenerationConfig(max_new_tokens=4))
+    for name, value, hint in [("do_sample", False, "temperature=0"), ("stop_strings", ["."], "stop="),
+                              ("gen_length", 64, "paradec.compat.llada.generate"), ("alg", "entropy", "policy="),
+                              ("use_cache", True, "cache='prefix' or 'dual'")]:
+        with pytest.raises(ConfigError, match=f"unknown generation settings .*{name}: .*{re.escape(hint)}"):
+            paradec.generate(tiny, PROMPT, **{name: value})

@@ -35,9 +35,11 @@ class GenerationConfig(DistributedSettings, RuntimeSettings, RequestParams):
         """``config`` (or the defaults) with ``overrides`` applied; unknown names are refused."""
         unknown = sorted(set(overrides) - set(DEFAULTS))
         if unknown:
-            raise ConfigError(f"unknown generation settings {unknown}; known: {sorted(DEFAULTS)}")
+            hints = "".join(f"; {name}: {FOREIGN[name]}" for name in unknown if name in FOREIGN)
+            raise ConfigError(f"unknown generation settings {unknown}{hints}; known: {sorted(DEFAULTS)}")
         base = config or cls()
-        return replace(base, **_resolve_overrides(base, dict(overrides)))
+        plain = {name: _plain(value) for name, value in overrides.items()}
+        return replace(base, **_resolve_overrides(base, plain))
 
     @cached_property
     def request(self) -> RequestParams:
@@ -77,6 +79,31 @@ class GenerationConfig(DistributedSettings, RuntimeSettings, RequestParams):
 
 
 DEFAULTS = {f.name: f.default for f in fields(GenerationConfig)}
+# transformers', LLaDA's, Dream's and Fast-dLLM's names for what paradec spells otherwise (README's table)
+_COMPAT = "paradec.compat.{} takes {}'s arguments as they are"  # module.function, runtime
+_DREAM, _LLADA = _COMPAT.format("dream.diffusion_generate", "Dream"), _COMPAT.format("llada.generate", "LLaDA")
+FOREIGN = {
+    "do_sample": "paradec samples where temperature > 0 (do_sample=False is temperature=0)",
+    "stop_strings": "give stop=",
+    "max_length": "max_new_tokens bounds the answer; blocks and block_len set the rest of the canvas",
+    "return_dict_in_generate": "a result carries every field",
+    "output_history": "result.trace holds the step that committed each position; " + _DREAM,
+    "pad_token_id": "read from the checkpoint's tokenizer (pass attention_mask= with padded rows)",
+    "eos_token_id": "read from the checkpoint",
+    "generation_config": "config= takes a paradec GenerationConfig or a mapping of settings",
+    "gen_length": "max_new_tokens (and mode='block', block_len); " + _LLADA,
+    "block_length": "mode='block', block_len=; " + _COMPAT.format("fastdllm.generate", "Fast-dLLM"),
+    "remasking": "policy='confidence' (low_confidence), mode='random' (random); " + _LLADA,
+    "alg": "policy='confidence' / 'margin' / 'entropy' (maskgit_plus / topk_margin / entropy), mode='random' "
+           "(origin); " + _DREAM,
+    "alg_temp": "rank_temperature=",
+    "eps": "schedule='linspace'",
+    "use_cache": "cache='prefix' or 'dual' (with mode='block' or a nap window)",
+    "dual_cache": "cache='dual'",
+    "cfg_scale": _LLADA,
+    "mask_id": "read from the checkpoint",
+    "mask_token_id": "read from the checkpoint",
+}
 # settings an override drops back to their default when it turns their condition off
 _DROPPED_WITH = {
     "threshold": lambda c: c["policy"] == "threshold",
@@ -94,6 +121,14 @@ _PARTS = (("Per-request decoding parameters (paradec.config.RequestParams)", Req
 
 def _values(config: GenerationConfig, part: type) -> dict:
     return {f.name: getattr(config, f.name) for f in fields(part)}
+
+
+def _plain(value):
+    """A numpy scalar or a 0-d tensor (``steps=np.int64(128)``, as LLaDA's and transformers' callers
+    pass them) as the Python number it holds; anything else as it is."""
+    if type(value).__module__.split(".")[0] in ("numpy", "torch") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
 
 
 def _resolve_overrides(base: GenerationConfig, overrides: dict) -> dict:
