@@ -73,8 +73,15 @@ def test_empty_prompts(model):
 
 
 def test_canvas_longer_than_the_model(model):
-    with pytest.raises(ConfigError, match=r"exceeds the model's maximum length 256"):
+    """Refused naming what sets the canvas in that mode (a Fast-dLLM or LLaDA caller's gen_length
+    is paradec's max_new_tokens)."""
+    with pytest.raises(ConfigError, match=r"exceeds the model's maximum length 256; lower blocks, block_len or "
+                                          r"summary_len \(max_new_tokens\) or shorten the prompt"):
         paradec.generate(model, "a b", blocks=4, block_len=60, summary_len=30)
+    for mode in ("block", "ao"):
+        with pytest.raises(ConfigError, match=r"exceeds the model's maximum length 256; lower max_new_tokens "
+                                              r"\(answer_len; gen_length in paradec.compat"):
+            paradec.generate(model, "a b", mode=mode, max_new_tokens=300)
 
 
 def test_mask_id_and_structure_tokens_in_user_ids(model):

@@ -57,7 +57,7 @@ def validate(config: GenerationConfig, *, layout: CanvasLayout | None = None,
     if answerer:
         _check_answerer(config, ranks)
     if max_length is not None:
-        _check_length(_needs(layout, "max_length"), prompt_tokens, max_length)
+        _check_length(config, _needs(layout, "max_length"), prompt_tokens, max_length)
 
 
 def _check_windows(config: GenerationConfig) -> None:
@@ -135,11 +135,13 @@ def _check_answerer(config: GenerationConfig, ranks: int) -> None:
         raise ConfigError("an answerer runs on rank 0 where the results are: use results_on='rank0'")
 
 
-def _check_length(layout: CanvasLayout, prompt_tokens: int, max_length: int) -> None:
+def _check_length(config: GenerationConfig, layout: CanvasLayout, prompt_tokens: int, max_length: int) -> None:
     if prompt_tokens + layout.length > max_length:
+        canvas = ("blocks, block_len or summary_len (max_new_tokens)" if config.canvas
+                  else "max_new_tokens (answer_len; gen_length in paradec.compat's LLaDA and Fast-dLLM calls)")
         raise ConfigError(
             f"prompt ({prompt_tokens} tokens) + canvas ({layout.length} tokens) exceeds the model's maximum "
-            f"length {max_length}; shorten blocks/block_len/summary_len/answer_len"
+            f"length {max_length}; lower {canvas} or shorten the prompt"
         )
 
 
