@@ -105,8 +105,8 @@ def generate(
     length]`` is a batch, even of one row (a list of one result comes back); a 1-D tensor is
     one prompt. Padded rows take transformers' ``attention_mask`` (1: a prompt token, 0: padding,
     on the left or the right), or pass a tokenizer's output (``input_ids`` and ``attention_mask``)
-    as ``prompts``; a row of ids that starts with the pad id (or, among rows of one length, ends
-    with it) without a mask is refused, its pads would be read as prompt.
+    as ``prompts``; a row of a 2-D tensor batch that starts or ends with the pad id, without a
+    mask, is refused: its pads would be read as prompt.
     Without ``config`` the checkpoint's own defaults (``paradec.generation`` in its config.json,
     e.g. the canvas it was trained on) come first, then paradec's.
 
@@ -152,7 +152,7 @@ def generate(
     env = _process_env(model)
     summary = _check_answerer(answerer, answer_tokens) or with_summary
     single, batch = split_prompts(prompts, attention_mask)
-    if attention_mask is None and not (isinstance(prompts, Mapping) and prompts.get("attention_mask") is not None):
+    if attention_mask is None and (isinstance(prompts, torch.Tensor) or type(prompts).__module__ == "numpy"):
         _check_unpadded(model, batch)
     _check_text_options(model, config, env, streamer, answerer, single)
     layout = build_layout(model, config)
@@ -512,7 +512,7 @@ def _unpadded(prompts, attention_mask) -> tuple[bool, list]:
     if mask.shape != ids.shape:
         raise InputError(f"attention_mask has shape {list(mask.shape)}, the prompts {list(ids.shape)}: give one "
                          f"mask entry per token")
-    if mask.dtype.is_floating_point or mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
+    if mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
         raise InputError("attention_mask holds 1 (a prompt token) and 0 (padding) only")
     rows = []
     for r, (row, keep) in enumerate(zip(ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, ids.shape[-1]).bool())):
@@ -526,16 +526,15 @@ def _unpadded(prompts, attention_mask) -> tuple[bool, list]:
     return ids.dim() == 1, rows
 
 
-def _check_unpadded(model: DiffusionModel, batch: list) -> None:
-    """A prompt of token ids that starts with the pad id, or in a batch of equally long rows ends
-    with it, is a padded row without its mask: its pads would be read as prompt tokens."""
+def _check_unpadded(model: DiffusionModel, rows: list[list[int]]) -> None:
+    """The rows of a tensor batch ``[batch, length]`` given without a mask: one that starts (or,
+    among several, ends) with the pad id is a padded row, its pads would be read as prompt tokens.
+    (Not where the pad id is BOS too: every row starts with it.)"""
     pad = getattr(model.tokenizer, "pad_token_id", None)
-    rows = {r: p for r, p in enumerate(batch) if isinstance(p, list) and p and all(type(t) is int for t in p)}
-    if pad is None or not rows:
+    if pad is None or len(rows) < 2 or pad == getattr(model.tokenizer, "bos_token_id", None):
         return
-    padded_batch = len(rows) == len(batch) > 1 and len({len(p) for p in rows.values()}) == 1
-    for r, ids in rows.items():
-        if ids[0] == pad or (padded_batch and ids[-1] == pad):
+    for r, ids in enumerate(rows):
+        if ids[0] == pad or ids[-1] == pad:
             raise InputError(f"prompt {r} {'starts' if ids[0] == pad else 'ends'} with the pad token id {pad}: its "
                              f"padding would be read as prompt; pass attention_mask= (as the tokenizer returns it), "
                              f"the tokenizer's output itself as prompts, or the prompts unpadded")

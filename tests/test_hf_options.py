@@ -466,6 +466,13 @@ def test_a_bad_attention_mask_is_refused_by_name(tiny):
         paradec.generate(tiny, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, attention_mask=ids, **TINY)
     with pytest.raises(InputError, match="bytes were given"):
         paradec.generate(tiny, b"1 2 3", **TINY)
+    from paradec.compat import left_padded_prompts  # LLaDA's and Dream's callers: left padding, any mask dtype
+
+    padded = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
+    for mask in ([[0, 0, 1, 1], [1, 1, 1, 1]], torch.tensor([[0.0, 0, 1, 1], [1, 1, 1, 1]])):
+        assert left_padded_prompts(padded, mask) == [[5, 6], [7, 8, 9, 10]]
+    with pytest.raises(InputError, match="only left padding"):
+        left_padded_prompts(padded, [[1, 1, 0, 0], [1, 1, 1, 1]])
 
 
 def test_config_as_a_mapping_numpy_scalars_and_foreign_names(tiny):
@@ -481,6 +488,11 @@ def test_config_as_a_mapping_numpy_scalars_and_foreign_names(tiny):
                             temperature=np.float32(0)).token_ids == expected
     with pytest.raises(ConfigError, match=r"\['blocks'\] given both in config and as keyword arguments"):
         paradec.generate(tiny, PROMPT, {"blocks": 2}, blocks=3)
+    import dataclasses  # a whole config as keyword arguments: its unused threshold/factor defaults are not given
+
+    whole = dataclasses.asdict(paradec.api.resolve_config(tiny, policy="margin", **TINY))
+    assert paradec.generate(tiny, PROMPT, **whole).token_ids == paradec.generate(tiny, PROMPT, policy="margin",
+                                                                                 **TINY).token_ids
     transformers = pytest.importorskip("transformers")
     with pytest.raises(ConfigError, match="transformers' GenerationConfig: paradec takes its own settings"):
         paradec.generate(tiny, PROMPT, transformers.GenerationConfig(max_new_tokens=4))

@@ -256,6 +256,8 @@ def test_context_overflow_unknown_routes_and_busy_answer_as_openai_does(served, 
         assert caught.value.code == status
         error = json.loads(caught.value.read())["error"]
         assert error["code"] == ("not_found" if status == 404 else "method_not_allowed") and path in error["message"]
+        assert error["type"] == "invalid_request_error" and caught.value.headers["Retry-After"] is None
+        assert status == 404 or caught.value.headers["Allow"] == "POST"  # a 405 names the methods allowed
 
 
 def test_stream_is_a_boolean_or_null():

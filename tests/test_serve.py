@@ -313,12 +313,17 @@ def test_a_config_sent_whole_carries_threshold_and_factor_only_under_their_polic
     from paradec.config import GenerationConfig
     from paradec.serve.client import request_body
 
-    for config, sent in [(GenerationConfig(policy="confidence"), set()),
-                         (GenerationConfig.build(None, threshold=0.8), {"threshold"}),
-                         (GenerationConfig.build(None, factor=2.0), {"factor"})]:
-        settings = request_body("a", "q", config, {}, False, None, None)[0]["config"]
+    for config, overrides, sent in [(GenerationConfig(policy="confidence"), {}, set()),
+                                    (GenerationConfig.build(None, threshold=0.8), {}, {"threshold"}),
+                                    (GenerationConfig.build(None, factor=2.0), {}, {"factor"}),
+                                    (GenerationConfig.build(None, threshold=0.8), {"policy": "margin"}, set()),
+                                    (GenerationConfig.build(None, factor=2.0), {"threshold": 0.7}, {"threshold"})]:
+        settings = request_body("a", "q", config, overrides, False, None, None)[0]["config"]
         assert {"threshold", "factor"} & set(settings) == sent
-        assert GenerationConfig.build(None, **settings) == config  # as the engine builds it
+        # as the engine builds it: as the client's config with the overrides
+        assert GenerationConfig.build(None, **settings) == GenerationConfig.build(config, **overrides)
+    as_mapping = request_body("a", "q", {"blocks": 2}, {"seed": 3}, False, None, None)[0]["config"]
+    assert as_mapping == {"blocks": 2, "seed": 3}  # a mapping as config: settings, as generate() takes it
 
 
 def test_accepted_comes_once_the_engine_queued_the_request_even_behind_full_rows(server, tiny):

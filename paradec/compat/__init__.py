@@ -14,4 +14,4 @@ def left_padded_prompts(ids: torch.Tensor, attention_mask) -> list[list[int]]:
     mask = torch.as_tensor(attention_mask).cpu().bool()
     if mask.shape == ids.shape and bool((mask[:, :-1] & ~mask[:, 1:]).any()):
         raise InputError("attention_mask: only left padding is supported (zeros before a row's tokens)")
-    return split_prompts(ids, attention_mask)[1]
+    return split_prompts(ids, mask)[1]

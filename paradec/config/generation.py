@@ -134,15 +134,18 @@ def _plain(value):
 def _resolve_overrides(base: GenerationConfig, overrides: dict) -> dict:
     """What ``build`` applies: ``threshold``/``factor`` given without ``policy`` imply their policy,
     and given with another policy are refused (whatever their value: one equal to its default
-    would otherwise be dropped unseen); ``max_new_tokens`` sets the answer text's region of the
-    resulting mode (and a region length given later drops it); settings whose condition the
-    overrides turn off drop to defaults."""
+    would otherwise be dropped unseen), but for the unused default of a whole config's dump;
+    ``max_new_tokens`` sets the answer text's region of the resulting mode (and a region length
+    given later drops it); settings whose condition the overrides turn off drop to defaults."""
+    # a config's every setting (a dump: asdict(config)) names policy, threshold and factor: the one
+    # its policy leaves unused is at its default there, not given
+    whole = {"policy", "threshold", "factor"} <= set(overrides)
     for name in ("threshold", "factor"):
         if name in overrides and "policy" not in overrides and base.policy != name:
             overrides["policy"] = name
     for name in ("threshold", "factor"):
         policy = overrides.get("policy", base.policy)
-        if name in overrides and policy != name:
+        if name in overrides and policy != name and not (whole and overrides[name] == DEFAULTS[name]):
             raise ConfigError(f"{name}={overrides[name]!r} {NEEDS[name]}, got policy={policy!r}")
     mode = overrides.get("mode", base.mode)
     target = "summary_len" if mode == "nap" else "answer_len"

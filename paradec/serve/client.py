@@ -21,7 +21,7 @@ import dataclasses
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import zmq
@@ -98,14 +98,22 @@ def request_body(request_id: str, prompt, config: GenerationConfig | None, overr
                  timeout_s: float | None, token: str | None, accepted: bool = False) -> tuple[dict, list]:
     """An ADD body and its buffers: text prompts as text, token ids as an int32 buffer, chat as
     ``messages``; a GenerationConfig's request settings are sent whole (its process settings only
-    where they differ from the defaults, for the server to refuse by name), overrides on top."""
+    where they differ from the defaults, for the server to refuse by name; threshold and factor
+    only under their policy, as overrides leave it), overrides on top; a mapping as ``config`` is
+    settings, as ``paradec.generate`` takes it."""
+    if isinstance(config, Mapping):
+        config, overrides = None, {**config, **overrides}
     settings = {}
     if config is not None:
         defaults = GenerationConfig()
         settings = {k: v for k, v in dataclasses.asdict(config).items()
                     if k in REQUEST_SETTINGS or (k in PROCESS_SETTINGS and v != getattr(defaults, k))}
-        for name in ("threshold", "factor"):  # at their defaults under another policy: sent, they would be refused
-            if config.policy != name:
+        # the policy the engine will decode with (a threshold or factor override without one implies its own,
+        # as GenerationConfig.build does): the config's threshold and factor go only under theirs
+        implied = [name for name in ("threshold", "factor") if name in overrides and config.policy != name]
+        settings["policy"] = overrides.get("policy", implied[0] if implied else config.policy)
+        for name in ("threshold", "factor"):
+            if settings["policy"] != name:
                 settings.pop(name, None)
     settings.update(overrides)
     body = {"id": request_id, "config": settings, "stream": stream}

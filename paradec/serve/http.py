@@ -51,9 +51,10 @@ refusal of a setting has as ``param`` the field its message starts with — ``se
 neutral values (``presence_penalty: 0``, ``logprobs: false``, ``store: false``,
 ``repetition_penalty: 1``, null, ...), which some clients send by default, are accepted. A prompt
 and canvas longer than the model's positions get 400 ``context_length_exceeded``, as OpenAI and
-vLLM answer; a 503 (busy, an engine restarting) carries ``Retry-After: 1``; an unknown route or
-method gets 404 / 405 in the same error shape. Unknown fields are refused (400), and so are process settings
-(``rank_timeout_s``, ``prompt_kv``, ``gather``, ``results_on``, ``cuda_graphs``), by name. A body
+vLLM answer; a 503 ``busy`` or ``stalled`` (an engine restarting) carries ``Retry-After: 1``; an
+unknown route or method gets 404 / 405 in the same error shape. Unknown fields are refused (400),
+and so are process settings (``rank_timeout_s``, ``prompt_kv``, ``gather``, ``results_on``,
+``cuda_graphs``), by name. A body
 over ``max_body_bytes`` is refused (413) before it is read (its Content-Length) or as soon as it
 passes the limit (a chunked body); a body that is not UTF-8 JSON gets 400, and so does a value no
 message can carry (an integer outside -2**63 to 2**64 - 1, a lone surrogate such as ``"\\ud800"``)
@@ -147,11 +148,12 @@ _TOKEN_IDS = (0, 1 << 31)  # a token id the wire carries (int32, not negative); 
 _FORMS = "a string, a list of strings, a list of token ids or a list of lists of token ids"
 # an engine refusal's first words, when they name a field: "seed must ...", "the prompt holds ...", "config.x ..."
 _NAMED = re.compile(r"(?:(?:a|the) )?(?:config\.)?(\w+)")
-_HEALTH = ("healthy", "state", "in_flight", "max_pending")
+_HEALTH = ("healthy", "state", "in_flight", "max_pending")  # what the open /health shows (no process ids)
 # what a client echoes back from an assistant reply (null or empty there): dropped; any other value refused, this why
 _ECHOED = {"refusal": "refusals are not produced", "tool_calls": "tool calls are not produced",
            "function_call": "tool calls are not produced", "audio": "this model reads text only",
-           "annotations": "annotations are not produced"}  # what the open /health shows (no process ids)
+           "annotations": "annotations are not produced"}
+_TRANSIENT = ("busy", "stalled")  # 503s worth a retry soon (Retry-After): a full server, an engine restarting
 
 
 class BadRequest(Exception):
@@ -386,9 +388,9 @@ def _chat_message(message: dict, index: int) -> dict:
     return message
 
 
-_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 408: "invalid_request_error",
-          413: "invalid_request_error", 499: "invalid_request_error", 401: "authentication_error",
-          503: "server_error", 504: "server_error"}
+_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
+          408: "invalid_request_error", 413: "invalid_request_error", 499: "invalid_request_error",
+          401: "authentication_error", 503: "server_error", 504: "server_error"}
 
 
 def _error_body(status: int, code: str, message: str, param: str | None = None) -> dict:
@@ -396,8 +398,10 @@ def _error_body(status: int, code: str, message: str, param: str | None = None) 
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
 
 
-def _error(status: int, code: str, message: str, param: str | None = None) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status == 503 else None  # busy, or an engine restarting: try again
+def _error(status: int, code: str, message: str, param: str | None = None,
+           headers: dict | None = None) -> JSONResponse:
+    if code in _TRANSIENT:
+        headers = (headers or {}) | {"Retry-After": "1"}
     return JSONResponse(_error_body(status, code, message, param), status_code=status, headers=headers)
 
 
@@ -405,8 +409,8 @@ async def _no_route(request: Request, exc) -> JSONResponse:
     """404 and 405 in OpenAI's error shape (Starlette's own are plain text)."""
     code = "not_found" if exc.status_code == 404 else "method_not_allowed"
     return _error(exc.status_code, code, f"{request.method} {capped(request.url.path, 256)}: {exc.detail}; "
-                  f"routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, "
-                  f"GET /metrics")
+                  f"routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /v1/models/{{id}}, "
+                  f"GET /health, GET /metrics", headers=exc.headers)  # (a 405's Allow)
 
 
 async def _read_json(request: Request, limit: int, timeout_s: float | None = None):
