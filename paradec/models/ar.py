@@ -6,6 +6,8 @@ token per forward. Greedy at temperature 0, otherwise sampled from a seeded gene
 
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,8 +78,8 @@ class ARModel:
         generator = None
         if temperature > 0:
             generator = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
-        cache = DynamicCache()
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = self._cache(DynamicCache())
+        out = self.model(input_ids=ids, **cache, use_cache=True, logits_to_keep=1)
         new: list[int] = []
         for _ in range(max_new_tokens):
             logits = out.logits[0, -1].float()  # [V]
@@ -90,8 +92,14 @@ class ARModel:
             if token in stops:
                 return ARResult(new, stopped=True)
             step = torch.tensor([[token]], device=self.device)
-            out = self.model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
+            out = self.model(input_ids=step, **cache, use_cache=True)  # (the cache grows in place)
         return ARResult(new, stopped=False)
+
+    def _cache(self, cache) -> dict:
+        """The keyword a KV cache goes by: ``cache`` from transformers 5.25 (``past_key_values``,
+        deprecated there, warns once per forward), ``past_key_values`` before."""
+        takes = inspect.signature(self.model.forward).parameters
+        return {"cache": cache} if "cache" in takes else {"past_key_values": cache}
 
     def _check_budget(self, prompt_tokens: int, max_new_tokens: int) -> None:
         if max_new_tokens < 1:
@@ -120,9 +128,9 @@ class ARModel:
             ids[r, longest - len(p):] = torch.tensor(p, device=self.device)
             mask[r, longest - len(p):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
+        cache = self._cache(DynamicCache())
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache, use_cache=True,
+                         logits_to_keep=1)
         new: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b
         last = positions[:, -1:]  # [B, 1]
@@ -136,8 +144,8 @@ class ARModel:
                 break
             mask = torch.cat((mask, torch.ones(b, 1, dtype=mask.dtype, device=self.device)), dim=1)
             last = last + 1
-            out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last,
-                             past_key_values=out.past_key_values, use_cache=True)
+            out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last, **cache,
+                             use_cache=True)
         return [ARResult(n, stopped=d) for n, d in zip(new, done)]
 
 
