@@ -189,6 +189,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--address", default="tcp://127.0.0.1:5555", help="where clients connect (ZeroMQ endpoint)")
     v.add_argument("--http-port", type=int, help="also serve OpenAI-compatible HTTP on this port")
     v.add_argument("--http-host", default="127.0.0.1", help="with --http-port: the address HTTP binds")
+    v.add_argument("--served-model-name", help="with --http-port: the model id /v1/models lists (default: --model "
+                   "as given, a checkpoint's path too)")
     v.add_argument("--token-file", help="a file holding the shared secret every client sends (or set PARADEC_TOKEN; "
                    "at least 16 characters; required to bind a non-loopback address)")
     v.add_argument("--token", help=argparse.SUPPRESS)  # refused by name: ps shows a command line to every user

@@ -545,6 +545,8 @@ def test_engine_target_takes_a_kv_memory_fraction_in_range():
     (["--request-timeout-s", "nan"], "--request-timeout-s must be a finite number > 0, got nan"),
     (["--stall-timeout-s", "inf"], "--stall-timeout-s must be a finite number >= 0"),
     (["--stall-timeout-s", "nan"], "--stall-timeout-s must be a finite number >= 0"),
+    (["--served-model-name", ""], "--served-model-name must be 1 to 256 characters"),
+    (["--served-model-name", " x"], "--served-model-name must be 1 to 256 characters"),
 ])
 def test_serve_refuses_bad_warm_up_and_pool_flags_before_starting(flags, names):
     from paradec.cli import parser
@@ -571,6 +573,15 @@ def test_an_engine_that_cannot_start_fails_serve_with_its_own_error(flags, error
     with pytest.raises(error, match=names) as raised:
         serve(args)
     assert str(raised.value).startswith(f"the engine exited while starting (code 1): {error.__name__}: ")
+
+
+def test_the_served_model_name_is_the_flag_else_the_model_as_given():
+    from paradec.cli import parser
+    from paradec.serve.server import served_model_name
+
+    for flags, name in [(["--model", "/ckpt/llada-8b"], "/ckpt/llada-8b"),
+                        (["--model", "/ckpt/llada-8b", "--served-model-name", "llada"], "llada")]:
+        assert served_model_name(parser().parse_args(["serve", *flags])) == name
 
 
 def test_an_infinite_request_timeout_is_refused_where_it_is_set():

@@ -40,6 +40,16 @@ def http_connections(max_pending: int) -> int:
     return 2 * max_pending
 
 
+def served_model_name(args: argparse.Namespace) -> str:
+    """The model id the HTTP endpoint lists: ``--served-model-name``, else ``--model`` as given."""
+    name = getattr(args, "served_model_name", None)
+    if name is None:
+        return str(getattr(args, "model", "paradec"))
+    if not isinstance(name, str) or not 0 < len(name) <= 256 or name != name.strip():
+        raise ConfigError(f"--served-model-name must be 1 to 256 characters without surrounding spaces, got {name!r}")
+    return name
+
+
 def read_token(args: argparse.Namespace) -> str | None:
     """The shared secret: ``--token-file`` (whitespace around it dropped), else PARADEC_TOKEN."""
     if getattr(args, "token", None):
@@ -75,6 +85,7 @@ def serve(args: argparse.Namespace) -> int:
     if getattr(args, "stall_timeout_s", None) is not None and not 0 <= args.stall_timeout_s < math.inf:
         raise ConfigError(f"--stall-timeout-s must be a finite number >= 0 (0: never), got {args.stall_timeout_s}")
     token = read_token(args)
+    served_model_name(args)  # a bad name fails before anything starts
     if args.http_port is not None and args.http_host not in LOOPBACK_HOSTS and not token:
         raise ConfigError(f"--http-host {args.http_host} (not loopback) needs a token (--token-file or PARADEC_TOKEN, "
                           f"at least {MIN_TOKEN_CHARS} characters); HTTP clients then send "
@@ -139,7 +150,7 @@ async def _main(frontend: Frontend, args: argparse.Namespace) -> int:
 
             app = create_app(frontend.address, token=frontend.token, timeout_s=getattr(args, "request_timeout_s", None),
                              max_body_bytes=getattr(args, "http_max_body_bytes", None) or (1 << 20),
-                             model_name=str(getattr(args, "model", "paradec")),  # what /v1/models lists
+                             model_name=served_model_name(args),  # what /v1/models lists
                              max_prompts=frontend.max_pending)
             # uvicorn refuses a request on the connection that reaches limit_concurrency: one past those served
             web = _Uvicorn(uvicorn.Config(app, host=args.http_host, port=args.http_port, log_level="info",
