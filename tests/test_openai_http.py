@@ -372,7 +372,9 @@ def test_a_stream_gets_its_headers_once_accepted_not_once_a_row_is_free(served, 
 
     async def occupy_then_stream():
         rows = AsyncClient(served[0], timeout_s=120)
-        busy = [rows.stream(QUESTION, blocks=4, tokens_per_step=1) for _ in range(8)]
+        # ~130 steps each (aborted once the check is made): in flight however slowly a loaded machine steps
+        busy = [rows.stream(QUESTION, blocks=2, block_len=64, tokens_per_step=1, eos_closes_block=False)
+                for _ in range(8)]
         try:
             for stream in busy:
                 await stream.__anext__()  # decoding: every row of the server's 8 is taken
