@@ -480,6 +480,18 @@ def test_engine_of_two_ranks(tiny):
             with pytest.raises(ServeError, match="isolated"):
                 client.generate(QUESTIONS[42], attention="canvas", **SMALL)  # refused alike by both ranks
             assert client.generate(QUESTIONS[42], **SMALL).answer is not None  # and the ranks go on
+
+        async def choices():  # sampled with seeds s, s + 1, s + 2 (an HTTP request's n = 3): they may batch
+            together = AsyncClient(s.address, timeout_s=120)
+            try:
+                return await asyncio.gather(*(together.generate(QUESTIONS[43], temperature=0.9, seed=11 + j, **SMALL)
+                                              for j in range(3)))
+            finally:
+                together.close()
+
+        for j, result in enumerate(asyncio.run(choices())):
+            alone = paradec.generate(tiny, QUESTIONS[43], temperature=0.9, seed=11 + j, **SMALL)
+            assert (result.token_ids, result.trace) == (alone.token_ids, alone.trace)
         assert len(events) == 1  # no per-step progress across ranks: the result only
         direct = paradec.generate(tiny, QUESTIONS[40], blocks=4, tokens_per_step=4)
         assert events[0].token_ids == direct.token_ids and events[0].trace == direct.trace  # placement-free
@@ -570,3 +582,12 @@ def test_ranks_batch_requests_by_how_their_refresh_resolves():
     block = dict(mode="block", answer_len=8, block_len=4)  # block mode: unset is the full refresh
     assert batches_with(request(**block), request(**block, partial_refresh=False))
     assert not batches_with(request(**block), request(**block, partial_refresh=True))
+    # sampled: row r of a batch draws from the first's seed + r, so a request joins as the row its seed names
+    sampled = dict(temperature=0.8)
+    first = request(**sampled, seed=5)
+    assert batches_with(first, request(**sampled, seed=6), row=1) and batches_with(first, request(**sampled, seed=7), 2)
+    assert not batches_with(first, request(**sampled, seed=7), row=1)
+    assert not batches_with(first, request(**sampled, seed=5), row=1)  # the same draws as the first: not its row
+    assert not batches_with(first, request(temperature=0.7, seed=6), row=1)
+    assert not batches_with(request(**sampled, seed=5, attention="canvas"),
+                            request(**sampled, seed=6, attention="canvas"), row=1)

@@ -62,12 +62,19 @@ def batchable(params: RequestParams) -> bool:
             and params.rank_temperature == 0)
 
 
-def batches_with(first: Request, other: Request) -> bool:
-    """Whether ``other`` may join ``first``'s batch: the same request parameters and runtime
-    settings (``partial_refresh`` as it resolves: unset decodes as its default), and parameters
-    whose tokens batching cannot change."""
-    return (other.config.request == first.config.request and _runtime(other) == _runtime(first)
-            and batchable(first.config.request))
+def batches_with(first: Request, other: Request, row: int = 1) -> bool:
+    """Whether ``other`` may join ``first``'s batch as its row ``row``: the same runtime settings
+    (``partial_refresh`` as it resolves: unset decodes as its default) and the same request
+    parameters, greedy ones whose tokens batching cannot change, or sampled ones under
+    ``isolated`` attention whose seed is first's + ``row`` (``generate()`` draws row r from seed + r,
+    so each decodes as alone: the n choices of an HTTP request, seeds s .. s + n - 1)."""
+    if _runtime(other) != _runtime(first):
+        return False
+    mine, theirs = first.config.request, other.config.request
+    if batchable(mine):
+        return theirs == mine
+    return (mine.attention == "isolated" and theirs.seed == mine.seed + row
+            and dataclasses.replace(theirs, seed=mine.seed) == mine)
 
 
 def _runtime(request: Request) -> RuntimeSettings:
@@ -111,7 +118,7 @@ class RankZeroLoop(MessageLoop):
         for request in list(self.waiting):
             if len(batch) == self.max_batch:
                 break
-            if batches_with(first, request):
+            if batches_with(first, request, len(batch)):
                 self.waiting.remove(request)
                 batch.append(request)
         return batch
