@@ -6,6 +6,7 @@ import atexit
 import logging
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +107,8 @@ def generate(
     one prompt. Padded rows take transformers' ``attention_mask`` (1: a prompt token, 0: padding,
     on the left or the right), or pass a tokenizer's output (``input_ids`` and ``attention_mask``)
     as ``prompts``; a row of a 2-D tensor batch that starts or ends with the pad id, without a
-    mask, is refused: its pads would be read as prompt.
+    mask, is warned about (as transformers warns of padding it sees): its pads would be read as
+    prompt, though the row may hold that id as text.
     Without ``config`` the checkpoint's own defaults (``paradec.generation`` in its config.json,
     e.g. the canvas it was trained on) come first, then paradec's.
 
@@ -527,17 +529,18 @@ def _unpadded(prompts, attention_mask) -> tuple[bool, list]:
 
 
 def _check_unpadded(model: DiffusionModel, rows: list[list[int]]) -> None:
-    """The rows of a tensor batch ``[batch, length]`` given without a mask: one that starts (or,
-    among several, ends) with the pad id is a padded row, its pads would be read as prompt tokens.
-    (Not where the pad id is BOS too: every row starts with it.)"""
+    """The rows of a tensor batch ``[batch, length]`` given without a mask: one that starts or ends
+    with the pad id looks padded, its pads read as prompt tokens; warned about once per call (the
+    id may be the row's own: random ids, a pad id that is EOS). Not where the pad id is BOS too."""
     pad = getattr(model.tokenizer, "pad_token_id", None)
     if pad is None or len(rows) < 2 or pad == getattr(model.tokenizer, "bos_token_id", None):
         return
     for r, ids in enumerate(rows):
         if ids[0] == pad or ids[-1] == pad:
-            raise InputError(f"prompt {r} {'starts' if ids[0] == pad else 'ends'} with the pad token id {pad}: its "
-                             f"padding would be read as prompt; pass attention_mask= (as the tokenizer returns it), "
-                             f"the tokenizer's output itself as prompts, or the prompts unpadded")
+            warnings.warn(f"prompt {r} {'starts' if ids[0] == pad else 'ends'} with the pad token id {pad}: "
+                          f"if it is padding, it is read as prompt; pass attention_mask= (as the tokenizer returns "
+                          f"it), the tokenizer's output itself as prompts, or the prompts unpadded", stacklevel=3)
+            return
 
 
 def _id_tensor(t, name: str) -> torch.Tensor:

@@ -429,7 +429,7 @@ TINY = dict(blocks=2, tokens_per_step=4)
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_rows_take_an_attention_mask_or_are_refused(tiny, side):
     """A tokenizer's padded batch: with its attention_mask (as an argument, or the tokenizer's
-    output itself as prompts) each row decodes as its prompt alone; without it, refused naming
+    output itself as prompts) each row decodes as its prompt alone; without it, a warning names
     attention_mask (its pads would be read as prompt)."""
     from paradec.train.tasks import arith
 
@@ -448,8 +448,8 @@ def test_padded_rows_take_an_attention_mask_or_are_refused(tiny, side):
     assert [r.token_ids for r in paradec.generate(tiny, encoded, **TINY)] == alone
     assert [r.token_ids for r in paradec.generate(tiny, as_lists["input_ids"],
                                                   attention_mask=as_lists["attention_mask"], **TINY)] == alone
-    with pytest.raises(InputError, match=f"{'starts' if side == 'left' else 'ends'} with the pad token id 0.*"
-                                         f"attention_mask="):
+    with pytest.warns(UserWarning, match=f"{'starts' if side == 'left' else 'ends'} with the pad token id 0.*"
+                                         f"attention_mask="):  # warned, as transformers does: the id may be text
         paradec.generate(tiny, encoded["input_ids"], **TINY)
 
 
