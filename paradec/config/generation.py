@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from functools import cached_property
 
@@ -131,6 +132,13 @@ def _plain(value):
     return value
 
 
+def resolved_policy(policy: str, overrides: Mapping) -> str:
+    """The policy a config of ``policy`` decodes with under ``overrides``: theirs, else the one a
+    ``threshold`` or ``factor`` given without it implies (threshold first), else ``policy``."""
+    implied = [name for name in ("threshold", "factor") if name in overrides and policy != name]
+    return overrides.get("policy", implied[0] if implied else policy)
+
+
 def _resolve_overrides(base: GenerationConfig, overrides: dict) -> dict:
     """What ``build`` applies: ``threshold``/``factor`` given without ``policy`` imply their policy,
     and given with another policy are refused (whatever their value: one equal to its default
@@ -140,11 +148,8 @@ def _resolve_overrides(base: GenerationConfig, overrides: dict) -> dict:
     # a config's every setting (a dump: asdict(config)) names policy, threshold and factor: the one
     # its policy leaves unused is at its default there, not given
     whole = {"policy", "threshold", "factor"} <= set(overrides)
+    policy = overrides["policy"] = resolved_policy(base.policy, overrides)
     for name in ("threshold", "factor"):
-        if name in overrides and "policy" not in overrides and base.policy != name:
-            overrides["policy"] = name
-    for name in ("threshold", "factor"):
-        policy = overrides.get("policy", base.policy)
         if name in overrides and policy != name and not (whole and overrides[name] == DEFAULTS[name]):
             raise ConfigError(f"{name}={overrides[name]!r} {NEEDS[name]}, got policy={policy!r}")
     mode = overrides.get("mode", base.mode)

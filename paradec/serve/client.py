@@ -28,6 +28,7 @@ import zmq
 import zmq.asyncio
 
 from paradec.config import GenerationConfig
+from paradec.config.generation import resolved_policy
 from paradec.errors import ParadecError
 from paradec.serve.protocol import (PROCESS_SETTINGS, REQUEST_SETTINGS, Message, MessageType, ProtocolError, decode,
                                    encode)
@@ -108,10 +109,8 @@ def request_body(request_id: str, prompt, config: GenerationConfig | None, overr
         defaults = GenerationConfig()
         settings = {k: v for k, v in dataclasses.asdict(config).items()
                     if k in REQUEST_SETTINGS or (k in PROCESS_SETTINGS and v != getattr(defaults, k))}
-        # the policy the engine will decode with (a threshold or factor override without one implies its own,
-        # as GenerationConfig.build does): the config's threshold and factor go only under theirs
-        implied = [name for name in ("threshold", "factor") if name in overrides and config.policy != name]
-        settings["policy"] = overrides.get("policy", implied[0] if implied else config.policy)
+        # the policy the engine will decode with: the config's threshold and factor go only under theirs
+        settings["policy"] = resolved_policy(config.policy, overrides)
         for name in ("threshold", "factor"):
             if settings["policy"] != name:
                 settings.pop(name, None)

@@ -10,73 +10,69 @@ Request bodies take OpenAI's fields (``prompt`` or ``messages`` — roles system
 newer name), user and assistant, each with an optional ``name``, its ``content`` a string or a list
 of text parts (joined by newlines), the fields a client echoes back from a reply (``refusal``,
 ``tool_calls``, ...) dropped where null; anything else refused naming ``messages[i]`` and the key —,
-``max_tokens`` or ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``,
-``stop``, ``stream``, ``stream_options`` (with ``stream: true`` only), ``model``, ``user``, ``n``)
-and, as extra fields, any request-level ``GenerationConfig`` setting (``blocks``, ``block_len``,
-``tokens_per_step``, ``window``, ``top_k``, ...; ``protocol.REQUEST_SETTINGS``).
-``prompt`` takes OpenAI's four forms — a string, a list of strings, a list of token ids, a list of
-lists of token ids (what lm-evaluation-harness's ``local-completions`` sends) — and a malformed one
-(an empty list, a bool, a float, a list nested deeper, an id outside [0, 2**31)) is refused (400,
-``param: "prompt"``) naming where; the engine refuses ids outside its vocabulary. Each prompt is one
-request to the engine and one choice (``index``: its position), at most ``max_prompts`` (the
-frontend's ``max_pending``) in one body; ``usage`` is summed over them, and so is a stream's usage
-chunk, sent once at the end (the choices' chunks interleave, each naming its ``index``). One
-prompt refused (busy, invalid) fails the whole request with its status, naming ``prompt[i]`` (with
-``n`` > 1, ``choice k``), and the other choices' requests are aborted; a client that hangs up aborts
-them all. A chat is one conversation. Without ``seed`` a request decodes with seed 0, as
-``generate`` does: the same request gets the same answer, sampled or not (where OpenAI's would
-vary); send a seed per request for fresh samples. ``n`` > 1 asks ``n`` choices of each prompt:
-choice ``i * n + j`` is prompt i's sample j, a request of its own decoded with ``seed + j``
-(``seed``: the body's, else 0, not a checkpoint's default seed), as
-``generate(prompt_i, num_return_sequences=n, seed=seed)`` samples prompt i alone (greedy decoding
-gives n equal choices, where ``generate`` refuses n > 1); the prompt's tokens count once in
-``usage``, and prompts × n is bounded as the prompts are.
+``max_tokens`` or ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``,
+``stream``, ``stream_options`` (with ``stream: true`` only), ``model``, ``user``, ``n``) and, as
+extra fields, any request-level ``GenerationConfig`` setting (``blocks``, ``block_len``,
+``tokens_per_step``, ``window``, ``top_k``, ...; ``protocol.REQUEST_SETTINGS``). ``prompt`` takes
+OpenAI's four forms — a string, a list of strings, a list of token ids, a list of lists of token ids
+(what lm-evaluation-harness's ``local-completions`` sends) — and a malformed one (an empty list, a
+bool, a float, a list nested deeper, an id outside [0, 2**31)) is refused (400, ``param: "prompt"``)
+naming where; the engine refuses ids outside its vocabulary. Each prompt is one request to the
+engine and one choice (``index``: its position), at most ``max_prompts`` (the frontend's
+``max_pending``) in one body; ``usage`` is summed over them, and so is a stream's usage chunk, sent
+once at the end (the choices' chunks interleave, each naming its ``index``). One prompt refused
+(busy, invalid) fails the whole request with its status, naming ``prompt[i]`` (with ``n`` > 1,
+``choice k``), and the other choices' requests are aborted; a client that hangs up aborts them all.
+A chat is one conversation. Without ``seed`` a request decodes with seed 0, as ``generate`` does:
+the same request gets the same answer, sampled or not (where OpenAI's would vary); send a seed per
+request for fresh samples. ``n`` > 1 asks ``n`` choices of each prompt: choice ``i * n + j`` is
+prompt i's sample j, a request of its own decoded with ``seed + j`` (``seed``: the body's, else 0,
+not a checkpoint's default seed), as ``generate(prompt_i, num_return_sequences=n, seed=seed)``
+samples prompt i alone (greedy decoding gives n equal choices, where ``generate`` refuses n > 1);
+the prompt's tokens count once in ``usage``, and prompts × n is bounded as the prompts are.
 ``max_tokens`` is ``max_new_tokens``: it bounds the answer text (the summary in ``nap``), and
 ``finish_reason`` is the result's — ``"length"`` when the text filled that bound, ``"stop"`` when an
 EOS or a ``stop`` string ended it (the engine cuts at stop strings). ``usage.completion_tokens``
 counts the answer text's tokens; the think blocks' tokens are
-``usage.completion_tokens_details.reasoning_tokens`` and are not counted against ``max_tokens``
-(the canvas shape — ``blocks``, ``block_len`` — sets them); ``total_tokens`` is all three.
-``top_p`` is passed on, and dropped where it changes nothing (1, or temperature 0: greedy); outside
-[0, 1] it is refused (400) even then, and so is a ``temperature`` that is not a finite number >= 0.
-What cannot be honoured — ``logprobs``, ``top_logprobs``, ``presence_penalty``,
-``frequency_penalty``, ``logit_bias``, ``tools``, ``tool_choice``, ``response_format``,
-``echo``, ``best_of`` > 1, ``suffix``, ``store``, ``reasoning_effort``, ... and vLLM's
-``min_tokens``, ``repetition_penalty``, ``ignore_eos``, ... (``_UNHONOURED``) — is refused (400) by
-name (lm-evaluation-harness's loglikelihood requests, with ``logprobs`` and ``echo``, among them) in
-OpenAI's error shape
-(``{"error": {"message", "type": "invalid_request_error", "param", "code"}}``; the engine's
-refusal of a setting has as ``param`` the field its message starts with — ``seed must ...``,
-``config.top_k ...`` — when the body set it, else null), while their
-neutral values (``presence_penalty: 0``, ``logprobs: false``, ``store: false``,
-``repetition_penalty: 1``, null, ...), which some clients send by default, are accepted. A prompt
-and canvas longer than the model's positions get 400 ``context_length_exceeded``, as OpenAI and
-vLLM answer; a 503 ``busy`` or ``stalled`` (an engine restarting) carries ``Retry-After: 1``; an
-unknown route or method gets 404 / 405 in the same error shape. Unknown fields are refused (400),
-and so are process settings (``rank_timeout_s``, ``prompt_kv``, ``gather``, ``results_on``,
-``cuda_graphs``), by name. A body
-over ``max_body_bytes`` is refused (413) before it is read (its Content-Length) or as soon as it
-passes the limit (a chunked body); a body that is not UTF-8 JSON gets 400, and so does a value no
-message can carry (an integer outside -2**63 to 2**64 - 1, a lone surrogate such as ``"\\ud800"``)
-or a ``stream`` that is not a boolean, by name and before a stream starts. Every request has a
-server-side deadline (``timeout_s``: 504 after it; a body that has not all arrived within it gets
-408) and a non-streaming request whose client hangs up is aborted, as a stream is. A stream answers
-200 once the engine accepted every choice (queued it, past every refusal; a full engine's queue
-does not hold the headers back): a request refused — ``busy`` (503), a setting the engine refuses
-(400) — gets its status as without ``stream``. All
-HTTP requests share one ZeroMQ connection to the frontend, and nothing one of them sends can break
-it: every message is checked for size before it is sent.
-With a token (``paradec serve --token-file``), every route but ``/health`` needs
-``Authorization: Bearer <token>`` (the scheme in any case). ``/health`` shows health only.
-The completion text is the result's ``text`` (the summary in ``nap``, the answer region outside
-it); the think blocks come in the extra ``paradec`` object, each choice's own (the first's also at
-the top level, where a one-prompt client reads it; in a stream, each chunk's is its choice's).
-Every chunk of a stream holds one choice. A chat stream starts with a chunk per choice carrying
-``{"role": "assistant", "content": ""}``; then a stream sends, for each choice, one chunk per step
-with an empty delta and the canvas progress in ``paradec`` (a UI draws the blocks filling in),
-then the text in one delta with the ``finish_reason``; then (with
-``stream_options: {"include_usage": true}``) a chunk with ``choices: []`` and ``usage``, then
-``[DONE]``: each choice's concatenated deltas are its whole text, as an OpenAI client expects.
+``usage.completion_tokens_details.reasoning_tokens`` and are not counted against ``max_tokens`` (the
+canvas shape — ``blocks``, ``block_len`` — sets them); ``total_tokens`` is all three. ``top_p`` is
+passed on, and dropped where it changes nothing (1, or temperature 0: greedy); outside [0, 1] it is
+refused (400) even then, and so is a ``temperature`` that is not a finite number >= 0. What cannot
+be honoured — ``logprobs``, ``top_logprobs``, ``presence_penalty``, ``frequency_penalty``,
+``logit_bias``, ``tools``, ``tool_choice``, ``response_format``, ``echo``, ``best_of`` > 1,
+``suffix``, ``store``, ``reasoning_effort``, ... and vLLM's ``min_tokens``, ``repetition_penalty``,
+``ignore_eos``, ... (``_UNHONOURED``) — is refused (400) by name (lm-evaluation-harness's
+loglikelihood requests, with ``logprobs`` and ``echo``, among them) in OpenAI's error shape
+(``{"error": {"message", "type": "invalid_request_error", "param", "code"}}``; the engine's refusal
+of a setting has as ``param`` the field its message starts with — ``seed must ...``, ``config.top_k
+...`` — when the body set it, else null), while their neutral values (``presence_penalty: 0``,
+``logprobs: false``, ``store: false``, ``repetition_penalty: 1``, null, ...), which some clients
+send by default, are accepted. A prompt and canvas longer than the model's positions get 400
+``context_length_exceeded``, as OpenAI and vLLM answer; a 503 ``busy`` or ``stalled`` (an engine
+restarting) carries ``Retry-After: 1``; an unknown route or method gets 404 / 405 in the same error
+shape. Unknown fields are refused (400), and so are process settings (``rank_timeout_s``,
+``prompt_kv``, ``gather``, ``results_on``, ``cuda_graphs``), by name. A body over ``max_body_bytes``
+is refused (413) before it is read (its Content-Length) or as soon as it passes the limit (a chunked
+body); a body that is not UTF-8 JSON gets 400, and so does a value no message can carry (an integer
+outside -2**63 to 2**64 - 1, a lone surrogate such as ``"\\ud800"``) or a ``stream`` that is not a
+boolean, by name and before a stream starts. Every request has a server-side deadline
+(``timeout_s``: 504 after it; a body that has not all arrived within it gets 408) and a
+non-streaming request whose client hangs up is aborted, as a stream is. A stream answers 200 once
+the engine accepted every choice (queued it, past every refusal; a full engine's queue does not hold
+the headers back): a request refused — ``busy`` (503), a setting the engine refuses (400) — gets its
+status as without ``stream``. All HTTP requests share one ZeroMQ connection to the frontend, and
+nothing one of them sends can break it: every message is checked for size before it is sent. With a
+token (``paradec serve --token-file``), every route but ``/health`` needs ``Authorization: Bearer
+<token>`` (the scheme in any case). ``/health`` shows health only. The completion text is the
+result's ``text`` (the summary in ``nap``, the answer region outside it); the think blocks come in
+the extra ``paradec`` object, each choice's own (the first's also at the top level, where a
+one-prompt client reads it; in a stream, each chunk's is its choice's). Every chunk of a stream
+holds one choice. A chat stream starts with a chunk per choice carrying ``{"role": "assistant",
+"content": ""}``; then a stream sends, for each choice, one chunk per step with an empty delta and
+the canvas progress in ``paradec`` (a UI draws the blocks filling in), then the text in one delta
+with the ``finish_reason``; then (with ``stream_options: {"include_usage": true}``) a chunk with
+``choices: []`` and ``usage``, then ``[DONE]``: each choice's concatenated deltas are its whole
+text, as an OpenAI client expects.
 """
 
 from __future__ import annotations
