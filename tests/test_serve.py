@@ -489,6 +489,17 @@ def test_engine_of_two_ranks(tiny):
             finally:
                 together.close()
 
+        async def unspreadable():  # refused before any Accepted (an HTTP stream's 200 waits for it)
+            client = AsyncClient(s.address, timeout_s=120)
+            try:
+                events = client.stream(QUESTIONS[44], accepted=True, mode="random", answer_len=16)
+                with pytest.raises(ServeError, match="mode='random' has no think blocks to spread") as refused:
+                    await events.__anext__()
+                return refused.value.code
+            finally:
+                client.close()
+
+        assert asyncio.run(unspreadable()) == "invalid"
         for j, result in enumerate(asyncio.run(choices())):
             alone = paradec.generate(tiny, QUESTIONS[43], temperature=0.9, seed=11 + j, **SMALL)
             assert (result.token_ids, result.trace) == (alone.token_ids, alone.trace)

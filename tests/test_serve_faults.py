@@ -562,6 +562,9 @@ def test_serve_refuses_bad_warm_up_and_pool_flags_before_starting(flags, names):
     (["--model", "paradec-tiny", "--warm-up", '{"blocks": 64}'], ConfigError,
      r'warm-up settings \{"blocks": 64\}: blocks=64; this engine decodes at most max_blocks=16'),
     (["--model", "/no/such/checkpoint"], CheckpointError, "/no/such/checkpoint: not a checkpoint directory"),
+    # rank 0's own error, not the broadcast to ranks that failed alike and are gone
+    (["--model", "/no/such/checkpoint", "--nproc", "2"], CheckpointError,
+     "/no/such/checkpoint: not a checkpoint directory"),
 ])
 def test_an_engine_that_cannot_start_fails_serve_with_its_own_error(flags, error, names):
     """The engine process's error reaches the frontend (and ``paradec serve``'s exit message) with

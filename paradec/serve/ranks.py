@@ -42,7 +42,8 @@ import torch.distributed as dist
 import zmq
 
 import paradec
-from paradec.config import RequestParams, RuntimeSettings
+from paradec.api import build_layout
+from paradec.config import RequestParams, RuntimeSettings, validate
 from paradec.distributed import init_distributed, teardown
 from paradec.distributed.guard import RankFailure
 from paradec.errors import ParadecError
@@ -92,6 +93,12 @@ class RankZeroLoop(MessageLoop):
         self.waiting: deque[Request] = deque()
 
     def _queue(self, request: Request) -> None:
+        """Refuses (``invalid``, before any ``accepted``) what the ranks cannot decode spread, as
+        ``generate()`` under the process group would; queues the rest."""
+        config = request.config
+        validate(config, layout=build_layout(self.model, config), ranks=dist.get_world_size(),
+                 prompt_tokens=len(request.prompt), max_length=self.model.spec.max_length,
+                 shifted=self.model.spec.shift_logits)
         self.waiting.append(request)
 
     def _abort(self, request_id: str) -> None:
@@ -204,6 +211,8 @@ def run_ranks(nproc: int, model_path: str, requests_address: str, outputs_addres
     finally:
         try:
             dist.broadcast_object_list([None], src=0)  # followers leave their loop
+        except RuntimeError as e:  # they are gone already (failed to load the model as rank 0 did, or killed)
+            log.warning("the other ranks are gone (%s)", str(e).splitlines()[0][:120])
         finally:
             teardown()
             for p in followers:
