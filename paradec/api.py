@@ -502,30 +502,59 @@ def split_prompts(prompts, attention_mask=None) -> tuple[bool, list]:
 
 def _unpadded(prompts, attention_mask) -> tuple[bool, list]:
     """Token ids ``[length]`` or ``[batch, length]`` and a mask of their shape (1: a prompt
-    token, 0: padding, on either side of each row): each row's prompt tokens."""
+    token, 0: padding, on either side of each row): each row's prompt tokens. Lists of rows of
+    different lengths (a tokenizer called without padding) are taken row by row."""
     if isinstance(prompts, str) or (isinstance(prompts, Sequence) and any(isinstance(p, (str, Mapping))
                                                                            for p in prompts)):
-        raise InputError("attention_mask applies to token ids (a tensor or lists of ids, padded to one length), "
-                         "not to text or chat messages")
-    try:
-        ids, mask = _id_tensor(prompts, "prompts"), torch.as_tensor(attention_mask).cpu()
-    except (ValueError, TypeError, RuntimeError) as e:  # ragged lists: not padded to one length
-        raise InputError(f"prompts with attention_mask must be token ids padded to one length: {e}") from None
-    if mask.shape != ids.shape:
-        raise InputError(f"attention_mask has shape {list(mask.shape)}, the prompts {list(ids.shape)}: give one "
-                         f"mask entry per token")
-    if mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
-        raise InputError("attention_mask holds 1 (a prompt token) and 0 (padding) only")
+        raise InputError("attention_mask applies to token ids (a tensor or lists of ids), not to text or chat "
+                         "messages")
+    if _ragged(prompts) or _ragged(attention_mask):
+        if not (isinstance(attention_mask, Sequence) and len(attention_mask) == len(prompts)):
+            raise InputError(f"attention_mask must give a row per prompt ({len(prompts)}), as the tokenizer does")
+        single, pairs = False, [(_ids_of(p, f"prompts[{r}]"), _mask_tensor(m))
+                                for r, (p, m) in enumerate(zip(prompts, attention_mask))]
+    else:
+        ids, mask = _ids_of(prompts, "prompts"), _mask_tensor(attention_mask)
+        if mask.shape != ids.shape:
+            raise InputError(f"attention_mask has shape {list(mask.shape)}, the prompts {list(ids.shape)}: give one "
+                             f"mask entry per token")
+        single, pairs = ids.dim() == 1, list(zip(ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, ids.shape[-1])))
     rows = []
-    for r, (row, keep) in enumerate(zip(ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, ids.shape[-1]).bool())):
-        kept = keep.nonzero().flatten().tolist()
+    for r, (row, keep) in enumerate(pairs):
+        if keep.shape != row.shape:
+            raise InputError(f"attention_mask row {r} has {keep.numel()} entries for {row.numel()} tokens: give one "
+                             f"mask entry per token")
+        if keep.dtype.is_complex or not bool(((keep == 0) | (keep == 1)).all()):
+            raise InputError("attention_mask holds 1 (a prompt token) and 0 (padding) only")
+        kept = keep.bool().nonzero().flatten().tolist()
         if not kept:
             raise InputError(f"attention_mask row {r} masks every token: the prompt would be empty")
         if kept[-1] - kept[0] + 1 != len(kept):
             raise InputError(f"attention_mask row {r} has padding between prompt tokens; pad on the left or the "
                              f"right only")
         rows.append(row[kept[0] : kept[-1] + 1].tolist())
-    return ids.dim() == 1, rows
+    return single, rows
+
+
+def _ragged(rows) -> bool:
+    """Whether ``rows`` is a list of rows (ids or a mask's) of more than one length."""
+    return (isinstance(rows, Sequence) and all(isinstance(row, Sequence) and not isinstance(row, str)
+                                               or isinstance(row, torch.Tensor) and row.dim() > 0 for row in rows)
+            and len({len(row) for row in rows}) > 1)
+
+
+def _ids_of(prompts, name: str) -> torch.Tensor:
+    try:
+        return _id_tensor(prompts, name)
+    except (ValueError, TypeError, RuntimeError) as e:  # not a list of ids, nor rows of them
+        raise InputError(f"{name} with attention_mask must be token ids (a tensor, or lists of ids): {e}") from None
+
+
+def _mask_tensor(mask) -> torch.Tensor:
+    try:
+        return torch.as_tensor(mask).cpu()
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise InputError(f"attention_mask must be 0s and 1s, a row per prompt: {e}") from None
 
 
 def _check_unpadded(model: DiffusionModel, rows: list[list[int]]) -> None:

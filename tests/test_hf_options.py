@@ -448,6 +448,9 @@ def test_padded_rows_take_an_attention_mask_or_are_refused(tiny, side):
     assert [r.token_ids for r in paradec.generate(tiny, encoded, **TINY)] == alone
     assert [r.token_ids for r in paradec.generate(tiny, as_lists["input_ids"],
                                                   attention_mask=as_lists["attention_mask"], **TINY)] == alone
+    unpadded = tokenizer(questions)  # transformers' default call: rows of their own lengths, masks of ones
+    assert len({len(row) for row in unpadded["input_ids"]}) > 1
+    assert [r.token_ids for r in paradec.generate(tiny, unpadded, **TINY)] == alone
     with pytest.warns(UserWarning, match=f"{'starts' if side == 'left' else 'ends'} with the pad token id 0.*"
                                          f"attention_mask="):  # warned, as transformers does: the id may be text
         paradec.generate(tiny, encoded["input_ids"], **TINY)
@@ -460,6 +463,16 @@ def test_a_bad_attention_mask_is_refused_by_name(tiny):
                        ([[0.5] * 4, [1] * 4], "holds 1 .* and 0")]:
         with pytest.raises(InputError, match=said):
             paradec.generate(tiny, ids, attention_mask=mask, **TINY)
+    ragged = [[25, 26, 27], [29, 30, 31, 32]]  # rows of their own lengths: each checked against its own mask row
+    for mask, said in [([[1, 1, 1], [1, 1, 1]], "row 1 has 3 entries for 4 tokens"),
+                       ([[1, 1, 1]], r"a row per prompt \(2\)"), ([[1, 1, 1], [1, 0, 1, 1]], "row 1 has padding"),
+                       ([[1, 1, 1], ["a"] * 4], "must be 0s and 1s")]:
+        with pytest.raises(InputError, match=said):
+            paradec.generate(tiny, ragged, attention_mask=mask, **TINY)
+    with pytest.raises(InputError, match=r"prompts\[1\] with attention_mask must be token ids"):
+        paradec.generate(tiny, [[25, 26, 27], [29, "x", 31, 32]], attention_mask=[[1] * 3, [1] * 4], **TINY)
+    assert [r.token_ids for r in paradec.generate(tiny, ragged, attention_mask=[[0, 1, 1], [1, 1, 1, 0]], **TINY)] \
+        == [r.token_ids for r in paradec.generate(tiny, [[26, 27], [29, 30, 31]], **TINY)]
     with pytest.raises(InputError, match="applies to token ids"):
         paradec.generate(tiny, ["a b", "c d"], attention_mask=[[1, 1], [1, 1]], **TINY)
     with pytest.raises(InputError, match="attention_mask given twice"):
