@@ -17,6 +17,7 @@ from paradec import hybrid
 from paradec.answers import extract_answer
 from paradec.canvas import CanvasLayout, canvas_layout, check_headers
 from paradec.config import GenerationConfig, settings_help, validate
+from paradec.config.generation import merged_settings
 from paradec.decoding.progress import Progress
 from paradec.decoding.runner import DecodeOutput, Runner
 from paradec.distributed import canvas as distributed_canvas
@@ -441,10 +442,7 @@ def resolve_config(model: DiffusionModel, config: GenerationConfig | Mapping | N
     a mapping: settings over those defaults) with ``overrides`` applied: the config ``generate``
     decodes with."""
     if isinstance(config, Mapping):
-        both = sorted(set(config) & set(overrides))
-        if both:
-            raise ConfigError(f"{both} given both in config and as keyword arguments; give each once")
-        config, overrides = None, {**config, **overrides}
+        config, overrides = None, merged_settings(config, overrides)
     if config is not None and not isinstance(config, GenerationConfig):
         hint = (" (transformers' GenerationConfig: paradec takes its own settings; README's table maps the names)"
                 if type(config).__name__ == "GenerationConfig" else "")

@@ -6,6 +6,7 @@ endpoint speaks OpenAI's format."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -20,7 +21,8 @@ import zmq
 import paradec
 from paradec.serve import AsyncClient, Client, EngineDead, Progress, ServedResult, ServeError
 from paradec.serve.frontend import BackgroundFrontend, EngineTarget, check_bind
-from paradec.serve.protocol import Limits, MessageType, ProtocolError, decode, encode
+from paradec.errors import ConfigError
+from paradec.serve.protocol import REQUEST_SETTINGS, Limits, MessageType, ProtocolError, decode, encode
 from paradec.train.tasks import arith
 
 from dist_worker import free_port
@@ -324,6 +326,34 @@ def test_a_config_sent_whole_carries_threshold_and_factor_only_under_their_polic
         assert GenerationConfig.build(None, **settings) == GenerationConfig.build(config, **overrides)
     as_mapping = request_body("a", "q", {"blocks": 2}, {"seed": 3}, False, None, None)[0]["config"]
     assert as_mapping == {"blocks": 2, "seed": 3}  # a mapping as config: settings, as generate() takes it
+
+
+def test_a_client_sends_the_config_generate_would_decode_with():
+    """Overrides on a client's GenerationConfig are reconciled as ``generate()`` reconciles them
+    (a setting the overrides turn off drops to its default, max_new_tokens follows the mode),
+    so the engine, building the sent settings, gets generate()'s config; a mapping keeps
+    generate()'s rules too (a name given twice refused; a whole dump's process settings at
+    their defaults left out)."""
+    from paradec.config import GenerationConfig
+    from paradec.serve.client import request_body
+
+    nap = GenerationConfig.build(None, blocks=2, tokens_per_step=4, max_new_tokens=4)
+    for config, overrides in [(GenerationConfig.build(None, temperature=0.9, top_k=5), {"temperature": 0.0}),
+                              (nap, {"mode": "ao"}), (nap, {"summary_len": 8}),
+                              (GenerationConfig.build(None, policy="threshold", threshold=0.7), {"factor": 2.0}),
+                              (GenerationConfig(cuda_graphs=False), {"seed": 4})]:
+        settings = request_body("a", "q", config, overrides, False, None, None)[0]["config"]
+        assert GenerationConfig.build(None, **settings) == GenerationConfig.build(config, **overrides)
+        assert ("cuda_graphs" in settings) == (not config.cuda_graphs)  # a process setting: for the server to refuse
+    with pytest.raises(ConfigError, match=r"\['seed'\] given both"):
+        request_body("a", "q", {"seed": 1}, {"seed": 2}, False, None, None)
+    with pytest.raises(ConfigError, match="unknown generation settings"):
+        request_body("a", "q", nap, {"gen_length": 4}, False, None, None)
+    dump = dataclasses.asdict(nap)
+    settings = request_body("a", "q", dump, {}, False, None, None)[0]["config"]
+    assert set(settings) <= REQUEST_SETTINGS and GenerationConfig.build(None, **settings) == nap
+    assert request_body("a", "q", None, {"num_return_sequences": 2}, False, None, None)[0]["config"] == \
+        {"num_return_sequences": 2}  # not at its default: sent, for the server to refuse by name
 
 
 def test_accepted_comes_once_the_engine_queued_the_request_even_behind_full_rows(server, tiny):

@@ -132,6 +132,15 @@ def _plain(value):
     return value
 
 
+def merged_settings(config: Mapping, overrides: Mapping) -> dict:
+    """A mapping of settings given as ``config`` with keyword ``overrides``; a name in both is
+    refused (which one was meant is not for paradec to guess)."""
+    both = sorted(set(config) & set(overrides))
+    if both:
+        raise ConfigError(f"{both} given both in config and as keyword arguments; give each once")
+    return {**config, **overrides}
+
+
 def resolved_policy(policy: str, overrides: Mapping) -> str:
     """The policy a config of ``policy`` decodes with under ``overrides``: theirs, else the one a
     ``threshold`` or ``factor`` given without it implies (threshold first), else ``policy``."""

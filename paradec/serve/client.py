@@ -28,10 +28,9 @@ import zmq
 import zmq.asyncio
 
 from paradec.config import GenerationConfig
-from paradec.config.generation import resolved_policy
+from paradec.config.generation import DEFAULTS, merged_settings
 from paradec.errors import ParadecError
-from paradec.serve.protocol import (PROCESS_SETTINGS, REQUEST_SETTINGS, Message, MessageType, ProtocolError, decode,
-                                   encode)
+from paradec.serve.protocol import REQUEST_SETTINGS, Message, MessageType, ProtocolError, decode, encode
 
 
 GRACE_S = 1.0  # a request's timeout_s is the server's to enforce; the client waits this much longer, then aborts
@@ -98,23 +97,23 @@ class ServedResult:
 def request_body(request_id: str, prompt, config: GenerationConfig | None, overrides: dict, stream: bool,
                  timeout_s: float | None, token: str | None, accepted: bool = False) -> tuple[dict, list]:
     """An ADD body and its buffers: text prompts as text, token ids as an int32 buffer, chat as
-    ``messages``; a GenerationConfig's request settings are sent whole (its process settings only
-    where they differ from the defaults, for the server to refuse by name; threshold and factor
-    only under their policy, as overrides leave it), overrides on top; a mapping as ``config`` is
-    settings, as ``paradec.generate`` takes it."""
-    if isinstance(config, Mapping):
-        config, overrides = None, {**config, **overrides}
-    settings = {}
-    if config is not None:
-        defaults = GenerationConfig()
+    ``messages``. The settings are what ``paradec.generate(model, prompt, config, **overrides)``
+    would decode with, the server's model supplying what they leave unset: a GenerationConfig
+    with the overrides applied here as ``generate`` applies them, then its request settings sent
+    whole (its process settings only where they differ from the defaults, for the server to
+    refuse by name; threshold and factor only under their policy); a mapping (settings, as
+    ``generate`` takes it; a name in it and in the overrides is refused) and the overrides as
+    given, less process settings at their defaults (a whole ``asdict(config)`` dump)."""
+    if isinstance(config, GenerationConfig):
+        config = GenerationConfig.build(config, **overrides)  # reconciled as generate() does (ConfigError here)
         settings = {k: v for k, v in dataclasses.asdict(config).items()
-                    if k in REQUEST_SETTINGS or (k in PROCESS_SETTINGS and v != getattr(defaults, k))}
-        # the policy the engine will decode with: the config's threshold and factor go only under theirs
-        settings["policy"] = resolved_policy(config.policy, overrides)
-        for name in ("threshold", "factor"):
-            if settings["policy"] != name:
-                settings.pop(name, None)
-    settings.update(overrides)
+                    if k in REQUEST_SETTINGS or not _at_default(k, v)}
+        for name in ("threshold", "factor"):  # the policy's own parameter only
+            if config.policy != name:
+                settings.pop(name)
+    else:
+        given = merged_settings(config, overrides) if isinstance(config, Mapping) else dict(overrides)
+        settings = {k: v for k, v in given.items() if k in REQUEST_SETTINGS or not _at_default(k, v)}
     body = {"id": request_id, "config": settings, "stream": stream}
     buffers = []
     if isinstance(prompt, str):
@@ -130,6 +129,13 @@ def request_body(request_id: str, prompt, config: GenerationConfig | None, overr
     if accepted:
         body["accepted"] = True
     return body, buffers
+
+
+def _at_default(name: str, value) -> bool:
+    """Whether ``value`` is GenerationConfig's default for ``name`` (a plain value equal to it)."""
+    default = DEFAULTS.get(name, ...)
+    return (isinstance(value, (bool, int, float, str, type(None))) and isinstance(value, bool) == isinstance(default, bool)
+            and value == default)
 
 
 def _event(message: Message) -> Progress | ServedResult | dict:
