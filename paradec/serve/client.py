@@ -134,8 +134,8 @@ def request_body(request_id: str, prompt, config: GenerationConfig | None, overr
 def _at_default(name: str, value) -> bool:
     """Whether ``value`` is GenerationConfig's default for ``name`` (a plain value equal to it)."""
     default = DEFAULTS.get(name, ...)
-    return (isinstance(value, (bool, int, float, str, type(None))) and isinstance(value, bool) == isinstance(default, bool)
-            and value == default)
+    plain = isinstance(value, (bool, int, float, str, type(None)))
+    return plain and isinstance(value, bool) == isinstance(default, bool) and value == default
 
 
 def _event(message: Message) -> Progress | ServedResult | dict:
