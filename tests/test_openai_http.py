@@ -214,7 +214,9 @@ def test_chat_messages_as_clients_send_them():
         {"role": "system", "content": "be brief"}, {"role": "user", "content": "q"},
         {"role": "assistant", "content": "6"}, {"role": "user", "content": "a\nb"}]]
     call = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
-    for bad, said in [({"role": "tool", "content": "x", "tool_call_id": "c"}, "messages[1].tool_call_id="),
+    for bad, said in [({"role": "tool", "content": "x", "tool_call_id": "c"},  # the role is what is wrong with it
+                       r"messages[1].role must be one of ['system', 'user', 'assistant', 'developer'], got 'tool'; "
+                       "tool calls are not produced"),
                       ({"role": "tool", "content": "x"}, "messages[1].role must be one of"),
                       ({"role": "assistant", "content": None, "tool_calls": call}, "messages[1].tool_calls=["),
                       ({"role": "assistant", "content": None}, "messages[1].content must be a string"),

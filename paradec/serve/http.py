@@ -357,18 +357,18 @@ def _chat_message(message: dict, index: int) -> dict:
     reply (``refusal``, ``tool_calls``, ...) dropped where null or empty; ``content`` as a list of
     text parts joined by newlines. Anything else is refused naming ``messages[index]`` and the key."""
     where = f"messages[{index}]"
+    role = message.get("role")
+    if role not in (*CHAT_ROLES, "developer"):  # first: a tool message's tool_call_id is not what is wrong with it
+        raise BadRequest(f"{where}.role must be one of {list(CHAT_ROLES) + ['developer']}, got {capped(repr(role), 80)}"
+                         + ("; tool calls are not produced" if role in ("tool", "function") else ""), param="messages")
     for key in sorted(set(message) - {"role", "content", "name"}):
         if key not in _ECHOED or message[key] not in (None, []):
             why = _ECHOED.get(key, "a message takes role, content and name only")
             raise BadRequest(f"{where}.{key}={capped(repr(message[key]), 80)} cannot be taken: {why}",
                              param="messages")
     message = {k: v for k, v in message.items() if k in ("role", "content") or (k == "name" and v is not None)}
-    role = message.get("role")
     if role == "developer":
-        role = message["role"] = "system"
-    if role not in CHAT_ROLES:
-        raise BadRequest(f"{where}.role must be one of {list(CHAT_ROLES) + ['developer']}, got {capped(repr(role), 80)}"
-                         + ("; tool calls are not produced" if role in ("tool", "function") else ""), param="messages")
+        message["role"] = "system"
     content = message.get("content")
     if isinstance(content, list):
         for j, part in enumerate(content):
