@@ -28,7 +28,7 @@ import zmq
 
 from paradec.config import GenerationConfig
 from paradec.errors import CheckpointError, ConfigError
-from paradec.serve import Client, ServeError
+from paradec.serve import Client, EngineDead, ServeError
 from paradec.serve.frontend import BackgroundFrontend, EngineTarget, Frontend
 from paradec.serve.process import alive, command_line, descendants, survivors
 from paradec.serve.protocol import PROCESS_SETTINGS, REQUEST_SETTINGS, Limits, MessageType, ProtocolError, decode, encode
@@ -644,6 +644,13 @@ def test_stopped_engine_fails_its_requests_in_time_and_is_restarted(server, monk
         second_pid = server.frontend.engine.pid
         os.kill(second_pid, signal.SIGKILL)
         assert _wait(lambda: not watcher.health()["healthy"], 10)
+        with pytest.raises(EngineDead) as dead:  # a new engine is starting: worth a retry shortly
+            late.generate(QUESTION, **SMALL)
+        assert dead.value.restarting and "retry shortly" in dead.value.message
+        from paradec.serve.http import _failure
+
+        assert _failure(dead.value, False, {}).headers["Retry-After"] == "1"  # an HTTP 503 says when
+        assert "Retry-After" not in _failure(EngineDead("gone for good"), False, {}).headers  # --no-restart
         assert _wait(lambda: watcher.health()["healthy"], 120)
         stats = watcher.stats()
         assert stats["restarts"] == 2 and stats["stalled"] >= 1 and stats["in_flight"] == 0

@@ -47,8 +47,11 @@ class ServeError(ParadecError):
 
 
 class EngineDead(ServeError):
-    def __init__(self, message: str):
+    """The engine died or is not up; ``restarting``: the server is starting one (worth a retry)."""
+
+    def __init__(self, message: str, restarting: bool = False):
         super().__init__("engine_dead", message)
+        self.restarting = restarting
 
 
 @dataclass
@@ -142,7 +145,7 @@ def _event(message: Message) -> Progress | ServedResult | dict:
     """A decoded server message as progress, a result or a utility reply; errors raise."""
     body = message.body
     if message.type == MessageType.ENGINE_DEAD:
-        raise EngineDead(body["message"])
+        raise EngineDead(body["message"], body.get("restarting", False))
     if message.type == MessageType.ERROR:
         raise ServeError(body["code"], body["message"])
     if body["kind"] == "progress":

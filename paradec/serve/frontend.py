@@ -292,7 +292,9 @@ class Frontend:
                                                                   "message": "the server is shutting down"})
         if self.state != "ready":
             self.stats["unavailable"] += 1
-            return await self._reply(identity, MessageType.ENGINE_DEAD, {"id": client_id, "message": self._dead_reason()})
+            restarting = self.state in ("starting", "restarting")  # a retry shortly may succeed
+            return await self._reply(identity, MessageType.ENGINE_DEAD,
+                                     {"id": client_id, "message": self._dead_reason(), "restarting": restarting})
         if key in self.by_client:  # id null: an ERROR with this id would read as the live request's final
             self.stats["invalid"] += 1
             return await self._reply(identity, MessageType.ERROR, {"id": None, "code": "invalid",
@@ -506,7 +508,8 @@ class Frontend:
             if stalled:
                 await self._final(flight, MessageType.ERROR, {"code": "stalled", "message": reason}, "stalled")
             else:
-                await self._final(flight, MessageType.ENGINE_DEAD, {"message": reason}, "engine_dead")
+                await self._final(flight, MessageType.ENGINE_DEAD, {"message": reason, "restarting": self.restart},
+                                  "engine_dead")
         await self._end_engine(0)  # a stuck engine gets no grace; a dead one may have left ranks behind
         if self.restart:
             self.engine = None

@@ -48,31 +48,31 @@ of a setting has as ``param`` the field its message starts with — ``seed must 
 ...`` — when the body set it, else null), while their neutral values (``presence_penalty: 0``,
 ``logprobs: false``, ``store: false``, ``repetition_penalty: 1``, null, ...), which some clients
 send by default, are accepted. A prompt and canvas longer than the model's positions get 400
-``context_length_exceeded``, as OpenAI and vLLM answer; a 503 ``busy`` or ``stalled`` (an engine
-restarting) carries ``Retry-After: 1``; an unknown route or method gets 404 / 405 in the same error
-shape. Unknown fields are refused (400), and so are process settings (``rank_timeout_s``,
-``prompt_kv``, ``gather``, ``results_on``, ``cuda_graphs``), by name. A body over ``max_body_bytes``
-is refused (413) before it is read (its Content-Length) or as soon as it passes the limit (a chunked
-body); a body that is not UTF-8 JSON gets 400, and so does a value no message can carry (an integer
-outside -2**63 to 2**64 - 1, a lone surrogate such as ``"\\ud800"``) or a ``stream`` that is not a
-boolean, by name and before a stream starts. Every request has a server-side deadline
-(``timeout_s``: 504 after it; a body that has not all arrived within it gets 408) and a
-non-streaming request whose client hangs up is aborted, as a stream is. A stream answers 200 once
-the engine accepted every choice (queued it, past every refusal; a full engine's queue does not hold
-the headers back): a request refused — ``busy`` (503), a setting the engine refuses (400) — gets its
-status as without ``stream``. All HTTP requests share one ZeroMQ connection to the frontend, and
-nothing one of them sends can break it: every message is checked for size before it is sent. With a
-token (``paradec serve --token-file``), every route but ``/health`` needs ``Authorization: Bearer
-<token>`` (the scheme in any case). ``/health`` shows health only. The completion text is the
-result's ``text`` (the summary in ``nap``, the answer region outside it); the think blocks come in
-the extra ``paradec`` object, each choice's own (the first's also at the top level, where a
-one-prompt client reads it; in a stream, each chunk's is its choice's). Every chunk of a stream
-holds one choice. A chat stream starts with a chunk per choice carrying ``{"role": "assistant",
-"content": ""}``; then a stream sends, for each choice, one chunk per step with an empty delta and
-the canvas progress in ``paradec`` (a UI draws the blocks filling in), then the text in one delta
-with the ``finish_reason``; then (with ``stream_options: {"include_usage": true}``) a chunk with
-``choices: []`` and ``usage``, then ``[DONE]``: each choice's concatenated deltas are its whole
-text, as an OpenAI client expects.
+``context_length_exceeded``, as OpenAI and vLLM answer; a 503 ``busy``, ``stalled``, or
+``engine_dead`` while an engine (re)starts carries ``Retry-After: 1``; an unknown route or method
+gets 404 / 405 in the same error shape. Unknown fields are refused (400), and so are process
+settings (``rank_timeout_s``, ``prompt_kv``, ``gather``, ``results_on``, ``cuda_graphs``), by name.
+A body over ``max_body_bytes`` is refused (413) before it is read (its Content-Length) or as soon
+as it passes the limit (a chunked body); a body that is not UTF-8 JSON gets 400, and so does a
+value no message can carry (an integer outside -2**63 to 2**64 - 1, a lone surrogate such as
+``"\\ud800"``) or a ``stream`` that is not a boolean, by name and before a stream starts. Every
+request has a server-side deadline (``timeout_s``: 504 after it; a body that has not all arrived
+within it gets 408) and a non-streaming request whose client hangs up is aborted, as a stream is. A
+stream answers 200 once the engine accepted every choice (queued it, past every refusal; a full
+engine's queue does not hold the headers back): a request refused — ``busy`` (503), a setting the
+engine refuses (400) — gets its status as without ``stream``. All HTTP requests share one ZeroMQ
+connection to the frontend, and nothing one of them sends can break it: every message is checked
+for size before it is sent. With a token (``paradec serve --token-file``), every route but
+``/health`` needs ``Authorization: Bearer <token>`` (the scheme in any case). ``/health`` shows
+health only. The completion text is the result's ``text`` (the summary in ``nap``, the answer
+region outside it); the think blocks come in the extra ``paradec`` object, each choice's own (the
+first's also at the top level, where a one-prompt client reads it; in a stream, each chunk's is its
+choice's). Every chunk of a stream holds one choice. A chat stream starts with a chunk per choice
+carrying ``{"role": "assistant", "content": ""}``; then a stream sends, for each choice, one chunk
+per step with an empty delta and the canvas progress in ``paradec`` (a UI draws the blocks filling
+in), then the text in one delta with the ``finish_reason``; then (with ``stream_options:
+{"include_usage": true}``) a chunk with ``choices: []`` and ``usage``, then ``[DONE]``: each
+choice's concatenated deltas are its whole text, as an OpenAI client expects.
 """
 
 from __future__ import annotations
@@ -596,7 +596,8 @@ def _failure(error: Exception, chat: bool, fields: dict, name: str | None = None
         param = _param(error.message, fields)
     else:
         param = None
-    return _error(_error_status(error), _error_code(error), _message(error, name), param)
+    retry = {"Retry-After": "1"} if getattr(error, "restarting", False) else None  # EngineDead, an engine (re)starting
+    return _error(_error_status(error), _error_code(error), _message(error, name), param, retry)
 
 
 def _message(error: Exception, name: str | None) -> str:

@@ -79,7 +79,8 @@ SCHEMAS: dict[MessageType, dict[str, tuple[tuple[type, ...], bool]]] = {
                          "committed": ((list,), False), "lengths": ((list,), False), "result": ((dict,), False),
                          "reply": ((dict,), False)},
     MessageType.ERROR: {"id": ((str, type(None)), True), "code": ((str,), True), "message": ((str,), True)},
-    MessageType.ENGINE_DEAD: {"id": ((str, type(None)), True), "message": ((str,), True)},
+    MessageType.ENGINE_DEAD: {"id": ((str, type(None)), True), "message": ((str,), True),
+                              "restarting": ((bool,), False)},
 }
 # "ready" and "alive" go from the engine to the frontend only: the engine started; its progress
 # "accepted": the engine queued the request (sent where its ADD asked, ``accepted: true``)
