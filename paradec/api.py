@@ -155,7 +155,8 @@ def generate(
     env = _process_env(model)
     summary = _check_answerer(answerer, answer_tokens) or with_summary
     single, batch = split_prompts(prompts, attention_mask)
-    if attention_mask is None and (isinstance(prompts, torch.Tensor) or type(prompts).__module__ == "numpy"):
+    if attention_mask is None and not single and (isinstance(prompts, torch.Tensor)
+                                                  or type(prompts).__module__ == "numpy"):
         _check_unpadded(model, batch)
     _check_text_options(model, config, env, streamer, answerer, single)
     layout = build_layout(model, config)
@@ -556,11 +557,12 @@ def _mask_tensor(mask) -> torch.Tensor:
 
 
 def _check_unpadded(model: DiffusionModel, rows: list[list[int]]) -> None:
-    """The rows of a tensor batch ``[batch, length]`` given without a mask: one that starts or ends
-    with the pad id looks padded, its pads read as prompt tokens; warned about once per call (the
-    id may be the row's own: random ids, a pad id that is EOS). Not where the pad id is BOS too."""
+    """The rows of a tensor batch ``[batch, length]`` (one row too: ``padding="max_length"``) given
+    without a mask: one that starts or ends with the pad id looks padded, its pads read as prompt
+    tokens; warned about once per call, as transformers warns (the id may be the row's own: random
+    ids, a pad id that is EOS). Not where the pad id is BOS too."""
     pad = getattr(model.tokenizer, "pad_token_id", None)
-    if pad is None or len(rows) < 2 or pad == getattr(model.tokenizer, "bos_token_id", None):
+    if pad is None or pad == getattr(model.tokenizer, "bos_token_id", None):
         return
     for r, ids in enumerate(rows):
         if ids[0] == pad or ids[-1] == pad:

@@ -454,6 +454,9 @@ def test_padded_rows_take_an_attention_mask_or_are_refused(tiny, side):
     with pytest.warns(UserWarning, match=f"{'starts' if side == 'left' else 'ends'} with the pad token id 0.*"
                                          f"attention_mask="):  # warned, as transformers does: the id may be text
         paradec.generate(tiny, encoded["input_ids"], **TINY)
+    padded_one = torch.tensor([tokenizer(questions[0])["input_ids"] + [tokenizer.pad_token_id] * 3])
+    with pytest.warns(UserWarning, match="ends with the pad token id 0"):  # [1, length] (padding="max_length")
+        paradec.generate(tiny, padded_one, **TINY)
 
 
 def test_a_bad_attention_mask_is_refused_by_name(tiny):
