@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import matplotlib.image
-import pytest
 
 import paradec
 from paradec.api import build_layout

@@ -8,7 +8,6 @@ import itertools
 import random
 import re
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
