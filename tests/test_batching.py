@@ -1172,3 +1172,101 @@ def test_an_abort_mid_prefill_frees_the_row(model):
         results |= {o.request_id: o.result for o in engine.step() if o.finished}
     assert set(results) == {"next"}
     assert_same(results["next"], solo(model, QUESTIONS[0], SMALL))
+
+
+def test_engine_generate_of_one_config_seeds_prompt_i_with_seed_plus_i(model):
+    """As ``paradec.generate``'s row i: a batch of prompts under one config (sampled) decodes
+    prompt i with seed + i, so a repeated prompt gives distinct samples; configs of their own
+    keep their seeds."""
+    engine = make_engine(model, max_batch=4)
+    sampled = dict(SMALL, temperature=1.0, seed=3)
+    prompts = [QUESTIONS[5]] * 3 + [QUESTIONS[6]]
+    together = engine.generate(prompts, **sampled)
+    alone = paradec.generate(model, prompts, **sampled)
+    for i, (got, want) in enumerate(zip(together, alone)):
+        assert_same(got, want, f"prompt {i}")
+        assert_same(got, solo(model, prompts[i], dict(sampled, seed=3 + i)), f"prompt {i} alone")
+    assert len({tuple(r.trace) for r in together[:3]}) > 1  # the repeated prompt's samples differ
+    own = [GenerationConfig.build(None, **dict(sampled, seed=9))] * 2
+    assert [r.token_ids for r in engine.generate(prompts[:2], own)] == \
+        [solo(model, prompts[0], dict(sampled, seed=9)).token_ids] * 2
+    with pytest.raises(ConfigError, match="seed"):
+        engine.generate(prompts[:2], **dict(sampled, seed=2**63 - 1))  # the second row's seed is out of range
+    assert not engine.has_unfinished()
+
+
+def test_async_streams_hear_a_stepper_that_stops(model, monkeypatch):
+    """A step that raises what ``except Exception`` does not catch stops the stepper: every open
+    stream gets an error instead of waiting for ever, its request is aborted, and the engine
+    streams again afterwards."""
+    import asyncio
+
+    from paradec.batching import AsyncBatchEngine
+
+    class Fatal(BaseException):
+        pass
+
+    engine = AsyncBatchEngine(make_engine(model, max_batch=2))
+    real, calls = engine.engine.step, []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Fatal("the worker died")
+        return real()
+
+    monkeypatch.setattr(engine.engine, "step", step)
+
+    async def consume(prompt):
+        try:
+            return [out async for out in engine.generate(prompt, **SMALL)][-1]
+        except RuntimeError as e:
+            return e
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(*(consume(q) for q in QUESTIONS[7:10])), 60)
+
+    outcomes = asyncio.run(main())
+    assert all(isinstance(o, RuntimeError) and "stepper stopped: Fatal: the worker died" in str(o) for o in outcomes)
+    assert not engine.engine.has_unfinished()  # the live ones dropped by the step, the waiting one aborted
+    monkeypatch.setattr(engine.engine, "step", real)
+    assert_same(asyncio.run(consume(QUESTIONS[7])).result, solo(model, QUESTIONS[7], SMALL))
+
+
+def test_async_engine_is_one_loops_at_a_time(model):
+    """A second event loop running while the first still does is refused by name, not left to
+    hang; once the first has stopped with a stream left open, the next loop takes the engine
+    over (that stream's request aborted) and decodes exactly."""
+    import asyncio
+    import threading
+
+    from paradec.batching import AsyncBatchEngine
+
+    engine = AsyncBatchEngine(make_engine(model, max_batch=2))
+    first = asyncio.new_event_loop()
+    long = dict(blocks=2, block_len=64, summary_len=6, tokens_per_step=1, eos_closes_block=False)  # ~130 steps
+    stream = engine.generate(QUESTIONS[11], **long)
+    assert not first.run_until_complete(stream.__anext__()).finished  # left open, decoding
+    started, release = threading.Event(), threading.Event()
+
+    async def hold():  # the first loop runs (in a thread), blocked here: it steps nothing meanwhile
+        started.set()
+        release.wait(60)
+
+    thread = threading.Thread(target=first.run_until_complete, args=(hold(),))
+    thread.start()
+    started.wait(30)
+    try:
+        with pytest.raises(RuntimeError, match="runs in another event loop, which is still running"):
+            asyncio.run(anext(engine.generate(QUESTIONS[12], **SMALL)))
+    finally:
+        release.set()
+        thread.join(30)
+    first.close()  # stopped, its stream never closed: an orphan, its request still decoding
+    assert engine.engine.has_unfinished()
+
+    async def second():
+        return [out async for out in engine.generate(QUESTIONS[12], **SMALL)][-1].result
+
+    assert_same(asyncio.run(asyncio.wait_for(second(), 60)), solo(model, QUESTIONS[12], SMALL))
+    assert not engine.engine.has_unfinished() and not engine.engine.ids  # the orphan's request was aborted

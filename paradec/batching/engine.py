@@ -343,22 +343,26 @@ class BatchEngine:
 
     def generate(self, prompts: Iterable, configs: Iterable[GenerationConfig | None] | None = None,
                  **overrides) -> list[GenerationResult]:
-        """Adds ``prompts`` (one prompt or a list, as ``paradec.generate`` takes them; with their
-        ``configs``) and steps until they are done: a list of results in order. For an idle
-        engine (the results of other requests would be lost here); if one prompt is refused, none
-        is decoded."""
+        """Adds ``prompts`` (one prompt or a list, as ``paradec.generate`` takes them) and steps
+        until they are done: a list of results in order. Without ``configs`` they share the
+        overrides' settings and, as in ``paradec.generate``, prompt i decodes with ``seed + i``;
+        ``configs`` gives each prompt its own (seed included). For an idle engine (the results of
+        other requests would be lost here); if one prompt is refused, none is decoded."""
         if self.has_unfinished():
             raise ConfigError("BatchEngine.generate runs on an idle engine: step the requests already added "
                               "(or abort them) first")
         # one prompt (a text, token ids, chat messages) is a list of one; no prompts, no results
         prompts = [] if isinstance(prompts, list) and not prompts else split_prompts(prompts)[1]
+        # one config for all: prompt i draws from seed + i, as generate()'s row i does
+        seed = resolve_config(self.model, **overrides).seed if configs is None else None
+        seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None  # else add() refuses it
         configs = _config_list(configs) if configs is not None else [None] * len(prompts)
         if len(configs) != len(prompts):
             raise ConfigError(f"configs must give one config per prompt: {len(configs)} for {len(prompts)} prompts")
         names = [f"generate-{time.perf_counter_ns()}-{i}" for i in range(len(prompts))]
         try:
-            for name, prompt, config in zip(names, prompts, configs):
-                self.add(name, prompt, config, **overrides)
+            for i, (name, prompt, config) in enumerate(zip(names, prompts, configs)):
+                self.add(name, prompt, config, **(overrides if seed is None else {**overrides, "seed": seed + i}))
         except BaseException:
             for name in names:
                 self.abort(name)
