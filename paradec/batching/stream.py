@@ -11,8 +11,15 @@ request, freeing its row (in a thread as well; a new request with its id waits f
 one whose request another task aborted gets ``RequestAborted`` and aborts nothing more, even
 if a new request has taken its id meanwhile. A
 step that raises drops the requests it was decoding, whose consumers get its error; the
-waiting ones go on. Requests stream their progress, so the engine looks after every step while
-any is live.
+waiting ones go on. If the stepper itself fails (its executor shut down, a ``BaseException`` out
+of a step, the task cancelled), every open stream gets the error and its request is aborted:
+none waits for a step that will not come. Requests stream their progress, so the engine looks
+after every step while any is live.
+
+One event loop at a time: the streams' queues and the stepper belong to the loop that runs
+them. A call from another loop while that one runs (``asyncio.run`` per thread) raises
+``RuntimeError``; once it has stopped (its ``asyncio.run`` returned), the next loop takes the
+engine over, aborting the requests of streams the old loop left open.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ class RequestAborted(Exception):
 
 
 class AsyncBatchEngine:
-    """Wraps ``engine``; use from one event loop."""
+    """Wraps ``engine``; use from one event loop at a time (module docstring)."""
 
     def __init__(self, engine: BatchEngine):
         self.engine = engine
@@ -44,6 +51,7 @@ class AsyncBatchEngine:
         self._doomed: set[str] = set()  # of those, the ones aborted meanwhile
         # aborts of streams left early, running in a thread: set when landed (the thread removes its entry)
         self._aborting: dict[str, threading.Event] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the streams and the stepper run in
 
     async def generate(self, prompt, config=None, *, request_id: str | None = None,
                        **overrides) -> AsyncIterator[RequestOutput]:
@@ -54,6 +62,7 @@ class AsyncBatchEngine:
         early waits for that stream's abort to land first."""
         if request_id is not None:
             check_request_id(request_id)  # (before it is looked up among the streams)
+        await self._bind()
         if "stream" in overrides:
             raise InputError("stream: every AsyncBatchEngine request streams its progress; leave the argument out")
         while (landed := self._aborting.get(request_id)) is not None:  # (else it would stop this request)
@@ -147,6 +156,7 @@ class AsyncBatchEngine:
         """Stops a request (one being added too); its ``generate`` raises ``RequestAborted`` next
         (outputs not yet read are dropped). False, changing nothing, for an unknown request or
         one that finished (its result is still read)."""
+        await self._bind()
         adding = self._adding.get(request_id)  # (looked up first: the add may end while the abort waits)
         known = await asyncio.to_thread(self._locked, self.engine.abort, request_id)
         if not known and adding is not None:
@@ -165,11 +175,41 @@ class AsyncBatchEngine:
             queue.put_nowait(RequestAborted(f"request {request_id!r} was aborted"))
         return known
 
+    async def _bind(self) -> None:
+        """This loop's, unless another running loop has the engine; a stopped loop's streams are
+        orphans (nothing will read them): their requests are aborted and this loop takes over."""
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        if self._loop is not None and self._loop.is_running():
+            raise RuntimeError("this AsyncBatchEngine runs in another event loop, which is still running: its "
+                               "queues and stepper belong to that loop; use one loop (or one engine per loop)")
+        orphans = list(self._queues)
+        self._loop, self._stepper = loop, None
+        self._queues.clear()
+        self._adding.clear()
+        self._doomed.clear()
+        for request_id in orphans:
+            await asyncio.to_thread(self._locked, self.engine.abort, request_id)
+
     def _start(self) -> None:
         if self._stepper is None or self._stepper.done():
             self._stepper = asyncio.get_running_loop().create_task(self._step_while_live())
 
     async def _step_while_live(self) -> None:
+        try:
+            await self._step_until_idle()
+        except BaseException as stopped:  # no step will come: every open stream hears why, its request aborted
+            error = stopped if isinstance(stopped, Exception) and not isinstance(stopped, asyncio.CancelledError) \
+                else RuntimeError(f"the engine's stepper stopped: {type(stopped).__name__}: {stopped}")
+            for request_id, queue in list(self._queues.items()):
+                del self._queues[request_id]
+                queue.put_nowait(error)
+                self._abort_in_thread(request_id)
+            if isinstance(stopped, asyncio.CancelledError):
+                raise
+
+    async def _step_until_idle(self) -> None:
         while True:
             outputs, live, error, dropped = await asyncio.to_thread(self._step)
             for request_id in dropped:  # a step that raised dropped its live requests: their consumers hear why
