@@ -1270,3 +1270,38 @@ def test_async_engine_is_one_loops_at_a_time(model):
 
     assert_same(asyncio.run(asyncio.wait_for(second(), 60)), solo(model, QUESTIONS[12], SMALL))
     assert not engine.engine.has_unfinished() and not engine.engine.ids  # the orphan's request was aborted
+
+
+def test_async_abort_all_ends_every_stream_and_leaves_the_engine_idle(model):
+    """``abort_all`` (a server draining): every open stream, one still being added and a request
+    added to the engine directly are aborted; the streams raise RequestAborted; the engine serves
+    again afterwards."""
+    import asyncio
+
+    from paradec.batching import AsyncBatchEngine, RequestAborted
+
+    engine = AsyncBatchEngine(make_engine(model, max_batch=2))
+    long = dict(blocks=2, block_len=64, summary_len=6, tokens_per_step=1, eos_closes_block=False)  # ~130 steps
+
+    async def consume(prompt):
+        try:
+            return [out async for out in engine.generate(prompt, **long)]
+        except RequestAborted as e:
+            return e
+
+    async def main():
+        engine.engine.add("direct", QUESTIONS[13], **SMALL)  # no stream of its own
+        streams = [asyncio.create_task(consume(q)) for q in QUESTIONS[10:13]]  # two decode, one waits
+        while len(engine.engine.live) < 2:
+            await asyncio.sleep(0.01)
+        aborted = await engine.abort_all()
+        return aborted, await asyncio.wait_for(asyncio.gather(*streams), 60)
+
+    aborted, outcomes = asyncio.run(main())
+    assert aborted == 4 and all(isinstance(o, RequestAborted) for o in outcomes)
+    assert not engine.engine.has_unfinished() and not engine.engine.ids
+
+    async def again():
+        return [out async for out in engine.generate(QUESTIONS[10], **SMALL)][-1].result
+
+    assert_same(asyncio.run(again()), solo(model, QUESTIONS[10], SMALL))

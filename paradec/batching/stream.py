@@ -175,6 +175,17 @@ class AsyncBatchEngine:
             queue.put_nowait(RequestAborted(f"request {request_id!r} was aborted"))
         return known
 
+    async def abort_all(self) -> int:
+        """Aborts every request, streamed or added to the engine directly, waiting, decoding or
+        being added (a server draining): each open stream raises ``RequestAborted`` next and the
+        engine is idle after. How many requests were aborted."""
+        await self._bind()
+        aborted = 0
+        for request_id in {*self._queues, *self._adding}:
+            aborted += await self.abort(request_id)
+        rest = await asyncio.to_thread(self._locked, lambda: [self.engine.abort(i) for i in list(self.engine.ids)])
+        return aborted + sum(rest)
+
     async def _bind(self) -> None:
         """This loop's, unless another running loop has the engine; a stopped loop's streams are
         orphans (nothing will read them): their requests are aborted and this loop takes over."""
