@@ -1290,7 +1290,7 @@ def test_async_abort_all_ends_every_stream_and_leaves_the_engine_idle(model):
             return e
 
     async def main():
-        engine.engine.add("direct", QUESTIONS[13], **SMALL)  # no stream of its own
+        engine.engine.add("direct", QUESTIONS[13], **long)  # no stream of its own
         streams = [asyncio.create_task(consume(q)) for q in QUESTIONS[10:13]]  # two decode, one waits
         while len(engine.engine.live) < 2:
             await asyncio.sleep(0.01)
