@@ -129,6 +129,32 @@ def test_generate_until_cuts_at_until(lm):
     assert cut == full[: full.index("####")]
 
 
+def test_sampled_requests_seed_by_position_whatever_the_batch_size():
+    """Request n samples with seed + n however the requests are chunked (batch size 1 gave every
+    repeat of a prompt one sample); do_sample without a temperature samples at 1.0."""
+    question = arith.test_problems()[1].question
+    kwargs = {"until": [], "do_sample": True, "temperature": 3.0}  # hot: the tiny model is sure of itself
+    requests = [Instance("generate_until", {}, (question, dict(kwargs)), i) for i in range(4)]
+    texts = {}
+    for batch_size in (1, 3):
+        lm = ParadecLM(pretrained="paradec-tiny", device="cpu", blocks=2, tokens_per_step=4, batch_size=batch_size,
+                       seed=5, output="canvas")
+        texts[batch_size] = lm.generate_until(requests, disable_tqdm=True)
+    alone = ["\n\n".join([*r.blocks, r.summary]) for r in
+             (paradec.generate(lm.model, question, blocks=2, tokens_per_step=4, temperature=3.0, seed=5 + n)
+              for n in range(4))]
+    assert texts[1] == texts[3] == alone and len(set(alone)) > 1
+    assert lm._config_for({"do_sample": True}).temperature == 1.0  # transformers' and vLLM's default
+
+
+def test_lm_evals_own_models_stay_registered():
+    """Registering paradec does not hide lm-eval's built-in models (its registry loads them only
+    when empty): paradec lm-eval --model local-completions compares against a server."""
+    from lm_eval.api.registry import get_model
+
+    assert get_model("local-completions").__name__ == "LocalCompletionsAPI" and get_model("paradec") is ParadecLM
+
+
 def test_one_token_continuation_is_exact(lm):
     """With one continuation token every draw masks it (k = 1, weight 1), so the estimate is
     log p(token | context, [MASK]) exactly."""

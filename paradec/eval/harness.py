@@ -20,7 +20,10 @@ The shipped task ``paradec_gsm8k_local`` reads GSM8K's test split packaged with 
 generate_until: each request's context is decoded by ``paradec.generate`` (contexts are used as
 given: lm-eval's ``--apply_chat_template`` formats them through ``apply_chat_template`` below);
 the continuation is cut at the first of the request's ``until`` strings. Outside nap, a request's
-``max_gen_toks`` is the answer region's length unless ``answer_len`` is given.
+``max_gen_toks`` is the answer region's length unless ``answer_len`` is given. Request n (in the
+order decoded: grouped by generation kwargs) samples with ``seed + n`` whatever ``batch_size``, so
+repeats differ and a result does not depend on the chunking; ``do_sample`` without a
+``temperature`` samples at 1.0.
 
 loglikelihood: LLaDA's Monte-Carlo estimate of the masked-diffusion bound (its Appendix B.6 and
 eval harness): for each of ``mc_num`` draws mask k of the continuation's L tokens (k spread
@@ -39,6 +42,7 @@ import logging
 from pathlib import Path
 
 import torch
+import lm_eval.models  # noqa: F401  lm-eval's own models first: get_model loads them only into an empty registry
 import torch.nn.functional as F
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
@@ -111,24 +115,28 @@ class ParadecLM(LM):
         for i, request in enumerate(requests):
             groups.setdefault(_freeze(request.args[1]), []).append(i)
         bar = tqdm(total=len(requests), desc="paradec generate_until", disable=disable_tqdm)
+        first = 0  # the requests' seeds: config.seed + n for the n-th request in group order, whatever the chunks
         for frozen, indices in groups.items():
             kwargs = dict(frozen)
             config = self._config_for(kwargs)
             until = _until(kwargs.get("until"))
             for lo in range(0, len(indices), self.batch_size):
                 chunk = indices[lo : lo + self.batch_size]
-                results = paradec.generate(self.model, [requests[i].args[0] for i in chunk], config)
+                seeded = dataclasses.replace(config, seed=config.seed + first + lo)  # row r: seed + first + lo + r
+                results = paradec.generate(self.model, [requests[i].args[0] for i in chunk], seeded)
                 for i, result in zip(chunk, results):
                     text = _cut(self._text(result), until)
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 bar.update(len(chunk))
+            first += len(indices)
         bar.close()
         return out
 
     def _config_for(self, kwargs: dict) -> GenerationConfig:
         overrides = {}
-        temperature = float(kwargs.get("temperature", 0.0) or 0.0)
+        # do_sample without a temperature samples at 1.0, as transformers' and vLLM's defaults do
+        temperature = float(kwargs.get("temperature", 1.0 if kwargs.get("do_sample") else 0.0) or 0.0)
         if kwargs.get("do_sample") is False:
             temperature = 0.0
         if "temperature" not in self.settings:
