@@ -147,6 +147,63 @@ def test_sampled_requests_seed_by_position_whatever_the_batch_size():
     assert lm._config_for({"do_sample": True}).temperature == 1.0  # transformers' and vLLM's default
 
 
+def test_gen_kwargs_reach_the_decode_or_are_refused_by_name(lm):
+    """A request's gen_kwargs decode as ``generate`` does with the same settings: paradec's request
+    settings (here mode, tokens_per_step, top_k, top_p, seed) override --model_args; top_k / top_p
+    are dropped where decoding is greedy; max_gen_toks caps nap's summary and is block mode's answer
+    region; transformers' kwargs at their neutral values pass; anything else is refused by name
+    before any request decodes."""
+    question = arith.test_problems()[2].question
+    cases = [  # gen_kwargs -> the settings generate() gets beside the model's blocks=2, tokens_per_step=4
+        ({"until": [], "do_sample": True, "temperature": 2.0, "top_k": 5, "top_p": 0.9, "seed": 11},
+         {"temperature": 2.0, "top_k": 5, "top_p": 0.9, "seed": 11}),
+        ({"until": [], "do_sample": False, "top_k": 5, "top_p": 0.5, "num_beams": 1}, {}),
+        ({"until": [], "max_gen_toks": 3}, {"summary_len": 3}),
+        ({"until": [], "max_gen_toks": 256}, {}),  # above the summary's length: the canvas stays the model's
+        ({"until": [], "mode": "block", "block_len": 4, "max_gen_toks": 8, "tokens_per_step": 2},
+         {"mode": "block", "block_len": 4, "answer_len": 8, "tokens_per_step": 2}),
+    ]
+    for kwargs, settings in cases:
+        text, = lm.generate_until([Instance("generate_until", {}, (question, dict(kwargs)), 0)], disable_tqdm=True)
+        alone = paradec.generate(lm.model, question, **{"blocks": 2, "tokens_per_step": 4, "chat_template": False,
+                                                        **settings})
+        assert text == alone.summary, kwargs
+    assert lm._config_for({"max_gen_toks": 3}).summary_len == 3
+    assert lm._config_for({"do_sample": True, "top_k": -1}).top_k is None  # vLLM's "off"
+    decoded = []
+    generate = paradec.generate
+    paradec.generate = lambda *a, **k: decoded.append(a) or generate(*a, **k)
+    try:
+        for bad, name in (({"num_beams": 4}, "num_beams=4"), ({"typical_p": 0.5}, "typical_p=0.5"),
+                          ({"rank_timeout_s": 1.0}, "rank_timeout_s=1.0"),
+                          ({"num_return_sequences": 2}, "num_return_sequences=2")):
+            requests = [Instance("generate_until", {}, (question, {"until": []}), 0),
+                        Instance("generate_until", {}, (question, {"until": [], **bad}), 1)]
+            with pytest.raises(ConfigError, match=f"generation kwargs {name}: not taken by paradec"):
+                lm.generate_until(requests, disable_tqdm=True)
+        with pytest.raises(ConfigError, match="tokens_per_step"):  # a paradec setting is validated as generate does
+            lm.generate_until([Instance("generate_until", {}, (question, {"tokens_per_step": 0}), 0)],
+                              disable_tqdm=True)
+    finally:
+        paradec.generate = generate
+    assert decoded == []  # refused before the good group decoded
+
+
+def test_sampling_filters_in_model_args_restrict_the_sampled_requests():
+    """``--model_args top_k=...`` without a temperature is taken (it was refused as greedy at load):
+    a task that samples decodes with it, a greedy one without it."""
+    lm = ParadecLM(pretrained="paradec-tiny", device="cpu", blocks=2, tokens_per_step=4, top_k=2, top_p=0.8)
+    question = arith.test_problems()[3].question
+    sampled, greedy = lm.generate_until([
+        Instance("generate_until", {}, (question, {"until": [], "do_sample": True, "temperature": 3.0}), 0),
+        Instance("generate_until", {}, (question, {"until": [], "do_sample": False}), 1)], disable_tqdm=True)
+    settings = {"blocks": 2, "tokens_per_step": 4, "chat_template": False}
+    assert sampled == paradec.generate(lm.model, question, temperature=3.0, top_k=2, top_p=0.8, **settings).summary
+    assert greedy == paradec.generate(lm.model, question, **settings).summary
+    with pytest.raises(ConfigError, match="has no chat template"):
+        lm.apply_chat_template([{"role": "user", "content": question}])
+
+
 def test_lm_evals_own_models_stay_registered():
     """Registering paradec does not hide lm-eval's built-in models (its registry loads them only
     when empty): paradec lm-eval --model local-completions compares against a server."""

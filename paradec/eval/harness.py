@@ -20,10 +20,18 @@ The shipped task ``paradec_gsm8k_local`` reads GSM8K's test split packaged with 
 generate_until: each request's context is decoded by ``paradec.generate`` (contexts are used as
 given: lm-eval's ``--apply_chat_template`` formats them through ``apply_chat_template`` below);
 the continuation is cut at the first of the request's ``until`` strings. Outside nap, a request's
-``max_gen_toks`` is the answer region's length unless ``answer_len`` is given. Request n (in the
-order decoded: grouped by generation kwargs) samples with ``seed + n`` whatever ``batch_size``, so
-repeats differ and a result does not depend on the chunking; ``do_sample`` without a
-``temperature`` samples at 1.0.
+``max_gen_toks`` is the answer region's length; in nap it caps the summary (the canvas's shape, the
+checkpoint's): one below ``summary_len`` shortens it — unless ``--model_args`` or the request set
+the region's length (``answer_len`` / ``summary_len`` / ``max_new_tokens``). ``temperature`` and
+``do_sample``, which every task sends, yield to a ``--model_args`` temperature; ``do_sample``
+without a temperature samples at 1.0. A request's other gen_kwargs may be paradec's request
+settings (``top_k``, ``top_p`` — dropped when decoding is greedy, ``top_k=-1`` meaning off as in
+vLLM —, ``tokens_per_step``, ``window``, ...: what a request to ``paradec serve`` may set), which
+override ``--model_args``; transformers'
+``num_beams``, ``repetition_penalty``, ... are taken at their neutral values; anything else is
+refused by name before any request decodes. ``top_k`` / ``top_p`` in ``--model_args`` restrict the
+requests that sample. Request n (in the order decoded: grouped by generation kwargs) samples with
+``seed + n`` whatever ``batch_size``, so repeats differ and a result does not depend on the chunking.
 
 loglikelihood: LLaDA's Monte-Carlo estimate of the masked-diffusion bound (its Appendix B.6 and
 eval harness): for each of ``mc_num`` draws mask k of the continuation's L tokens (k spread
@@ -54,12 +62,18 @@ from paradec.api import resolve_config
 from paradec.config import GenerationConfig
 from paradec.errors import ConfigError, InputError
 from paradec.models.attention import PROMPT
+from paradec.serve.protocol import REQUEST_SETTINGS
 
 log = logging.getLogger(__name__)
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OUTPUTS = ("summary", "canvas")
 AUTO_BATCH_SIZE = 8  # what batch_size "auto" means: paradec does not probe memory for the largest batch
+_READ = {"until", "do_sample", "temperature", "max_gen_toks"}  # the gen_kwargs lm-eval's tasks send
+# transformers' generation kwargs some tasks send, taken at the value that changes nothing
+_NEUTRAL = {"num_beams": 1, "repetition_penalty": 1.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
+            "presence_penalty": 0.0, "frequency_penalty": 0.0, "num_return_sequences": 1}
+_NO_VALUE = object()
 _FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)}
 
 
@@ -90,7 +104,9 @@ class ParadecLM(LM):
         if self.model.tokenizer is None:
             raise ConfigError(f"{pretrained}: lm-eval speaks text, and this model has no tokenizer")
         self.settings = {"chat_template": False, **settings}
-        self.config = resolve_config(self.model, **self.settings)  # validated before any request
+        # validated before any request; top_k / top_p without a temperature restrict the requests that sample
+        sampling = {"temperature": 1.0} if {"top_k", "top_p"} & set(settings) and "temperature" not in settings else {}
+        self.config = resolve_config(self.model, **self.settings, **sampling)
         self.batch_size = batch_size
         self.output, self.mc_num, self.mc_batch, self.mc_seed = output, mc_num, mc_batch, mc_seed
         self.pretrained = str(pretrained)
@@ -115,11 +131,10 @@ class ParadecLM(LM):
         for i, request in enumerate(requests):
             groups.setdefault(_freeze(request.args[1]), []).append(i)
         bar = tqdm(total=len(requests), desc="paradec generate_until", disable=disable_tqdm)
+        configs = {frozen: self._config_for(dict(frozen)) for frozen in groups}  # every group's, before any decodes
         first = 0  # the requests' seeds: config.seed + n for the n-th request in group order, whatever the chunks
         for frozen, indices in groups.items():
-            kwargs = dict(frozen)
-            config = self._config_for(kwargs)
-            until = _until(kwargs.get("until"))
+            config, until = configs[frozen], _until(dict(frozen).get("until"))
             for lo in range(0, len(indices), self.batch_size):
                 chunk = indices[lo : lo + self.batch_size]
                 seeded = dataclasses.replace(config, seed=config.seed + first + lo)  # row r: seed + first + lo + r
@@ -134,15 +149,40 @@ class ParadecLM(LM):
         return out
 
     def _config_for(self, kwargs: dict) -> GenerationConfig:
-        overrides = {}
-        # do_sample without a temperature samples at 1.0, as transformers' and vLLM's defaults do
-        temperature = float(kwargs.get("temperature", 1.0 if kwargs.get("do_sample") else 0.0) or 0.0)
-        if kwargs.get("do_sample") is False:
-            temperature = 0.0
+        """The config a group of requests decodes with: the model's (``--model_args``) with the
+        requests' gen_kwargs. ``temperature`` / ``do_sample`` and ``max_gen_toks``, which every task
+        sends, yield to ``--model_args``; a request setting of paradec's (``top_k``, ``top_p``,
+        ``tokens_per_step``, ... as ``paradec serve`` takes them) is the request's own and wins."""
+        unknown = sorted(k for k in kwargs if k not in _READ and k not in REQUEST_SETTINGS
+                         and _NEUTRAL.get(k, _NO_VALUE) != kwargs[k])
+        if unknown:
+            given = ", ".join(f"{k}={kwargs[k]!r}" for k in unknown)
+            raise ConfigError(f"generation kwargs {given}: not taken by paradec; it takes {', '.join(sorted(_READ))}, "
+                              f"its request settings (top_k, top_p, tokens_per_step, ...: "
+                              f"paradec.serve.protocol.REQUEST_SETTINGS) and {', '.join(_NEUTRAL)} at their neutral "
+                              f"values {list(_NEUTRAL.values())}")
+        overrides = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items() if k in REQUEST_SETTINGS}
         if "temperature" not in self.settings:
-            overrides["temperature"] = temperature
-        if self.config.mode != "nap" and "answer_len" not in self.settings and kwargs.get("max_gen_toks"):
-            overrides["answer_len"] = int(kwargs["max_gen_toks"])
+            # do_sample without a temperature samples at 1.0, as transformers' and vLLM's defaults do
+            temperature = kwargs.get("temperature", 1.0 if kwargs.get("do_sample") else 0.0)
+            overrides["temperature"] = 0.0 if kwargs.get("do_sample") is False else float(temperature or 0.0)
+        else:
+            overrides.pop("temperature", None)
+        if overrides.get("top_k") == -1:  # vLLM's "off"
+            overrides["top_k"] = None
+        if overrides.get("temperature", self.config.temperature) == 0:  # greedy: a sampling filter changes nothing
+            for name in ("top_k", "top_p"):
+                overrides.pop(name, None)
+        mode = overrides.get("mode", self.config.mode)
+        region = "summary_len" if mode == "nap" else "answer_len"
+        given = {region, "max_new_tokens"} & (set(self.settings) | set(overrides))
+        budget = kwargs.get("max_gen_toks")
+        if budget and not given:
+            budget = int(budget)
+            if region == "answer_len":
+                overrides["answer_len"] = budget
+            elif budget < self.config.summary_len:  # nap: the summary is the canvas's shape; the budget caps it
+                overrides["summary_len"] = budget
         return GenerationConfig.build(self.config, **overrides)
 
     def _text(self, result) -> str:
@@ -151,6 +191,9 @@ class ParadecLM(LM):
         return result.summary
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if not getattr(self.model.tokenizer, "chat_template", None):
+            raise ConfigError(f"--apply_chat_template: {self.pretrained}'s tokenizer has no chat template; run without "
+                              f"it (contexts are decoded as given)")
         return self.model.tokenizer.apply_chat_template(chat_history, tokenize=False,
                                                         add_generation_prompt=add_generation_prompt)
 
