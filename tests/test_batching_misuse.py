@@ -447,6 +447,30 @@ async def _until(predicate, timeout=10.0):
         await asyncio.sleep(0.01)
 
 
+def test_async_consumer_that_lags_holds_the_newest_progress_not_a_backlog(model):
+    """A consumer that stops reading while its request decodes: the stream keeps one unread
+    progress output (the newest: progress is cumulative), then the final one; what it reads on
+    is in step order and ends in generate()'s result; a consumer that keeps up reads on as before."""
+    streams = AsyncBatchEngine(make_engine(model, max_batch=2))
+
+    async def main():
+        stream = streams.generate(QUESTIONS[5], request_id="slow", **SMALL)
+        first = await stream.__anext__()
+        await asyncio.wait_for(_until(lambda: not streams.engine.has_unfinished()), 30)
+        held = [out async for out in stream]
+        prompt = await _collect(streams, QUESTIONS[6], **SMALL)
+        return first, held, prompt
+
+    first, held, prompt = asyncio.run(main())
+    alone = solo(model, QUESTIONS[5], SMALL)
+    assert alone.steps > 3 and [o.finished for o in held] == [False, True]  # many steps passed unread
+    assert first.step < held[0].step < alone.steps and held[0].committed <= held[0].lengths
+    assert_same(held[-1].result, alone)
+    steps = [o.step for o in prompt]
+    assert steps == sorted(steps) and len(prompt) > 3 and prompt[-1].finished
+    assert_same(prompt[-1].result, solo(model, QUESTIONS[6], SMALL))
+
+
 def test_async_break_cancel_and_unknown_abort_free_their_rows(model):
     """A consumer that breaks off (its stream dropped) or whose task is cancelled while it waits
     for a row aborts its request; aborting an unknown id is False and touches nothing; the other

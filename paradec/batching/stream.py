@@ -14,7 +14,9 @@ step that raises drops the requests it was decoding, whose consumers get its err
 waiting ones go on. If the stepper itself fails (its executor shut down, a ``BaseException`` out
 of a step, the task cancelled), every open stream gets the error and its request is aborted:
 none waits for a step that will not come. Requests stream their progress, so the engine looks
-after every step while any is live.
+after every step while any is live. Progress is cumulative (steps and tokens committed so far), so
+a consumer that lags behind the steps is handed the newest, not a backlog: a stream holds at most
+one unread progress output (as vLLM's output collector merges a slow consumer's outputs).
 
 One event loop at a time: the streams' queues and the stepper belong to the loop that runs
 them. A call from another loop while that one runs (``asyncio.run`` per thread) raises
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+from collections import deque
 from collections.abc import AsyncIterator
 
 from paradec.batching.engine import BatchEngine, RequestOutput, check_request_id
@@ -39,13 +42,43 @@ class RequestAborted(Exception):
     """The request was aborted (``AsyncBatchEngine.abort``) while its consumer waited for it."""
 
 
+class _Outputs:
+    """One stream's unread outputs: an unread progress output is replaced by the next one, so a
+    consumer that lags holds one output a stream, whatever its request's steps; the final output
+    and errors queue after it."""
+
+    def __init__(self):
+        self._items: deque[RequestOutput | BaseException] = deque()
+        self._ready = asyncio.Event()
+
+    def put_nowait(self, item: RequestOutput | BaseException) -> None:
+        if self._items and _progress(item) and _progress(self._items[-1]):
+            self._items[-1] = item
+        else:
+            self._items.append(item)
+        self._ready.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+def _progress(item) -> bool:
+    return isinstance(item, RequestOutput) and not item.finished
+
+
 class AsyncBatchEngine:
     """Wraps ``engine``; use from one event loop at a time (module docstring)."""
 
     def __init__(self, engine: BatchEngine):
         self.engine = engine
         self._lock = threading.Lock()
-        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._queues: dict[str, _Outputs] = {}
         self._stepper: asyncio.Task | None = None
         self._adding: dict[str, asyncio.Future] = {}  # requests whose add runs in a thread: the add
         self._doomed: set[str] = set()  # of those, the ones aborted meanwhile
@@ -55,11 +88,11 @@ class AsyncBatchEngine:
 
     async def generate(self, prompt, config=None, *, request_id: str | None = None,
                        **overrides) -> AsyncIterator[RequestOutput]:
-        """Adds one request (``BatchEngine.add``'s arguments; a bad one raises here, before any
-        output) and yields its progress after each step it takes part in, then its final output
-        (``finished``, with ``result``). An id is in use while its request streams, and while an
-        add of it that was aborted is still running; a request whose id's last stream was left
-        early waits for that stream's abort to land first."""
+        """Adds one request (``BatchEngine.add``'s arguments; a bad one raises here, before any output)
+        and yields its progress after each step it takes part in (the newest, where the consumer
+        fell behind), then its final output (``finished``, with ``result``). An id is in use while
+        its request streams, and while an add of it that was aborted is still running; a request
+        whose id's last stream was left early waits for that stream's abort to land first."""
         if request_id is not None:
             check_request_id(request_id)  # (before it is looked up among the streams)
         await self._bind()
@@ -73,7 +106,7 @@ class AsyncBatchEngine:
                 request_id = candidate
         if request_id in self._queues or request_id in self._adding:  # (an aborted add may still run)
             raise InputError(f"request id {request_id!r} is already in use")
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        queue = _Outputs()
         self._queues[request_id] = queue  # before the add: no step's output for it can go unheard
         adding = asyncio.ensure_future(asyncio.to_thread(self._locked, self.engine.add, request_id, prompt, config,
                                                          stream=True, **overrides))
@@ -148,7 +181,7 @@ class AsyncBatchEngine:
         except RuntimeError:  # its executor is shut down (the loop is ending): at once (else it would wait forever)
             abort()
 
-    def _drop_queue(self, request_id: str, queue: asyncio.Queue) -> None:
+    def _drop_queue(self, request_id: str, queue: _Outputs) -> None:
         if self._queues.get(request_id) is queue:
             del self._queues[request_id]
 
@@ -170,8 +203,7 @@ class AsyncBatchEngine:
         queue = self._queues.get(request_id)
         if known and queue is not None:
             del self._queues[request_id]
-            while not queue.empty():  # outputs from before the abort are not delivered
-                queue.get_nowait()
+            queue.clear()  # outputs from before the abort are not delivered
             queue.put_nowait(RequestAborted(f"request {request_id!r} was aborted"))
         return known
 
