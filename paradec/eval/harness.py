@@ -32,6 +32,8 @@ override ``--model_args``; transformers'
 refused by name before any request decodes. ``top_k`` / ``top_p`` in ``--model_args`` restrict the
 requests that sample. Request n (in the order decoded: grouped by generation kwargs) samples with
 ``seed + n`` whatever ``batch_size``, so repeats differ and a result does not depend on the chunking.
+``seed`` is ``--model_args``' (or the request's); lm-eval's ``--seed`` seeds its few-shot sampling and
+the global RNGs, which paradec's decoding does not draw from.
 
 loglikelihood: LLaDA's Monte-Carlo estimate of the masked-diffusion bound (its Appendix B.6 and
 eval harness): for each of ``mc_num`` draws mask k of the continuation's L tokens (k spread
