@@ -150,7 +150,7 @@ def generate(
     Settings (keyword arguments, or fields of ``config``; unset: the checkpoint's own defaults,
     then paradec's):
     """
-    _check_model(model)
+    check_model(model)
     config = resolve_config(model, config, **overrides)
     env = _process_env(model)
     summary = _check_answerer(answerer, answer_tokens) or with_summary
@@ -165,6 +165,9 @@ def generate(
     batch = [p for p in batch for _ in range(n)]  # prompt-major: request p*n + i is prompt p's sample i
     validate(config, layout=layout, ranks=env.world_size, answerer=answerer is not None,
              prompt_tokens=max(map(len, encoded)), max_length=model.spec.max_length, shifted=model.spec.shift_logits)
+    if config.seed + len(encoded) > 2**63:  # row r draws from seed + r
+        raise ConfigError(f"seed must be an int in [0, 2**63 - {len(encoded)}] for {len(encoded)} rows (row r samples "
+                          f"with seed + r), got {config.seed}")
     engine = engine_for(model)
     placement = rank_timings = None
     if on_step is not None and env.distributed:
@@ -368,7 +371,7 @@ def _cut_text(text: str, stop: tuple[str, ...] | None) -> tuple[str, bool]:
     return (text, False) if at is None else (text[:at], True)
 
 
-def _check_model(model) -> None:
+def check_model(model) -> None:
     if isinstance(model, DiffusionModel):
         return
     if isinstance(model, (str, Path)):

@@ -398,10 +398,42 @@ def test_a_request_at_the_row_limits_is_served(model):
     (dict(kv_memory_fraction=0), "kv_memory_fraction"),
     (dict(kv_memory_fraction=1.5), "kv_memory_fraction"),
     (dict(kv_rows=0), "kv_rows"),
+    (dict(kv_memory_fraction="0.5"), "kv_memory_fraction"),
+    (dict(batch_invariant="yes"), "batch_invariant"),
+    (dict(profile=3), "profile"),
+    (dict(cuda_graphs="no"), "cuda_graphs"),
+    (dict(max_canvas_tokens=10**9), "max_canvas_tokens"),  # a pool no device holds (before: the allocator's error)
 ])
 def test_bad_engine_arguments_are_refused_by_name(model, kwargs, name):
     with pytest.raises(ConfigError, match=name):
         make_engine(model, **kwargs)
+
+
+def test_engine_of_something_not_a_loaded_model_is_refused_by_name(model):
+    from paradec.batching import AsyncBatchEngine
+
+    for thing, named in ((None, "NoneType"), ("paradec-tiny", "paradec.load"), (model.module, ".module")):
+        with pytest.raises(InputError, match=f"model must be .*{named}"):
+            BatchEngine(thing)
+    with pytest.raises(InputError, match="engine must be a paradec.batching.BatchEngine"):
+        AsyncBatchEngine(model)
+
+
+def test_a_request_for_the_other_kernel_mode_is_refused_under_the_process_mode(model):
+    """An engine of ``batch_invariant=None`` decodes in the process's mode: a request asking for the
+    other is refused by name (before: accepted, then decoded without the mode it asked for)."""
+    from paradec.ops import batch_invariant as bi
+
+    engine = make_engine(model)
+    with pytest.raises(ConfigError, match="batch_invariant=True but this engine decodes with batch_invariant=False"):
+        engine.add("on", QUESTIONS[0], batch_invariant=True, **SMALL)
+    engine.add("off", QUESTIONS[0], batch_invariant=False, **SMALL)
+    engine.abort("off")
+    with bi.batch_invariant(True):
+        engine.add("on", QUESTIONS[0], batch_invariant=True, **SMALL)
+        with pytest.raises(ConfigError, match="batch_invariant=False but"):
+            engine.add("off", QUESTIONS[0], batch_invariant=False, **SMALL)
+    engine.abort("on")
 
 
 # --- 5. rows are reused ------------------------------------------------------------------------
@@ -1193,6 +1225,24 @@ def test_engine_generate_of_one_config_seeds_prompt_i_with_seed_plus_i(model):
     with pytest.raises(ConfigError, match="seed"):
         engine.generate(prompts[:2], **dict(sampled, seed=2**63 - 1))  # the second row's seed is out of range
     assert not engine.has_unfinished()
+    with pytest.raises(ConfigError, match=r"seed must be an int in \[0, 2\*\*63 - 2\] for 2 rows"):
+        paradec.generate(model, prompts[:2], **dict(sampled, seed=2**63 - 1))  # (before: ValueError, an overflow)
+    assert paradec.generate(model, prompts[0], **dict(sampled, seed=2**63 - 1)).steps > 0
+
+
+def test_engine_generate_takes_an_attention_mask_as_paradec_generate_does(model):
+    """``BatchEngine.generate(ids, attention_mask=mask)``: transformers' padded batch, each row's
+    padding dropped, as ``paradec.generate`` takes it (before: refused as an unknown setting)."""
+    engine = make_engine(model, max_batch=2)
+    tok = model.tokenizer
+    tok.padding_side = "left"
+    batch = tok(QUESTIONS[7:9], return_tensors="pt", padding=True, add_special_tokens=False)
+    assert (batch["attention_mask"] == 0).any()  # the rows differ in length: one is padded
+    got = engine.generate(batch["input_ids"], attention_mask=batch["attention_mask"], **SMALL)
+    want = paradec.generate(model, batch["input_ids"], attention_mask=batch["attention_mask"], **SMALL)
+    for g, w, ids, mask in zip(got, want, batch["input_ids"], batch["attention_mask"]):
+        assert (g.token_ids, g.trace) == (w.token_ids, w.trace)  # (generate's steps are the batch's)
+        assert_same(g, solo(model, ids[mask.bool()].tolist(), SMALL))
 
 
 def test_async_streams_hear_a_stepper_that_stops(model, monkeypatch):

@@ -246,14 +246,29 @@ def test_a_prompt_of_bytes_is_refused(model):
     assert not engine.has_unfinished() and not engine.ids
 
 
-def test_a_config_that_is_not_a_generation_config_is_refused_by_name(model):
-    """``add(..., config={...})``: a ConfigError naming ``config`` (before session 19: AttributeError
-    "'dict' object has no attribute 'mode'")."""
+def test_a_config_is_a_generation_config_or_a_mapping_of_settings(model):
+    """``add(..., config=...)`` takes what ``paradec.generate`` takes: a GenerationConfig or a mapping
+    of settings (a name also given as a keyword is refused, as generate() refuses it); anything else is
+    a ConfigError naming ``config`` (before session 19: AttributeError "'dict' object has no attribute
+    'mode'"; sessions 19-28 refused the mapping too). ``generate`` and ``warm_up`` take mappings among
+    their configs."""
     engine = make_engine(model)
-    for config in ({"steps": 3}, "nap", 3):
-        with pytest.raises(ConfigError, match="config"):
+    for config in ("nap", 3, [("steps", 3)]):
+        with pytest.raises(ConfigError, match="config must be a GenerationConfig, a mapping of settings or None"):
             engine.add("c", QUESTIONS[0], config, **TINY)
+    with pytest.raises(ConfigError, match="given both in config and as keyword arguments"):
+        engine.add("c", QUESTIONS[0], {"blocks": 1}, **TINY)
     assert not engine.has_unfinished() and not engine.ids
+    settings = dict(TINY, tokens_per_step=2)
+    engine.add("mapped", QUESTIONS[0], settings)
+    engine.add("mixed", QUESTIONS[1], {"blocks": 1, "tokens_per_step": 2}, block_len=4, summary_len=3)
+    done = drain(engine)
+    for name, prompt in (("mapped", QUESTIONS[0]), ("mixed", QUESTIONS[1])):
+        assert_same(done[name], solo(model, prompt, settings))
+    results = engine.generate(QUESTIONS[2:4], [settings, GenerationConfig(**TINY)])
+    assert_same(results[0], solo(model, QUESTIONS[2], settings))
+    assert_same(results[1], solo(model, QUESTIONS[3], TINY))
+    assert engine.warm_up([settings]) == 0
 
 
 def test_warm_up_checks_its_configs_on_every_device(model):
@@ -261,8 +276,8 @@ def test_warm_up_checks_its_configs_on_every_device(model):
     returns 0 before looking at them, so a deployment script checked on a CPU fails on the GPU)."""
     engine = make_engine(model)
     assert engine.warm_up([None, GenerationConfig(**TINY)]) == 0
-    for configs in ([{"steps": 3}], ["nap"]):
-        with pytest.raises(ConfigError, match="config"):
+    for configs in ([{"steps": -3}], ["nap"]):
+        with pytest.raises(ConfigError, match="config|steps"):
             engine.warm_up(configs)
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from paradec.api import (GenerationResult, build_layout, check_stop, encode_prompt, find_stop, make_result,
+from paradec.api import (GenerationResult, build_layout, check_model, check_stop, encode_prompt, find_stop, make_result,
                          resolve_config, split_prompts, text_decoder)
 from paradec.batching.pool import KVPool, RowGeometry, rows_that_fit
 from paradec.batching.rows import Rows, to_device
@@ -156,8 +156,15 @@ class BatchEngine:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
         if type(key_buckets_per_octave) is not int or key_buckets_per_octave not in range(1, 9):
             raise ConfigError(f"key_buckets_per_octave must be an int in [1, 8], got {key_buckets_per_octave!r}")
-        if not 0 < kv_memory_fraction <= 1:
-            raise ConfigError(f"kv_memory_fraction must lie in (0, 1], got {kv_memory_fraction!r}")
+        if isinstance(kv_memory_fraction, bool) or not isinstance(kv_memory_fraction, (int, float)) \
+                or not 0 < kv_memory_fraction <= 1:
+            raise ConfigError(f"kv_memory_fraction must be a number in (0, 1], got {kv_memory_fraction!r}")
+        for name, value in (("cuda_graphs", cuda_graphs), ("profile", profile)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name} must be True or False, got {value!r}")
+        if batch_invariant is not None and not isinstance(batch_invariant, bool):
+            raise ConfigError(f"batch_invariant must be None, True or False, got {batch_invariant!r}")
+        check_model(model)
         if kv_rows is not None and (isinstance(kv_rows, bool) or not isinstance(kv_rows, int) or kv_rows < 1):
             raise ConfigError(f"kv_rows must be None or an int >= 1, got {kv_rows!r}")
         self.model, self.module = model, model.module
@@ -186,7 +193,7 @@ class BatchEngine:
         return self.pool.rows
 
     # --- requests -----------------------------------------------------------------------------
-    def add(self, request_id: str, prompt, config: GenerationConfig | None = None, *, stream: bool = False,
+    def add(self, request_id: str, prompt, config: GenerationConfig | Mapping | None = None, *, stream: bool = False,
             **overrides) -> Sequence:
         """Queues one request (a prompt as ``generate`` takes one) with its own settings; checks
         everything now: a bad setting, a prompt or canvas a row cannot hold, an id that is not a
@@ -218,10 +225,11 @@ class BatchEngine:
         """The canvas layout a request of (resolved) ``config`` takes in a row, or a ``ConfigError``
         / ``InputError`` naming what this engine's rows cannot decode: a kernel mode other than the
         engine's, more think blocks than ``max_blocks``, a canvas past ``max_canvas_tokens``."""
-        if config.batch_invariant is not None and self.batch_invariant is not None \
-                and config.batch_invariant != self.batch_invariant:
+        mode = bi.enabled() if self.batch_invariant is None else self.batch_invariant
+        if config.batch_invariant is not None and config.batch_invariant != mode:
+            whose = " (the process's mode: BatchEngine(batch_invariant=None))" if self.batch_invariant is None else ""
             raise ConfigError(f"batch_invariant={config.batch_invariant} but this engine decodes with "
-                              f"batch_invariant={self.batch_invariant}")
+                              f"batch_invariant={mode}{whose}")
         geo = self.geometry
         # the row's bounds before the canvas is built (a canvas of 10**9 tokens would take the memory first)
         if config.canvas and config.blocks > self.max_blocks:
@@ -254,7 +262,7 @@ class BatchEngine:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.live)
 
-    def warm_up(self, configs: Iterable[GenerationConfig | None] = (None,)) -> int:
+    def warm_up(self, configs: Iterable[GenerationConfig | Mapping | None] = (None,)) -> int:
         """Captures the step call's CUDA graphs for every batch bucket, every pair of step and
         commit widths the windows of ``configs`` use (None: the model's defaults) and every key
         bucket (``key_buckets``) a row holding one of their canvases can need, so that serving
@@ -341,9 +349,10 @@ class BatchEngine:
         """The engine's kernel mode for its calls (the process's when ``batch_invariant`` is None)."""
         return contextlib.nullcontext() if self.batch_invariant is None else bi.batch_invariant(self.batch_invariant)
 
-    def generate(self, prompts: Iterable, configs: Iterable[GenerationConfig | None] | None = None,
-                 **overrides) -> list[GenerationResult]:
-        """Adds ``prompts`` (one prompt or a list, as ``paradec.generate`` takes them) and steps
+    def generate(self, prompts: Iterable, configs: Iterable[GenerationConfig | Mapping | None] | None = None, *,
+                 attention_mask=None, **overrides) -> list[GenerationResult]:
+        """Adds ``prompts`` (one prompt or a list, as ``paradec.generate`` takes them, with its
+        ``attention_mask``) and steps
         until they are done: a list of results in order. Without ``configs`` they share the
         overrides' settings and, as in ``paradec.generate``, prompt i decodes with ``seed + i``;
         ``configs`` gives each prompt its own (seed included). For an idle engine (the results of
@@ -352,7 +361,7 @@ class BatchEngine:
             raise ConfigError("BatchEngine.generate runs on an idle engine: step the requests already added "
                               "(or abort them) first")
         # one prompt (a text, token ids, chat messages) is a list of one; no prompts, no results
-        prompts = [] if isinstance(prompts, list) and not prompts else split_prompts(prompts)[1]
+        prompts = [] if isinstance(prompts, list) and not prompts else split_prompts(prompts, attention_mask)[1]
         # one config for all: prompt i draws from seed + i, as generate()'s row i does
         seed = resolve_config(self.model, **overrides).seed if configs is None else None
         seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None  # else add() refuses it
@@ -656,18 +665,20 @@ def check_request_id(request_id) -> None:
 
 
 def _checked(config):
-    """``config`` if it is a GenerationConfig or None."""
-    if config is not None and not isinstance(config, GenerationConfig):
-        raise ConfigError(f"config must be a GenerationConfig or None, got {type(config).__name__} (settings go "
-                          "as keyword arguments)")
+    """``config`` if it is a GenerationConfig, a mapping of settings (as ``paradec.generate``
+    takes one) or None."""
+    if config is not None and not isinstance(config, (GenerationConfig, Mapping)):
+        raise ConfigError(f"config must be a GenerationConfig, a mapping of settings or None, got "
+                          f"{type(config).__name__} (settings also go as keyword arguments)")
     return config
 
 
 def _config_list(configs) -> list:
-    """``configs`` (an iterable of GenerationConfig or None) as a list; one config, a string or a
-    mapping is refused by name (each would be iterated as configs)."""
+    """``configs`` (an iterable of GenerationConfig, mappings of settings or None) as a list; one
+    config, a string or a mapping is refused by name (each would be iterated as configs)."""
     if isinstance(configs, (str, bytes, Mapping, GenerationConfig)) or not isinstance(configs, Iterable):
-        raise ConfigError(f"configs must be an iterable of GenerationConfig or None, got {type(configs).__name__}")
+        raise ConfigError(f"configs must be an iterable of GenerationConfig, mappings of settings or None, got "
+                          f"{type(configs).__name__}")
     return list(configs)
 
 

@@ -64,7 +64,13 @@ class KVPool:
                               f"({row_bytes(cfg, geometry, like.dtype) / 2**20:.0f} MiB); free device memory "
                               "or lower max_prompt_tokens / max_canvas_tokens")
         self.geometry = geometry
-        self.kv = like.new_zeros(cfg.num_layers, 2, rows, cfg.num_kv_heads, geometry.slots, cfg.head_dim)
+        try:
+            self.kv = like.new_zeros(cfg.num_layers, 2, rows, cfg.num_kv_heads, geometry.slots, cfg.head_dim)
+        except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
+            raise ConfigError(f"the KV pool of {rows} rows of {geometry.slots} slots "
+                              f"({rows * row_bytes(cfg, geometry, like.dtype) / 2**30:.1f} GiB) could not be allocated "
+                              f"({type(error).__name__}); lower max_batch, kv_rows or max_prompt_tokens / "
+                              "max_canvas_tokens") from error
 
     @property
     def rows(self) -> int:

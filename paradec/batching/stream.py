@@ -76,6 +76,9 @@ class AsyncBatchEngine:
     """Wraps ``engine``; use from one event loop at a time (module docstring)."""
 
     def __init__(self, engine: BatchEngine):
+        if not isinstance(engine, BatchEngine):
+            raise InputError(f"engine must be a paradec.batching.BatchEngine (BatchEngine(model, ...)), got "
+                             f"{type(engine).__name__}")
         self.engine = engine
         self._lock = threading.Lock()
         self._queues: dict[str, _Outputs] = {}
