@@ -462,6 +462,39 @@ async def _until(predicate, timeout=10.0):
         await asyncio.sleep(0.01)
 
 
+def test_async_break_frees_the_id_for_the_next_call_at_once(model):
+    """``break`` out of ``async for`` aborts the request as the stream is dropped, so the next call
+    with its id (no await between) waits for that abort and decodes as alone (before: "request id
+    'b' is already in use" until the loop closed the generator); a stream dropped while a read of it
+    is pending aborts its request and the read hears RequestAborted; one closed with aclose() aborts
+    too."""
+    streams = AsyncBatchEngine(make_engine(model, max_batch=2))
+
+    async def main():
+        async for _ in streams.generate(QUESTIONS[0], request_id="b", **SMALL):
+            break
+        again = [out async for out in streams.generate(QUESTIONS[1], request_id="b", **SMALL)]
+        stream = streams.generate(QUESTIONS[2], request_id="d", **SMALL)
+        streams._lock.acquire()  # its add waits for the lock: the read stays pending
+        try:
+            pending = asyncio.ensure_future(stream.__anext__())
+            await _until(lambda: "d" in streams._queues)
+            del stream
+        finally:
+            streams._lock.release()
+        with pytest.raises(RequestAborted, match="'d'"):
+            await asyncio.wait_for(pending, 10)
+        closed = streams.generate(QUESTIONS[3], request_id="e", **SMALL)
+        await closed.__anext__()
+        await closed.aclose()
+        await _until(lambda: not streams.engine.has_unfinished())
+        return again
+
+    again = asyncio.run(asyncio.wait_for(main(), 60))
+    assert_same(again[-1].result, solo(model, QUESTIONS[1], SMALL))
+    assert not streams.engine.ids and not streams._queues
+
+
 def test_async_consumer_that_lags_holds_the_newest_progress_not_a_backlog(model):
     """A consumer that stops reading while its request decodes: the stream keeps one unread
     progress output (the newest: progress is cumulative), then the final one; what it reads on

@@ -68,6 +68,42 @@ class _Outputs:
         self._items.clear()
 
 
+class _Held:
+    """What a stream's ``_Stream`` needs to abort it: its id and queue once registered."""
+
+    def __init__(self):
+        self.request_id: str | None = None
+        self.queue: _Outputs | None = None
+        self.finished = False
+
+
+class _Stream:
+    """``AsyncBatchEngine.generate``'s async iterator: the outputs' async generator, which aborts
+    its request when this is dropped unfinished (``__del__``: at once under CPython's reference
+    counting) rather than when the event loop gets round to closing the generator."""
+
+    def __init__(self, outputs, leave):
+        self._outputs, self._leave = outputs, leave
+
+    def __aiter__(self):
+        return self
+
+    def __anext__(self):
+        return self._outputs.__anext__()
+
+    def asend(self, value):
+        return self._outputs.asend(value)
+
+    def athrow(self, *args):
+        return self._outputs.athrow(*args)
+
+    def aclose(self):
+        return self._outputs.aclose()
+
+    def __del__(self):
+        self._leave()
+
+
 def _progress(item) -> bool:
     return isinstance(item, RequestOutput) and not item.finished
 
@@ -89,13 +125,21 @@ class AsyncBatchEngine:
         self._aborting: dict[str, threading.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the streams and the stepper run in
 
-    async def generate(self, prompt, config=None, *, request_id: str | None = None,
-                       **overrides) -> AsyncIterator[RequestOutput]:
-        """Adds one request (``BatchEngine.add``'s arguments; a bad one raises here, before any output)
-        and yields its progress after each step it takes part in (the newest, where the consumer
-        fell behind), then its final output (``finished``, with ``result``). An id is in use while
-        its request streams, and while an add of it that was aborted is still running; a request
-        whose id's last stream was left early waits for that stream's abort to land first."""
+    def generate(self, prompt, config=None, *, request_id: str | None = None,
+                 **overrides) -> AsyncIterator[RequestOutput]:
+        """Adds one request (``BatchEngine.add``'s arguments; a bad one raises at the first
+        ``anext``, before any output) and yields its progress after each step it takes part in (the
+        newest, where the consumer fell behind), then its final output (``finished``, with
+        ``result``). An id is in use while its request streams, and while an add of it that was
+        aborted is still running; a request whose id's last stream was left early waits for that
+        stream's abort to land first. A stream left unfinished aborts its request when it is closed
+        (``aclose``, ``contextlib.aclosing``) or dropped: ``break`` out of ``async for`` over
+        ``generate(...)`` drops it at once, so the id is free for the next call."""
+        held = _Held()
+        return _Stream(self._outputs(held, prompt, config, request_id, overrides), lambda: self._leave(held))
+
+    async def _outputs(self, held: _Held, prompt, config, request_id: str | None,
+                       overrides: dict) -> AsyncIterator[RequestOutput]:
         if request_id is not None:
             check_request_id(request_id)  # (before it is looked up among the streams)
         await self._bind()
@@ -111,6 +155,7 @@ class AsyncBatchEngine:
             raise InputError(f"request id {request_id!r} is already in use")
         queue = _Outputs()
         self._queues[request_id] = queue  # before the add: no step's output for it can go unheard
+        held.request_id, held.queue = request_id, queue
         adding = asyncio.ensure_future(asyncio.to_thread(self._locked, self.engine.add, request_id, prompt, config,
                                                          stream=True, **overrides))
         self._adding[request_id] = adding
@@ -137,7 +182,7 @@ class AsyncBatchEngine:
                 output = await queue.get()
                 if isinstance(output, BaseException):
                     raise output
-                finished = output.finished
+                finished = held.finished = output.finished
                 if finished:  # its id is free once its result is out, whenever the consumer closes the stream
                     self._drop_queue(request_id, queue)
                 yield output
@@ -150,6 +195,33 @@ class AsyncBatchEngine:
             self._drop_queue(request_id, queue)
             if owned and not finished:  # no await here: this also runs when the consumer's task is cancelled
                 self._abort_in_thread(request_id)
+
+    def _leave(self, held: _Held) -> None:
+        """A stream dropped unfinished (its ``_Stream`` collected): as ``abort``, without waiting;
+        a read of it still pending hears ``RequestAborted``. From another thread (a collection
+        there), in the streams' loop."""
+        if held.queue is None or held.finished:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self._loop and self._loop is not None and self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._leave_here, held)
+        else:
+            self._leave_here(held)
+
+    def _leave_here(self, held: _Held) -> None:
+        request_id, queue = held.request_id, held.queue
+        if self._queues.get(request_id) is not queue:  # ended already (aborted, failed, finished)
+            return
+        self._drop_queue(request_id, queue)
+        queue.put_nowait(RequestAborted(f"request {request_id!r} was aborted: its stream was dropped"))
+        adding = self._adding.get(request_id)
+        if adding is not None and not adding.done():  # aborted as its add lands (generate's doomed check)
+            self._doomed.add(request_id)
+        else:
+            self._abort_in_thread(request_id)
 
     def _abort_added(self, loop: asyncio.AbstractEventLoop, add: asyncio.Future, request_id: str) -> None:
         """After the add of a request that was refused or whose consumer left mid-add (or as the
