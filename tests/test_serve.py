@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import msgpack
 import pytest
+import torch
 import zmq
 
 import paradec
@@ -354,6 +355,24 @@ def test_a_client_sends_the_config_generate_would_decode_with():
     assert set(settings) <= REQUEST_SETTINGS and GenerationConfig.build(None, **settings) == nap
     assert request_body("a", "q", None, {"num_return_sequences": 2}, False, None, None)[0]["config"] == \
         {"num_return_sequences": 2}  # not at its default: sent, for the server to refuse by name
+
+
+def test_a_client_sends_numpy_and_tensor_numbers_and_tuples_as_generate_takes_them(server, tiny):
+    """Settings as LLaDA's and transformers' callers pass them to ``generate`` — numpy and 0-d tensor
+    numbers, a tuple of stop strings, in overrides, a mapping or a GenerationConfig — decode as
+    ``generate`` decodes them (before: ProtocolError "config.seed must be a number ...; got a int64")."""
+    import numpy as np
+
+    from paradec.config import GenerationConfig
+
+    settings = dict(SMALL, seed=np.int64(3), temperature=torch.tensor(0.5), tokens_per_step=np.int32(2),
+                    stop=("28", "20"))
+    want = paradec.generate(tiny, QUESTIONS[4], **settings)
+    with Client(server.address, timeout_s=120) as client:
+        assert client.generate(QUESTIONS[4], **settings).token_ids == want.token_ids
+        assert client.generate(QUESTIONS[4], dict(settings)).token_ids == want.token_ids
+        whole = GenerationConfig.build(None, **settings)  # paradec's defaults under the settings, not the checkpoint's
+        assert client.generate(QUESTIONS[4], whole).token_ids == paradec.generate(tiny, QUESTIONS[4], whole).token_ids
 
 
 def test_accepted_comes_once_the_engine_queued_the_request_even_behind_full_rows(server, tiny):

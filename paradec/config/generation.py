@@ -39,7 +39,7 @@ class GenerationConfig(DistributedSettings, RuntimeSettings, RequestParams):
             hints = "".join(f"; {name}: {FOREIGN[name]}" for name in unknown if name in FOREIGN)
             raise ConfigError(f"unknown generation settings {unknown}{hints}; known: {sorted(DEFAULTS)}")
         base = config or cls()
-        plain = {name: _plain(value) for name, value in overrides.items()}
+        plain = {name: plain_value(value) for name, value in overrides.items()}
         return replace(base, **_resolve_overrides(base, plain))
 
     @cached_property
@@ -124,7 +124,7 @@ def _values(config: GenerationConfig, part: type) -> dict:
     return {f.name: getattr(config, f.name) for f in fields(part)}
 
 
-def _plain(value):
+def plain_value(value):
     """A numpy scalar or a 0-d tensor (``steps=np.int64(128)``, as LLaDA's and transformers' callers
     pass them) as the Python number it holds; anything else as it is."""
     if type(value).__module__.split(".")[0] in ("numpy", "torch") and getattr(value, "ndim", None) == 0:

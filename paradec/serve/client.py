@@ -28,7 +28,7 @@ import zmq
 import zmq.asyncio
 
 from paradec.config import GenerationConfig
-from paradec.config.generation import DEFAULTS, merged_settings
+from paradec.config.generation import DEFAULTS, merged_settings, plain_value
 from paradec.errors import ParadecError
 from paradec.serve.protocol import REQUEST_SETTINGS, Message, MessageType, ProtocolError, decode, encode
 
@@ -109,13 +109,14 @@ def request_body(request_id: str, prompt, config: GenerationConfig | None, overr
     given, less process settings at their defaults (a whole ``asdict(config)`` dump)."""
     if isinstance(config, GenerationConfig):
         config = GenerationConfig.build(config, **overrides)  # reconciled as generate() does (ConfigError here)
-        settings = {k: v for k, v in dataclasses.asdict(config).items()
+        settings = {k: _wire_value(v) for k, v in dataclasses.asdict(config).items()
                     if k in REQUEST_SETTINGS or not _at_default(k, v)}
         for name in ("threshold", "factor"):  # the policy's own parameter only
             if config.policy != name:
                 settings.pop(name)
     else:
         given = merged_settings(config, overrides) if isinstance(config, Mapping) else dict(overrides)
+        given = {k: _wire_value(v) for k, v in given.items()}
         settings = {k: v for k, v in given.items() if k in REQUEST_SETTINGS or not _at_default(k, v)}
     body = {"id": request_id, "config": settings, "stream": stream}
     buffers = []
@@ -132,6 +133,14 @@ def request_body(request_id: str, prompt, config: GenerationConfig | None, overr
     if accepted:
         body["accepted"] = True
     return body, buffers
+
+
+def _wire_value(value):
+    """A setting as the wire carries it: numpy and 0-d tensor numbers as Python numbers (as
+    ``generate`` takes them), a tuple (``stop=("a", "b")``, a config's stop) as a list."""
+    if isinstance(value, tuple):
+        return [plain_value(v) for v in value]
+    return plain_value(value)
 
 
 def _at_default(name: str, value) -> bool:
