@@ -309,6 +309,21 @@ def test_http_requests_get_a_server_side_deadline(server):
         thread.join(10)
 
 
+def test_requests_the_engine_refuses_are_counted_refused_not_errors(server):
+    """A setting or prompt the engine refuses (ERROR invalid / too_large, before it is queued) counts
+    as ``refused``, not as ``errors`` (a failure once queued): bad input is told from faults."""
+    before = _stats(server.address)
+    with Client(server.address, timeout_s=60) as client:
+        for settings, code in ((dict(policy="nonsense"), "invalid"), (dict(tokens_per_step=-3), "invalid"),
+                               (dict(blocks=8, block_len=100), "too_large")):
+            with pytest.raises(ServeError) as caught:
+                client.generate(QUESTION, **settings)
+            assert caught.value.code == code
+    after = _wait(lambda: (s := _stats(server.address))["in_flight"] == 0 and s, 30)
+    assert after["refused"] == before["refused"] + 3 and after["errors"] == before["errors"]
+    assert after["accepted"] == before["accepted"] + 3
+
+
 def test_a_lost_result_is_counted_undelivered_not_finished(server):
     before = _stats(server.address)
     sock = _raw(server.address)

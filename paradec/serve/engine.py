@@ -154,9 +154,11 @@ class MessageLoop(abc.ABC):
             log.error("the frontend (pid %d) is gone; the engine exits", self.parent)
             os._exit(1)
 
-    def _error(self, request_id: str | None, code: str, message: str) -> None:
-        """The request's one ERROR (its final message)."""
-        self._send(MessageType.ERROR, {"id": request_id, "code": code, "message": message})
+    def _error(self, request_id: str | None, code: str, message: str, refused: bool = False) -> None:
+        """The request's one ERROR (its final message); ``refused``: its ADD was refused (a bad
+        setting or prompt, one that can never fit), before the engine queued it."""
+        self._send(MessageType.ERROR, {"id": request_id, "code": code, "message": message}
+                   | ({"refused": True} if refused else {}))
 
     def _final(self, request_id: str, result, engine_s: dict) -> None:
         """The request's result (its final message)."""
@@ -211,11 +213,11 @@ class MessageLoop(abc.ABC):
             if body.get("accepted"):  # past every refusal: what is left can only end it later (timeout, abort)
                 self._send(MessageType.OUTPUT, {"id": body["id"], "kind": "accepted"})
         except ProtocolError as e:
-            return self._error(body["id"], e.code, str(e))
+            return self._error(body["id"], e.code, str(e), refused=True)
         except ParadecError as e:
-            return self._error(body["id"], "invalid", str(e))
+            return self._error(body["id"], "invalid", str(e), refused=True)
         except Exception as e:  # noqa: BLE001 - a setting of the wrong type (threshold="x"), a chat template's error
-            return self._error(body["id"], "invalid", f"{type(e).__name__}: {e}")
+            return self._error(body["id"], "invalid", f"{type(e).__name__}: {e}", refused=True)
 
     def _prompt(self, message: Message) -> str | list:
         """Text, token ids, or chat messages (``encode_prompt`` renders them, their text plain)."""

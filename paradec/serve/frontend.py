@@ -19,12 +19,13 @@ way the engine is killed (with every rank it started) and, with ``restart``, sta
 until it is ready ``health`` says unhealthy and new requests get ENGINE_DEAD. ``stop()`` answers
 every request in flight with ``shutting_down`` and ends the engine and its ranks.
 
-Counters (``stats``): refused requests (``invalid``, ``unauthorized``, ``busy``, ``unavailable``:
-no engine) are not accepted; every accepted request ends as exactly one of ``finished``
-(result delivered), ``errors``, ``aborted``, ``timeout``, ``stalled``, ``engine_dead``,
-``shutting_down`` (each: that ERROR delivered), ``disconnected`` (its client could not take a
-progress message: aborted) or ``undelivered`` (its final message could not be delivered), so
-``accepted`` equals their sum plus ``in_flight``.
+Counters (``stats``): requests the frontend refuses (``invalid``, ``unauthorized``, ``busy``,
+``unavailable``: no engine) are not accepted; every accepted request ends as exactly one of
+``finished`` (result delivered), ``refused`` (the engine refused its settings or prompt, ERROR
+invalid or too_large, before queuing it), ``errors`` (it failed once queued), ``aborted``,
+``timeout``, ``stalled``, ``engine_dead``, ``shutting_down`` (each: that ERROR delivered),
+``disconnected`` (its client could not take a progress message: aborted) or ``undelivered`` (its
+final message could not be delivered), so ``accepted`` equals their sum plus ``in_flight``.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ from paradec.serve.protocol import Limits, Message, MessageType, ProtocolError, 
 log = logging.getLogger(__name__)
 LOOPBACK = ("tcp://127.0.0.1:", "tcp://localhost:", "tcp://[::1]:", "ipc://", "inproc://")
 MIN_TOKEN_CHARS = 16
-OUTCOMES = ("finished", "errors", "aborted", "timeout", "stalled", "engine_dead", "shutting_down", "disconnected",
-            "undelivered")
+OUTCOMES = ("finished", "refused", "errors", "aborted", "timeout", "stalled", "engine_dead", "shutting_down",
+            "disconnected", "undelivered")
 REFUSALS = ("busy", "invalid", "unauthorized", "unavailable")
 CLIENT_QUEUE = 10_000  # messages queued for one client before it counts as not reading (ZeroMQ SNDHWM)
 STOP_GRACE_S = 3.0  # an engine asked to stop (SIGTERM) gets this long before SIGKILL to its group
@@ -424,7 +425,8 @@ class Frontend:
         if message.type != MessageType.OUTPUT or message.body["kind"] == "final":
             self._close(message.id)
             code = message.body.get("code")
-            outcome = "finished" if code is None else code if code in ("aborted", "timeout") else "errors"
+            outcome = "finished" if code is None else "refused" if message.body.get("refused") \
+                else code if code in ("aborted", "timeout") else "errors"
             return await self._final(flight, message.type, message.body, outcome, message.buffers)
         # progress: when it cannot be delivered, _unreachable closes the request and aborts it at the engine
         await self._reply(flight.client, message.type, {**message.body, "id": flight.client_id}, message.buffers)

@@ -689,8 +689,8 @@ def _extra(result: ServedResult) -> dict:
 
 def _prometheus(stats: dict, healthy: bool) -> str:
     lines = ["# HELP paradec_requests_total Requests by outcome.", "# TYPE paradec_requests_total counter"]
-    for outcome in ("accepted", "finished", "errors", "aborted", "timeout", "stalled", "engine_dead", "shutting_down",
-                    "disconnected", "undelivered", "busy", "invalid", "unauthorized", "unavailable"):
+    for outcome in ("accepted", "finished", "refused", "errors", "aborted", "timeout", "stalled", "engine_dead",
+                    "shutting_down", "disconnected", "undelivered", "busy", "invalid", "unauthorized", "unavailable"):
         lines.append(f'paradec_requests_total{{outcome="{outcome}"}} {stats.get(outcome, 0)}')
     lines += ["# HELP paradec_in_flight Requests in flight.", "# TYPE paradec_in_flight gauge",
               f"paradec_in_flight {stats.get('in_flight', 0)}",

@@ -78,7 +78,8 @@ SCHEMAS: dict[MessageType, dict[str, tuple[tuple[type, ...], bool]]] = {
     MessageType.OUTPUT: {"id": (_ID, True), "kind": ((str,), True), "step": ((int,), False),
                          "committed": ((list,), False), "lengths": ((list,), False), "result": ((dict,), False),
                          "reply": ((dict,), False)},
-    MessageType.ERROR: {"id": ((str, type(None)), True), "code": ((str,), True), "message": ((str,), True)},
+    MessageType.ERROR: {"id": ((str, type(None)), True), "code": ((str,), True), "message": ((str,), True),
+                        "refused": ((bool,), False)},
     MessageType.ENGINE_DEAD: {"id": ((str, type(None)), True), "message": ((str,), True),
                               "restarting": ((bool,), False)},
 }
