@@ -149,6 +149,7 @@ class BatchEngine:
                  max_canvas_tokens: int = 2048, max_blocks: int = 16, max_prefill_tokens: int = 4096,
                  kv_memory_fraction: float = 0.8, kv_rows: int | None = None, cuda_graphs: bool = True,
                  batch_invariant: bool | None = None, profile: bool = False, key_buckets_per_octave: int = 1):
+        check_model(model)
         for name, value in (("max_batch", max_batch), ("max_prompt_tokens", max_prompt_tokens),
                             ("max_canvas_tokens", max_canvas_tokens), ("max_blocks", max_blocks),
                             ("max_prefill_tokens", max_prefill_tokens)):
@@ -164,7 +165,6 @@ class BatchEngine:
                 raise ConfigError(f"{name} must be True or False, got {value!r}")
         if batch_invariant is not None and not isinstance(batch_invariant, bool):
             raise ConfigError(f"batch_invariant must be None, True or False, got {batch_invariant!r}")
-        check_model(model)
         if kv_rows is not None and (isinstance(kv_rows, bool) or not isinstance(kv_rows, int) or kv_rows < 1):
             raise ConfigError(f"kv_rows must be None or an int >= 1, got {kv_rows!r}")
         self.model, self.module = model, model.module
@@ -352,11 +352,11 @@ class BatchEngine:
     def generate(self, prompts: Iterable, configs: Iterable[GenerationConfig | Mapping | None] | None = None, *,
                  attention_mask=None, **overrides) -> list[GenerationResult]:
         """Adds ``prompts`` (one prompt or a list, as ``paradec.generate`` takes them, with its
-        ``attention_mask``) and steps
-        until they are done: a list of results in order. Without ``configs`` they share the
-        overrides' settings and, as in ``paradec.generate``, prompt i decodes with ``seed + i``;
-        ``configs`` gives each prompt its own (seed included). For an idle engine (the results of
-        other requests would be lost here); if one prompt is refused, none is decoded."""
+        ``attention_mask``) and steps until they are done: a list of results in order. Without
+        ``configs`` they share the overrides' settings and, as in ``paradec.generate``, prompt i
+        decodes with ``seed + i``; ``configs`` gives each prompt its own (seed included). For an
+        idle engine (the results of other requests would be lost here); if one prompt is refused,
+        none is decoded."""
         if self.has_unfinished():
             raise ConfigError("BatchEngine.generate runs on an idle engine: step the requests already added "
                               "(or abort them) first")

@@ -176,24 +176,23 @@ class AsyncBatchEngine:
             self._drop_queue(request_id, queue)
             raise RequestAborted(f"request {request_id!r} was aborted")
         self._start()
-        finished = False
         try:
             while True:
                 output = await queue.get()
                 if isinstance(output, BaseException):
                     raise output
-                finished = held.finished = output.finished
-                if finished:  # its id is free once its result is out, whenever the consumer closes the stream
+                held.finished = output.finished
+                if held.finished:  # its id is free once its result is out, whenever the consumer closes the stream
                     self._drop_queue(request_id, queue)
                 yield output
-                if finished:
+                if held.finished:
                     return
         finally:
             # still this stream's: left early (break, cancellation). Not so: ``abort`` or a step
             # that raised ended the request already, and the id may be another request's by now
             owned = self._queues.get(request_id) is queue
             self._drop_queue(request_id, queue)
-            if owned and not finished:  # no await here: this also runs when the consumer's task is cancelled
+            if owned and not held.finished:  # no await here: this also runs when the consumer's task is cancelled
                 self._abort_in_thread(request_id)
 
     def _leave(self, held: _Held) -> None:

@@ -75,7 +75,6 @@ _READ = {"until", "do_sample", "temperature", "max_gen_toks"}  # the gen_kwargs 
 # transformers' generation kwargs some tasks send, taken at the value that changes nothing
 _NEUTRAL = {"num_beams": 1, "repetition_penalty": 1.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
             "presence_penalty": 0.0, "frequency_penalty": 0.0, "num_return_sequences": 1}
-_NO_VALUE = object()
 _FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)}
 
 
@@ -156,14 +155,14 @@ class ParadecLM(LM):
         sends, yield to ``--model_args``; a request setting of paradec's (``top_k``, ``top_p``,
         ``tokens_per_step``, ... as ``paradec serve`` takes them) is the request's own and wins."""
         unknown = sorted(k for k in kwargs if k not in _READ and k not in REQUEST_SETTINGS
-                         and _NEUTRAL.get(k, _NO_VALUE) != kwargs[k])
+                         and (k not in _NEUTRAL or _NEUTRAL[k] != kwargs[k]))
         if unknown:
             given = ", ".join(f"{k}={kwargs[k]!r}" for k in unknown)
             raise ConfigError(f"generation kwargs {given}: not taken by paradec; it takes {', '.join(sorted(_READ))}, "
                               f"its request settings (top_k, top_p, tokens_per_step, ...: "
                               f"paradec.serve.protocol.REQUEST_SETTINGS) and {', '.join(_NEUTRAL)} at their neutral "
                               f"values {list(_NEUTRAL.values())}")
-        overrides = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items() if k in REQUEST_SETTINGS}
+        overrides = {k: v for k, v in kwargs.items() if k in REQUEST_SETTINGS}  # (a stop list arrives as a tuple)
         if "temperature" not in self.settings:
             # do_sample without a temperature samples at 1.0, as transformers' and vLLM's defaults do
             temperature = kwargs.get("temperature", 1.0 if kwargs.get("do_sample") else 0.0)

@@ -51,14 +51,11 @@ import zmq.asyncio
 from paradec.errors import CheckpointError, ConfigError, InputError
 from paradec.serve.engine import ENGINE_IDENTITY, run_engine
 from paradec.serve.process import die_with_parent, kill_group
-from paradec.serve.protocol import Limits, Message, MessageType, ProtocolError, decode, encode
+from paradec.serve.protocol import OUTCOMES, REFUSALS, Limits, Message, MessageType, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
 LOOPBACK = ("tcp://127.0.0.1:", "tcp://localhost:", "tcp://[::1]:", "ipc://", "inproc://")
 MIN_TOKEN_CHARS = 16
-OUTCOMES = ("finished", "refused", "errors", "aborted", "timeout", "stalled", "engine_dead", "shutting_down",
-            "disconnected", "undelivered")
-REFUSALS = ("busy", "invalid", "unauthorized", "unavailable")
 CLIENT_QUEUE = 10_000  # messages queued for one client before it counts as not reading (ZeroMQ SNDHWM)
 STOP_GRACE_S = 3.0  # an engine asked to stop (SIGTERM) gets this long before SIGKILL to its group
 MAX_FAILURE_CHARS = 2000  # of the error an exiting engine reports

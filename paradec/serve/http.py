@@ -94,8 +94,8 @@ from starlette.routing import Route
 from paradec.serve.client import Accepted, AsyncClient, Progress, ServedResult, ServeError
 from paradec.config import GenerationConfig
 from paradec.errors import ConfigError
-from paradec.serve.protocol import (CHAT_ROLES, CONTEXT_EXCEEDED, PROCESS_SETTINGS, REQUEST_SETTINGS, ProtocolError,
-                                   capped, check_config, unencodable)
+from paradec.serve.protocol import (CHAT_ROLES, CONTEXT_EXCEEDED, OUTCOMES, PROCESS_SETTINGS, REFUSALS,
+                                   REQUEST_SETTINGS, ProtocolError, capped, check_config, unencodable)
 
 _SETTINGS = REQUEST_SETTINGS
 _OPENAI = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "seed", "stop",
@@ -689,8 +689,7 @@ def _extra(result: ServedResult) -> dict:
 
 def _prometheus(stats: dict, healthy: bool) -> str:
     lines = ["# HELP paradec_requests_total Requests by outcome.", "# TYPE paradec_requests_total counter"]
-    for outcome in ("accepted", "finished", "refused", "errors", "aborted", "timeout", "stalled", "engine_dead",
-                    "shutting_down", "disconnected", "undelivered", "busy", "invalid", "unauthorized", "unavailable"):
+    for outcome in ("accepted", *OUTCOMES, *REFUSALS):
         lines.append(f'paradec_requests_total{{outcome="{outcome}"}} {stats.get(outcome, 0)}')
     lines += ["# HELP paradec_in_flight Requests in flight.", "# TYPE paradec_in_flight gauge",
               f"paradec_in_flight {stats.get('in_flight', 0)}",

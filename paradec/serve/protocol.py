@@ -85,6 +85,10 @@ SCHEMAS: dict[MessageType, dict[str, tuple[tuple[type, ...], bool]]] = {
 }
 # "ready" and "alive" go from the engine to the frontend only: the engine started; its progress
 # "accepted": the engine queued the request (sent where its ADD asked, ``accepted: true``)
+# the ``stats`` counters (docs/wire.md): every accepted request ends as one outcome; refusals are not accepted
+OUTCOMES = ("finished", "refused", "errors", "aborted", "timeout", "stalled", "engine_dead", "shutting_down",
+            "disconnected", "undelivered")
+REFUSALS = ("busy", "invalid", "unauthorized", "unavailable")
 OUTPUT_KINDS = ("progress", "final", "utility", "ready", "alive", "accepted")
 UTILITY_METHODS = ("health", "stats")
 ERROR_CODES = ("invalid", "unauthorized", "busy", "aborted", "timeout", "failed", "too_large", "stalled",
